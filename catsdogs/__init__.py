@@ -1,0 +1,47 @@
+"""catsdogs: plugin-based ensemble experimentation for transfer learning on images.
+
+The Python API the CLI is built on::
+
+    import catsdogs
+    results = catsdogs.extract("data/", backbones=["resnet50"], weights="none")
+    feats = catsdogs.load_features(results[0].path)
+
+Heavy dependencies (TensorFlow) are imported only when a function needs them.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import CatsdogsError, ConfigError, DataError, PluginError  # noqa: E402
+from .plugins import get_registry  # noqa: E402
+
+
+def __getattr__(name: str):
+    # lazy re-exports, so `import catsdogs` stays light
+    if name in {"extract", "load_features", "FeatureSet", "ExtractResult"}:
+        from . import features
+
+        return getattr(features, name)
+    if name in {"open_dataset", "Dataset", "ImageRecord"}:
+        from . import data
+
+        return getattr(data, name)
+    raise AttributeError(f"module 'catsdogs' has no attribute {name!r}")
+
+
+__all__ = [
+    "CatsdogsError",
+    "ConfigError",
+    "DataError",
+    "PluginError",
+    "get_registry",
+    "extract",
+    "load_features",
+    "FeatureSet",
+    "ExtractResult",
+    "open_dataset",
+    "Dataset",
+    "ImageRecord",
+    "__version__",
+]

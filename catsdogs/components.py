@@ -1,0 +1,216 @@
+"""The three component contracts plugins implement: :class:`Backbone`, :class:`Head`, :class:`Optimizer`.
+
+This module imports neither TensorFlow nor Keras, so listing plugins stays fast; components import
+them inside the methods that need them.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+import re
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .errors import ConfigError, PluginError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
+    import numpy as np
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+#: weights options every backbone understands. ``none`` means a deterministically seeded random
+#: initialisation (offline, for tests); ``imagenet`` means pretrained ImageNet weights.
+WEIGHTS_NONE = "none"
+WEIGHTS_IMAGENET = "imagenet"
+
+
+class Backbone(abc.ABC):
+    """A convolutional base that maps a raw RGB image to a global-average-pooled feature vector.
+
+    Subclasses set the class or instance attributes below and implement :meth:`build_model`.
+    The model returned by :meth:`build` takes raw RGB pixels (float32, 0-255, shape
+    ``(batch, S, S, 3)``, input named ``image``) and returns ``(batch, feature_dim)`` float features.
+    The backbone's own preprocessing (mean subtraction, scaling, channel order) is part of the graph,
+    so a saved or exported model needs nothing but pixels.
+    """
+
+    #: unique registry name, e.g. ``resnet50``
+    name: str
+    #: default square input size in pixels
+    input_size: int
+    #: smallest input size the architecture accepts
+    min_input_size: int = 32
+    #: length of the GAP feature vector
+    feature_dim: int
+    #: human-readable description of the preprocessing inside the graph (stored in cache metadata)
+    preprocessing: str
+    #: weights options this backbone accepts
+    weights_options: tuple[str, ...] = (WEIGHTS_IMAGENET, WEIGHTS_NONE)
+    #: seed for ``weights="none"``
+    seed: int = 2019
+
+    def weights_id(self, weights: str) -> str:
+        """A string that changes whenever the weights do; part of every feature-cache key."""
+        self.check_weights(weights)
+        if weights == WEIGHTS_NONE:
+            import keras
+
+            # seeded random init depends on Keras' initialiser implementations
+            return f"random-seed{self.seed}-keras{keras.__version__}"
+        return f"{weights}-{type(self).__module__}.{type(self).__name__}"
+
+    def check_weights(self, weights: str) -> None:
+        if weights not in self.weights_options:
+            raise ConfigError(
+                f"backbone {self.name!r} does not offer weights {weights!r}; "
+                f"choose one of: {', '.join(self.weights_options)}"
+            )
+
+    def check_image_size(self, image_size: int) -> None:
+        if not isinstance(image_size, int) or image_size < self.min_input_size:
+            raise ConfigError(
+                f"image size {image_size!r} is too small for backbone {self.name!r} "
+                f"(minimum {self.min_input_size}, default {self.input_size})"
+            )
+
+    def build(self, weights: str = WEIGHTS_IMAGENET, image_size: int | None = None) -> keras.Model:
+        """Build the feature model. ``weights="none"`` gives the same network in every process."""
+        import random
+
+        self.check_weights(weights)
+        size = self.input_size if image_size is None else image_size
+        self.check_image_size(size)
+        if weights != WEIGHTS_NONE:
+            return self.build_model(weights, size)
+        # Keras 3 draws the seed of every unseeded initializer from Python's `random` module;
+        # seed it for the build only and leave the caller's random state as it was.
+        state = random.getstate()
+        random.seed(self.seed)
+        try:
+            return self.build_model(weights, size)
+        finally:
+            random.setstate(state)
+
+    @abc.abstractmethod
+    def build_model(self, weights: str, image_size: int) -> keras.Model:
+        """Return the functional Keras model (see the class docstring). Called by :meth:`build`."""
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "input_size": self.input_size,
+            "min_input_size": self.min_input_size,
+            "feature_dim": self.feature_dim,
+            "preprocessing": self.preprocessing,
+            "weights": list(self.weights_options),
+        }
+
+
+class _Params:
+    """scikit-learn style parameter handling: ``__init__`` stores its arguments and nothing else."""
+
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        return [
+            p.name
+            for p in sig.parameters.values()
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+
+    def get_params(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params: Any) -> _Params:
+        valid = self._param_names()
+        for key, value in params.items():
+            if key not in valid:
+                raise ConfigError(
+                    f"{type(self).__name__} ({self.name!r}) has no parameter {key!r}; "
+                    f"valid: {', '.join(valid) or '(none)'}"
+                )
+            setattr(self, key, value)
+        return self
+
+    def clone(self):
+        return type(self)(**self.get_params())
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+
+class Optimizer(_Params, abc.ABC):
+    """A factory for Keras optimizers. ``__init__`` stores ``learning_rate`` (``None`` = default)."""
+
+    name: ClassVar[str]
+    #: learning rate used when the user gives none (the Keras default)
+    default_learning_rate: ClassVar[float]
+
+    def __init__(self, learning_rate: float | None = None):
+        self.learning_rate = learning_rate
+
+    @property
+    def effective_learning_rate(self) -> float:
+        return self.default_learning_rate if self.learning_rate is None else float(self.learning_rate)
+
+    @abc.abstractmethod
+    def build(self) -> keras.optimizers.Optimizer:
+        """Return a new, unused Keras optimizer."""
+
+
+class Head(_Params, abc.ABC):
+    """A classifier trained on feature vectors that predicts P(dog).
+
+    The contract is deliberately not Keras-specific, so a gradient-boosting or stacking head fits it:
+
+    * ``__init__(**hyper_parameters)`` stores its arguments only;
+    * ``fit(X, y, validation=(X_val, y_val), optimizer=..., epochs=..., batch_size=..., seed=...)``
+      trains and returns ``self``; it sets ``history_`` (metric name -> list of per-epoch values,
+      possibly empty);
+    * ``predict_proba(X)`` returns P(dog) as a float array of shape ``(n,)``.
+
+    Heads that train with a Keras optimizer set ``uses_optimizer = True`` (the runner then crosses
+    them with the optimizers of an experiment); others ignore ``optimizer``. Keras heads expose the
+    trained graph through :meth:`keras_model` for export.
+    """
+
+    name: ClassVar[str]
+    uses_optimizer: ClassVar[bool] = True
+    #: True when the head's weights can form a class activation map (a 2-unit softmax Dense layer)
+    cam_capable: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def fit(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        *,
+        validation: tuple[np.ndarray, np.ndarray] | None = None,
+        optimizer: Optimizer | None = None,
+        epochs: int = 8,
+        batch_size: int = 128,
+        seed: int = 2019,
+        verbose: int = 0,
+    ) -> Head:
+        """Train on features ``X`` (n, d) and labels ``y`` (n,) in {0, 1}; return ``self``."""
+
+    @abc.abstractmethod
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """Return P(dog) for each row of ``X`` as float array of shape ``(n,)``."""
+
+    def keras_model(self) -> keras.Model | None:
+        """The trained head as a Keras model (features in, P(dog) out), or None if not Keras."""
+        return None
+
+
+def component_name(obj: Any) -> str:
+    name = getattr(obj, "name", None)
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise PluginError(
+            f"component {obj!r} has an invalid name {name!r} "
+            "(lower-case letters, digits and underscores, starting with a letter)"
+        )
+    return name
+

@@ -1,0 +1,251 @@
+"""Plugin loading and the component registry.
+
+Plugins are loaded lazily, once per process, the first time :func:`get_registry` is called:
+first the built-in modules in :data:`DEFAULT_PLUGINS`, then every entry point in the ``catsdogs``
+group. A plugin that fails to import or to register is reported on the ``catsdogs`` logger (plugin
+name and error) and skipped; with ``CATSDOGS_STRICT_PLUGINS=1`` the failure is raised instead.
+Two components of one kind with the same name are a conflict: the name becomes unusable and using
+it raises an error naming both plugins.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .components import Backbone, Head, Optimizer, component_name
+from .errors import PluginError
+
+logger = logging.getLogger("catsdogs")
+
+ENTRY_POINT_GROUP = "catsdogs"
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "catsdogs.builtin.keras_backbones",
+    "catsdogs.builtin.heads",
+    "catsdogs.builtin.optimizers",
+)
+KINDS: tuple[str, ...] = ("backbones", "heads", "optimizers")
+_HOOKS = {kind: f"register_{kind}" for kind in KINDS}
+
+
+def _is_valid(kind: str, obj: Any) -> bool:
+    if kind == "backbones":
+        return isinstance(obj, Backbone)
+    base = Head if kind == "heads" else Optimizer
+    return isinstance(obj, type) and issubclass(obj, base)
+
+
+@dataclass
+class PluginInfo:
+    """One loaded (or failed) plugin."""
+
+    name: str
+    version: str | None
+    source: str  # "builtin" or "entry point"
+    module: str
+    components: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "source": self.source,
+            "module": self.module,
+            **{kind: list(names) for kind, names in self.components.items()},
+            "error": self.error,
+        }
+
+
+@dataclass
+class Component:
+    kind: str
+    name: str
+    plugin: str
+    obj: Any
+
+
+class Registry:
+    """All components registered by the loaded plugins. Use :func:`get_registry` to obtain it."""
+
+    def __init__(self) -> None:
+        self.plugins: list[PluginInfo] = []
+        self._components: dict[str, dict[str, Component]] = {k: {} for k in KINDS}
+        self._conflicts: dict[str, dict[str, list[str]]] = {k: {} for k in KINDS}
+        self.pm = pluggy.PluginManager("catsdogs")
+        self.pm.add_hookspecs(hookspecs)
+
+    # -- public lookups -------------------------------------------------------------------------
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._components[kind])
+
+    def components(self, kind: str) -> list[Component]:
+        return [self._components[kind][n] for n in self.names(kind)]
+
+    def get(self, kind: str, name: str) -> Any:
+        singular = kind[:-1]
+        if name in self._conflicts[kind]:
+            owners = self._conflicts[kind][name]
+            raise PluginError(
+                f"{singular} {name!r} is registered by more than one plugin: "
+                f"{' and '.join(repr(o) for o in owners)}; uninstall or disable one of them"
+            )
+        try:
+            return self._components[kind][name].obj
+        except KeyError:
+            available = ", ".join(self.names(kind)) or "(none installed)"
+            raise PluginError(
+                f"unknown {singular} {name!r}; available: {available}. "
+                "Run `catsdogs plugins` to see what is installed."
+            ) from None
+
+    def backbone(self, name: str) -> Backbone:
+        return self.get("backbones", name)
+
+    def head(self, name: str) -> type[Head]:
+        return self.get("heads", name)
+
+    def optimizer(self, name: str) -> type[Optimizer]:
+        return self.get("optimizers", name)
+
+    @property
+    def failures(self) -> list[PluginInfo]:
+        return [p for p in self.plugins if p.error]
+
+    @property
+    def conflicts(self) -> dict[str, dict[str, list[str]]]:
+        return {k: dict(v) for k, v in self._conflicts.items() if v}
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"plugins": [p.to_dict() for p in self.plugins]}
+        for kind in KINDS:
+            entries = []
+            for comp in self.components(kind):
+                entry = {"name": comp.name, "plugin": comp.plugin}
+                if kind == "backbones":
+                    entry.update(comp.obj.describe())
+                else:
+                    entry["class"] = f"{comp.obj.__module__}.{comp.obj.__qualname__}"
+                    if kind == "heads":
+                        entry["uses_optimizer"] = comp.obj.uses_optimizer
+                        entry["cam_capable"] = comp.obj.cam_capable
+                    else:
+                        entry["default_learning_rate"] = comp.obj.default_learning_rate
+                entries.append(entry)
+            for name, owners in self._conflicts[kind].items():
+                entries.append({"name": name, "plugin": owners, "error": "conflict"})
+            out[kind] = entries
+        return out
+
+    # -- loading ----------------------------------------------------------------------------------
+    def load(self, strict: bool = False, entry_points: bool = True) -> Registry:
+        for module_name in DEFAULT_PLUGINS:
+            self._load_one(module_name, None, "builtin", lambda m=module_name: importlib.import_module(m), strict)
+        if entry_points:
+            for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+                version = ep.dist.version if ep.dist is not None else None
+                self._load_one(ep.name, version, "entry point", ep.load, strict, module=ep.value)
+        return self
+
+    def _fail(self, info: PluginInfo, message: str, strict: bool, exc: BaseException | None) -> None:
+        info.error = message
+        if strict:
+            raise PluginError(f"plugin {info.name!r} failed: {message}") from exc
+        logger.warning(
+            "catsdogs: plugin %r failed and was skipped: %s "
+            "(set CATSDOGS_STRICT_PLUGINS=1 to make this fatal)",
+            info.name,
+            message,
+        )
+
+    def _load_one(self, name, version, source, loader, strict, module=None) -> None:
+        from . import __version__
+
+        info = PluginInfo(
+            name=name,
+            version=__version__ if source == "builtin" else version,
+            source=source,
+            module=module or name,
+        )
+        self.plugins.append(info)
+        try:
+            plugin = loader()
+            self.pm.register(plugin, name=name)
+        except Exception as exc:  # a broken third-party plugin must not take the tool down
+            self._fail(info, f"import failed: {type(exc).__name__}: {exc}", strict, exc)
+            return
+        for kind, hook_name in _HOOKS.items():
+            hook = getattr(self.pm.hook, hook_name)
+            for impl in hook.get_hookimpls():
+                if impl.plugin_name != name:
+                    continue
+                registered: list[Any] = []
+                try:
+                    impl.function(**{arg: registered.append for arg in impl.argnames})
+                except Exception as exc:
+                    self._fail(info, f"{hook_name} raised {type(exc).__name__}: {exc}", strict, exc)
+                    return
+                for obj in registered:
+                    self._add(info, kind, obj, strict)
+
+    def _add(self, info: PluginInfo, kind: str, obj: Any, strict: bool) -> None:
+        try:
+            name = component_name(obj)
+        except PluginError as exc:
+            self._fail(info, str(exc), strict, exc)
+            return
+        if not _is_valid(kind, obj):
+            expected = {"backbones": "a Backbone instance", "heads": "a Head subclass", "optimizers": "an Optimizer subclass"}[kind]
+            self._fail(info, f"register_{kind} got {obj!r}, expected {expected}", strict, None)
+            return
+        info.components[kind].append(name)
+        if name in self._conflicts[kind]:
+            self._conflicts[kind][name].append(info.name)
+            return
+        existing = self._components[kind].get(name)
+        if existing is not None:
+            owners = [existing.plugin, info.name]
+            message = (
+                f"{kind[:-1]} {name!r} is registered by two plugins: "
+                f"{owners[0]!r} and {owners[1]!r}"
+            )
+            if strict:
+                raise PluginError(message)
+            logger.warning("catsdogs: %s; the name is unusable until one is removed", message)
+            del self._components[kind][name]
+            self._conflicts[kind][name] = owners
+            return
+        self._components[kind][name] = Component(kind, name, info.name, obj)
+
+
+_registry: Registry | None = None
+_lock = threading.Lock()
+
+
+def strict_from_env() -> bool:
+    return os.environ.get("CATSDOGS_STRICT_PLUGINS", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, loaded on first use (once)."""
+    global _registry
+    if _registry is None:
+        with _lock:
+            if _registry is None:
+                _registry = Registry().load(strict=strict_from_env())
+    return _registry
+
+
+def reset_registry() -> None:
+    """Forget the loaded registry (the next :func:`get_registry` loads plugins again)."""
+    global _registry
+    with _lock:
+        _registry = None
