@@ -1,0 +1,196 @@
+"""Finding the images of a data directory: Kaggle layout or class folders, in a fixed order.
+
+Supported layouts (detected automatically):
+
+* **kaggle**: ``ROOT/train/cat.N.jpg`` and ``ROOT/train/dog.N.jpg`` (or those files directly in
+  ``ROOT``), plus optional ``ROOT/test/N.jpg`` (or ``test1/``) whose test id is ``N``;
+* **folders**: ``ROOT/cat/*`` and ``ROOT/dog/*`` (or ``ROOT/train/cat/*`` ...; ``cats``/``dogs`` and
+  any capitalisation accepted, sub-folders searched), plus an optional flat ``ROOT/test/``.
+
+Labels: dog = 1, cat = 0, unknown (test) = -1. Order: cats, then dogs, each by numeric id then
+name; test images by id. Files that are not images by name (``Thumbs.db``) are listed in
+``Dataset.ignored``; whether an image *decodes* is found out later, when it is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import DataError
+from .images import IMAGE_EXTENSIONS
+
+LABELS = {"cat": 0, "dog": 1}
+CLASS_DIRS = {"cat": 0, "cats": 0, "dog": 1, "dogs": 1}
+KAGGLE_TRAIN_RE = re.compile(r"^(cat|dog)\.(.+)\.([a-z0-9]+)$", re.IGNORECASE)
+TEST_DIR_NAMES = ("test", "test1")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    split: str  # "train" or "test"
+    relpath: str  # path relative to the data root, with forward slashes
+    path: Path
+    label: int  # dog = 1, cat = 0, unknown = -1
+    id: int
+
+
+@dataclass
+class Dataset:
+    root: Path
+    layout: str
+    train: list[ImageRecord]
+    test: list[ImageRecord]
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason)
+
+    @property
+    def records(self) -> list[ImageRecord]:
+        return self.train + self.test
+
+    def summary(self) -> str:
+        cats = sum(r.label == 0 for r in self.train)
+        dogs = sum(r.label == 1 for r in self.train)
+        return (f"{self.root} ({self.layout} layout): {len(self.train)} train images "
+                f"({cats} cats, {dogs} dogs), {len(self.test)} test images")
+
+
+def _int_or_none(text: str) -> int | None:
+    return int(text) if text.isdigit() else None
+
+
+def _is_hidden(path: Path) -> bool:
+    return path.name.startswith(".")
+
+
+def _rel(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _class_dirs(directory: Path) -> dict[int, list[Path]]:
+    found: dict[int, list[Path]] = {}
+    for child in sorted(directory.iterdir()):
+        if child.is_dir() and child.name.lower() in CLASS_DIRS:
+            found.setdefault(CLASS_DIRS[child.name.lower()], []).append(child)
+    return found
+
+
+def _sort_key(label: int, ident: int | None, relpath: str):
+    return (label, ident is None, ident or 0, relpath)
+
+
+def _scan_kaggle_train(directory: Path, root: Path, ignored) -> list[ImageRecord]:
+    records = []
+    for path in sorted(directory.iterdir()):
+        if path.is_dir() or _is_hidden(path):
+            continue
+        m = KAGGLE_TRAIN_RE.match(path.name)
+        if not m or path.suffix.lower() not in IMAGE_EXTENSIONS:
+            ignored.append((_rel(path, root), "not an image file name (expected cat.N.jpg or dog.N.jpg)"))
+            continue
+        label = LABELS[m.group(1).lower()]
+        ident = _int_or_none(m.group(2))
+        records.append((label, ident, path))
+    records.sort(key=lambda t: _sort_key(t[0], t[1], t[2].name))
+    out = []
+    for i, (label, ident, path) in enumerate(records):
+        out.append(ImageRecord("train", _rel(path, root), path, label, ident if ident is not None else i))
+    return out
+
+
+def _scan_class_folders(dirs: dict[int, list[Path]], root: Path, ignored) -> list[ImageRecord]:
+    rows = []
+    for label, folders in sorted(dirs.items()):
+        for folder in folders:
+            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+                if any(part.startswith(".") for part in path.relative_to(folder).parts):
+                    continue
+                if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                    ignored.append((_rel(path, root), "not an image file name (unknown extension)"))
+                    continue
+                rows.append((label, _int_or_none(path.stem.split(".")[-1]), path))
+    rows.sort(key=lambda t: _sort_key(t[0], t[1], _rel(t[2], root)))
+    return [ImageRecord("train", _rel(p, root), p, label, i) for i, (label, _, p) in enumerate(rows)]
+
+
+def _scan_test(directory: Path, root: Path, ignored) -> list[ImageRecord]:
+    rows = []
+    for path in sorted(directory.iterdir()):
+        if path.is_dir() or _is_hidden(path):
+            continue
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            ignored.append((_rel(path, root), "not an image file name (expected N.jpg)"))
+            continue
+        rows.append((_int_or_none(path.stem), path))
+    if rows and all(ident is not None for ident, _ in rows):
+        rows.sort(key=lambda t: (t[0], t[1].name))
+        seen: dict[int, Path] = {}
+        for ident, path in rows:
+            if ident in seen:
+                raise DataError(
+                    f"test id {ident} appears twice: {_rel(seen[ident], root)} and {_rel(path, root)}; "
+                    "test file names must be unique ids (N.jpg)"
+                )
+            seen[ident] = path
+        return [ImageRecord("test", _rel(p, root), p, -1, ident) for ident, p in rows]
+    # names are not all numeric: number them 1..n in name order
+    rows.sort(key=lambda t: t[1].name)
+    return [ImageRecord("test", _rel(p, root), p, -1, i + 1) for i, (_, p) in enumerate(rows)]
+
+
+def open_dataset(root: str | Path) -> Dataset:
+    """Detect the layout of ``root`` and list its images (see the module docstring)."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"data directory {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise DataError(f"data directory {str(root)!r} is not a directory")
+    root = root.resolve()
+    ignored: list[tuple[str, str]] = []
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    class_dirs = _class_dirs(train_dir)
+    if class_dirs:
+        layout = "folders"
+        train = _scan_class_folders(class_dirs, root, ignored)
+    else:
+        layout = "kaggle"
+        train = _scan_kaggle_train(train_dir, root, ignored)
+        if not train:
+            ignored.clear()
+    if not train:
+        raise DataError(
+            f"no training images found in {str(root)!r}: expected the Kaggle layout "
+            "(train/cat.N.jpg, train/dog.N.jpg, optional test/N.jpg) or class folders "
+            "(cat/ and dog/ with images inside)"
+        )
+    test: list[ImageRecord] = []
+    for name in TEST_DIR_NAMES:
+        if (root / name).is_dir() and root / name != train_dir:
+            test = _scan_test(root / name, root, ignored)
+            break
+    return Dataset(root=root, layout=layout, train=train, test=test, ignored=ignored)
+
+
+def file_digest(path: Path) -> str:
+    """Content digest of a file (BLAKE2b, 128 bits, hex)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def digest_all(records: list[ImageRecord], workers: int = 4) -> list[str]:
+    """Digests of all records' files, in order (reads files in parallel threads)."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda r: file_digest(r.path), records))
+
+
+def fingerprint(records: list[ImageRecord], digests: list[str]) -> str:
+    """One digest for a list of (split, relpath, content digest) rows."""
+    h = hashlib.blake2b(digest_size=16)
+    for rec, dig in zip(records, digests):
+        h.update(f"{rec.split}\0{rec.relpath}\0{dig}\n".encode())
+    return h.hexdigest()
