@@ -54,10 +54,10 @@ class Backbone(abc.ABC):
         """A string that changes whenever the weights do; part of every feature-cache key."""
         self.check_weights(weights)
         if weights == WEIGHTS_NONE:
-            import keras
+            from importlib.metadata import version
 
             # seeded random init depends on Keras' initialiser implementations
-            return f"random-seed{self.seed}-keras{keras.__version__}"
+            return f"random-seed{self.seed}-keras{version('keras')}"
         return f"{weights}-{type(self).__module__}.{type(self).__name__}"
 
     def check_weights(self, weights: str) -> None:

@@ -214,7 +214,7 @@ def _locked(path: Path) -> Iterator[None]:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            logger.warning("catsdogs: waiting for another process extracting %s", path.name)
+            logger.warning("waiting for another process extracting %s", path.name)
             fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -257,7 +257,7 @@ class _Store:
             with h5py.File(self.final, "r") as h5:
                 meta = _read_meta(h5)
                 if meta.get("format_version") != FORMAT_VERSION or meta.get("config_key") != self.config.key:
-                    logger.warning("catsdogs: %s belongs to another configuration; recomputing", self.final)
+                    logger.warning("%s belongs to another configuration; recomputing", self.final)
                     return
                 for split in SPLITS:
                     digests = [d.decode() for d in h5[split]["digests"][...]]
@@ -268,7 +268,7 @@ class _Store:
                     self.skipped[item["digest"]] = item["reason"]
                 self.final_meta = meta
         except (OSError, KeyError, ValueError) as exc:
-            logger.warning("catsdogs: ignoring unreadable cache file %s (%s); recomputing", self.final, exc)
+            logger.warning("ignoring unreadable cache file %s (%s); recomputing", self.final, exc)
 
     def _load_chunks(self) -> None:
         if not self.partial.is_dir():
@@ -288,7 +288,7 @@ class _Store:
                         self.sources.setdefault(dig, {})[view] = _Source("chunk", marker.stem, row)
                 self.skipped.update(info.get("skipped", {}))
             except (OSError, ValueError, KeyError) as exc:
-                logger.warning("catsdogs: ignoring damaged chunk %s (%s)", marker.name, exc)
+                logger.warning("ignoring damaged chunk %s (%s)", marker.name, exc)
 
     def next_chunk_index(self) -> int:
         if not self.partial.is_dir():
@@ -547,7 +547,7 @@ def extract(
 
     ds = dataset or open_dataset(data_dir)
     for relpath, reason in ds.ignored:
-        logger.warning("catsdogs: ignored %s: %s", relpath, reason)
+        logger.warning("ignored %s: %s", relpath, reason)
     records = ds.records
     digests = digest_all(records)
     listing = fingerprint(records, digests)
@@ -631,7 +631,7 @@ def extract(
         results.append(result)
         unreadable.update(result.skipped)
     for relpath, reason in unreadable.items():
-        logger.warning("catsdogs: skipped %s: %s", relpath, reason)
+        logger.warning("skipped %s: %s", relpath, reason)
     if unreadable:
-        logger.warning("catsdogs: %d of %d image files skipped as unreadable", len(unreadable), len(records))
+        logger.warning("%d of %d image files skipped as unreadable", len(unreadable), len(records))
     return results

@@ -160,7 +160,7 @@ class Registry:
         if strict:
             raise PluginError(f"plugin {info.name!r} failed: {message}") from exc
         logger.warning(
-            "catsdogs: plugin %r failed and was skipped: %s "
+            "plugin %r failed and was skipped: %s "
             "(set CATSDOGS_STRICT_PLUGINS=1 to make this fatal)",
             info.name,
             message,
@@ -219,7 +219,7 @@ class Registry:
             )
             if strict:
                 raise PluginError(message)
-            logger.warning("catsdogs: %s; the name is unusable until one is removed", message)
+            logger.warning("%s; the name is unusable until one is removed", message)
             del self._components[kind][name]
             self._conflicts[kind][name] = owners
             return

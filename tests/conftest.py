@@ -1,0 +1,101 @@
+"""Shared fixtures: generated JPEG datasets, the shared mini data, fake installed plugin dists."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CATSDOGS_SHARED_DATA", REPO.parent / "shared" / "data"))
+MINI = SHARED_DATA / "dogs-vs-cats-mini"
+FAULTS = SHARED_DATA / "faults"
+
+#: the tiny real network the tests use: ResNet50 with seeded random weights at 32x32
+TINY = {"backbones": ["resnet50"], "weights": "none", "image_size": 32, "batch_size": 8}
+
+
+def write_jpeg(path: Path, seed: int, size=(40, 30), label: int = 0) -> Path:
+    """A real JPEG with a label-dependent pattern (dogs brighter on the left)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    img = rng.integers(0, 120, (h, w, 3), dtype=np.uint8)
+    if label == 1:
+        img[:, : w // 2] += 120
+    else:
+        img[: h // 2] += 100
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path, "JPEG", quality=90)
+    return path
+
+
+def make_kaggle(root: Path, n_per_class: int = 6, n_test: int = 4, seed: int = 0) -> Path:
+    """A Kaggle-layout dataset of generated JPEGs: train/cat.N.jpg, train/dog.N.jpg, test/N.jpg."""
+    for label, cls in enumerate(("cat", "dog")):
+        for i in range(1, n_per_class + 1):
+            write_jpeg(root / "train" / f"{cls}.{i}.jpg", seed * 1000 + label * 100 + i,
+                       size=(30 + i * 3, 28 + (i % 4) * 5), label=label)
+    for i in range(1, n_test + 1):
+        write_jpeg(root / "test" / f"{i}.jpg", seed * 1000 + 500 + i, label=i % 2)
+    return root
+
+
+@pytest.fixture
+def kaggle_dir(tmp_path) -> Path:
+    return make_kaggle(tmp_path / "data")
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "cache"
+    monkeypatch.setenv("CATSDOGS_CACHE_DIR", str(path))
+    return path
+
+
+@pytest.fixture
+def mini() -> Path:
+    if not (MINI / "train").is_dir():
+        pytest.skip(f"shared mini data not present at {MINI}")
+    return MINI
+
+
+@pytest.fixture
+def faults() -> Path:
+    if not FAULTS.is_dir():
+        pytest.skip(f"shared faults data not present at {FAULTS}")
+    return FAULTS
+
+
+def install_fake_dist(site: Path, dist: str, version: str, modules: dict[str, str],
+                      entry_points: dict[str, str]) -> Path:
+    """Lay out an installed distribution (module files + .dist-info with entry points) in ``site``.
+
+    This is what ``pip install`` leaves behind; ``importlib.metadata`` finds it on ``sys.path``.
+    """
+    site.mkdir(parents=True, exist_ok=True)
+    for name, source in modules.items():
+        (site / f"{name}.py").write_text(textwrap.dedent(source))
+    info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    eps = "".join(f"{k} = {v}\n" for k, v in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[catsdogs]\n{eps}")
+    return site
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300, check: bool = False):
+    """Run the real ``catsdogs`` CLI in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "catsdogs", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"catsdogs {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc

@@ -1,0 +1,204 @@
+"""The plugin system: built-ins as plugins, entry points, broken plugins, conflicts, the CLI listing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import pytest
+from conftest import install_fake_dist, run_cli
+
+from catsdogs.errors import PluginError
+from catsdogs.plugins import DEFAULT_PLUGINS, Registry, get_registry
+
+TINY_PLUGIN = '''
+from catsdogs.components import Backbone
+from catsdogs.hookspecs import hookimpl
+
+
+class TinyCNN(Backbone):
+    name = "tiny_cnn"
+    input_size = 32
+    min_input_size = 8
+    feature_dim = 8
+    preprocessing = "x / 255"
+
+    def build_model(self, weights, image_size):
+        import keras
+        from catsdogs.layers import PixelNormalization
+
+        image = keras.Input((image_size, image_size, 3), name="image")
+        x = PixelNormalization(mean=0.0, std=255.0)(image)
+        x = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(x)
+        out = keras.layers.GlobalAveragePooling2D(name="gap", dtype="float32")(x)
+        return keras.Model(image, out, name=self.name)
+
+
+@hookimpl
+def register_backbones(register):
+    register(TinyCNN())
+'''
+
+BROKEN_IMPORT = "raise ImportError('this plugin needs libfoo')\n"
+
+BROKEN_HOOK = '''
+from catsdogs.hookspecs import hookimpl
+
+@hookimpl
+def register_heads(register):
+    raise RuntimeError("registration exploded")
+'''
+
+CLASH = '''
+from catsdogs.builtin.keras_backbones import KerasApplicationBackbone
+from catsdogs.hookspecs import hookimpl
+
+@hookimpl
+def register_backbones(register):
+    register(KerasApplicationBackbone("resnet50", "ResNet50", 224, 32, 2048, "caffe"))
+'''
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    """A fake site-packages with plugin distributions, put on sys.path for this test."""
+    path = tmp_path / "site"
+    path.mkdir()
+    monkeypatch.syspath_prepend(str(path))
+    return path
+
+
+def _registry(strict=False) -> Registry:
+    return Registry().load(strict=strict)
+
+
+def test_builtins_are_plugins():
+    reg = get_registry()
+    assert [p.name for p in reg.plugins[: len(DEFAULT_PLUGINS)]] == list(DEFAULT_PLUGINS)
+    assert {"resnet50", "inception_v3", "xception", "inception_resnet_v2"} <= set(reg.names("backbones"))
+    assert {"dropout_sigmoid", "softmax_cam"} <= set(reg.names("heads"))
+    assert {"adam", "adadelta"} <= set(reg.names("optimizers"))
+    rn = reg.backbone("resnet50")
+    assert (rn.input_size, rn.feature_dim) == (224, 2048)
+    assert reg.backbone("inception_resnet_v2").feature_dim == 1536
+    assert {reg.backbone(n).input_size for n in ("inception_v3", "xception", "inception_resnet_v2")} == {299}
+
+
+def test_registry_is_loaded_once():
+    assert get_registry() is get_registry()
+
+
+def test_unknown_component_names_available():
+    with pytest.raises(PluginError, match="unknown backbone 'nope'.*resnet50"):
+        get_registry().backbone("nope")
+    with pytest.raises(PluginError, match="unknown head 'nope'.*dropout_sigmoid"):
+        get_registry().head("nope")
+
+
+def test_entry_point_plugin_registers_backbone(site):
+    install_fake_dist(site, "catsdogs-tiny", "1.2.3", {"catsdogs_tiny": TINY_PLUGIN},
+                      {"tiny": "catsdogs_tiny"})
+    reg = _registry()
+    info = next(p for p in reg.plugins if p.name == "tiny")
+    assert info.version == "1.2.3" and info.source == "entry point" and info.error is None
+    assert info.components["backbones"] == ["tiny_cnn"]
+    assert reg.backbone("tiny_cnn").feature_dim == 8
+    entry = next(b for b in reg.to_dict()["backbones"] if b["name"] == "tiny_cnn")
+    assert entry["plugin"] == "tiny"
+
+
+def test_third_party_backbone_passes_conformance(site):
+    from catsdogs.testing import check_backbone
+
+    install_fake_dist(site, "catsdogs-tiny", "1.0", {"catsdogs_tiny": TINY_PLUGIN}, {"tiny": "catsdogs_tiny"})
+    check_backbone(_registry().backbone("tiny_cnn"))
+
+
+def test_broken_plugins_are_reported_and_skipped(site, caplog):
+    install_fake_dist(site, "catsdogs-broken", "0.1", {"catsdogs_broken": BROKEN_IMPORT},
+                      {"broken": "catsdogs_broken"})
+    install_fake_dist(site, "catsdogs-badhook", "0.1", {"catsdogs_badhook": BROKEN_HOOK},
+                      {"badhook": "catsdogs_badhook"})
+    with caplog.at_level(logging.WARNING, logger="catsdogs"):
+        reg = _registry()
+    failed = {p.name: p.error for p in reg.failures}
+    assert "needs libfoo" in failed["broken"] and "ImportError" in failed["broken"]
+    assert "registration exploded" in failed["badhook"]
+    assert "broken" in caplog.text and "needs libfoo" in caplog.text
+    # everything else still works
+    assert "resnet50" in reg.names("backbones") and "adam" in reg.names("optimizers")
+
+
+def test_strict_mode_makes_failures_fatal(site):
+    install_fake_dist(site, "catsdogs-broken", "0.1", {"catsdogs_broken": BROKEN_IMPORT},
+                      {"broken": "catsdogs_broken"})
+    with pytest.raises(PluginError, match="broken.*needs libfoo"):
+        _registry(strict=True)
+
+
+def test_duplicate_name_is_an_error_naming_both_plugins(site):
+    install_fake_dist(site, "catsdogs-clash", "0.1", {"catsdogs_clash": CLASH}, {"clash": "catsdogs_clash"})
+    reg = _registry()
+    with pytest.raises(PluginError, match=r"resnet50.*catsdogs\.builtin\.keras_backbones.*clash"):
+        reg.backbone("resnet50")
+    assert "xception" in reg.names("backbones")  # other names unaffected
+    with pytest.raises(PluginError, match=r"resnet50.*keras_backbones.*clash"):
+        _registry(strict=True)
+
+
+def test_invalid_component_is_reported(site):
+    bad = '''
+from catsdogs.hookspecs import hookimpl
+
+@hookimpl
+def register_optimizers(register):
+    register("not a class")
+'''
+    install_fake_dist(site, "catsdogs-bad", "0.1", {"catsdogs_bad": bad}, {"bad": "catsdogs_bad"})
+    reg = _registry()
+    assert any(p.name == "bad" and p.error for p in reg.failures)
+
+
+# --- the CLI, in a real subprocess --------------------------------------------------------------
+
+def test_cli_plugins_json_lists_builtins():
+    proc = run_cli("plugins", "--json", check=True)
+    data = json.loads(proc.stdout)
+    assert set(data) >= {"plugins", "backbones", "heads", "optimizers"}
+    by_name = {b["name"]: b for b in data["backbones"]}
+    assert by_name["resnet50"]["plugin"] == "catsdogs.builtin.keras_backbones"
+    assert by_name["resnet50"]["feature_dim"] == 2048
+    assert {h["name"] for h in data["heads"]} >= {"dropout_sigmoid", "softmax_cam"}
+    assert all("name" in o and "plugin" in o for o in data["optimizers"])
+    assert all(p["version"] for p in data["plugins"])
+
+
+def test_cli_plugins_with_entry_point_and_broken_plugin(site):
+    install_fake_dist(site, "catsdogs-tiny", "1.2.3", {"catsdogs_tiny": TINY_PLUGIN}, {"tiny": "catsdogs_tiny"})
+    install_fake_dist(site, "catsdogs-broken", "0.1", {"catsdogs_broken": BROKEN_IMPORT},
+                      {"broken": "catsdogs_broken"})
+    env = {"PYTHONPATH": str(site)}
+    proc = run_cli("plugins", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "tiny 1.2.3 (entry point)" in proc.stdout and "tiny_cnn" in proc.stdout
+    assert "broken" in proc.stdout and "FAILED" in proc.stdout
+    assert "needs libfoo" in proc.stderr  # reported once as a warning
+    assert "Traceback" not in proc.stderr
+
+    strict = run_cli("plugins", env={**env, "CATSDOGS_STRICT_PLUGINS": "1"})
+    assert strict.returncode != 0
+    assert "broken" in strict.stderr and "needs libfoo" in strict.stderr
+
+
+def test_plugin_backbone_usable_from_cli(site, kaggle_dir, cache_dir):
+    install_fake_dist(site, "catsdogs-tiny", "1.0", {"catsdogs_tiny": TINY_PLUGIN}, {"tiny": "catsdogs_tiny"})
+    proc = run_cli("extract", str(kaggle_dir), "-b", "tiny_cnn", "--weights", "none", "--json",
+                   "--no-progress", env={"PYTHONPATH": str(site)})
+    assert proc.returncode == 0, proc.stderr
+    (res,) = json.loads(proc.stdout)
+    assert res["backbone"] == "tiny_cnn" and res["n_train"] == 12 and res["computed"] == 16
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__]))
