@@ -7,8 +7,10 @@ them inside the methods that need them.
 from __future__ import annotations
 
 import abc
+import contextlib
 import inspect
 import re
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import ConfigError, PluginError
@@ -23,6 +25,42 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 #: initialisation (offline, for tests); ``imagenet`` means pretrained ImageNet weights.
 WEIGHTS_NONE = "none"
 WEIGHTS_IMAGENET = "imagenet"
+
+
+@contextlib.contextmanager
+def seeded_initializers(seed: int) -> Iterator[None]:
+    """Make every unseeded Keras initializer created inside the block draw from ``seed``.
+
+    Keras 3 gives each unseeded initializer a seed from ``make_default_seed()``, which reads
+    Python's global ``random`` module; other code (imports, TensorFlow start-up) also draws from it,
+    so seeding ``random`` alone is not reproducible. Inside the block ``make_default_seed`` draws
+    from a private generator instead; the caller's ``random`` state is left untouched.
+    """
+    import random
+    import sys
+
+    import keras  # noqa: F401  (loads keras.src.* so that the patch points exist)
+
+    rng = random.Random(seed)
+    original = getattr(sys.modules.get("keras.src.random.seed_generator"), "make_default_seed", None)
+    patched = []
+    if original is not None:
+        def make_default_seed() -> int:
+            return rng.randint(1, int(1e9))
+
+        for module in list(sys.modules.values()):
+            if getattr(module, "__name__", "").startswith("keras") and \
+                    getattr(module, "make_default_seed", None) is original:
+                module.make_default_seed = make_default_seed
+                patched.append(module)
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+        for module in patched:
+            module.make_default_seed = original
 
 
 class Backbone(abc.ABC):
@@ -76,21 +114,13 @@ class Backbone(abc.ABC):
 
     def build(self, weights: str = WEIGHTS_IMAGENET, image_size: int | None = None) -> keras.Model:
         """Build the feature model. ``weights="none"`` gives the same network in every process."""
-        import random
-
         self.check_weights(weights)
         size = self.input_size if image_size is None else image_size
         self.check_image_size(size)
         if weights != WEIGHTS_NONE:
             return self.build_model(weights, size)
-        # Keras 3 draws the seed of every unseeded initializer from Python's `random` module;
-        # seed it for the build only and leave the caller's random state as it was.
-        state = random.getstate()
-        random.seed(self.seed)
-        try:
+        with seeded_initializers(self.seed):
             return self.build_model(weights, size)
-        finally:
-            random.setstate(state)
 
     @abc.abstractmethod
     def build_model(self, weights: str, image_size: int) -> keras.Model:
