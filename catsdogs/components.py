@@ -9,6 +9,8 @@ from __future__ import annotations
 import abc
 import contextlib
 import inspect
+import math
+import numbers
 import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -106,7 +108,8 @@ class Backbone(abc.ABC):
             )
 
     def check_image_size(self, image_size: int) -> None:
-        if not isinstance(image_size, int) or image_size < self.min_input_size:
+        if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) \
+                or image_size < self.min_input_size:
             raise ConfigError(
                 f"image size {image_size!r} is too small for backbone {self.name!r} "
                 f"(minimum {self.min_input_size}, default {self.input_size})"
@@ -117,6 +120,7 @@ class Backbone(abc.ABC):
         self.check_weights(weights)
         size = self.input_size if image_size is None else image_size
         self.check_image_size(size)
+        size = int(size)
         if weights != WEIGHTS_NONE:
             return self.build_model(weights, size)
         with seeded_initializers(self.seed):
@@ -157,7 +161,7 @@ class _Params:
         for key, value in params.items():
             if key not in valid:
                 raise ConfigError(
-                    f"{type(self).__name__} ({self.name!r}) has no parameter {key!r}; "
+                    f"{type(self).__name__} ({getattr(self, 'name', '?')!r}) has no parameter {key!r}; "
                     f"valid: {', '.join(valid) or '(none)'}"
                 )
             setattr(self, key, value)
@@ -183,7 +187,11 @@ class Optimizer(_Params, abc.ABC):
 
     @property
     def effective_learning_rate(self) -> float:
-        return self.default_learning_rate if self.learning_rate is None else float(self.learning_rate)
+        """The learning rate to use; raises :class:`ConfigError` unless it is a positive number."""
+        lr = self.default_learning_rate if self.learning_rate is None else self.learning_rate
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
+            raise ConfigError(f"optimizer {self.name!r}: learning rate must be a positive number, got {lr!r}")
+        return float(lr)
 
     @abc.abstractmethod
     def build(self) -> keras.optimizers.Optimizer:
@@ -231,7 +239,12 @@ class Head(_Params, abc.ABC):
         """Return P(dog) for each row of ``X`` as float array of shape ``(n,)``."""
 
     def keras_model(self) -> keras.Model | None:
-        """The trained head as a Keras model (features in, P(dog) out), or None if not Keras."""
+        """The trained head as a Keras model, or None for heads that are not Keras graphs.
+
+        The model takes one input of shape ``(batch, n_features)`` and has one output of shape
+        ``(batch, 1)`` named ``prediction`` holding P(dog), equal to :meth:`predict_proba`.
+        Exporters append it to the backbones' feature models to build an end-to-end network.
+        """
         return None
 
 

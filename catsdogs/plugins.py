@@ -11,6 +11,7 @@ it raises an error naming both plugins.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
 import threading
@@ -34,13 +35,6 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
 )
 KINDS: tuple[str, ...] = ("backbones", "heads", "optimizers")
 _HOOKS = {kind: f"register_{kind}" for kind in KINDS}
-
-
-def _is_valid(kind: str, obj: Any) -> bool:
-    if kind == "backbones":
-        return isinstance(obj, Backbone)
-    base = Head if kind == "heads" else Optimizer
-    return isinstance(obj, type) and issubclass(obj, base)
 
 
 @dataclass
@@ -178,10 +172,16 @@ class Registry:
         self.plugins.append(info)
         try:
             plugin = loader()
-            self.pm.register(plugin, name=name)
         except Exception as exc:  # a broken third-party plugin must not take the tool down
             self._fail(info, f"import failed: {type(exc).__name__}: {exc}", strict, exc)
             return
+        try:
+            self.pm.register(plugin, name=name)
+        except Exception as exc:  # e.g. the same module registered twice, or a bad hookimpl
+            self._fail(info, f"registration failed: {type(exc).__name__}: {exc}", strict, exc)
+            return
+        # collect and validate everything first: a plugin registers all of its components or none
+        collected: list[tuple[str, str, Any]] = []
         for kind, hook_name in _HOOKS.items():
             hook = getattr(self.pm.hook, hook_name)
             for impl in hook.get_hookimpls():
@@ -194,18 +194,15 @@ class Registry:
                     self._fail(info, f"{hook_name} raised {type(exc).__name__}: {exc}", strict, exc)
                     return
                 for obj in registered:
-                    self._add(info, kind, obj, strict)
+                    problem = _problem(kind, obj)
+                    if problem:
+                        self._fail(info, f"{hook_name}: {problem}", strict, None)
+                        return
+                    collected.append((kind, obj.name, obj))
+        for kind, comp_name, obj in collected:
+            self._add(info, kind, comp_name, obj, strict)
 
-    def _add(self, info: PluginInfo, kind: str, obj: Any, strict: bool) -> None:
-        try:
-            name = component_name(obj)
-        except PluginError as exc:
-            self._fail(info, str(exc), strict, exc)
-            return
-        if not _is_valid(kind, obj):
-            expected = {"backbones": "a Backbone instance", "heads": "a Head subclass", "optimizers": "an Optimizer subclass"}[kind]
-            self._fail(info, f"register_{kind} got {obj!r}, expected {expected}", strict, None)
-            return
+    def _add(self, info: PluginInfo, kind: str, name: str, obj: Any, strict: bool) -> None:
         info.components[kind].append(name)
         if name in self._conflicts[kind]:
             self._conflicts[kind][name].append(info.name)
@@ -224,6 +221,23 @@ class Registry:
             self._conflicts[kind][name] = owners
             return
         self._components[kind][name] = Component(kind, name, info.name, obj)
+
+
+def _problem(kind: str, obj: Any) -> str | None:
+    """Why ``obj`` cannot be registered as a component of ``kind`` (None when it can)."""
+    try:
+        component_name(obj)
+    except PluginError as exc:
+        return str(exc)
+    if kind == "backbones":
+        return None if isinstance(obj, Backbone) else f"got {obj!r}, expected a Backbone instance"
+    base = Head if kind == "heads" else Optimizer
+    if not (isinstance(obj, type) and issubclass(obj, base)):
+        return f"got {obj!r}, expected a {base.__name__} subclass"
+    if inspect.isabstract(obj):
+        missing = ", ".join(sorted(obj.__abstractmethods__))
+        return f"{obj.__name__} is abstract (does not implement {missing})"
+    return None
 
 
 _registry: Registry | None = None

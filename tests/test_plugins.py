@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 
 import pytest
 from conftest import install_fake_dist, run_cli
@@ -200,5 +199,22 @@ def test_plugin_backbone_usable_from_cli(site, kaggle_dir, cache_dir):
     assert res["backbone"] == "tiny_cnn" and res["n_train"] == 12 and res["computed"] == 16
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(pytest.main([__file__]))
+
+
+def test_a_failing_plugin_registers_nothing(site):
+    half = TINY_PLUGIN + '''
+
+from catsdogs.components import Head
+
+class AbstractHead(Head):
+    name = "abstract_head"
+
+@hookimpl
+def register_heads(register):
+    register(AbstractHead)
+'''
+    install_fake_dist(site, "catsdogs-half", "0.1", {"catsdogs_half": half}, {"half": "catsdogs_half"})
+    reg = _registry()
+    info = next(p for p in reg.plugins if p.name == "half")
+    assert "abstract" in info.error and "predict_proba" in info.error
+    assert "tiny_cnn" not in reg.names("backbones")  # all or nothing

@@ -1,0 +1,316 @@
+"""Built-in classifier heads trained on cached GAP features (built-in plugin).
+
+* ``dropout_sigmoid``: ``features -> Dropout -> Dense(1, sigmoid)``, binary cross-entropy;
+* ``softmax_cam``: ``features -> Dropout -> Dense(2, softmax, L2)``, sparse categorical
+  cross-entropy. Its ``(feature_dim, 2)`` kernel turns a backbone's last feature map into a class
+  activation map (see :meth:`SoftmaxCamHead.dense_weights`).
+
+Both follow the scikit-learn conventions of :class:`catsdogs.components.Head`: ``__init__`` stores
+hyper-parameters only, they are validated by :meth:`KerasHead.fit`, and fitted state lives in
+attributes ending in ``_`` (``model_``, ``history_``, ``n_features_in_``).
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from ..components import Head, Optimizer
+from ..errors import CatsdogsError, ConfigError
+from ..hookspecs import hookimpl
+
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
+
+#: rows per forward pass in :meth:`KerasHead.predict_proba`
+PREDICT_BATCH_SIZE = 4096
+
+
+class NotFittedError(CatsdogsError, RuntimeError):
+    """A head was used for prediction or export before :meth:`~catsdogs.components.Head.fit`."""
+
+
+# -- input validation ------------------------------------------------------------------------------
+def check_features(X: Any, what: str = "X", n_features: int | None = None,
+                   allow_empty: bool = False) -> np.ndarray:
+    """``X`` as a C-contiguous float32 ``(n, d)`` array, or :class:`ConfigError`."""
+    try:
+        arr = np.asarray(X)
+    except Exception as exc:  # ragged lists and the like
+        raise ConfigError(f"{what} must be a 2-D array of numbers ({exc})") from None
+    if arr.dtype.kind not in "fiu":
+        raise ConfigError(f"{what} must be a 2-D array of real numbers, got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise ConfigError(f"{what} must be 2-D (samples, features), got shape {arr.shape}")
+    if arr.shape[0] == 0 and not allow_empty:
+        raise ConfigError(f"{what} has no rows")
+    if arr.shape[1] == 0:
+        raise ConfigError(f"{what} has no feature columns")
+    if n_features is not None and arr.shape[1] != n_features:
+        raise ConfigError(
+            f"{what} has {arr.shape[1]} features per row, but the head was fitted on {n_features}"
+        )
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise ConfigError(f"{what} contains NaN or infinite values (or values too large for float32)")
+    return arr
+
+
+def check_labels(y: Any, n: int, what: str = "y") -> np.ndarray:
+    """``y`` as an int32 ``(n,)`` array of 0 (cat) / 1 (dog), or :class:`ConfigError`."""
+    arr = np.asarray(y)
+    if arr.ndim != 1:
+        raise ConfigError(f"{what} must be 1-D (one label per row), got shape {arr.shape}")
+    if arr.shape[0] != n:
+        raise ConfigError(f"{what} has {arr.shape[0]} labels but the features have {n} rows")
+    if arr.dtype.kind not in "biuf":
+        raise ConfigError(f"{what} must hold 0 (cat) / 1 (dog) labels, got dtype {arr.dtype}")
+    bad = ~np.isin(arr, (0, 1))
+    if bad.any():
+        examples = ", ".join(repr(v) for v in np.unique(arr[bad])[:5].tolist())
+        raise ConfigError(f"{what} must hold only 0 (cat) and 1 (dog); found {examples}")
+    return arr.astype(np.int32)
+
+
+def _check_int(value: Any, what: str, minimum: int = 1, maximum: int | None = None) -> int:
+    if (isinstance(value, bool) or not isinstance(value, Integral) or value < minimum
+            or (maximum is not None and value > maximum)):
+        upper = "" if maximum is None else f" and <= {maximum}"
+        raise ConfigError(f"{what} must be an integer >= {minimum}{upper}, got {value!r}")
+    return int(value)
+
+
+def _check_real(value: Any, what: str, low: float, high: float | None = None,
+                high_inclusive: bool = False) -> float:
+    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and value >= low
+    if ok and high is not None:
+        ok = value <= high if high_inclusive else value < high
+    if not ok:
+        upper = "" if high is None else f" and {'<=' if high_inclusive else '<'} {high}"
+        raise ConfigError(f"{what} must be a number >= {low}{upper}, got {value!r}")
+    return float(value)
+
+
+# -- heads -------------------------------------------------------------------------------------------
+class KerasHead(Head):
+    """Shared code of the Keras heads: build, compile, fit, batched prediction, export.
+
+    Subclasses implement :meth:`_build_model` (returning the functional model whose output layer
+    is named ``prediction``), set :attr:`loss`, and override :meth:`_targets` /
+    :meth:`_dog_probability` when the output is not a single sigmoid unit.
+    """
+
+    uses_optimizer = True
+    #: Keras loss used to compile the model
+    loss: ClassVar[str] = "binary_crossentropy"
+
+    def __init__(self, dropout: float = 0.5):
+        self.dropout = dropout
+
+    # -- hooks for subclasses -----------------------------------------------------------------
+    def _validate_params(self) -> None:
+        _check_real(self.dropout, f"{self.name}: dropout", 0.0, 1.0)
+
+    def _build_model(self, n_features: int) -> keras.Model:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _targets(self, y: np.ndarray) -> np.ndarray:
+        return y.astype(np.float32)
+
+    def _dog_probability(self, output: np.ndarray) -> np.ndarray:
+        """Model output (batch, units) -> P(dog) (batch,)."""
+        return output.reshape(-1)
+
+    # -- Head API ---------------------------------------------------------------------------------
+    def fit(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        *,
+        validation: tuple[np.ndarray, np.ndarray] | None = None,
+        optimizer: Optimizer | None = None,
+        epochs: int = 8,
+        batch_size: int = 128,
+        seed: int = 2019,
+        verbose: int = 0,
+    ) -> KerasHead:
+        """Train on ``X`` (n, d) and 0/1 labels ``y`` (n,); return ``self``.
+
+        ``keras.utils.set_random_seed(seed)`` is called first (it seeds Python's ``random``, NumPy's
+        global generator and TensorFlow), so weight initialisation, dropout masks and shuffling,
+        hence the fitted model, are the same for the same seed and data within one process.
+        ``optimizer`` defaults to ``adam`` with Keras' default learning rate.
+        """
+        import keras
+
+        X = check_features(X, "X")
+        y = check_labels(y, X.shape[0], "y")
+        validation_data = None
+        if validation is not None:
+            if not isinstance(validation, (tuple, list)) or len(validation) != 2:
+                raise ConfigError("validation must be a pair (X_val, y_val)")
+            X_val = check_features(validation[0], "validation X", n_features=X.shape[1])
+            y_val = check_labels(validation[1], X_val.shape[0], "validation y")
+            validation_data = (X_val, self._targets(y_val))
+        epochs = _check_int(epochs, "epochs")
+        batch_size = _check_int(batch_size, "batch_size")
+        seed = _check_int(seed, "seed", minimum=0, maximum=2**32 - 1)  # NumPy's seed range
+        self._validate_params()
+        if optimizer is None:
+            from .optimizers import AdamOptimizer
+
+            optimizer = AdamOptimizer()
+        if not callable(getattr(optimizer, "build", None)):
+            raise ConfigError(
+                f"optimizer must be a catsdogs Optimizer (e.g. get_registry().optimizer('adam')()), "
+                f"got {optimizer!r}"
+            )
+
+        keras.utils.set_random_seed(seed)
+        model = self._build_model(X.shape[1])
+        model.compile(optimizer=optimizer.build(), loss=self.loss, metrics=["accuracy"])
+        history = model.fit(
+            X,
+            self._targets(y),
+            validation_data=validation_data,
+            epochs=epochs,
+            batch_size=batch_size,
+            shuffle=True,
+            verbose=verbose,
+        )
+        self.model_ = model
+        self.n_features_in_ = int(X.shape[1])
+        self.history_ = {
+            str(key): [float(v) for v in values] for key, values in history.history.items()
+        }
+        self._export_model = None
+        return self
+
+    def _fitted_model(self) -> keras.Model:
+        model = getattr(self, "model_", None)
+        if model is None:
+            raise NotFittedError(f"{self.name}: head not fitted; call fit() first")
+        return model
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """P(dog) for each row of ``X``, float64 of shape ``(n,)``.
+
+        Calls the model directly in batches: ``Model.predict`` adds seconds of overhead per call
+        in Keras 3, which dominates for small heads.
+        """
+        model = self._fitted_model()
+        X = check_features(X, "X", n_features=self.n_features_in_, allow_empty=True)
+        chunks = [
+            self._dog_probability(np.asarray(model(X[i:i + PREDICT_BATCH_SIZE], training=False)))
+            for i in range(0, X.shape[0], PREDICT_BATCH_SIZE)
+        ]
+        if not chunks:
+            return np.zeros(0, dtype=np.float64)
+        return np.concatenate(chunks).astype(np.float64)
+
+    def keras_model(self) -> keras.Model:
+        """The trained head: input ``features`` (batch, d) -> output ``prediction`` (batch, 1) = P(dog)."""
+        return self._fitted_model()
+
+
+class DropoutSigmoidHead(KerasHead):
+    """``features -> Dropout(dropout) -> Dense(1, sigmoid, name="prediction")``; binary cross-entropy."""
+
+    name = "dropout_sigmoid"
+
+    def _build_model(self, n_features: int) -> keras.Model:
+        import keras
+
+        features = keras.Input((n_features,), name="features", dtype="float32")
+        x = keras.layers.Dropout(self.dropout, name="dropout")(features)
+        out = keras.layers.Dense(1, activation="sigmoid", name="prediction", dtype="float32")(x)
+        return keras.Model(features, out, name=self.name)
+
+
+class SoftmaxCamHead(KerasHead):
+    """``features -> Dropout(dropout) -> Dense(2, softmax, L2(l2), name="prediction")``.
+
+    Column 0 of the softmax is P(cat), column 1 P(dog). Because the Dense layer sits directly on
+    the GAP features, its kernel weights the backbone's last feature map channels: a class
+    activation map for class ``c`` is ``feature_map @ kernel[:, c]`` (:meth:`dense_weights`).
+    """
+
+    name = "softmax_cam"
+    cam_capable = True
+    loss = "sparse_categorical_crossentropy"
+
+    def __init__(self, dropout: float = 0.5, l2: float = 1e-4):
+        self.dropout = dropout
+        self.l2 = l2
+
+    def _validate_params(self) -> None:
+        super()._validate_params()
+        _check_real(self.l2, f"{self.name}: l2", 0.0)
+
+    def _build_model(self, n_features: int) -> keras.Model:
+        import keras
+
+        l2 = float(self.l2)
+        features = keras.Input((n_features,), name="features", dtype="float32")
+        x = keras.layers.Dropout(self.dropout, name="dropout")(features)
+        out = keras.layers.Dense(
+            2,
+            activation="softmax",
+            kernel_regularizer=keras.regularizers.l2(l2) if l2 > 0 else None,
+            bias_regularizer=keras.regularizers.l2(l2) if l2 > 0 else None,
+            name="prediction",
+            dtype="float32",
+        )(x)
+        return keras.Model(features, out, name=self.name)
+
+    def _targets(self, y: np.ndarray) -> np.ndarray:
+        return y.astype(np.int32)
+
+    def _dog_probability(self, output: np.ndarray) -> np.ndarray:
+        return output[:, 1]
+
+    def dense_weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """The trained softmax layer as float32 numpy arrays: kernel ``(d, 2)`` and bias ``(2,)``.
+
+        Column 1 belongs to "dog". The CAM of an image is ``feature_map @ kernel[:, 1]`` (plus
+        ``bias[1]``), with ``feature_map`` the ``(h, w, d)`` input of the backbone's ``gap`` layer.
+        """
+        kernel, bias = self._fitted_model().get_layer("prediction").get_weights()
+        return np.asarray(kernel, dtype=np.float32), np.asarray(bias, dtype=np.float32)
+
+    def keras_model(self) -> keras.Model:
+        """The trained head as features -> P(dog) ``(batch, 1)``, output layer ``prediction``.
+
+        The trained two-unit softmax model (:attr:`model_`) is nested inside as the layer named
+        ``softmax_cam`` (its Dense layer is ``prediction`` there); the outer ``prediction`` layer is
+        a frozen ``Dense(1)`` with kernel ``[[0], [1]]`` that selects the dog column exactly. Only
+        built-in Keras layers are used, so the model saves and loads without custom objects.
+        """
+        model = self._fitted_model()
+        export = getattr(self, "_export_model", None)
+        if export is None:
+            import keras
+
+            features = keras.Input((self.n_features_in_,), name="features", dtype="float32")
+            probs = model(features)
+            select = keras.layers.Dense(
+                1, use_bias=False, trainable=False, name="prediction", dtype="float32"
+            )
+            out = select(probs)
+            select.set_weights([np.array([[0.0], [1.0]], dtype=np.float32)])
+            export = keras.Model(features, out, name=f"{self.name}_dog")
+            self._export_model = export
+        return export
+
+
+HEADS = (DropoutSigmoidHead, SoftmaxCamHead)
+
+
+@hookimpl
+def register_heads(register):
+    for head_cls in HEADS:
+        register(head_cls)

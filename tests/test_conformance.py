@@ -1,0 +1,322 @@
+"""The conformance suite (catsdogs.testing) on the built-in components, and proof that it can fail."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from catsdogs.builtin.heads import DropoutSigmoidHead  # noqa: E402
+from catsdogs.components import Backbone, Head, Optimizer  # noqa: E402
+from catsdogs.plugins import get_registry  # noqa: E402
+from catsdogs.testing import (  # noqa: E402
+    check_backbone,
+    check_head,
+    check_optimizer,
+    make_separable_features,
+)
+
+REGISTRY = get_registry()
+
+
+# -- the built-in components pass ------------------------------------------------------------------
+@pytest.mark.parametrize("name", REGISTRY.names("heads"))
+def test_builtin_head_conforms(name):
+    check_head(REGISTRY.head(name))
+
+
+@pytest.mark.parametrize("name", REGISTRY.names("optimizers"))
+def test_builtin_optimizer_conforms(name):
+    check_optimizer(REGISTRY.optimizer(name))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", REGISTRY.names("backbones"))
+def test_builtin_backbone_conforms(name):
+    check_backbone(REGISTRY.backbone(name))
+
+
+def test_builtins_are_all_checked():
+    assert set(REGISTRY.names("heads")) >= {"dropout_sigmoid", "softmax_cam"}
+    assert set(REGISTRY.names("optimizers")) >= {"adam", "adadelta"}
+    assert len(REGISTRY.names("backbones")) >= 4
+    assert not REGISTRY.failures
+
+
+# -- backbones ---------------------------------------------------------------------------------------
+class TinyBackbone(Backbone):
+    """A conforming toy backbone: rescale -> conv -> gap."""
+
+    name = "tiny"
+    input_size = 16
+    min_input_size = 8
+    feature_dim = 6
+    preprocessing = "x / 255"
+    filters = 6
+    input_name = "image"
+    gap_name = "gap"
+
+    def build_model(self, weights, image_size):
+        import keras
+
+        image = keras.Input((image_size, image_size, 3), name=self.input_name)
+        x = keras.layers.Rescaling(1 / 255)(image)
+        x = keras.layers.Conv2D(self.filters, 3, activation="tanh", name="conv")(x)
+        x = self.extra(x)
+        return keras.Model(image, keras.layers.GlobalAveragePooling2D(name=self.gap_name)(x))
+
+    def extra(self, x):
+        return x
+
+
+class WrongDimension(TinyBackbone):
+    filters = 7
+
+
+class NoGap(TinyBackbone):
+    gap_name = "pool"
+
+
+class WrongInputName(TinyBackbone):
+    input_name = "pixels"
+
+
+class Unseeded(TinyBackbone):
+    def build(self, weights="none", image_size=None):
+        return self.build_model(weights, image_size or self.input_size)
+
+
+class AcceptsTooSmall(TinyBackbone):
+    def check_image_size(self, image_size):
+        pass
+
+
+class BatchDependent(TinyBackbone):
+    def extra(self, x):
+        import keras
+
+        return keras.layers.Lambda(lambda t: t - keras.ops.mean(t, axis=0, keepdims=True))(x)
+
+
+class BadName(TinyBackbone):
+    name = "Tiny-Net"
+
+
+class NoNoneWeights(TinyBackbone):
+    weights_options = ("imagenet",)
+
+
+def test_tiny_backbone_conforms():
+    check_backbone(TinyBackbone())
+    check_backbone(TinyBackbone(), image_size=12)
+
+
+@pytest.mark.parametrize(
+    "backbone, message",
+    [
+        (WrongDimension(), r"output shape must be \(None, feature_dim=6\), got \(None, 7\)"),
+        (NoGap(), "no layer named 'gap'"),
+        (WrongInputName(), "input must be named 'image', got 'pixels'"),
+        (Unseeded(), "different weights"),
+        (AcceptsTooSmall(), r"check_image_size\(min_input_size - 1 = 7\) must raise ConfigError"),
+        (BatchDependent(), "depend on the rest of the batch"),
+        (BadName(), "invalid name"),
+        (NoNoneWeights(), "must include 'none'"),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, Backbone) else "",
+)
+def test_check_backbone_catches(backbone, message):
+    with pytest.raises(AssertionError, match=message) as info:
+        check_backbone(backbone)
+    assert "backbone" in str(info.value) and type(backbone).__name__ in str(info.value)
+
+
+# -- heads ---------------------------------------------------------------------------------------------
+class CentroidHead(Head):
+    """A conforming non-Keras head: logistic function of the nearest-centroid margin."""
+
+    name = "centroid"
+    uses_optimizer = False
+
+    def __init__(self, scale=1.0):
+        self.scale = scale
+
+    def fit(self, X, y, *, validation=None, optimizer=None, epochs=8, batch_size=128,
+            seed=2019, verbose=0):
+        X, y = np.asarray(X, np.float64), np.asarray(y)
+        c0, c1 = X[y == 0].mean(axis=0), X[y == 1].mean(axis=0)
+        self.w_ = (c1 - c0) * self.scale
+        self.b_ = -(c1 @ c1 - c0 @ c0) / 2 * self.scale
+        self.history_ = {}
+        return self
+
+    def predict_proba(self, X):
+        if not hasattr(self, "w_"):
+            raise RuntimeError("head not fitted; call fit() first")
+        return 1.0 / (1.0 + np.exp(-(np.asarray(X, np.float64) @ self.w_ + self.b_)))
+
+
+class CentroidKerasHead(CentroidHead):
+    """Also exports a Keras model."""
+
+    name = "centroid_keras"
+    bias_error = 0.0
+
+    def keras_model(self):
+        import keras
+
+        features = keras.Input((len(self.w_),), name="features")
+        dense = keras.layers.Dense(1, activation="sigmoid", name="prediction")
+        model = keras.Model(features, dense(features))
+        dense.set_weights([self.w_[:, None], np.array([self.b_ + self.bias_error])])
+        return model
+
+
+class ColumnShaped(CentroidHead):
+    def predict_proba(self, X):
+        return super().predict_proba(X)[:, None]
+
+
+class OutOfRange(CentroidHead):
+    def predict_proba(self, X):
+        return super().predict_proba(X) * 2
+
+
+class Unreproducible(CentroidHead):
+    def fit(self, X, y, **kwargs):
+        super().fit(X, y, **kwargs)
+        self.w_ = self.w_ * np.random.default_rng().uniform(0.5, 2.0)
+        return self
+
+
+class ChangesArguments(CentroidHead):
+    def __init__(self, scale=1.0):
+        self.scale = float(scale) * 2
+
+
+class FitReturnsNone(CentroidHead):
+    def fit(self, X, y, **kwargs):
+        super().fit(X, y, **kwargs)
+
+
+class PredictsBeforeFit(CentroidHead):
+    w_ = np.zeros(16)
+    b_ = 0.0
+
+
+class Constant(CentroidHead):
+    def predict_proba(self, X):
+        super().predict_proba(X)
+        return np.full(len(X), 0.5)
+
+
+class KerasMismatch(CentroidKerasHead):
+    bias_error = 0.5
+
+
+class KerasColumnShaped(DropoutSigmoidHead):
+    name = "broken_sigmoid"
+
+    def predict_proba(self, X):
+        return super().predict_proba(X)[:, None]
+
+
+@pytest.mark.parametrize("head_cls", [CentroidHead, CentroidKerasHead])
+def test_non_keras_heads_conform(head_cls):
+    check_head(head_cls)
+
+
+@pytest.mark.parametrize(
+    "head_cls, message",
+    [
+        (ColumnShaped, r"must return shape \(n,\) = \(200,\), got \(200, 1\)"),
+        (OutOfRange, r"probabilities in \[0, 1\]"),
+        (Unreproducible, "same seed give different predictions"),
+        (ChangesArguments, "must store argument 'scale' unchanged"),
+        (FitReturnsNone, "fit\\(\\) must return self"),
+        (PredictsBeforeFit, "before fit\\(\\) must raise"),
+        (Constant, "training accuracy on a linearly separable problem is 0.5"),
+        (KerasMismatch, "keras_model\\(\\) output differs from predict_proba"),
+        (KerasColumnShaped, r"must return shape \(n,\)"),
+    ],
+    ids=lambda v: v.__name__ if isinstance(v, type) else "",
+)
+def test_check_head_catches(head_cls, message):
+    with pytest.raises(AssertionError, match=message) as info:
+        check_head(head_cls)
+    assert str(info.value).startswith(f"head {head_cls.name!r}")
+
+
+def test_make_separable_features():
+    X, y = make_separable_features(n=50, d=5, seed=1)
+    assert X.shape == (50, 5) and X.dtype == np.float32
+    assert set(np.unique(y)) == {0, 1}
+    X2, y2 = make_separable_features(n=50, d=5, seed=1)
+    assert np.array_equal(X, X2) and np.array_equal(y, y2)
+
+
+# -- optimizers ----------------------------------------------------------------------------------------
+class SGDOptimizer(Optimizer):
+    name = "sgd_test"
+    default_learning_rate = 0.01
+
+    def build(self):
+        import keras
+
+        return keras.optimizers.SGD(learning_rate=self.effective_learning_rate)
+
+
+class CachesOptimizer(SGDOptimizer):
+    def build(self):
+        if not hasattr(self, "_built"):
+            self._built = super().build()
+        return self._built
+
+
+class IgnoresLearningRate(SGDOptimizer):
+    def build(self):
+        import keras
+
+        return keras.optimizers.SGD()
+
+
+class NoDefault(SGDOptimizer):
+    default_learning_rate = 0.0
+
+
+class Frozen(SGDOptimizer):
+    def build(self):
+        import keras
+
+        class FrozenSGD(keras.optimizers.SGD):
+            def update_step(self, gradient, variable, learning_rate):
+                pass
+
+        return FrozenSGD(learning_rate=self.effective_learning_rate)
+
+
+class NotKeras(SGDOptimizer):
+    def build(self):
+        return object()
+
+
+def test_custom_optimizer_conforms():
+    check_optimizer(SGDOptimizer)
+
+
+@pytest.mark.parametrize(
+    "optimizer_cls, message",
+    [
+        (CachesOptimizer, "must return a new optimizer on every call"),
+        (IgnoresLearningRate, "build\\(\\) has learning_rate 0.01, expected 0.05$"),
+        (NoDefault, "default_learning_rate must be a positive number"),
+        (Frozen, "did not change the weights"),
+        (NotKeras, "must return a keras.optimizers.Optimizer"),
+    ],
+    ids=lambda v: v.__name__ if isinstance(v, type) else "",
+)
+def test_check_optimizer_catches(optimizer_cls, message):
+    with pytest.raises(AssertionError, match=message) as info:
+        check_optimizer(optimizer_cls)
+    assert str(info.value).startswith("optimizer 'sgd_test'")
