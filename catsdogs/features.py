@@ -25,6 +25,7 @@ import logging
 import os
 import platform
 import shutil
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -351,7 +352,8 @@ class FeatureModel:
         self.batch_size = batch_size
         self.image_size = image_size
         model = self.model
-        spec = tf.TensorSpec([batch_size, image_size, image_size, 3], tf.uint8)
+        # a dynamic batch dimension: one trace serves every batch, the last one is not padded
+        spec = tf.TensorSpec([None, image_size, image_size, 3], tf.uint8)
 
         @tf.function(input_signature=[spec])
         def _call(x):
@@ -360,16 +362,20 @@ class FeatureModel:
         self._call = _call
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        """Features for ``(n, S, S, 3)`` uint8 images, any ``n`` (padded to the batch size)."""
-        n = len(images)
-        out = []
-        for start in range(0, n, self.batch_size):
-            batch = images[start:start + self.batch_size]
-            if len(batch) < self.batch_size:
-                pad = np.zeros((self.batch_size - len(batch),) + batch.shape[1:], np.uint8)
-                batch = np.concatenate([batch, pad])
-            out.append(self._call(batch).numpy()[: min(self.batch_size, n - start)])
-        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+        """Features for ``(n, S, S, 3)`` uint8 images, any ``n``, in batches of ``batch_size``."""
+        out = [self._call(images[start:start + self.batch_size]).numpy()
+               for start in range(0, len(images), self.batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.model.output_shape[-1]), np.float32)
+
+
+def _lower_priority() -> None:
+    """Run a decoding thread at the lowest CPU priority (Linux: per-thread niceness).
+
+    The network's intra-op threads split every operation evenly over the cores, so a decoder that
+    pre-empts one of them stalls the whole operation. At nice 19 decoding fills the gaps instead.
+    """
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def _decode(record: ImageRecord, size: int, policy: str):
@@ -391,7 +397,7 @@ def _compute(store: _Store, work: list[_Work], model_factory, *, image_size: int
     index = store.next_chunk_index()
     computed = 0
     bar = tqdm(total=len(work), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, workers), initializer=_lower_priority) as pool:
         def submit(chunk):
             return [pool.submit(_decode, w.record, image_size, resize) for w in chunk]
 
