@@ -12,7 +12,7 @@ import inspect
 import math
 import numbers
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import ConfigError, PluginError
@@ -231,8 +231,14 @@ class Head(_Params, abc.ABC):
         batch_size: int = 128,
         seed: int = 2019,
         verbose: int = 0,
+        blocks: Sequence[tuple[str, int]] | None = None,
     ) -> Head:
-        """Train on features ``X`` (n, d) and labels ``y`` (n,) in {0, 1}; return ``self``."""
+        """Train on features ``X`` (n, d) and labels ``y`` (n,) in {0, 1}; return ``self``.
+
+        ``blocks`` describes how ``X`` was fused: ``[(backbone name, width), ...]`` in column
+        order (widths add up to d). Heads that treat each backbone separately (stacking) use it;
+        others ignore it. ``None`` means one block.
+        """
 
     @abc.abstractmethod
     def predict_proba(self, X: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ attributes ending in ``_`` (``model_``, ``history_``, ``n_features_in_``).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from numbers import Integral, Real
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -137,6 +138,7 @@ class KerasHead(Head):
         batch_size: int = 128,
         seed: int = 2019,
         verbose: int = 0,
+        blocks: Sequence[tuple[str, int]] | None = None,
     ) -> KerasHead:
         """Train on ``X`` (n, d) and 0/1 labels ``y`` (n,); return ``self``.
 
