@@ -122,6 +122,60 @@ def extract(data_dir, backbones, weights, image_size, batch_size, cache_dir, fli
         )
 
 
+# ------------------------------------------------------------------------------------ run
+@cli.command()
+@click.argument("experiment_file", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="Override the data directory.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Override the feature cache.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Override the output directory.")
+@click.option("--weights", default=None,
+              help="Override every backbone's weights (e.g. 'none' on a machine without internet).")
+@click.option("--no-submit", is_flag=True, help="Do not write submission.csv for the winner.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def run(experiment_file, data, cache_dir, out, weights, no_submit, no_progress) -> None:
+    """Run (or resume) every run of an experiment grid and rank them by validation log loss."""
+    from .experiment import load_experiment
+    from .runner import run_experiment
+
+    experiment = load_experiment(experiment_file, data=data, output=out, cache_dir=cache_dir,
+                                 weights=weights)
+    result = run_experiment(experiment, progress=not no_progress, submit=not no_submit, echo=click.echo)
+    click.echo(f"{result.computed} runs trained, {result.reused} reused -> {result.out_dir}")
+    click.echo(f"leaderboard: {result.out_dir / 'leaderboard.csv'}, summary: {result.out_dir / 'summary.md'}")
+    if result.submission is not None:
+        click.echo(f"submission ({result.winner['run_id']}): {result.submission}")
+
+
+@cli.command("predict-test")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out_file", type=click.Path(path_type=Path), default=Path("submission.csv"),
+              show_default=True, help="Where to write the submission.")
+@click.option("--clip", nargs=2, type=float, default=None, metavar="LO HI",
+              help="Clip bounds [default: the run's experiment's].")
+def predict_test(run_dir, out_file, clip) -> None:
+    """Write Kaggle's submission.csv (id,label) from a finished run's test predictions."""
+    from .runner import write_run_submission
+
+    path = write_run_submission(run_dir, out_file, clip=clip)
+    click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("submission", type=click.Path(path_type=Path))
+@click.option("--labels", type=click.Path(path_type=Path), required=True,
+              help="CSV with id,label (the true labels; e.g. test_labels.csv of the mini data).")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+def score(submission, labels, as_json) -> None:
+    """Score a submission against true labels: log loss and accuracy."""
+    from .submission import score_submission
+
+    result = score_submission(submission, labels)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"log loss {result['logloss']:.5f}  accuracy {result['accuracy']:.4f}  (n = {result['n']})")
+
+
 def main(argv: list[str] | None = None) -> None:
     cli.main(args=argv, prog_name="catsdogs")
 

@@ -1,0 +1,919 @@
+"""The experiment file: one YAML file describes a whole grid of runs.
+
+A grid is *backbones* (cached GAP features) × *combinations* of them (fused features) × *heads* ×
+*optimizers*. :func:`load_experiment` reads and validates a file and returns an
+:class:`Experiment`; every problem is an :class:`ExperimentError` whose message names the file,
+the line, the field path and what is allowed, e.g.::
+
+    experiments/x.yaml:7: heads[1]: unknown head 'dropout_sigmod' (did you mean 'dropout_sigmoid'?); available: dropout_sigmoid, softmax_cam
+    experiments/x.yaml:12: validation.holdout: must be a number in (0, 1), got 1.5
+
+The format (only ``data``, ``backbones``, ``heads`` and ``optimizers`` are required; ``data`` may
+also come from the command line)::
+
+    name: seed                     # optional; default: the file name without .yaml
+    data: ../../shared/data/dogs-vs-cats-mini    # relative paths are relative to the YAML file's folder
+    weights: imagenet              # default for all backbones (imagenet | none)
+    precision: float32             # default for all backbones (float32 | bfloat16)
+    resize: squash                 # default for all backbones (squash | crop | pad)
+    image_size: null               # default for all backbones (null = each backbone's own size)
+    backbones:                     # names, or mappings with per-backbone options
+      - resnet50
+      - {name: inception_v3, image_size: 299, weights: none, precision: bfloat16, resize: squash}
+    combinations: all              # all non-empty subsets | {min: 2, max: 4} (subset sizes)
+                                   # | explicit list of lists of backbone names
+    heads: [dropout_sigmoid, {name: softmax_cam, params: {dropout: 0.3}}]
+    optimizers: [adam, {name: adadelta, learning_rate: 1.0}]
+    epochs: 8
+    batch_size: 128
+    seed: 2019
+    validation: {holdout: 0.2}     # or {kfold: 5}
+    clip: [0.005, 0.995]           # predictions are clipped to [lo, hi] before scoring
+    target: 0.06127                # the log loss to beat (Kaggle top 10%)
+    output: ../runs/seed           # default: runs/<name> relative to the current directory
+    tuning: {budget: 10, params: [dropout, learning_rate]}   # optional; params default: all of
+                                   # dropout, learning_rate, l2 (l2 only for heads that have it)
+    tta: false                     # average original + horizontally-flipped features' predictions
+    exclude: [train/cat.12.jpg]    # optional; or a path to a text file with one relative path per
+                                   # line (`exclude: audit/exclude.txt`; blank lines and # comments
+                                   # are ignored)
+    cache_dir: null                # optional feature-cache dir
+
+Details:
+
+* **Combinations** are tuples of backbone names in the order the backbones are listed. ``all`` and
+  ``{min, max}`` enumerate by subset size ascending, then in listed order
+  (:func:`itertools.combinations`); the default is ``all``. An explicit list keeps its own order;
+  an item may be a single name (a one-backbone combination). Every name must be a listed
+  backbone; duplicates inside a combination and duplicate combinations are errors.
+* **Names** of backbones, heads and optimizers are checked against the plugin registry
+  (``catsdogs plugins`` lists them); per-backbone weights against the backbone's weights options,
+  ``image_size`` against its minimum input size; head ``params`` against the head class's
+  constructor parameters.
+* **Numbers**: booleans are never accepted as numbers. YAML 1.1 reads ``1e-3`` (no dot) as a
+  string; such scientific-notation strings are accepted wherever a float is expected.
+* **Paths** in the file (``data``, ``output``, ``cache_dir``, an ``exclude`` file) are relative to
+  the YAML file's folder; the ``data``/``output``/``cache_dir`` overrides of
+  :func:`load_experiment` (the command line) win over the file and are relative to the current
+  directory. All paths of a loaded experiment are absolute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import math
+import numbers
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from .errors import ConfigError, PluginError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .plugins import Registry
+
+__all__ = [
+    "BackboneSpec",
+    "HeadSpec",
+    "OptimizerSpec",
+    "Validation",
+    "Tuning",
+    "Experiment",
+    "ExperimentError",
+    "load_experiment",
+    "parse_experiment",
+    "TOP_LEVEL_FIELDS",
+    "REQUIRED_FIELDS",
+    "TUNABLE_PARAMS",
+]
+
+#: every field the top level of an experiment file may have
+TOP_LEVEL_FIELDS: tuple[str, ...] = (
+    "name", "data", "weights", "precision", "resize", "image_size", "backbones", "combinations",
+    "heads", "optimizers", "epochs", "batch_size", "seed", "validation", "clip", "target",
+    "output", "tuning", "tta", "exclude", "cache_dir",
+)
+#: fields a file must have (``data`` may come from the override instead)
+REQUIRED_FIELDS: tuple[str, ...] = ("data", "backbones", "heads", "optimizers")
+#: hyper-parameters the tuner can search
+TUNABLE_PARAMS: tuple[str, ...] = ("dropout", "learning_rate", "l2")
+
+BACKBONE_FIELDS = ("name", "weights", "image_size", "precision", "resize")
+HEAD_FIELDS = ("name", "params")
+OPTIMIZER_FIELDS = ("name", "learning_rate")
+VALIDATION_KINDS = ("holdout", "kfold")
+TUNING_FIELDS = ("budget", "params")
+COMBINATION_BOUNDS = ("min", "max")
+
+DEFAULT_WEIGHTS = "imagenet"
+DEFAULT_PRECISION = "float32"
+DEFAULT_RESIZE = "squash"
+
+
+class ExperimentError(ConfigError):
+    """An experiment file (or override) is invalid. ``str(exc)`` is the full message.
+
+    Attributes: ``source`` (file name as given), ``line`` (1-based, or None), ``field`` (field path
+    such as ``heads[1].params``, or None).
+    """
+
+    def __init__(self, message: str, *, source: str | None = None, line: int | None = None,
+                 field: str | None = None):
+        super().__init__(message)
+        self.source = source
+        self.line = line
+        self.field = field
+
+
+# -- the specification objects ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One backbone configuration: which cached features to use (``image_size`` None = default)."""
+
+    name: str
+    weights: str = DEFAULT_WEIGHTS
+    image_size: int | None = None
+    precision: str = DEFAULT_PRECISION
+    resize: str = DEFAULT_RESIZE
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "weights": self.weights, "image_size": self.image_size,
+                "precision": self.precision, "resize": self.resize}
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A head plugin name and the hyper-parameters passed to its class."""
+
+    name: str
+    params: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "params": dict(self.params)}
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """An optimizer plugin name and its learning rate (None = the optimizer's default)."""
+
+    name: str
+    learning_rate: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "learning_rate": self.learning_rate}
+
+
+@dataclass(frozen=True)
+class Validation:
+    """How runs are validated: ``holdout`` (fraction ``holdout``) or ``kfold`` (``folds`` folds)."""
+
+    kind: str = "holdout"
+    holdout: float = 0.2
+    folds: int = 5
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "holdout": self.holdout, "folds": self.folds}
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Hyper-parameter search: ``budget`` trials over ``params`` (a subset of TUNABLE_PARAMS)."""
+
+    budget: int
+    params: tuple[str, ...] = TUNABLE_PARAMS
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"budget": self.budget, "params": list(self.params)}
+
+
+@dataclass
+class Experiment:
+    """A validated experiment grid. Build it with :func:`load_experiment` or :func:`parse_experiment`."""
+
+    name: str
+    source: Path | None
+    data: Path
+    backbones: list[BackboneSpec]
+    combinations: list[tuple[str, ...]]
+    heads: list[HeadSpec]
+    optimizers: list[OptimizerSpec]
+    epochs: int = 8
+    batch_size: int = 128
+    seed: int = 2019
+    validation: Validation = field(default_factory=Validation)
+    clip: tuple[float, float] = (0.005, 0.995)
+    target: float = 0.06127
+    output: Path | None = None  # None: runs/<name>
+    tuning: Tuning | None = None
+    tta: bool = False
+    exclude: list[str] = field(default_factory=list)
+    cache_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.source = None if self.source is None else Path(self.source)
+        self.data = Path(self.data)
+        self.output = Path("runs") / self.name if self.output is None else Path(self.output)
+        self.cache_dir = None if self.cache_dir is None else Path(self.cache_dir)
+        self.backbones = list(self.backbones)
+        self.combinations = [tuple(c) for c in self.combinations]
+        self.heads = list(self.heads)
+        self.optimizers = list(self.optimizers)
+        self.clip = (float(self.clip[0]), float(self.clip[1]))
+        self.exclude = list(self.exclude)
+
+    @property
+    def backbone_names(self) -> list[str]:
+        return [b.name for b in self.backbones]
+
+    def backbone(self, name: str) -> BackboneSpec:
+        """The :class:`BackboneSpec` called ``name`` (KeyError if it is not listed)."""
+        for spec in self.backbones:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable description (paths as strings), for run records."""
+        return {
+            "name": self.name,
+            "source": None if self.source is None else str(self.source),
+            "data": str(self.data),
+            "backbones": [b.to_dict() for b in self.backbones],
+            "combinations": [list(c) for c in self.combinations],
+            "heads": [h.to_dict() for h in self.heads],
+            "optimizers": [o.to_dict() for o in self.optimizers],
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "validation": self.validation.to_dict(),
+            "clip": list(self.clip),
+            "target": self.target,
+            "output": str(self.output),
+            "tuning": None if self.tuning is None else self.tuning.to_dict(),
+            "tta": self.tta,
+            "exclude": list(self.exclude),
+            "cache_dir": None if self.cache_dir is None else str(self.cache_dir),
+        }
+
+
+# -- public entry points --------------------------------------------------------------------------
+def load_experiment(path: str | os.PathLike, *, data: str | os.PathLike | None = None,
+                    output: str | os.PathLike | None = None,
+                    cache_dir: str | os.PathLike | None = None,
+                    weights: str | None = None,
+                    registry: Registry | None = None) -> Experiment:
+    """Read and validate the experiment file ``path``.
+
+    ``data``, ``output`` and ``cache_dir`` (the command line's overrides, relative to the current
+    directory) win over the file's values; ``weights`` (e.g. ``"none"`` offline) replaces the
+    weights of every backbone. ``registry`` defaults to :func:`catsdogs.get_registry`.
+    """
+    source = str(path)
+    p = Path(os.path.expanduser(source))
+    if not p.exists():
+        raise ExperimentError(f"{source}: experiment file not found", source=source)
+    if not p.is_file():
+        raise ExperimentError(f"{source}: not a file (expected an experiment .yaml file)",
+                              source=source)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ExperimentError(f"{source}: not a UTF-8 text file ({exc.reason})", source=source) from None
+    except OSError as exc:
+        raise ExperimentError(f"{source}: cannot read the file: {exc.strerror or exc}",
+                              source=source) from None
+    return _Parser(text, source, base_dir=_absolute(p).parent, stem=p.stem,
+                   source_path=_absolute(p), registry=registry).parse(
+        data=data, output=output, cache_dir=cache_dir, weights=weights)
+
+
+def parse_experiment(text: str, source: str = "<string>", *, base_dir: Path | None = None,
+                     data: str | os.PathLike | None = None,
+                     output: str | os.PathLike | None = None,
+                     cache_dir: str | os.PathLike | None = None,
+                     registry: Registry | None = None) -> Experiment:
+    """Validate experiment YAML ``text``; ``source`` names it in messages.
+
+    Relative paths in the text are resolved against ``base_dir`` (default: the current directory).
+    The default name is the stem of ``source`` (``experiment`` for ``<string>``-like sources).
+    """
+    pseudo = source.startswith("<")
+    stem = "experiment" if pseudo else Path(source).stem
+    base = _absolute(Path(base_dir)) if base_dir is not None else _absolute(Path.cwd())
+    source_path = None if pseudo else _absolute(Path(source))
+    return _Parser(text, source, base_dir=base, stem=stem, source_path=source_path,
+                   registry=registry).parse(data=data, output=output, cache_dir=cache_dir)
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+_SCI_FLOAT = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+$")
+_PARENT = re.compile(r"(\.[^.\[\]]+|\[\d+\])$")
+_MISSING = object()
+
+
+def _absolute(path: Path) -> Path:
+    return Path(os.path.abspath(os.path.expanduser(str(path))))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _as_float(value: Any) -> float | None:
+    """``value`` as a finite float, or None. Accepts YAML-1.1 strings such as ``1e-3``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and _SCI_FLOAT.match(value.strip()):
+        value = float(value)
+    if isinstance(value, numbers.Real) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"{value!r}"
+
+
+def _suggest(word: str, choices: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _json_compatible(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, str)):
+        return True
+    if isinstance(value, numbers.Real):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(_json_compatible(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _json_compatible(v) for k, v in value.items())
+    return False
+
+
+def _index_lines(node: yaml.Node, path: str, lines: dict[str, int],
+                 duplicates: list[tuple[str, int, int]], active: set[int]) -> None:
+    """Record the 1-based line of every field path below ``node``; collect duplicate keys."""
+    if id(node) in active:  # recursive alias
+        return
+    active.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = key_node.value
+            child = f"{path}.{key}" if path else key
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                duplicates.append((child, line, seen[key]))
+            else:
+                seen[key] = line
+                lines[child] = line
+            _index_lines(value_node, child, lines, duplicates, active)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            child = f"{path}[{i}]"
+            lines[child] = item.start_mark.line + 1
+            _index_lines(item, child, lines, duplicates, active)
+    active.discard(id(node))
+
+
+class _Parser:
+    """Validates one document; ``self.lines`` maps field paths to line numbers."""
+
+    def __init__(self, text: str, source: str, *, base_dir: Path, stem: str,
+                 source_path: Path | None, registry: Registry | None):
+        self.text = text
+        self.source = source
+        self.base_dir = base_dir
+        self.stem = stem
+        self.source_path = source_path
+        self._registry = registry
+        self.lines: dict[str, int] = {}
+
+    # -- errors ------------------------------------------------------------------------------------
+    def line(self, path: str) -> int | None:
+        """The line of ``path``, else of its nearest ancestor given in the file; None if none is."""
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            parent = _PARENT.sub("", path)
+            if parent == path:
+                return None
+            path = parent
+        return None
+
+    def error(self, path: str, message: str, line: int | None = None) -> ExperimentError:
+        if line is None and path:
+            line = self.line(path)
+        where = f"{self.source}:{line}" if line is not None else self.source
+        what = f"{path}: {message}" if path else message
+        return ExperimentError(f"{where}: {what}", source=self.source, line=line, field=path or None)
+
+    # -- registry ---------------------------------------------------------------------------------
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            from .plugins import get_registry
+
+            self._registry = get_registry()
+        return self._registry
+
+    def component(self, kind: str, name: str, path: str) -> Any:
+        singular = kind[:-1]
+        names = self.registry.names(kind)
+        if name not in names:
+            try:  # a name claimed by two plugins: the registry's own message says which
+                self.registry.get(kind, name)
+            except PluginError as exc:
+                if name in self.registry.conflicts.get(kind, {}):
+                    raise self.error(path, str(exc)) from None
+            available = ", ".join(names) or "(none installed)"
+            raise self.error(
+                path,
+                f"unknown {singular} {name!r}{_suggest(name, names)}; available: {available} "
+                "(`catsdogs plugins` lists what is installed)",
+            )
+        return self.registry.get(kind, name)
+
+    # -- scalar checks ----------------------------------------------------------------------------
+    def string(self, value: Any, path: str, what: str = "a non-empty string") -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(path, f"must be {what}, got {_type_name(value)}")
+        return value.strip()
+
+    def integer(self, value: Any, path: str, minimum: int) -> int:
+        if not _is_int(value) or value < minimum:
+            raise self.error(path, f"must be an integer >= {minimum}, got {_type_name(value)}")
+        return int(value)
+
+    def number(self, value: Any, path: str, what: str) -> float:
+        """A finite float (not a bool); ``what`` describes the allowed range in the message."""
+        result = _as_float(value)
+        if result is None:
+            raise self.error(path, f"must be {what}, got {_type_name(value)}")
+        return result
+
+    def choice(self, value: Any, path: str, choices: tuple[str, ...], what: str) -> str:
+        if not isinstance(value, str) or value not in choices:
+            hint = _suggest(value, choices) if isinstance(value, str) else ""
+            raise self.error(path, f"unknown {what} {value!r}{hint}; choose one of: {', '.join(choices)}")
+        return value
+
+    def mapping(self, value: Any, path: str, fields: tuple[str, ...], what: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.error(path, f"must be {what}, got {_type_name(value)}")
+        for key in value:
+            if not isinstance(key, str):
+                raise self.error(path, f"field names must be strings, got {key!r}")
+            if key not in fields:
+                raise self.error(
+                    f"{path}.{key}",
+                    f"unknown field{_suggest(key, fields)}; allowed: {', '.join(fields)}",
+                )
+        return value
+
+    def path(self, value: Any, path: str, base: Path) -> Path:
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        text = self.string(value, path, "a path (string)")
+        p = Path(os.path.expanduser(text))
+        return _absolute(p if p.is_absolute() else base / p)
+
+    # -- the document -----------------------------------------------------------------------------
+    def compose(self) -> Any:
+        loader = yaml.SafeLoader(self.text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            duplicates: list[tuple[str, int, int]] = []
+            self.lines[""] = node.start_mark.line + 1
+            _index_lines(node, "", self.lines, duplicates, set())
+            if duplicates:
+                field_path, line, first = duplicates[0]
+                raise ExperimentError(
+                    f"{self.source}:{line}: {field_path}: duplicate field (first given on line {first})",
+                    source=self.source, line=line, field=field_path,
+                )
+            return loader.construct_document(node)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+            line = None if mark is None else mark.line + 1
+            problem = getattr(exc, "problem", None) or str(exc)
+            context = getattr(exc, "context", None)
+            detail = f"{context}: {problem}" if context else problem
+            where = f"{self.source}:{line}" if line is not None else self.source
+            raise ExperimentError(f"{where}: invalid YAML: {detail}", source=self.source,
+                                  line=line) from None
+        finally:
+            loader.dispose()
+
+    def parse(self, *, data=None, output=None, cache_dir=None, weights=None) -> Experiment:
+        doc = self.compose()
+        if doc is None:
+            raise self.error("", "the file is empty; an experiment needs at least: "
+                                 + ", ".join(REQUIRED_FIELDS))
+        if not isinstance(doc, dict):
+            raise self.error("", f"the top level must be a mapping of fields "
+                                 f"({', '.join(REQUIRED_FIELDS)}, ...), got {_type_name(doc)}",
+                             line=self.lines.get(""))
+        for key in doc:
+            if not isinstance(key, str):
+                raise self.error("", f"field names must be strings, got {key!r}",
+                                 line=self.lines.get(str(key)))
+            if key not in TOP_LEVEL_FIELDS:
+                raise self.error(key, f"unknown field{_suggest(key, TOP_LEVEL_FIELDS)}; "
+                                      f"valid fields: {', '.join(TOP_LEVEL_FIELDS)}")
+        missing = [f for f in REQUIRED_FIELDS
+                   if doc.get(f) is None and not (f == "data" and data is not None)]
+        if missing:
+            hint = " (or pass the data directory on the command line)" if "data" in missing else ""
+            raise self.error("", f"missing required field{'s' if len(missing) > 1 else ''}: "
+                                 f"{', '.join(missing)}{hint}")
+
+        name = self.parse_name(doc.get("name"))
+        cwd = _absolute(Path.cwd())
+        data_path = (self.path(data, "data (override)", cwd) if data is not None
+                     else self.path(doc["data"], "data", self.base_dir))
+        if output is not None:
+            output_path = self.path(output, "output (override)", cwd)
+        elif doc.get("output") is not None:
+            output_path = self.path(doc["output"], "output", self.base_dir)
+        else:
+            output_path = _absolute(cwd / "runs" / name)
+        if cache_dir is not None:
+            cache_path = self.path(cache_dir, "cache_dir (override)", cwd)
+        elif doc.get("cache_dir") is not None:
+            cache_path = self.path(doc["cache_dir"], "cache_dir", self.base_dir)
+        else:
+            cache_path = None
+
+        backbones = self.parse_backbones(doc)
+        if weights is not None:  # the command line's --weights replaces every backbone's weights
+            for spec in backbones:
+                try:
+                    self.registry.backbone(spec.name).check_weights(weights)
+                except ConfigError as exc:
+                    raise ExperimentError(f"--weights: {exc}", source=self.source) from None
+            backbones = [dataclasses.replace(spec, weights=weights) for spec in backbones]
+        names = [b.name for b in backbones]
+        combinations = self.parse_combinations(doc.get("combinations", "all"), names)
+        heads = self.parse_heads(doc["heads"])
+        optimizers = self.parse_optimizers(doc["optimizers"])
+
+        def opt(key: str, default: Any) -> Any:
+            value = doc.get(key, _MISSING)
+            return default if value is _MISSING else value
+
+        epochs = self.integer(opt("epochs", 8), "epochs", 1)
+        batch_size = self.integer(opt("batch_size", 128), "batch_size", 1)
+        seed = self.integer(opt("seed", 2019), "seed", 0)
+        validation = self.parse_validation(doc.get("validation"))
+        clip = self.parse_clip(opt("clip", [0.005, 0.995]))
+        target = self.number(opt("target", 0.06127), "target", "a number > 0")
+        if target <= 0:
+            raise self.error("target", f"must be a number > 0, got {doc['target']!r}")
+        tuning = self.parse_tuning(doc.get("tuning"))
+        tta = opt("tta", False)
+        if not isinstance(tta, bool):
+            raise self.error("tta", f"must be true or false, got {_type_name(tta)}")
+        exclude = self.parse_exclude(doc.get("exclude"))
+
+        return Experiment(
+            name=name, source=self.source_path, data=data_path, backbones=backbones,
+            combinations=combinations, heads=heads, optimizers=optimizers, epochs=epochs,
+            batch_size=batch_size, seed=seed, validation=validation, clip=clip, target=target,
+            output=output_path, tuning=tuning, tta=tta, exclude=exclude, cache_dir=cache_path,
+        )
+
+    # -- fields -----------------------------------------------------------------------------------
+    def parse_name(self, value: Any) -> str:
+        if value is None:
+            return self.stem
+        if _is_int(value):
+            value = str(value)
+        name = self.string(value, "name")
+        if "/" in name or "\\" in name or name in {".", ".."}:
+            raise self.error("name", f"must be usable as a folder name (no '/' or '\\'), got {name!r}")
+        return name
+
+    def parse_backbones(self, doc: dict[str, Any]) -> list[BackboneSpec]:
+        from .features import PRECISIONS
+        from .images import RESIZE_POLICIES
+
+        raw = doc["backbones"]
+        if not isinstance(raw, list) or not raw:
+            raise self.error("backbones", "must be a non-empty list of backbone names or mappings "
+                                          f"({{name: ..., weights: ...}}), got {_type_name(raw)}")
+        # top-level defaults: (value, path to blame)
+        defaults: dict[str, tuple[Any, str]] = {
+            "weights": (DEFAULT_WEIGHTS, "backbones"),
+            "image_size": (None, "backbones"),
+            "precision": (DEFAULT_PRECISION, "backbones"),
+            "resize": (DEFAULT_RESIZE, "backbones"),
+        }
+        for key in defaults:
+            if doc.get(key) is not None:
+                defaults[key] = (doc[key], key)
+        if doc.get("weights") is not None:
+            self.string(doc["weights"], "weights", "a weights name such as 'imagenet' or 'none'")
+        if doc.get("precision") is not None:
+            self.choice(doc["precision"], "precision", PRECISIONS, "precision")
+        if doc.get("resize") is not None:
+            self.choice(doc["resize"], "resize", RESIZE_POLICIES, "resize policy")
+
+        specs: list[BackboneSpec] = []
+        first: dict[str, int] = {}
+        for i, item in enumerate(raw):
+            p = f"backbones[{i}]"
+            if isinstance(item, dict):
+                self.mapping(item, p, BACKBONE_FIELDS, "a backbone name or mapping")
+                if item.get("name") is None:
+                    raise self.error(p, f"missing field 'name' (allowed: {', '.join(BACKBONE_FIELDS)})")
+                name = self.string(item["name"], f"{p}.name", "a backbone name")
+                name_path = f"{p}.name"
+            else:
+                name = self.string(item, p, "a backbone name or a mapping with 'name'")
+                name_path, item = p, {}
+            backbone = self.component("backbones", name, name_path)
+            if name in first:
+                raise self.error(p, f"backbone {name!r} is listed twice (also backbones[{first[name]}]); "
+                                    "list each backbone once")
+            first[name] = i
+
+            def option(key: str, item: dict[str, Any] = item, p: str = p) -> tuple[Any, str]:
+                if item.get(key) is not None:
+                    return item[key], f"{p}.{key}"
+                return defaults[key]
+
+            weights, wpath = option("weights")
+            weights = self.string(weights, wpath, "a weights name such as 'imagenet' or 'none'")
+            try:
+                backbone.check_weights(weights)
+            except ConfigError as exc:
+                raise self.error(wpath, str(exc)) from None
+            size, spath = option("image_size")
+            if size is not None:
+                if not _is_int(size):
+                    raise self.error(spath, f"must be an integer (pixels), got {_type_name(size)}")
+                try:
+                    backbone.check_image_size(size)
+                except ConfigError as exc:
+                    raise self.error(spath, str(exc)) from None
+                size = int(size)
+            precision, ppath = option("precision")
+            precision = self.choice(precision, ppath, PRECISIONS, "precision")
+            resize, rpath = option("resize")
+            resize = self.choice(resize, rpath, RESIZE_POLICIES, "resize policy")
+            specs.append(BackboneSpec(name=name, weights=weights, image_size=size,
+                                      precision=precision, resize=resize))
+        return specs
+
+    def parse_combinations(self, raw: Any, names: list[str]) -> list[tuple[str, ...]]:
+        n = len(names)
+        allowed = ("'all', {min: K, max: M} (subset sizes) or a list of lists of backbone names")
+        if raw is None or raw == "all":
+            lo, hi = 1, n
+        elif isinstance(raw, dict):
+            self.mapping(raw, "combinations", COMBINATION_BOUNDS, allowed)
+            lo = raw.get("min", 1)
+            hi = raw.get("max", n)
+            for key, value in (("min", lo), ("max", hi)):
+                if not _is_int(value):
+                    raise self.error(f"combinations.{key}", f"must be an integer, got {_type_name(value)}")
+            if not 1 <= lo <= hi <= n:
+                key = ".min" if lo < 1 else ".max" if hi > n else ""
+                raise self.error(f"combinations{key}",
+                                 f"subset sizes must satisfy 1 <= min <= max <= {n} (the number of "
+                                 f"backbones), got min={lo}, max={hi}")
+        elif isinstance(raw, list):
+            if not raw:
+                raise self.error("combinations", f"must not be empty; use {allowed}")
+            result: list[tuple[str, ...]] = []
+            seen: dict[tuple[str, ...], int] = {}
+            order = {name: k for k, name in enumerate(names)}
+            for i, combo in enumerate(raw):
+                p = f"combinations[{i}]"
+                members = [combo] if isinstance(combo, str) else combo
+                if not isinstance(members, list) or not members:
+                    raise self.error(p, "must be a non-empty list of backbone names, "
+                                        f"got {_type_name(combo)}")
+                for j, member in enumerate(members):
+                    mpath = p if isinstance(combo, str) else f"{p}[{j}]"
+                    if not isinstance(member, str) or member not in order:
+                        shown = repr(member) if isinstance(member, str) else _type_name(member)
+                        hint = _suggest(member, names) if isinstance(member, str) else ""
+                        if isinstance(member, str) and member in self.registry.names("backbones"):
+                            hint += " (add it to backbones to use it in a combination)"
+                        raise self.error(mpath, f"{shown} is not one of the listed backbones: "
+                                                f"{', '.join(names)}{hint}")
+                if len(set(members)) != len(members):
+                    dup = next(m for m in members if members.count(m) > 1)
+                    raise self.error(p, f"backbone {dup!r} appears twice in one combination")
+                key = tuple(sorted(members, key=order.__getitem__))
+                if key in seen:
+                    raise self.error(p, f"duplicate combination {list(key)} "
+                                        f"(same as combinations[{seen[key]}])")
+                seen[key] = i
+                result.append(key)
+            return result
+        else:
+            raise self.error("combinations", f"must be {allowed}, got {_type_name(raw)}")
+        return [c for size in range(lo, hi + 1) for c in itertools.combinations(names, size)]
+
+    def parse_heads(self, raw: Any) -> list[HeadSpec]:
+        if not isinstance(raw, list) or not raw:
+            raise self.error("heads", "must be a non-empty list of head names or mappings "
+                                      f"({{name: ..., params: {{...}}}}), got {_type_name(raw)}")
+        specs: list[HeadSpec] = []
+        for i, item in enumerate(raw):
+            p = f"heads[{i}]"
+            if isinstance(item, dict):
+                self.mapping(item, p, HEAD_FIELDS, "a head name or mapping")
+                if item.get("name") is None:
+                    raise self.error(p, f"missing field 'name' (allowed: {', '.join(HEAD_FIELDS)})")
+                name = self.string(item["name"], f"{p}.name", "a head name")
+                head_cls = self.component("heads", name, f"{p}.name")
+                params = self.parse_head_params(item.get("params"), f"{p}.params", name, head_cls)
+            else:
+                name = self.string(item, p, "a head name or a mapping with 'name'")
+                head_cls = self.component("heads", name, p)
+                params = {}
+            spec = HeadSpec(name=name, params=params)
+            if spec in specs:
+                raise self.error(p, f"duplicate head {name!r} with the same params "
+                                    f"(same as heads[{specs.index(spec)}])")
+            specs.append(spec)
+        return specs
+
+    def parse_head_params(self, raw: Any, path: str, name: str, head_cls: Any) -> dict[str, Any]:
+        if raw is None:
+            return {}
+        valid = tuple(head_cls._param_names())
+        if not isinstance(raw, dict):
+            raise self.error(path, f"must be a mapping of hyper-parameters "
+                                   f"({', '.join(valid) or 'none'}), got {_type_name(raw)}")
+        params: dict[str, Any] = {}
+        for key, value in raw.items():
+            if not isinstance(key, str) or key not in valid:
+                hint = _suggest(key, valid) if isinstance(key, str) else ""
+                raise self.error(f"{path}.{key}", f"head {name!r} has no parameter {key!r}{hint}; "
+                                                  f"valid: {', '.join(valid) or '(none)'}")
+            if isinstance(value, str) and _SCI_FLOAT.match(value.strip()):
+                value = float(value)
+            if not _json_compatible(value):
+                raise self.error(f"{path}.{key}", "must be a number, string, boolean, null, list "
+                                                  f"or mapping, got {value!r}")
+            params[key] = value
+        try:
+            head = head_cls(**params)
+            check = getattr(head, "_validate_params", None)
+            if callable(check):
+                check()
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise self.error(path, f"invalid params for head {name!r}: {exc}") from None
+        return params
+
+    def parse_optimizers(self, raw: Any) -> list[OptimizerSpec]:
+        if not isinstance(raw, list) or not raw:
+            raise self.error("optimizers", "must be a non-empty list of optimizer names or mappings "
+                                           f"({{name: ..., learning_rate: ...}}), got {_type_name(raw)}")
+        specs: list[OptimizerSpec] = []
+        for i, item in enumerate(raw):
+            p = f"optimizers[{i}]"
+            lr: float | None = None
+            if isinstance(item, dict):
+                self.mapping(item, p, OPTIMIZER_FIELDS, "an optimizer name or mapping")
+                if item.get("name") is None:
+                    raise self.error(p, f"missing field 'name' (allowed: {', '.join(OPTIMIZER_FIELDS)})")
+                name = self.string(item["name"], f"{p}.name", "an optimizer name")
+                self.component("optimizers", name, f"{p}.name")
+                if item.get("learning_rate") is not None:
+                    lr = self.number(item["learning_rate"], f"{p}.learning_rate", "a number > 0")
+                    if lr <= 0:
+                        raise self.error(f"{p}.learning_rate",
+                                         f"must be a number > 0, got {item['learning_rate']!r}")
+            else:
+                name = self.string(item, p, "an optimizer name or a mapping with 'name'")
+                self.component("optimizers", name, p)
+            spec = OptimizerSpec(name=name, learning_rate=lr)
+            if spec in specs:
+                raise self.error(p, f"duplicate optimizer {name!r} with the same learning rate "
+                                    f"(same as optimizers[{specs.index(spec)}])")
+            specs.append(spec)
+        return specs
+
+    def parse_validation(self, raw: Any) -> Validation:
+        allowed = "{holdout: FRACTION} or {kfold: FOLDS}"
+        if raw is None:
+            return Validation()
+        if isinstance(raw, str):
+            self.choice(raw, "validation", VALIDATION_KINDS, "validation kind")
+            return Validation(kind=raw)
+        self.mapping(raw, "validation", VALIDATION_KINDS, allowed)
+        if len(raw) != 1:
+            raise self.error("validation", f"give exactly one of holdout, kfold ({allowed}), "
+                                           f"got {len(raw)} fields")
+        if "holdout" in raw:
+            what = "a number in (0, 1)"
+            frac = self.number(raw["holdout"], "validation.holdout", what)
+            if not 0 < frac < 1:
+                raise self.error("validation.holdout", f"must be {what}, got {raw['holdout']!r}")
+            return Validation(kind="holdout", holdout=frac)
+        folds = self.integer(raw["kfold"], "validation.kfold", 2)
+        return Validation(kind="kfold", folds=folds)
+
+    def parse_clip(self, raw: Any) -> tuple[float, float]:
+        what = "a list [lo, hi] of two numbers with 0 <= lo < hi <= 1"
+        if not isinstance(raw, list) or len(raw) != 2:
+            raise self.error("clip", f"must be {what}, got {_type_name(raw)}")
+        lo = self.number(raw[0], "clip[0]", what)
+        hi = self.number(raw[1], "clip[1]", what)
+        if not 0 <= lo < hi <= 1:
+            raise self.error("clip", f"must be {what}, got {raw!r}")
+        return (lo, hi)
+
+    def parse_tuning(self, raw: Any) -> Tuning | None:
+        if raw is None:
+            return None
+        if _is_int(raw):
+            raw = {"budget": raw}
+        self.mapping(raw, "tuning", TUNING_FIELDS, "a mapping {budget: TRIALS, params: [...]}")
+        if raw.get("budget") is None:
+            raise self.error("tuning", "missing field 'budget' (the number of trials, >= 1)")
+        budget = self.integer(raw["budget"], "tuning.budget", 1)
+        params = raw.get("params")
+        if params is None:
+            return Tuning(budget=budget)
+        if isinstance(params, str):
+            params = [params]
+        allowed = ", ".join(TUNABLE_PARAMS)
+        if not isinstance(params, list) or not params:
+            raise self.error("tuning.params", f"must be a non-empty list of: {allowed}; "
+                                              f"got {_type_name(params)}")
+        for j, param in enumerate(params):
+            p = f"tuning.params[{j}]"
+            self.choice(param, p, TUNABLE_PARAMS, "tunable parameter")
+            if param in params[:j]:
+                raise self.error(p, f"{param!r} is listed twice")
+        return Tuning(budget=budget, params=tuple(params))
+
+    def parse_exclude(self, raw: Any) -> list[str]:
+        if raw is None:
+            return []
+        entries: list[tuple[str, str]] = []  # (relative path, where it came from)
+        if isinstance(raw, str):
+            list_path = self.path(raw, "exclude", self.base_dir)
+            if not list_path.is_file():
+                raise self.error("exclude", f"exclude list {str(list_path)!r} not found (a text file "
+                                            "with one relative image path per line, or give a "
+                                            "list of paths)")
+            try:
+                text = list_path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise self.error("exclude", f"cannot read exclude list {str(list_path)!r}: {exc}") from None
+            for k, line in enumerate(text.splitlines(), 1):
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    entries.append((line, f"{list_path}:{k}"))
+        elif isinstance(raw, list):
+            for j, item in enumerate(raw):
+                if not isinstance(item, str) or not item.strip():
+                    raise self.error(f"exclude[{j}]", "must be a relative file path (string), "
+                                                      f"got {_type_name(item)}")
+                entries.append((item.strip(), f"exclude[{j}]"))
+        else:
+            raise self.error("exclude", "must be a list of relative file paths or the path of a text "
+                                        f"file listing them, got {_type_name(raw)}")
+        result: list[str] = []
+        for entry, where in entries:
+            rel = entry.replace("\\", "/")
+            while rel.startswith("./"):
+                rel = rel[2:]
+            if rel.startswith("/") or re.match(r"^[A-Za-z]:/", rel):
+                message = (f"{entry!r} must be relative to the data directory "
+                           "(e.g. train/cat.12.jpg)")
+                if where.startswith("exclude["):
+                    raise self.error(where, message)
+                raise self.error("exclude", f"{where}: {message}")
+            if rel not in result:
+                result.append(rel)
+        return result

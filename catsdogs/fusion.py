@@ -1,0 +1,114 @@
+"""Fusion: aligning cached feature files row by row and concatenating backbone combinations.
+
+All backbones of an experiment are aligned once, on the rows present in every feature file (an
+image unreadable for one is dropped for all), so every combination is trained and validated on
+exactly the same images and the leaderboard compares like with like.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import DataError
+from .features import FeatureSet, FeatureSplit
+
+logger = logging.getLogger("catsdogs")
+
+
+@dataclass
+class AlignedSplit:
+    files: list[str]
+    ids: np.ndarray
+    y: np.ndarray
+    X: dict[str, np.ndarray]  # backbone -> (n, d)
+    X_flip: dict[str, np.ndarray | None]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+@dataclass
+class Aligned:
+    """Feature files of several backbones on common rows, in the first backbone's row order."""
+
+    backbones: tuple[str, ...]
+    train: AlignedSplit
+    test: AlignedSplit
+
+    def has_flip(self, combination: Sequence[str]) -> bool:
+        return all(self.train.X_flip[b] is not None for b in combination)
+
+
+@dataclass
+class Fused:
+    """One combination's features: ``X`` is the column concatenation in combination order."""
+
+    combination: tuple[str, ...]
+    blocks: list[tuple[str, int]]
+    X: np.ndarray
+    X_flip: np.ndarray | None
+    y: np.ndarray
+    ids: np.ndarray
+    files: list[str]
+
+
+def _align_split(name: str, splits: Mapping[str, FeatureSplit], exclude: set[str]) -> AlignedSplit:
+    backbones = list(splits)
+    first = splits[backbones[0]]
+    common = set(first.files)
+    for b in backbones[1:]:
+        common &= set(splits[b].files)
+    dropped = {b: len(s.files) - len(common) for b, s in splits.items() if len(s.files) != len(common)}
+    if dropped:
+        logger.warning("%s rows not present for every backbone were dropped: %s", name,
+                       ", ".join(f"{b}: {n}" for b, n in dropped.items()))
+    files = [f for f in first.files if f in common and f not in exclude]
+    out_X, out_flip = {}, {}
+    for b, split in splits.items():
+        index = {f: i for i, f in enumerate(split.files)}
+        rows = np.fromiter((index[f] for f in files), dtype=np.int64, count=len(files))
+        out_X[b] = split.X[rows]
+        out_flip[b] = split.X_flip[rows] if split.X_flip is not None else None
+        if b != backbones[0]:
+            ref = {f: i for i, f in enumerate(first.files)}
+            ref_rows = np.fromiter((ref[f] for f in files), dtype=np.int64, count=len(files))
+            if not np.array_equal(split.y[rows], first.y[ref_rows]):
+                raise DataError(f"labels of the {name} rows differ between feature files of "
+                                f"{backbones[0]!r} and {b!r}; were they extracted from different data?")
+    ref = {f: i for i, f in enumerate(first.files)}
+    rows = np.fromiter((ref[f] for f in files), dtype=np.int64, count=len(files))
+    return AlignedSplit(files=files, ids=first.ids[rows], y=first.y[rows], X=out_X, X_flip=out_flip)
+
+
+def align(feature_sets: Mapping[str, FeatureSet], exclude: Iterable[str] = ()) -> Aligned:
+    """Align feature sets (backbone name -> :class:`FeatureSet`) on their common rows.
+
+    ``exclude`` lists relative file paths (e.g. ``train/cat.12.jpg``) left out of training.
+    """
+    if not feature_sets:
+        raise DataError("no feature sets to align")
+    excluded = set(exclude)
+    train = _align_split("train", {b: fs.train for b, fs in feature_sets.items()}, excluded)
+    test = _align_split("test", {b: fs.test for b, fs in feature_sets.items()}, set())
+    if len(train) == 0:
+        raise DataError("no training rows are left after aligning the backbones and exclusions")
+    if len(set(train.y.tolist())) < 2:
+        raise DataError("the training rows hold only one class; both cats and dogs are needed")
+    return Aligned(tuple(feature_sets), train, test)
+
+
+def fuse(split: AlignedSplit, combination: Sequence[str], *, flip: bool = False) -> Fused:
+    """Concatenate the features of ``combination`` (in its order) for one aligned split."""
+    blocks = [(b, split.X[b].shape[1]) for b in combination]
+    X = np.concatenate([split.X[b] for b in combination], axis=1) if len(combination) > 1 \
+        else split.X[combination[0]]
+    X_flip = None
+    if flip and all(split.X_flip[b] is not None for b in combination):
+        X_flip = np.concatenate([split.X_flip[b] for b in combination], axis=1)
+    return Fused(tuple(combination), blocks, np.ascontiguousarray(X, np.float32),
+                 None if X_flip is None else np.ascontiguousarray(X_flip, np.float32),
+                 split.y, split.ids, split.files)

@@ -1,0 +1,472 @@
+"""The experiment runner: every (combination × head × optimizer) run over cached features, ranked.
+
+``run_experiment(experiment)``:
+
+1. extracts or reuses the features of every backbone of the experiment (:mod:`catsdogs.features`);
+2. aligns them on common rows (:mod:`catsdogs.fusion`) and splits train/validation once, with the
+   experiment's seed (stratified holdout, or stratified k-fold), so every run sees the same rows;
+3. trains each run's head on its fused features (optionally tuned first with keras-tuner on an
+   inner split of the training part only), predicts validation and test rows (averaging
+   original and flipped features with ``tta``), scores log loss raw and clipped, accuracy, and
+   the validation-optimal clip bounds;
+4. writes one record directory per run — atomically, so after a crash or ``kill -9`` a rerun keeps
+   every finished run and computes only the rest — then ``leaderboard.csv``, ``summary.md``,
+   ``leaderboard.png`` and, for the winner, ``submission.csv``.
+
+Output layout::
+
+    <out>/experiment.json  leaderboard.csv  leaderboard.png  summary.md  submission.csv
+    <out>/runs/<run id>/record.json  val_predictions.csv  test_predictions.csv  curves.png  [head.keras]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .errors import ConfigError, DataError
+from .experiment import Experiment, HeadSpec, OptimizerSpec
+from .fusion import Aligned, align, fuse
+
+logger = logging.getLogger("catsdogs")
+
+RECORD_VERSION = 1
+RECORD = "record.json"
+
+
+# ------------------------------------------------------------------------------------ planning
+@dataclass(frozen=True)
+class RunSpec:
+    run_id: str
+    combination: tuple[str, ...]
+    head: HeadSpec
+    optimizer: OptimizerSpec | None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "combination": list(self.combination),
+            "head": {"name": self.head.name, "params": dict(self.head.params)},
+            "optimizer": None if self.optimizer is None else
+            {"name": self.optimizer.name, "learning_rate": self.optimizer.learning_rate},
+        }
+
+
+def _short_hash(obj: Any, n: int = 6) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def plan_runs(experiment: Experiment, registry=None) -> list[RunSpec]:
+    """Every (combination × head × optimizer) run, in a fixed order, with unique readable ids.
+
+    Heads that do not use an optimizer run once per combination.
+    """
+    from .plugins import get_registry
+
+    registry = registry or get_registry()
+    runs: list[RunSpec] = []
+    for combination in experiment.combinations:
+        for head in experiment.heads:
+            head_cls = registry.head(head.name)
+            optimizers = experiment.optimizers if head_cls.uses_optimizer else [None]
+            for opt in optimizers:
+                parts = ["+".join(combination), head.name] + ([opt.name] if opt else [])
+                runs.append(RunSpec("__".join(parts), tuple(combination), head, opt))
+    counts: dict[str, int] = {}
+    for r in runs:
+        counts[r.run_id] = counts.get(r.run_id, 0) + 1
+    return [
+        RunSpec(f"{r.run_id}-{_short_hash(r.describe())}", r.combination, r.head, r.optimizer)
+        if counts[r.run_id] > 1 else r
+        for r in runs
+    ]
+
+
+# ------------------------------------------------------------------------------------ results
+@dataclass
+class ExperimentResult:
+    experiment: Experiment
+    out_dir: Path
+    records: list[dict[str, Any]]  # ranked, best first
+    computed: int  # runs trained in this call
+    reused: int  # runs taken from earlier calls
+    submission: Path | None = None
+    feature_files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def winner(self) -> dict[str, Any]:
+        return self.records[0]
+
+    def leaderboard(self):
+        import pandas as pd
+
+        return pd.DataFrame([_leaderboard_row(i + 1, r, self.experiment.target)
+                             for i, r in enumerate(self.records)])
+
+
+def _leaderboard_row(rank: int, record: dict[str, Any], target: float) -> dict[str, Any]:
+    m = record["metrics"]
+    opt = record["optimizer"]
+    return {
+        "rank": rank,
+        "run_id": record["run_id"],
+        "combination": "+".join(record["combination"]),
+        "n_backbones": len(record["combination"]),
+        "head": record["head"]["name"],
+        "optimizer": opt["name"] if opt else "",
+        "learning_rate": record.get("learning_rate"),
+        "val_logloss": m["logloss"],
+        "val_logloss_clipped": m["logloss_clipped"],
+        "val_accuracy": m["accuracy"],
+        "best_clip": m["best_clip_lo"],
+        "best_clip_logloss": m["best_clip_logloss"],
+        "under_target": m["logloss_clipped"] < target,
+        "seconds": round(record["seconds"], 2),
+    }
+
+
+def rank_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(records, key=lambda r: (r["metrics"]["logloss_clipped"], r["metrics"]["logloss"], r["run_id"]))
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _write_json(path: Path, obj: Any) -> None:
+    from .features import _atomic_write
+
+    _atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=2, default=_json_default).encode()))
+
+
+def _json_default(obj: Any):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def load_record(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The record of a finished run (``<out>/runs/<run id>``)."""
+    path = Path(run_dir) / RECORD
+    if not path.is_file():
+        raise DataError(f"{run_dir} is not a finished run directory (no {RECORD}); "
+                        "pass a directory under <out>/runs/ written by `catsdogs run`")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise DataError(f"{path}: unreadable run record ({exc})") from None
+
+
+def _splits(y: np.ndarray, experiment: Experiment) -> list[tuple[np.ndarray, np.ndarray]]:
+    from sklearn.model_selection import StratifiedKFold, train_test_split
+
+    idx = np.arange(len(y))
+    v = experiment.validation
+    if v.kind == "kfold":
+        if np.bincount(y).min() < v.folds:
+            raise DataError(f"kfold: {v.folds} folds need at least {v.folds} images of each class")
+        skf = StratifiedKFold(n_splits=v.folds, shuffle=True, random_state=experiment.seed)
+        return [(tr, va) for tr, va in skf.split(idx, y)]
+    tr, va = train_test_split(idx, test_size=v.holdout, stratify=y, random_state=experiment.seed)
+    return [(np.sort(tr), np.sort(va))]
+
+
+def _predict(head, X: np.ndarray, X_flip: np.ndarray | None) -> np.ndarray:
+    p = np.asarray(head.predict_proba(X), dtype=np.float64)
+    if X_flip is not None:
+        p = (p + np.asarray(head.predict_proba(X_flip), dtype=np.float64)) / 2
+    return p
+
+
+# ------------------------------------------------------------------------------------ one run
+def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits, registry,
+                 settings: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    import pandas as pd
+
+    from .metrics import summarize
+    from .plots import plot_history
+
+    t0 = time.perf_counter()
+    tta = experiment.tta and aligned.has_flip(spec.combination)
+    train = fuse(aligned.train, spec.combination, flip=tta)
+    test = fuse(aligned.test, spec.combination, flip=tta) if len(aligned.test) else None
+    head_cls = registry.head(spec.head.name)
+    opt_cls = registry.optimizer(spec.optimizer.name) if spec.optimizer else None
+    params = dict(spec.head.params)
+    learning_rate = spec.optimizer.learning_rate if spec.optimizer else None
+    tuning_info = None
+
+    if experiment.tuning is not None:
+        from .tuning import tune_head
+
+        tr0 = splits[0][0]
+        result = tune_head(
+            head_cls, params, train.X[tr0], train.y[tr0], optimizer_cls=opt_cls,
+            learning_rate=learning_rate, params_to_tune=experiment.tuning.params,
+            budget=experiment.tuning.budget, epochs=experiment.epochs,
+            batch_size=experiment.batch_size, seed=experiment.seed, blocks=train.blocks,
+        )
+        params.update(result.best_params)
+        if opt_cls is not None and result.best_learning_rate is not None:
+            learning_rate = result.best_learning_rate
+        tuning_info = {"best_params": result.best_params, "best_learning_rate": result.best_learning_rate,
+                       "best_inner_val_logloss": result.best_score, "trials": result.trials}
+
+    oof = np.full(len(train.y), np.nan)
+    test_preds, histories = [], []
+    tmp = run_dir
+    for fold, (tr, va) in enumerate(splits):
+        head = head_cls(**params)
+        optimizer = opt_cls(learning_rate=learning_rate) if opt_cls else None
+        head.fit(train.X[tr], train.y[tr], validation=(train.X[va], train.y[va]), optimizer=optimizer,
+                 epochs=experiment.epochs, batch_size=experiment.batch_size, seed=experiment.seed,
+                 blocks=train.blocks)
+        flip_va = train.X_flip[va] if train.X_flip is not None else None
+        oof[va] = _predict(head, train.X[va], flip_va)
+        if test is not None:
+            test_preds.append(_predict(head, test.X, test.X_flip))
+        histories.append(dict(getattr(head, "history_", {}) or {}))
+        if fold == 0:
+            model = head.keras_model()
+            if model is not None:
+                model.save(tmp / "head.keras")
+
+    val_rows = np.where(~np.isnan(oof))[0]
+    y_val, p_val = train.y[val_rows], oof[val_rows]
+    metrics = summarize(y_val, p_val, experiment.clip)
+    pd.DataFrame({"file": [train.files[i] for i in val_rows], "id": train.ids[val_rows],
+                  "label": y_val, "p_dog": p_val}).to_csv(tmp / "val_predictions.csv", index=False)
+    if test is not None:
+        p_test = np.mean(test_preds, axis=0)
+        pd.DataFrame({"id": test.ids, "file": test.files, "p_dog": p_test}).to_csv(
+            tmp / "test_predictions.csv", index=False)
+    title = f"{spec.run_id}: val log loss {metrics['logloss_clipped']:.4f} (clipped)"
+    plot_history(histories[0], tmp / "curves.png", title)
+    return {
+        "record_version": RECORD_VERSION,
+        **spec.describe(),
+        "params": params,
+        "learning_rate": learning_rate if opt_cls else None,
+        "settings": settings,
+        "settings_hash": _short_hash(settings, 16),
+        "metrics": metrics,
+        "tta": tta,
+        "tuning": tuning_info,
+        "history": histories,
+        "n_train": int(len(splits[0][0])),
+        "n_val": int(len(val_rows)),
+        "n_test": 0 if test is None else int(len(test.ids)),
+        "validation": {"kind": experiment.validation.kind, "holdout": experiment.validation.holdout,
+                       "folds": experiment.validation.folds},
+        "clip": list(experiment.clip),
+        "under_target": bool(metrics["logloss_clipped"] < experiment.target),
+        "target": experiment.target,
+        "seconds": time.perf_counter() - t0,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "catsdogs_version": __version__,
+    }
+
+
+def _finish_dir(tmp: Path, final: Path) -> None:
+    """Move a completed run directory into place (the record is what marks it finished)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+# ------------------------------------------------------------------------------------ experiment
+def _extract_all(experiment: Experiment, progress: bool):
+    from .features import extract, load_features
+
+    feature_sets, keys = {}, {}
+    for spec in experiment.backbones:
+        (res,) = extract(
+            experiment.data, [spec.name], weights=spec.weights, image_size=spec.image_size,
+            precision=spec.precision, resize=spec.resize, flip=experiment.tta,
+            cache_dir=experiment.cache_dir, progress=progress,
+        )
+        fs = load_features(res.path)
+        feature_sets[spec.name] = fs
+        keys[spec.name] = {"file": str(res.path), "config_key": fs.meta["config_key"],
+                           "dataset_fingerprint": fs.meta["dataset_fingerprint"]}
+    return feature_sets, keys
+
+
+def _settings(spec: RunSpec, experiment: Experiment, keys: dict, split_hash: str) -> dict[str, Any]:
+    return {
+        **spec.describe(),
+        "features": {b: {k: keys[b][k] for k in ("config_key", "dataset_fingerprint")}
+                     for b in spec.combination},
+        "epochs": experiment.epochs,
+        "batch_size": experiment.batch_size,
+        "seed": experiment.seed,
+        "validation": split_hash,
+        "tta": experiment.tta,
+        "tuning": None if experiment.tuning is None else
+        {"budget": experiment.tuning.budget, "params": list(experiment.tuning.params)},
+        "clip": list(experiment.clip),
+        "record_version": RECORD_VERSION,
+    }
+
+
+def format_leaderboard(records: list[dict[str, Any]], target: float, limit: int | None = None) -> str:
+    rows = records if limit is None else records[:limit]
+    width = max([len(r["run_id"]) for r in rows] + [3])
+    lines = [f"{'#':>3}  {'run':<{width}}  {'val logloss':>11}  {'clipped':>8}  {'acc':>6}  target",
+             "-" * (width + 48)]
+    for i, r in enumerate(rows, 1):
+        m = r["metrics"]
+        mark = "  ✓" if m["logloss_clipped"] < target else ""
+        lines.append(f"{i:>3}  {r['run_id']:<{width}}  {m['logloss']:>11.5f}  {m['logloss_clipped']:>8.5f}  "
+                     f"{m['accuracy']:>6.3f}{mark}")
+    under = sum(r["metrics"]["logloss_clipped"] < target for r in records)
+    lines.append(f"{under} of {len(records)} runs under the target {target:g} (✓)")
+    return "\n".join(lines)
+
+
+def _write_summary(out: Path, experiment: Experiment, records: list[dict[str, Any]],
+                   submission: Path | None) -> None:
+    from .features import _atomic_write
+
+    target = experiment.target
+    lines = [
+        f"# Experiment `{experiment.name}`",
+        "",
+        f"- data: `{experiment.data}`",
+        f"- runs: {len(records)} (combinations × heads × optimizers); validation: "
+        f"{experiment.validation.kind} "
+        f"{experiment.validation.holdout if experiment.validation.kind == 'holdout' else experiment.validation.folds}"
+        f"; seed {experiment.seed}; {experiment.epochs} epochs, batch {experiment.batch_size}; "
+        f"clip {list(experiment.clip)}; TTA {'on' if experiment.tta else 'off'}",
+        f"- target: **{target:g}** (Kaggle public LB top 10%); "
+        f"{sum(r['under_target'] for r in records)} runs under it",
+        f"- winner: **{records[0]['run_id']}** — validation log loss "
+        f"{records[0]['metrics']['logloss_clipped']:.5f} (clipped), accuracy {records[0]['metrics']['accuracy']:.4f}",
+    ]
+    if submission is not None:
+        lines.append(f"- submission: `{submission.name}` (the winner's test predictions, clipped)")
+    lines += ["", "![validation log loss per run](leaderboard.png)", "",
+              "| # | run | val log loss | clipped | accuracy | best clip (loss) | under target |",
+              "|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(records, 1):
+        m = r["metrics"]
+        lines.append(f"| {i} | `{r['run_id']}` | {m['logloss']:.5f} | {m['logloss_clipped']:.5f} | "
+                     f"{m['accuracy']:.4f} | {m['best_clip_lo']:.4g} ({m['best_clip_logloss']:.5f}) | "
+                     f"{'✓' if r['under_target'] else ''} |")
+    lines += ["", "Training curves per run: `runs/<run id>/curves.png`.", ""]
+    _atomic_write(out / "summary.md", lambda fh: fh.write("\n".join(lines).encode()))
+
+
+def run_experiment(experiment: Experiment, *, registry=None, progress: bool = True, submit: bool = True,
+                   echo: Callable[[str], None] | None = None) -> ExperimentResult:
+    """Run (or resume) every run of ``experiment``; see the module docstring."""
+    from tqdm.auto import tqdm
+
+    from .data import open_dataset
+    from .features import _atomic_write
+    from .plots import plot_leaderboard
+    from .plugins import get_registry
+
+    registry = registry or get_registry()
+    echo = echo or (lambda s: None)
+    plan = plan_runs(experiment, registry)
+    out = Path(experiment.output)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    _write_json(out / "experiment.json", experiment.to_dict())
+
+    feature_sets, keys = _extract_all(experiment, progress)
+    aligned = align(feature_sets, experiment.exclude)
+    splits = _splits(aligned.train.y, experiment)
+    split_hash = _short_hash([[aligned.train.files[i] for i in va] for _, va in splits], 16)
+    expected_test_ids = [r.id for r in open_dataset(experiment.data).test]
+    _write_json(out / "test_ids.json", expected_test_ids)
+
+    records, computed, reused = [], 0, 0
+    bar = tqdm(plan, desc="runs", unit="run", disable=not progress, dynamic_ncols=True)
+    for spec in bar:
+        settings = _settings(spec, experiment, keys, split_hash)
+        run_dir = out / "runs" / spec.run_id
+        with contextlib.suppress(DataError, KeyError):
+            old = load_record(run_dir)
+            if old.get("settings_hash") == _short_hash(settings, 16):
+                records.append(old)
+                reused += 1
+                continue
+        tmp = out / "runs" / f".{spec.run_id}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            record = _execute_run(spec, experiment, aligned, splits, registry, settings, tmp)
+            _write_json(tmp / RECORD, record)
+            _finish_dir(tmp, run_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        records.append(record)
+        computed += 1
+        if progress:
+            bar.write(f"{spec.run_id}: val log loss {record['metrics']['logloss']:.5f} "
+                      f"(clipped {record['metrics']['logloss_clipped']:.5f}), "
+                      f"accuracy {record['metrics']['accuracy']:.4f}")
+    bar.close()
+
+    ranked = rank_records(records)
+    result = ExperimentResult(experiment, out, ranked, computed, reused,
+                              feature_files={b: k["file"] for b, k in keys.items()})
+    board = result.leaderboard()
+    _atomic_write(out / "leaderboard.csv", lambda fh: fh.write(board.to_csv(index=False).encode()))
+    plot_leaderboard([r["run_id"] for r in ranked], [r["metrics"]["logloss_clipped"] for r in ranked],
+                     experiment.target, out / "leaderboard.png", title=f"{experiment.name}: validation log loss")
+    if submit and ranked[0]["n_test"] > 0:
+        result.submission = write_run_submission(out / "runs" / ranked[0]["run_id"], out / "submission.csv",
+                                                 expected_ids=expected_test_ids)
+    _write_summary(out, experiment, ranked, result.submission)
+    echo(format_leaderboard(ranked, experiment.target))
+    return result
+
+
+# ------------------------------------------------------------------------------------ submission
+def write_run_submission(run_dir: str | os.PathLike, path: str | os.PathLike, *,
+                         clip: tuple[float, float] | None = None,
+                         expected_ids: list[int] | None = None) -> Path:
+    """Write Kaggle's ``submission.csv`` from a finished run's test predictions.
+
+    Test images that could not be read have no prediction; they get 0.5 (with a warning), since
+    Kaggle needs every id. ``expected_ids`` defaults to the experiment's ``test_ids.json``.
+    """
+    import pandas as pd
+
+    from .submission import write_submission
+
+    run_dir = Path(run_dir)
+    record = load_record(run_dir)
+    preds_path = run_dir / "test_predictions.csv"
+    if not preds_path.is_file():
+        raise DataError(f"run {record['run_id']!r} has no test predictions (the data had no test/ images)")
+    preds = pd.read_csv(preds_path)
+    if expected_ids is None:
+        ids_file = run_dir.parent.parent / "test_ids.json"
+        expected_ids = json.loads(ids_file.read_text()) if ids_file.is_file() else preds["id"].tolist()
+    probs = dict(zip(preds["id"].astype(int).tolist(), preds["p_dog"].astype(float).tolist()))
+    missing = [i for i in expected_ids if i not in probs]
+    if missing:
+        logger.warning("%d test images had no prediction (unreadable); submitting 0.5 for ids %s",
+                       len(missing), ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else ""))
+    ids = list(expected_ids)
+    values = [probs.get(i, 0.5) for i in ids]
+    bounds = tuple(clip) if clip is not None else tuple(record["clip"])
+    if not (0 <= bounds[0] < bounds[1] <= 1):
+        raise ConfigError(f"clip bounds must satisfy 0 <= lo < hi <= 1, got {list(bounds)}")
+    return write_submission(Path(path), ids, values, clip_bounds=bounds, expected_ids=ids)

@@ -1,0 +1,319 @@
+"""Kaggle submission files (``id,label`` with P(dog) per test image): write, validate, score.
+
+A valid submission has the header ``id,label`` exactly, one row per test id (integers, unique,
+sorted ascending) and finite labels in ``[0, 1]``. :func:`write_submission` clips the
+probabilities, validates the table *before* writing and writes it atomically, so a failed call
+never leaves a half-written or invalid file behind. :func:`score_submission` computes the
+competition metric against a labels file such as ``dogs-vs-cats-mini/test_labels.csv``.
+
+Every problem raises :class:`~catsdogs.errors.DataError` with a message that names the file (or
+the ``source`` given) and shows example ids, e.g.
+``submission.csv: 3 test ids missing (e.g. 17, 42, 99)``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import DataError
+from .features import _atomic_write
+from .metrics import _check_bounds, accuracy, log_loss
+
+__all__ = [
+    "read_labels",
+    "read_submission",
+    "score_submission",
+    "validate_submission",
+    "write_submission",
+]
+
+HEADER = ("id", "label")
+#: how many example ids an error message shows
+_SHOW = 5
+#: slack when checking labels against the clip bounds (they went through decimal text)
+_TOL = 1e-12
+
+
+# ----------------------------------------------------------------------------------- helpers
+def _show(values, limit: int = _SHOW) -> str:
+    values = list(values)
+    text = ", ".join(str(v) for v in values[:limit])
+    return text + (", ..." if len(values) > limit else "")
+
+
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n} {word if n == 1 else (plural or word + 's')}"
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _id_array(col: pd.Series, source: str) -> np.ndarray:
+    """The id column as int64, or a DataError naming the first id that is not an integer."""
+    na = col.isna().to_numpy()
+    if na.any():
+        raise DataError(f"{source}: data row {int(np.argmax(na)) + 1} has no id")
+    if pd.api.types.is_integer_dtype(col) and not pd.api.types.is_bool_dtype(col):
+        return col.to_numpy(dtype=np.int64)
+    for row, v in enumerate(col.tolist(), start=1):
+        if not _is_int(v):
+            raise DataError(f"{source}: ids must be integers; data row {row} has {v!r}")
+    return col.to_numpy(dtype=np.int64)  # an object column holding only ints
+
+
+def _value_array(col: pd.Series, ids: np.ndarray, source: str, noun: str = "label") -> np.ndarray:
+    """A column of numbers as float64, or a DataError naming the first id whose value is not one."""
+    if pd.api.types.is_bool_dtype(col):
+        raise DataError(f"{source}: {noun}s must be numbers, got booleans")
+    values = col if pd.api.types.is_numeric_dtype(col) else pd.to_numeric(col, errors="coerce")
+    bad = (values.isna() & col.notna()).to_numpy()
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DataError(f"{source}: {noun} of id {ids[i]} is not a number: {col.iloc[i]!r}")
+    return values.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _check_values(ids: np.ndarray, values: np.ndarray, source: str, noun: str = "label",
+                  bounds: tuple[float, float] | None = None) -> None:
+    """Finite, in [0, 1] and, when ``bounds`` are given, within them (up to ``_TOL``)."""
+    def fail(mask: np.ndarray, what: str, kind: str) -> None:
+        i = int(np.argmax(mask))
+        n = int(mask.sum())
+        more = f" (and {n - 1} more {kind})" if n > 1 else ""
+        raise DataError(f"{source}: {noun} of id {ids[i]} is {what(float(values[i]))}{more}")
+
+    nan = np.isnan(values)
+    if nan.any():
+        fail(nan, lambda v: "NaN", f"NaN {noun}s")
+    inf = np.isinf(values)
+    if inf.any():
+        fail(inf, lambda v: "inf" if v > 0 else "-inf", f"infinite {noun}s")
+    out = (values < 0.0) | (values > 1.0)
+    if out.any():
+        fail(out, lambda v: f"{v!r}, outside [0, 1]", f"{noun}s outside [0, 1]")
+    if bounds is not None:
+        lo, hi = bounds
+        out = (values < lo - _TOL) | (values > hi + _TOL)
+        if out.any():
+            fail(out, lambda v: f"{v!r}, outside the clip bounds [{lo:g}, {hi:g}]",
+                 f"{noun}s outside the clip bounds")
+
+
+def _id_set_problems(ids: np.ndarray, expected: np.ndarray | None) -> list[str]:
+    problems = []
+    uniq, counts = np.unique(ids, return_counts=True)
+    dup = counts > 1
+    if dup.any():
+        shown = [f"{i} (x{c})" for i, c in zip(uniq[dup], counts[dup])]
+        extra = f" ({int(dup.sum())} ids repeated)" if len(shown) > _SHOW else ""
+        problems.append(f"duplicate ids: {_show(shown)}{extra}")
+    if expected is not None:
+        missing = np.setdiff1d(expected, uniq)
+        if missing.size:
+            problems.append(f"{_plural(missing.size, 'test id')} missing (e.g. {_show(missing)})")
+        unknown = np.setdiff1d(uniq, expected)
+        if unknown.size:
+            problems.append(
+                f"{_plural(unknown.size, 'extra id')} not in the test set: {_show(unknown)}")
+    return problems
+
+
+def _expected_array(expected_ids: Iterable[int]) -> np.ndarray:
+    values = list(expected_ids)
+    bad = [v for v in values if not _is_int(v)]
+    if bad:
+        raise DataError(f"expected test ids must be integers, got {bad[0]!r}")
+    return np.unique(np.asarray(values, dtype=np.int64))
+
+
+def _check(df: pd.DataFrame, *, expected_ids, clip_bounds, source: str,
+           require_sorted: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Every check of :func:`validate_submission`; returns (ids, labels) as arrays."""
+    if not isinstance(df, pd.DataFrame):
+        raise DataError(f"{source}: expected a pandas DataFrame, got {type(df).__name__}")
+    header = [str(c) for c in df.columns]
+    if tuple(header) != HEADER:
+        raise DataError(f"{source}: header must be 'id,label', got '{','.join(header)}'")
+    expected = None if expected_ids is None else _expected_array(expected_ids)
+    if clip_bounds is not None:
+        clip_bounds = _check_bounds(*clip_bounds)
+    if len(df) == 0:
+        wanted = "" if expected is None else f" (expected {_plural(expected.size, 'test id')})"
+        raise DataError(f"{source}: no rows{wanted}")
+    ids = _id_array(df["id"], source)
+    labels = _value_array(df["label"], ids, source)
+    problems = _id_set_problems(ids, expected)
+    if problems:
+        raise DataError(f"{source}: " + "; ".join(problems))
+    if require_sorted:
+        step = np.diff(ids)
+        if (step < 0).any():
+            i = int(np.argmax(step < 0)) + 1
+            raise DataError(f"{source}: ids must be sorted ascending; id {ids[i]} comes after id "
+                            f"{ids[i - 1]} (data row {i + 1})")
+    _check_values(ids, labels, source, "label", clip_bounds)
+    return ids, labels
+
+
+def _read_csv(path: Path, what: str) -> pd.DataFrame:
+    if not path.exists():
+        raise DataError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise DataError(f"{what} is not a file: {path}")
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: file is empty (expected a CSV with header 'id,label')") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable CSV file ({exc})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+
+
+def _coerce_ids(ids, source: str) -> np.ndarray:
+    """Ids given as ints, integral floats or digit strings (e.g. file stems) as int64."""
+    arr = np.asarray(ids)
+    if arr.ndim != 1:
+        arr = arr.ravel()
+    if arr.dtype.kind in "iu":
+        return arr.astype(np.int64)
+    out = np.empty(arr.size, dtype=np.int64)
+    for i, v in enumerate(arr.tolist()):
+        if _is_int(v):
+            out[i] = v
+        elif isinstance(v, float) and np.isfinite(v) and v.is_integer():
+            out[i] = int(v)
+        elif isinstance(v, str) and v.strip().lstrip("+-").isdigit():
+            out[i] = int(v.strip())
+        else:
+            raise DataError(f"{source}: id at position {i} is not an integer: {v!r}")
+    return out
+
+
+def _float_format(bounds: tuple[float, float] | None) -> str | None:
+    """'%.6f', or more decimals when the clip bounds need them; exact text when not clipping.
+
+    With bounds that are exact at ``d`` decimals, rounding a value inside them to ``d`` decimals
+    keeps it inside them, so the written file passes the same validation as the table.
+    """
+    if bounds is None:
+        return None  # shortest text that reads back as the same float
+    for decimals in range(6, 16):
+        if all(round(b, decimals) == b for b in bounds):
+            return f"%.{decimals}f"
+    return None
+
+
+# ------------------------------------------------------------------------------------- API
+def validate_submission(df: pd.DataFrame, *, expected_ids: Iterable[int] | None = None,
+                        clip_bounds: tuple[float, float] | None = None,
+                        source: str = "submission") -> None:
+    """Raise :class:`DataError` unless ``df`` is a valid submission table.
+
+    Checks: the columns are exactly ``id,label``; ids are integers, unique and sorted ascending;
+    labels are finite numbers in ``[0, 1]`` and, when ``clip_bounds`` is given, within them
+    (tolerance 1e-12); when ``expected_ids`` is given, every expected id occurs exactly once and
+    no other id occurs. Messages start with ``source``.
+    """
+    _check(df, expected_ids=expected_ids, clip_bounds=clip_bounds, source=source,
+           require_sorted=True)
+
+
+def write_submission(path: str | os.PathLike, ids, probabilities, *,
+                     clip_bounds: tuple[float, float] | None = (0.005, 0.995),
+                     expected_ids: Iterable[int] | None = None) -> Path:
+    """Write a submission CSV and return its path.
+
+    ``probabilities`` (P(dog), one per id, in ``[0, 1]``) are clipped to ``clip_bounds`` (None:
+    not clipped), the rows sorted by id, and the table validated with
+    :func:`validate_submission` before anything is written. The file is written atomically
+    (temporary file, fsync, rename), with header ``id,label`` and labels as ``%.6f`` (more
+    decimals when the clip bounds need them; exact text when not clipping).
+    """
+    path = Path(path)
+    source = str(path)
+    id_arr = _coerce_ids(ids, source)
+    try:
+        probs = np.asarray(probabilities, dtype=np.float64).ravel()
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{source}: probabilities must be numbers ({exc})") from None
+    if probs.size != id_arr.size:
+        raise DataError(f"{source}: {_plural(id_arr.size, 'id')} but "
+                        f"{_plural(probs.size, 'probability', 'probabilities')}")
+    bounds = None if clip_bounds is None else _check_bounds(*clip_bounds)
+    # check before clipping: clipping would hide NaN-free garbage such as inf or logits
+    _check_values(id_arr, probs, source, "probability")
+    if bounds is not None:
+        probs = np.clip(probs, *bounds)
+    order = np.argsort(id_arr, kind="stable")
+    df = pd.DataFrame({"id": id_arr[order], "label": probs[order]})
+    validate_submission(df, expected_ids=expected_ids, clip_bounds=bounds, source=source)
+    text = df.to_csv(index=False, float_format=_float_format(bounds), lineterminator="\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+    return path
+
+
+def read_submission(path: str | os.PathLike, *,
+                    expected_ids: Iterable[int] | None = None) -> pd.DataFrame:
+    """Read a submission CSV and validate it with :func:`validate_submission`."""
+    path = Path(path)
+    df = _read_csv(path, "submission file")
+    validate_submission(df, expected_ids=expected_ids, source=str(path))
+    return df
+
+
+def read_labels(path: str | os.PathLike) -> pd.Series:
+    """True labels from an ``id,label`` CSV (extra columns are ignored).
+
+    Returns a Series named ``label`` of 0/1 ints (1 = dog), indexed by integer ``id``, sorted
+    by id. Raises :class:`DataError` for a missing or unreadable file, missing columns, ids that
+    are not unique integers and labels other than 0/1.
+    """
+    path = Path(path)
+    source = str(path)
+    df = _read_csv(path, "labels file")
+    missing = [c for c in HEADER if c not in df.columns]
+    if missing:
+        found = ", ".join(str(c) for c in df.columns)
+        raise DataError(f"{source}: missing column{'s' if len(missing) > 1 else ''} "
+                        f"{', '.join(repr(c) for c in missing)} (found: {found})")
+    if len(df) == 0:
+        raise DataError(f"{source}: no rows")
+    ids = _id_array(df["id"], source)
+    values = _value_array(df["label"], ids, source)
+    bad = ~np.isin(values, (0.0, 1.0))
+    if bad.any():
+        i = int(np.argmax(bad))
+        n = int(bad.sum())
+        raise DataError(f"{source}: labels must be 0 or 1; {_plural(n, 'label')} "
+                        f"{'is' if n == 1 else 'are'} not (e.g. id {ids[i]}: {float(values[i])!r})")
+    problems = _id_set_problems(ids, None)
+    if problems:
+        raise DataError(f"{source}: " + "; ".join(problems))
+    series = pd.Series(values.astype(np.int64), index=pd.Index(ids, name="id"), name="label")
+    return series.sort_index()
+
+
+def score_submission(submission_path: str | os.PathLike,
+                     labels_path: str | os.PathLike) -> dict:
+    """Score a submission file against a labels file: ``{"logloss", "accuracy", "n"}``.
+
+    The submission must pass :func:`validate_submission` with the labels' ids as the expected
+    ids, except that its rows may come in any order. The log loss is that of the labels as
+    submitted, clipped only at 1e-15 against log(0), as Kaggle does.
+    """
+    truth = read_labels(labels_path)
+    path = Path(submission_path)
+    df = _read_csv(path, "submission file")
+    ids, labels = _check(df, expected_ids=truth.index.to_numpy(), clip_bounds=None,
+                         source=str(path), require_sorted=False)
+    p = pd.Series(labels, index=ids).reindex(truth.index).to_numpy()
+    y = truth.to_numpy()
+    return {"logloss": log_loss(y, p, eps=1e-15), "accuracy": accuracy(y, p), "n": int(y.size)}

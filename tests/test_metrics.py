@@ -1,0 +1,129 @@
+"""Log loss, accuracy, clipping and the choice of clip bounds."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import log_loss as sk_log_loss
+
+from catsdogs.errors import ConfigError, DataError
+from catsdogs.metrics import DEFAULT_CLIP_GRID, accuracy, best_clip, clip, log_loss, summarize
+
+
+def test_log_loss_hand_computed():
+    assert log_loss([1, 0], [0.9, 0.2]) == pytest.approx(-(math.log(0.9) + math.log(0.8)) / 2)
+    assert log_loss([1], [0.5]) == pytest.approx(math.log(2))
+    assert log_loss([0, 0, 1], [0.5, 0.5, 0.5]) == pytest.approx(math.log(2))
+
+
+def test_log_loss_matches_sklearn():
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 500):
+        y = rng.integers(0, 2, n)
+        p = rng.uniform(0.001, 0.999, n)
+        assert log_loss(y, p) == pytest.approx(sk_log_loss(y, p, labels=[0, 1]), rel=1e-12)
+    y = np.array([1, 0, 1, 0])
+    p = np.array([1e-9, 1 - 1e-9, 0.3, 0.7])  # confident mistakes, still above the clip
+    assert log_loss(y, p) == pytest.approx(sk_log_loss(y, p), rel=1e-9)
+
+
+def test_log_loss_extremes_are_clipped_at_eps():
+    # a certain mistake costs -ln(1e-15), not infinity; a certain hit costs ~0
+    assert log_loss([1], [0.0]) == pytest.approx(-math.log(1e-15))
+    assert log_loss([0], [1.0]) == pytest.approx(-math.log(1e-15), rel=1e-3)
+    assert log_loss([1, 0], [1.0, 0.0]) == pytest.approx(0.0, abs=1e-14)
+    assert log_loss([1, 0], [1.0, 0.0], eps=0) == 0.0
+    assert math.isinf(log_loss([1], [0.0], eps=0))
+    assert log_loss([1], [0.0], eps=0.01) == pytest.approx(-math.log(0.01))
+
+
+@pytest.mark.parametrize(
+    ("y", "p", "match"),
+    [
+        ([], [], "empty"),
+        ([1, 0], [0.5], "2 labels but 1 probabilities"),
+        ([1, 2], [0.5, 0.5], "labels must be 0 or 1"),
+        ([1, 0], [0.5, np.nan], "finite"),
+        ([1, 0], [0.5, 1.5], r"in \[0, 1\]"),
+        ([1, 0], [-0.1, 0.5], r"in \[0, 1\]"),
+    ],
+)
+def test_log_loss_rejects_bad_input(y, p, match):
+    with pytest.raises(DataError, match=match):
+        log_loss(y, p)
+
+
+def test_accuracy():
+    assert accuracy([1, 0, 1, 0], [0.9, 0.2, 0.4, 0.6]) == 0.5
+    assert accuracy([1, 0], [0.9, 0.1]) == 1.0
+    assert accuracy([1, 0], [0.5, 0.5]) == 0.5  # 0.5 is not above the threshold: a cat
+    assert accuracy([1, 0], [0.7, 0.7], threshold=0.8) == 0.5
+
+
+def test_clip():
+    out = clip([0.0, 0.3, 1.0], 0.05, 0.95)
+    assert out.dtype == np.float64 and out.tolist() == [0.05, 0.3, 0.95]
+    with pytest.raises(ConfigError, match="0 <= lo < hi <= 1"):
+        clip([0.5], 0.6, 0.4)
+    with pytest.raises(ConfigError):
+        clip([0.5], -0.1, 0.9)
+
+
+def test_default_grid():
+    assert DEFAULT_CLIP_GRID[0] == 0.0 and len(DEFAULT_CLIP_GRID) == 61
+    assert DEFAULT_CLIP_GRID[1] == pytest.approx(1e-5) and DEFAULT_CLIP_GRID[-1] == pytest.approx(0.1)
+
+
+def test_best_clip_prefers_larger_eps_with_confident_mistakes():
+    # 90 confident hits at 0.999 / 0.001 and 10 confident mistakes at 0.999 for a cat.
+    # With clipping at eps, loss(eps) = (90 * -ln(1 - eps) + 10 * -ln(eps)) / 100, minimised
+    # at eps = 10 / 100 = 0.1 (the mistake rate).
+    y = np.array([1] * 45 + [0] * 45 + [0] * 10)
+    p = np.array([0.999] * 45 + [0.001] * 45 + [0.999] * 10)
+    lo, hi, loss = best_clip(y, p, grid=[0.0, 0.001, 0.01, 0.05, 0.1, 0.2, 0.3])
+    assert (lo, hi) == (0.1, 0.9)
+    assert loss == pytest.approx(-(90 * math.log(0.9) + 10 * math.log(0.1)) / 100)
+    assert loss < log_loss(y, p)
+    # the default grid reaches close to the optimum too
+    lo, hi, loss_default = best_clip(y, p)
+    assert lo == pytest.approx(0.1) and hi == pytest.approx(0.9)
+    assert loss_default == pytest.approx(loss)
+
+
+def test_best_clip_never_worse_than_no_clipping():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        y = rng.integers(0, 2, 50)
+        p = rng.uniform(0, 1, 50) ** rng.uniform(0.2, 5)
+        lo, hi, loss = best_clip(y, p)
+        assert hi == pytest.approx(1 - lo)
+        assert loss <= log_loss(y, p) + 1e-15
+        assert loss == pytest.approx(log_loss(y, clip(p, lo, hi)))
+    # well-calibrated, never-wrong predictions are best left alone; 0 is tried even if not given
+    y = np.array([1, 0, 1, 0])
+    p = np.array([0.99999, 0.00001, 0.99999, 0.00001])
+    assert best_clip(y, p, grid=[0.01, 0.1])[0] == 0.0
+
+
+def test_best_clip_rejects_bad_grid():
+    with pytest.raises(ConfigError, match="grid"):
+        best_clip([1, 0], [0.5, 0.5], grid=[0.6])
+    with pytest.raises(ConfigError, match="grid"):
+        best_clip([1, 0], [0.5, 0.5], grid=[-0.01])
+
+
+def test_summarize():
+    y = [1, 0, 1, 0]
+    p = [0.9, 0.2, 0.001, 0.6]
+    s = summarize(y, p, (0.05, 0.95))
+    assert set(s) == {"logloss", "logloss_clipped", "accuracy", "best_clip_lo", "best_clip_hi",
+                      "best_clip_logloss", "n"}
+    assert s["n"] == 4 and s["accuracy"] == 0.5
+    assert s["logloss"] == pytest.approx(log_loss(y, p))
+    assert s["logloss_clipped"] == pytest.approx(log_loss(y, [0.9, 0.2, 0.05, 0.6]))
+    assert s["best_clip_logloss"] <= s["logloss"]
+    assert s["best_clip_hi"] == pytest.approx(1 - s["best_clip_lo"])
+    assert all(isinstance(v, float) for k, v in s.items() if k != "n")
+    assert summarize(y, p, None)["logloss_clipped"] == s["logloss"]

@@ -1,0 +1,198 @@
+"""The experiment runner end to end: real features, real Keras heads, real CLI subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import make_kaggle, run_cli
+
+from catsdogs.experiment import load_experiment
+from catsdogs.runner import load_record, plan_runs, run_experiment
+
+BASE = {
+    "weights": "none",
+    "backbones": [{"name": "resnet50", "image_size": 32}, {"name": "xception", "image_size": 71}],
+    "combinations": "all",
+    "heads": ["dropout_sigmoid"],
+    "optimizers": [{"name": "adam", "learning_rate": 0.01}, "adadelta"],
+    "epochs": 3,
+    "batch_size": 16,
+    "seed": 7,
+    "validation": {"holdout": 0.25},
+}
+
+
+def _write(tmp_path, name="exp", **changes):
+    doc = {**BASE, "data": str(tmp_path / "data"), "output": str(tmp_path / f"out-{name}"),
+           "cache_dir": str(tmp_path / "cache"), **changes}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def data(tmp_path):
+    return make_kaggle(tmp_path / "data", n_per_class=16, n_test=6)
+
+
+def _metrics(out):
+    board = pd.read_csv(out / "leaderboard.csv")
+    return dict(zip(board["run_id"], board["val_logloss"]))
+
+
+def test_cli_run_end_to_end(tmp_path, data):
+    exp = _write(tmp_path)
+    proc = run_cli("run", str(exp), "--no-progress", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out-exp"
+    board = pd.read_csv(out / "leaderboard.csv")
+    # 3 combinations (2 singles + 1 pair) x 1 head x 2 optimizers
+    assert len(board) == 6 and board["rank"].tolist() == list(range(1, 7))
+    assert set(board["combination"]) == {"resnet50", "xception", "resnet50+xception"}
+    assert (np.diff(board["val_logloss_clipped"]) >= 0).all()  # ranked
+    assert board["under_target"].dtype == bool
+    assert "target 0.06127" in proc.stdout and board["run_id"][0] in proc.stdout
+    for run_id in board["run_id"]:
+        run_dir = out / "runs" / run_id
+        rec = load_record(run_dir)
+        assert rec["metrics"]["n"] == rec["n_val"] == 8 and rec["n_train"] == 24
+        assert len(rec["history"][0]["loss"]) == 3 and "val_loss" in rec["history"][0]
+        for name in ("val_predictions.csv", "test_predictions.csv", "curves.png", "head.keras"):
+            assert (run_dir / name).is_file(), name
+        val = pd.read_csv(run_dir / "val_predictions.csv")
+        # the recorded metric is the log loss of the recorded predictions
+        p = np.clip(val["p_dog"], 1e-15, 1 - 1e-15)
+        ll = -np.mean(val["label"] * np.log(p) + (1 - val["label"]) * np.log(1 - p))
+        assert abs(ll - rec["metrics"]["logloss"]) < 1e-9
+    for name in ("summary.md", "leaderboard.png", "experiment.json"):
+        assert (out / name).is_file()
+    assert "![validation log loss per run](leaderboard.png)" in (out / "summary.md").read_text()
+    sub = pd.read_csv(out / "submission.csv")
+    assert list(sub.columns) == ["id", "label"] and sub["id"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert sub["label"].between(0.005, 0.995).all()
+    winner = pd.read_csv(out / "runs" / board["run_id"][0] / "test_predictions.csv")
+    np.testing.assert_allclose(sub["label"], np.clip(winner["p_dog"], 0.005, 0.995), atol=1e-6)
+
+
+def test_reproducible_and_resumable_in_process(tmp_path, data):
+    a = run_experiment(load_experiment(_write(tmp_path, "a")), progress=False)
+    assert (a.computed, a.reused) == (6, 0)
+    b = run_experiment(load_experiment(_write(tmp_path, "b")), progress=False)
+    ma, mb = _metrics(a.out_dir), _metrics(b.out_dir)
+    assert ma.keys() == mb.keys()
+    for k in ma:
+        assert abs(ma[k] - mb[k]) < 1e-6, k
+    again = run_experiment(load_experiment(_write(tmp_path, "a")), progress=False)
+    assert (again.computed, again.reused) == (0, 6)
+    changed = run_experiment(load_experiment(_write(tmp_path, "a", epochs=2)), progress=False)
+    assert changed.computed == 6  # a changed setting is never silently reused
+
+
+@pytest.mark.slow
+def test_kill_9_keeps_finished_runs(tmp_path, data):
+    exp = _write(tmp_path, "k", epochs=12)
+    cmd = [sys.executable, "-m", "catsdogs", "run", str(exp), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = tmp_path / "out-k" / "runs"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and len(list(runs.glob("*/record.json"))) < 2:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p.parent.name for p in runs.glob("*/record.json")}
+    assert 2 <= len(finished) < 6
+    result = run_experiment(load_experiment(exp), progress=False)
+    assert result.reused == len(finished) and result.computed == 6 - len(finished)
+    assert not list(runs.glob(".*tmp*")), "temporary run directories are cleaned up"
+    clean = run_experiment(load_experiment(_write(tmp_path, "clean", epochs=12)), progress=False)
+    resumed, fresh = _metrics(result.out_dir), _metrics(clean.out_dir)
+    for k in fresh:
+        assert abs(resumed[k] - fresh[k]) < 1e-6, k
+
+
+def test_kfold_tta_and_more_heads(tmp_path, data):
+    exp = _write(tmp_path, "kf", validation={"kfold": 3}, tta=True,
+                 combinations=[["resnet50", "xception"]], optimizers=["adam"],
+                 heads=["dropout_sigmoid", "softmax_cam", "lightgbm_stacking"])
+    result = run_experiment(load_experiment(exp), progress=False)
+    assert len(result.records) == 3
+    for rec in result.records:
+        assert rec["n_val"] == 32 and rec["tta"] is True  # out-of-fold: every training row
+        assert len(rec["history"]) == 3
+    stack = next(r for r in result.records if r["head"]["name"] == "lightgbm_stacking")
+    assert not (result.out_dir / "runs" / stack["run_id"] / "head.keras").exists()
+
+
+def test_tuning_budget_recorded(tmp_path, data):
+    exp = _write(tmp_path, "tune", combinations=[["resnet50"]], optimizers=["adam"], epochs=2,
+                 tuning={"budget": 2, "params": ["dropout", "learning_rate"]})
+    (rec,) = run_experiment(load_experiment(exp), progress=False).records
+    assert len(rec["tuning"]["trials"]) == 2
+    assert rec["params"]["dropout"] == rec["tuning"]["best_params"]["dropout"]
+    assert rec["learning_rate"] == rec["tuning"]["best_learning_rate"]
+
+
+def test_plan_is_the_full_grid():
+    exp = load_experiment(os.path.join(os.path.dirname(__file__), "..", "experiments", "seed.yaml"),
+                          data=os.path.dirname(__file__))
+    plan = plan_runs(exp)
+    assert len(plan) == 15 * 2 and len({r.run_id for r in plan}) == 30
+
+
+def test_predict_test_and_score_cli(tmp_path, data):
+    result = run_experiment(load_experiment(_write(tmp_path, "p", combinations=[["resnet50"]],
+                                                   optimizers=["adam"])), progress=False)
+    run_dir = result.out_dir / "runs" / result.winner["run_id"]
+    sub = tmp_path / "named.csv"
+    proc = run_cli("predict-test", str(run_dir), "--out", str(sub), "--clip", "0.02", "0.98", check=True)
+    assert str(sub) in proc.stdout
+    df = pd.read_csv(sub)
+    assert df["label"].between(0.02, 0.98).all() and len(df) == 6
+    labels = tmp_path / "labels.csv"
+    truth = np.array([1, 0, 1, 0, 1, 0])
+    pd.DataFrame({"id": range(1, 7), "label": truth}).to_csv(labels, index=False)
+    proc = run_cli("score", str(sub), "--labels", str(labels), "--json", check=True)
+    scored = json.loads(proc.stdout)
+    p = df["label"].to_numpy()
+    expected = -np.mean(truth * np.log(p) + (1 - truth) * np.log(1 - p))
+    assert abs(scored["logloss"] - expected) < 1e-6
+    bad = run_cli("predict-test", str(tmp_path))
+    assert bad.returncode == 1 and "not a finished run directory" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_unreadable_test_image_gets_a_neutral_prediction(tmp_path, data):
+    (data / "test" / "7.jpg").write_bytes(b"")
+    result = run_experiment(load_experiment(_write(tmp_path, "u", combinations=[["resnet50"]],
+                                                   optimizers=["adam"])), progress=False)
+    sub = pd.read_csv(result.submission)
+    assert sub["id"].tolist() == list(range(1, 8))
+    assert sub.loc[sub["id"] == 7, "label"].item() == 0.5
+
+
+@pytest.mark.slow
+def test_mini_data_through_the_cli(mini, tmp_path):
+    exp = tmp_path / "mini.yaml"
+    exp.write_text(yaml.safe_dump({
+        "data": str(mini), "weights": "none", "output": str(tmp_path / "out"),
+        "cache_dir": str(tmp_path / "cache"),
+        "backbones": [{"name": "resnet50", "image_size": 32}, {"name": "inception_v3", "image_size": 75}],
+        "combinations": "all", "heads": ["dropout_sigmoid"], "optimizers": ["adam"], "epochs": 2,
+    }))
+    proc = run_cli("run", str(exp), "--no-progress", timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    board = pd.read_csv(tmp_path / "out" / "leaderboard.csv")
+    assert len(board) == 3
+    sub = tmp_path / "out" / "submission.csv"
+    scored = json.loads(run_cli("score", str(sub), "--labels", str(mini / "test_labels.csv"), "--json",
+                                check=True).stdout)
+    assert scored["n"] == 300 and 0 < scored["logloss"] < 5
