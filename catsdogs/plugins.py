@@ -32,6 +32,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "catsdogs.builtin.keras_backbones",
     "catsdogs.builtin.heads",
     "catsdogs.builtin.optimizers",
+    "catsdogs.builtin.stacking",
 )
 KINDS: tuple[str, ...] = ("backbones", "heads", "optimizers")
 _HOOKS = {kind: f"register_{kind}" for kind in KINDS}

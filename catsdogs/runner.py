@@ -209,7 +209,9 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
     learning_rate = spec.optimizer.learning_rate if spec.optimizer else None
     tuning_info = None
 
-    if experiment.tuning is not None:
+    from .tuning import tunable_names
+
+    if experiment.tuning is not None and tunable_names(head_cls, experiment.tuning.params):
         from .tuning import tune_head
 
         tr0 = splits[0][0]

@@ -1,0 +1,97 @@
+"""keras-tuner random search of head hyper-parameters (catsdogs.tuning)."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from catsdogs.builtin.heads import DropoutSigmoidHead, SoftmaxCamHead  # noqa: E402
+from catsdogs.builtin.optimizers import AdamOptimizer  # noqa: E402
+from catsdogs.errors import ConfigError  # noqa: E402
+from catsdogs.testing import make_separable_features  # noqa: E402
+from catsdogs.tuning import SEARCH_SPACE, tune_head  # noqa: E402
+
+FAST = dict(optimizer_cls=AdamOptimizer, budget=3, epochs=3, batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_separable_features(n=160, d=8, seed=1, margin=0.3)
+
+
+def in_range(name, value):
+    low, high, _ = SEARCH_SPACE[name]
+    return low <= value <= high
+
+
+def test_tunes_within_ranges_and_reports_the_best(data, tmp_path):
+    X, y = data
+    result = tune_head(SoftmaxCamHead, {}, X, y, seed=3, directory=tmp_path, **FAST)
+    assert result.tuned == ("dropout", "learning_rate", "l2")
+    assert len(result.trials) == 3
+    for trial in result.trials:
+        assert set(trial["params"]) == {"dropout", "l2"}
+        assert in_range("dropout", trial["params"]["dropout"])
+        assert in_range("l2", trial["params"]["l2"])
+        assert in_range("learning_rate", trial["learning_rate"])
+        assert np.isfinite(trial["score"]) and trial["score"] > 0
+    scores = [t["score"] for t in result.trials]
+    assert result.best_score == min(scores)
+    best = result.trials[scores.index(min(scores))]
+    assert result.best_params == best["params"]
+    assert result.best_learning_rate == best["learning_rate"]
+    # random search: the trials differ; keras-tuner's files stay in `directory`
+    assert len({t["params"]["dropout"] for t in result.trials}) == 3
+    assert (tmp_path / "tune_softmax_cam" / "oracle.json").is_file()
+    # the best parameters build a working head
+    SoftmaxCamHead(**result.best_params).fit(
+        X, y, optimizer=AdamOptimizer(result.best_learning_rate), epochs=1)
+
+
+def test_deterministic_with_the_same_seed(data):
+    X, y = data
+    a = tune_head(DropoutSigmoidHead, {}, X, y, seed=7, **FAST)
+    b = tune_head(DropoutSigmoidHead, {}, X, y, seed=7, **FAST)
+    assert a.trials == b.trials
+    assert (a.best_params, a.best_learning_rate, a.best_score) == \
+        (b.best_params, b.best_learning_rate, b.best_score)
+    c = tune_head(DropoutSigmoidHead, {}, X, y, seed=8, **FAST)
+    assert [t["params"] for t in c.trials] != [t["params"] for t in a.trials]
+
+
+def test_only_parameters_the_head_has_are_tuned(data):
+    X, y = data
+    # dropout_sigmoid has no l2: it is skipped; the fixed learning rate is kept
+    result = tune_head(DropoutSigmoidHead, {"dropout": 0.3}, X, y, learning_rate=0.02,
+                       params_to_tune=("dropout", "l2"), seed=1, **FAST)
+    assert result.tuned == ("dropout",)
+    for trial in result.trials:
+        assert set(trial["params"]) == {"dropout"} and trial["params"]["dropout"] != 0.3
+        assert trial["learning_rate"] == 0.02
+    assert result.best_learning_rate == 0.02
+    # fixed parameters that are not tuned pass through unchanged
+    result = tune_head(SoftmaxCamHead, {"dropout": 0.3}, X, y, params_to_tune=("learning_rate",),
+                       seed=1, **{**FAST, "budget": 2})
+    assert result.tuned == ("learning_rate",)
+    assert all(t["params"] == {"dropout": 0.3} for t in result.trials)
+    assert len({t["learning_rate"] for t in result.trials}) == 2
+
+
+@pytest.mark.parametrize(
+    "head_cls, params, kwargs, message",
+    [
+        (DropoutSigmoidHead, {}, {"params_to_tune": ("dropout", "momentum")}, "cannot tune 'momentum'"),
+        (DropoutSigmoidHead, {"l2": 1e-3}, {}, "has no parameter 'l2'"),
+        (DropoutSigmoidHead, {}, {"params_to_tune": ("l2",)}, "nothing to tune"),
+        (DropoutSigmoidHead, {}, {"budget": 0}, "budget must be an integer >= 1"),
+        (DropoutSigmoidHead, {}, {"inner_holdout": 1.0}, "inner_holdout must be a fraction"),
+        # errors inside a trial stop the search instead of becoming failed trials
+        (SoftmaxCamHead, {"l2": -1.0}, {"params_to_tune": ("dropout",)}, "l2 must be a number"),
+    ],
+)
+def test_bad_arguments_are_config_errors(data, head_cls, params, kwargs, message):
+    X, y = data
+    with pytest.raises(ConfigError, match=message):
+        tune_head(head_cls, params, X, y, **{**FAST, **kwargs})
