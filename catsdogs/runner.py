@@ -133,6 +133,8 @@ def _leaderboard_row(rank: int, record: dict[str, Any], target: float) -> dict[s
         "best_clip": m["best_clip_lo"],
         "best_clip_logloss": m["best_clip_logloss"],
         "under_target": m["logloss_clipped"] < target,
+        **({"test_logloss": record["test_metrics"]["logloss"],
+            "test_accuracy": record["test_metrics"]["accuracy"]} if record.get("test_metrics") else {}),
         "seconds": round(record["seconds"], 2),
     }
 
@@ -327,15 +329,23 @@ def _settings(spec: RunSpec, experiment: Experiment, keys: dict, split_hash: str
 def format_leaderboard(records: list[dict[str, Any]], target: float, limit: int | None = None) -> str:
     rows = records if limit is None else records[:limit]
     width = max([len(r["run_id"]) for r in rows] + [3])
-    lines = [f"{'#':>3}  {'run':<{width}}  {'val logloss':>11}  {'clipped':>8}  {'acc':>6}  target",
-             "-" * (width + 48)]
+    has_test = any(r.get("test_metrics") for r in rows)
+    test_head = f"  {'test logloss':>12}  {'test acc':>8}" if has_test else ""
+    lines = [f"{'#':>3}  {'run':<{width}}  {'val logloss':>11}  {'clipped':>8}  {'acc':>6}{test_head}  target",
+             "-" * (width + 48 + (24 if has_test else 0))]
     for i, r in enumerate(rows, 1):
         m = r["metrics"]
         mark = "  ✓" if m["logloss_clipped"] < target else ""
+        t = r.get("test_metrics")
+        test_cols = (f"  {t['logloss']:>12.5f}  {t['accuracy']:>8.3f}" if t else f"  {'':>12}  {'':>8}") \
+            if has_test else ""
         lines.append(f"{i:>3}  {r['run_id']:<{width}}  {m['logloss']:>11.5f}  {m['logloss_clipped']:>8.5f}  "
-                     f"{m['accuracy']:>6.3f}{mark}")
+                     f"{m['accuracy']:>6.3f}{test_cols}{mark}")
     under = sum(r["metrics"]["logloss_clipped"] < target for r in records)
-    lines.append(f"{under} of {len(records)} runs under the target {target:g} (✓)")
+    lines.append(f"{under} of {len(records)} runs under the target {target:g} (✓, by validation log loss)")
+    if has_test:
+        lines.append("test columns: the submitted (clipped) test predictions scored against the data's "
+                     "test_labels.csv; never used for ranking")
     return "\n".join(lines)
 
 
@@ -361,13 +371,18 @@ def _write_summary(out: Path, experiment: Experiment, records: list[dict[str, An
     if submission is not None:
         lines.append(f"- submission: `{submission.name}` (the winner's test predictions, clipped)")
     lines += ["", "![validation log loss per run](leaderboard.png)", "",
-              "| # | run | val log loss | clipped | accuracy | best clip (loss) | under target |",
-              "|---|---|---|---|---|---|---|"]
+              "| # | run | val log loss | clipped | accuracy | best clip (loss) | under target | "
+              "test log loss | test accuracy |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(records, 1):
-        m = r["metrics"]
+        m, t = r["metrics"], r.get("test_metrics")
+        test_cols = f"{t['logloss']:.5f} | {t['accuracy']:.4f}" if t else " | "
         lines.append(f"| {i} | `{r['run_id']}` | {m['logloss']:.5f} | {m['logloss_clipped']:.5f} | "
                      f"{m['accuracy']:.4f} | {m['best_clip_lo']:.4g} ({m['best_clip_logloss']:.5f}) | "
-                     f"{'✓' if r['under_target'] else ''} |")
+                     f"{'✓' if r['under_target'] else ''} | {test_cols} |")
+    if any(r.get("test_metrics") for r in records):
+        lines += ["", "Test columns: each run's submitted (clipped) test predictions scored against "
+                      "`test_labels.csv` of the data directory. They are never used for ranking."]
     lines += ["", "Training curves per run: `runs/<run id>/curves.png`.", ""]
     _atomic_write(out / "summary.md", lambda fh: fh.write("\n".join(lines).encode()))
 
@@ -424,6 +439,9 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
                       f"accuracy {record['metrics']['accuracy']:.4f}")
     bar.close()
 
+    labels_file = Path(experiment.data) / "test_labels.csv"
+    if labels_file.is_file():
+        _attach_test_metrics(records, out, labels_file, expected_test_ids)
     ranked = rank_records(records)
     result = ExperimentResult(experiment, out, ranked, computed, reused,
                               feature_files={b: k["file"] for b, k in keys.items()})
@@ -437,6 +455,29 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
     _write_summary(out, experiment, ranked, result.submission)
     echo(format_leaderboard(ranked, experiment.target))
     return result
+
+
+def _attach_test_metrics(records, out: Path, labels_file: Path, expected_ids: list[int]) -> None:
+    """Score every run's test predictions, as they would be submitted, against known labels."""
+    import pandas as pd
+
+    from .metrics import accuracy, log_loss
+    from .submission import read_labels
+
+    labels = read_labels(labels_file)
+    for record in records:
+        preds_path = out / "runs" / record["run_id"] / "test_predictions.csv"
+        if not preds_path.is_file():
+            continue
+        preds = pd.read_csv(preds_path)
+        probs = dict(zip(preds["id"].astype(int), preds["p_dog"].astype(float)))
+        ids = [i for i in expected_ids if i in labels.index]
+        if not ids:
+            continue
+        lo, hi = record["clip"]
+        p = np.clip([probs.get(i, 0.5) for i in ids], lo, hi)
+        y = labels.loc[ids].to_numpy()
+        record["test_metrics"] = {"logloss": log_loss(y, p), "accuracy": accuracy(y, p), "n": len(ids)}
 
 
 # ------------------------------------------------------------------------------------ submission

@@ -50,6 +50,8 @@ def _metrics(out):
 
 
 def test_cli_run_end_to_end(tmp_path, data):
+    truth = np.array([0, 1, 0, 1, 1, 0])
+    pd.DataFrame({"id": range(1, 7), "label": truth}).to_csv(data / "test_labels.csv", index=False)
     exp = _write(tmp_path)
     proc = run_cli("run", str(exp), "--no-progress", timeout=600)
     assert proc.returncode == 0, proc.stderr
@@ -81,6 +83,11 @@ def test_cli_run_end_to_end(tmp_path, data):
     assert sub["label"].between(0.005, 0.995).all()
     winner = pd.read_csv(out / "runs" / board["run_id"][0] / "test_predictions.csv")
     np.testing.assert_allclose(sub["label"], np.clip(winner["p_dog"], 0.005, 0.995), atol=1e-6)
+    # with test labels next to the data, every run's submitted predictions are scored (not ranked)
+    p = np.clip(winner["p_dog"].to_numpy(), 0.005, 0.995)
+    expected = -np.mean(truth * np.log(p) + (1 - truth) * np.log(1 - p))
+    assert abs(board["test_logloss"][0] - expected) < 1e-9
+    assert "test logloss" in proc.stdout and "never used for ranking" in proc.stdout
 
 
 def test_reproducible_and_resumable_in_process(tmp_path, data):

@@ -8,10 +8,21 @@
 Both follow the scikit-learn conventions of :class:`catsdogs.components.Head`: ``__init__`` stores
 hyper-parameters only, they are validated by :meth:`KerasHead.fit`, and fitted state lives in
 attributes ending in ``_`` (``model_``, ``history_``, ``n_features_in_``).
+
+Training loop. ``model.fit`` spends most of each step in Python (callbacks, data adapter, one
+``tf.function`` call per batch), which dominates for heads this small: an epoch over 20,000 x 8,192
+features is well under a GFLOP. :meth:`KerasHead.fit` therefore runs its own loop by default
+(``training_loop = "compiled"``, :meth:`KerasHead._fit_compiled`): the same compiled Keras model,
+loss (``model.compute_loss``, which adds the regularisation losses of ``model.losses``), optimizer
+object and accuracy metric, but one ``tf.function`` call per epoch that loops over the shuffled
+mini-batches inside the graph. ``training_loop = "keras"`` (on the class, or on one instance to
+compare) runs ``model.fit`` instead. tests/test_fast_fit.py checks that both loops give the same
+weights and history; bench/grid_speed.py measures the speed-up on the write-up's grid.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from numbers import Integral, Real
@@ -28,6 +39,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: rows per forward pass in :meth:`KerasHead.predict_proba`
 PREDICT_BATCH_SIZE = 4096
+
+#: values of :attr:`KerasHead.training_loop`
+TRAINING_LOOPS = ("compiled", "keras")
 
 
 class NotFittedError(CatsdogsError, RuntimeError):
@@ -108,6 +122,13 @@ class KerasHead(Head):
     uses_optimizer = True
     #: Keras loss used to compile the model
     loss: ClassVar[str] = "binary_crossentropy"
+    #: name of the ``keras.metrics`` function the compiled loop reports as ``accuracy``; ``None``:
+    #: the one ``compile(metrics=["accuracy"])`` picks (:meth:`_accuracy_function`)
+    accuracy_metric: ClassVar[str | None] = None
+    #: ``"compiled"``: one ``tf.function`` call per epoch (:meth:`_fit_compiled`, the default);
+    #: ``"keras"``: ``model.fit``. Same model, loss, optimizer and history keys; not a
+    #: hyper-parameter (``get_params`` leaves it out), set it on an instance to compare the two.
+    training_loop: ClassVar[str] = "compiled"
 
     def __init__(self, dropout: float = 0.5):
         self.dropout = dropout
@@ -144,8 +165,11 @@ class KerasHead(Head):
 
         ``keras.utils.set_random_seed(seed)`` is called first (it seeds Python's ``random``, NumPy's
         global generator and TensorFlow), so weight initialisation, dropout masks and shuffling,
-        hence the fitted model, are the same for the same seed and data within one process.
-        ``optimizer`` defaults to ``adam`` with Keras' default learning rate.
+        hence the fitted model, are the same for the same seed and data within one process (the
+        compiled loop shuffles with ``np.random.default_rng(seed)``).
+        ``optimizer`` defaults to ``adam`` with Keras' default learning rate. The model is compiled
+        as for ``model.fit`` and trained by :meth:`_fit_compiled`, or by ``model.fit`` when
+        :attr:`training_loop` is ``"keras"``.
         """
         import keras
 
@@ -172,25 +196,139 @@ class KerasHead(Head):
                 f"got {optimizer!r}"
             )
 
+        loop = getattr(self, "training_loop", "compiled")
+        if loop not in TRAINING_LOOPS:
+            raise ConfigError(
+                f"{self.name}: training_loop must be one of {', '.join(TRAINING_LOOPS)}, got {loop!r}"
+            )
+
         keras.utils.set_random_seed(seed)
         model = self._build_model(X.shape[1])
         model.compile(optimizer=optimizer.build(), loss=self.loss, metrics=["accuracy"])
-        history = model.fit(
-            X,
-            self._targets(y),
-            validation_data=validation_data,
-            epochs=epochs,
-            batch_size=batch_size,
-            shuffle=True,
-            verbose=verbose,
-        )
+        if loop == "keras":
+            history = model.fit(
+                X,
+                self._targets(y),
+                validation_data=validation_data,
+                epochs=epochs,
+                batch_size=batch_size,
+                shuffle=True,
+                verbose=verbose,
+            ).history
+        else:
+            history = self._fit_compiled(model, X, self._targets(y), validation_data,
+                                         epochs=epochs, batch_size=batch_size, seed=seed,
+                                         verbose=verbose)
         self.model_ = model
         self.n_features_in_ = int(X.shape[1])
-        self.history_ = {
-            str(key): [float(v) for v in values] for key, values in history.history.items()
-        }
+        self.history_ = {str(key): [float(v) for v in values] for key, values in history.items()}
         self._export_model = None
         return self
+
+    def _fit_compiled(self, model: keras.Model, X: np.ndarray, y: np.ndarray,
+                      validation_data: tuple[np.ndarray, np.ndarray] | None, *, epochs: int,
+                      batch_size: int, seed: int, verbose: int = 0) -> dict[str, list[float]]:
+        """``model.fit(X, y, validation_data, epochs, batch_size, shuffle=True)`` as one
+        ``tf.function`` call per epoch; returns the per-epoch history (Keras' keys and order).
+
+        Per epoch: a fresh permutation of the rows from ``np.random.default_rng(seed)``; for each
+        mini-batch of ``batch_size`` permuted rows (the last one partial), in the graph:
+        ``model(x, training=True)`` (dropout active), ``model.compute_loss`` (the compiled Keras
+        loss plus ``model.losses``, the L2 terms), the gradient of ``optimizer.scale_loss(loss)``
+        and ``optimizer.apply_gradients`` with ``model.optimizer``, the object ``model.fit`` would
+        use. ``loss`` / ``accuracy`` are the batch-size-weighted means over the epoch's batches,
+        computed before each update, as Keras' metrics report them; ``val_loss`` /
+        ``val_accuracy`` are computed after the epoch with ``training=False`` in batches of
+        ``batch_size``, as ``model.evaluate`` does.
+        """
+        import tensorflow as tf
+
+        optimizer = model.optimizer
+        variables = model.trainable_variables
+        optimizer.build(variables)  # creates the slot variables outside the traced function
+        accuracy = self._accuracy_function(model, y)
+        y_t = tf.convert_to_tensor(y)
+        if validation_data is not None:
+            y_val_t = tf.convert_to_tensor(validation_data[1])
+        # The features stay NumPy arrays, read by tf.numpy_function: converting them to tensors
+        # would copy them (TensorFlow keeps the transient copy's memory, too). TensorFlow's
+        # registry of numpy_function callables outlives the fit, so they reach the arrays through
+        # this dict, emptied when training ends.
+        arrays = {"train": X, "val": None if validation_data is None else validation_data[0]}
+
+        def take(which: str, rows):
+            """``arrays[which][rows]`` inside the graph."""
+            out = tf.numpy_function(lambda r: arrays[which][r], [rows], tf.float32, stateful=False)
+            out.set_shape((None, X.shape[1]))
+            return out
+
+        def run_batches(which: str, y_all, indices, train: bool):
+            """Batch-size-weighted sums of loss and accuracy over ``ceil(n / batch_size)`` batches."""
+            n = tf.shape(indices)[0]
+            loss_sum = tf.zeros((), tf.float32)
+            correct = tf.zeros((), tf.float32)
+            for start in tf.range(0, n, batch_size):
+                rows = indices[start:start + batch_size]
+                xb, yb = take(which, rows), tf.gather(y_all, rows)
+                if train:
+                    with tf.GradientTape() as tape:
+                        y_pred = model(xb, training=True)
+                        loss = model.compute_loss(x=xb, y=yb, y_pred=y_pred, training=True)
+                        scaled = optimizer.scale_loss(loss)
+                    gradients = tape.gradient(scaled, variables)
+                    optimizer.apply_gradients(zip(gradients, variables))
+                else:
+                    y_pred = model(xb, training=False)
+                    loss = model.compute_loss(x=xb, y=yb, y_pred=y_pred, training=False)
+                loss_sum += tf.cast(loss, tf.float32) * tf.cast(tf.shape(rows)[0], tf.float32)
+                correct += tf.reduce_sum(tf.cast(accuracy(yb, y_pred), tf.float32))
+            count = tf.cast(n, tf.float32)
+            return loss_sum / count, correct / count
+
+        def run_epoch(permutation):
+            loss, acc = run_batches("train", y_t, permutation, train=True)
+            out = {"accuracy": acc, "loss": loss}
+            if validation_data is not None:
+                val_loss, val_acc = run_batches("val", y_val_t, tf.range(tf.shape(y_val_t)[0]),
+                                                train=False)
+                out.update(val_accuracy=val_acc, val_loss=val_loss)
+            return out
+
+        # Traced once per fit (the model's variables are captured). TensorFlow counts traces per
+        # code object and warns about "retracing" when many short fits trace the same nested
+        # function; a partial has no code object, so each fit's function is counted on its own.
+        epoch = tf.function(functools.partial(run_epoch), jit_compile=False)
+
+        rng = np.random.default_rng(seed)
+        history: dict[str, list[float]] = {}
+        try:
+            for i in range(epochs):
+                permutation = tf.convert_to_tensor(rng.permutation(X.shape[0]).astype(np.int32))
+                logs = {key: float(value) for key, value in epoch(permutation).items()}
+                for key, value in logs.items():
+                    history.setdefault(key, []).append(value)
+                if verbose:
+                    print(f"Epoch {i + 1}/{epochs} - "
+                          + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), flush=True)
+        finally:
+            arrays.clear()
+        return history
+
+    def _accuracy_function(self, model: keras.Model, y: np.ndarray):
+        """The stateless per-sample ``keras.metrics`` function behind ``accuracy``: the one named
+        by :attr:`accuracy_metric`, else Keras' own choice for ``"accuracy"`` (compile_utils'
+        ``is_binary_or_sparse_categorical``): binary for one output unit, sparse categorical for
+        integer class targets of lower rank than the output, categorical otherwise."""
+        import keras
+
+        if self.accuracy_metric is not None:
+            return getattr(keras.metrics, self.accuracy_metric)
+        out_shape = tuple(model.outputs[0].shape)
+        if out_shape[-1] == 1:
+            return keras.metrics.binary_accuracy
+        if y.ndim < len(out_shape) or (y.ndim > 1 and y.shape[-1] == 1):
+            return keras.metrics.sparse_categorical_accuracy
+        return keras.metrics.categorical_accuracy
 
     def _fitted_model(self) -> keras.Model:
         model = getattr(self, "model_", None)

@@ -1,0 +1,210 @@
+"""Benchmark: the write-up's seed grid on synthetic cached features, compiled loop vs ``model.fit``.
+
+The grid of experiments/seed.yaml: 4 backbones, all 15 non-empty combinations of their GAP
+features, the ``dropout_sigmoid`` head (Dropout 0.5 + Dense(1, sigmoid)), ``adam`` (learning rate
+0.001) and ``adadelta`` (learning rate 1.0), 8 epochs, batch size 128, a stratified 80/20 holdout:
+30 runs. Each run does what the runner does with the cached features: fuses the combination's
+blocks (``np.concatenate``), fits on the training rows with the validation rows as validation data,
+and predicts the validation rows and the test rows.
+
+Features are synthetic, float32, shaped like the real cache: resnet50, inception_v3 and xception
+with 2048 columns and inception_resnet_v2 with 1536 (7,680 for the quadruple); ``--rows`` training
+images (default 25,000, Kaggle's train set) and ``--test-rows`` test images (12,500). Every column
+is standard normal noise plus a weak class signal (a random sign times ``--signal``), so each
+backbone alone is a noisy, learnable problem and combinations are easier.
+
+Measured in ONE process (CPU timings are noisy; the ratios are between runs of the same process):
+
+* the 30 runs with the compiled training loop (``KerasHead.training_loop = "compiled"``, the
+  default): fit, predict and total seconds per run, the validation log loss, the grid's wall time
+  and the process's peak resident memory (``resource.getrusage().ru_maxrss``) before and after;
+* the same runs with ``model.fit`` (``training_loop = "keras"``) for a subset (the 4 singles and the
+  quadruple, both optimizers: 10 runs; ``--keras-all``: all 30; ``--no-keras``: none), and the
+  per-run speed ratio ``keras / compiled`` of those runs.
+
+A tiny fit with each loop runs first, so TensorFlow's start-up is in neither measurement.
+
+Usage::
+
+    python bench/grid_speed.py [--rows 25000] [--test-rows 12500] [--epochs 8] [--batch-size 128]
+                               [--keras-subset | --keras-all | --no-keras] [--signal 0.03]
+                               [--seed 2019]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import resource
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+from catsdogs.builtin.heads import DropoutSigmoidHead  # noqa: E402
+from catsdogs.builtin.optimizers import AdadeltaOptimizer, AdamOptimizer  # noqa: E402
+
+#: the seed grid's backbones and their GAP widths
+BACKBONES = {"resnet50": 2048, "inception_v3": 2048, "xception": 2048, "inception_resnet_v2": 1536}
+OPTIMIZERS = {"adam": lambda: AdamOptimizer(learning_rate=0.001),
+              "adadelta": lambda: AdadeltaOptimizer(learning_rate=1.0)}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def make_features(n: int, y: np.ndarray, signal: float, seed: int) -> dict[str, np.ndarray]:
+    """One float32 block per backbone: N(0, 1) noise + ``signal`` * (+-1 per column) * (+-1 per class)."""
+    rng = np.random.default_rng(seed)
+    sign = np.where(y == 1, 1.0, -1.0).astype(np.float32)[:, None]
+    blocks = {}
+    for name, width in BACKBONES.items():
+        direction = rng.choice(np.array([-signal, signal], np.float32), size=width)
+        X = np.empty((n, width), np.float32)
+        for start in range(0, n, 4096):  # in chunks: no float64 temporaries
+            stop = min(n, start + 4096)
+            X[start:stop] = rng.standard_normal((stop - start, width), dtype=np.float32)
+            X[start:stop] += sign[start:stop] * direction
+        blocks[name] = X
+    return blocks
+
+
+def fuse(blocks: dict[str, np.ndarray], combination: tuple[str, ...]) -> np.ndarray:
+    """As catsdogs.fusion.fuse: the blocks side by side, in the combination's order."""
+    if len(combination) == 1:
+        return blocks[combination[0]]
+    return np.ascontiguousarray(np.concatenate([blocks[b] for b in combination], axis=1), np.float32)
+
+
+def log_loss(y: np.ndarray, p: np.ndarray, clip: tuple[float, float] = (0.005, 0.995)) -> float:
+    p = np.clip(p, *clip)  # the seed experiment's clip
+    return float(-np.mean(np.where(y == 1, np.log(p), np.log(1 - p))))
+
+
+def one_run(loop: str, combination, optimizer_name, train_blocks, test_blocks, y, tr, va, args):
+    t0 = time.perf_counter()
+    X = fuse(train_blocks, combination)
+    X_test = fuse(test_blocks, combination)
+    head = DropoutSigmoidHead()
+    head.training_loop = loop
+    t1 = time.perf_counter()
+    head.fit(X[tr], y[tr], validation=(X[va], y[va]), optimizer=OPTIMIZERS[optimizer_name](),
+             epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    t2 = time.perf_counter()
+    p_val = head.predict_proba(X[va])
+    p_test = head.predict_proba(X_test)
+    t3 = time.perf_counter()
+    assert p_test.shape == (len(X_test),)
+    return {"fuse": t1 - t0, "fit": t2 - t1, "predict": t3 - t2, "total": t3 - t0,
+            "val_logloss": log_loss(y[va], p_val), "width": X.shape[1]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=25000, help="training images (default 25000)")
+    parser.add_argument("--test-rows", type=int, default=12500, help="test images (default 12500)")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--signal", type=float, default=0.03, help="class signal per column")
+    parser.add_argument("--seed", type=int, default=2019)
+    keras_group = parser.add_mutually_exclusive_group()
+    keras_group.add_argument("--keras-subset", dest="keras", action="store_const", const="subset",
+                             help="model.fit on the 4 singles + the quadruple (default)")
+    keras_group.add_argument("--keras-all", dest="keras", action="store_const", const="all",
+                             help="model.fit on all 30 runs")
+    keras_group.add_argument("--no-keras", dest="keras", action="store_const", const="none",
+                             help="compiled loop only")
+    parser.set_defaults(keras="subset")
+    args = parser.parse_args()
+
+    import tensorflow as tf
+    from sklearn.model_selection import train_test_split
+
+    print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPUs; backbones "
+          + ", ".join(f"{k} ({v})" for k, v in BACKBONES.items()))
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(args.seed)
+    y = rng.integers(0, 2, args.rows)
+    y_test = rng.integers(0, 2, args.test_rows)
+    train_blocks = make_features(args.rows, y, args.signal, args.seed + 1)
+    test_blocks = make_features(args.test_rows, y_test, args.signal, args.seed + 2)
+    tr, va = train_test_split(np.arange(args.rows), test_size=0.2, stratify=y, random_state=args.seed)
+    tr, va = np.sort(tr), np.sort(va)
+    feature_mib = sum(b.nbytes for b in (*train_blocks.values(), *test_blocks.values())) / 2**20
+    print(f"features: {args.rows} train rows ({len(tr)} fit / {len(va)} validation) + "
+          f"{args.test_rows} test rows, {feature_mib:.0f} MiB, made in {time.perf_counter() - t0:.1f}s")
+
+    names = list(BACKBONES)
+    combinations = [c for k in range(1, len(names) + 1) for c in itertools.combinations(names, k)]
+    runs = [(c, o) for c in combinations for o in OPTIMIZERS]
+    if args.keras == "subset":
+        keras_runs = [(c, o) for c, o in runs if len(c) in (1, len(names))]
+    else:
+        keras_runs = runs if args.keras == "all" else []
+
+    # warm-up: TensorFlow start-up, first traces
+    Xw, yw = train_blocks[names[0]][:300], y[:300]
+    for loop in ("compiled", "keras"):
+        head = DropoutSigmoidHead()
+        head.training_loop = loop
+        head.fit(Xw, yw, validation=(Xw[:50], yw[:50]), epochs=1, batch_size=args.batch_size)
+    print(f"peak RSS after data + warm-up: {peak_rss_mib():.0f} MiB\n")
+
+    header = f"{'run':>3}  {'combination':<55} {'opt':<8} {'width':>5}  {'fit s':>6} " \
+             f"{'pred s':>6} {'total s':>7}  {'val logloss':>11}"
+    print(f"-- compiled loop, {len(runs)} runs ({args.epochs} epochs, batch {args.batch_size}) --")
+    print(header)
+    compiled = {}
+    t_grid = time.perf_counter()
+    for i, (c, o) in enumerate(runs, 1):
+        r = compiled[(c, o)] = one_run("compiled", c, o, train_blocks, test_blocks, y, tr, va, args)
+        print(f"{i:>3}  {'+'.join(c):<55} {o:<8} {r['width']:>5}  {r['fit']:>6.2f} {r['predict']:>6.2f} "
+              f"{r['total']:>7.2f}  {r['val_logloss']:>11.4f}", flush=True)
+    grid_wall = time.perf_counter() - t_grid
+    rss_compiled = peak_rss_mib()
+    print(f"compiled grid: {len(runs)} runs in {grid_wall:.1f}s wall "
+          f"(fit {sum(r['fit'] for r in compiled.values()):.1f}s, "
+          f"predict {sum(r['predict'] for r in compiled.values()):.1f}s); "
+          f"peak RSS {rss_compiled:.0f} MiB")
+    if not keras_runs:
+        return
+
+    print(f"\n-- model.fit loop, {len(keras_runs)} of the runs, same process --")
+    print(header + f"  {'fit ratio':>9} {'total ratio':>11}  {'d logloss':>9}")
+    fit_ratios, total_ratios, keras_total, compiled_total = [], [], 0.0, 0.0
+    t_keras = time.perf_counter()
+    for i, (c, o) in enumerate(keras_runs, 1):
+        r = one_run("keras", c, o, train_blocks, test_blocks, y, tr, va, args)
+        ref = compiled[(c, o)]
+        fit_ratios.append(r["fit"] / ref["fit"])
+        total_ratios.append(r["total"] / ref["total"])
+        keras_total += r["total"]
+        compiled_total += ref["total"]
+        print(f"{i:>3}  {'+'.join(c):<55} {o:<8} {r['width']:>5}  {r['fit']:>6.2f} {r['predict']:>6.2f} "
+              f"{r['total']:>7.2f}  {r['val_logloss']:>11.4f}  {fit_ratios[-1]:>8.2f}x "
+              f"{total_ratios[-1]:>10.2f}x  {r['val_logloss'] - ref['val_logloss']:>+9.4f}", flush=True)
+    keras_wall = time.perf_counter() - t_keras
+
+    def geomean(values):
+        return float(np.exp(np.mean(np.log(values))))
+
+    print(f"model.fit runs: {keras_wall:.1f}s wall; the same {len(keras_runs)} runs took "
+          f"{compiled_total:.1f}s with the compiled loop")
+    print(f"speed-up keras/compiled per run: fit time geomean {geomean(fit_ratios):.2f}x "
+          f"(median {statistics.median(fit_ratios):.2f}x, min {min(fit_ratios):.2f}x, "
+          f"max {max(fit_ratios):.2f}x); run total geomean {geomean(total_ratios):.2f}x; "
+          f"summed totals {keras_total / compiled_total:.2f}x")
+    if len(keras_runs) < len(runs):
+        estimate = sum(r["total"] for r in compiled.values()) * keras_total / compiled_total
+        print(f"model.fit grid estimate (compiled grid time x summed-total ratio of the subset): "
+              f"~{estimate:.0f}s vs {grid_wall:.0f}s measured compiled")
+    print(f"peak RSS: {rss_compiled:.0f} MiB after the compiled grid, {peak_rss_mib():.0f} MiB "
+          "after the model.fit runs")
+
+
+if __name__ == "__main__":
+    main()
