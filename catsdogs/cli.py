@@ -176,6 +176,169 @@ def score(submission, labels, as_json) -> None:
         click.echo(f"log loss {result['logloss']:.5f}  accuracy {result['accuracy']:.4f}  (n = {result['n']})")
 
 
+
+# ------------------------------------------------------------------------------------ export / predict
+@cli.command("export")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--format", "formats", default="keras,coreml,tflite", show_default=True,
+              help="Comma-separated formats: keras, coreml, tflite.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output directory [default: RUN_DIR/export].")
+@click.option("--coreml-precision", type=click.Choice(["float16", "float32"]), default="float16",
+              show_default=True, help="Core ML compute precision (float16 runs on the Neural Engine).")
+@click.option("--no-neither", is_flag=True, help="Leave out the neither-cat-nor-dog score.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def export_cmd(run_dir, formats, out, coreml_precision, no_neither, as_json) -> None:
+    """Export a finished run as one end-to-end model (image -> P(dog)): Keras, Core ML, TFLite."""
+    from .export import export_run
+
+    manifest = export_run(run_dir, formats, out, coreml_precision=coreml_precision,
+                          neither=not no_neither)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    out_dir = Path(out) if out is not None else Path(run_dir) / "export"
+    size = manifest["input"]["size"]
+    click.echo(f"{manifest['run_id']}: input image {size}x{size} RGB 0-255 "
+               f"({manifest['input']['resize']}), output P(dog)")
+    for kind, files in manifest["models"].items():
+        for fmt, entry in files.items():
+            click.echo(f"  {kind:<10} {fmt:<7} {out_dir / entry['file']}  ({entry['bytes'] / 1e6:.1f} MB)")
+    if manifest.get("neither"):
+        click.echo(f"  neither-cat-nor-dog threshold {manifest['neither']['threshold']:.4f}")
+    for note in manifest["notes"]:
+        click.echo(f"  note: {note}")
+    click.echo(f"manifest: {out_dir / 'export.json'}")
+
+
+@cli.command("predict")
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path),
+              help="An export directory or a finished run directory.")
+@click.option("--cam", "cam_out", type=click.Path(path_type=Path), default=None,
+              help="Write the CAM overlay PNG here (several images: OUT-<image name>.png).")
+@click.option("--backend", type=click.Choice(["auto", "tflite", "keras"]), default="auto",
+              show_default=True, help="auto: TFLite when exported, else Keras.")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+def predict_cmd(images, model_path, cam_out, backend, as_json) -> None:
+    """Print P(dog), the label and the neither-cat-nor-dog flag for each IMAGE."""
+    from .cam import cam_picture, save_png
+    from .predict import open_predictor, predict_files
+
+    predictor = open_predictor(model_path, backend)
+    if cam_out is not None and not predictor.cam_capable:
+        raise click.ClickException(
+            f"--cam needs a CAM-capable model (a softmax_cam head on one backbone); {model_path} "
+            "has none")
+    written = {}
+
+    def draw(pred, photo, image):
+        if cam_out is None:
+            return
+        path = cam_out if len(images) == 1 else \
+            cam_out.with_name(f"{cam_out.stem}-{Path(pred.file).stem}{cam_out.suffix or '.png'}")
+        picture, _, _ = cam_picture(predictor, photo, image)
+        written[pred.file] = str(save_png(path, picture))
+
+    results = predict_files(predictor, images, on_photo=draw)
+    for r in results:
+        if r.error:
+            click.echo(r.describe(), err=True)
+    if as_json:
+        rows = [{**r.to_dict(), **({"cam": written[r.file]} if r.file in written else {})}
+                for r in results]
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        for r in results:
+            if not r.error:
+                click.echo(r.describe() + (f" -> CAM {written[r.file]}" if r.file in written else ""))
+    failed = sum(1 for r in results if r.error)
+    if failed:
+        click.echo(f"{failed} of {len(results)} images could not be read", err=True)
+        sys.exit(1)
+
+
+@cli.command("cam")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--grid", type=click.IntRange(min=1, max=100), default=16, show_default=True,
+              help="Number of random test images.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("cam_grid.png"), show_default=True)
+@click.option("--seed", type=int, default=2019, show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "tflite", "keras"]), default="auto",
+              show_default=True)
+def cam_cmd(run_dir, grid, out, seed, backend) -> None:
+    """Draw a grid of CAM overlays on random test images of RUN_DIR's data, titled 'dog 98.20%'."""
+    from .cam import cam_grid, sample_photos
+    from .errors import DataError
+    from .export import load_manifest, load_run
+    from .predict import open_predictor
+
+    run = run_dir
+    if not (Path(run_dir) / "record.json").is_file() and (Path(run_dir) / "export.json").is_file():
+        run = Path(load_manifest(run_dir)["run_dir"])
+    info = load_run(run)
+    if not info.cam_capable:
+        raise DataError(f"run {info.run_id!r} is not CAM-capable: class activation maps need a "
+                        "softmax_cam head on one backbone")
+    predictor = open_predictor(run_dir, backend)
+    paths = sample_photos(info.experiment["data"], grid, seed)
+    path, skipped = cam_grid(predictor, paths, out)
+    for line in skipped:
+        click.echo(line, err=True)
+    click.echo(f"wrote {path} ({len(paths) - len(skipped)} images)")
+    if skipped:
+        sys.exit(1)
+
+# ------------------------------------------------------------------------------------ audit
+@cli.command("audit")
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=Path("audit"), show_default=True,
+              help="Output folder: audit.csv, audit_all.csv, report.md, sizes/colour/flagged PNGs.")
+@click.option("--classifier", default=None,
+              help="Backbone with an ImageNet classifier [default: the first installed, e.g. "
+                   "efficientnet_lite0].")
+@click.option("--top-k", type=click.IntRange(1, 1000), default=10, show_default=True,
+              help="Flag a cat (dog) photo with no cat (dog) ImageNet class among its top k.")
+@click.option("--min-side", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Flag images with a side shorter than this (px).")
+@click.option("--write-exclude", type=click.Path(path_type=Path), default=None,
+              help="Also write the flagged files' relative paths here (for `exclude:` in an experiment).")
+@click.option("--weights", default="imagenet", show_default=True,
+              help="Classifier weights: 'imagenet', or 'none' (seeded random; tests only).")
+@click.option("--image-size", type=click.IntRange(min=1), default=None,
+              help="Classifier input size [default: the backbone's own].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print counts and files as JSON.")
+def audit_cmd(data_dir, out, classifier, top_k, min_side, write_exclude, weights, image_size,
+              batch_size, no_progress, as_json) -> None:
+    """Flag suspicious training images of DATA_DIR (tiny, colour outliers, not a cat/dog to
+    ImageNet, unreadable). Nothing is deleted."""
+    from .audit import audit
+
+    result = audit(data_dir, out, classifier=classifier, top_k=top_k, min_side=min_side,
+                   weights=weights, image_size=image_size, batch_size=batch_size,
+                   write_exclude=write_exclude, progress=not no_progress)
+    n_train = sum(1 for a in result.images if a.label)
+    if as_json:
+        click.echo(json.dumps({
+            "data_dir": str(result.data_dir), "n_train": n_train, "classifier": result.classifier,
+            "weights": result.weights, "image_size": result.image_size, "top_k": result.top_k,
+            "min_side": result.min_side, "counts": result.counts, "seconds": round(result.seconds, 3),
+            "classifier_seconds": round(result.classifier_seconds, 3),
+            "files": {k: str(v) for k, v in result.files.items()},
+        }, indent=2))
+        return
+    counts = result.counts
+    click.echo(f"{result.data_dir}: {n_train} training images audited with {result.classifier} "
+               f"({result.weights}, top-{result.top_k}) in {result.seconds:.1f}s")
+    for check in ("tiny", "colour_outlier", "imagenet_mismatch", "unreadable", "any"):
+        click.echo(f"  {check:<18} {counts[check]}")
+    click.echo(f"report: {result.files['report']}, flagged: {result.files['csv']}")
+    if "exclude" in result.files:
+        click.echo(f"exclude list ({counts['any']} files): {result.files['exclude']}")
+
+
 def main(argv: list[str] | None = None) -> None:
     cli.main(args=argv, prog_name="catsdogs")
 

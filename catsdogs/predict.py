@@ -1,0 +1,238 @@
+"""Predicting photos with an exported (or freshly rebuilt) end-to-end model.
+
+``open_predictor(path)`` takes an export directory (``export.json``: TFLite when there, else the
+``.keras`` model) or a run directory (its ``export/`` when present, else the run's Keras graphs
+rebuilt in memory, see :mod:`catsdogs.export`). Photos go through the reader: ``decode_rgb`` (any
+mode, EXIF orientation) and :func:`catsdogs.images.resize` to the model's input size with the
+run's policy, the same preparation feature extraction used.
+
+``predict_files(predictor, paths)`` returns one :class:`Prediction` per path; unreadable files
+carry the reader's reason (``"empty file (0 bytes)"``) instead of a probability.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError, DataError
+from .images import ImageDecodeError, decode_rgb, resize
+
+logger = logging.getLogger("catsdogs")
+
+BACKENDS = ("auto", "tflite", "keras")
+LABELS = ("cat", "dog")
+
+
+@dataclass
+class Prediction:
+    file: str
+    p_dog: float | None = None
+    label: str | None = None
+    confidence: float | None = None  # probability of the predicted label
+    neither: bool | None = None  # None: the model has no neither score
+    neither_score: float | None = None
+    neither_threshold: float | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        if self.error:
+            return f"skipped {self.file}: {self.error}"
+        verdict = f"{self.label} {100 * self.confidence:.2f}% (P(dog) = {self.p_dog:.4f})"
+        if self.neither is None:
+            return f"{self.file}: {verdict}"
+        if self.neither:
+            return (f"{self.file}: neither cat nor dog? (neither score {self.neither_score:.3f} > "
+                    f"threshold {self.neither_threshold:.3f}); the classifier says {verdict}")
+        return (f"{self.file}: {verdict}; neither score {self.neither_score:.3f} <= "
+                f"{self.neither_threshold:.3f}")
+
+
+def read_photo(path: str | os.PathLike) -> np.ndarray:
+    """Decode a photo to RGB uint8 (raises :class:`ImageDecodeError` with a reason)."""
+    try:
+        data = Path(path).read_bytes()
+    except IsADirectoryError:
+        raise ImageDecodeError("is a directory, not an image file") from None
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot read file ({exc.strerror or exc})") from None
+    return decode_rgb(data)
+
+
+# ------------------------------------------------------------------------------------ runners
+def tflite_interpreter(path: str | os.PathLike, num_threads: int | None = None):
+    """A LiteRT interpreter (``ai_edge_litert``), or TensorFlow's when LiteRT is not installed."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:  # pragma: no cover - depends on the environment
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+class _TFLiteModel:
+    def __init__(self, path: Path, num_threads: int | None = None):
+        self.path = path
+        self.interpreter = tflite_interpreter(path, num_threads)
+        self.runner = self.interpreter.get_signature_runner()
+
+    def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """One image (S, S, 3) -> the model's named outputs, batch dimension dropped."""
+        out = self.runner(image=np.ascontiguousarray(image[None], dtype=np.float32))
+        return {k: np.asarray(v)[0] for k, v in out.items()}
+
+
+class _KerasModel:
+    def __init__(self, model):
+        import tensorflow as tf
+
+        self.model = model
+        self._call = tf.function(lambda x: model(x, training=False))
+
+    def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        out = self._call(np.asarray(image[None], dtype=np.float32))
+        if not isinstance(out, dict):
+            out = {"prediction": out}
+        return {k: np.asarray(v)[0] for k, v in out.items()}
+
+    @classmethod
+    def load(cls, path: Path) -> _KerasModel:
+        import keras
+
+        from . import layers  # noqa: F401  (registers catsdogs layers)
+
+        return cls(keras.saving.load_model(path, compile=False))
+
+
+# ------------------------------------------------------------------------------------ predictor
+class Predictor:
+    """An end-to-end classifier (and CAM model when the run has one) behind the reader."""
+
+    def __init__(self, source: str, size: int, policy: str, classifier, cam=None,
+                 threshold: float | None = None, backend: str = "keras"):
+        self.source = source
+        self.size = size
+        self.policy = policy
+        self.classifier = classifier
+        self.cam_model = cam
+        self.threshold = threshold
+        self.backend = backend
+
+    @property
+    def cam_capable(self) -> bool:
+        return self.cam_model is not None
+
+    def prepare(self, photo: np.ndarray) -> np.ndarray:
+        return resize(photo, self.size, self.policy)
+
+    def predict_image(self, image: np.ndarray, name: str = "") -> Prediction:
+        """``image``: the prepared (S, S, 3) uint8 input."""
+        out = self.classifier(image)
+        p = float(np.asarray(out["prediction"]).reshape(-1)[0])
+        label = LABELS[int(p >= 0.5)]
+        pred = Prediction(name, p_dog=p, label=label, confidence=p if label == "dog" else 1.0 - p)
+        if "neither_score" in out and self.threshold is not None:
+            score = float(np.asarray(out["neither_score"]).reshape(-1)[0])
+            pred.neither_score, pred.neither_threshold = score, self.threshold
+            pred.neither = bool(score > self.threshold)
+        return pred
+
+    def cam(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """CAM maps ``(h, w, 2)`` (cat, dog) and softmax ``(2,)`` of a prepared image."""
+        if self.cam_model is None:
+            raise ConfigError(f"{self.source} has no CAM model: class activation maps need a run "
+                              "with a softmax_cam head on one backbone")
+        out = self.cam_model(image)
+        return np.asarray(out["cam"], np.float32), np.asarray(out["probabilities"], np.float32)
+
+
+def _from_export(directory: Path, backend: str, num_threads: int | None) -> Predictor:
+    from .export import load_manifest
+
+    manifest = load_manifest(directory)
+    models = manifest.get("models", {})
+    formats = models.get("classifier", {})
+    if backend == "auto":
+        backend = "tflite" if "tflite" in formats else "keras"
+    if backend not in formats:
+        have = ", ".join(formats) or "none"
+        raise DataError(f"{directory} has no {backend} model (exported formats: {have}); "
+                        f"export it with `catsdogs export RUN_DIR --format {backend}`")
+
+    def load(kind: str):
+        entry = models.get(kind, {}).get(backend)
+        if entry is None:
+            return None
+        path = directory / entry["file"]
+        if not path.exists():
+            raise DataError(f"{path} is listed in {directory / 'export.json'} but missing")
+        return _TFLiteModel(path, num_threads) if backend == "tflite" else _KerasModel.load(path)
+
+    neither = manifest.get("neither") or {}
+    return Predictor(str(directory), int(manifest["input"]["size"]), manifest["input"]["resize"],
+                     load("classifier"), load("cam"), neither.get("threshold"), backend)
+
+
+def _from_run(run_dir: Path) -> Predictor:
+    from .export import build_cam_model, build_classifier, head_model_path, load_run
+    from .neither import fit_neither
+
+    info = load_run(run_dir)
+    head_model_path(info)
+    stats = None
+    try:
+        stats = fit_neither(info)
+    except DataError as exc:
+        logger.warning("no neither-cat-nor-dog score: %s", exc)
+    classifier = _KerasModel(build_classifier(info, stats))
+    cam = _KerasModel(build_cam_model(info)) if info.cam_capable else None
+    return Predictor(str(run_dir), info.input_size, info.resize, classifier, cam,
+                     None if stats is None else stats.threshold, "keras")
+
+
+def open_predictor(path: str | os.PathLike, backend: str = "auto",
+                   num_threads: int | None = None) -> Predictor:
+    """A :class:`Predictor` for an export directory or a run directory (see the module docstring)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    path = Path(path)
+    if (path / "export.json").is_file():
+        return _from_export(path, backend, num_threads)
+    if (path / "record.json").is_file():
+        if (path / "export" / "export.json").is_file():
+            return _from_export(path / "export", backend, num_threads)
+        if backend == "tflite":
+            raise DataError(f"run {path} has not been exported; run `catsdogs export {path}` first")
+        return _from_run(path)
+    raise DataError(f"{path} is neither an export directory (export.json) nor a finished run "
+                    "directory (record.json)")
+
+
+def predict_files(predictor: Predictor, paths, on_photo=None) -> list[Prediction]:
+    """Predict each file; unreadable ones get ``error``. ``on_photo(pred, photo, image)`` is called
+    for every readable file (e.g. to draw its CAM)."""
+    results = []
+    for path in paths:
+        name = str(path)
+        try:
+            photo = read_photo(path)
+        except ImageDecodeError as exc:
+            results.append(Prediction(name, error=exc.reason))
+            continue
+        image = predictor.prepare(photo)
+        pred = predictor.predict_image(image, name)
+        if on_photo is not None:
+            on_photo(pred, photo, image)
+        results.append(pred)
+    return results

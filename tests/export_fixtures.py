@@ -1,0 +1,68 @@
+"""Real tiny runs and their exports, built once per test session (shared by test_export/test_predict).
+
+* ``cam``: ResNet50 (seeded random weights) at 64 px + ``softmax_cam`` -> CAM-capable (2x2 maps),
+  exported to Keras, Core ML and TFLite;
+* ``stack``: the same features + ``lightgbm_stacking`` (no head.keras);
+* ``mixed``: ResNet50 at 64 px + Xception at 71 px + ``dropout_sigmoid`` -> input 71 px, ResNet50
+  resized 71 -> 64 in the graph; exported to Keras.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from conftest import make_kaggle
+
+COMMON = {
+    "weights": "none",
+    "optimizers": [{"name": "adam", "learning_rate": 0.01}],
+    "epochs": 3,
+    "batch_size": 16,
+    "seed": 7,
+    "validation": {"holdout": 0.25},
+}
+
+
+def _experiment(root: Path, name: str, **fields) -> Path:
+    doc = {**COMMON, "data": str(root / "data"), "output": str(root / f"out-{name}"),
+           "cache_dir": str(root / "cache"), **fields}
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def build_runs(root: Path) -> dict[str, Path]:
+    """Train the runs and export them (in process); reused when ``root`` already has them."""
+    from catsdogs.experiment import load_experiment
+    from catsdogs.export import export_run
+    from catsdogs.runner import run_experiment
+
+    done = root / "runs.json"
+    if done.is_file():
+        return {k: Path(v) for k, v in json.loads(done.read_text()).items()}
+    root.mkdir(parents=True, exist_ok=True)
+    make_kaggle(root / "data", n_per_class=16, n_test=6)
+    single = run_experiment(load_experiment(_experiment(
+        root, "single", backbones=[{"name": "resnet50", "image_size": 64}],
+        heads=["softmax_cam", {"name": "lightgbm_stacking", "params": {"folds": 2}}])),
+        progress=False, submit=False)
+    mixed = run_experiment(load_experiment(_experiment(
+        root, "mixed", backbones=[{"name": "resnet50", "image_size": 64},
+                                  {"name": "xception", "image_size": 71}],
+        combinations=[["resnet50", "xception"]], heads=["dropout_sigmoid"])),
+        progress=False, submit=False)
+    runs = {r["head"]["name"]: single.out_dir / "runs" / r["run_id"] for r in single.records}
+    out = {
+        "data": root / "data",
+        "cam": runs["softmax_cam"],
+        "stack": runs["lightgbm_stacking"],
+        "mixed": mixed.out_dir / "runs" / mixed.records[0]["run_id"],
+        "cam_export": root / "export-cam",
+        "mixed_export": root / "export-mixed",
+    }
+    export_run(out["cam"], ["keras", "coreml", "tflite"], out["cam_export"])
+    export_run(out["mixed"], ["keras"], out["mixed_export"])
+    done.write_text(json.dumps({k: str(v) for k, v in out.items()}))
+    return out
