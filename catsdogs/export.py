@@ -50,6 +50,7 @@ import numpy as np
 
 from . import __version__
 from .errors import ConfigError, DataError
+from .fileio import read_json, write_json
 
 logger = logging.getLogger("catsdogs")
 
@@ -509,18 +510,11 @@ def export_run(run_dir: str | os.PathLike, formats=FORMATS, out: str | os.PathLi
     else:
         manifest["cam"] = None
 
-    from .runner import _write_json
-
-    _write_json(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, manifest)
     return manifest
 
 
 def load_manifest(export_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(export_dir) / MANIFEST
-    if not path.is_file():
-        raise DataError(f"{export_dir} is not an export directory (no {MANIFEST}); "
-                        "create one with `catsdogs export RUN_DIR`")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise DataError(f"{path}: unreadable export manifest ({exc})") from None
+    return read_json(Path(export_dir) / MANIFEST, what="export manifest",
+                     missing=f"{export_dir} is not an export directory (no {MANIFEST}); "
+                             "create one with `catsdogs export RUN_DIR`")

@@ -38,6 +38,7 @@ import numpy as np
 from . import __version__
 from .data import Dataset, ImageRecord, digest_all, fingerprint, open_dataset
 from .errors import ConfigError, DataError
+from .fileio import atomic_write, fsync_dir
 from .images import RESIZE_POLICIES, ImageDecodeError, load_image
 
 logger = logging.getLogger("catsdogs")
@@ -180,28 +181,6 @@ def load_features(path: str | os.PathLike) -> FeatureSet:
 
 
 # --------------------------------------------------------------------------------------- files
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """An advisory lock so that two processes never extract the same file at once."""
@@ -302,9 +281,9 @@ class _Store:
         self.partial.mkdir(parents=True, exist_ok=True)
         stem = f"chunk-{index:06d}"
         for view in views:
-            _atomic_write(self.partial / f"{stem}.{view}.npy", lambda fh, a=arrays[view]: np.save(fh, a))
+            atomic_write(self.partial / f"{stem}.{view}.npy", lambda fh, a=arrays[view]: np.save(fh, a))
         info = {"config_key": self.config.key, "digests": digests, "views": list(views), "skipped": skipped}
-        _atomic_write(self.partial / f"{stem}.json", lambda fh: fh.write(json.dumps(info).encode()))
+        atomic_write(self.partial / f"{stem}.json", lambda fh: fh.write(json.dumps(info).encode()))
         for view in views:
             for row, dig in enumerate(digests):
                 self.sources.setdefault(dig, {})[view] = _Source("chunk", stem, row)
@@ -489,7 +468,7 @@ def _assemble(store: _Store, rows: dict[str, list[tuple[ImageRecord, str]]], vie
             h5_old.close()
             h5_old = None
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     finally:
         if h5_old is not None:
             h5_old.close()

@@ -38,6 +38,7 @@ import numpy as np
 from . import __version__
 from .errors import ConfigError, DataError
 from .experiment import Experiment, HeadSpec, OptimizerSpec
+from .fileio import atomic_write, read_json, write_json
 from .fusion import Aligned, align, fuse
 
 logger = logging.getLogger("catsdogs")
@@ -144,32 +145,11 @@ def rank_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------ helpers
-def _write_json(path: Path, obj: Any) -> None:
-    from .features import _atomic_write
-
-    _atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=2, default=_json_default).encode()))
-
-
-def _json_default(obj: Any):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
 def load_record(run_dir: str | os.PathLike) -> dict[str, Any]:
     """The record of a finished run (``<out>/runs/<run id>``)."""
-    path = Path(run_dir) / RECORD
-    if not path.is_file():
-        raise DataError(f"{run_dir} is not a finished run directory (no {RECORD}); "
-                        "pass a directory under <out>/runs/ written by `catsdogs run`")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise DataError(f"{path}: unreadable run record ({exc})") from None
+    return read_json(Path(run_dir) / RECORD, what="run record",
+                     missing=f"{run_dir} is not a finished run directory (no {RECORD}); "
+                             "pass a directory under <out>/runs/ written by `catsdogs run`")
 
 
 def _splits(y: np.ndarray, experiment: Experiment) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -351,8 +331,6 @@ def format_leaderboard(records: list[dict[str, Any]], target: float, limit: int 
 
 def _write_summary(out: Path, experiment: Experiment, records: list[dict[str, Any]],
                    submission: Path | None) -> None:
-    from .features import _atomic_write
-
     target = experiment.target
     lines = [
         f"# Experiment `{experiment.name}`",
@@ -384,7 +362,7 @@ def _write_summary(out: Path, experiment: Experiment, records: list[dict[str, An
         lines += ["", "Test columns: each run's submitted (clipped) test predictions scored against "
                       "`test_labels.csv` of the data directory. They are never used for ranking."]
     lines += ["", "Training curves per run: `runs/<run id>/curves.png`.", ""]
-    _atomic_write(out / "summary.md", lambda fh: fh.write("\n".join(lines).encode()))
+    atomic_write(out / "summary.md", lambda fh: fh.write("\n".join(lines).encode()))
 
 
 def run_experiment(experiment: Experiment, *, registry=None, progress: bool = True, submit: bool = True,
@@ -393,7 +371,6 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
     from tqdm.auto import tqdm
 
     from .data import open_dataset
-    from .features import _atomic_write
     from .plots import plot_leaderboard
     from .plugins import get_registry
 
@@ -402,14 +379,14 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
     plan = plan_runs(experiment, registry)
     out = Path(experiment.output)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    _write_json(out / "experiment.json", experiment.to_dict())
+    write_json(out / "experiment.json", experiment.to_dict())
 
     feature_sets, keys = _extract_all(experiment, progress)
     aligned = align(feature_sets, experiment.exclude)
     splits = _splits(aligned.train.y, experiment)
     split_hash = _short_hash([[aligned.train.files[i] for i in va] for _, va in splits], 16)
     expected_test_ids = [r.id for r in open_dataset(experiment.data).test]
-    _write_json(out / "test_ids.json", expected_test_ids)
+    write_json(out / "test_ids.json", expected_test_ids)
 
     records, computed, reused = [], 0, 0
     bar = tqdm(plan, desc="runs", unit="run", disable=not progress, dynamic_ncols=True)
@@ -427,7 +404,7 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
         tmp.mkdir()
         try:
             record = _execute_run(spec, experiment, aligned, splits, registry, settings, tmp)
-            _write_json(tmp / RECORD, record)
+            write_json(tmp / RECORD, record)
             _finish_dir(tmp, run_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -446,7 +423,7 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
     result = ExperimentResult(experiment, out, ranked, computed, reused,
                               feature_files={b: k["file"] for b, k in keys.items()})
     board = result.leaderboard()
-    _atomic_write(out / "leaderboard.csv", lambda fh: fh.write(board.to_csv(index=False).encode()))
+    atomic_write(out / "leaderboard.csv", lambda fh: fh.write(board.to_csv(index=False).encode()))
     plot_leaderboard([r["run_id"] for r in ranked], [r["metrics"]["logloss_clipped"] for r in ranked],
                      experiment.target, out / "leaderboard.png", title=f"{experiment.name}: validation log loss")
     if submit and ranked[0]["n_test"] > 0:

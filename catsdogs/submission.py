@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import DataError
-from .features import _atomic_write
+from .fileio import atomic_write
 from .metrics import _check_bounds, accuracy, log_loss
 
 __all__ = [
@@ -256,7 +256,7 @@ def write_submission(path: str | os.PathLike, ids, probabilities, *,
     validate_submission(df, expected_ids=expected_ids, clip_bounds=bounds, source=source)
     text = df.to_csv(index=False, float_format=_float_format(bounds), lineterminator="\n")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
     return path
 
 
