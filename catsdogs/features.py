@@ -38,7 +38,7 @@ import numpy as np
 from . import __version__
 from .data import Dataset, ImageRecord, digest_all, fingerprint, open_dataset
 from .errors import ConfigError, DataError
-from .fileio import atomic_write, fsync_dir
+from .fileio import atomic_write, fsync_dir, remove_stale_temporaries
 from .images import RESIZE_POLICIES, ImageDecodeError, load_image
 
 logger = logging.getLogger("catsdogs")
@@ -557,6 +557,8 @@ def extract(
         )
         final = directory / config.filename
         with _locked(final):
+            remove_stale_temporaries(directory)  # e.g. an .h5 being assembled when killed
+            remove_stale_temporaries(final.with_name(final.name + ".partial"))
             store = _Store(final, config).load()
             old = store.final_meta
             if (old is not None and old.get("listing_fingerprint") == listing

@@ -63,3 +63,36 @@ def read_json(path: Path, *, missing: str, what: str) -> Any:
         return json.loads(path.read_text())
     except ValueError as exc:
         raise DataError(f"{path}: unreadable {what} ({exc})") from None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: Path) -> int:
+    """Delete ``.NAME.tmp-PID`` files/folders left in ``directory`` by processes that died
+    (``kill -9``, power loss). Temporaries of live processes are left alone. Returns the count."""
+    import re
+    import shutil
+
+    pattern = re.compile(r"^\..+\.tmp-(\d+)$")
+    removed = 0
+    if not Path(directory).is_dir():
+        return 0
+    for entry in Path(directory).iterdir():
+        m = pattern.match(entry.name)
+        if not m or _pid_alive(int(m.group(1))):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+        removed += 1
+    return removed

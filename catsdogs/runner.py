@@ -38,7 +38,7 @@ import numpy as np
 from . import __version__
 from .errors import ConfigError, DataError
 from .experiment import Experiment, HeadSpec, OptimizerSpec
-from .fileio import atomic_write, read_json, write_json
+from .fileio import atomic_write, read_json, remove_stale_temporaries, write_json
 from .fusion import Aligned, align, fuse
 
 logger = logging.getLogger("catsdogs")
@@ -379,6 +379,7 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
     plan = plan_runs(experiment, registry)
     out = Path(experiment.output)
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out / "runs")  # half-written runs of a killed process
     write_json(out / "experiment.json", experiment.to_dict())
 
     feature_sets, keys = _extract_all(experiment, progress)

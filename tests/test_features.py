@@ -221,6 +221,7 @@ def test_kill_9_then_resume_gives_identical_features(tmp_path):
                                   chunk_size=8, cache_dir=cache, progress=False)
     assert resumed.computed <= 160 - 8 * done and resumed.reused >= 8 * done
     assert not list(cache.rglob("chunk-*")), "partial chunks are removed once the file is finished"
+    assert not list(cache.rglob("*.tmp-*")), "a killed writer's temporaries are cleaned up"
     (clean,) = catsdogs.extract(root, ["resnet50"], weights="none", image_size=64, batch_size=8,
                                 cache_dir=tmp_path / "clean", progress=False)
     a, b = catsdogs.load_features(resumed.path), catsdogs.load_features(clean.path)
