@@ -5,6 +5,8 @@ The Python API the CLI is built on::
     import catsdogs
     results = catsdogs.extract("data/", backbones=["resnet50"], weights="none")
     feats = catsdogs.load_features(results[0].path)
+    result = catsdogs.run_experiment(catsdogs.load_experiment("experiments/demo.yaml"))
+    result.leaderboard()          # a pandas DataFrame, best first
 
 Heavy dependencies (TensorFlow) are imported only when a function needs them.
 """
@@ -27,6 +29,22 @@ def __getattr__(name: str):
         from . import data
 
         return getattr(data, name)
+    if name in {"load_experiment", "parse_experiment", "Experiment"}:
+        from . import experiment
+
+        return getattr(experiment, name)
+    if name in {"run_experiment", "plan_runs", "load_record", "write_run_submission"}:
+        from . import runner
+
+        return getattr(runner, name)
+    if name in {"score_submission", "write_submission"}:
+        from . import submission
+
+        return getattr(submission, name)
+    if name == "export_run":
+        from .export import export_run
+
+        return export_run
     raise AttributeError(f"module 'catsdogs' has no attribute {name!r}")
 
 
@@ -43,5 +61,15 @@ __all__ = [
     "open_dataset",
     "Dataset",
     "ImageRecord",
+    "load_experiment",
+    "parse_experiment",
+    "Experiment",
+    "run_experiment",
+    "plan_runs",
+    "load_record",
+    "write_run_submission",
+    "score_submission",
+    "write_submission",
+    "export_run",
     "__version__",
 ]
