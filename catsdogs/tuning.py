@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from . import metrics
 from .components import Head, Optimizer
 from .errors import ConfigError
 
@@ -55,11 +56,9 @@ class TuningResult:
 def log_loss(y: np.ndarray, p: np.ndarray) -> float:
     """Mean binary cross-entropy of P(dog) ``p`` against 0/1 labels ``y`` (inf when ``p`` has NaN)."""
     p = np.asarray(p, dtype=np.float64)
-    if not np.isfinite(p).all():
+    if not np.isfinite(p).all():  # a diverged trial scores worst instead of stopping the search
         return math.inf
-    p = np.clip(p, EPS, 1.0 - EPS)
-    y = np.asarray(y, dtype=np.float64)
-    return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
+    return metrics.log_loss(y, p, eps=EPS)
 
 
 def tunable_names(head_cls: type[Head], params_to_tune: Sequence[str]) -> tuple[str, ...]:

@@ -90,6 +90,16 @@ def check_labels(y: Any, n: int, what: str = "y") -> np.ndarray:
     return arr.astype(np.int32)
 
 
+def check_validation(validation: Any, n_features: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(X_val, y_val)`` checked like the training data (same width), or None when not given."""
+    if validation is None:
+        return None
+    if not isinstance(validation, (tuple, list)) or len(validation) != 2:
+        raise ConfigError("validation must be a pair (X_val, y_val)")
+    X_val = check_features(validation[0], "validation X", n_features=n_features)
+    return X_val, check_labels(validation[1], X_val.shape[0], "validation y")
+
+
 def _check_int(value: Any, what: str, minimum: int = 1, maximum: int | None = None) -> int:
     if (isinstance(value, bool) or not isinstance(value, Integral) or value < minimum
             or (maximum is not None and value > maximum)):
@@ -175,13 +185,9 @@ class KerasHead(Head):
 
         X = check_features(X, "X")
         y = check_labels(y, X.shape[0], "y")
-        validation_data = None
-        if validation is not None:
-            if not isinstance(validation, (tuple, list)) or len(validation) != 2:
-                raise ConfigError("validation must be a pair (X_val, y_val)")
-            X_val = check_features(validation[0], "validation X", n_features=X.shape[1])
-            y_val = check_labels(validation[1], X_val.shape[0], "validation y")
-            validation_data = (X_val, self._targets(y_val))
+        validation_data = check_validation(validation, X.shape[1])
+        if validation_data is not None:
+            validation_data = (validation_data[0], self._targets(validation_data[1]))
         epochs = _check_int(epochs, "epochs")
         batch_size = _check_int(batch_size, "batch_size")
         seed = _check_int(seed, "seed", minimum=0, maximum=2**32 - 1)  # NumPy's seed range

@@ -38,7 +38,15 @@ import numpy as np
 from ..components import Head, Optimizer
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
-from .heads import NotFittedError, _check_int, _check_real, check_features, check_labels
+from ..metrics import log_loss
+from .heads import (
+    NotFittedError,
+    _check_int,
+    _check_real,
+    check_features,
+    check_labels,
+    check_validation,
+)
 
 logger = logging.getLogger("catsdogs")
 
@@ -88,11 +96,6 @@ def _slices(blocks: Sequence[tuple[str, int]]) -> list[slice]:
     bounds = np.cumsum([0] + [w for _, w in blocks])
     return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
-
-def binary_log_loss(y: np.ndarray, p: np.ndarray) -> float:
-    p = np.clip(np.asarray(p, dtype=np.float64), EPS, 1.0 - EPS)
-    y = np.asarray(y, dtype=np.float64)
-    return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
 
 
 class _TrainLossRecorder:
@@ -277,12 +280,7 @@ class LightGBMStackingHead(Head):
         """Fit level 1 per block (out-of-fold, then refitted on all rows) and LightGBM on top."""
         X = check_features(X, "X")
         y = check_labels(y, X.shape[0], "y")
-        val = None
-        if validation is not None:
-            if not isinstance(validation, (tuple, list)) or len(validation) != 2:
-                raise ConfigError("validation must be a pair (X_val, y_val)")
-            X_val = check_features(validation[0], "validation X", n_features=X.shape[1])
-            val = (X_val, check_labels(validation[1], X_val.shape[0], "validation y"))
+        val = check_validation(validation, X.shape[1])
         seed = _check_int(seed, "seed", minimum=0, maximum=2**32 - 1)
         _check_int(epochs, "epochs")
         _check_int(batch_size, "batch_size")
@@ -304,7 +302,7 @@ class LightGBMStackingHead(Head):
         oof_cols, val_cols, base_heads, oof_losses = [], [], {}, {}
         for (block_name, _), sl in zip(block_list, slices):
             oof = self._level1_training_inputs(base_cls, X[:, sl], y, fit_kwargs, seed)
-            oof_losses[block_name] = binary_log_loss(y, oof)
+            oof_losses[block_name] = log_loss(y, oof, eps=EPS)
             oof_cols.append(to_logit(oof))
             head = self._fit_base(base_cls, X[:, sl], y, fit_kwargs)
             base_heads[block_name] = head
