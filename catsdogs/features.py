@@ -510,12 +510,15 @@ def extract(
     progress: bool = True,
     registry=None,
     dataset: Dataset | None = None,
+    digests: Sequence[str] | None = None,
 ) -> list[ExtractResult]:
     """Compute (or reuse) GAP features of every train and test image for each backbone.
 
     Returns one :class:`ExtractResult` per backbone; load the features with
     :func:`load_features(result.path) <load_features>`. A second identical call does no forward
-    pass; a call after an interruption computes only what is missing.
+    pass; a call after an interruption computes only what is missing. Callers extracting several
+    configurations of one data directory may pass ``dataset`` (from :func:`open_dataset`) and its
+    ``digests`` (:func:`catsdogs.data.digest_all`) so the directory is listed and hashed once.
     """
     from .plugins import get_registry
 
@@ -530,11 +533,18 @@ def extract(
         backbone.check_image_size(size)
         specs.append((backbone, size))
 
-    ds = dataset or open_dataset(data_dir)
-    for relpath, reason in ds.ignored:
-        logger.warning("ignored %s: %s", relpath, reason)
+    if dataset is None:  # a caller passing the dataset reports its ignored files itself
+        dataset = open_dataset(data_dir)
+        for relpath, reason in dataset.ignored:
+            logger.warning("ignored %s: %s", relpath, reason)
+    ds = dataset
     records = ds.records
-    digests = digest_all(records)
+    if digests is None:
+        digests = digest_all(records)
+    elif len(digests) != len(records):
+        raise ConfigError(f"digests has {len(digests)} entries for {len(records)} images; "
+                          "pass digest_all(dataset.records)")
+    digests = list(digests)
     listing = fingerprint(records, digests)
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     directory = dataset_cache_dir(cache_root, ds.root)

@@ -272,15 +272,19 @@ def _finish_dir(tmp: Path, final: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ experiment
-def _extract_all(experiment: Experiment, progress: bool):
+def _extract_all(experiment: Experiment, dataset, progress: bool):
+    from .data import digest_all
     from .features import extract, load_features
 
+    for relpath, reason in dataset.ignored:
+        logger.warning("ignored %s: %s", relpath, reason)
+    digests = digest_all(dataset.records)  # hashed once, shared by every backbone
     feature_sets, keys = {}, {}
     for spec in experiment.backbones:
         (res,) = extract(
             experiment.data, [spec.name], weights=spec.weights, image_size=spec.image_size,
             precision=spec.precision, resize=spec.resize, flip=experiment.tta,
-            cache_dir=experiment.cache_dir, progress=progress,
+            cache_dir=experiment.cache_dir, progress=progress, dataset=dataset, digests=digests,
         )
         fs = load_features(res.path)
         feature_sets[spec.name] = fs
@@ -382,11 +386,12 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
     remove_stale_temporaries(out / "runs")  # half-written runs of a killed process
     write_json(out / "experiment.json", experiment.to_dict())
 
-    feature_sets, keys = _extract_all(experiment, progress)
+    dataset = open_dataset(experiment.data)
+    feature_sets, keys = _extract_all(experiment, dataset, progress)
     aligned = align(feature_sets, experiment.exclude)
     splits = _splits(aligned.train.y, experiment)
     split_hash = _short_hash([[aligned.train.files[i] for i in va] for _, va in splits], 16)
-    expected_test_ids = [r.id for r in open_dataset(experiment.data).test]
+    expected_test_ids = [r.id for r in dataset.test]
     write_json(out / "test_ids.json", expected_test_ids)
 
     records, computed, reused = [], 0, 0

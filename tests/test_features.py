@@ -258,3 +258,17 @@ def test_full_mini_dataset(mini, tmp_path):
     fs = catsdogs.load_features(res.path)
     assert fs.train.y.sum() == 500 and fs.test.ids.tolist() == list(range(1, 301))
     assert np.isfinite(fs.train.X).all()
+
+
+def test_caller_may_pass_the_listing_and_digests_once(kaggle_dir, tmp_path, monkeypatch):
+    from catsdogs.data import digest_all, open_dataset
+
+    ds = open_dataset(kaggle_dir)
+    digests = digest_all(ds.records)
+    (plain,) = _extract(kaggle_dir, tmp_path / "a")
+    monkeypatch.setattr(features_mod, "digest_all", None)  # must not hash again
+    (shared,) = _extract(kaggle_dir, tmp_path / "b", dataset=ds, digests=digests)
+    np.testing.assert_array_equal(catsdogs.load_features(shared.path).train.X,
+                                  catsdogs.load_features(plain.path).train.X)
+    with pytest.raises(ConfigError, match="digests has 3 entries for 16 images"):
+        _extract(kaggle_dir, tmp_path / "b", dataset=ds, digests=digests[:3])
