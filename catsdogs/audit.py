@@ -54,7 +54,7 @@ import numpy as np
 from . import __version__
 from .data import ImageRecord, open_dataset
 from .errors import ConfigError, PluginError
-from .features import _lower_priority  # decoding yields to the network's threads
+from .features import lower_thread_priority
 from .imagenet import CAT_CLASSES, DOG_CLASSES, NUM_CLASSES, short_names
 from .images import ImageDecodeError, decode_rgb, resize
 
@@ -313,7 +313,7 @@ def audit(
                disable=not progress, dynamic_ncols=True)
     t_pass = time.perf_counter()
     try:
-        with ThreadPoolExecutor(max_workers=workers, initializer=_lower_priority) as pool:
+        with ThreadPoolExecutor(max_workers=workers, initializer=lower_thread_priority) as pool:
             def submit(chunk):
                 return [pool.submit(_decode, records[i], size) for i in chunk]
 

@@ -347,7 +347,7 @@ class FeatureModel:
         return np.concatenate(out) if out else np.zeros((0, self.model.output_shape[-1]), np.float32)
 
 
-def _lower_priority() -> None:
+def lower_thread_priority() -> None:
     """Run a decoding thread at the lowest CPU priority (Linux: per-thread niceness).
 
     The network's intra-op threads split every operation evenly over the cores, so a decoder that
@@ -376,7 +376,7 @@ def _compute(store: _Store, work: list[_Work], model_factory, *, image_size: int
     index = store.next_chunk_index()
     computed = 0
     bar = tqdm(total=len(work), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
-    with ThreadPoolExecutor(max_workers=max(1, workers), initializer=_lower_priority) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, workers), initializer=lower_thread_priority) as pool:
         def submit(chunk):
             return [pool.submit(_decode, w.record, image_size, resize) for w in chunk]
 

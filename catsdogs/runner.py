@@ -211,7 +211,6 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
 
     oof = np.full(len(train.y), np.nan)
     test_preds, histories = [], []
-    tmp = run_dir
     for fold, (tr, va) in enumerate(splits):
         head = head_cls(**params)
         optimizer = opt_cls(learning_rate=learning_rate) if opt_cls else None
@@ -226,19 +225,19 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
         if fold == 0:
             model = head.keras_model()
             if model is not None:
-                model.save(tmp / "head.keras")
+                model.save(run_dir / "head.keras")
 
     val_rows = np.where(~np.isnan(oof))[0]
     y_val, p_val = train.y[val_rows], oof[val_rows]
     metrics = summarize(y_val, p_val, experiment.clip)
     pd.DataFrame({"file": [train.files[i] for i in val_rows], "id": train.ids[val_rows],
-                  "label": y_val, "p_dog": p_val}).to_csv(tmp / "val_predictions.csv", index=False)
+                  "label": y_val, "p_dog": p_val}).to_csv(run_dir / "val_predictions.csv", index=False)
     if test is not None:
         p_test = np.mean(test_preds, axis=0)
         pd.DataFrame({"id": test.ids, "file": test.files, "p_dog": p_test}).to_csv(
-            tmp / "test_predictions.csv", index=False)
+            run_dir / "test_predictions.csv", index=False)
     title = f"{spec.run_id}: val log loss {metrics['logloss_clipped']:.4f} (clipped)"
-    plot_history(histories[0], tmp / "curves.png", title)
+    plot_history(histories[0], run_dir / "curves.png", title)
     return {
         "record_version": RECORD_VERSION,
         **spec.describe(),
