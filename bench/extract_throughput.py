@@ -32,9 +32,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 import catsdogs  # noqa: E402
-from catsdogs.data import open_dataset  # noqa: E402
-from catsdogs.features import FeatureModel  # noqa: E402
-from catsdogs.images import load_image  # noqa: E402
+from catsdogs.dataset.images import load_image  # noqa: E402
+from catsdogs.dataset.layout import open_dataset  # noqa: E402
+from catsdogs.features.extraction import FeatureModel  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "dogs-vs-cats-mini"

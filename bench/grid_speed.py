@@ -74,7 +74,7 @@ def make_features(n: int, y: np.ndarray, signal: float, seed: int) -> dict[str, 
 
 
 def fuse(blocks: dict[str, np.ndarray], combination: tuple[str, ...]) -> np.ndarray:
-    """As catsdogs.fusion.fuse: the blocks side by side, in the combination's order."""
+    """As catsdogs.features.fusion.fuse: the blocks side by side, in the combination's order."""
     if len(combination) == 1:
         return blocks[combination[0]]
     return np.ascontiguousarray(np.concatenate([blocks[b] for b in combination], axis=1), np.float32)

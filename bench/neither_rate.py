@@ -85,7 +85,7 @@ def build_nonpet_set(directory: Path) -> tuple[list[Path], list[Path]]:
 
 
 def _flags(predictor, paths) -> list[dict]:
-    from catsdogs.predict import predict_files
+    from catsdogs.app.predict import predict_files
 
     rows = []
     for pred in predict_files(predictor, paths):
@@ -98,8 +98,8 @@ def _flags(predictor, paths) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from catsdogs.images import IMAGE_EXTENSIONS
-    from catsdogs.predict import open_predictor
+    from catsdogs.app.predict import open_predictor
+    from catsdogs.dataset.images import IMAGE_EXTENSIONS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", type=Path)

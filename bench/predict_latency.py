@@ -58,7 +58,7 @@ def _times(fn, runs: int, warmup: int = 3) -> dict[str, float]:
 
 
 def _export(run_dir: Path, out: Path) -> dict:
-    from catsdogs.export import FORMATS, export_run, load_manifest
+    from catsdogs.app.export import FORMATS, export_run, load_manifest
 
     if (out / "export.json").is_file():
         manifest = load_manifest(out)
@@ -75,7 +75,7 @@ def _logloss(y, p) -> float:
 def _parity(run_dir: Path, export_dir: Path, data: Path, n: int) -> dict:
     import pandas as pd
 
-    from catsdogs.predict import open_predictor, read_photo
+    from catsdogs.app.predict import open_predictor, read_photo
 
     keras_p, tfl_p = open_predictor(export_dir, "keras"), open_predictor(export_dir, "tflite")
     preds = pd.read_csv(run_dir / "test_predictions.csv").head(n)
@@ -99,9 +99,9 @@ def _parity(run_dir: Path, export_dir: Path, data: Path, n: int) -> dict:
 
 
 def bench_run(run_dir: Path, out: Path, runs: int, threads: list[int], parity: int) -> dict:
-    from catsdogs.data import open_dataset
-    from catsdogs.export import load_run
-    from catsdogs.predict import open_predictor, read_photo
+    from catsdogs.app.export import load_run
+    from catsdogs.app.predict import open_predictor, read_photo
+    from catsdogs.dataset.layout import open_dataset
 
     info = load_run(run_dir)
     export_dir = out / info.run_id

@@ -15,34 +15,34 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import CatsdogsError, ConfigError, DataError, PluginError  # noqa: E402
-from .plugins import get_registry  # noqa: E402
+from catsdogs.errors import CatsdogsError, ConfigError, DataError, PluginError  # noqa: E402
+from catsdogs.plugins import get_registry  # noqa: E402
 
 
 def __getattr__(name: str):
     # lazy re-exports, so `import catsdogs` stays light
     if name in {"extract", "load_features", "FeatureSet", "ExtractResult"}:
-        from . import features
+        from catsdogs.features import extraction as features
 
         return getattr(features, name)
     if name in {"open_dataset", "Dataset", "ImageRecord"}:
-        from . import data
+        from catsdogs.dataset import layout as data
 
         return getattr(data, name)
     if name in {"load_experiment", "parse_experiment", "Experiment"}:
-        from . import experiment
+        from catsdogs.experiment import spec as experiment
 
         return getattr(experiment, name)
     if name in {"run_experiment", "plan_runs", "load_record", "write_run_submission"}:
-        from . import runner
+        from catsdogs.runs import runner
 
         return getattr(runner, name)
     if name in {"score_submission", "write_submission"}:
-        from . import submission
+        from catsdogs.runs import submission
 
         return getattr(submission, name)
     if name == "export_run":
-        from .export import export_run
+        from catsdogs.app.export import export_run
 
         return export_run
     raise AttributeError(f"module 'catsdogs' has no attribute {name!r}")

@@ -1,3 +1,3 @@
-from .cli import main
+from catsdogs.cli import main
 
 main()

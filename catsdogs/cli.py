@@ -16,8 +16,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports Te
 
 import click  # noqa: E402
 
-from . import __version__  # noqa: E402
-from .errors import CatsdogsError  # noqa: E402
+from catsdogs import __version__  # noqa: E402
+from catsdogs.errors import CatsdogsError  # noqa: E402
 
 
 class _Group(click.Group):
@@ -51,7 +51,7 @@ def cli(verbose: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plugins(as_json: bool) -> None:
     """List installed plugins and the components they register."""
-    from .plugins import KINDS, get_registry
+    from catsdogs.plugins import KINDS, get_registry
 
     registry = get_registry()
     if as_json:
@@ -95,7 +95,7 @@ def plugins(as_json: bool) -> None:
 def extract(data_dir, backbones, weights, image_size, batch_size, cache_dir, flip, precision, resize,
             chunk_size, workers, no_progress, as_json) -> None:
     """Compute (or reuse) cached GAP features of DATA_DIR's train and test images."""
-    from .features import extract as run_extract
+    from catsdogs.features.extraction import extract as run_extract
 
     results = run_extract(
         data_dir, list(backbones), weights=weights, image_size=image_size, batch_size=batch_size,
@@ -134,8 +134,8 @@ def extract(data_dir, backbones, weights, image_size, batch_size, cache_dir, fli
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def run(experiment_file, data, cache_dir, out, weights, no_submit, no_progress) -> None:
     """Run (or resume) every run of an experiment grid and rank them by validation log loss."""
-    from .experiment import load_experiment
-    from .runner import run_experiment
+    from catsdogs.experiment.spec import load_experiment
+    from catsdogs.runs.runner import run_experiment
 
     experiment = load_experiment(experiment_file, data=data, output=out, cache_dir=cache_dir,
                                  weights=weights)
@@ -154,7 +154,7 @@ def run(experiment_file, data, cache_dir, out, weights, no_submit, no_progress) 
               help="Clip bounds [default: the run's experiment's].")
 def predict_test(run_dir, out_file, clip) -> None:
     """Write Kaggle's submission.csv (id,label) from a finished run's test predictions."""
-    from .runner import write_run_submission
+    from catsdogs.runs.runner import write_run_submission
 
     path = write_run_submission(run_dir, out_file, clip=clip)
     click.echo(f"wrote {path}")
@@ -167,7 +167,7 @@ def predict_test(run_dir, out_file, clip) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 def score(submission, labels, as_json) -> None:
     """Score a submission against true labels: log loss and accuracy."""
-    from .submission import score_submission
+    from catsdogs.runs.submission import score_submission
 
     result = score_submission(submission, labels)
     if as_json:
@@ -190,7 +190,7 @@ def score(submission, labels, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export_cmd(run_dir, formats, out, coreml_precision, no_neither, as_json) -> None:
     """Export a finished run as one end-to-end model (image -> P(dog)): Keras, Core ML, TFLite."""
-    from .export import export_run
+    from catsdogs.app.export import export_run
 
     manifest = export_run(run_dir, formats, out, coreml_precision=coreml_precision,
                           neither=not no_neither)
@@ -222,8 +222,8 @@ def export_cmd(run_dir, formats, out, coreml_precision, no_neither, as_json) -> 
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 def predict_cmd(images, model_path, cam_out, backend, as_json) -> None:
     """Print P(dog), the label and the neither-cat-nor-dog flag for each IMAGE."""
-    from .cam import cam_picture, save_png
-    from .predict import open_predictor, predict_files
+    from catsdogs.app.cam import cam_picture, save_png
+    from catsdogs.app.predict import open_predictor, predict_files
 
     predictor = open_predictor(model_path, backend)
     if cam_out is not None and not predictor.cam_capable:
@@ -268,10 +268,10 @@ def predict_cmd(images, model_path, cam_out, backend, as_json) -> None:
               show_default=True)
 def cam_cmd(run_dir, grid, out, seed, backend) -> None:
     """Draw a grid of CAM overlays on random test images of RUN_DIR's data, titled 'dog 98.20%'."""
-    from .cam import cam_grid, sample_photos
-    from .errors import DataError
-    from .export import load_manifest, load_run
-    from .predict import open_predictor
+    from catsdogs.app.cam import cam_grid, sample_photos
+    from catsdogs.app.export import load_manifest, load_run
+    from catsdogs.app.predict import open_predictor
+    from catsdogs.errors import DataError
 
     run = run_dir
     if not (Path(run_dir) / "record.json").is_file() and (Path(run_dir) / "export.json").is_file():
@@ -314,7 +314,7 @@ def audit_cmd(data_dir, out, classifier, top_k, min_side, write_exclude, weights
               batch_size, no_progress, as_json) -> None:
     """Flag suspicious training images of DATA_DIR (tiny, colour outliers, not a cat/dog to
     ImageNet, unreadable). Nothing is deleted."""
-    from .audit import audit
+    from catsdogs.audit.checks import audit
 
     result = audit(data_dir, out, classifier=classifier, top_k=top_k, min_side=min_side,
                    weights=weights, image_size=image_size, batch_size=batch_size,

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .errors import ConfigError, PluginError
+from catsdogs.errors import ConfigError, PluginError
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras

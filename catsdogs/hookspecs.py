@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from .components import Backbone, Head, Optimizer
+    from catsdogs.components import Backbone, Head, Optimizer
 
 hookspec = pluggy.HookspecMarker("catsdogs")
 hookimpl = pluggy.HookimplMarker("catsdogs")

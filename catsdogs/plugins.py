@@ -21,9 +21,9 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
-from .components import Backbone, Head, Optimizer, component_name
-from .errors import PluginError
+from catsdogs import hookspecs
+from catsdogs.components import Backbone, Head, Optimizer, component_name
+from catsdogs.errors import PluginError
 
 logger = logging.getLogger("catsdogs")
 
@@ -162,7 +162,7 @@ class Registry:
         )
 
     def _load_one(self, name, version, source, loader, strict, module=None) -> None:
-        from . import __version__
+        from catsdogs import __version__
 
         info = PluginInfo(
             name=name,

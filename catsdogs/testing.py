@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from .components import WEIGHTS_NONE, Backbone, Head, Optimizer, component_name
-from .errors import ConfigError, PluginError
+from catsdogs.components import WEIGHTS_NONE, Backbone, Head, Optimizer, component_name
+from catsdogs.errors import ConfigError, PluginError
 
 __all__ = ["check_backbone", "check_head", "check_optimizer", "make_separable_features"]
 
@@ -297,7 +297,7 @@ def check_head(head_cls: type[Head], optimizer: Optimizer | None = None, epochs:
              "predict_proba() before fit() must raise an error")
 
     if head_cls.uses_optimizer and optimizer is None:
-        from .plugins import get_registry
+        from catsdogs.plugins import get_registry
 
         optimizer = get_registry().optimizer("adam")(learning_rate=0.01)
     fit_kwargs = dict(optimizer=optimizer if head_cls.uses_optimizer else None,

@@ -35,9 +35,9 @@ def _experiment(root: Path, name: str, **fields) -> Path:
 
 def build_runs(root: Path) -> dict[str, Path]:
     """Train the runs and export them (in process); reused when ``root`` already has them."""
-    from catsdogs.experiment import load_experiment
-    from catsdogs.export import export_run
-    from catsdogs.runner import run_experiment
+    from catsdogs.app.export import export_run
+    from catsdogs.experiment.spec import load_experiment
+    from catsdogs.runs.runner import run_experiment
 
     done = root / "runs.json"
     if done.is_file():

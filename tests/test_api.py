@@ -9,7 +9,9 @@ import catsdogs
 
 
 def test_every_public_name_resolves():
-    from catsdogs import experiment, features, runner, submission
+    from catsdogs.experiment import spec as experiment
+    from catsdogs.features import extraction as features
+    from catsdogs.runs import runner, submission
 
     for name in catsdogs.__all__:
         assert getattr(catsdogs, name) is not None, name

@@ -19,8 +19,8 @@ import pytest
 from conftest import MINI, install_fake_dist, run_cli, write_jpeg
 from PIL import Image
 
-from catsdogs import audit as audit_mod
-from catsdogs.audit import (
+from catsdogs.audit import checks as audit_mod
+from catsdogs.audit.checks import (
     COLOUR_SIZE,
     audit,
     colour_statistic,
@@ -28,8 +28,8 @@ from catsdogs.audit import (
     find_classifier,
     iqr_fences,
 )
+from catsdogs.audit.imagenet import CAT_CLASSES, DOG_CLASSES, class_names, short_names, species
 from catsdogs.errors import ConfigError, DataError, PluginError
-from catsdogs.imagenet import CAT_CLASSES, DOG_CLASSES, class_names, short_names, species
 from catsdogs.plugins import Registry
 
 TINY_CLASSIFIER = '''
@@ -254,9 +254,9 @@ def test_audit_flags_writes_outputs_and_changes_nothing(audit_data, registry, tm
 
 
 def test_exclude_file_round_trips_through_the_experiment_and_fusion(audit_data, registry, tmp_path, monkeypatch):
-    from catsdogs.experiment import load_experiment
-    from catsdogs.features import extract, load_features
-    from catsdogs.fusion import align
+    from catsdogs.experiment.spec import load_experiment
+    from catsdogs.features.extraction import extract, load_features
+    from catsdogs.features.fusion import align
 
     monkeypatch.setattr(audit_mod, "_Classifier", Perfect)  # flags: tiny, colour, unreadable only
     result = audit(audit_data, write_exclude=tmp_path / "audit" / "exclude.txt", registry=registry, **FAST)

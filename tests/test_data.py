@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import make_kaggle, write_jpeg
 
-from catsdogs.data import digest_all, fingerprint, open_dataset
+from catsdogs.dataset.layout import digest_all, fingerprint, open_dataset
 from catsdogs.errors import DataError
 
 

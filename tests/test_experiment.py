@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from catsdogs.errors import ConfigError
-from catsdogs.experiment import (
+from catsdogs.experiment.spec import (
     BackboneSpec,
     Experiment,
     ExperimentError,

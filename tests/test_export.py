@@ -11,9 +11,9 @@ from conftest import run_cli
 from export_fixtures import build_runs
 from PIL import Image
 
-from catsdogs.export import load_head, load_run, pillow_bilinear_matrix, softmax_dense
-from catsdogs.images import load_image
-from catsdogs.predict import _KerasModel, _TFLiteModel
+from catsdogs.app.export import load_head, load_run, pillow_bilinear_matrix, softmax_dense
+from catsdogs.app.predict import _KerasModel, _TFLiteModel
+from catsdogs.dataset.images import load_image
 
 
 @pytest.fixture(scope="session")
@@ -118,7 +118,7 @@ def test_tflite_matches_keras_and_the_run(runs):
 def test_in_graph_resize_converts_to_tflite(tmp_path):
     import keras
 
-    from catsdogs.export import resize_in_graph, save_tflite
+    from catsdogs.app.export import resize_in_graph, save_tflite
 
     image = keras.Input((71, 71, 3), name="image")
     small = resize_in_graph(image, 71, 64, "resize")
@@ -137,7 +137,7 @@ def test_mixed_sizes_parity_measured(runs):
     """Mixed sizes: the equal-size block matches the cache; the resized block differs (measured)."""
     import keras
 
-    from catsdogs.neither import find_features
+    from catsdogs.app.neither import find_features
 
     info = load_run(runs["mixed"])
     model = keras.saving.load_model(runs["mixed_export"] / "model.keras", compile=False)

@@ -17,9 +17,9 @@ import pytest
 from conftest import TINY, make_kaggle, run_cli, write_jpeg
 
 import catsdogs
-from catsdogs import features as features_mod
+from catsdogs.dataset.images import load_image
 from catsdogs.errors import ConfigError, PluginError
-from catsdogs.images import load_image
+from catsdogs.features import extraction as features_mod
 from catsdogs.plugins import get_registry
 
 
@@ -261,7 +261,7 @@ def test_full_mini_dataset(mini, tmp_path):
 
 
 def test_caller_may_pass_the_listing_and_digests_once(kaggle_dir, tmp_path, monkeypatch):
-    from catsdogs.data import digest_all, open_dataset
+    from catsdogs.dataset.layout import digest_all, open_dataset
 
     ds = open_dataset(kaggle_dir)
     digests = digest_all(ds.records)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catsdogs.images import ImageDecodeError, decode_rgb, load_image, resize
+from catsdogs.dataset.images import ImageDecodeError, decode_rgb, load_image, resize
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:

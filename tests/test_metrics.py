@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import log_loss as sk_log_loss
 
 from catsdogs.errors import ConfigError, DataError
-from catsdogs.metrics import DEFAULT_CLIP_GRID, accuracy, best_clip, clip, log_loss, summarize
+from catsdogs.runs.metrics import DEFAULT_CLIP_GRID, accuracy, best_clip, clip, log_loss, summarize
 
 
 def test_log_loss_hand_computed():

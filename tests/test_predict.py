@@ -11,10 +11,10 @@ from conftest import run_cli, write_jpeg
 from export_fixtures import build_runs
 from PIL import Image
 
-from catsdogs.cam import overlay, title
-from catsdogs.images import load_image
-from catsdogs.neither import NeitherStats, fit_stats
-from catsdogs.predict import open_predictor
+from catsdogs.app.cam import overlay, title
+from catsdogs.app.neither import NeitherStats, fit_stats
+from catsdogs.app.predict import open_predictor
+from catsdogs.dataset.images import load_image
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,8 @@ import pytest
 import yaml
 from conftest import make_kaggle, run_cli
 
-from catsdogs.experiment import load_experiment
-from catsdogs.runner import load_record, plan_runs, run_experiment
+from catsdogs.experiment.spec import load_experiment
+from catsdogs.runs.runner import load_record, plan_runs, run_experiment
 
 BASE = {
     "weights": "none",

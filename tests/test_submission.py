@@ -10,7 +10,7 @@ import pytest
 from conftest import MINI
 
 from catsdogs.errors import ConfigError, DataError
-from catsdogs.submission import (
+from catsdogs.runs.submission import (
     read_labels,
     read_submission,
     score_submission,

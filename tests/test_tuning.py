@@ -1,4 +1,4 @@
-"""keras-tuner random search of head hyper-parameters (catsdogs.tuning)."""
+"""keras-tuner random search of head hyper-parameters (catsdogs.runs.tuning)."""
 
 import os
 
@@ -10,8 +10,8 @@ import pytest  # noqa: E402
 from catsdogs.builtin.heads import DropoutSigmoidHead, SoftmaxCamHead  # noqa: E402
 from catsdogs.builtin.optimizers import AdamOptimizer  # noqa: E402
 from catsdogs.errors import ConfigError  # noqa: E402
+from catsdogs.runs.tuning import SEARCH_SPACE, tune_head  # noqa: E402
 from catsdogs.testing import make_separable_features  # noqa: E402
-from catsdogs.tuning import SEARCH_SPACE, tune_head  # noqa: E402
 
 FAST = dict(optimizer_cls=AdamOptimizer, budget=3, epochs=3, batch_size=64)
 

@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from ..components import Head, Optimizer
-from ..errors import CatsdogsError, ConfigError
-from ..hookspecs import hookimpl
+from catsdogs.components import Head, Optimizer
+from catsdogs.errors import CatsdogsError, ConfigError
+from catsdogs.hookspecs import hookimpl
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -193,7 +193,7 @@ class KerasHead(Head):
         seed = _check_int(seed, "seed", minimum=0, maximum=2**32 - 1)  # NumPy's seed range
         self._validate_params()
         if optimizer is None:
-            from .optimizers import AdamOptimizer
+            from catsdogs.builtin.optimizers import AdamOptimizer
 
             optimizer = AdamOptimizer()
         if not callable(getattr(optimizer, "build", None)):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..components import WEIGHTS_NONE, Backbone
-from ..errors import CatsdogsError
-from ..hookspecs import hookimpl
+from catsdogs.components import WEIGHTS_NONE, Backbone
+from catsdogs.errors import CatsdogsError
+from catsdogs.hookspecs import hookimpl
 
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
@@ -43,7 +43,7 @@ class KerasApplicationBackbone(Backbone):
     def build_model(self, weights: str, image_size: int):
         import keras
 
-        from ..layers import PixelNormalization
+        from catsdogs.layers import PixelNormalization
 
         image = keras.Input((image_size, image_size, 3), name="image", dtype="float32")
         x = PixelNormalization(name="preprocess", **self._normalization_args())(image)

@@ -14,9 +14,9 @@ import math
 from numbers import Real
 from typing import ClassVar
 
-from ..components import Optimizer
-from ..errors import ConfigError
-from ..hookspecs import hookimpl
+from catsdogs.components import Optimizer
+from catsdogs.errors import ConfigError
+from catsdogs.hookspecs import hookimpl
 
 
 class KerasOptimizer(Optimizer):

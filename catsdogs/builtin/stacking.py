@@ -35,11 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ..components import Head, Optimizer
-from ..errors import ConfigError
-from ..hookspecs import hookimpl
-from ..metrics import log_loss
-from .heads import (
+from catsdogs.builtin.heads import (
     NotFittedError,
     _check_int,
     _check_real,
@@ -47,6 +43,10 @@ from .heads import (
     check_labels,
     check_validation,
 )
+from catsdogs.components import Head, Optimizer
+from catsdogs.errors import ConfigError
+from catsdogs.hookspecs import hookimpl
+from catsdogs.runs.metrics import log_loss
 
 logger = logging.getLogger("catsdogs")
 
@@ -195,7 +195,7 @@ class LightGBMStackingHead(Head):
         _check_int(self.n_jobs, f"{p}: n_jobs")
 
     def _base_class(self) -> type[Head]:
-        from ..plugins import get_registry
+        from catsdogs.plugins import get_registry
 
         return get_registry().head(self.base_head)
 

@@ -73,7 +73,7 @@ def file_sha256(path: Path) -> str:
 
 
 def weights_cache_dir() -> Path:
-    from catsdogs.features import default_cache_dir
+    from catsdogs.features.extraction import default_cache_dir
 
     return default_cache_dir() / "weights"
 

@@ -52,7 +52,7 @@ def mini_files(kind: str, n: int) -> list[Path]:
 @pytest.fixture(scope="session")
 def mini_images():
     """``(size, kind, n) -> float32 (n, size, size, 3)`` raw RGB, squashed like the pipeline does."""
-    from catsdogs.images import load_image, resize
+    from catsdogs.dataset.images import load_image, resize
 
     decoded: dict[Path, np.ndarray] = {}
     cache: dict[tuple[int, str, int], np.ndarray] = {}

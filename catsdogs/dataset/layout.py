@@ -20,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DataError
-from .images import IMAGE_EXTENSIONS
+from catsdogs.dataset.images import IMAGE_EXTENSIONS
+from catsdogs.errors import DataError
 
 LABELS = {"cat": 0, "dog": 1}
 CLASS_DIRS = {"cat": 0, "cats": 0, "dog": 1, "dogs": 1}

@@ -33,10 +33,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import DataError
+from catsdogs.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .export import RunInfo
+    from catsdogs.app.export import RunInfo
 
 METHOD = "cosine distance to the nearest k-means centroid of the L2-normalised training features"
 DEFAULT_CENTROIDS = 64
@@ -126,8 +126,8 @@ def fit_stats(X_fit: np.ndarray, X_cal: np.ndarray, *, centroids: int = DEFAULT_
 
 # ------------------------------------------------------------------------------------ run features
 def find_features(cache_root: Path, config_key: str, fingerprint: str | None):
-    """The cached :class:`~catsdogs.features.FeatureSet` with this configuration key and data."""
-    from .features import load_features
+    """The cached :class:`~catsdogs.features.extraction.FeatureSet` with this configuration key and data."""
+    from catsdogs.features.extraction import load_features
 
     for path in sorted((cache_root / "features").glob(f"*/*-{config_key[:10]}.h5")):
         fs = load_features(path)
@@ -140,8 +140,8 @@ def find_features(cache_root: Path, config_key: str, fingerprint: str | None):
 
 def run_features(info: RunInfo, cache_dir: str | os.PathLike | None = None):
     """The run's fused training features: ``(X, y, files)`` in the runner's row order."""
-    from .features import default_cache_dir
-    from .fusion import align, fuse
+    from catsdogs.features.extraction import default_cache_dir
+    from catsdogs.features.fusion import align, fuse
 
     exp = info.experiment
     root = Path(cache_dir or exp.get("cache_dir") or default_cache_dir()).expanduser()

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import DataError
-from .features import FeatureSet, FeatureSplit
+from catsdogs.errors import DataError
+from catsdogs.features.extraction import FeatureSet, FeatureSplit
 
 logger = logging.getLogger("catsdogs")
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from . import metrics
-from .components import Head, Optimizer
-from .errors import ConfigError
+from catsdogs.components import Head, Optimizer
+from catsdogs.errors import ConfigError
+from catsdogs.runs import metrics
 
 #: the search space: name -> (low, high, sampling); ``learning_rate`` is the optimizer's
 SEARCH_SPACE: dict[str, tuple[float, float, str]] = {
@@ -126,7 +126,7 @@ def tune_head(
 
     The result is deterministic for the same data and ``seed``.
     """
-    from .builtin.heads import check_features, check_labels
+    from catsdogs.builtin.heads import check_features, check_labels
 
     if not (isinstance(head_cls, type) and issubclass(head_cls, Head)):
         raise ConfigError(f"head_cls must be a Head subclass, got {head_cls!r}")
@@ -158,7 +158,7 @@ def tune_head(
     optimizer = None
     if head_cls.uses_optimizer:
         if optimizer_cls is None:
-            from .plugins import get_registry
+            from catsdogs.plugins import get_registry
 
             optimizer_cls = get_registry().optimizer("adam")
         base_lr = optimizer_cls(learning_rate=learning_rate).effective_learning_rate

@@ -35,11 +35,11 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .data import Dataset, ImageRecord, digest_all, fingerprint, open_dataset
-from .errors import ConfigError, DataError
-from .fileio import atomic_write, fsync_dir, remove_stale_temporaries
-from .images import RESIZE_POLICIES, ImageDecodeError, load_image
+from catsdogs import __version__
+from catsdogs.dataset.images import RESIZE_POLICIES, ImageDecodeError, load_image
+from catsdogs.dataset.layout import Dataset, ImageRecord, digest_all, fingerprint, open_dataset
+from catsdogs.errors import ConfigError, DataError
+from catsdogs.util.fileio import atomic_write, fsync_dir, remove_stale_temporaries
 
 logger = logging.getLogger("catsdogs")
 
@@ -518,9 +518,9 @@ def extract(
     :func:`load_features(result.path) <load_features>`. A second identical call does no forward
     pass; a call after an interruption computes only what is missing. Callers extracting several
     configurations of one data directory may pass ``dataset`` (from :func:`open_dataset`) and its
-    ``digests`` (:func:`catsdogs.data.digest_all`) so the directory is listed and hashed once.
+    ``digests`` (:func:`catsdogs.dataset.layout.digest_all`) so the directory is listed and hashed once.
     """
-    from .plugins import get_registry
+    from catsdogs.plugins import get_registry
 
     names = [backbones] if isinstance(backbones, str) else list(backbones)
     _check_options(names, weights, image_size, batch_size, precision, resize, chunk_size, workers)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import ConfigError, DataError
+from catsdogs.errors import ConfigError, DataError
 
 __all__ = ["DEFAULT_CLIP_GRID", "accuracy", "best_clip", "clip", "log_loss", "summarize"]
 

@@ -2,8 +2,8 @@
 
 ``open_predictor(path)`` takes an export directory (``export.json``: TFLite when there, else the
 ``.keras`` model) or a run directory (its ``export/`` when present, else the run's Keras graphs
-rebuilt in memory, see :mod:`catsdogs.export`). Photos go through the reader: ``decode_rgb`` (any
-mode, EXIF orientation) and :func:`catsdogs.images.resize` to the model's input size with the
+rebuilt in memory, see :mod:`catsdogs.app.export`). Photos go through the reader: ``decode_rgb`` (any
+mode, EXIF orientation) and :func:`catsdogs.dataset.images.resize` to the model's input size with the
 run's policy, the same preparation feature extraction used.
 
 ``predict_files(predictor, paths)`` returns one :class:`Prediction` per path; unreadable files
@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, DataError
-from .images import ImageDecodeError, decode_rgb, resize
+from catsdogs.dataset.images import ImageDecodeError, decode_rgb, resize
+from catsdogs.errors import ConfigError, DataError
 
 logger = logging.getLogger("catsdogs")
 
@@ -110,7 +110,7 @@ class _KerasModel:
     def load(cls, path: Path) -> _KerasModel:
         import keras
 
-        from . import layers  # noqa: F401  (registers catsdogs layers)
+        from catsdogs import layers  # noqa: F401  (registers catsdogs layers)
 
         return cls(keras.saving.load_model(path, compile=False))
 
@@ -158,7 +158,7 @@ class Predictor:
 
 
 def _from_export(directory: Path, backend: str, num_threads: int | None) -> Predictor:
-    from .export import load_manifest
+    from catsdogs.app.export import load_manifest
 
     manifest = load_manifest(directory)
     models = manifest.get("models", {})
@@ -185,8 +185,8 @@ def _from_export(directory: Path, backend: str, num_threads: int | None) -> Pred
 
 
 def _from_run(run_dir: Path) -> Predictor:
-    from .export import build_cam_model, build_classifier, head_model_path, load_run
-    from .neither import fit_neither
+    from catsdogs.app.export import build_cam_model, build_classifier, head_model_path, load_run
+    from catsdogs.app.neither import fit_neither
 
     info = load_run(run_dir)
     head_model_path(info)

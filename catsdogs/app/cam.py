@@ -1,7 +1,7 @@
 """Class activation map pictures: the write-up's heat-map overlay and a grid of test photos.
 
 The overlay: the predicted class's CAM (``(h, w)``, from the CAM model of
-:mod:`catsdogs.export`) scaled to 0-255, upsampled to the photo with bilinear interpolation,
+:mod:`catsdogs.app.export`) scaled to 0-255, upsampled to the photo with bilinear interpolation,
 coloured with ``cv2.applyColorMap(..., COLORMAP_JET)`` and blended over the photo. With the
 ``squash`` resize policy the map covers the whole photo, so it is drawn over the original; with
 ``crop`` / ``pad`` it is drawn over the model's input view, where its geometry is exact.
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
-from .predict import LABELS, Predictor, read_photo
+from catsdogs.app.predict import LABELS, Predictor, read_photo
+from catsdogs.errors import DataError
 
 logger = logging.getLogger("catsdogs")
 
@@ -63,7 +63,7 @@ def title(label: str, prob: float) -> str:
 
 def sample_photos(data_dir: str | os.PathLike, n: int, seed: int = 2019) -> list[Path]:
     """``n`` random test photos of a data directory (train photos when it has no test/), seeded."""
-    from .data import open_dataset
+    from catsdogs.dataset.layout import open_dataset
 
     ds = open_dataset(data_dir)
     pool = ds.test or ds.train
@@ -76,7 +76,7 @@ def sample_photos(data_dir: str | os.PathLike, n: int, seed: int = 2019) -> list
 
 def cam_grid(predictor: Predictor, paths, out: str | os.PathLike) -> tuple[Path, list[str]]:
     """A grid of CAM overlays titled like ``dog 98.20%``; returns the PNG and skipped messages."""
-    from .plots import _pyplot
+    from catsdogs.runs.plots import _pyplot
 
     tiles, skipped = [], []
     for path in paths:

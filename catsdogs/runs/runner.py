@@ -2,8 +2,8 @@
 
 ``run_experiment(experiment)``:
 
-1. extracts or reuses the features of every backbone of the experiment (:mod:`catsdogs.features`);
-2. aligns them on common rows (:mod:`catsdogs.fusion`) and splits train/validation once, with the
+1. extracts or reuses the features of every backbone of the experiment (:mod:`catsdogs.features.extraction`);
+2. aligns them on common rows (:mod:`catsdogs.features.fusion`) and splits train/validation once, with the
    experiment's seed (stratified holdout, or stratified k-fold), so every run sees the same rows;
 3. trains each run's head on its fused features (optionally tuned first with keras-tuner on an
    inner split of the training part only), predicts validation and test rows (averaging
@@ -35,11 +35,11 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .errors import ConfigError, DataError
-from .experiment import Experiment, HeadSpec, OptimizerSpec
-from .fileio import atomic_write, read_json, remove_stale_temporaries, write_json
-from .fusion import Aligned, align, fuse
+from catsdogs import __version__
+from catsdogs.errors import ConfigError, DataError
+from catsdogs.experiment.spec import Experiment, HeadSpec, OptimizerSpec
+from catsdogs.features.fusion import Aligned, align, fuse
+from catsdogs.util.fileio import atomic_write, read_json, remove_stale_temporaries, write_json
 
 logger = logging.getLogger("catsdogs")
 
@@ -74,7 +74,7 @@ def plan_runs(experiment: Experiment, registry=None) -> list[RunSpec]:
 
     Heads that do not use an optimizer run once per combination.
     """
-    from .plugins import get_registry
+    from catsdogs.plugins import get_registry
 
     registry = registry or get_registry()
     runs: list[RunSpec] = []
@@ -178,8 +178,8 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
                  settings: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     import pandas as pd
 
-    from .metrics import summarize
-    from .plots import plot_history
+    from catsdogs.runs.metrics import summarize
+    from catsdogs.runs.plots import plot_history
 
     t0 = time.perf_counter()
     tta = experiment.tta and aligned.has_flip(spec.combination)
@@ -191,10 +191,10 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
     learning_rate = spec.optimizer.learning_rate if spec.optimizer else None
     tuning_info = None
 
-    from .tuning import tunable_names
+    from catsdogs.runs.tuning import tunable_names
 
     if experiment.tuning is not None and tunable_names(head_cls, experiment.tuning.params):
-        from .tuning import tune_head
+        from catsdogs.runs.tuning import tune_head
 
         tr0 = splits[0][0]
         result = tune_head(
@@ -272,8 +272,8 @@ def _finish_dir(tmp: Path, final: Path) -> None:
 
 # ------------------------------------------------------------------------------------ experiment
 def _extract_all(experiment: Experiment, dataset, progress: bool):
-    from .data import digest_all
-    from .features import extract, load_features
+    from catsdogs.dataset.layout import digest_all
+    from catsdogs.features.extraction import extract, load_features
 
     for relpath, reason in dataset.ignored:
         logger.warning("ignored %s: %s", relpath, reason)
@@ -373,9 +373,9 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
     """Run (or resume) every run of ``experiment``; see the module docstring."""
     from tqdm.auto import tqdm
 
-    from .data import open_dataset
-    from .plots import plot_leaderboard
-    from .plugins import get_registry
+    from catsdogs.dataset.layout import open_dataset
+    from catsdogs.plugins import get_registry
+    from catsdogs.runs.plots import plot_leaderboard
 
     registry = registry or get_registry()
     echo = echo or (lambda s: None)
@@ -443,8 +443,8 @@ def _attach_test_metrics(records, out: Path, labels_file: Path, expected_ids: li
     """Score every run's test predictions, as they would be submitted, against known labels."""
     import pandas as pd
 
-    from .metrics import accuracy, log_loss
-    from .submission import read_labels
+    from catsdogs.runs.metrics import accuracy, log_loss
+    from catsdogs.runs.submission import read_labels
 
     labels = read_labels(labels_file)
     for record in records:
@@ -473,7 +473,7 @@ def write_run_submission(run_dir: str | os.PathLike, path: str | os.PathLike, *,
     """
     import pandas as pd
 
-    from .submission import write_submission
+    from catsdogs.runs.submission import write_submission
 
     run_dir = Path(run_dir)
     record = load_record(run_dir)

@@ -11,7 +11,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from .errors import DataError
+from catsdogs.errors import DataError
 
 
 def fsync_dir(directory: Path) -> None:

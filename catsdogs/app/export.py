@@ -7,10 +7,10 @@
            [in-graph resize S -> s when the backbone's size s < S] -> preprocessing -> conv base -> GAP
       -> concatenation (combination order) -> the trained head (head.keras) -> "prediction" = P(dog)
       -> "neither_score" (Mahalanobis distance of the fused features to the training features,
-         :mod:`catsdogs.neither`), when the run's cached training features are available
+         :mod:`catsdogs.app.neither`), when the run's cached training features are available
 
 **Input size.** ``S`` is the largest input size among the combination's backbones. The caller
-resizes the photo to ``S x S`` with the reader's policy (:func:`catsdogs.images.resize`: squash,
+resizes the photo to ``S x S`` with the reader's policy (:func:`catsdogs.dataset.images.resize`: squash,
 crop or pad, Pillow's antialiased bilinear filter), exactly as feature extraction did. A backbone
 with a smaller size ``s`` gets the image resized ``S -> s`` inside the graph with the same
 triangle (antialiased bilinear) filter as Pillow, written as two fixed matrix products
@@ -48,9 +48,9 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .errors import ConfigError, DataError
-from .fileio import read_json, write_json
+from catsdogs import __version__
+from catsdogs.errors import ConfigError, DataError
+from catsdogs.util.fileio import read_json, write_json
 
 logger = logging.getLogger("catsdogs")
 
@@ -98,8 +98,8 @@ class RunInfo:
 
 def load_run(run_dir: str | os.PathLike, registry=None) -> RunInfo:
     """Read a run's record and its experiment's backbone settings (``<out>/experiment.json``)."""
-    from .plugins import get_registry
-    from .runner import load_record
+    from catsdogs.plugins import get_registry
+    from catsdogs.runs.runner import load_record
 
     run_dir = Path(run_dir)
     record = load_record(run_dir)
@@ -165,7 +165,7 @@ def head_model_path(info: RunInfo) -> Path:
 def load_head(info: RunInfo):
     import keras
 
-    from . import layers  # noqa: F401  (registers catsdogs layers for loading)
+    from catsdogs import layers  # noqa: F401  (registers catsdogs layers for loading)
 
     return keras.saving.load_model(head_model_path(info), compile=False)
 
@@ -228,11 +228,11 @@ def _build_backbone(name: str, spec: dict[str, Any], registry):
 def build_classifier(info: RunInfo, neither=None, registry=None):
     """The end-to-end Keras model: ``image`` -> ``{"prediction": P(dog), "neither_score": ...}``.
 
-    ``neither`` (a :class:`catsdogs.neither.NeitherStats`) adds the ``neither_score`` output.
+    ``neither`` (a :class:`catsdogs.app.neither.NeitherStats`) adds the ``neither_score`` output.
     """
     import keras
 
-    from .plugins import get_registry
+    from catsdogs.plugins import get_registry
 
     registry = registry or get_registry()
     size = info.input_size
@@ -275,7 +275,7 @@ def build_cam_model(info: RunInfo, registry=None):
     """``image`` -> ``{"cam": (1, h, w, 2), "probabilities": (1, 2)}`` for a CAM-capable run."""
     import keras
 
-    from .plugins import get_registry
+    from catsdogs.plugins import get_registry
 
     if not info.cam_capable:
         why = (f"its head is {info.head!r}" if info.head != "softmax_cam"
@@ -420,8 +420,8 @@ def export_run(run_dir: str | os.PathLike, formats=FORMATS, out: str | os.PathLi
                coreml_precision: str = "float16", neither: bool = True, registry=None) -> dict[str, Any]:
     """Export a finished run (see the module docstring); returns the manifest written to
     ``<out>/export.json``. ``neither=False`` leaves out the neither-cat-nor-dog score."""
-    from .neither import NeitherStats, fit_neither
-    from .plugins import get_registry
+    from catsdogs.app.neither import NeitherStats, fit_neither
+    from catsdogs.plugins import get_registry
 
     formats = parse_formats(formats)
     if coreml_precision not in COREML_PRECISIONS:
@@ -475,7 +475,7 @@ def export_run(run_dir: str | os.PathLike, formats=FORMATS, out: str | os.PathLi
         "input": {"name": "image", "shape": [1, size, size, 3], "size": size,
                   "color_layout": "RGB", "scale": 1.0, "bias": [0.0, 0.0, 0.0],
                   "dtype": "float32", "range": [0, 255], "resize": info.resize,
-                  "resampling": "Pillow BILINEAR (antialiased), as catsdogs.images.resize"},
+                  "resampling": "Pillow BILINEAR (antialiased), as catsdogs.dataset.images.resize"},
         "class_labels": list(CLASS_LABELS),
         "outputs": {"prediction": {"shape": [1, 1], "meaning": "P(dog)"}},
         "in_graph_resize": {b["name"]: [size, b["image_size"]] for b in info.backbones

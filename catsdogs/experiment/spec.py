@@ -73,10 +73,10 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .errors import ConfigError, PluginError
+from catsdogs.errors import ConfigError, PluginError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .plugins import Registry
+    from catsdogs.plugins import Registry
 
 __all__ = [
     "BackboneSpec",
@@ -431,7 +431,7 @@ class _Parser:
     @property
     def registry(self) -> Registry:
         if self._registry is None:
-            from .plugins import get_registry
+            from catsdogs.plugins import get_registry
 
             self._registry = get_registry()
         return self._registry
@@ -616,8 +616,8 @@ class _Parser:
         return name
 
     def parse_backbones(self, doc: dict[str, Any]) -> list[BackboneSpec]:
-        from .features import PRECISIONS
-        from .images import RESIZE_POLICIES
+        from catsdogs.dataset.images import RESIZE_POLICIES
+        from catsdogs.features.extraction import PRECISIONS
 
         raw = doc["backbones"]
         if not isinstance(raw, list) or not raw:

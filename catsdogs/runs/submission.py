@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import DataError
-from .fileio import atomic_write
-from .metrics import _check_bounds, accuracy, log_loss
+from catsdogs.errors import DataError
+from catsdogs.runs.metrics import _check_bounds, accuracy, log_loss
+from catsdogs.util.fileio import atomic_write
 
 __all__ = [
     "read_labels",

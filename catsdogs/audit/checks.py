@@ -8,7 +8,7 @@ in one repeatable pass over the training images of a data directory:
 ``colour_outlier``
     the **colour statistic** -- the number of distinct RGB colours per pixel of the image squashed
     to 64x64 (:data:`COLOUR_SIZE`, Pillow's antialiased bilinear filter, as in
-    :func:`catsdogs.images.resize`), so that images of every size are comparable; 1.0 means every
+    :func:`catsdogs.dataset.images.resize`), so that images of every size are comparable; 1.0 means every
     pixel has its own colour, 1/4096 a flat single-colour image -- lies outside the IQR fences of
     its class: below Q1 - 1.5 IQR or above Q3 + 1.5 IQR of the cats' (or dogs') values. Flat
     graphics, logos, text and blown-up thumbnails fall low. A class with fewer than
@@ -16,10 +16,10 @@ in one repeatable pass over the training images of a data directory:
 ``imagenet_mismatch``
     an ImageNet classifier's top-k classes (default k = 10) of a cat photo contain none of the cat
     classes 281-285, or those of a dog photo none of the dog classes 151-268
-    (:mod:`catsdogs.imagenet`).
+    (:mod:`catsdogs.audit.imagenet`).
 ``unreadable``
     the file does not decode (the reader's reason: empty, truncated, not an image ...), or
-    :func:`catsdogs.data.open_dataset` ignored it (not an image file name).
+    :func:`catsdogs.dataset.layout.open_dataset` ignored it (not an image file name).
 
 Each image is read and decoded **once**: the decoded pixels give the size, the colour statistic and
 the classifier's input. The classifier is a backbone's ImageNet model built with
@@ -51,12 +51,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .data import ImageRecord, open_dataset
-from .errors import ConfigError, PluginError
-from .features import lower_thread_priority
-from .imagenet import CAT_CLASSES, DOG_CLASSES, NUM_CLASSES, short_names
-from .images import ImageDecodeError, decode_rgb, resize
+from catsdogs import __version__
+from catsdogs.audit.imagenet import CAT_CLASSES, DOG_CLASSES, NUM_CLASSES, short_names
+from catsdogs.dataset.images import ImageDecodeError, decode_rgb, resize
+from catsdogs.dataset.layout import ImageRecord, open_dataset
+from catsdogs.errors import ConfigError, PluginError
+from catsdogs.features.extraction import lower_thread_priority
 
 logger = logging.getLogger("catsdogs")
 
@@ -289,7 +289,7 @@ def audit(
     """
     from tqdm.auto import tqdm
 
-    from .plugins import get_registry
+    from catsdogs.plugins import get_registry
 
     t0 = time.perf_counter()
     _check_options(top_k, min_side, batch_size, image_size, weights, workers, max_sheet)
@@ -435,7 +435,7 @@ def write_csv(images: Sequence[ImageAudit], path: Path) -> Path:
 def write_outputs(result: AuditResult, out: str | os.PathLike, *, max_sheet: int = 64,
                   elapsed: float | None = None) -> dict[str, Path]:
     """Write the CSVs, plots and ``report.md`` of ``result`` into ``out``."""
-    from .plots import _pyplot
+    from catsdogs.runs.plots import _pyplot
 
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)

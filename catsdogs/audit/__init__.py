@@ -1,0 +1,1 @@
+"""The data audit: suspicious training images (sizes, tiny, colour outliers, ImageNet sanity)."""

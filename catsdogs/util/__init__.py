@@ -1,0 +1,1 @@
+"""Helpers shared by every stage (crash-safe file writes)."""
