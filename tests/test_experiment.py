@@ -12,10 +12,12 @@ import pytest
 from catsdogs.errors import ConfigError
 from catsdogs.experiment.spec import (
     BackboneSpec,
+    Ensemble,
     Experiment,
     ExperimentError,
     HeadSpec,
     OptimizerSpec,
+    Tracking,
     Tuning,
     Validation,
     load_experiment,
@@ -148,6 +150,53 @@ def test_full_file(tmp_path):
     assert d["tuning"] == {"budget": 10, "params": ["dropout", "learning_rate"]}
     assert d["validation"] == {"kind": "kfold", "holdout": 0.2, "folds": 4}
     assert d["heads"][1] == {"name": "softmax_cam", "params": {"dropout": 0.3, "l2": 0.001}}
+
+
+def test_run_settings_fields_default(tmp_path):
+    exp = load_experiment(write(tmp_path, BASE))
+    assert (exp.engine, exp.ray_address, exp.postprocess, exp.refit) == ("local", None, "auto", False)
+    assert exp.ensemble is None and exp.tracking is None
+    assert [b.calibration_size for b in exp.backbones] == [300, 300]
+
+
+def test_run_settings_fields(tmp_path):
+    exp = load_experiment(write(tmp_path, BASE.replace("[resnet50, xception]", """
+          - {name: resnet50, precision: int8, calibration_size: 64}
+          - xception""") + """\
+precision: int8
+calibration_size: 500
+engine: ray
+ray_address: 127.0.0.1:6379
+postprocess: temperature
+refit: true
+ensemble: {top: 3, method: stack}
+tracking: {backend: mlflow, uri: http://127.0.0.1:5000, required: true}
+"""))
+    assert [(b.precision, b.calibration_size) for b in exp.backbones] == [("int8", 64), ("int8", 500)]
+    assert (exp.engine, exp.ray_address) == ("ray", "127.0.0.1:6379")
+    assert (exp.postprocess, exp.refit) == ("temperature", True)
+    assert exp.ensemble == Ensemble(3, "stack")
+    assert exp.tracking == Tracking("mlflow", "http://127.0.0.1:5000", True)
+    d = json.loads(json.dumps(exp.to_dict()))
+    assert d["ensemble"] == {"top": 3, "method": "stack"}
+    assert d["tracking"] == {"backend": "mlflow", "uri": "http://127.0.0.1:5000", "required": True}
+    assert load_experiment(write(tmp_path, BASE + "tracking: mlflow\n")).tracking == Tracking()
+
+
+@pytest.mark.parametrize("extra, postprocess, clip", [
+    ("", "auto", (0.005, 0.995)),
+    ("clip: [0.01, 0.99]\n", "clip", (0.01, 0.99)),  # an explicit clip keeps its bounds
+    ("clip: [0.01, 0.99]\npostprocess: temperature\n", "temperature", (0.01, 0.99)),
+    ("postprocess: none\n", "none", (0.005, 0.995)),
+])
+def test_explicit_clip_means_postprocess_clip(tmp_path, extra, postprocess, clip):
+    exp = load_experiment(write(tmp_path, BASE + extra))
+    assert (exp.postprocess, exp.clip) == (postprocess, clip)
+
+
+def test_seed_yaml_keeps_the_write_up_clip(tmp_path, monkeypatch):
+    exp = load_experiment(SEED, data=tmp_path)
+    assert (exp.postprocess, exp.clip) == ("clip", (0.005, 0.995))
 
 
 def test_tuning_defaults_to_all_params(tmp_path):
@@ -399,6 +448,28 @@ heads:
      "heads", "must be a non-empty list of head names"),
     ("name", "name: a/b  #!\n" + BASE, "name", "must be usable as a folder name"),
     ("data type", BASE.replace("data: data", "data: [a, b]  #!"), "data", "must be a path (string), got a list"),
+    ("engine", BASE + "engine: raay  #!\n", "engine",
+     "unknown engine 'raay' (did you mean 'ray'?); choose one of: local, ray"),
+    ("ray_address type", BASE + "ray_address: 10001  #!\n", "ray_address", "must be a Ray address"),
+    ("precision int8 typo", BASE + "precision: int9  #!\n", "precision",
+     "unknown precision 'int9' (did you mean 'int8'?); choose one of: float32, bfloat16, int8"),
+    ("calibration_size bound", BASE + "calibration_size: 0  #!\n", "calibration_size",
+     "must be an integer in 1..100000, got 0"),
+    ("calibration_size per backbone", BASE.replace(
+        "[resnet50, xception]", "[resnet50, {name: xception, calibration_size: 1000001}]  #!"),
+     "backbones[1].calibration_size", "must be an integer in 1..100000"),
+    ("postprocess", BASE + "postprocess: temprature  #!\n", "postprocess",
+     "unknown postprocess 'temprature' (did you mean 'temperature'?)"),
+    ("refit", BASE + "refit: yes please  #!\n", "refit", "must be true or false"),
+    ("ensemble top", BASE + "ensemble: {top: 1}  #!\n", "ensemble.top", "must be an integer >= 2"),
+    ("ensemble method", BASE + "ensemble: {top: 2, method: stak}  #!\n", "ensemble.method",
+     "unknown ensemble method 'stak' (did you mean 'stack'?)"),
+    ("ensemble key", BASE + "ensemble: {tops: 2}  #!\n", "ensemble.tops",
+     "unknown field (did you mean 'top'?)"),
+    ("tracking backend", BASE + "tracking: mlflw  #!\n", "tracking",
+     "unknown tracking backend 'mlflw' (did you mean 'mlflow'?)"),
+    ("tracking required", BASE + "tracking: {backend: mlflow, required: 1}  #!\n",
+     "tracking.required", "must be true or false"),
 ]
 
 
@@ -478,3 +549,22 @@ def test_a_name_claimed_by_two_plugins_reports_both(tmp_path):
         load_experiment(path, registry=registry)
     assert str(info.value).startswith(f"{path}:3: heads[0]: head 'twin' is registered by more than "
                                       "one plugin: 'plugin_a' and 'plugin_b'")
+
+
+def test_run_settings_fields_do_not_change_run_hashes(tmp_path):
+    """engine/ray_address/tracking and the post-training settings must not invalidate finished runs."""
+    from catsdogs.runs.runner import _settings, _short_hash, plan_runs
+
+    plain = load_experiment(write(tmp_path, BASE, "plain.yaml"))
+    fancy = load_experiment(write(tmp_path, BASE + """\
+engine: ray
+ray_address: auto
+postprocess: temperature
+refit: true
+ensemble: {top: 2, method: stack}
+tracking: {backend: mlflow, uri: http://127.0.0.1:5000}
+""", "fancy.yaml"))
+    keys = {b: {"config_key": b, "dataset_fingerprint": "f"} for b in plain.backbone_names}
+    for a, b in zip(plan_runs(plain), plan_runs(fancy), strict=True):
+        assert _short_hash(_settings(a, plain, keys, "s"), 16) == \
+            _short_hash(_settings(b, fancy, keys, "s"), 16)

@@ -14,12 +14,14 @@ also come from the command line)::
     name: seed                     # optional; default: the file name without .yaml
     data: ../../shared/data/dogs-vs-cats-mini    # relative paths are relative to the YAML file's folder
     weights: imagenet              # default for all backbones (imagenet | none)
-    precision: float32             # default for all backbones (float32 | bfloat16)
+    precision: float32             # default for all backbones (float32 | bfloat16 | int8)
+    calibration_size: 300          # default for all backbones: int8 calibration images (1..100000)
     resize: squash                 # default for all backbones (squash | crop | pad)
     image_size: null               # default for all backbones (null = each backbone's own size)
     backbones:                     # names, or mappings with per-backbone options
       - resnet50
       - {name: inception_v3, image_size: 299, weights: none, precision: bfloat16, resize: squash}
+      - {name: xception, precision: int8, calibration_size: 500}
     combinations: all              # all non-empty subsets | {min: 2, max: 4} (subset sizes)
                                    # | explicit list of lists of backbone names
     heads: [dropout_sigmoid, {name: softmax_cam, params: {dropout: 0.3}}]
@@ -29,6 +31,9 @@ also come from the command line)::
     seed: 2019
     validation: {holdout: 0.2}     # or {kfold: 5}
     clip: [0.005, 0.995]           # predictions are clipped to [lo, hi] before scoring
+    postprocess: auto              # auto | none | clip | temperature (how probabilities are
+                                   # calibrated before scoring; an explicit clip without
+                                   # postprocess means `postprocess: clip` with those bounds)
     target: 0.06127                # the log loss to beat (Kaggle top 10%)
     output: ../runs/seed           # default: runs/<name> relative to the current directory
     tuning: {budget: 10, params: [dropout, learning_rate]}   # optional; params default: all of
@@ -38,6 +43,11 @@ also come from the command line)::
                                    # line (`exclude: audit/exclude.txt`; blank lines and # comments
                                    # are ignored)
     cache_dir: null                # optional feature-cache dir
+    engine: local                  # local | ray (run the grid on a Ray cluster)
+    ray_address: null              # Ray cluster address for engine: ray (null = start a local one)
+    refit: false                   # refit the winner on all training images for the submission
+    ensemble: null                 # optional: {top: 3, method: mean | stack} over the best runs
+    tracking: null                 # optional: mlflow | {backend: mlflow, uri: URI, required: false}
 
 Details:
 
@@ -52,6 +62,10 @@ Details:
   constructor parameters.
 * **Numbers**: booleans are never accepted as numbers. YAML 1.1 reads ``1e-3`` (no dot) as a
   string; such scientific-notation strings are accepted wherever a float is expected.
+* **Run settings**: ``engine``, ``ray_address`` and ``tracking`` never change a run's result, so
+  finished runs are reused whichever engine or tracker computed them; ``postprocess``, ``refit``
+  and ``ensemble`` act after the per-run training and do not invalidate finished runs either.
+  ``precision`` and ``calibration_size`` (int8 only) select cached features.
 * **Paths** in the file (``data``, ``output``, ``cache_dir``, an ``exclude`` file) are relative to
   the YAML file's folder; the ``data``/``output``/``cache_dir`` overrides of
   :func:`load_experiment` (the command line) win over the file and are relative to the current
@@ -84,6 +98,8 @@ __all__ = [
     "OptimizerSpec",
     "Validation",
     "Tuning",
+    "Ensemble",
+    "Tracking",
     "Experiment",
     "ExperimentError",
     "load_experiment",
@@ -97,23 +113,34 @@ __all__ = [
 TOP_LEVEL_FIELDS: tuple[str, ...] = (
     "name", "data", "weights", "precision", "resize", "image_size", "backbones", "combinations",
     "heads", "optimizers", "epochs", "batch_size", "seed", "validation", "clip", "target",
-    "output", "tuning", "tta", "exclude", "cache_dir",
+    "output", "tuning", "tta", "exclude", "cache_dir", "calibration_size", "engine", "ray_address",
+    "postprocess", "refit", "ensemble", "tracking",
 )
 #: fields a file must have (``data`` may come from the override instead)
 REQUIRED_FIELDS: tuple[str, ...] = ("data", "backbones", "heads", "optimizers")
 #: hyper-parameters the tuner can search
 TUNABLE_PARAMS: tuple[str, ...] = ("dropout", "learning_rate", "l2")
 
-BACKBONE_FIELDS = ("name", "weights", "image_size", "precision", "resize")
+BACKBONE_FIELDS = ("name", "weights", "image_size", "precision", "resize", "calibration_size")
 HEAD_FIELDS = ("name", "params")
 OPTIMIZER_FIELDS = ("name", "learning_rate")
 VALIDATION_KINDS = ("holdout", "kfold")
 TUNING_FIELDS = ("budget", "params")
 COMBINATION_BOUNDS = ("min", "max")
+ENSEMBLE_FIELDS = ("top", "method")
+TRACKING_FIELDS = ("backend", "uri", "required")
+#: feature precisions (int8: post-training quantised backbones, calibrated on training images)
+PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "int8")
+ENGINES: tuple[str, ...] = ("local", "ray")
+POSTPROCESSES: tuple[str, ...] = ("auto", "none", "clip", "temperature")
+ENSEMBLE_METHODS: tuple[str, ...] = ("mean", "stack")
+TRACKING_BACKENDS: tuple[str, ...] = ("mlflow",)
 
 DEFAULT_WEIGHTS = "imagenet"
 DEFAULT_PRECISION = "float32"
 DEFAULT_RESIZE = "squash"
+DEFAULT_CALIBRATION_SIZE = 300
+MAX_CALIBRATION_SIZE = 100_000
 
 
 class ExperimentError(ConfigError):
@@ -141,10 +168,12 @@ class BackboneSpec:
     image_size: int | None = None
     precision: str = DEFAULT_PRECISION
     resize: str = DEFAULT_RESIZE
+    calibration_size: int = DEFAULT_CALIBRATION_SIZE  # int8 only: calibration images
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "weights": self.weights, "image_size": self.image_size,
-                "precision": self.precision, "resize": self.resize}
+                "precision": self.precision, "resize": self.resize,
+                "calibration_size": self.calibration_size}
 
 
 @dataclass(frozen=True)
@@ -192,6 +221,32 @@ class Tuning:
         return {"budget": self.budget, "params": list(self.params)}
 
 
+@dataclass(frozen=True)
+class Ensemble:
+    """Combine the ``top`` best runs: ``mean`` of their probabilities or a ``stack`` model."""
+
+    top: int = 3
+    method: str = "mean"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"top": self.top, "method": self.method}
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Experiment tracking: ``backend`` (mlflow) at ``uri`` (None = the backend's default).
+
+    ``required``: fail when the tracker cannot be reached (else warn and run untracked).
+    """
+
+    backend: str = "mlflow"
+    uri: str | None = None
+    required: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "uri": self.uri, "required": self.required}
+
+
 @dataclass
 class Experiment:
     """A validated experiment grid. Build it with :func:`load_experiment` or :func:`parse_experiment`."""
@@ -214,6 +269,12 @@ class Experiment:
     tta: bool = False
     exclude: list[str] = field(default_factory=list)
     cache_dir: Path | None = None
+    engine: str = "local"
+    ray_address: str | None = None
+    postprocess: str = "auto"
+    refit: bool = False
+    ensemble: Ensemble | None = None
+    tracking: Tracking | None = None
 
     def __post_init__(self) -> None:
         self.source = None if self.source is None else Path(self.source)
@@ -259,6 +320,12 @@ class Experiment:
             "tta": self.tta,
             "exclude": list(self.exclude),
             "cache_dir": None if self.cache_dir is None else str(self.cache_dir),
+            "engine": self.engine,
+            "ray_address": self.ray_address,
+            "postprocess": self.postprocess,
+            "refit": self.refit,
+            "ensemble": None if self.ensemble is None else self.ensemble.to_dict(),
+            "tracking": None if self.tracking is None else self.tracking.to_dict(),
         }
 
 
@@ -459,9 +526,11 @@ class _Parser:
             raise self.error(path, f"must be {what}, got {_type_name(value)}")
         return value.strip()
 
-    def integer(self, value: Any, path: str, minimum: int) -> int:
-        if not _is_int(value) or value < minimum:
-            raise self.error(path, f"must be an integer >= {minimum}, got {_type_name(value)}")
+    def integer(self, value: Any, path: str, minimum: int, maximum: int | None = None) -> int:
+        if not _is_int(value) or value < minimum or (maximum is not None and value > maximum):
+            what = f"an integer >= {minimum}" if maximum is None else \
+                f"an integer in {minimum}..{maximum}"
+            raise self.error(path, f"must be {what}, got {_type_name(value)}")
         return int(value)
 
     def number(self, value: Any, path: str, what: str) -> float:
@@ -596,12 +665,26 @@ class _Parser:
         if not isinstance(tta, bool):
             raise self.error("tta", f"must be true or false, got {_type_name(tta)}")
         exclude = self.parse_exclude(doc.get("exclude"))
+        engine = self.choice(opt("engine", "local"), "engine", ENGINES, "engine")
+        ray_address = doc.get("ray_address")
+        if ray_address is not None:
+            ray_address = self.string(ray_address, "ray_address", "a Ray address such as "
+                                      "'ray://127.0.0.1:10001' or 'auto'")
+        postprocess = opt("postprocess", "clip" if "clip" in doc else "auto")
+        postprocess = self.choice(postprocess, "postprocess", POSTPROCESSES, "postprocess")
+        refit = opt("refit", False)
+        if not isinstance(refit, bool):
+            raise self.error("refit", f"must be true or false, got {_type_name(refit)}")
+        ensemble = self.parse_ensemble(doc.get("ensemble"))
+        tracking = self.parse_tracking(doc.get("tracking"))
 
         return Experiment(
             name=name, source=self.source_path, data=data_path, backbones=backbones,
             combinations=combinations, heads=heads, optimizers=optimizers, epochs=epochs,
             batch_size=batch_size, seed=seed, validation=validation, clip=clip, target=target,
             output=output_path, tuning=tuning, tta=tta, exclude=exclude, cache_dir=cache_path,
+            engine=engine, ray_address=ray_address, postprocess=postprocess, refit=refit,
+            ensemble=ensemble, tracking=tracking,
         )
 
     # -- fields -----------------------------------------------------------------------------------
@@ -617,8 +700,6 @@ class _Parser:
 
     def parse_backbones(self, doc: dict[str, Any]) -> list[BackboneSpec]:
         from catsdogs.dataset.images import RESIZE_POLICIES
-        from catsdogs.features.extraction import PRECISIONS
-
         raw = doc["backbones"]
         if not isinstance(raw, list) or not raw:
             raise self.error("backbones", "must be a non-empty list of backbone names or mappings "
@@ -629,6 +710,7 @@ class _Parser:
             "image_size": (None, "backbones"),
             "precision": (DEFAULT_PRECISION, "backbones"),
             "resize": (DEFAULT_RESIZE, "backbones"),
+            "calibration_size": (DEFAULT_CALIBRATION_SIZE, "backbones"),
         }
         for key in defaults:
             if doc.get(key) is not None:
@@ -639,6 +721,8 @@ class _Parser:
             self.choice(doc["precision"], "precision", PRECISIONS, "precision")
         if doc.get("resize") is not None:
             self.choice(doc["resize"], "resize", RESIZE_POLICIES, "resize policy")
+        if doc.get("calibration_size") is not None:
+            self.integer(doc["calibration_size"], "calibration_size", 1, MAX_CALIBRATION_SIZE)
 
         specs: list[BackboneSpec] = []
         first: dict[str, int] = {}
@@ -683,8 +767,11 @@ class _Parser:
             precision = self.choice(precision, ppath, PRECISIONS, "precision")
             resize, rpath = option("resize")
             resize = self.choice(resize, rpath, RESIZE_POLICIES, "resize policy")
+            calibration, cpath = option("calibration_size")
+            calibration = self.integer(calibration, cpath, 1, MAX_CALIBRATION_SIZE)
             specs.append(BackboneSpec(name=name, weights=weights, image_size=size,
-                                      precision=precision, resize=resize))
+                                      precision=precision, resize=resize,
+                                      calibration_size=calibration))
         return specs
 
     def parse_combinations(self, raw: Any, names: list[str]) -> list[tuple[str, ...]]:
@@ -875,6 +962,32 @@ class _Parser:
             if param in params[:j]:
                 raise self.error(p, f"{param!r} is listed twice")
         return Tuning(budget=budget, params=tuple(params))
+
+    def parse_ensemble(self, raw: Any) -> Ensemble | None:
+        if raw is None:
+            return None
+        self.mapping(raw, "ensemble", ENSEMBLE_FIELDS, "a mapping {top: RUNS, method: mean | stack}")
+        top = self.integer(raw.get("top", 3), "ensemble.top", 2)
+        method = self.choice(raw.get("method", "mean"), "ensemble.method", ENSEMBLE_METHODS,
+                             "ensemble method")
+        return Ensemble(top=top, method=method)
+
+    def parse_tracking(self, raw: Any) -> Tracking | None:
+        if raw is None:
+            return None
+        if isinstance(raw, str):
+            return Tracking(backend=self.choice(raw, "tracking", TRACKING_BACKENDS, "tracking backend"))
+        self.mapping(raw, "tracking", TRACKING_FIELDS,
+                     "a backend name (mlflow) or a mapping {backend: mlflow, uri: ..., required: ...}")
+        backend = self.choice(raw.get("backend", "mlflow"), "tracking.backend", TRACKING_BACKENDS,
+                              "tracking backend")
+        uri = raw.get("uri")
+        if uri is not None:
+            uri = self.string(uri, "tracking.uri", "a tracking URI such as 'http://127.0.0.1:5000'")
+        required = raw.get("required", False)
+        if not isinstance(required, bool):
+            raise self.error("tracking.required", f"must be true or false, got {_type_name(required)}")
+        return Tracking(backend=backend, uri=uri, required=required)
 
     def parse_exclude(self, raw: Any) -> list[str]:
         if raw is None:
