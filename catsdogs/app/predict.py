@@ -219,6 +219,17 @@ def open_predictor(path: str | os.PathLike, backend: str = "auto",
                     "directory (record.json)")
 
 
+def predict_bytes(predictor: Predictor, data: bytes, name: str = "") -> tuple[Prediction, Any]:
+    """Predict one uploaded photo from its bytes: ``(prediction, (photo, image))``, or
+    ``(Prediction(name, error=reason), None)`` when the reader cannot use the bytes."""
+    try:
+        photo = decode_rgb(data)
+    except ImageDecodeError as exc:
+        return Prediction(name, error=exc.reason), None
+    image = predictor.prepare(photo)
+    return predictor.predict_image(image, name), (photo, image)
+
+
 def predict_files(predictor: Predictor, paths, on_photo=None) -> list[Prediction]:
     """Predict each file; unreadable ones get ``error``. ``on_photo(pred, photo, image)`` is called
     for every readable file (e.g. to draw its CAM)."""
