@@ -1,0 +1,234 @@
+"""Learned post-processing of P(dog) predictions: none, a learned symmetric clip, or temperature.
+
+A run's validation (held-out or out-of-fold) predictions decide how its test predictions are
+post-processed before they are scored or submitted. The candidates:
+
+``none``
+    the head's probabilities as they are.
+``clip``
+    ``clip(p, eps, 1 - eps)`` with ``eps`` learned on the validation predictions
+    (:func:`catsdogs.runs.metrics.best_clip`); or, when the experiment gives ``clip: [lo, hi]``
+    explicitly, exactly those bounds (nothing learned).
+``temperature``
+    ``sigmoid(logit(p) / T)`` with one scalar ``T`` fitted by minimising the validation log loss;
+    ``T > 1`` softens an over-confident head, ``T < 1`` sharpens an under-confident one.
+
+``auto`` (the default) chooses among the three **by K-fold cross-validation over the validation
+predictions**: each candidate is fitted on K-1 folds and scored on the held-out fold, so every
+validation row gets a prediction from a transform that never saw its label. A learned transform
+replaces ``none`` only if its mean paired gain per row exceeds :data:`MIN_Z` standard errors of
+that gain (a one-standard-error rule): a gain that a few noisy rows could produce keeps ``none``.
+
+:func:`choose` returns a :class:`Choice` with the transform refitted on all validation rows (to
+apply to the test predictions), the raw and post-processed validation log loss and the
+cross-validated loss of every candidate. ``logloss_post`` -- the number runs are ranked by -- is
+the cross-fitted (honest) loss of the chosen transform, never the loss of a transform fitted on
+the very rows it is scored on; for ``none`` and a fixed clip it is simply their loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from catsdogs.errors import ConfigError
+from catsdogs.runs.metrics import best_clip, log_loss
+
+__all__ = ["METHODS", "MIN_Z", "Choice", "Transform", "choose", "fit", "logit", "sigmoid"]
+
+#: the values of the experiment's ``postprocess`` field
+METHODS = ("auto", "none", "clip", "temperature")
+#: a learned transform must beat ``none`` by this many standard errors of the paired gain
+MIN_Z = 1.0
+#: folds of the cross-validated choice (fewer when a class has fewer validation rows)
+FOLDS = 5
+#: probabilities are kept this far from 0 and 1 before taking the logit
+_EPS = 1e-12
+#: bounds of log(T) searched by the temperature fit
+_LOG_T_BOUNDS = (-4.0, 4.0)
+
+
+def logit(p) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1.0 - _EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def sigmoid(z) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64)
+    return np.exp(-np.logaddexp(0.0, -z))
+
+
+@dataclass(frozen=True)
+class Transform:
+    """One post-processing transform; ``apply`` maps probabilities to probabilities."""
+
+    kind: str  # none | clip | temperature
+    lo: float = 0.0  # clip bounds (kind == "clip")
+    hi: float = 1.0
+    temperature: float = 1.0  # kind == "temperature"
+    learned: bool = False  # fitted on validation predictions (False: fixed by the experiment)
+
+    def apply(self, p) -> np.ndarray:
+        p = np.asarray(p, dtype=np.float64)
+        if self.kind == "clip":
+            return np.clip(p, self.lo, self.hi)
+        if self.kind == "temperature":
+            return sigmoid(logit(p) / self.temperature)
+        return p
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "learned": self.learned}
+        if self.kind == "clip":
+            out["clip"] = [self.lo, self.hi]
+        if self.kind == "temperature":
+            out["temperature"] = self.temperature
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Transform:
+        kind = d.get("kind", "none")
+        if kind == "clip":
+            lo, hi = d["clip"]
+            return cls("clip", lo=float(lo), hi=float(hi), learned=bool(d.get("learned")))
+        if kind == "temperature":
+            return cls("temperature", temperature=float(d["temperature"]), learned=True)
+        if kind != "none":
+            raise ConfigError(f"unknown post-processing transform {kind!r}; "
+                              f"expected one of none, clip, temperature")
+        return cls("none")
+
+    def describe(self) -> str:
+        if self.kind == "clip":
+            return f"clip [{self.lo:.4g}, {self.hi:.4g}]" + ("" if self.learned else " (fixed)")
+        if self.kind == "temperature":
+            return f"temperature {self.temperature:.3g}"
+        return "none"
+
+
+def fit(kind: str, y, p, clip_bounds: tuple[float, float] | None = None) -> Transform:
+    """Fit one transform of ``kind`` on validation labels ``y`` and predictions ``p``.
+
+    ``clip`` with ``clip_bounds`` is the fixed clip (nothing is fitted).
+    """
+    if kind == "none":
+        return Transform("none")
+    if kind == "clip":
+        if clip_bounds is not None:
+            lo, hi = float(clip_bounds[0]), float(clip_bounds[1])
+            if not 0.0 <= lo < hi <= 1.0:
+                raise ConfigError(f"clip bounds must satisfy 0 <= lo < hi <= 1, got {[lo, hi]}")
+            return Transform("clip", lo=lo, hi=hi)
+        lo, hi, _ = best_clip(y, p)
+        return Transform("clip", lo=lo, hi=hi, learned=True)
+    if kind == "temperature":
+        return Transform("temperature", temperature=_fit_temperature(y, p), learned=True)
+    raise ConfigError(f"unknown post-processing {kind!r}; expected one of {', '.join(METHODS)}")
+
+
+def _fit_temperature(y, p) -> float:
+    from scipy.optimize import minimize_scalar
+
+    y = np.asarray(y, dtype=np.float64).ravel()
+    z = logit(p).ravel()
+
+    def loss(log_t: float) -> float:
+        s = z / np.exp(log_t)
+        # -[y log sigmoid(s) + (1-y) log sigmoid(-s)], written stably
+        return float(np.mean(np.logaddexp(0.0, -s) * y + np.logaddexp(0.0, s) * (1.0 - y)))
+
+    res = minimize_scalar(loss, bounds=_LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-6})
+    return float(np.exp(res.x))
+
+
+def _row_losses(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-15, 1.0 - 1e-15)
+    return -(y * np.log(p) + (1.0 - y) * np.log1p(-p))
+
+
+@dataclass
+class Choice:
+    """The chosen transform and the validation numbers behind the choice."""
+
+    method: str  # what was asked for: auto | none | clip | temperature
+    transform: Transform  # fitted on all validation rows; apply it to the test predictions
+    logloss_raw: float  # validation log loss of the raw predictions
+    logloss_post: float  # cross-fitted validation log loss of the chosen transform (ranking key)
+    logloss_post_insample: float  # ... of ``transform`` on the rows it was fitted on
+    cv: dict[str, dict[str, float]] = field(default_factory=dict)  # candidate -> cv loss, gain, z
+    folds: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "transform": self.transform.to_dict(),
+                "describe": self.transform.describe(), "logloss_raw": self.logloss_raw,
+                "logloss_post": self.logloss_post,
+                "logloss_post_insample": self.logloss_post_insample, "cv": self.cv,
+                "folds": self.folds, "min_z": MIN_Z}
+
+
+def _fold_ids(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    from sklearn.model_selection import StratifiedKFold
+
+    ids = np.zeros(len(y), dtype=int)
+    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for k, (_, held) in enumerate(skf.split(np.zeros(len(y)), y)):
+        ids[held] = k
+    return ids
+
+
+def cross_fitted(kind: str, y: np.ndarray, p: np.ndarray, fold_ids: np.ndarray,
+                 clip_bounds: tuple[float, float] | None = None) -> np.ndarray:
+    """Predictions of ``kind`` where each fold's rows come from a transform fitted on the others."""
+    out = np.empty_like(p)
+    for k in np.unique(fold_ids):
+        held = fold_ids == k
+        out[held] = fit(kind, y[~held], p[~held], clip_bounds).apply(p[held])
+    return out
+
+
+def choose(y, p, method: str = "auto", *, clip_bounds: tuple[float, float] | None = None,
+           folds: int = FOLDS, seed: int = 0, min_z: float = MIN_Z) -> Choice:
+    """Choose and fit the post-processing of validation predictions ``p`` (labels ``y``).
+
+    ``method`` is ``auto`` (cross-validated choice among none, learned clip and temperature; see
+    the module docstring), or one transform to use as asked. ``clip_bounds`` makes ``clip`` the
+    fixed clip. ``seed`` fixes the folds, so the choice is deterministic.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown postprocess {method!r}; expected one of {', '.join(METHODS)}")
+    y = np.asarray(y, dtype=np.float64).ravel()
+    p = np.asarray(p, dtype=np.float64).ravel()
+    raw = log_loss(y, p)
+    k = int(min(folds, np.bincount(y.astype(int), minlength=2).min()))
+    fold_ids = _fold_ids(y.astype(int), k, seed) if k >= 2 else None
+
+    def cv_losses(kind: str) -> np.ndarray:
+        if kind == "none" or (kind == "clip" and clip_bounds is not None):
+            return _row_losses(y, fit(kind, y, p, clip_bounds).apply(p))
+        assert fold_ids is not None
+        return _row_losses(y, cross_fitted(kind, y, p, fold_ids))
+
+    if method == "auto":
+        candidates = ["none"] + (["clip", "temperature"] if fold_ids is not None else [])
+    else:
+        candidates = [method]
+    if fold_ids is None and method in ("clip", "temperature") and not (
+            method == "clip" and clip_bounds is not None):
+        candidates = ["none"]  # too few rows of a class to cross-fit: nothing learned
+    base = _row_losses(y, p)
+    cv: dict[str, dict[str, float]] = {}
+    best, best_gain = candidates[0], 0.0
+    for kind in candidates:
+        losses = cv_losses(kind)
+        gain = base - losses  # > 0: the transform helps that row
+        se = float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else 0.0
+        z = float(gain.mean() / se) if se > 0 else 0.0
+        cv[kind] = {"logloss": float(losses.mean()), "gain": float(gain.mean()), "z": z}
+        if method == "auto" and kind != "none" and z > min_z and gain.mean() > best_gain:
+            best, best_gain = kind, float(gain.mean())
+    chosen = fit(best, y, p, clip_bounds)
+    return Choice(method=method, transform=chosen, logloss_raw=raw,
+                  logloss_post=cv[best]["logloss"],
+                  logloss_post_insample=log_loss(y, chosen.apply(p)), cv=cv,
+                  folds=0 if fold_ids is None else k)
