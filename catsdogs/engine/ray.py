@@ -1,0 +1,307 @@
+"""The Ray engine: feature chunks in a pool of long-lived actors, grid runs as Ray tasks.
+
+* **Extraction**: one :class:`_FeatureWorker` actor per node with a free CPU builds the backbone
+  once (the local engine's own model factory, shipped with cloudpickle, so weights ``none`` /
+  ``imagenet``, plugin backbones and precision options behave identically) and computes whole
+  chunks: decode (threads) + forward pass with :func:`catsdogs.features.extraction.compute_chunk`.
+  The driver reads the image bytes and ``ray.put``\\ s them, so workers never touch the driver's
+  disk (``shared_data=True`` sends paths instead). Every finished chunk comes back to the driver,
+  which writes it through the cache's own chunk machinery: same files, same resume after
+  ``kill -9``. Actors restart and their pending chunk is retried when a worker process dies
+  (``max_restarts`` / ``max_task_retries``).
+* **Grids**: each pending run is one Ray task (``max_retries``); what every run reads (the aligned
+  features, the splits, the experiment) is put into the object store once. Tasks return the
+  record and the run's files as bytes; the driver writes them atomically.
+* **Audit**: the decode + ImageNet-classify pass runs in actors like extraction.
+
+Node ids are reported with every chunk and run (:meth:`RayEngine.describe`, run records).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from catsdogs.engine import EngineError, EngineSpec
+
+logger = logging.getLogger("catsdogs")
+
+#: chunks queued per actor: one computing, one decoding / in transit
+IN_FLIGHT_PER_ACTOR = 2
+#: CPUs reserved per actor / grid task (the model's threads use what the node has)
+ACTOR_CPUS = 1.0
+RETRIES = 3
+AUTH_HINT = (
+    "if the cluster uses token authentication (the default since Ray 2.52), present its token: "
+    "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the value `ray get-auth-token` prints on the "
+    "head node; throwaway local clusters may be started with RAY_AUTH_MODE=disabled"
+)
+
+
+def import_ray():
+    """The ``ray`` module, or an :class:`EngineError` saying how to install it."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise EngineError("--engine ray needs Ray, which is not installed here: "
+                          "pip install 'catsdogs[ray]' (or use --engine local)") from exc
+    return ray
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast, with a clear message, when ``host:port`` does not accept connections."""
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", "local" and the like: Ray resolves them
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise EngineError(
+            f"cannot reach the Ray cluster at {address!r} ({exc.strerror or exc}); start one with "
+            "`ray start --head` or fix --ray-address / RAY_ADDRESS (or use --engine local)") from exc
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+# ------------------------------------------------------------------------------------ workers
+def _read_payload(path: str) -> bytes | Exception:
+    from catsdogs.dataset.images import ImageDecodeError
+
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:  # unreadable file (permissions, vanished): skipped like locally
+        return ImageDecodeError(f"cannot read file ({exc.strerror or exc})")
+
+
+class _FeatureWorker:
+    """A Ray actor: builds one backbone's feature model once, then computes chunk after chunk."""
+
+    def __init__(self, model_factory: Callable, image_size: int, resize: str, feature_dim: int,
+                 decode_threads: int):
+        from catsdogs.features.extraction import lower_thread_priority
+
+        self.image_size, self.resize, self.feature_dim = image_size, resize, feature_dim
+        self.pool = ThreadPoolExecutor(max_workers=max(1, decode_threads),
+                                       initializer=lower_thread_priority)
+        self.model = model_factory()
+
+    def ready(self) -> tuple[str, int]:
+        return _node_id(), os.getpid()
+
+    def run(self, views: Sequence[str], digests: Sequence[str], payload: list) -> dict[str, Any]:
+        """``payload``: per image its bytes (or a read error), or its path when data is shared."""
+        from catsdogs.features.extraction import compute_chunk, decode_bytes
+
+        def decode(item):
+            data = _read_payload(item) if isinstance(item, str) else item
+            return decode_bytes(data, self.image_size, self.resize)
+
+        decoded = list(self.pool.map(decode, payload))
+        done, arrays, skipped = compute_chunk(self.model, views, digests, decoded, self.image_size,
+                                              self.feature_dim)
+        return {"digests": done, "arrays": arrays, "skipped": skipped, "node": _node_id(),
+                "pid": os.getpid()}
+
+
+def _run_task(fn: Callable, item: Any, shared: Any) -> tuple[Any, str]:
+    return fn(item, shared), _node_id()
+
+
+# ------------------------------------------------------------------------------------ engine
+class RayEngine:
+    """A connection to a Ray cluster (see the module docstring); use via
+    :func:`catsdogs.engine.open_engine`."""
+
+    name = "ray"
+
+    def __init__(self, spec: EngineSpec, started: bool):
+        self.spec = spec
+        self.started = started  # a local instance started for this call, shut down by close()
+        self.nodes: dict[str, int] = {}  # node id -> images computed in the last extraction
+        self.pids: set[int] = set()  # worker processes that returned chunks (a restart adds one)
+        self.actors: list = []  # the current extraction pool (tests kill one of them)
+
+    # ------------------------------------------------------------------ connection
+    @classmethod
+    def connect(cls, spec: EngineSpec) -> RayEngine:
+        ray = import_ray()
+        address = spec.resolved_address
+        started = False
+        if not ray.is_initialized():
+            if address is None:
+                ray.init(include_dashboard=False, logging_level=logging.WARNING,
+                         configure_logging=False, log_to_driver=False)
+                started = True
+            else:
+                _check_reachable(address)
+                try:
+                    ray.init(address=address, logging_level=logging.WARNING,
+                             configure_logging=False, log_to_driver=False)
+                except Exception as exc:  # auth, version mismatch, a dead head: say what to do
+                    raise EngineError(f"cannot connect to the Ray cluster at {address!r}: "
+                                      f"{str(exc).splitlines()[0] if str(exc) else exc!r}; "
+                                      f"{AUTH_HINT}") from exc
+        engine = cls(spec, started)
+        try:
+            engine._check_cpus()
+        except EngineError:
+            engine.close()
+            raise
+        return engine
+
+    def _check_cpus(self) -> None:
+        import ray
+
+        total = ray.cluster_resources().get("CPU", 0)
+        free = ray.available_resources().get("CPU", 0)
+        where = self.spec.resolved_address or "the local Ray instance"
+        if total <= 0:
+            raise EngineError(f"the Ray cluster at {where} has no CPU; add worker nodes with CPUs")
+        if free < ACTOR_CPUS:
+            raise EngineError(f"no CPU free on the Ray cluster at {where} ({total:g} CPUs, "
+                              f"{free:g} free; catsdogs needs {ACTOR_CPUS:g}): wait for other jobs "
+                              "to finish or add nodes")
+
+    def close(self) -> None:
+        import ray
+
+        self._stop_actors()
+        if self.started and ray.is_initialized():
+            ray.shutdown()
+
+    def describe(self) -> dict[str, Any]:
+        """What the cache metadata records: the engine and the node ids of the last extraction."""
+        return {"name": self.name, "address": self.spec.resolved_address,
+                "shared_data": self.spec.shared_data, "nodes": dict(self.nodes)}
+
+    def _cpu_nodes(self) -> list[str]:
+        import ray
+
+        return sorted(n["NodeID"] for n in ray.nodes()
+                      if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= ACTOR_CPUS)
+
+    def _stop_actors(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+
+    # ------------------------------------------------------------------ actor pools
+    def actor_map(self, worker_cls: type, init_args: tuple, jobs: Sequence, args_of: Callable,
+                  on_result: Callable[[Any, Any], None]) -> int:
+        """A pool of long-lived actors, one per node with a free CPU (at most one per job):
+        ``worker_cls(*init_args)`` is built once per actor, then its ``run(*args_of(job))`` is
+        called for every job, :data:`IN_FLIGHT_PER_ACTOR` at a time per actor;
+        ``on_result(job, result)`` runs on the driver as jobs finish. Returns the pool size."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        remote_cls = ray.remote(num_cpus=ACTOR_CPUS, max_restarts=RETRIES, max_task_retries=RETRIES,
+                                max_concurrency=IN_FLIGHT_PER_ACTOR)(worker_cls)
+        nodes = self._cpu_nodes()[:max(1, len(jobs))] or [None]
+        self.actors = [remote_cls.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=True) if n else "DEFAULT"
+        ).remote(*init_args) for n in nodes]
+        todo = iter(jobs)
+        pending: dict[Any, tuple[Any, int]] = {}  # result ref -> (job, actor index)
+
+        def submit(actor_index: int) -> None:
+            job = next(todo, None)
+            if job is not None:
+                ref = self.actors[actor_index].run.remote(*args_of(job))
+                pending[ref] = (job, actor_index)
+
+        try:
+            for i in range(len(self.actors)):
+                for _ in range(IN_FLIGHT_PER_ACTOR):
+                    submit(i)
+            while pending:
+                (ref,), _ = ray.wait(list(pending), num_returns=1)
+                job, actor_index = pending.pop(ref)
+                on_result(job, self._get(ref, f"{worker_cls.__name__.strip('_')} actor"))
+                submit(actor_index)
+        finally:
+            self._stop_actors()
+        return len(nodes)
+
+    # ------------------------------------------------------------------ extraction
+    def compute_features(self, store, work: list, model_factory, *, image_size: int, resize: str,
+                         chunk_size: int, workers: int, progress: bool, desc: str) -> tuple[int, float]:
+        """The Ray twin of :func:`catsdogs.features.extraction._compute` (same arguments, same
+        chunks written through ``store``); node ids per image land in :attr:`nodes`."""
+        import ray
+        from tqdm.auto import tqdm
+
+        from catsdogs.features.extraction import _chunks
+
+        self.nodes, self.pids = {}, set()
+        if not work:
+            return 0, 0.0
+        chunks = list(_chunks(work, chunk_size))
+        bar = tqdm(total=len(work), desc=f"{desc} (ray)", unit="img", disable=not progress,
+                   dynamic_ncols=True)
+        state = {"index": store.next_chunk_index(), "computed": 0}
+
+        def args_of(chunk: list) -> tuple:
+            if self.spec.shared_data:
+                payload: Any = [str(w.record.path) for w in chunk]
+            else:  # bytes through the object store: workers need not see the driver's disk
+                payload = ray.put([_read_payload(w.record.path) for w in chunk])
+            return chunk[0].views, [w.digest for w in chunk], payload
+
+        def on_result(chunk: list, out: dict[str, Any]) -> None:
+            store.write_chunk(state["index"], out["digests"], chunk[0].views, out["arrays"],
+                              out["skipped"])
+            state["index"] += 1
+            state["computed"] += len(out["digests"])
+            self.nodes[out["node"]] = self.nodes.get(out["node"], 0) + len(chunk)
+            self.pids.add(out["pid"])
+            bar.update(len(chunk))
+
+        start = time.perf_counter()
+        try:
+            self.actor_map(_FeatureWorker, (model_factory, image_size, resize,
+                                            store.config.feature_dim, workers),
+                           chunks, args_of, on_result)
+        finally:
+            bar.close()
+        return state["computed"], time.perf_counter() - start
+
+    @staticmethod
+    def _get(ref, what: str):
+        import ray
+
+        try:
+            return ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                ray.exceptions.NodeDiedError) as exc:
+            raise EngineError(f"a Ray {what} died {RETRIES + 1} times ({type(exc).__name__}); "
+                              "everything finished so far is kept: rerun to resume") from exc
+
+    # ------------------------------------------------------------------ grids
+    def map_runs(self, fn: Callable[[Any, Any], Any], items: Iterable, shared: Any
+                 ) -> Iterator[tuple[Any, Any, str]]:
+        """Run ``fn(item, shared)`` for every item as a Ray task; yield ``(item, result, node id)``
+        in completion order. ``shared`` is put into the object store once for all tasks."""
+        import ray
+
+        task = ray.remote(num_cpus=ACTOR_CPUS, max_retries=RETRIES)(_run_task)
+        shared_ref = ray.put(shared)
+        pending = {task.remote(fn, item, shared_ref): item for item in items}
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            item = pending.pop(ref)
+            result, node = self._get(ref, "grid worker")
+            yield item, result, node

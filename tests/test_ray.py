@@ -1,0 +1,201 @@
+"""The Ray engine on a real two-node Ray cluster on this machine (loopback only, no mocks).
+
+One cluster serves the module: ``ray.cluster_utils.Cluster`` with a head and a second node of one
+CPU each, so a pool of one actor per node really spreads over two raylets. Every Ray worker of
+this module runs with a Python audit hook that refuses to open anything under the test's data
+directory (see ``_forbid_data_dir``): the data path exists only for the driver. That is enforced at
+the interpreter level of the worker processes (our readers open files through Python), not by the
+operating system; the negative control ``--ray-shared-data`` shows the hook does block reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_kaggle, run_cli
+
+pytestmark = [pytest.mark.ray]
+ray = pytest.importorskip("ray")
+
+import catsdogs  # noqa: E402
+from catsdogs.engine import EngineError, EngineSpec, open_engine  # noqa: E402
+
+TINY = {"weights": "none", "image_size": 32, "batch_size": 4, "chunk_size": 4, "progress": False}
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+def _forbid_data_dir(prefix: str):
+    """A worker-process setup hook: Python's ``open`` of anything under ``prefix`` fails."""
+
+    def hook() -> None:
+        import os as _os
+        import sys as _sys
+
+        def audit(event, args):
+            if event == "open" and args and isinstance(args[0], (str, bytes, _os.PathLike)):
+                if _os.fsdecode(args[0]).startswith(prefix):
+                    raise PermissionError(13, "the data directory is not visible on Ray workers",
+                                          _os.fsdecode(args[0]))
+
+        _sys.addaudithook(audit)
+
+    return hook
+
+
+@pytest.fixture(scope="module")
+def driver_data(tmp_path_factory) -> Path:
+    """A Kaggle-layout data set that only the driver may read (the workers' hook refuses it)."""
+    root = tmp_path_factory.mktemp("driver-only") / "data"
+    return make_kaggle(root, n_per_class=12, n_test=8)
+
+
+@pytest.fixture(scope="module")
+def cluster(driver_data):
+    from ray.cluster_utils import Cluster
+
+    saved = {k: os.environ.get(k) for k in RAY_ENV}
+    os.environ.update(RAY_ENV)
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": _forbid_data_dir(str(driver_data.parent))})
+    try:
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _node_ids() -> set[str]:
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+
+
+def _assert_same_cache(local_path: Path, ray_path: Path) -> dict:
+    """Same file name, rows, digests, labels and metadata (apart from time/engine); features to 1e-4."""
+    assert local_path.name == ray_path.name
+    a, b = catsdogs.load_features(local_path), catsdogs.load_features(ray_path)
+    for split in ("train", "test"):
+        sa, sb = getattr(a, split), getattr(b, split)
+        assert sa.files == sb.files and sa.digests == sb.digests
+        assert np.array_equal(sa.y, sb.y) and np.array_equal(sa.ids, sb.ids)
+        assert np.abs(sa.X - sb.X).max() <= 1e-4
+        if sa.X_flip is not None:
+            assert np.abs(sa.X_flip - sb.X_flip).max() <= 1e-4
+    differ = {k for k in set(a.meta) | set(b.meta) if a.meta.get(k) != b.meta.get(k)}
+    assert differ <= {"created", "engine"}, differ
+    return b.meta["engine"]
+
+
+def test_extract_on_two_nodes_equals_local_without_reading_the_data_dir(cluster, driver_data, tmp_path):
+    (local,) = catsdogs.extract(driver_data, "resnet50", cache_dir=tmp_path / "local", flip=True,
+                                **TINY)
+    with open_engine("ray") as engine:
+        (res,) = catsdogs.extract(driver_data, "resnet50", cache_dir=tmp_path / "ray", flip=True,
+                                  engine=engine, **TINY)
+    assert (res.computed, res.n_train, res.n_test) == (local.computed, 24, 8)
+    info = _assert_same_cache(local.path, res.path)
+    assert info["name"] == "ray" and set(info["nodes"]) == _node_ids() and len(info["nodes"]) == 2
+    assert sum(info["nodes"].values()) == 32  # every image computed once, on one of the two nodes
+    assert not res.path.with_name(res.path.name + ".partial").exists()
+
+
+def test_shared_data_flag_makes_workers_read_paths(cluster, driver_data, tmp_path):
+    """Negative control for the hook: with --ray-shared-data the workers open the files
+    themselves, which this module's workers cannot, so every image is reported unreadable."""
+    with open_engine(EngineSpec("ray", shared_data=True)) as engine:
+        (res,) = catsdogs.extract(driver_data, "resnet50", cache_dir=tmp_path, engine=engine, **TINY)
+    assert res.computed == 0 and len(res.skipped) == 32
+    assert all("not visible on Ray workers" in why for _, why in res.skipped)
+
+
+def test_killed_worker_mid_extraction_is_restarted_and_result_complete(cluster, tmp_path):
+    data = make_kaggle(tmp_path / "data", n_per_class=30, n_test=20, seed=3)
+    opts = {**TINY, "image_size": 64}
+    (local,) = catsdogs.extract(data, "resnet50", cache_dir=tmp_path / "local", **opts)
+    partial = None
+    with open_engine("ray") as engine:
+        box: dict = {}
+        thread = threading.Thread(target=lambda: box.setdefault("res", catsdogs.extract(
+            data, "resnet50", cache_dir=tmp_path / "ray", engine=engine, **opts)))
+        thread.start()
+        deadline = time.time() + 120
+        while time.time() < deadline:  # the first chunk is on disk: the pool is working
+            parts = list((tmp_path / "ray").rglob("*.partial"))
+            if parts and list(parts[0].glob("chunk-*.json")):
+                partial = parts[0]
+                break
+            time.sleep(0.05)
+        assert partial is not None, "no chunk written"
+        victim = engine.actors[0]
+        _, pid = ray.get(victim.ready.remote())
+        done_at_kill = len(list(partial.glob("chunk-*.json")))
+        os.kill(pid, signal.SIGKILL)
+        thread.join(300)
+        (res,) = box["res"]
+    assert done_at_kill < 18  # 18 chunks of 4 images in all: killed mid-extraction
+    assert pid in engine.pids and len(engine.pids) >= 2  # the killed worker had computed; a new one took over
+    _assert_same_cache(local.path, res.path)
+    assert res.computed == 80 and sum(engine.describe()["nodes"].values()) == 80
+
+
+def test_cli_extract_engine_ray_against_the_cluster_address(cluster, driver_data, tmp_path):
+    env = {**os.environ, **RAY_ENV, "RAY_ADDRESS": ""}
+    proc = run_cli("extract", str(driver_data), "-b", "resnet50", "--weights", "none",
+                   "--image-size", "32", "--cache-dir", str(tmp_path), "--no-progress", "--json",
+                   "--engine", "ray", "--ray-address", cluster.address, env=env)
+    assert proc.returncode == 0, proc.stderr
+    (out,) = json.loads(proc.stdout)
+    assert out["computed"] == 32
+    meta = catsdogs.load_features(out["path"]).meta
+    assert meta["engine"]["address"] == cluster.address and set(meta["engine"]["nodes"]) <= _node_ids()
+
+
+def test_unreachable_address_is_one_clear_error(tmp_path, driver_data):
+    proc = run_cli("extract", str(driver_data), "-b", "resnet50", "--weights", "none",
+                   "--cache-dir", str(tmp_path), "--engine", "ray", "--ray-address", "127.0.0.1:9",
+                   env={**os.environ, **RAY_ENV}, timeout=120)
+    assert proc.returncode == 1
+    assert "Error: cannot reach the Ray cluster at '127.0.0.1:9'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_ray_not_installed_is_one_clear_error(tmp_path, driver_data):
+    code = ("import sys; sys.modules['ray'] = None; from catsdogs.cli import main; "
+            f"main(['extract', {str(driver_data)!r}, '-b', 'resnet50', '--weights', 'none', "
+            f"'--cache-dir', {str(tmp_path)!r}, '--engine', 'ray'])")
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "pip install 'catsdogs[ray]'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_no_free_cpu_is_one_clear_error(cluster):
+    @ray.remote(num_cpus=1)
+    class Hog:
+        def ready(self):
+            return True
+
+    hogs = [Hog.remote() for _ in range(2)]
+    ray.get([h.ready.remote() for h in hogs])
+    try:
+        with pytest.raises(EngineError, match="no CPU free on the Ray cluster"):
+            with open_engine("ray"):
+                pass
+    finally:
+        for h in hogs:
+            ray.kill(h)
