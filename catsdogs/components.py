@@ -1,5 +1,17 @@
 """The three component contracts plugins implement: :class:`Backbone`, :class:`Head`, :class:`Optimizer`.
 
+Everything the core relies on is declared here, nothing is duck-typed:
+
+* :class:`Backbone` – the feature model; the optional ImageNet-classifier capability the audit
+  uses is the :class:`ImageNetClassifier` protocol (``has_classifier = True`` plus
+  ``build_classifier``), tested with :func:`has_imagenet_classifier`;
+* :class:`Head` – ``fit`` / ``predict_proba``; its hyper-parameters are its ``__init__``
+  arguments (:meth:`Head.param_names`), checked by :meth:`Head.validate_params`; the tunable ones
+  are declared by :meth:`Head.search_space` (keras-tuner ``HyperModel`` style) and a head is
+  built from a trial's values by :meth:`Head.from_hp`;
+* :class:`Optimizer` – a factory of Keras optimizers.
+
+Input checks and :class:`~catsdogs.validation.NotFittedError` live in :mod:`catsdogs.validation`.
 This module imports neither TensorFlow nor Keras, so listing plugins stays fast; components import
 them inside the methods that need them.
 """
@@ -12,8 +24,8 @@ import inspect
 import math
 import numbers
 import re
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from catsdogs.errors import ConfigError, PluginError
 
@@ -27,6 +39,14 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 #: initialisation (offline, for tests); ``imagenet`` means pretrained ImageNet weights.
 WEIGHTS_NONE = "none"
 WEIGHTS_IMAGENET = "imagenet"
+
+#: the default search ranges of the common hyper-parameters: name -> (low, high, sampling);
+#: ``learning_rate`` is the optimizer's (tuned for every head with ``uses_optimizer``)
+DEFAULT_SEARCH_SPACE: dict[str, tuple[float, float, str]] = {
+    "dropout": (0.1, 0.7, "linear"),
+    "learning_rate": (1e-4, 1e-1, "log"),
+    "l2": (1e-6, 1e-2, "log"),
+}
 
 
 @contextlib.contextmanager
@@ -89,6 +109,8 @@ class Backbone(abc.ABC):
     weights_options: tuple[str, ...] = (WEIGHTS_IMAGENET, WEIGHTS_NONE)
     #: seed for ``weights="none"``
     seed: int = 2019
+    #: True when the backbone also builds its ImageNet classifier (see :class:`ImageNetClassifier`)
+    has_classifier: bool = False
 
     def weights_id(self, weights: str) -> str:
         """A string that changes whenever the weights do; part of every feature-cache key."""
@@ -141,11 +163,68 @@ class Backbone(abc.ABC):
         }
 
 
+class SearchSpace:
+    """Records what :meth:`Head.search_space` declares, without importing keras-tuner.
+
+    It offers the declaring half of keras-tuner's ``HyperParameters`` (``Float``, ``Int``,
+    ``Choice``, ``Boolean``); :meth:`replay` declares the recorded entries on a real one.
+    ``entries`` maps each name to ``(method, args, kwargs)`` in declaration order.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[str, tuple[Any, ...], dict[str, Any]]] = {}
+
+    def _record(self, method: str, name: str, *args: Any, **kwargs: Any) -> None:
+        if name in self.entries:
+            raise ConfigError(f"tunable hyper-parameter {name!r} is declared twice")
+        self.entries[name] = (method, args, kwargs)
+
+    def Float(self, name: str, min_value: float, max_value: float, **kwargs: Any) -> None:  # noqa: N802
+        self._record("Float", name, min_value, max_value, **kwargs)
+
+    def Int(self, name: str, min_value: int, max_value: int, **kwargs: Any) -> None:  # noqa: N802
+        self._record("Int", name, min_value, max_value, **kwargs)
+
+    def Choice(self, name: str, values: Sequence[Any], **kwargs: Any) -> None:  # noqa: N802
+        self._record("Choice", name, list(values), **kwargs)
+
+    def Boolean(self, name: str, **kwargs: Any) -> None:  # noqa: N802
+        self._record("Boolean", name, **kwargs)
+
+    def replay(self, hp: Any, names: Sequence[str] | None = None) -> None:
+        """Declare the recorded entries (only ``names``, when given) on keras-tuner's ``hp``."""
+        for name, (method, args, kwargs) in self.entries.items():
+            if names is None or name in names:
+                getattr(hp, method)(name, *args, **kwargs)
+
+
+@runtime_checkable
+class ImageNetClassifier(Protocol):
+    """The optional capability of a backbone to build its ImageNet classifier (used by the audit).
+
+    A backbone offering it sets ``has_classifier = True`` and implements ``build_classifier``:
+    a Keras model taking the same raw pixels as :meth:`Backbone.build` and returning the 1000
+    ImageNet logits, or with ``with_features=True`` a dict ``{"logits": ..., "features": ...}``
+    (the GAP features of :meth:`Backbone.build`) from one forward pass.
+    """
+
+    has_classifier: bool
+
+    def build_classifier(self, weights: str = WEIGHTS_IMAGENET, image_size: int | None = None,
+                         with_features: bool = False) -> keras.Model: ...
+
+
+def has_imagenet_classifier(backbone: Any) -> bool:
+    """True when ``backbone`` offers the :class:`ImageNetClassifier` capability."""
+    return getattr(backbone, "has_classifier", False) is True and isinstance(backbone, ImageNetClassifier)
+
+
 class _Params:
     """scikit-learn style parameter handling: ``__init__`` stores its arguments and nothing else."""
 
     @classmethod
-    def _param_names(cls) -> list[str]:
+    def param_names(cls) -> list[str]:
+        """The hyper-parameter names: the ``__init__`` arguments (scikit-learn style)."""
         sig = inspect.signature(cls.__init__)
         return [
             p.name
@@ -154,10 +233,10 @@ class _Params:
         ]
 
     def get_params(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self._param_names()}
+        return {name: getattr(self, name) for name in self.param_names()}
 
     def set_params(self, **params: Any) -> _Params:
-        valid = self._param_names()
+        valid = self.param_names()
         for key, value in params.items():
             if key not in valid:
                 raise ConfigError(
@@ -243,6 +322,63 @@ class Head(_Params, abc.ABC):
     @abc.abstractmethod
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Return P(dog) for each row of ``X`` as float array of shape ``(n,)``."""
+
+    def validate_params(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid hyper-parameter.
+
+        Called by the experiment loader (so a bad value fails before any work) and by ``fit``.
+        The default accepts everything; override it when a parameter has a range.
+        """
+
+    @classmethod
+    def search_space(cls, hp: Any) -> None:
+        """Declare the head's tunable hyper-parameters on ``hp`` (keras-tuner style).
+
+        ``hp`` offers keras-tuner's ``Float(name, min_value, max_value, sampling=...)``,
+        ``Int(name, min_value, max_value, ...)``, ``Choice(name, values)`` and
+        ``Boolean(name)``; every name must be a parameter of the head (:meth:`param_names`).
+        The tuner declares the optimizer's ``learning_rate`` itself for heads with
+        ``uses_optimizer``. The default declares ``dropout`` and ``l2`` (ranges from
+        :data:`DEFAULT_SEARCH_SPACE`) when they are parameters of the head.
+        """
+        names = cls.param_names()
+        for name in ("dropout", "l2"):
+            if name in names:
+                low, high, sampling = DEFAULT_SEARCH_SPACE[name]
+                hp.Float(name, low, high, sampling=sampling)
+
+    @classmethod
+    def tuning_space(cls) -> SearchSpace:
+        """Everything the tuner may search for this head: :meth:`search_space`, plus the
+        optimizer's ``learning_rate`` when the head ``uses_optimizer``.
+
+        Raises :class:`ConfigError` when the head declares a name that is not one of its
+        parameters (or ``learning_rate``, which belongs to the optimizer).
+        """
+        space = SearchSpace()
+        cls.search_space(space)
+        names = cls.param_names()
+        for name in space.entries:
+            if name not in names:
+                raise ConfigError(f"head {cls.name!r} declares the tunable hyper-parameter "
+                                  f"{name!r}, which is not one of its parameters "
+                                  f"({', '.join(names) or 'none'})")
+        if cls.uses_optimizer:
+            low, high, sampling = DEFAULT_SEARCH_SPACE["learning_rate"]
+            space.Float("learning_rate", low, high, sampling=sampling)
+        return space
+
+    @classmethod
+    def from_hp(cls, hp: Any, params: Mapping[str, Any] | None = None) -> Head:
+        """A new head from a trial's values (keras-tuner's ``HyperModel.build(hp)``).
+
+        ``hp`` is a keras-tuner ``HyperParameters`` (or a plain mapping of values); its values that
+        are parameters of the head override the fixed ``params``. Other values (such as the
+        optimizer's ``learning_rate``) are left to the caller.
+        """
+        values = hp if isinstance(hp, Mapping) else hp.values
+        names = cls.param_names()
+        return cls(**{**(params or {}), **{k: v for k, v in values.items() if k in names}})
 
     def keras_model(self) -> keras.Model | None:
         """The trained head as a Keras model, or None for heads that are not Keras graphs.

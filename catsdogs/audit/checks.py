@@ -20,9 +20,14 @@ in one repeatable pass over the training images of a data directory:
 ``unreadable``
     the file does not decode (the reader's reason: empty, truncated, not an image ...), or
     :func:`catsdogs.dataset.layout.open_dataset` ignored it (not an image file name).
+``label_issue`` (only with ``label_issues=True``)
+    confident learning (``cleanlab``) on out-of-fold predictions of a logistic-regression head on
+    the cached backbone features says the label is probably wrong; the score (the out-of-fold
+    probability of the other class) is kept (:mod:`catsdogs.audit.label_issues`).
 
 Each image is read and decoded **once**: the decoded pixels give the size, the colour statistic and
-the classifier's input. The classifier is a backbone's ImageNet model built with
+the classifier's input. The classifier is a backbone's ImageNet model (its
+:class:`~catsdogs.components.ImageNetClassifier` capability) built with
 ``build_classifier(weights, image_size, with_features=True)``; one forward pass gives both the
 1000 logits and the backbone's GAP features (``keep_features=True`` returns those features, e.g. to
 look for duplicates, without a second pass). Only the contact sheet re-reads its (at most
@@ -67,7 +72,7 @@ MIN_IQR_IMAGES = 4
 #: IQR multiplier of the fences (Tukey's rule)
 IQR_FACTOR = 1.5
 #: the checks, in the order of the CSV columns
-CHECKS = ("tiny", "colour_outlier", "imagenet_mismatch", "unreadable")
+CHECKS = ("tiny", "colour_outlier", "imagenet_mismatch", "unreadable", "label_issue")
 LABEL_NAMES = {0: "cat", 1: "dog"}
 TOP_CSV = 3  # top classes written to the CSV
 
@@ -90,6 +95,8 @@ class ImageAudit:
     top: list[tuple[int, float]] = field(default_factory=list)  # top-k (ImageNet class, probability)
     p_cat: float | None = None  # probability mass on the cat classes 281-285
     p_dog: float | None = None  # probability mass on the dog classes 151-268
+    label_issue: bool = False  # confident learning says the label is probably wrong
+    label_issue_score: float | None = None  # out-of-fold P(the other class) (label_issues=True)
 
     @property
     def flagged(self) -> bool:
@@ -111,6 +118,8 @@ class ImageAudit:
         if self.imagenet_mismatch and self.top:
             idx, prob = self.top[0]
             out.append(f"ImageNet: {short_names()[idx]} {prob:.0%}")
+        if self.label_issue:
+            out.append(f"label? P(other class) {self.label_issue_score:.2f}")
         return out
 
 
@@ -133,6 +142,7 @@ class AuditResult:
     files: dict[str, Path] = field(default_factory=dict)  # csv, csv_all, report, sizes, colour, sheet, exclude
     features: np.ndarray | None = None  # (n, d) GAP features from the same pass (keep_features=True)
     feature_files: list[str] = field(default_factory=list)  # the rows of ``features``
+    label_backbone: str | None = None  # whose features the label-issue finder used (if it ran)
 
     @property
     def flagged(self) -> list[ImageAudit]:
@@ -181,8 +191,10 @@ def iqr_fences(values: Sequence[float], factor: float = IQR_FACTOR) -> tuple[flo
 
 def find_classifier(registry, name: str | None = None):
     """The backbone whose ImageNet classifier the audit uses (see the module docstring)."""
+    from catsdogs.components import has_imagenet_classifier
+
     with_classifier = [n for n in registry.names("backbones")
-                       if getattr(registry.backbone(n), "has_classifier", False)]
+                       if has_imagenet_classifier(registry.backbone(n))]
     if name is None:
         if not with_classifier:
             raise PluginError(
@@ -190,7 +202,7 @@ def find_classifier(registry, name: str | None = None):
                 "ImageNet check needs; install one, e.g. pip install -e plugins/catsdogs-efficientnet-lite")
         return registry.backbone(with_classifier[0])
     backbone = registry.backbone(name)  # unknown name: PluginError listing the available ones
-    if not getattr(backbone, "has_classifier", False) or not hasattr(backbone, "build_classifier"):
+    if not has_imagenet_classifier(backbone):
         offer = ", ".join(with_classifier) or "none installed (pip install -e plugins/catsdogs-efficientnet-lite)"
         raise PluginError(f"backbone {name!r} has no ImageNet classifier; backbones with one: {offer}")
     return backbone
@@ -276,6 +288,9 @@ def audit(
     write_exclude: str | os.PathLike | None = None,
     max_sheet: int = 64,
     keep_features: bool = False,
+    label_issues: bool = False,
+    label_backbone: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
     registry=None,
 ) -> AuditResult:
@@ -285,7 +300,9 @@ def audit(
     ``efficientnet_lite0`` with the EfficientNet-Lite plugin); ``weights="none"`` builds its seeded
     random network (for tests: the ImageNet check is then meaningless). ``image_size`` defaults to
     the backbone's own. With ``out`` the CSVs, plots and ``report.md`` are written there;
-    ``write_exclude`` writes the exclude list. Nothing in ``data_dir`` is changed.
+    ``write_exclude`` writes the exclude list. ``label_issues`` also runs the label-issue finder
+    on the cached features (``cache_dir``) of ``label_backbone`` (default: the classifier's
+    backbone, same weights and size). Nothing in ``data_dir`` is changed.
     """
     from tqdm.auto import tqdm
 
@@ -362,6 +379,10 @@ def audit(
         for a in members:
             a.colour_outlier = a.colour_stat < lo or a.colour_stat > hi
 
+    if label_issues:
+        _mark_label_issues(audits, ds.root, label_backbone or backbone.name, weights,
+                           None if label_backbone else size, cache_dir, progress, registry)
+
     for relpath, reason in ds.ignored:
         audits.append(ImageAudit(relpath, "", unreadable=True, reason=f"ignored by the reader: {reason}"))
 
@@ -372,6 +393,7 @@ def audit(
         features=(np.concatenate(feature_rows) if feature_rows else
                   np.zeros((0, getattr(backbone, "feature_dim", 0)), np.float32)) if keep_features else None,
         feature_files=feature_files,
+        label_backbone=(label_backbone or backbone.name) if label_issues else None,
     )
     for a in result.flagged:
         if a.unreadable:
@@ -382,6 +404,18 @@ def audit(
         write_outputs(result, out, max_sheet=max_sheet, elapsed=time.perf_counter() - t0)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _mark_label_issues(audits: list[ImageAudit], data_dir: Path, backbone: str, weights: str,
+                       image_size: int | None, cache_dir, progress: bool, registry) -> None:
+    """Set ``label_issue`` and ``label_issue_score`` from :mod:`catsdogs.audit.label_issues`."""
+    from catsdogs.audit.label_issues import label_issues_in
+
+    found = label_issues_in(data_dir, backbone, weights=weights, image_size=image_size,
+                            cache_dir=cache_dir, progress=progress, registry=registry).by_file()
+    for a in audits:
+        if a.file in found:
+            a.label_issue, a.label_issue_score = found[a.file]
 
 
 def _size_stats(audits: list[ImageAudit]) -> dict[str, dict[str, float]]:
@@ -401,7 +435,8 @@ def _size_stats(audits: list[ImageAudit]) -> dict[str, dict[str, float]]:
 
 # --------------------------------------------------------------------------------------- outputs
 def csv_columns() -> list[str]:
-    cols = ["file", "label", *CHECKS, "width", "height", "colour_stat", "p_cat_classes", "p_dog_classes"]
+    cols = ["file", "label", *CHECKS, "width", "height", "colour_stat", "p_cat_classes", "p_dog_classes",
+            "label_issue_score"]
     for k in range(1, TOP_CSV + 1):
         cols += [f"top{k}_class", f"top{k}_name", f"top{k}_prob"]
     return cols + ["reason"]
@@ -412,7 +447,7 @@ def _csv_row(a: ImageAudit) -> list:
         return "" if x is None else format(x, fmt)
 
     row = [a.file, a.label, *(getattr(a, c) for c in CHECKS), num(a.width, "d"), num(a.height, "d"),
-           num(a.colour_stat, ".5f"), num(a.p_cat, ".5f"), num(a.p_dog, ".5f")]
+           num(a.colour_stat, ".5f"), num(a.p_cat, ".5f"), num(a.p_dog, ".5f"), num(a.label_issue_score, ".5f")]
     names = short_names()
     for k in range(TOP_CSV):
         if k < len(a.top):
@@ -520,7 +555,8 @@ def plot_colour(result: AuditResult, path: Path, plt) -> Path:
 def _sheet_order(result: AuditResult) -> list[ImageAudit]:
     flagged = result.flagged
     order = {id(a): i for i, a in enumerate(flagged)}
-    return sorted(flagged, key=lambda a: (-len(a.flags), order[id(a)]))
+    return sorted(flagged, key=lambda a: (-len(a.flags), -(a.label_issue_score or 0.0) * a.label_issue,
+                                          order[id(a)]))
 
 
 def plot_contact_sheet(result: AuditResult, path: Path, plt, max_images: int = 64,
@@ -595,6 +631,9 @@ def write_report(result: AuditResult, path: Path, max_sheet: int = 64, elapsed: 
         f"| `imagenet_mismatch` | a cat photo without a cat class (281-285) in its top-{result.top_k}, "
         f"a dog photo without a dog class (151-268) | {counts['imagenet_mismatch']} |",
         f"| `unreadable` | does not decode, or ignored by the reader | {counts['unreadable']} |",
+        *([f"| `label_issue` | cleanlab (confident learning) on out-of-fold predictions of a "
+           f"logistic regression on `{result.label_backbone}` features: label probably wrong "
+           f"| {counts['label_issue']} |"] if result.label_backbone else []),
         f"| **any** | | **{counts['any']}** |",
         "",
         "Nothing was deleted or moved. `audit.csv` lists the flagged files (`audit_all.csv` every "

@@ -23,16 +23,22 @@ weights and history; bench/grid_speed.py measures the speed-up on the write-up's
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
-from numbers import Integral, Real
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from catsdogs.components import Head, Optimizer
-from catsdogs.errors import CatsdogsError, ConfigError
+from catsdogs.errors import ConfigError
 from catsdogs.hookspecs import hookimpl
+from catsdogs.validation import (  # noqa: F401  (NotFittedError and the checks: public here too)
+    NotFittedError,
+    check_features,
+    check_labels,
+    check_validation,
+)
+from catsdogs.validation import check_int as _check_int
+from catsdogs.validation import check_real as _check_real
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -44,80 +50,10 @@ PREDICT_BATCH_SIZE = 4096
 TRAINING_LOOPS = ("compiled", "keras")
 
 
-class NotFittedError(CatsdogsError, RuntimeError):
-    """A head was used for prediction or export before :meth:`~catsdogs.components.Head.fit`."""
-
-
-# -- input validation ------------------------------------------------------------------------------
-def check_features(X: Any, what: str = "X", n_features: int | None = None,
-                   allow_empty: bool = False) -> np.ndarray:
-    """``X`` as a C-contiguous float32 ``(n, d)`` array, or :class:`ConfigError`."""
-    try:
-        arr = np.asarray(X)
-    except Exception as exc:  # ragged lists and the like
-        raise ConfigError(f"{what} must be a 2-D array of numbers ({exc})") from None
-    if arr.dtype.kind not in "fiu":
-        raise ConfigError(f"{what} must be a 2-D array of real numbers, got dtype {arr.dtype}")
-    if arr.ndim != 2:
-        raise ConfigError(f"{what} must be 2-D (samples, features), got shape {arr.shape}")
-    if arr.shape[0] == 0 and not allow_empty:
-        raise ConfigError(f"{what} has no rows")
-    if arr.shape[1] == 0:
-        raise ConfigError(f"{what} has no feature columns")
-    if n_features is not None and arr.shape[1] != n_features:
-        raise ConfigError(
-            f"{what} has {arr.shape[1]} features per row, but the head was fitted on {n_features}"
-        )
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
-    if not np.isfinite(arr).all():
-        raise ConfigError(f"{what} contains NaN or infinite values (or values too large for float32)")
-    return arr
-
-
-def check_labels(y: Any, n: int, what: str = "y") -> np.ndarray:
-    """``y`` as an int32 ``(n,)`` array of 0 (cat) / 1 (dog), or :class:`ConfigError`."""
-    arr = np.asarray(y)
-    if arr.ndim != 1:
-        raise ConfigError(f"{what} must be 1-D (one label per row), got shape {arr.shape}")
-    if arr.shape[0] != n:
-        raise ConfigError(f"{what} has {arr.shape[0]} labels but the features have {n} rows")
-    if arr.dtype.kind not in "biuf":
-        raise ConfigError(f"{what} must hold 0 (cat) / 1 (dog) labels, got dtype {arr.dtype}")
-    bad = ~np.isin(arr, (0, 1))
-    if bad.any():
-        examples = ", ".join(repr(v) for v in np.unique(arr[bad])[:5].tolist())
-        raise ConfigError(f"{what} must hold only 0 (cat) and 1 (dog); found {examples}")
-    return arr.astype(np.int32)
-
-
-def check_validation(validation: Any, n_features: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(X_val, y_val)`` checked like the training data (same width), or None when not given."""
-    if validation is None:
-        return None
-    if not isinstance(validation, (tuple, list)) or len(validation) != 2:
-        raise ConfigError("validation must be a pair (X_val, y_val)")
-    X_val = check_features(validation[0], "validation X", n_features=n_features)
-    return X_val, check_labels(validation[1], X_val.shape[0], "validation y")
-
-
-def _check_int(value: Any, what: str, minimum: int = 1, maximum: int | None = None) -> int:
-    if (isinstance(value, bool) or not isinstance(value, Integral) or value < minimum
-            or (maximum is not None and value > maximum)):
-        upper = "" if maximum is None else f" and <= {maximum}"
-        raise ConfigError(f"{what} must be an integer >= {minimum}{upper}, got {value!r}")
-    return int(value)
-
-
-def _check_real(value: Any, what: str, low: float, high: float | None = None,
-                high_inclusive: bool = False) -> float:
-    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and value >= low
-    if ok and high is not None:
-        ok = value <= high if high_inclusive else value < high
-    if not ok:
-        upper = "" if high is None else f" and {'<=' if high_inclusive else '<'} {high}"
-        raise ConfigError(f"{what} must be a number >= {low}{upper}, got {value!r}")
-    return float(value)
+def check_schedule(epochs: Any, batch_size: Any, seed: Any) -> tuple[int, int, int]:
+    """``(epochs, batch_size, seed)`` as ints (``seed`` in NumPy's range), or :class:`ConfigError`."""
+    return (_check_int(epochs, "epochs"), _check_int(batch_size, "batch_size"),
+            _check_int(seed, "seed", minimum=0, maximum=2**32 - 1))
 
 
 # -- heads -------------------------------------------------------------------------------------------
@@ -144,7 +80,7 @@ class KerasHead(Head):
         self.dropout = dropout
 
     # -- hooks for subclasses -----------------------------------------------------------------
-    def _validate_params(self) -> None:
+    def validate_params(self) -> None:
         _check_real(self.dropout, f"{self.name}: dropout", 0.0, 1.0)
 
     def _build_model(self, n_features: int) -> keras.Model:  # pragma: no cover - abstract
@@ -181,36 +117,14 @@ class KerasHead(Head):
         as for ``model.fit`` and trained by :meth:`_fit_compiled`, or by ``model.fit`` when
         :attr:`training_loop` is ``"keras"``.
         """
-        import keras
-
         X = check_features(X, "X")
         y = check_labels(y, X.shape[0], "y")
         validation_data = check_validation(validation, X.shape[1])
         if validation_data is not None:
             validation_data = (validation_data[0], self._targets(validation_data[1]))
-        epochs = _check_int(epochs, "epochs")
-        batch_size = _check_int(batch_size, "batch_size")
-        seed = _check_int(seed, "seed", minimum=0, maximum=2**32 - 1)  # NumPy's seed range
-        self._validate_params()
-        if optimizer is None:
-            from catsdogs.builtin.optimizers import AdamOptimizer
-
-            optimizer = AdamOptimizer()
-        if not callable(getattr(optimizer, "build", None)):
-            raise ConfigError(
-                f"optimizer must be a catsdogs Optimizer (e.g. get_registry().optimizer('adam')()), "
-                f"got {optimizer!r}"
-            )
-
-        loop = getattr(self, "training_loop", "compiled")
-        if loop not in TRAINING_LOOPS:
-            raise ConfigError(
-                f"{self.name}: training_loop must be one of {', '.join(TRAINING_LOOPS)}, got {loop!r}"
-            )
-
-        keras.utils.set_random_seed(seed)
-        model = self._build_model(X.shape[1])
-        model.compile(optimizer=optimizer.build(), loss=self.loss, metrics=["accuracy"])
+        epochs, batch_size, seed = check_schedule(epochs, batch_size, seed)
+        loop = self._checked_training_loop()
+        model = self._compiled_model(X.shape[1], optimizer, seed)
         if loop == "keras":
             history = model.fit(
                 X,
@@ -225,8 +139,43 @@ class KerasHead(Head):
             history = self._fit_compiled(model, X, self._targets(y), validation_data,
                                          epochs=epochs, batch_size=batch_size, seed=seed,
                                          verbose=verbose)
+        return self._set_fitted(model, X.shape[1], history)
+
+    def _checked_training_loop(self) -> str:
+        loop = getattr(self, "training_loop", "compiled")
+        if loop not in TRAINING_LOOPS:
+            raise ConfigError(
+                f"{self.name}: training_loop must be one of {', '.join(TRAINING_LOOPS)}, got {loop!r}"
+            )
+        return loop
+
+    def _compiled_model(self, n_features: int, optimizer: Optimizer | None, seed: int) -> keras.Model:
+        """The untrained model of :meth:`fit`, compiled: hyper-parameters and ``optimizer`` checked,
+        ``keras.utils.set_random_seed(seed)``, :meth:`_build_model`, ``compile``. Shared with the
+        grouped trainer (:mod:`catsdogs.runs.multifit`), so both start from the same weights and
+        dropout seed."""
+        import keras
+
+        self.validate_params()
+        if optimizer is None:
+            from catsdogs.builtin.optimizers import AdamOptimizer
+
+            optimizer = AdamOptimizer()
+        if not callable(getattr(optimizer, "build", None)):
+            raise ConfigError(
+                f"optimizer must be a catsdogs Optimizer (e.g. get_registry().optimizer('adam')()), "
+                f"got {optimizer!r}"
+            )
+        keras.utils.set_random_seed(seed)
+        model = self._build_model(n_features)
+        model.compile(optimizer=optimizer.build(), loss=self.loss, metrics=["accuracy"])
+        return model
+
+    def _set_fitted(self, model: keras.Model, n_features: int,
+                    history: dict[str, list[float]]) -> KerasHead:
+        """Store the fitted state (``model_``, ``n_features_in_``, ``history_``); return ``self``."""
         self.model_ = model
-        self.n_features_in_ = int(X.shape[1])
+        self.n_features_in_ = int(n_features)
         self.history_ = {str(key): [float(v) for v in values] for key, values in history.items()}
         self._export_model = None
         return self
@@ -393,8 +342,8 @@ class SoftmaxCamHead(KerasHead):
         self.dropout = dropout
         self.l2 = l2
 
-    def _validate_params(self) -> None:
-        super()._validate_params()
+    def validate_params(self) -> None:
+        super().validate_params()
         _check_real(self.l2, f"{self.name}: l2", 0.0)
 
     def _build_model(self, n_features: int) -> keras.Model:

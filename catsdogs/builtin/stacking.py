@@ -30,23 +30,24 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Sequence
-from numbers import Integral
 from typing import Any
 
 import numpy as np
 
-from catsdogs.builtin.heads import (
-    NotFittedError,
-    _check_int,
-    _check_real,
-    check_features,
-    check_labels,
-    check_validation,
-)
 from catsdogs.components import Head, Optimizer
 from catsdogs.errors import ConfigError
 from catsdogs.hookspecs import hookimpl
 from catsdogs.runs.metrics import log_loss
+from catsdogs.validation import (
+    SEED_MAX,
+    NotFittedError,
+    check_features,
+    check_int,
+    check_labels,
+    check_real,
+    check_validation,
+    is_int,
+)
 
 logger = logging.getLogger("catsdogs")
 
@@ -80,7 +81,7 @@ def check_blocks(blocks: Any, n_features: int) -> list[tuple[str, int]]:
         name, width = block
         if not isinstance(name, str) or not name:
             raise ConfigError(f"blocks[{i}]: the backbone name must be a non-empty string, got {name!r}")
-        if isinstance(width, bool) or not isinstance(width, Integral) or width < 1:
+        if not is_int(width) or width < 1:
             raise ConfigError(f"blocks[{i}] ({name!r}): width must be a positive integer, got {width!r}")
         out.append((name, int(width)))
     total = sum(w for _, w in out)
@@ -171,7 +172,7 @@ class LightGBMStackingHead(Head):
         self.n_jobs = n_jobs
 
     # -- parameters ---------------------------------------------------------------------------------
-    def _validate_params(self) -> None:
+    def validate_params(self) -> None:
         p = self.name
         if not isinstance(self.base_head, str) or not self.base_head:
             raise ConfigError(f"{p}: base_head must be the name of a registered head, got {self.base_head!r}")
@@ -179,20 +180,28 @@ class LightGBMStackingHead(Head):
             raise ConfigError(f"{p}: base_head cannot be {self.name!r} itself")
         if self.base_params is not None and not isinstance(self.base_params, dict):
             raise ConfigError(f"{p}: base_params must be a dict or None, got {self.base_params!r}")
-        _check_int(self.folds, f"{p}: folds", minimum=2)
-        _check_int(self.n_estimators, f"{p}: n_estimators")
-        _check_real(self.gbm_learning_rate, f"{p}: gbm_learning_rate", 0.0)
+        check_int(self.folds, f"{p}: folds", minimum=2)
+        check_int(self.n_estimators, f"{p}: n_estimators")
+        check_real(self.gbm_learning_rate, f"{p}: gbm_learning_rate", 0.0)
         if self.gbm_learning_rate <= 0:
             raise ConfigError(f"{p}: gbm_learning_rate must be > 0, got {self.gbm_learning_rate!r}")
-        _check_int(self.num_leaves, f"{p}: num_leaves", minimum=2)
-        _check_int(self.min_child_samples, f"{p}: min_child_samples")
-        _check_real(self.subsample, f"{p}: subsample", 0.0, 1.0, high_inclusive=True)
+        check_int(self.num_leaves, f"{p}: num_leaves", minimum=2)
+        check_int(self.min_child_samples, f"{p}: min_child_samples")
+        check_real(self.subsample, f"{p}: subsample", 0.0, 1.0, high_inclusive=True)
         if self.subsample <= 0:
             raise ConfigError(f"{p}: subsample must be > 0, got {self.subsample!r}")
-        _check_real(self.reg_lambda, f"{p}: reg_lambda", 0.0)
+        check_real(self.reg_lambda, f"{p}: reg_lambda", 0.0)
         if self.early_stopping_rounds is not None:
-            _check_int(self.early_stopping_rounds, f"{p}: early_stopping_rounds")
-        _check_int(self.n_jobs, f"{p}: n_jobs")
+            check_int(self.early_stopping_rounds, f"{p}: early_stopping_rounds")
+        check_int(self.n_jobs, f"{p}: n_jobs")
+
+    @classmethod
+    def search_space(cls, hp: Any) -> None:
+        """The LightGBM level 2 is tuned (level 1 through the optimizer's ``learning_rate``)."""
+        hp.Int("num_leaves", 2, 31)
+        hp.Float("gbm_learning_rate", 0.01, 0.3, sampling="log")
+        hp.Float("reg_lambda", 1e-3, 10.0, sampling="log")
+        hp.Int("min_child_samples", 5, 50)
 
     def _base_class(self) -> type[Head]:
         from catsdogs.plugins import get_registry
@@ -281,10 +290,10 @@ class LightGBMStackingHead(Head):
         X = check_features(X, "X")
         y = check_labels(y, X.shape[0], "y")
         val = check_validation(validation, X.shape[1])
-        seed = _check_int(seed, "seed", minimum=0, maximum=2**32 - 1)
-        _check_int(epochs, "epochs")
-        _check_int(batch_size, "batch_size")
-        self._validate_params()
+        seed = check_int(seed, "seed", minimum=0, maximum=SEED_MAX)
+        check_int(epochs, "epochs")
+        check_int(batch_size, "batch_size")
+        self.validate_params()
         block_list = check_blocks(blocks, X.shape[1])
         counts = np.bincount(y, minlength=2)
         if counts.min() < self.folds:

@@ -37,7 +37,9 @@ also come from the command line)::
     target: 0.06127                # the log loss to beat (Kaggle top 10%)
     output: ../runs/seed           # default: runs/<name> relative to the current directory
     tuning: {budget: 10, params: [dropout, learning_rate]}   # optional; params default: all of
-                                   # dropout, learning_rate, l2 (l2 only for heads that have it)
+                                   # dropout, learning_rate, l2 (l2 only for heads that have it);
+                                   # heads declare more (Head.search_space), e.g. lightgbm_stacking:
+                                   # num_leaves, gbm_learning_rate, reg_lambda, min_child_samples
     tta: false                     # average original + horizontally-flipped features' predictions
     exclude: [train/cat.12.jpg]    # optional; or a path to a text file with one relative path per
                                    # line (`exclude: audit/exclude.txt`; blank lines and # comments
@@ -212,7 +214,7 @@ class Validation:
 
 @dataclass(frozen=True)
 class Tuning:
-    """Hyper-parameter search: ``budget`` trials over ``params`` (a subset of TUNABLE_PARAMS)."""
+    """Hyper-parameter search: ``budget`` trials over ``params`` (names the heads can tune)."""
 
     budget: int
     params: tuple[str, ...] = TUNABLE_PARAMS
@@ -660,7 +662,7 @@ class _Parser:
         target = self.number(opt("target", 0.06127), "target", "a number > 0")
         if target <= 0:
             raise self.error("target", f"must be a number > 0, got {doc['target']!r}")
-        tuning = self.parse_tuning(doc.get("tuning"))
+        tuning = self.parse_tuning(doc.get("tuning"), heads)
         tta = opt("tta", False)
         if not isinstance(tta, bool):
             raise self.error("tta", f"must be true or false, got {_type_name(tta)}")
@@ -854,7 +856,7 @@ class _Parser:
     def parse_head_params(self, raw: Any, path: str, name: str, head_cls: Any) -> dict[str, Any]:
         if raw is None:
             return {}
-        valid = tuple(head_cls._param_names())
+        valid = tuple(head_cls.param_names())
         if not isinstance(raw, dict):
             raise self.error(path, f"must be a mapping of hyper-parameters "
                                    f"({', '.join(valid) or 'none'}), got {_type_name(raw)}")
@@ -871,10 +873,7 @@ class _Parser:
                                                   f"or mapping, got {value!r}")
             params[key] = value
         try:
-            head = head_cls(**params)
-            check = getattr(head, "_validate_params", None)
-            if callable(check):
-                check()
+            head_cls(**params).validate_params()
         except (ConfigError, TypeError, ValueError) as exc:
             raise self.error(path, f"invalid params for head {name!r}: {exc}") from None
         return params
@@ -938,7 +937,7 @@ class _Parser:
             raise self.error("clip", f"must be {what}, got {raw!r}")
         return (lo, hi)
 
-    def parse_tuning(self, raw: Any) -> Tuning | None:
+    def parse_tuning(self, raw: Any, heads: list[HeadSpec]) -> Tuning | None:
         if raw is None:
             return None
         if _is_int(raw):
@@ -952,13 +951,18 @@ class _Parser:
             return Tuning(budget=budget)
         if isinstance(params, str):
             params = [params]
-        allowed = ", ".join(TUNABLE_PARAMS)
+        # the common names, then what the listed heads declare (Head.search_space)
+        tunable = dict.fromkeys(TUNABLE_PARAMS)
+        for head in heads:
+            tunable.update(dict.fromkeys(self.registry.head(head.name).tuning_space().entries))
+        choices = tuple(tunable)
+        allowed = ", ".join(choices)
         if not isinstance(params, list) or not params:
             raise self.error("tuning.params", f"must be a non-empty list of: {allowed}; "
                                               f"got {_type_name(params)}")
         for j, param in enumerate(params):
             p = f"tuning.params[{j}]"
-            self.choice(param, p, TUNABLE_PARAMS, "tunable parameter")
+            self.choice(param, p, choices, "tunable parameter")
             if param in params[:j]:
                 raise self.error(p, f"{param!r} is listed twice")
         return Tuning(budget=budget, params=tuple(params))

@@ -1,7 +1,10 @@
 """Optional hyper-parameter tuning of a head with keras-tuner (random search).
 
-:func:`tune_head` searches ``dropout``, the optimizer's ``learning_rate`` and ``l2`` (those the
-head has) with ``keras_tuner.oracles.RandomSearchOracle``. Every trial fits the head on an inner,
+:func:`tune_head` searches what the head declares in
+:meth:`~catsdogs.components.Head.search_space` (``dropout`` and ``l2`` for the Keras heads, the
+LightGBM level 2 for ``lightgbm_stacking``, anything for a plugin head) plus the optimizer's
+``learning_rate`` (:meth:`~catsdogs.components.Head.tuning_space`) with
+``keras_tuner.oracles.RandomSearchOracle``. Every trial fits the head on an inner,
 stratified split of the rows it is given and scores the inner hold-out by log loss. **Pass only
 the training part of the data**: the outer validation set then never influences the choice and
 stays an honest estimate of the tuned head.
@@ -13,23 +16,20 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any
 
 import numpy as np
 
-from catsdogs.components import Head, Optimizer
+from catsdogs.components import DEFAULT_SEARCH_SPACE, Head, Optimizer, SearchSpace
 from catsdogs.errors import ConfigError
 from catsdogs.runs import metrics
+from catsdogs.validation import SEED_MAX, check_features, check_int, check_labels
 
-#: the search space: name -> (low, high, sampling); ``learning_rate`` is the optimizer's
-SEARCH_SPACE: dict[str, tuple[float, float, str]] = {
-    "dropout": (0.1, 0.7, "linear"),
-    "learning_rate": (1e-4, 1e-1, "log"),
-    "l2": (1e-6, 1e-2, "log"),
-}
+#: the default ranges of ``dropout``, ``l2`` and the optimizer's ``learning_rate``
+SEARCH_SPACE = DEFAULT_SEARCH_SPACE
 #: objective keras-tuner minimises
 OBJECTIVE = "val_log_loss"
 #: probabilities are clipped to [EPS, 1 - EPS] for the log loss
@@ -61,36 +61,40 @@ def log_loss(y: np.ndarray, p: np.ndarray) -> float:
     return metrics.log_loss(y, p, eps=EPS)
 
 
-def tunable_names(head_cls: type[Head], params_to_tune: Sequence[str]) -> tuple[str, ...]:
-    """The names of ``params_to_tune`` that apply to ``head_cls``.
+def known_tunable_names(head_classes: Iterable[type[Head]] | None = None) -> tuple[str, ...]:
+    """Every name some head can tune: ``dropout``, ``learning_rate``, ``l2``, then the names the
+    ``head_classes`` (default: every registered head) declare, in order."""
+    if head_classes is None:
+        from catsdogs.plugins import get_registry
 
-    Unknown names raise :class:`ConfigError`. ``learning_rate`` applies to heads that train with
-    an optimizer (``uses_optimizer``); the others apply when they are parameters of the head
-    (``dropout_sigmoid`` has no ``l2``, so it is skipped there).
-    """
-    if isinstance(params_to_tune, str):
-        params_to_tune = (params_to_tune,)
-    unknown = [n for n in params_to_tune if n not in SEARCH_SPACE]
-    if unknown:
-        raise ConfigError(
-            f"cannot tune {', '.join(repr(n) for n in unknown)}; "
-            f"tunable: {', '.join(SEARCH_SPACE)}"
-        )
-    head_params = set(head_cls._param_names())
-    names = []
-    for name in dict.fromkeys(params_to_tune):  # unique, in order
-        if name == "learning_rate":
-            if head_cls.uses_optimizer:
-                names.append(name)
-        elif name in head_params:
-            names.append(name)
+        registry = get_registry()
+        head_classes = [registry.head(n) for n in registry.names("heads")]
+    names = dict.fromkeys(DEFAULT_SEARCH_SPACE)
+    for head_cls in head_classes:
+        names.update(dict.fromkeys(head_cls.tuning_space().entries))
     return tuple(names)
 
 
-def _check_int(value: Any, what: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"{what} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+def tunable_names(head_cls: type[Head], params_to_tune: Sequence[str],
+                  known: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The names of ``params_to_tune`` that ``head_cls`` can tune (:meth:`Head.tuning_space`).
+
+    Names no head can tune (not in ``known``, default :func:`known_tunable_names`) raise
+    :class:`ConfigError`; names other heads tune are skipped (``dropout_sigmoid`` has no ``l2``;
+    ``learning_rate`` applies to heads with ``uses_optimizer``).
+    """
+    if isinstance(params_to_tune, str):
+        params_to_tune = (params_to_tune,)
+    own = head_cls.tuning_space().entries
+    if any(n not in own for n in params_to_tune):
+        known = known_tunable_names() if known is None else known
+        unknown = [n for n in params_to_tune if n not in own and n not in known]
+        if unknown:
+            raise ConfigError(
+                f"cannot tune {', '.join(repr(n) for n in unknown)}; "
+                f"tunable: {', '.join(known)}"
+            )
+    return tuple(n for n in dict.fromkeys(params_to_tune) if n in own)
 
 
 def tune_head(
@@ -115,9 +119,9 @@ def tune_head(
     * ``params`` – fixed hyper-parameters of the head; tuned names override them;
     * ``optimizer_cls`` – the optimizer the head trains with (None: the registered ``adam``);
       ``learning_rate`` is its rate when ``learning_rate`` is not tuned (None: its default);
-    * ``params_to_tune`` – subset of ``dropout`` (0.1-0.7), ``learning_rate`` (1e-4-1e-1, log),
-      ``l2`` (1e-6-1e-2, log); names the head does not have are skipped, unknown names are a
-      :class:`ConfigError`;
+    * ``params_to_tune`` – names from the head's :meth:`~Head.tuning_space`, e.g. ``dropout``
+      (0.1-0.7), ``learning_rate`` (1e-4-1e-1, log), ``l2`` (1e-6-1e-2, log); names only other
+      heads tune are skipped, names no head tunes are a :class:`ConfigError`;
     * ``budget`` – number of trials (``RandomSearchOracle(max_trials=budget, seed=seed)``);
     * every trial fits on the same stratified ``1 - inner_holdout`` part of the rows with
       ``epochs``, ``batch_size``, ``seed`` (and ``blocks``) and is scored by the log loss on the
@@ -126,12 +130,10 @@ def tune_head(
 
     The result is deterministic for the same data and ``seed``.
     """
-    from catsdogs.builtin.heads import check_features, check_labels
-
     if not (isinstance(head_cls, type) and issubclass(head_cls, Head)):
         raise ConfigError(f"head_cls must be a Head subclass, got {head_cls!r}")
     params = dict(params or {})
-    valid = head_cls._param_names()
+    valid = head_cls.param_names()
     bad = [k for k in params if k not in valid]
     if bad:
         raise ConfigError(
@@ -145,12 +147,10 @@ def tune_head(
             f"(its parameters: {', '.join(valid) or '(none)'}; "
             f"uses an optimizer: {head_cls.uses_optimizer})"
         )
-    budget = _check_int(budget, "budget", 1)
-    epochs = _check_int(epochs, "epochs", 1)
-    batch_size = _check_int(batch_size, "batch_size", 1)
-    seed = _check_int(seed, "seed", 0)
-    if seed > 2**32 - 1:
-        raise ConfigError(f"seed must be <= {2**32 - 1}, got {seed}")
+    budget = check_int(budget, "budget", 1)
+    epochs = check_int(epochs, "epochs", 1)
+    batch_size = check_int(batch_size, "batch_size", 1)
+    seed = check_int(seed, "seed", 0, SEED_MAX)
     if (isinstance(inner_holdout, bool) or not isinstance(inner_holdout, Real)
             or not 0 < inner_holdout < 1):
         raise ConfigError(f"inner_holdout must be a fraction in (0, 1), got {inner_holdout!r}")
@@ -179,11 +179,11 @@ def tune_head(
 
     trials: list[dict[str, Any]] = []
 
-    def run(values: dict[str, float], trial_id: str) -> float:
+    def run(values: dict[str, Any], trial_id: str) -> float:
+        head = head_cls.from_hp(values, params)
         head_params = {**params, **{k: v for k, v in values.items() if k != "learning_rate"}}
         lr = values.get("learning_rate", base_lr)
         opt = optimizer_cls(learning_rate=lr) if optimizer is not None else None
-        head = head_cls(**head_params)
         head.fit(X_fit, y_fit, optimizer=opt, epochs=epochs, batch_size=batch_size,
                  seed=seed, verbose=0, blocks=blocks)
         score = log_loss(y_hold, head.predict_proba(X_hold))
@@ -191,11 +191,12 @@ def tune_head(
                        "learning_rate": None if lr is None else float(lr), "score": score})
         return score
 
+    space = head_cls.tuning_space()
     if directory is None:
         with tempfile.TemporaryDirectory(prefix="catsdogs-tune-") as tmp:
-            _search(head_cls.name, names, run, budget, seed, tmp)
+            _search(head_cls.name, space, names, run, budget, seed, tmp)
     else:
-        _search(head_cls.name, names, run, budget, seed, str(directory))
+        _search(head_cls.name, space, names, run, budget, seed, str(directory))
 
     if not trials:  # pragma: no cover - the oracle always runs at least one trial
         raise ConfigError("keras-tuner ran no trial")
@@ -209,8 +210,20 @@ def tune_head(
     )
 
 
-def _search(head_name: str, names: Sequence[str], run: Callable[[dict[str, float], str], float],
-            budget: int, seed: int, directory: str) -> None:
+def _plain(value: Any) -> Any:
+    """A trial value as a plain Python number (keras-tuner may hand out NumPy scalars)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    return value
+
+
+def _search(head_name: str, space: SearchSpace, names: Sequence[str],
+            run: Callable[[dict[str, Any], str], float], budget: int, seed: int,
+            directory: str) -> None:
     """Run keras-tuner's random search, calling ``run(values, trial_id)`` once per trial."""
     import keras_tuner
 
@@ -220,11 +233,7 @@ def _search(head_name: str, names: Sequence[str], run: Callable[[dict[str, float
         error: BaseException | None = None
 
         def run_trial(self, trial, *args, **kwargs):
-            hp = trial.hyperparameters
-            values = {}
-            for name in names:
-                low, high, sampling = SEARCH_SPACE[name]
-                values[name] = float(hp.Float(name, low, high, sampling=sampling))
+            values = {name: _plain(trial.hyperparameters.get(name)) for name in names}
             try:
                 score = run(values, trial.trial_id)
             except Exception as exc:
@@ -235,9 +244,7 @@ def _search(head_name: str, names: Sequence[str], run: Callable[[dict[str, float
             return {OBJECTIVE: score}
 
     hp = keras_tuner.HyperParameters()
-    for name in names:
-        low, high, sampling = SEARCH_SPACE[name]
-        hp.Float(name, low, high, sampling=sampling)
+    space.replay(hp, names)
     oracle = keras_tuner.oracles.RandomSearchOracle(
         objective=keras_tuner.Objective(OBJECTIVE, "min"),
         max_trials=budget,
