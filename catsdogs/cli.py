@@ -143,7 +143,7 @@ def run(experiment_file, data, cache_dir, out, weights, no_submit, no_progress) 
     click.echo(f"{result.computed} runs trained, {result.reused} reused -> {result.out_dir}")
     click.echo(f"leaderboard: {result.out_dir / 'leaderboard.csv'}, summary: {result.out_dir / 'summary.md'}")
     if result.submission is not None:
-        click.echo(f"submission ({result.winner['run_id']}): {result.submission}")
+        click.echo(f"submission ({result.winner.run_id}): {result.submission}")
 
 
 @cli.command("predict-test")

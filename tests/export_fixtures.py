@@ -53,12 +53,12 @@ def build_runs(root: Path) -> dict[str, Path]:
                                   {"name": "xception", "image_size": 71}],
         combinations=[["resnet50", "xception"]], heads=["dropout_sigmoid"])),
         progress=False, submit=False)
-    runs = {r["head"]["name"]: single.out_dir / "runs" / r["run_id"] for r in single.records}
+    runs = {r.head.name: single.out_dir / "runs" / r.run_id for r in single.records}
     out = {
         "data": root / "data",
         "cam": runs["softmax_cam"],
         "stack": runs["lightgbm_stacking"],
-        "mixed": mixed.out_dir / "runs" / mixed.records[0]["run_id"],
+        "mixed": mixed.out_dir / "runs" / mixed.records[0].run_id,
         "cam_export": root / "export-cam",
         "mixed_export": root / "export-mixed",
     }

@@ -137,13 +137,13 @@ def test_mixed_sizes_parity_measured(runs):
     """Mixed sizes: the equal-size block matches the cache; the resized block differs (measured)."""
     import keras
 
-    from catsdogs.app.neither import find_features
+    from catsdogs.runs.features import find_features
 
     info = load_run(runs["mixed"])
     model = keras.saving.load_model(runs["mixed_export"] / "model.keras", compile=False)
     features = _KerasModel(keras.Model(model.input, {"f": model.get_layer("features").output}))
     cached = {b: find_features(runs["data"].parent / "cache", k["config_key"], None).test
-              for b, k in info.record["settings"]["features"].items()}
+              for b, k in info.record.feature_keys.items()}
     files, images = _images(runs, 71)
     preds = pd.read_csv(runs["mixed"] / "test_predictions.csv").set_index("file")
     rel = {"resnet50": [], "xception": []}

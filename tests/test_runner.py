@@ -66,15 +66,15 @@ def test_cli_run_end_to_end(tmp_path, data):
     for run_id in board["run_id"]:
         run_dir = out / "runs" / run_id
         rec = load_record(run_dir)
-        assert rec["metrics"]["n"] == rec["n_val"] == 8 and rec["n_train"] == 24
-        assert len(rec["history"][0]["loss"]) == 3 and "val_loss" in rec["history"][0]
+        assert rec.metrics.n == rec.n_val == 8 and rec.n_train == 24
+        assert len(rec.history[0]["loss"]) == 3 and "val_loss" in rec.history[0]
         for name in ("val_predictions.csv", "test_predictions.csv", "curves.png", "head.keras"):
             assert (run_dir / name).is_file(), name
         val = pd.read_csv(run_dir / "val_predictions.csv")
         # the recorded metric is the log loss of the recorded predictions
         p = np.clip(val["p_dog"], 1e-15, 1 - 1e-15)
         ll = -np.mean(val["label"] * np.log(p) + (1 - val["label"]) * np.log(1 - p))
-        assert abs(ll - rec["metrics"]["logloss"]) < 1e-9
+        assert abs(ll - rec.metrics.logloss) < 1e-9
     for name in ("summary.md", "leaderboard.png", "experiment.json"):
         assert (out / name).is_file()
     assert "![validation log loss per run](leaderboard.png)" in (out / "summary.md").read_text()
@@ -134,19 +134,19 @@ def test_kfold_tta_and_more_heads(tmp_path, data):
     result = run_experiment(load_experiment(exp), progress=False)
     assert len(result.records) == 3
     for rec in result.records:
-        assert rec["n_val"] == 32 and rec["tta"] is True  # out-of-fold: every training row
-        assert len(rec["history"]) == 3
-    stack = next(r for r in result.records if r["head"]["name"] == "lightgbm_stacking")
-    assert not (result.out_dir / "runs" / stack["run_id"] / "head.keras").exists()
+        assert rec.n_val == 32 and rec.tta is True  # out-of-fold: every training row
+        assert len(rec.history) == 3
+    stack = next(r for r in result.records if r.head.name == "lightgbm_stacking")
+    assert not (result.out_dir / "runs" / stack.run_id / "head.keras").exists()
 
 
 def test_tuning_budget_recorded(tmp_path, data):
     exp = _write(tmp_path, "tune", combinations=[["resnet50"]], optimizers=["adam"], epochs=2,
                  tuning={"budget": 2, "params": ["dropout", "learning_rate"]})
     (rec,) = run_experiment(load_experiment(exp), progress=False).records
-    assert len(rec["tuning"]["trials"]) == 2
-    assert rec["params"]["dropout"] == rec["tuning"]["best_params"]["dropout"]
-    assert rec["learning_rate"] == rec["tuning"]["best_learning_rate"]
+    assert len(rec.tuning["trials"]) == 2
+    assert rec.params["dropout"] == rec.tuning["best_params"]["dropout"]
+    assert rec.learning_rate == rec.tuning["best_learning_rate"]
 
 
 def test_plan_is_the_full_grid():
@@ -159,7 +159,7 @@ def test_plan_is_the_full_grid():
 def test_predict_test_and_score_cli(tmp_path, data):
     result = run_experiment(load_experiment(_write(tmp_path, "p", combinations=[["resnet50"]],
                                                    optimizers=["adam"])), progress=False)
-    run_dir = result.out_dir / "runs" / result.winner["run_id"]
+    run_dir = result.out_dir / "runs" / result.winner.run_id
     sub = tmp_path / "named.csv"
     proc = run_cli("predict-test", str(run_dir), "--out", str(sub), "--clip", "0.02", "0.98", check=True)
     assert str(sub) in proc.stdout

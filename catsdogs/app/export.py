@@ -6,8 +6,9 @@
       -> for each backbone of the combination, in combination order:
            [in-graph resize S -> s when the backbone's size s < S] -> preprocessing -> conv base -> GAP
       -> concatenation (combination order) -> the trained head (head.keras) -> "prediction" = P(dog)
-      -> "neither_score" (Mahalanobis distance of the fused features to the training features,
-         :mod:`catsdogs.app.neither`), when the run's cached training features are available
+      -> "neither_score" (cosine distance of the fused features to the nearest k-means centroid
+         of the training features, :mod:`catsdogs.app.neither`), when the run's cached training
+         features are available
 
 **Input size.** ``S`` is the largest input size among the combination's backbones. The caller
 resizes the photo to ``S x S`` with the reader's policy (:func:`catsdogs.dataset.images.resize`: squash,
@@ -50,6 +51,7 @@ import numpy as np
 
 from catsdogs import __version__
 from catsdogs.errors import ConfigError, DataError
+from catsdogs.runs.record import RunRecord
 from catsdogs.util.fileio import read_json, write_json
 
 logger = logging.getLogger("catsdogs")
@@ -68,7 +70,7 @@ class RunInfo:
     """What an export needs to know about a finished run."""
 
     run_dir: Path
-    record: dict[str, Any]
+    record: RunRecord
     experiment: dict[str, Any]
     backbones: list[dict[str, Any]]  # combination order: name, weights, image_size, precision, resize
     head: str
@@ -77,7 +79,7 @@ class RunInfo:
 
     @property
     def run_id(self) -> str:
-        return self.record["run_id"]
+        return self.record.run_id
 
     @property
     def combination(self) -> list[str]:
@@ -99,10 +101,9 @@ class RunInfo:
 def load_run(run_dir: str | os.PathLike, registry=None) -> RunInfo:
     """Read a run's record and its experiment's backbone settings (``<out>/experiment.json``)."""
     from catsdogs.plugins import get_registry
-    from catsdogs.runs.runner import load_record
 
     run_dir = Path(run_dir)
-    record = load_record(run_dir)
+    record = RunRecord.load(run_dir)
     exp_path = run_dir.parent.parent / "experiment.json"
     if not exp_path.is_file():
         raise DataError(f"{exp_path} not found: {run_dir} must stay inside its experiment's output "
@@ -114,13 +115,13 @@ def load_run(run_dir: str | os.PathLike, registry=None) -> RunInfo:
     registry = registry or get_registry()
     specs = {b["name"]: b for b in experiment.get("backbones", [])}
     backbones = []
-    for name in record["combination"]:
+    for name in record.combination:
         if name not in specs:
-            raise DataError(f"{exp_path} does not describe backbone {name!r} of run {record['run_id']!r}")
+            raise DataError(f"{exp_path} does not describe backbone {name!r} of run {record.run_id!r}")
         spec = dict(specs[name])
         spec["image_size"] = int(spec.get("image_size") or registry.backbone(name).input_size)
         backbones.append(spec)
-    head_name = record["head"]["name"]
+    head_name = record.head.name
     try:
         cam_head = bool(getattr(registry.head(head_name), "cam_capable", False))
     except Exception:  # the head's plugin is not installed here: not needed to export head.keras
@@ -140,9 +141,9 @@ def load_run(run_dir: str | os.PathLike, registry=None) -> RunInfo:
             "differs slightly from the run's cached-feature predictions")
     if any(b["precision"] != "float32" for b in backbones):
         info.notes.append("features were extracted in bfloat16; the export computes in float32")
-    if record.get("tta"):
+    if record.tta:
         info.notes.append("the run averaged flipped-image predictions (TTA); the export does not")
-    if record.get("validation", {}).get("kind") == "kfold":
+    if record.validation.kind == "kfold":
         info.notes.append("k-fold run: the export holds the first fold's head; the run's test "
                           "predictions average every fold's head")
     return info
@@ -438,7 +439,7 @@ def export_run(run_dir: str | os.PathLike, formats=FORMATS, out: str | os.PathLi
     neither_info: dict[str, Any] | None = None
     if neither:
         try:
-            stats = fit_neither(info)
+            stats = fit_neither(info.record, info.experiment, info.run_dir)
         except DataError as exc:
             logger.warning("no neither-cat-nor-dog score in the export: %s", exc)
         if stats is not None:
@@ -454,7 +455,7 @@ def export_run(run_dir: str | os.PathLike, formats=FORMATS, out: str | os.PathLi
         "head": info.head,
         "input_size": str(size),
         "resize": info.resize,
-        "val_logloss": f"{info.record['metrics']['logloss']:.6f}",
+        "val_logloss": f"{info.record.metrics.logloss:.6f}",
         "license": "MIT",
         "version": __version__,
     }
@@ -484,7 +485,7 @@ def export_run(run_dir: str | os.PathLike, formats=FORMATS, out: str | os.PathLi
         "notes": info.notes,
         "coreml_precision": coreml_precision,
         "neither": neither_info,
-        "metrics": info.record.get("metrics"),
+        "metrics": info.record.metrics.to_dict(),
         "models": {},
     }
     if stats is not None:

@@ -27,16 +27,15 @@ cat and dog classes 28 of 30 (1.7 % of test photos flagged), the nearest-centroi
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from catsdogs.errors import DataError
-
 if TYPE_CHECKING:  # pragma: no cover
-    from catsdogs.app.export import RunInfo
+    from catsdogs.runs.record import RunRecord
 
 METHOD = "cosine distance to the nearest k-means centroid of the L2-normalised training features"
 DEFAULT_CENTROIDS = 64
@@ -124,45 +123,21 @@ def fit_stats(X_fit: np.ndarray, X_cal: np.ndarray, *, centroids: int = DEFAULT_
     return stats
 
 
-# ------------------------------------------------------------------------------------ run features
-def find_features(cache_root: Path, config_key: str, fingerprint: str | None):
-    """The cached :class:`~catsdogs.features.extraction.FeatureSet` with this configuration key and data."""
-    from catsdogs.features.extraction import load_features
+# ------------------------------------------------------------------------------------ a run's score
+def fit_neither(record: RunRecord, experiment: Mapping[str, Any], run_dir: str | os.PathLike, *,
+                cache_dir: str | os.PathLike | None = None, **kwargs) -> NeitherStats:
+    """Fit the neither statistics of a run from its cached features (see the module docstring).
 
-    for path in sorted((cache_root / "features").glob(f"*/*-{config_key[:10]}.h5")):
-        fs = load_features(path)
-        if fs.meta.get("config_key") == config_key and \
-                (fingerprint is None or fs.meta.get("dataset_fingerprint") == fingerprint):
-            return fs
-    raise DataError(f"the run's cached features (key {config_key[:10]}) are not in {cache_root}; "
-                    "run `catsdogs run` on this machine first (or pass the cache directory)")
-
-
-def run_features(info: RunInfo, cache_dir: str | os.PathLike | None = None):
-    """The run's fused training features: ``(X, y, files)`` in the runner's row order."""
-    from catsdogs.features.extraction import default_cache_dir
-    from catsdogs.features.fusion import align, fuse
-
-    exp = info.experiment
-    root = Path(cache_dir or exp.get("cache_dir") or default_cache_dir()).expanduser()
-    keys = info.record.get("settings", {}).get("features", {})
-    sets = {}
-    for name in info.combination:
-        if name not in keys:
-            raise DataError(f"run {info.run_id!r} records no feature key for {name!r}")
-        sets[name] = find_features(root, keys[name]["config_key"], keys[name].get("dataset_fingerprint"))
-    aligned = align(sets, exp.get("exclude") or [])
-    fused = fuse(aligned.train, info.combination)
-    return fused.X, fused.y, fused.files
-
-
-def fit_neither(info: RunInfo, cache_dir: str | os.PathLike | None = None, **kwargs) -> NeitherStats:
-    """Fit the neither statistics of a run from its cached features (see the module docstring)."""
+    ``experiment`` is the run's ``experiment.json``; ``cache_dir`` overrides its feature cache.
+    """
     import pandas as pd
 
-    X, y, files = run_features(info, cache_dir)
-    seed = int(info.experiment.get("seed", 2019))
-    val_path = info.run_dir / "val_predictions.csv"
+    from catsdogs.runs.features import rebuild_run_features
+
+    train = rebuild_run_features(record, experiment, cache_dir=cache_dir).train
+    X, y, files = train.X, train.y, train.files
+    seed = int(experiment.get("seed", 2019))
+    val_path = Path(run_dir) / "val_predictions.csv"
     val = set(pd.read_csv(val_path)["file"]) if val_path.is_file() else set()
     is_val = np.array([f in val for f in files])
     if is_val.all() or not is_val.any():

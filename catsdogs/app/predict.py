@@ -192,7 +192,7 @@ def _from_run(run_dir: Path) -> Predictor:
     head_model_path(info)
     stats = None
     try:
-        stats = fit_neither(info)
+        stats = fit_neither(info.record, info.experiment, info.run_dir)
     except DataError as exc:
         logger.warning("no neither-cat-nor-dog score: %s", exc)
     classifier = _KerasModel(build_classifier(info, stats))

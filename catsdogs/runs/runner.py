@@ -21,7 +21,6 @@ Output layout::
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -38,13 +37,22 @@ import numpy as np
 from catsdogs import __version__
 from catsdogs.errors import ConfigError, DataError
 from catsdogs.experiment.spec import Experiment, HeadSpec, OptimizerSpec
-from catsdogs.features.fusion import Aligned, align, fuse
-from catsdogs.util.fileio import atomic_write, read_json, remove_stale_temporaries, write_json
+from catsdogs.features.fusion import Aligned, align
+from catsdogs.runs.features import run_features
+from catsdogs.runs.record import (
+    RECORD,
+    RECORD_VERSION,
+    HeadRef,
+    Metrics,
+    OptimizerRef,
+    RunRecord,
+    TestMetrics,
+    ValidationRef,
+    load_record,
+)
+from catsdogs.util.fileio import atomic_write, remove_stale_temporaries, write_json
 
 logger = logging.getLogger("catsdogs")
-
-RECORD_VERSION = 1
-RECORD = "record.json"
 
 
 # ------------------------------------------------------------------------------------ planning
@@ -100,14 +108,14 @@ def plan_runs(experiment: Experiment, registry=None) -> list[RunSpec]:
 class ExperimentResult:
     experiment: Experiment
     out_dir: Path
-    records: list[dict[str, Any]]  # ranked, best first
+    records: list[RunRecord]  # ranked, best first
     computed: int  # runs trained in this call
     reused: int  # runs taken from earlier calls
     submission: Path | None = None
     feature_files: dict[str, str] = field(default_factory=dict)
 
     @property
-    def winner(self) -> dict[str, Any]:
+    def winner(self) -> RunRecord:
         return self.records[0]
 
     def leaderboard(self):
@@ -117,40 +125,32 @@ class ExperimentResult:
                              for i, r in enumerate(self.records)])
 
 
-def _leaderboard_row(rank: int, record: dict[str, Any], target: float) -> dict[str, Any]:
-    m = record["metrics"]
-    opt = record["optimizer"]
+def _leaderboard_row(rank: int, record: RunRecord, target: float) -> dict[str, Any]:
+    m, t = record.metrics, record.test_metrics
     return {
         "rank": rank,
-        "run_id": record["run_id"],
-        "combination": "+".join(record["combination"]),
-        "n_backbones": len(record["combination"]),
-        "head": record["head"]["name"],
-        "optimizer": opt["name"] if opt else "",
-        "learning_rate": record.get("learning_rate"),
-        "val_logloss": m["logloss"],
-        "val_logloss_clipped": m["logloss_clipped"],
-        "val_accuracy": m["accuracy"],
-        "best_clip": m["best_clip_lo"],
-        "best_clip_logloss": m["best_clip_logloss"],
-        "under_target": m["logloss_clipped"] < target,
-        **({"test_logloss": record["test_metrics"]["logloss"],
-            "test_accuracy": record["test_metrics"]["accuracy"]} if record.get("test_metrics") else {}),
-        "seconds": round(record["seconds"], 2),
+        "run_id": record.run_id,
+        "combination": "+".join(record.combination),
+        "n_backbones": len(record.combination),
+        "head": record.head.name,
+        "optimizer": record.optimizer.name if record.optimizer else "",
+        "learning_rate": record.learning_rate,
+        "val_logloss": m.logloss,
+        "val_logloss_clipped": m.logloss_clipped,
+        "val_accuracy": m.accuracy,
+        "best_clip": m.best_clip_lo,
+        "best_clip_logloss": m.best_clip_logloss,
+        "under_target": m.logloss_clipped < target,
+        **({"test_logloss": t.logloss, "test_accuracy": t.accuracy} if t else {}),
+        "seconds": round(record.seconds, 2),
     }
 
 
-def rank_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return sorted(records, key=lambda r: (r["metrics"]["logloss_clipped"], r["metrics"]["logloss"], r["run_id"]))
+def rank_records(records: list[RunRecord]) -> list[RunRecord]:
+    return sorted(records, key=lambda r: (r.metrics.logloss_clipped, r.metrics.logloss, r.run_id))
 
 
 # ------------------------------------------------------------------------------------ helpers
-def load_record(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """The record of a finished run (``<out>/runs/<run id>``)."""
-    return read_json(Path(run_dir) / RECORD, what="run record",
-                     missing=f"{run_dir} is not a finished run directory (no {RECORD}); "
-                             "pass a directory under <out>/runs/ written by `catsdogs run`")
-
 
 def _splits(y: np.ndarray, experiment: Experiment) -> list[tuple[np.ndarray, np.ndarray]]:
     from sklearn.model_selection import StratifiedKFold, train_test_split
@@ -175,16 +175,15 @@ def _predict(head, X: np.ndarray, X_flip: np.ndarray | None) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ one run
 def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits, registry,
-                 settings: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+                 settings: dict[str, Any], run_dir: Path) -> RunRecord:
     import pandas as pd
 
     from catsdogs.runs.metrics import summarize
     from catsdogs.runs.plots import plot_history
 
     t0 = time.perf_counter()
-    tta = experiment.tta and aligned.has_flip(spec.combination)
-    train = fuse(aligned.train, spec.combination, flip=tta)
-    test = fuse(aligned.test, spec.combination, flip=tta) if len(aligned.test) else None
+    features = run_features(aligned, spec.combination, tta=experiment.tta)
+    train, test, tta = features.train, features.test, features.tta
     head_cls = registry.head(spec.head.name)
     opt_cls = registry.optimizer(spec.optimizer.name) if spec.optimizer else None
     params = dict(spec.head.params)
@@ -238,29 +237,31 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
             run_dir / "test_predictions.csv", index=False)
     title = f"{spec.run_id}: val log loss {metrics['logloss_clipped']:.4f} (clipped)"
     plot_history(histories[0], run_dir / "curves.png", title)
-    return {
-        "record_version": RECORD_VERSION,
-        **spec.describe(),
-        "params": params,
-        "learning_rate": learning_rate if opt_cls else None,
-        "settings": settings,
-        "settings_hash": _short_hash(settings, 16),
-        "metrics": metrics,
-        "tta": tta,
-        "tuning": tuning_info,
-        "history": histories,
-        "n_train": int(len(splits[0][0])),
-        "n_val": int(len(val_rows)),
-        "n_test": 0 if test is None else int(len(test.ids)),
-        "validation": {"kind": experiment.validation.kind, "holdout": experiment.validation.holdout,
-                       "folds": experiment.validation.folds},
-        "clip": list(experiment.clip),
-        "under_target": bool(metrics["logloss_clipped"] < experiment.target),
-        "target": experiment.target,
-        "seconds": time.perf_counter() - t0,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "catsdogs_version": __version__,
-    }
+    return RunRecord(
+        run_id=spec.run_id,
+        combination=list(spec.combination),
+        head=HeadRef(spec.head.name, dict(spec.head.params)),
+        optimizer=None if spec.optimizer is None else
+        OptimizerRef(spec.optimizer.name, spec.optimizer.learning_rate),
+        params=params,
+        learning_rate=learning_rate if opt_cls else None,
+        settings=settings,
+        settings_hash=_short_hash(settings, 16),
+        metrics=Metrics.from_dict(metrics, "metrics"),
+        tta=tta,
+        tuning=tuning_info,
+        history=histories,
+        n_train=int(len(splits[0][0])),
+        n_val=int(len(val_rows)),
+        n_test=0 if test is None else int(len(test.ids)),
+        validation=ValidationRef(experiment.validation.kind, experiment.validation.holdout,
+                                 experiment.validation.folds),
+        clip=list(experiment.clip),
+        target=experiment.target,
+        seconds=time.perf_counter() - t0,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        catsdogs_version=__version__,
+    )
 
 
 def _finish_dir(tmp: Path, final: Path) -> None:
@@ -309,22 +310,21 @@ def _settings(spec: RunSpec, experiment: Experiment, keys: dict, split_hash: str
     }
 
 
-def format_leaderboard(records: list[dict[str, Any]], target: float, limit: int | None = None) -> str:
+def format_leaderboard(records: list[RunRecord], target: float, limit: int | None = None) -> str:
     rows = records if limit is None else records[:limit]
-    width = max([len(r["run_id"]) for r in rows] + [3])
-    has_test = any(r.get("test_metrics") for r in rows)
+    width = max([len(r.run_id) for r in rows] + [3])
+    has_test = any(r.test_metrics for r in rows)
     test_head = f"  {'test logloss':>12}  {'test acc':>8}" if has_test else ""
     lines = [f"{'#':>3}  {'run':<{width}}  {'val logloss':>11}  {'clipped':>8}  {'acc':>6}{test_head}  target",
              "-" * (width + 48 + (24 if has_test else 0))]
     for i, r in enumerate(rows, 1):
-        m = r["metrics"]
-        mark = "  ✓" if m["logloss_clipped"] < target else ""
-        t = r.get("test_metrics")
-        test_cols = (f"  {t['logloss']:>12.5f}  {t['accuracy']:>8.3f}" if t else f"  {'':>12}  {'':>8}") \
+        m, t = r.metrics, r.test_metrics
+        mark = "  ✓" if m.logloss_clipped < target else ""
+        test_cols = (f"  {t.logloss:>12.5f}  {t.accuracy:>8.3f}" if t else f"  {'':>12}  {'':>8}") \
             if has_test else ""
-        lines.append(f"{i:>3}  {r['run_id']:<{width}}  {m['logloss']:>11.5f}  {m['logloss_clipped']:>8.5f}  "
-                     f"{m['accuracy']:>6.3f}{test_cols}{mark}")
-    under = sum(r["metrics"]["logloss_clipped"] < target for r in records)
+        lines.append(f"{i:>3}  {r.run_id:<{width}}  {m.logloss:>11.5f}  {m.logloss_clipped:>8.5f}  "
+                     f"{m.accuracy:>6.3f}{test_cols}{mark}")
+    under = sum(r.metrics.logloss_clipped < target for r in records)
     lines.append(f"{under} of {len(records)} runs under the target {target:g} (✓, by validation log loss)")
     if has_test:
         lines.append("test columns: the submitted (clipped) test predictions scored against the data's "
@@ -332,7 +332,7 @@ def format_leaderboard(records: list[dict[str, Any]], target: float, limit: int 
     return "\n".join(lines)
 
 
-def _write_summary(out: Path, experiment: Experiment, records: list[dict[str, Any]],
+def _write_summary(out: Path, experiment: Experiment, records: list[RunRecord],
                    submission: Path | None) -> None:
     target = experiment.target
     lines = [
@@ -345,9 +345,9 @@ def _write_summary(out: Path, experiment: Experiment, records: list[dict[str, An
         f"; seed {experiment.seed}; {experiment.epochs} epochs, batch {experiment.batch_size}; "
         f"clip {list(experiment.clip)}; TTA {'on' if experiment.tta else 'off'}",
         f"- target: **{target:g}** (Kaggle public LB top 10%); "
-        f"{sum(r['under_target'] for r in records)} runs under it",
-        f"- winner: **{records[0]['run_id']}** — validation log loss "
-        f"{records[0]['metrics']['logloss_clipped']:.5f} (clipped), accuracy {records[0]['metrics']['accuracy']:.4f}",
+        f"{sum(r.metrics.logloss_clipped < target for r in records)} runs under it",
+        f"- winner: **{records[0].run_id}** — validation log loss "
+        f"{records[0].metrics.logloss_clipped:.5f} (clipped), accuracy {records[0].metrics.accuracy:.4f}",
     ]
     if submission is not None:
         lines.append(f"- submission: `{submission.name}` (the winner's test predictions, clipped)")
@@ -356,12 +356,12 @@ def _write_summary(out: Path, experiment: Experiment, records: list[dict[str, An
               "test log loss | test accuracy |",
               "|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(records, 1):
-        m, t = r["metrics"], r.get("test_metrics")
-        test_cols = f"{t['logloss']:.5f} | {t['accuracy']:.4f}" if t else " | "
-        lines.append(f"| {i} | `{r['run_id']}` | {m['logloss']:.5f} | {m['logloss_clipped']:.5f} | "
-                     f"{m['accuracy']:.4f} | {m['best_clip_lo']:.4g} ({m['best_clip_logloss']:.5f}) | "
-                     f"{'✓' if r['under_target'] else ''} | {test_cols} |")
-    if any(r.get("test_metrics") for r in records):
+        m, t = r.metrics, r.test_metrics
+        test_cols = f"{t.logloss:.5f} | {t.accuracy:.4f}" if t else " | "
+        lines.append(f"| {i} | `{r.run_id}` | {m.logloss:.5f} | {m.logloss_clipped:.5f} | "
+                     f"{m.accuracy:.4f} | {m.best_clip_lo:.4g} ({m.best_clip_logloss:.5f}) | "
+                     f"{'✓' if m.logloss_clipped < target else ''} | {test_cols} |")
+    if any(r.test_metrics for r in records):
         lines += ["", "Test columns: each run's submitted (clipped) test predictions scored against "
                       "`test_labels.csv` of the data directory. They are never used for ranking."]
     lines += ["", "Training curves per run: `runs/<run id>/curves.png`.", ""]
@@ -388,6 +388,7 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
     dataset = open_dataset(experiment.data)
     feature_sets, keys = _extract_all(experiment, dataset, progress)
     aligned = align(feature_sets, experiment.exclude)
+    aligned_on = {b: {k: keys[b][k] for k in ("config_key", "dataset_fingerprint")} for b in keys}
     splits = _splits(aligned.train.y, experiment)
     split_hash = _short_hash([[aligned.train.files[i] for i in va] for _, va in splits], 16)
     expected_test_ids = [r.id for r in dataset.test]
@@ -398,27 +399,28 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
     for spec in bar:
         settings = _settings(spec, experiment, keys, split_hash)
         run_dir = out / "runs" / spec.run_id
-        with contextlib.suppress(DataError, KeyError):
-            old = load_record(run_dir)
-            if old.get("settings_hash") == _short_hash(settings, 16):
-                records.append(old)
-                reused += 1
-                continue
+        old = _reusable(run_dir, _short_hash(settings, 16))
+        if old is not None:
+            old.target = experiment.target  # the current target, not the one of the earlier call
+            records.append(old)
+            reused += 1
+            continue
         tmp = out / "runs" / f".{spec.run_id}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
             record = _execute_run(spec, experiment, aligned, splits, registry, settings, tmp)
-            write_json(tmp / RECORD, record)
+            record.aligned_on = aligned_on
+            record.save(tmp)
             _finish_dir(tmp, run_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         records.append(record)
         computed += 1
         if progress:
-            bar.write(f"{spec.run_id}: val log loss {record['metrics']['logloss']:.5f} "
-                      f"(clipped {record['metrics']['logloss_clipped']:.5f}), "
-                      f"accuracy {record['metrics']['accuracy']:.4f}")
+            bar.write(f"{spec.run_id}: val log loss {record.metrics.logloss:.5f} "
+                      f"(clipped {record.metrics.logloss_clipped:.5f}), "
+                      f"accuracy {record.metrics.accuracy:.4f}")
     bar.close()
 
     labels_file = Path(experiment.data) / "test_labels.csv"
@@ -429,17 +431,30 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
                               feature_files={b: k["file"] for b, k in keys.items()})
     board = result.leaderboard()
     atomic_write(out / "leaderboard.csv", lambda fh: fh.write(board.to_csv(index=False).encode()))
-    plot_leaderboard([r["run_id"] for r in ranked], [r["metrics"]["logloss_clipped"] for r in ranked],
+    plot_leaderboard([r.run_id for r in ranked], [r.metrics.logloss_clipped for r in ranked],
                      experiment.target, out / "leaderboard.png", title=f"{experiment.name}: validation log loss")
-    if submit and ranked[0]["n_test"] > 0:
-        result.submission = write_run_submission(out / "runs" / ranked[0]["run_id"], out / "submission.csv",
+    if submit and ranked[0].n_test > 0:
+        result.submission = write_run_submission(out / "runs" / ranked[0].run_id, out / "submission.csv",
                                                  expected_ids=expected_test_ids)
     _write_summary(out, experiment, ranked, result.submission)
     echo(format_leaderboard(ranked, experiment.target))
     return result
 
 
-def _attach_test_metrics(records, out: Path, labels_file: Path, expected_ids: list[int]) -> None:
+def _reusable(run_dir: Path, settings_hash: str) -> RunRecord | None:
+    """The finished record in ``run_dir`` when it was computed with these settings."""
+    if not (run_dir / RECORD).is_file():
+        return None
+    try:
+        old = load_record(run_dir)
+    except DataError as exc:
+        logger.warning("recomputing run %s: %s", run_dir.name, exc)
+        return None
+    return old if old.settings_hash == settings_hash else None
+
+
+def _attach_test_metrics(records: list[RunRecord], out: Path, labels_file: Path,
+                         expected_ids: list[int]) -> None:
     """Score every run's test predictions, as they would be submitted, against known labels."""
     import pandas as pd
 
@@ -448,7 +463,7 @@ def _attach_test_metrics(records, out: Path, labels_file: Path, expected_ids: li
 
     labels = read_labels(labels_file)
     for record in records:
-        preds_path = out / "runs" / record["run_id"] / "test_predictions.csv"
+        preds_path = out / "runs" / record.run_id / "test_predictions.csv"
         if not preds_path.is_file():
             continue
         preds = pd.read_csv(preds_path)
@@ -456,10 +471,10 @@ def _attach_test_metrics(records, out: Path, labels_file: Path, expected_ids: li
         ids = [i for i in expected_ids if i in labels.index]
         if not ids:
             continue
-        lo, hi = record["clip"]
+        lo, hi = record.clip
         p = np.clip([probs.get(i, 0.5) for i in ids], lo, hi)
         y = labels.loc[ids].to_numpy()
-        record["test_metrics"] = {"logloss": log_loss(y, p), "accuracy": accuracy(y, p), "n": len(ids)}
+        record.test_metrics = TestMetrics(log_loss(y, p), accuracy(y, p), len(ids))
 
 
 # ------------------------------------------------------------------------------------ submission
@@ -479,7 +494,7 @@ def write_run_submission(run_dir: str | os.PathLike, path: str | os.PathLike, *,
     record = load_record(run_dir)
     preds_path = run_dir / "test_predictions.csv"
     if not preds_path.is_file():
-        raise DataError(f"run {record['run_id']!r} has no test predictions (the data had no test/ images)")
+        raise DataError(f"run {record.run_id!r} has no test predictions (the data had no test/ images)")
     preds = pd.read_csv(preds_path)
     if expected_ids is None:
         ids_file = run_dir.parent.parent / "test_ids.json"
@@ -491,7 +506,7 @@ def write_run_submission(run_dir: str | os.PathLike, path: str | os.PathLike, *,
                        len(missing), ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else ""))
     ids = list(expected_ids)
     values = [probs.get(i, 0.5) for i in ids]
-    bounds = tuple(clip) if clip is not None else tuple(record["clip"])
+    bounds = tuple(clip) if clip is not None else tuple(record.clip)
     if not (0 <= bounds[0] < bounds[1] <= 1):
         raise ConfigError(f"clip bounds must satisfy 0 <= lo < hi <= 1, got {list(bounds)}")
     return write_submission(Path(path), ids, values, clip_bounds=bounds, expected_ids=ids)

@@ -1,0 +1,75 @@
+"""A run's features: the fused train/test matrices the runner trains on, and the same rebuilt later.
+
+The runner aligns every backbone of the experiment once (:func:`catsdogs.features.fusion.align`)
+and fuses each run's combination with :func:`run_features`. Readers of a finished run (the
+neither-cat-nor-dog score of an export, predictions from a run directory) rebuild exactly those
+rows with :func:`rebuild_run_features`: the cached feature files are found by the keys stored in
+the run's record, aligned on the same backbones and exclusions, and fused the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from catsdogs.errors import DataError
+from catsdogs.features.fusion import Aligned, Fused, align, fuse
+
+if TYPE_CHECKING:  # pragma: no cover
+    from catsdogs.features.extraction import FeatureSet
+    from catsdogs.runs.record import RunRecord
+
+
+@dataclass
+class RunFeatures:
+    """One run's fused features: ``test`` is None when the data has no test images; ``tta``
+    whether flipped features are used (the experiment asked for TTA and every backbone has them)."""
+
+    train: Fused
+    test: Fused | None
+    tta: bool
+
+
+def run_features(aligned: Aligned, combination: Sequence[str], *, tta: bool) -> RunFeatures:
+    """Fuse ``combination`` from the experiment's aligned features, as the runner trains it."""
+    tta = tta and aligned.has_flip(combination)
+    train = fuse(aligned.train, combination, flip=tta)
+    test = fuse(aligned.test, combination, flip=tta) if len(aligned.test) else None
+    return RunFeatures(train, test, tta)
+
+
+def find_features(cache_root: Path, config_key: str, fingerprint: str | None) -> FeatureSet:
+    """The cached feature set with this configuration key (and data fingerprint, when given)."""
+    from catsdogs.features.extraction import load_features
+
+    for path in sorted((cache_root / "features").glob(f"*/*-{config_key[:10]}.h5")):
+        fs = load_features(path)
+        if fs.meta.get("config_key") == config_key and \
+                (fingerprint is None or fs.meta.get("dataset_fingerprint") == fingerprint):
+            return fs
+    raise DataError(f"the run's cached features (key {config_key[:10]}) are not in {cache_root}; "
+                    "run `catsdogs run` on this machine first (or pass the cache directory)")
+
+
+def rebuild_run_features(record: RunRecord, experiment: Mapping[str, Any], *,
+                         cache_dir: str | os.PathLike | None = None, tta: bool = False) -> RunFeatures:
+    """The features ``record``'s run was trained on, from the feature cache.
+
+    ``experiment`` is the experiment's ``experiment.json`` (its ``cache_dir`` and ``exclude``);
+    ``cache_dir`` overrides its cache. Rows are aligned on every backbone the runner aligned on
+    (records written before that was stored: the run's own combination).
+    """
+    from catsdogs.features.extraction import default_cache_dir
+
+    root = Path(cache_dir or experiment.get("cache_dir") or default_cache_dir()).expanduser()
+    keys = dict(record.aligned_on or record.feature_keys)
+    for name in record.combination:
+        if name not in keys:
+            raise DataError(f"run {record.run_id!r} records no feature key for {name!r}")
+    sets = {name: find_features(root, k["config_key"], k.get("dataset_fingerprint"))
+            for name, k in keys.items()}
+    aligned = align(sets, experiment.get("exclude") or [])
+    return run_features(aligned, record.combination, tta=tta and record.tta)

@@ -1,0 +1,208 @@
+"""Run records: the typed, versioned ``record.json`` of a finished run.
+
+:class:`RunRecord` is what the runner writes into ``<out>/runs/<run id>/record.json`` and what
+every reader (export, predict, CAM, neither, submission, tracking) loads back. The JSON keys are
+the dataclass field names (plus ``under_target``, derived from the metrics and the target), so
+record directories written before this module existed still load.
+
+* **Adding a field** is one line: an optional field with a default (``postprocess: dict | None =
+  None``); older records load with the default, and an optional field left at None is not
+  written, so older readers see the record they know. Keys this version does not know (written by a
+  plugin or a newer minor version) are kept in ``extra`` and written back unchanged.
+* **Versions**: ``record_version`` is checked on load; a record from a newer catsdogs (a higher
+  version) is refused with a clear :class:`~catsdogs.errors.DataError`, as is a ``record.json``
+  that is not a JSON object or lacks required fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from catsdogs.errors import DataError
+from catsdogs.util.fileio import read_json, write_json
+
+RECORD_VERSION = 1
+RECORD = "record.json"
+#: keys written for readers (spreadsheets, older tools) but recomputed on load
+_DERIVED = ("under_target",)
+
+
+class _Part:
+    """JSON (de)serialisation shared by the record and its parts: fields by name, nested parts
+    built from their type hints, unknown keys kept in ``extra``."""
+
+    extra: dict[str, Any]
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str):
+        if not isinstance(data, dict):
+            raise DataError(f"{where}: expected a JSON object, found {_json_type(data)}")
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+        missing = [f.name for f in dataclasses.fields(cls) if f.name in names and f.name not in data
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise DataError(f"{where}: missing {', '.join(missing)}; not a record written by "
+                            "`catsdogs run` (rerun the experiment to rewrite it)")
+        kwargs = {name: _convert(hints[name], data[name], f"{where}.{name}")
+                  for name in names if name in data}
+        extra = {k: v for k, v in data.items() if k not in names and k not in _DERIVED}
+        return cls(**kwargs, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if f.name == "extra" or not f.metadata.get("persist", True):
+                continue
+            value = getattr(self, f.name)
+            if value is None and f.default is None:  # an optional field that was not set
+                continue
+            out[f.name] = value.to_dict() if isinstance(value, _Part) else value
+        return {**out, **self.extra}
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    """Build a nested part when ``hint`` (possibly ``Part | None``) names one."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in options:
+        if isinstance(option, type) and issubclass(option, _Part):
+            return None if value is None and type(None) in options else option.from_dict(value, where)
+    return value
+
+
+@dataclass
+class HeadRef(_Part):
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class OptimizerRef(_Part):
+    name: str
+    learning_rate: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class ValidationRef(_Part):
+    kind: str
+    holdout: float | None = None
+    folds: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Metrics(_Part):
+    """Validation metrics of a run (:func:`catsdogs.runs.metrics.summarize`)."""
+
+    logloss: float
+    logloss_clipped: float
+    accuracy: float
+    best_clip_lo: float
+    best_clip_hi: float
+    best_clip_logloss: float
+    n: int
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class TestMetrics(_Part):
+    """The submitted (clipped) test predictions scored against ``test_labels.csv``."""
+
+    logloss: float
+    accuracy: float
+    n: int
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class RunRecord(_Part):
+    """One finished run (see the module docstring)."""
+
+    run_id: str
+    combination: list[str]
+    head: HeadRef
+    optimizer: OptimizerRef | None
+    params: dict[str, Any]
+    settings: dict[str, Any]
+    settings_hash: str
+    metrics: Metrics
+    clip: list[float]
+    target: float
+    n_train: int
+    n_val: int
+    n_test: int
+    validation: ValidationRef
+    learning_rate: float | None
+    tuning: dict[str, Any] | None
+    tta: bool = False
+    history: list[dict[str, list[float]]] = field(default_factory=list)
+    seconds: float = 0.0
+    created: str = ""
+    catsdogs_version: str = ""
+    record_version: int = RECORD_VERSION
+    #: feature keys of every backbone the runner aligned rows on (not just this combination's)
+    aligned_on: dict[str, dict[str, str]] | None = None
+    #: keys this version does not know, kept and written back
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: computed per call against the data's test labels; not stored in record.json
+    test_metrics: TestMetrics | None = field(default=None, metadata={"persist": False})
+
+    @property
+    def under_target(self) -> bool:
+        """Whether the clipped validation log loss beats ``target`` (the current target: readers
+        set :attr:`target` to their experiment's before reporting)."""
+        return self.metrics.logloss_clipped < self.target
+
+    @property
+    def feature_keys(self) -> dict[str, dict[str, str]]:
+        """Backbone -> ``{"config_key", "dataset_fingerprint"}`` of this run's cached features."""
+        return self.settings.get("features", {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "under_target": self.under_target}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = RECORD) -> RunRecord:
+        if isinstance(data, dict):
+            version = data.get("record_version")
+            if not isinstance(version, int) or isinstance(version, bool):
+                raise DataError(f"{where}: record_version is missing or not an integer "
+                                f"({version!r}); not a record written by `catsdogs run`")
+            if version > RECORD_VERSION:
+                raise DataError(f"{where}: record version {version} was written by a newer catsdogs "
+                                f"(this one reads versions up to {RECORD_VERSION}); upgrade catsdogs "
+                                "to read it")
+        return super().from_dict(data, where)
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike) -> RunRecord:
+        """The record of the finished run in ``run_dir`` (``<out>/runs/<run id>``)."""
+        path = Path(run_dir) / RECORD
+        data = read_json(path, what="run record",
+                         missing=f"{run_dir} is not a finished run directory (no {RECORD}); "
+                                 "pass a directory under <out>/runs/ written by `catsdogs run`")
+        return cls.from_dict(data, str(path))
+
+    def save(self, run_dir: str | os.PathLike) -> Path:
+        """Write ``record.json`` into ``run_dir`` atomically."""
+        path = Path(run_dir) / RECORD
+        write_json(path, self.to_dict())
+        return path
+
+
+def load_record(run_dir: str | os.PathLike) -> RunRecord:
+    """The record of a finished run (``<out>/runs/<run id>``); see :meth:`RunRecord.load`."""
+    return RunRecord.load(run_dir)
