@@ -82,8 +82,12 @@ def plugins(as_json: bool) -> None:
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="Feature cache [default: $CATSDOGS_CACHE_DIR or ~/.cache/catsdogs].")
 @click.option("--flip", is_flag=True, help="Also store features of horizontally flipped images (TTA).")
-@click.option("--precision", type=click.Choice(["float32", "bfloat16"]), default="float32",
-              show_default=True, help="Compute precision; bfloat16 is cached under its own key.")
+@click.option("--precision", type=click.Choice(["float32", "bfloat16", "int8"]), default="float32",
+              show_default=True,
+              help="Compute precision, cached under its own key; int8 (post-training quantised, "
+                   "needs `pip install 'catsdogs[int8]'`).")
+@click.option("--calibration-size", type=click.IntRange(min=1), default=300, show_default=True,
+              help="int8: training images (a fixed seeded sample) the quantisation is calibrated on.")
 @click.option("--resize", type=click.Choice(["squash", "crop", "pad"]), default="squash",
               show_default=True, help="squash to SxS (the write-up), centre-crop, or letterbox.")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=256, show_default=True,
@@ -92,15 +96,15 @@ def plugins(as_json: bool) -> None:
               help="Image decoding threads.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
-def extract(data_dir, backbones, weights, image_size, batch_size, cache_dir, flip, precision, resize,
-            chunk_size, workers, no_progress, as_json) -> None:
+def extract(data_dir, backbones, weights, image_size, batch_size, cache_dir, flip, precision,
+            calibration_size, resize, chunk_size, workers, no_progress, as_json) -> None:
     """Compute (or reuse) cached GAP features of DATA_DIR's train and test images."""
     from catsdogs.features.extraction import extract as run_extract
 
     results = run_extract(
         data_dir, list(backbones), weights=weights, image_size=image_size, batch_size=batch_size,
         cache_dir=cache_dir, flip=flip, precision=precision, resize=resize, chunk_size=chunk_size,
-        workers=workers, progress=not no_progress,
+        workers=workers, progress=not no_progress, calibration_size=calibration_size,
     )
     if as_json:
         click.echo(json.dumps([
@@ -181,7 +185,7 @@ def score(submission, labels, as_json) -> None:
 @cli.command("export")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--format", "formats", default="keras,coreml,tflite", show_default=True,
-              help="Comma-separated formats: keras, coreml, tflite.")
+              help="Comma-separated formats: keras, coreml, tflite, tflite-int8 (full-integer).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output directory [default: RUN_DIR/export].")
 @click.option("--coreml-precision", type=click.Choice(["float16", "float32"]), default="float16",
@@ -217,7 +221,7 @@ def export_cmd(run_dir, formats, out, coreml_precision, no_neither, as_json) -> 
               help="An export directory or a finished run directory.")
 @click.option("--cam", "cam_out", type=click.Path(path_type=Path), default=None,
               help="Write the CAM overlay PNG here (several images: OUT-<image name>.png).")
-@click.option("--backend", type=click.Choice(["auto", "tflite", "keras"]), default="auto",
+@click.option("--backend", type=click.Choice(["auto", "tflite", "tflite-int8", "keras"]), default="auto",
               show_default=True, help="auto: TFLite when exported, else Keras.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 def predict_cmd(images, model_path, cam_out, backend, as_json) -> None:
@@ -264,7 +268,7 @@ def predict_cmd(images, model_path, cam_out, backend, as_json) -> None:
               help="Number of random test images.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("cam_grid.png"), show_default=True)
 @click.option("--seed", type=int, default=2019, show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "tflite", "keras"]), default="auto",
+@click.option("--backend", type=click.Choice(["auto", "tflite", "tflite-int8", "keras"]), default="auto",
               show_default=True)
 def cam_cmd(run_dir, grid, out, seed, backend) -> None:
     """Draw a grid of CAM overlays on random test images of RUN_DIR's data, titled 'dog 98.20%'."""

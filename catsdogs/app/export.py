@@ -61,7 +61,13 @@ COREML_PRECISIONS = ("float16", "float32")
 CLASS_LABELS = ("cat", "dog")
 MANIFEST = "export.json"
 MANIFEST_VERSION = 1
-SUFFIX = {"keras": ".keras", "coreml": ".mlpackage", "tflite": ".tflite"}
+#: formats an export writes only when asked for (not part of the default FORMATS)
+EXTRA_FORMATS = ("tflite-int8",)
+SUFFIX = {"keras": ".keras", "coreml": ".mlpackage", "tflite": ".tflite",
+          "tflite-int8": ".int8.tflite"}
+#: tflite-int8: representative training photos / validation photos compared with the float model
+INT8_REPRESENTATIVE = 300
+INT8_VALIDATION = 500
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -391,8 +397,9 @@ def parse_formats(formats) -> list[str]:
         f = f.strip().lower()
         if not f:
             continue
-        if f not in FORMATS:
-            raise ConfigError(f"unknown export format {f!r}; choose from: {', '.join(FORMATS)}")
+        if f not in FORMATS + EXTRA_FORMATS:
+            raise ConfigError(f"unknown export format {f!r}; choose from: "
+                              f"{', '.join(FORMATS + EXTRA_FORMATS)}")
         if f not in out:
             out.append(f)
     if not out:
@@ -400,8 +407,20 @@ def parse_formats(formats) -> list[str]:
     return out
 
 
+def _int8_images(info: RunInfo, validation: bool) -> np.ndarray:
+    """The run's training photos (representative data) or validation photos, prepared as the
+    export's input (seeded samples of at most INT8_REPRESENTATIVE / INT8_VALIDATION)."""
+    from catsdogs.features.int8 import decode_calibration, representative_sample, run_photos
+
+    train, val = run_photos(Path(info.experiment["data"]), info.run_dir)
+    paths = representative_sample(val if validation else train,
+                                  INT8_VALIDATION if validation else INT8_REPRESENTATIVE)
+    return decode_calibration(paths, info.input_size, info.resize)
+
+
 def _export_one(model, stem: str, out: Path, formats: list[str], *, size: int, precision: str,
-                description: str, outputs: dict[str, str], metadata: dict[str, str]) -> dict[str, Any]:
+                description: str, outputs: dict[str, str], metadata: dict[str, str],
+                info: RunInfo | None = None) -> dict[str, Any]:
     files = {}
     for fmt in formats:
         path = out / f"{stem}{SUFFIX[fmt]}"
@@ -410,6 +429,14 @@ def _export_one(model, stem: str, out: Path, formats: list[str], *, size: int, p
             model.save(path)
         elif fmt == "tflite":
             save_tflite(model, path)
+        elif fmt == "tflite-int8":
+            from catsdogs.features.int8 import compare_with_float, save_tflite_int8
+
+            save_tflite_int8(model, path, _int8_images(info, validation=False))
+            files[fmt] = {"file": path.name, "bytes": file_size(path),
+                          "vs_float_on_validation": compare_with_float(
+                              model, path, _int8_images(info, validation=True))}
+            continue
         else:
             save_coreml(model, path, size=size, precision=precision, description=description,
                         output_descriptions=outputs, metadata=dict(metadata))
@@ -496,7 +523,8 @@ def export_run(run_dir: str | os.PathLike, formats=FORMATS, out: str | os.PathLi
                    f"{info.head} head (catsdogs run {info.run_id})")
     manifest["models"]["classifier"] = _export_one(
         model, "model", out, formats, size=size, precision=coreml_precision,
-        description=description, outputs=outputs, metadata=metadata)
+        description=description, outputs=outputs, metadata=metadata, info=info)
+    formats = [f for f in formats if f not in EXTRA_FORMATS]  # no int8 CAM model
 
     if info.cam_capable:
         cam = build_cam_model(info, registry)

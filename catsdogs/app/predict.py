@@ -25,7 +25,7 @@ from catsdogs.errors import ConfigError, DataError
 
 logger = logging.getLogger("catsdogs")
 
-BACKENDS = ("auto", "tflite", "keras")
+BACKENDS = ("auto", "tflite", "tflite-int8", "keras")
 LABELS = ("cat", "dog")
 
 
@@ -86,10 +86,22 @@ class _TFLiteModel:
         self.path = path
         self.interpreter = tflite_interpreter(path, num_threads)
         self.runner = self.interpreter.get_signature_runner()
+        detail = self.runner.get_input_details()["image"]
+        self.input_dtype = np.dtype(detail["dtype"])
+        self.input_quantization = detail.get("quantization") or (0.0, 0)
+
+    def _input(self, image: np.ndarray) -> np.ndarray:
+        """The image as the model takes it: float32, or quantised for an integer input (int8)."""
+        x = np.asarray(image[None], dtype=np.float32)
+        scale, zero = self.input_quantization
+        if self.input_dtype.kind in "iu" and scale:
+            info = np.iinfo(self.input_dtype)
+            x = np.clip(np.round(x / scale + zero), info.min, info.max)
+        return np.ascontiguousarray(x, dtype=self.input_dtype)
 
     def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
         """One image (S, S, 3) -> the model's named outputs, batch dimension dropped."""
-        out = self.runner(image=np.ascontiguousarray(image[None], dtype=np.float32))
+        out = self.runner(image=self._input(image))
         return {k: np.asarray(v)[0] for k, v in out.items()}
 
 
@@ -164,7 +176,7 @@ def _from_export(directory: Path, backend: str, num_threads: int | None) -> Pred
     models = manifest.get("models", {})
     formats = models.get("classifier", {})
     if backend == "auto":
-        backend = "tflite" if "tflite" in formats else "keras"
+        backend = next((b for b in ("tflite", "tflite-int8") if b in formats), "keras")
     if backend not in formats:
         have = ", ".join(formats) or "none"
         raise DataError(f"{directory} has no {backend} model (exported formats: {have}); "
@@ -177,7 +189,8 @@ def _from_export(directory: Path, backend: str, num_threads: int | None) -> Pred
         path = directory / entry["file"]
         if not path.exists():
             raise DataError(f"{path} is listed in {directory / 'export.json'} but missing")
-        return _TFLiteModel(path, num_threads) if backend == "tflite" else _KerasModel.load(path)
+        return (_TFLiteModel(path, num_threads) if backend.startswith("tflite")
+                else _KerasModel.load(path))
 
     neither = manifest.get("neither") or {}
     return Predictor(str(directory), int(manifest["input"]["size"]), manifest["input"]["resize"],
@@ -212,7 +225,7 @@ def open_predictor(path: str | os.PathLike, backend: str = "auto",
     if (path / "record.json").is_file():
         if (path / "export" / "export.json").is_file():
             return _from_export(path / "export", backend, num_threads)
-        if backend == "tflite":
+        if backend.startswith("tflite"):
             raise DataError(f"run {path} has not been exported; run `catsdogs export {path}` first")
         return _from_run(path)
     raise DataError(f"{path} is neither an export directory (export.json) nor a finished run "

@@ -39,12 +39,13 @@ from catsdogs import __version__
 from catsdogs.dataset.images import RESIZE_POLICIES, ImageDecodeError, load_image
 from catsdogs.dataset.layout import Dataset, ImageRecord, digest_all, fingerprint, open_dataset
 from catsdogs.errors import ConfigError, DataError
+from catsdogs.features import int8
 from catsdogs.util.fileio import atomic_write, fsync_dir, remove_stale_temporaries
 
 logger = logging.getLogger("catsdogs")
 
 FORMAT_VERSION = 1
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = ("float32", "bfloat16", "int8")
 VIEWS = ("orig", "flip")
 VIEW_DATASET = {"orig": "features", "flip": "features_flip"}
 SPLITS = ("train", "test")
@@ -63,10 +64,14 @@ class FeatureConfig:
     precision: str
     preprocessing: str
     feature_dim: int
+    calibration: str = ""  # int8 only: catsdogs.features.int8.calibration_key
 
     @property
     def key(self) -> str:
-        blob = json.dumps({**asdict(self), "format": FORMAT_VERSION}, sort_keys=True)
+        fields = asdict(self)
+        if not fields["calibration"]:  # float keys stay what they were before int8 existed
+            del fields["calibration"]
+        blob = json.dumps({**fields, "format": FORMAT_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
@@ -347,6 +352,17 @@ class FeatureModel:
         return np.concatenate(out) if out else np.zeros((0, self.model.output_shape[-1]), np.float32)
 
 
+def _model_factory(backbone, weights: str, size: int, precision: str, batch_size: int, resize: str,
+                   workers: int, final: Path, calibration: list[tuple[ImageRecord, str]]):
+    """What builds the feature model when there is work: float32/bfloat16 Keras, or int8 OpenVINO
+    (the quantised model cached next to ``final``, calibrated only when not cached yet)."""
+    if precision != "int8":
+        return lambda: FeatureModel(backbone, weights, size, precision, batch_size)
+    return lambda: int8.Int8FeatureModel(
+        backbone, weights, size, batch_size, int8.ir_dir(final),
+        lambda: int8.decode_calibration([r.path for r, _ in calibration], size, resize, workers))
+
+
 def lower_thread_priority() -> None:
     """Run a decoding thread at the lowest CPU priority (Linux: per-thread niceness).
 
@@ -413,7 +429,7 @@ def _versions() -> dict[str, str]:
     out = {"catsdogs": __version__, "python": platform.python_version()}
     from importlib import metadata
 
-    for dist in ("tensorflow", "keras", "numpy", "h5py", "pillow"):
+    for dist in ("tensorflow", "keras", "numpy", "h5py", "pillow", *int8.ENGINE_PACKAGES):
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[dist] = metadata.version(dist)
     return out
@@ -511,6 +527,7 @@ def extract(
     registry=None,
     dataset: Dataset | None = None,
     digests: Sequence[str] | None = None,
+    calibration_size: int = int8.DEFAULT_CALIBRATION_SIZE,
 ) -> list[ExtractResult]:
     """Compute (or reuse) GAP features of every train and test image for each backbone.
 
@@ -519,11 +536,16 @@ def extract(
     pass; a call after an interruption computes only what is missing. Callers extracting several
     configurations of one data directory may pass ``dataset`` (from :func:`open_dataset`) and its
     ``digests`` (:func:`catsdogs.dataset.layout.digest_all`) so the directory is listed and hashed once.
+    ``precision="int8"`` quantises each backbone, calibrated on ``calibration_size`` training
+    images (:mod:`catsdogs.features.int8`; needs ``catsdogs[int8]``).
     """
     from catsdogs.plugins import get_registry
 
     names = [backbones] if isinstance(backbones, str) else list(backbones)
     _check_options(names, weights, image_size, batch_size, precision, resize, chunk_size, workers)
+    if precision == "int8":
+        int8.check_calibration_size(calibration_size)
+        int8.require_engine()
     registry = registry or get_registry()
     specs = []
     for name in names:  # validate everything before computing anything
@@ -550,6 +572,10 @@ def extract(
     directory = dataset_cache_dir(cache_root, ds.root)
     views = ["orig", "flip"] if flip else ["orig"]
     chunk_size = -(-chunk_size // batch_size) * batch_size  # whole batches per chunk
+    calibration, calibration_key = [], ""
+    if precision == "int8":
+        calibration = int8.calibration_sample(records, digests, calibration_size)
+        calibration_key = int8.calibration_key(calibration, calibration_size)
 
     results: list[ExtractResult] = []
     unreadable: dict[str, str] = {}
@@ -564,6 +590,7 @@ def extract(
             precision=precision,
             preprocessing=backbone.preprocessing,
             feature_dim=backbone.feature_dim,
+            calibration=calibration_key,
         )
         final = directory / config.filename
         with _locked(final):
@@ -590,7 +617,8 @@ def extract(
                         seen.add(dig)
                 computed, compute_s = _compute(
                     store, work,
-                    lambda b=backbone, s=size: FeatureModel(b, weights, s, precision, batch_size),
+                    _model_factory(backbone, weights, size, precision, batch_size, resize, workers,
+                                   final, calibration),
                     image_size=size, resize=resize, chunk_size=chunk_size, workers=workers,
                     progress=progress, desc=f"{backbone.name} features",
                 )

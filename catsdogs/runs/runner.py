@@ -285,6 +285,7 @@ def _extract_all(experiment: Experiment, dataset, progress: bool):
             experiment.data, [spec.name], weights=spec.weights, image_size=spec.image_size,
             precision=spec.precision, resize=spec.resize, flip=experiment.tta,
             cache_dir=experiment.cache_dir, progress=progress, dataset=dataset, digests=digests,
+            calibration_size=spec.calibration_size,
         )
         fs = load_features(res.path)
         feature_sets[spec.name] = fs

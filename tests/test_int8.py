@@ -1,0 +1,308 @@
+"""int8 extraction (OpenVINO + NNCF) and the full-integer TFLite export: real quantised models.
+
+A tiny real backbone (two convolutions + GAP, seeded random weights) is installed as a plugin
+distribution so that in-process calls and CLI subprocesses see the same network; calibration,
+quantisation, the OpenVINO runtime and the TFLite converter are the real ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+from conftest import install_fake_dist, make_kaggle, run_cli, write_jpeg
+
+import catsdogs
+from catsdogs.features import int8
+
+pytestmark = [pytest.mark.int8]
+
+TINY_PLUGIN = '''
+from catsdogs.components import Backbone
+from catsdogs.hookspecs import hookimpl
+
+
+class TinyInt8(Backbone):
+    name = "tiny_int8"
+    input_size = 32
+    min_input_size = 16
+    feature_dim = 16
+    preprocessing = "tf: x / 127.5 - 1"
+    weights_options = ("none",)
+
+    def build_model(self, weights, image_size):
+        import keras
+
+        from catsdogs.layers import PixelNormalization
+
+        image = keras.Input((image_size, image_size, 3), name="image", dtype="float32")
+        x = PixelNormalization(name="preprocess", mean=127.5, std=127.5, bgr=False)(image)
+        x = keras.layers.Conv2D(16, 3, strides=2, activation="relu", name="conv1")(x)
+        x = keras.layers.Conv2D(16, 3, activation="relu", name="conv2")(x)
+        features = keras.layers.GlobalAveragePooling2D(name="gap", dtype="float32")(x)
+        return keras.Model(image, features, name=self.name)
+
+
+@hookimpl
+def register_backbones(register):
+    register(TinyInt8())
+'''
+TINY = {"weights": "none", "batch_size": 8, "progress": False}
+
+# run in a subprocess: the engine's packages cannot be imported, then the CLI's extract
+BLOCK_ENGINE = '''
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("openvino", "nncf"):
+            raise ImportError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+from catsdogs.cli import main
+sys.argv = ["catsdogs", *sys.argv[1:]]
+main()
+'''
+
+
+@pytest.fixture(scope="module")
+def plugin_site(tmp_path_factory):
+    """The tiny backbone's distribution, on sys.path here and on PYTHONPATH for subprocesses."""
+    from catsdogs.plugins import reset_registry
+
+    site = install_fake_dist(tmp_path_factory.mktemp("site"), "catsdogs-tiny-int8", "1.0",
+                             {"catsdogs_tiny_int8": TINY_PLUGIN},
+                             {"tiny_int8": "catsdogs_tiny_int8"})
+    sys.path.insert(0, str(site))
+    reset_registry()
+    yield site
+    sys.path.remove(str(site))
+    reset_registry()
+
+
+def _env(site) -> dict[str, str]:
+    return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+
+
+def _engine():
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+
+
+# --- without the extra -------------------------------------------------------------------------
+
+def test_missing_engine_is_one_clear_error(kaggle_dir, tmp_path):
+    """Runs in every env: with openvino/nncf unimportable, --precision int8 says how to install."""
+    cache = tmp_path / "cache"
+    args = ["extract", str(kaggle_dir), "-b", "resnet50", "--weights", "none", "--image-size", "32",
+            "--precision", "int8", "--cache-dir", str(cache), "--no-progress"]
+    proc = subprocess.run([sys.executable, "-c", BLOCK_ENGINE, *args], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, proc.stderr
+    assert "pip install 'catsdogs[int8]'" in errors[0] and "OpenVINO" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert not cache.exists(), "nothing is computed or written before the check"
+
+
+def test_bad_calibration_size_is_rejected(kaggle_dir, tmp_path):
+    with pytest.raises(catsdogs.errors.ConfigError, match="calibration size"):
+        catsdogs.extract(kaggle_dir, "resnet50", precision="int8", calibration_size=0,
+                         cache_dir=tmp_path, **TINY)
+
+
+# --- the calibration sample and its key ---------------------------------------------------------
+
+def test_calibration_sample_is_fixed_and_keyed_by_content(kaggle_dir, tmp_path):
+    from catsdogs.dataset.layout import digest_all, open_dataset
+
+    ds = open_dataset(kaggle_dir)
+    digests = digest_all(ds.records)
+    sample = int8.calibration_sample(ds.records, digests, 5)
+    assert len(sample) == 5 and all(rec.split == "train" for rec, _ in sample)
+    # the listing order does not matter, only the content
+    again = int8.calibration_sample(ds.records[::-1], digests[::-1], 5)
+    assert [d for _, d in again] == [d for _, d in sample]
+    assert int8.calibration_key(again, 5) == int8.calibration_key(sample, 5)
+    # more images requested than exist: all of them (12 training images)
+    assert len(int8.calibration_sample(ds.records, digests, 100)) == 12
+    # another size, another seed or other bytes: another key
+    keys = {int8.calibration_key(sample, 5),
+            int8.calibration_key(int8.calibration_sample(ds.records, digests, 6), 6),
+            int8.calibration_key(int8.calibration_sample(ds.records, digests, 5, seed=1), 5)}
+    write_jpeg(sample[0][0].path, seed=999, label=0)  # a sampled image's bytes change
+    ds2 = open_dataset(kaggle_dir)
+    changed = int8.calibration_sample(ds2.records, digest_all(ds2.records), 5)
+    keys.add(int8.calibration_key(changed, 5))
+    assert len(keys) == 4
+
+
+# --- real quantised models -----------------------------------------------------------------------
+
+def test_int8_features_from_a_real_quantised_model(plugin_site, kaggle_dir, tmp_path, caplog):
+    _engine()
+    import openvino as ov
+
+    cache = tmp_path / "cache"
+    with caplog.at_level(logging.INFO, logger="catsdogs"):
+        (res,) = catsdogs.extract(kaggle_dir, "tiny_int8", precision="int8", calibration_size=8,
+                                  cache_dir=cache, **TINY)
+    assert "calibrating int8 tiny_int8 on 8 training images" in caplog.text
+    assert res.computed == 16 and "-int8-" in res.path.name
+    fs = catsdogs.load_features(res.path)
+    assert fs.meta["precision"] == "int8" and fs.meta["calibration"].startswith("n8-")
+    assert fs.meta["versions"]["openvino"] and fs.meta["versions"]["nncf"]
+
+    # the cached model really is quantised: int8 weights behind FakeQuantize / dequantisation
+    ir = int8.ir_dir(res.path)
+    model = ov.Core().read_model(str(ir / "model.xml"))
+    types = {op.get_type_name() for op in model.get_ops()}
+    assert "FakeQuantize" in types
+    consts = [op for op in model.get_ops() if op.get_type_name() == "Constant"]
+    assert any(str(op.get_element_type()) == "<Type: 'int8_t'>" for op in consts)
+
+    (flt,) = catsdogs.extract(kaggle_dir, "tiny_int8", cache_dir=cache, **TINY)
+    a, b = fs.train.X, catsdogs.load_features(flt.path).train.X
+    assert fs.train.files == catsdogs.load_features(flt.path).train.files
+    assert not np.array_equal(a, b), "int8 features are not the float ones"
+    assert _cosine(a, b).min() > 0.98
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="catsdogs"):
+        (again,) = catsdogs.extract(kaggle_dir, "tiny_int8", precision="int8", calibration_size=8,
+                                    cache_dir=cache, **TINY)
+    assert again.computed == 0 and again.path == res.path and "calibrating" not in caplog.text
+
+    # another calibration size is another configuration: its own file, its own model
+    (other,) = catsdogs.extract(kaggle_dir, "tiny_int8", precision="int8", calibration_size=4,
+                                cache_dir=cache, **TINY)
+    assert other.path != res.path and other.computed == 16
+    assert int8.ir_dir(other.path).is_dir()
+
+
+def test_new_images_reuse_the_cached_quantised_model(plugin_site, kaggle_dir, tmp_path, caplog):
+    _engine()
+    cache = tmp_path / "cache"
+    (first,) = catsdogs.extract(kaggle_dir, "tiny_int8", precision="int8", calibration_size=8,
+                                cache_dir=cache, **TINY)
+    ir = int8.ir_dir(first.path) / "model.bin"
+    stamp = ir.stat().st_mtime_ns
+    before = catsdogs.load_features(first.path)
+    write_jpeg(kaggle_dir / "test" / "99.jpg", seed=4242)  # a test image: same calibration
+    with caplog.at_level(logging.INFO, logger="catsdogs"):
+        (second,) = catsdogs.extract(kaggle_dir, "tiny_int8", precision="int8", calibration_size=8,
+                                     cache_dir=cache, **TINY)
+    assert second.path == first.path and second.computed == 1 and second.reused == 16
+    assert "calibrating" not in caplog.text and ir.stat().st_mtime_ns == stamp
+    after = catsdogs.load_features(second.path)
+    assert after.test.X.shape[0] == 5
+    np.testing.assert_array_equal(after.train.X, before.train.X)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume(plugin_site, tmp_path):
+    _engine()
+    root = make_kaggle(tmp_path / "d", n_per_class=100, n_test=60)  # 260 images
+    cache = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "catsdogs", "extract", str(root), "-b", "tiny_int8", "--weights",
+           "none", "--precision", "int8", "--calibration-size", "16", "--batch-size", "1",
+           "--chunk-size", "1", "--cache-dir", str(cache), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **_env(plugin_site)})
+    deadline = time.time() + 240
+    while len(list(cache.rglob("chunk-*.json"))) < 5 and time.time() < deadline \
+            and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "extraction finished before it could be killed; make it bigger"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(cache.rglob("chunk-*.json")))
+    assert 5 <= done < 260 and not list(cache.rglob("*.h5"))
+    (ir,) = cache.rglob("*.openvino")
+    stamp = (ir / "model.bin").stat().st_mtime_ns
+
+    (resumed,) = catsdogs.extract(root, "tiny_int8", precision="int8", calibration_size=16,
+                                  chunk_size=1, cache_dir=cache, **{**TINY, "batch_size": 1})
+    assert resumed.reused >= done and resumed.computed <= 260 - done
+    assert (ir / "model.bin").stat().st_mtime_ns == stamp, "the killed run's model is reused"
+    assert not list(cache.rglob("chunk-*")) and not list(cache.rglob("*.tmp-*"))
+    (clean,) = catsdogs.extract(root, "tiny_int8", precision="int8", calibration_size=16,
+                                cache_dir=tmp_path / "clean", **TINY)
+    a, b = catsdogs.load_features(resumed.path), catsdogs.load_features(clean.path)
+    assert a.meta["config_key"] == b.meta["config_key"] and a.train.files == b.train.files
+    np.testing.assert_allclose(a.train.X, b.train.X, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a.test.X, b.test.X, rtol=1e-4, atol=1e-5)
+
+
+# --- full-integer TFLite export and predict ----------------------------------------------------
+
+def _tiny_run(root, plugin_site):
+    from catsdogs.experiment.spec import load_experiment
+    from catsdogs.runs.runner import run_experiment
+
+    make_kaggle(root / "data", n_per_class=16, n_test=6)
+    doc = {"data": str(root / "data"), "output": str(root / "out"), "cache_dir": str(root / "cache"),
+           "weights": "none", "backbones": [{"name": "tiny_int8", "precision": "int8",
+                                             "calibration_size": 10}],
+           "heads": ["dropout_sigmoid"], "optimizers": [{"name": "adam", "learning_rate": 0.01}],
+           "epochs": 3, "batch_size": 16, "seed": 7, "validation": {"holdout": 0.25}}
+    (root / "exp.yaml").write_text(yaml.safe_dump(doc))
+    result = run_experiment(load_experiment(root / "exp.yaml"), progress=False, submit=False)
+    (record,) = result.records
+    run_id = record["run_id"] if isinstance(record, dict) else record.run_id
+    return result.out_dir / "runs" / run_id
+
+
+@pytest.mark.slow
+def test_export_tflite_int8_and_predict(plugin_site, tmp_path):
+    _engine()
+    from catsdogs.app.export import build_classifier, load_run
+    from catsdogs.app.predict import open_predictor, predict_files
+    from catsdogs.dataset.images import load_image
+
+    run_dir = _tiny_run(tmp_path, plugin_site)
+    export = tmp_path / "export"
+    proc = run_cli("export", str(run_dir), "--format", "tflite-int8", "--out", str(export),
+                   "--json", env=_env(plugin_site), check=True)
+    manifest = json.loads(proc.stdout)
+    entry = manifest["models"]["classifier"]["tflite-int8"]
+    assert entry["file"] == "model.int8.tflite" and (export / entry["file"]).is_file()
+    vs = entry["vs_float_on_validation"]
+    assert vs["n"] == 8  # the run's validation photos (25 % of 32)
+    assert 0.0 <= vs["mean_abs_dp"] <= vs["max_abs_dp"] < 0.1 and vs["label_agreement"] >= 0.75
+
+    # a full-integer model: uint8 input, int8 convolution weights
+    import tensorflow as tf
+
+    interp = tf.lite.Interpreter(model_path=str(export / entry["file"]))
+    assert interp.get_input_details()[0]["dtype"] == np.uint8
+    conv_weights = [t for t in interp.get_tensor_details() if "conv" in t["name"].lower()
+                    and len(t["shape"]) == 4 and t["shape"][0] == 16]
+    assert conv_weights and all(t["dtype"] == np.int8 for t in conv_weights)
+
+    photos = sorted((tmp_path / "data" / "test").glob("*.jpg"))
+    proc = run_cli("predict", *map(str, photos), "--model", str(export), "--json",
+                   env=_env(plugin_site), check=True)
+    preds = json.loads(proc.stdout)
+    predictions = preds if isinstance(preds, list) else preds["predictions"]
+    assert len(predictions) == 6 and all(0.0 <= p["p_dog"] <= 1.0 for p in predictions)
+
+    # the int8 file against the float classifier, in process
+    predictor = open_predictor(export, "tflite-int8")
+    assert predictor.backend == "tflite-int8"
+    got = [p.p_dog for p in predict_files(predictor, photos)]
+    model = build_classifier(load_run(run_dir))
+    want = [float(np.asarray(model(load_image(p, 32)[None].astype(np.float32))["prediction"])[0, 0])
+            for p in photos]
+    np.testing.assert_allclose(got, want, atol=0.1)
