@@ -16,6 +16,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from catsdogs.errors import CatsdogsError, ConfigError, DataError, PluginError  # noqa: E402
+from catsdogs.hookspecs import hookimpl  # noqa: E402  (plugins: ``@catsdogs.hookimpl``)
 from catsdogs.plugins import get_registry  # noqa: E402
 
 
@@ -53,6 +54,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "PluginError",
+    "hookimpl",
     "get_registry",
     "extract",
     "load_features",

@@ -6,6 +6,7 @@ with exit status 1; usage errors exit with 2. Neither prints a traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -17,7 +18,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports Te
 import click  # noqa: E402
 
 from catsdogs import __version__  # noqa: E402
+from catsdogs.engine import click_options as engine_options  # noqa: E402
 from catsdogs.errors import CatsdogsError  # noqa: E402
+
+#: OS errors about a path the user gave (a file where a folder must be, no permission, read-only
+#: or full disk): one ``Error:`` line naming the path, not a traceback
+_PATH_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST,
+                          errno.EISDIR, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG})
 
 
 class _Group(click.Group):
@@ -26,6 +33,12 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except CatsdogsError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            if exc.errno not in _PATH_ERRNOS or not exc.filename:
+                raise
+            raise click.ClickException(
+                f"{exc.filename}: {exc.strerror}; check that this path (and its --out, --cache-dir "
+                "or other folder) is a writable folder, not a file") from None
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -59,7 +72,8 @@ def plugins(as_json: bool) -> None:
         return
     for info in registry.plugins:
         version = info.version or "?"
-        status = f"  FAILED: {info.error}" if info.error else ""
+        status = ("  DISABLED (CATSDOGS_DISABLE_PLUGINS)" if info.disabled
+                  else f"  FAILED: {info.error}" if info.error else "")
         click.echo(f"{info.name} {version} ({info.source}){status}")
         for kind in KINDS:
             if info.components[kind]:
@@ -96,16 +110,21 @@ def plugins(as_json: bool) -> None:
               help="Image decoding threads.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@engine_options
 def extract(data_dir, backbones, weights, image_size, batch_size, cache_dir, flip, precision,
-            calibration_size, resize, chunk_size, workers, no_progress, as_json) -> None:
+            calibration_size, resize, chunk_size, workers, no_progress, as_json, engine, ray_address,
+            ray_shared_data) -> None:
     """Compute (or reuse) cached GAP features of DATA_DIR's train and test images."""
+    from catsdogs.engine import engine_spec, open_engine
     from catsdogs.features.extraction import extract as run_extract
 
-    results = run_extract(
-        data_dir, list(backbones), weights=weights, image_size=image_size, batch_size=batch_size,
-        cache_dir=cache_dir, flip=flip, precision=precision, resize=resize, chunk_size=chunk_size,
-        workers=workers, progress=not no_progress, calibration_size=calibration_size,
-    )
+    with open_engine(engine_spec(engine, ray_address, ray_shared_data)) as compute_engine:
+        results = run_extract(
+            data_dir, list(backbones), weights=weights, image_size=image_size, batch_size=batch_size,
+            cache_dir=cache_dir, flip=flip, precision=precision, resize=resize, chunk_size=chunk_size,
+            workers=workers, progress=not no_progress, calibration_size=calibration_size,
+            engine=compute_engine,
+        )
     if as_json:
         click.echo(json.dumps([
             {
@@ -136,14 +155,20 @@ def extract(data_dir, backbones, weights, image_size, batch_size, cache_dir, fli
               help="Override every backbone's weights (e.g. 'none' on a machine without internet).")
 @click.option("--no-submit", is_flag=True, help="Do not write submission.csv for the winner.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def run(experiment_file, data, cache_dir, out, weights, no_submit, no_progress) -> None:
+@engine_options
+def run(experiment_file, data, cache_dir, out, weights, no_submit, no_progress, engine, ray_address,
+        ray_shared_data) -> None:
     """Run (or resume) every run of an experiment grid and rank them by validation log loss."""
+    from catsdogs.engine import engine_spec
     from catsdogs.experiment.spec import load_experiment
     from catsdogs.runs.runner import run_experiment
 
     experiment = load_experiment(experiment_file, data=data, output=out, cache_dir=cache_dir,
                                  weights=weights)
-    result = run_experiment(experiment, progress=not no_progress, submit=not no_submit, echo=click.echo)
+    compute = engine_spec(engine, ray_address, ray_shared_data, experiment.engine,
+                          experiment.ray_address)
+    result = run_experiment(experiment, progress=not no_progress, submit=not no_submit, echo=click.echo,
+                            engine=compute)
     click.echo(f"{result.computed} runs trained, {result.reused} reused -> {result.out_dir}")
     click.echo(f"leaderboard: {result.out_dir / 'leaderboard.csv'}, summary: {result.out_dir / 'summary.md'}")
     if result.submission is not None:
@@ -293,6 +318,27 @@ def cam_cmd(run_dir, grid, out, seed, backend) -> None:
     if skipped:
         sys.exit(1)
 
+# ------------------------------------------------------------------------------------ serve
+@cli.command("serve")
+@click.argument("model", metavar="RUN_OR_EXPORT", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              show_default=True, help="Largest photo accepted (bigger: HTTP 413).")
+@click.option("--max-files", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Most photos in one request.")
+@click.option("--concurrency", "--workers", "concurrency", type=click.IntRange(min=1), default=2,
+              show_default=True, help="Photos predicted at once (model copies, threads of one "
+                                      "process).")
+def serve_cmd(model, host, port, max_upload_mb, max_files, concurrency) -> None:
+    """Serve RUN_OR_EXPORT as a web page and an HTTP API (needs catsdogs[serve]). A run directory
+    without an export is exported to RUN/export (TFLite) first."""
+    from catsdogs.app.serve import Limits, serve
+
+    limits = Limits(max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_files=max_files)
+    serve(model, host, port, concurrency, limits, echo=click.echo)
+
+
 # ------------------------------------------------------------------------------------ audit
 @cli.command("audit")
 @click.argument("data_dir", type=click.Path(path_type=Path))
@@ -312,17 +358,25 @@ def cam_cmd(run_dir, grid, out, seed, backend) -> None:
 @click.option("--image-size", type=click.IntRange(min=1), default=None,
               help="Classifier input size [default: the backbone's own].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--label-issues", is_flag=True,
+              help="Also rank images by how likely their label is wrong (cleanlab on out-of-fold "
+                   "predictions of a logistic regression on cached features).")
+@click.option("--backbone", "label_backbone", default=None,
+              help="Features for --label-issues [default: the classifier's backbone].")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Feature cache for --label-issues [default: $CATSDOGS_CACHE_DIR or ~/.cache/catsdogs].")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print counts and files as JSON.")
 def audit_cmd(data_dir, out, classifier, top_k, min_side, write_exclude, weights, image_size,
-              batch_size, no_progress, as_json) -> None:
+              batch_size, label_issues, label_backbone, cache_dir, no_progress, as_json) -> None:
     """Flag suspicious training images of DATA_DIR (tiny, colour outliers, not a cat/dog to
     ImageNet, unreadable). Nothing is deleted."""
     from catsdogs.audit.checks import audit
 
     result = audit(data_dir, out, classifier=classifier, top_k=top_k, min_side=min_side,
                    weights=weights, image_size=image_size, batch_size=batch_size,
-                   write_exclude=write_exclude, progress=not no_progress)
+                   write_exclude=write_exclude, label_issues=label_issues,
+                   label_backbone=label_backbone, cache_dir=cache_dir, progress=not no_progress)
     n_train = sum(1 for a in result.images if a.label)
     if as_json:
         click.echo(json.dumps({
@@ -336,7 +390,9 @@ def audit_cmd(data_dir, out, classifier, top_k, min_side, write_exclude, weights
     counts = result.counts
     click.echo(f"{result.data_dir}: {n_train} training images audited with {result.classifier} "
                f"({result.weights}, top-{result.top_k}) in {result.seconds:.1f}s")
-    for check in ("tiny", "colour_outlier", "imagenet_mismatch", "unreadable", "any"):
+    shown = ("tiny", "colour_outlier", "imagenet_mismatch", "unreadable") + \
+        (("label_issue",) if label_issues else ()) + ("any",)
+    for check in shown:
         click.echo(f"  {check:<18} {counts[check]}")
     click.echo(f"report: {result.files['report']}, flagged: {result.files['csv']}")
     if "exclude" in result.files:

@@ -2,19 +2,31 @@
 
 Plugins are loaded lazily, once per process, the first time :func:`get_registry` is called:
 first the built-in modules in :data:`DEFAULT_PLUGINS`, then every entry point in the ``catsdogs``
-group. A plugin that fails to import or to register is reported on the ``catsdogs`` logger (plugin
-name and error) and skipped; with ``CATSDOGS_STRICT_PLUGINS=1`` the failure is raised instead.
-Two components of one kind with the same name are a conflict: the name becomes unusable and using
-it raises an error naming both plugins.
+group. A plugin that fails to import (any exception, ``SystemExit`` included; only
+``KeyboardInterrupt`` passes), implements a hook that does not exist (a misspelled
+``register_backbone``: pluggy's ``check_pending`` for that plugin) or fails to register is reported
+on the ``catsdogs`` logger (plugin name and error) and skipped; with ``CATSDOGS_STRICT_PLUGINS=1``
+the failure is raised instead. Two components of one kind with the same name are a conflict: the
+name becomes unusable and using it raises an error naming both plugins.
+
+``CATSDOGS_DISABLE_PLUGINS=name1,name2`` switches installed plugins off (pluggy's
+``set_blocked``): they are not imported and ``catsdogs plugins`` lists them as disabled.
+
+Plugin code runs with stdout redirected to stderr (Python's ``sys.stdout`` and file descriptor 1),
+so a plugin that prints while being imported cannot corrupt a ``--json`` command's output.
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import importlib
 import inspect
 import logging
 import os
+import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -48,6 +60,8 @@ class PluginInfo:
     module: str
     components: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
     error: str | None = None
+    #: switched off by ``CATSDOGS_DISABLE_PLUGINS`` (not imported)
+    disabled: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -57,6 +71,7 @@ class PluginInfo:
             "module": self.module,
             **{kind: list(names) for kind, names in self.components.items()},
             "error": self.error,
+            "disabled": self.disabled,
         }
 
 
@@ -116,6 +131,10 @@ class Registry:
         return [p for p in self.plugins if p.error]
 
     @property
+    def disabled(self) -> list[PluginInfo]:
+        return [p for p in self.plugins if p.disabled]
+
+    @property
     def conflicts(self) -> dict[str, dict[str, list[str]]]:
         return {k: dict(v) for k, v in self._conflicts.items() if v}
 
@@ -141,13 +160,25 @@ class Registry:
         return out
 
     # -- loading ----------------------------------------------------------------------------------
-    def load(self, strict: bool = False, entry_points: bool = True) -> Registry:
+    def load(self, strict: bool = False, entry_points: bool = True,
+             disabled: tuple[str, ...] | None = None) -> Registry:
+        """Load the built-in plugins, then the entry points; ``disabled`` (default: from
+        ``CATSDOGS_DISABLE_PLUGINS``) names plugins to leave out."""
+        disabled = disabled_from_env() if disabled is None else tuple(disabled)
+        for name in disabled:
+            self.pm.set_blocked(name)
         for module_name in DEFAULT_PLUGINS:
-            self._load_one(module_name, None, "builtin", lambda m=module_name: importlib.import_module(m), strict)
+            self._load_one(module_name, None, "builtin",
+                           lambda m=module_name: importlib.import_module(m), strict)
         if entry_points:
             for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
                 version = ep.dist.version if ep.dist is not None else None
                 self._load_one(ep.name, version, "entry point", ep.load, strict, module=ep.value)
+        known = [p.name for p in self.plugins]
+        for name in disabled:
+            if name not in known:
+                logger.warning("CATSDOGS_DISABLE_PLUGINS names %r, which is not installed%s; "
+                               "installed: %s", name, _suggest(name, known), ", ".join(known))
         return self
 
     def _fail(self, info: PluginInfo, message: str, strict: bool, exc: BaseException | None) -> None:
@@ -171,15 +202,26 @@ class Registry:
             module=module or name,
         )
         self.plugins.append(info)
+        if self.pm.is_blocked(name):
+            info.disabled = True
+            return
         try:
-            plugin = loader()
-        except Exception as exc:  # a broken third-party plugin must not take the tool down
+            with stdout_to_stderr():
+                plugin = loader()
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a broken plugin (even one calling sys.exit) is contained
             self._fail(info, f"import failed: {type(exc).__name__}: {exc}", strict, exc)
             return
         try:
             self.pm.register(plugin, name=name)
         except Exception as exc:  # e.g. the same module registered twice, or a bad hookimpl
             self._fail(info, f"registration failed: {type(exc).__name__}: {exc}", strict, exc)
+            return
+        unknown = self._unknown_hooks(plugin)
+        if unknown:
+            self.pm.unregister(name=name)
+            self._fail(info, "; ".join(unknown), strict, None)
             return
         # collect and validate everything first: a plugin registers all of its components or none
         collected: list[tuple[str, str, Any]] = []
@@ -190,8 +232,12 @@ class Registry:
                     continue
                 registered: list[Any] = []
                 try:
-                    impl.function(**{arg: registered.append for arg in impl.argnames})
-                except Exception as exc:
+                    with stdout_to_stderr():
+                        impl.function(**{arg: registered.append for arg in impl.argnames})
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as exc:
+                    self.pm.unregister(name=name)
                     self._fail(info, f"{hook_name} raised {type(exc).__name__}: {exc}", strict, exc)
                     return
                 for obj in registered:
@@ -202,6 +248,19 @@ class Registry:
                     collected.append((kind, obj.name, obj))
         for kind, comp_name, obj in collected:
             self._add(info, kind, comp_name, obj, strict)
+
+    def _unknown_hooks(self, plugin: Any) -> list[str]:
+        """pluggy's ``check_pending`` for one plugin: its hook implementations without a spec."""
+        problems = []
+        for caller in self.pm.get_hookcallers(plugin) or []:
+            if caller.spec is not None:
+                continue
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin and not impl.optionalhook:
+                    hooks = list(_HOOKS.values())
+                    problems.append(f"unknown hook {caller.name!r}{_suggest(caller.name, hooks)}; "
+                                    f"catsdogs hooks: {', '.join(hooks)}")
+        return problems
 
     def _add(self, info: PluginInfo, kind: str, name: str, obj: Any, strict: bool) -> None:
         info.components[kind].append(name)
@@ -241,12 +300,47 @@ def _problem(kind: str, obj: Any) -> str | None:
     return None
 
 
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to stdout inside the block to stderr.
+
+    Both ``sys.stdout`` and, where there is one, file descriptor 1 (so ``print`` and C-level writes
+    alike) are redirected; the JSON a command prints afterwards stays the only thing on stdout.
+    """
+    sys.stdout.flush()
+    saved: int | None = None
+    try:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no real descriptors (embedded interpreters): Python-level only
+        saved = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if saved is not None:
+            with contextlib.suppress(OSError):
+                os.dup2(saved, 1)
+            os.close(saved)
+
+
 _registry: Registry | None = None
 _lock = threading.Lock()
 
 
 def strict_from_env() -> bool:
     return os.environ.get("CATSDOGS_STRICT_PLUGINS", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def disabled_from_env() -> tuple[str, ...]:
+    """The plugin names listed in ``CATSDOGS_DISABLE_PLUGINS`` (comma-separated)."""
+    raw = os.environ.get("CATSDOGS_DISABLE_PLUGINS", "")
+    return tuple(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
 
 
 def get_registry() -> Registry:

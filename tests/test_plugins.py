@@ -218,3 +218,105 @@ def register_heads(register):
     info = next(p for p in reg.plugins if p.name == "half")
     assert "abstract" in info.error and "predict_proba" in info.error
     assert "tiny_cnn" not in reg.names("backbones")  # all or nothing
+
+
+# -- the closed plugin contract (issue 10 §1) -----------------------------------------------------
+MISSPELLED = '''
+from catsdogs.hookspecs import hookimpl
+from catsdogs_tiny import TinyCNN
+
+@hookimpl
+def register_backbone(register):  # the hook is register_backbones
+    register(TinyCNN())
+'''
+
+
+def test_a_misspelled_hook_is_a_plugin_failure(site, monkeypatch):
+    install_fake_dist(site, "catsdogs-tiny", "1.0", {"catsdogs_tiny": TINY_PLUGIN}, {})
+    install_fake_dist(site, "catsdogs-typo", "0.1", {"catsdogs_typo": MISSPELLED},
+                      {"typo": "catsdogs_typo"})
+    reg = _registry()
+    (info,) = [p for p in reg.plugins if p.name == "typo"]
+    assert "unknown hook 'register_backbone' (did you mean 'register_backbones'?)" in info.error
+    assert "typo" not in reg.pm.list_name_plugin() and "tiny_cnn" not in reg.names("backbones")
+    with pytest.raises(PluginError, match="typo.*unknown hook 'register_backbone'"):
+        _registry(strict=True)
+
+
+def test_catsdogs_hookimpl_is_the_public_marker(site):
+    import catsdogs
+    from catsdogs.hookspecs import hookimpl
+
+    assert catsdogs.hookimpl is hookimpl
+    source = TINY_PLUGIN.replace("from catsdogs.hookspecs import hookimpl", "import catsdogs")
+    source = source.replace("@hookimpl", "@catsdogs.hookimpl")
+    install_fake_dist(site, "catsdogs-tiny", "1.0", {"catsdogs_tiny": source}, {"tiny": "catsdogs_tiny"})
+    assert "tiny_cnn" in _registry().names("backbones")
+
+
+def test_disabled_plugins_are_not_loaded(site, monkeypatch):
+    install_fake_dist(site, "catsdogs-tiny", "1.0", {"catsdogs_tiny": TINY_PLUGIN}, {"tiny": "catsdogs_tiny"})
+    install_fake_dist(site, "catsdogs-broken", "0.1", {"catsdogs_broken": BROKEN_IMPORT},
+                      {"broken": "catsdogs_broken"})
+    monkeypatch.setenv("CATSDOGS_DISABLE_PLUGINS", "broken, catsdogs.builtin.stacking")
+    reg = _registry(strict=True)  # the broken plugin is never imported, so strict mode passes
+    assert [p.name for p in reg.disabled] == ["catsdogs.builtin.stacking", "broken"]
+    assert "lightgbm_stacking" not in reg.names("heads") and "tiny_cnn" in reg.names("backbones")
+    assert not reg.failures
+
+
+def test_cli_lists_disabled_plugins(site):
+    install_fake_dist(site, "catsdogs-tiny", "1.0", {"catsdogs_tiny": TINY_PLUGIN}, {"tiny": "catsdogs_tiny"})
+    env = {"PYTHONPATH": str(site), "CATSDOGS_DISABLE_PLUGINS": "tiny,tinny"}
+    proc = run_cli("plugins", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "tiny 1.0 (entry point)  DISABLED" in proc.stdout and "tiny_cnn" not in proc.stdout
+    assert "'tinny', which is not installed (did you mean 'tiny'?)" in proc.stderr
+    data = json.loads(run_cli("plugins", "--json", env=env, check=True).stdout)
+    (tiny,) = [p for p in data["plugins"] if p["name"] == "tiny"]
+    assert tiny["disabled"] is True and tiny["backbones"] == []
+    assert all(p["disabled"] is False for p in data["plugins"] if p["name"] != "tiny")
+
+
+# -- hardening: plugins must not break the tool (issue 9 items 14, 15) ----------------------------
+CHATTY = TINY_PLUGIN.replace("from catsdogs.components import Backbone", '''
+import os
+print("hello from a chatty plugin")
+os.write(1, b"raw bytes on fd 1\\n")
+from catsdogs.components import Backbone''').replace("    register(TinyCNN())", '''\
+    print("registering tiny_cnn")
+    register(TinyCNN())''')
+
+
+def test_item14_plugin_printing_at_import_keeps_json_stdout_clean(site):
+    install_fake_dist(site, "catsdogs-chatty", "1.0", {"catsdogs_chatty": CHATTY},
+                      {"chatty": "catsdogs_chatty"})
+    proc = run_cli("plugins", "--json", env={"PYTHONPATH": str(site)}, check=True)
+    data = json.loads(proc.stdout)  # nothing but the JSON on stdout
+    assert "tiny_cnn" in {b["name"] for b in data["backbones"]}
+    for text in ("hello from a chatty plugin", "raw bytes on fd 1", "registering tiny_cnn"):
+        assert text in proc.stderr
+
+
+EXITING = {
+    "exits": "import sys\nsys.exit(3)\n",
+    "exits0": "raise SystemExit(0)\n",
+    "custom": "class Boom(BaseException):\n    pass\nraise Boom('odd base exception')\n",
+    "hookexit": BROKEN_HOOK.replace('raise RuntimeError("registration exploded")', "raise SystemExit(4)"),
+}
+
+
+def test_item15_plugin_raising_systemexit_is_contained(site):
+    for name, source in EXITING.items():
+        install_fake_dist(site, f"catsdogs-{name}", "0.1", {f"catsdogs_{name}": source},
+                          {name: f"catsdogs_{name}"})
+    reg = _registry()
+    failed = {p.name: p.error for p in reg.failures}
+    assert set(failed) == set(EXITING)
+    assert "SystemExit: 3" in failed["exits"] and "Boom: odd base exception" in failed["custom"]
+    assert "register_heads raised SystemExit: 4" in failed["hookexit"]
+    proc = run_cli("plugins", env={"PYTHONPATH": str(site)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("FAILED") == 4 and "dropout_sigmoid" in proc.stdout
+    strict = run_cli("plugins", env={"PYTHONPATH": str(site), "CATSDOGS_STRICT_PLUGINS": "1"})
+    assert strict.returncode == 1 and "Error:" in strict.stderr and "Traceback" not in strict.stderr
