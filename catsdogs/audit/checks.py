@@ -302,7 +302,7 @@ def audit(
     the backbone's own. With ``out`` the CSVs, plots and ``report.md`` are written there;
     ``write_exclude`` writes the exclude list. ``label_issues`` also runs the label-issue finder
     on the cached features (``cache_dir``) of ``label_backbone`` (default: the classifier's
-    backbone, same weights and size). Nothing in ``data_dir`` is changed.
+    backbone; same weights, and ``image_size`` if given). Nothing in ``data_dir`` is changed.
     """
     from tqdm.auto import tqdm
 
@@ -381,7 +381,7 @@ def audit(
 
     if label_issues:
         _mark_label_issues(audits, ds.root, label_backbone or backbone.name, weights,
-                           None if label_backbone else size, cache_dir, progress, registry)
+                           image_size, cache_dir, progress, registry)
 
     for relpath, reason in ds.ignored:
         audits.append(ImageAudit(relpath, "", unreadable=True, reason=f"ignored by the reader: {reason}"))
