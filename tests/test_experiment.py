@@ -454,10 +454,10 @@ heads:
     ("precision int8 typo", BASE + "precision: int9  #!\n", "precision",
      "unknown precision 'int9' (did you mean 'int8'?); choose one of: float32, bfloat16, int8"),
     ("calibration_size bound", BASE + "calibration_size: 0  #!\n", "calibration_size",
-     "must be an integer in 1..100000, got 0"),
+     "must be an integer >= 1, got 0"),
     ("calibration_size per backbone", BASE.replace(
         "[resnet50, xception]", "[resnet50, {name: xception, calibration_size: 1000001}]  #!"),
-     "backbones[1].calibration_size", "must be an integer in 1..100000"),
+     "backbones[1].calibration_size", "must be at most 100000, got 1000001"),
     ("postprocess", BASE + "postprocess: temprature  #!\n", "postprocess",
      "unknown postprocess 'temprature' (did you mean 'temperature'?)"),
     ("refit", BASE + "refit: yes please  #!\n", "refit", "must be true or false"),
@@ -568,3 +568,94 @@ tracking: {backend: mlflow, uri: http://127.0.0.1:5000}
     for a, b in zip(plan_runs(plain), plan_runs(fancy), strict=True):
         assert _short_hash(_settings(a, plain, keys, "s"), 16) == \
             _short_hash(_settings(b, fancy, keys, "s"), 16)
+
+
+# -- hardening (issue 9 items 5, 7, 9, 12) ----------------------------------------------------------
+@pytest.mark.parametrize("text, field, fragment", [
+    (BASE + "epochs: 1000000000000  #!\n", "epochs", "must be at most 10000, got 1000000000000"),
+    (BASE + "batch_size: 10000000  #!\n", "batch_size", "must be at most 65536"),
+    (BASE + "validation: {kfold: 100000}  #!\n", "validation.kfold", "must be at most 100"),
+    (BASE + "tuning: {budget: 99999999}  #!\n", "tuning.budget", "must be at most 10000"),
+    (BASE + "ensemble: {top: 5000}  #!\n", "ensemble.top", "must be at most 1000"),
+    (BASE.replace("[resnet50, xception]", "[resnet50, {name: xception, image_size: 100000}]  #!"),
+     "backbones[1].image_size", "must be at most 4096 (pixels), got 100000"),
+    (BASE.replace("optimizers: [adam]", "optimizers: [{name: adam, learning_rate: 1e9}]  #!"),
+     "optimizers[0].learning_rate", "must be a number > 0 and <= 1000"),
+    # item 12: a seed NumPy cannot take is one clear error, not a traceback later
+    (BASE + "seed: 4294967296  #!\n", "seed", "must be at most 4294967295, got 4294967296"),
+    (BASE + "seed: 99999999999999999999999  #!\n", "seed", "must be at most 4294967295"),
+], ids=["epochs", "batch_size", "kfold", "budget", "ensemble", "image_size", "learning_rate",
+        "seed 2**32", "seed huge"])
+def test_item9_item12_numbers_have_sane_upper_bounds(tmp_path, text, field, fragment):
+    err = load_error(tmp_path, text)
+    assert str(err).startswith(f"{tmp_path / 'exp.yaml'}:{marked_line(text)}: {field}: "), str(err)
+    assert fragment in str(err)
+
+
+def test_item12_largest_seed_is_accepted(tmp_path):
+    assert load_experiment(write(tmp_path, BASE + "seed: 4294967295\n")).seed == 2**32 - 1
+
+
+def test_item12_seed_cli_is_one_error_line(tmp_path):
+    from conftest import run_cli
+
+    path = write(tmp_path, BASE + "seed: 4294967296\n")
+    proc = run_cli("run", str(path), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("Error: ") and "seed: must be at most 4294967295" in proc.stderr
+
+
+def test_item7_alias_bomb_is_refused_fast(tmp_path):
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 13)]
+    text = BASE + "\n".join(levels) + "\n"  # 10**13 nodes once expanded: only a guard returns
+    err = load_error(tmp_path, text)
+    assert "expands to more than 100000 YAML nodes" in str(err)
+    # anchors and aliases within reason still work
+    ok = BASE.replace("optimizers: [adam]", "optimizers: &opts [adam]") + "x_opts: *opts\n"
+    with pytest.raises(ExperimentError, match="x_opts: unknown field"):
+        load_experiment(write(tmp_path, ok))
+
+
+def test_item5_exclude_file_is_recorded_by_digest(tmp_path):
+    import hashlib
+
+    (tmp_path / "audit").mkdir()
+    listing = "# flagged by the audit\ntrain/cat.1.jpg\n\ntrain/dog.2.jpg\ntrain/cat.1.jpg\n"
+    (tmp_path / "audit" / "exclude.txt").write_text(listing)
+    exp = load_experiment(write(tmp_path, BASE + "exclude: audit/exclude.txt\n"))
+    assert exp.exclude == ["train/cat.1.jpg", "train/dog.2.jpg"]
+    summary = exp.to_dict()["exclude"]
+    assert summary == {"file": str(tmp_path / "audit" / "exclude.txt"), "entries": 2,
+                       "sha256": hashlib.sha256(listing.encode()).hexdigest()}
+    assert "flagged" not in json.dumps(exp.to_dict())  # the content is not copied
+    assert exp.match_exclude(["train/dog.2.jpg", "train/dog.3.jpg"]) == (
+        ["train/dog.2.jpg"], ["train/cat.1.jpg"])
+    inline = load_experiment(write(tmp_path, BASE + "exclude: [train/cat.1.jpg]\n"))
+    assert inline.to_dict()["exclude"] == ["train/cat.1.jpg"]
+
+
+@pytest.mark.slow
+def test_item5_unmatched_exclude_entries_are_reported(tmp_path, caplog):
+    import logging
+
+    import yaml
+    from conftest import make_kaggle
+
+    from catsdogs.runs.runner import run_experiment
+
+    data = make_kaggle(tmp_path / "data", n_per_class=8, n_test=2)
+    train = sorted(p.name for p in (data / "train").iterdir())
+    (tmp_path / "exclude.txt").write_text(f"train/{train[0]}\ntrain/no-such.jpg\ntrain/Cat.1.JPG\n")
+    doc = {"data": str(data), "weights": "none", "backbones": [{"name": "resnet50", "image_size": 32}],
+           "heads": ["dropout_sigmoid"], "optimizers": ["adam"], "epochs": 1, "batch_size": 8,
+           "exclude": "exclude.txt", "output": str(tmp_path / "out"),
+           "cache_dir": str(tmp_path / "cache")}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(doc))
+    with caplog.at_level(logging.WARNING, logger="catsdogs"):
+        run_experiment(load_experiment(tmp_path / "exp.yaml"), progress=False)
+    assert "2 of 3 entries match no training image" in caplog.text
+    assert "train/no-such.jpg, train/Cat.1.JPG" in caplog.text
+    recorded = json.loads((tmp_path / "out" / "experiment.json").read_text())
+    assert recorded["exclude_matched"] == [f"train/{train[0]}"]
+    assert recorded["exclude"]["entries"] == 3 and len(recorded["exclude"]["sha256"]) == 64

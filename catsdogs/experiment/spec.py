@@ -78,11 +78,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import itertools
 import math
 import numbers
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -90,6 +92,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from catsdogs.errors import ConfigError, PluginError
+from catsdogs.validation import SEED_MAX, is_int
 
 if TYPE_CHECKING:  # pragma: no cover
     from catsdogs.plugins import Registry
@@ -142,7 +145,17 @@ DEFAULT_WEIGHTS = "imagenet"
 DEFAULT_PRECISION = "float32"
 DEFAULT_RESIZE = "squash"
 DEFAULT_CALIBRATION_SIZE = 300
+#: sane upper bounds: a typo such as ``epochs: 1000000000000`` is an error, not a week of work
 MAX_CALIBRATION_SIZE = 100_000
+MAX_EPOCHS = 10_000
+MAX_BATCH_SIZE = 65_536
+MAX_FOLDS = 100
+MAX_BUDGET = 10_000
+MAX_ENSEMBLE = 1_000
+MAX_IMAGE_SIZE = 4_096
+MAX_LEARNING_RATE = 1_000.0
+#: YAML nodes a document may expand to (aliases included): a guard against alias bombs
+MAX_YAML_NODES = 100_000
 
 
 class ExperimentError(ConfigError):
@@ -271,6 +284,9 @@ class Experiment:
     tta: bool = False
     exclude: list[str] = field(default_factory=list)
     cache_dir: Path | None = None
+    #: the exclude list's file (when ``exclude:`` named one) and its SHA-256, for the run records
+    exclude_file: Path | None = None
+    exclude_sha256: str | None = None
     engine: str = "local"
     ray_address: str | None = None
     postprocess: str = "auto"
@@ -301,6 +317,20 @@ class Experiment:
                 return spec
         raise KeyError(name)
 
+    def exclude_summary(self) -> list[str] | dict[str, Any]:
+        """The exclude list as recorded: the entries given in the experiment file, or for an
+        exclude *file* its path, SHA-256 and entry count (not its whole content)."""
+        if self.exclude_file is None:
+            return list(self.exclude)
+        return {"file": str(self.exclude_file), "sha256": self.exclude_sha256,
+                "entries": len(self.exclude)}
+
+    def match_exclude(self, files: Iterable[str]) -> tuple[list[str], list[str]]:
+        """``(matched, unmatched)``: the exclude entries that are / are not among ``files``."""
+        present = set(files)
+        matched = [e for e in self.exclude if e in present]
+        return matched, [e for e in self.exclude if e not in present]
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable description (paths as strings), for run records."""
         return {
@@ -320,7 +350,7 @@ class Experiment:
             "output": str(self.output),
             "tuning": None if self.tuning is None else self.tuning.to_dict(),
             "tta": self.tta,
-            "exclude": list(self.exclude),
+            "exclude": self.exclude_summary(),
             "cache_dir": None if self.cache_dir is None else str(self.cache_dir),
             "engine": self.engine,
             "ray_address": self.ray_address,
@@ -390,8 +420,7 @@ def _absolute(path: Path) -> Path:
     return Path(os.path.abspath(os.path.expanduser(str(path))))
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+_is_int = is_int
 
 
 def _as_float(value: Any) -> float | None:
@@ -434,6 +463,39 @@ def _json_compatible(value: Any) -> bool:
     if isinstance(value, dict):
         return all(isinstance(k, str) and _json_compatible(v) for k, v in value.items())
     return False
+
+
+def _expanded_size(node: yaml.Node, limit: int) -> int:
+    """How many nodes ``node`` becomes once every alias is expanded (stops counting past ``limit``).
+
+    Each distinct node is sized once (memoised by identity), so a billion-laughs document of a few
+    hundred bytes is measured in microseconds instead of being expanded.
+    """
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(n: yaml.Node) -> int:
+        key = id(n)
+        if key in sizes:
+            return sizes[key]
+        if key in active:  # a recursive alias: counted once
+            return 1
+        active.add(key)
+        total = 1
+        children: list[yaml.Node] = []
+        if isinstance(n, yaml.MappingNode):
+            children = [c for pair in n.value for c in pair]
+        elif isinstance(n, yaml.SequenceNode):
+            children = list(n.value)
+        for child in children:
+            total += size(child)
+            if total > limit:
+                break
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(node)
 
 
 def _index_lines(node: yaml.Node, path: str, lines: dict[str, int],
@@ -528,11 +590,11 @@ class _Parser:
             raise self.error(path, f"must be {what}, got {_type_name(value)}")
         return value.strip()
 
-    def integer(self, value: Any, path: str, minimum: int, maximum: int | None = None) -> int:
-        if not _is_int(value) or value < minimum or (maximum is not None and value > maximum):
-            what = f"an integer >= {minimum}" if maximum is None else \
-                f"an integer in {minimum}..{maximum}"
-            raise self.error(path, f"must be {what}, got {_type_name(value)}")
+    def integer(self, value: Any, path: str, minimum: int, maximum: int) -> int:
+        if not _is_int(value) or value < minimum:
+            raise self.error(path, f"must be an integer >= {minimum}, got {_type_name(value)}")
+        if value > maximum:
+            raise self.error(path, f"must be at most {maximum}, got {value}")
         return int(value)
 
     def number(self, value: Any, path: str, what: str) -> float:
@@ -575,6 +637,11 @@ class _Parser:
             node = loader.get_single_node()
             if node is None:
                 return None
+            if _expanded_size(node, MAX_YAML_NODES) > MAX_YAML_NODES:
+                raise ExperimentError(
+                    f"{self.source}: the document expands to more than {MAX_YAML_NODES} YAML nodes "
+                    "(nested anchors and aliases?); an experiment file is far smaller",
+                    source=self.source)
             duplicates: list[tuple[str, int, int]] = []
             self.lines[""] = node.start_mark.line + 1
             _index_lines(node, "", self.lines, duplicates, set())
@@ -654,9 +721,9 @@ class _Parser:
             value = doc.get(key, _MISSING)
             return default if value is _MISSING else value
 
-        epochs = self.integer(opt("epochs", 8), "epochs", 1)
-        batch_size = self.integer(opt("batch_size", 128), "batch_size", 1)
-        seed = self.integer(opt("seed", 2019), "seed", 0)
+        epochs = self.integer(opt("epochs", 8), "epochs", 1, MAX_EPOCHS)
+        batch_size = self.integer(opt("batch_size", 128), "batch_size", 1, MAX_BATCH_SIZE)
+        seed = self.integer(opt("seed", 2019), "seed", 0, SEED_MAX)
         validation = self.parse_validation(doc.get("validation"))
         clip = self.parse_clip(opt("clip", [0.005, 0.995]))
         target = self.number(opt("target", 0.06127), "target", "a number > 0")
@@ -666,7 +733,7 @@ class _Parser:
         tta = opt("tta", False)
         if not isinstance(tta, bool):
             raise self.error("tta", f"must be true or false, got {_type_name(tta)}")
-        exclude = self.parse_exclude(doc.get("exclude"))
+        exclude, exclude_file, exclude_sha256 = self.parse_exclude(doc.get("exclude"))
         engine = self.choice(opt("engine", "local"), "engine", ENGINES, "engine")
         ray_address = doc.get("ray_address")
         if ray_address is not None:
@@ -685,6 +752,7 @@ class _Parser:
             combinations=combinations, heads=heads, optimizers=optimizers, epochs=epochs,
             batch_size=batch_size, seed=seed, validation=validation, clip=clip, target=target,
             output=output_path, tuning=tuning, tta=tta, exclude=exclude, cache_dir=cache_path,
+            exclude_file=exclude_file, exclude_sha256=exclude_sha256,
             engine=engine, ray_address=ray_address, postprocess=postprocess, refit=refit,
             ensemble=ensemble, tracking=tracking,
         )
@@ -760,6 +828,8 @@ class _Parser:
             if size is not None:
                 if not _is_int(size):
                     raise self.error(spath, f"must be an integer (pixels), got {_type_name(size)}")
+                if size > MAX_IMAGE_SIZE:
+                    raise self.error(spath, f"must be at most {MAX_IMAGE_SIZE} (pixels), got {size}")
                 try:
                     backbone.check_image_size(size)
                 except ConfigError as exc:
@@ -893,10 +963,11 @@ class _Parser:
                 name = self.string(item["name"], f"{p}.name", "an optimizer name")
                 self.component("optimizers", name, f"{p}.name")
                 if item.get("learning_rate") is not None:
-                    lr = self.number(item["learning_rate"], f"{p}.learning_rate", "a number > 0")
-                    if lr <= 0:
+                    what = f"a number > 0 and <= {MAX_LEARNING_RATE:g}"
+                    lr = self.number(item["learning_rate"], f"{p}.learning_rate", what)
+                    if not 0 < lr <= MAX_LEARNING_RATE:
                         raise self.error(f"{p}.learning_rate",
-                                         f"must be a number > 0, got {item['learning_rate']!r}")
+                                         f"must be {what}, got {item['learning_rate']!r}")
             else:
                 name = self.string(item, p, "an optimizer name or a mapping with 'name'")
                 self.component("optimizers", name, p)
@@ -924,7 +995,7 @@ class _Parser:
             if not 0 < frac < 1:
                 raise self.error("validation.holdout", f"must be {what}, got {raw['holdout']!r}")
             return Validation(kind="holdout", holdout=frac)
-        folds = self.integer(raw["kfold"], "validation.kfold", 2)
+        folds = self.integer(raw["kfold"], "validation.kfold", 2, MAX_FOLDS)
         return Validation(kind="kfold", folds=folds)
 
     def parse_clip(self, raw: Any) -> tuple[float, float]:
@@ -945,7 +1016,7 @@ class _Parser:
         self.mapping(raw, "tuning", TUNING_FIELDS, "a mapping {budget: TRIALS, params: [...]}")
         if raw.get("budget") is None:
             raise self.error("tuning", "missing field 'budget' (the number of trials, >= 1)")
-        budget = self.integer(raw["budget"], "tuning.budget", 1)
+        budget = self.integer(raw["budget"], "tuning.budget", 1, MAX_BUDGET)
         params = raw.get("params")
         if params is None:
             return Tuning(budget=budget)
@@ -971,7 +1042,7 @@ class _Parser:
         if raw is None:
             return None
         self.mapping(raw, "ensemble", ENSEMBLE_FIELDS, "a mapping {top: RUNS, method: mean | stack}")
-        top = self.integer(raw.get("top", 3), "ensemble.top", 2)
+        top = self.integer(raw.get("top", 3), "ensemble.top", 2, MAX_ENSEMBLE)
         method = self.choice(raw.get("method", "mean"), "ensemble.method", ENSEMBLE_METHODS,
                              "ensemble method")
         return Ensemble(top=top, method=method)
@@ -993,10 +1064,13 @@ class _Parser:
             raise self.error("tracking.required", f"must be true or false, got {_type_name(required)}")
         return Tracking(backend=backend, uri=uri, required=required)
 
-    def parse_exclude(self, raw: Any) -> list[str]:
+    def parse_exclude(self, raw: Any) -> tuple[list[str], Path | None, str | None]:
+        """The entries, and for an exclude file its path and SHA-256."""
         if raw is None:
-            return []
+            return [], None, None
         entries: list[tuple[str, str]] = []  # (relative path, where it came from)
+        list_path: Path | None = None
+        digest: str | None = None
         if isinstance(raw, str):
             list_path = self.path(raw, "exclude", self.base_dir)
             if not list_path.is_file():
@@ -1004,7 +1078,9 @@ class _Parser:
                                             "with one relative image path per line, or give a "
                                             "list of paths)")
             try:
-                text = list_path.read_text(encoding="utf-8")
+                content = list_path.read_bytes()
+                digest = hashlib.sha256(content).hexdigest()
+                text = content.decode("utf-8")
             except (OSError, UnicodeDecodeError) as exc:
                 raise self.error("exclude", f"cannot read exclude list {str(list_path)!r}: {exc}") from None
             for k, line in enumerate(text.splitlines(), 1):
@@ -1033,4 +1109,4 @@ class _Parser:
                 raise self.error("exclude", f"{where}: {message}")
             if rel not in result:
                 result.append(rel)
-        return result
+        return result, list_path, digest
