@@ -584,8 +584,11 @@ tracking: {backend: mlflow, uri: http://127.0.0.1:5000}
     # item 12: a seed NumPy cannot take is one clear error, not a traceback later
     (BASE + "seed: 4294967296  #!\n", "seed", "must be at most 4294967295, got 4294967296"),
     (BASE + "seed: 99999999999999999999999  #!\n", "seed", "must be at most 4294967295"),
+    (BASE.replace("heads: [dropout_sigmoid]",
+                  "heads: [{name: lightgbm_stacking, params: {folds: 100000}}]  #!"),
+     "heads[0].params", "folds must be an integer >= 2 and <= 100, got 100000"),
 ], ids=["epochs", "batch_size", "kfold", "budget", "ensemble", "image_size", "learning_rate",
-        "seed 2**32", "seed huge"])
+        "seed 2**32", "seed huge", "head params"])
 def test_item9_item12_numbers_have_sane_upper_bounds(tmp_path, text, field, fragment):
     err = load_error(tmp_path, text)
     assert str(err).startswith(f"{tmp_path / 'exp.yaml'}:{marked_line(text)}: {field}: "), str(err)

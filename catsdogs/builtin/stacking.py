@@ -180,20 +180,20 @@ class LightGBMStackingHead(Head):
             raise ConfigError(f"{p}: base_head cannot be {self.name!r} itself")
         if self.base_params is not None and not isinstance(self.base_params, dict):
             raise ConfigError(f"{p}: base_params must be a dict or None, got {self.base_params!r}")
-        check_int(self.folds, f"{p}: folds", minimum=2)
-        check_int(self.n_estimators, f"{p}: n_estimators")
+        check_int(self.folds, f"{p}: folds", minimum=2, maximum=100)
+        check_int(self.n_estimators, f"{p}: n_estimators", maximum=100_000)
         check_real(self.gbm_learning_rate, f"{p}: gbm_learning_rate", 0.0)
         if self.gbm_learning_rate <= 0:
             raise ConfigError(f"{p}: gbm_learning_rate must be > 0, got {self.gbm_learning_rate!r}")
-        check_int(self.num_leaves, f"{p}: num_leaves", minimum=2)
-        check_int(self.min_child_samples, f"{p}: min_child_samples")
+        check_int(self.num_leaves, f"{p}: num_leaves", minimum=2, maximum=131_072)  # LightGBM's cap
+        check_int(self.min_child_samples, f"{p}: min_child_samples", maximum=1_000_000)
         check_real(self.subsample, f"{p}: subsample", 0.0, 1.0, high_inclusive=True)
         if self.subsample <= 0:
             raise ConfigError(f"{p}: subsample must be > 0, got {self.subsample!r}")
         check_real(self.reg_lambda, f"{p}: reg_lambda", 0.0)
         if self.early_stopping_rounds is not None:
-            check_int(self.early_stopping_rounds, f"{p}: early_stopping_rounds")
-        check_int(self.n_jobs, f"{p}: n_jobs")
+            check_int(self.early_stopping_rounds, f"{p}: early_stopping_rounds", maximum=100_000)
+        check_int(self.n_jobs, f"{p}: n_jobs", maximum=1024)
 
     @classmethod
     def search_space(cls, hp: Any) -> None:
