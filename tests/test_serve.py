@@ -1,0 +1,199 @@
+"""``catsdogs serve`` over real HTTP: a real tiny exported model, the server in a subprocess on
+127.0.0.1, httpx as the client (the browser test is test_serve_browser.py)."""
+
+import base64
+import io
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("python_multipart")
+httpx = pytest.importorskip("httpx")
+
+from serve_fixtures import SAMPLE_TEST, Server, bomb_png, build_run, gradient_png  # noqa: E402
+
+pytestmark = [pytest.mark.serve]
+
+MAX_MB = 1
+MAX_FILES = 4
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return build_run(tmp_path_factory.getbasetemp() / "serve-run")
+
+
+@pytest.fixture(scope="module")
+def server(run_dir, tmp_path_factory):
+    srv = Server(run_dir, tmp_path_factory.mktemp("serve") / "server.log", "--max-upload-mb",
+                 str(MAX_MB), "--max-files", str(MAX_FILES), "--concurrency", "2")
+    yield srv
+    srv.stop()
+
+
+def photos(n: int):
+    paths = sorted(SAMPLE_TEST.glob("*.jpg"), key=lambda p: int(p.stem))[:n]
+    assert len(paths) == n, f"{SAMPLE_TEST} should hold the bundled sample photos"
+    return paths
+
+
+def post(server, files, **params):
+    return httpx.post(server.url + "/api/predict", files=files, params=params, timeout=60)
+
+
+def test_serves_a_run_through_its_tflite_export(server, run_dir):
+    health = httpx.get(server.url + "/healthz", timeout=10).json()
+    assert health["status"] == "ok"
+    assert health["model"] == str(run_dir / "export")  # exported on the fly
+    assert (run_dir / "export" / "model.tflite").is_file()
+    assert (run_dir / "export" / "cam.tflite").is_file()
+    assert health["backend"] == "tflite" and health["cam"] is True and health["neither"] is True
+    assert health["limits"] == {"max_upload_mb": MAX_MB, "max_files": MAX_FILES}
+    assert health["tensorflow_loaded"] is False
+
+
+def test_model_pages_show_the_manifest(server, run_dir):
+    record = json.loads((run_dir / "record.json").read_text())
+    page = httpx.get(server.url + "/model", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert record["run_id"] in page.text and "resnet50" in page.text
+    assert f"{record['metrics']['logloss']:.4f}" in page.text
+    assert "exported" in page.text and "model.tflite" in page.text
+    manifest = httpx.get(server.url + "/api/model", timeout=10).json()
+    assert [b["name"] for b in manifest["backbones"]] == ["resnet50"]
+    assert manifest["metrics"]["logloss"] == record["metrics"]["logloss"]
+    assert manifest["exported_at"].startswith("20")
+    index = httpx.get(server.url + "/", timeout=10)
+    assert index.status_code == 200 and 'id="picker"' in index.text
+    assert httpx.get(server.url + "/static/app.js", timeout=10).status_code == 200
+
+
+def test_predict_gives_the_cli_json(server, run_dir):
+    photo = photos(1)[0]
+    cli = subprocess.run([sys.executable, "-m", "catsdogs", "predict", str(photo), "--model",
+                          str(run_dir / "export"), "--json"], capture_output=True, text=True,
+                         timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    expected = json.loads(cli.stdout)[0]
+    response = post(server, [("file", (photo.name, photo.read_bytes(), "image/jpeg"))])
+    assert response.status_code == 200
+    [row] = response.json()
+    assert set(row) == set(expected) | {"cam"}
+    assert row["file"] == photo.name
+    for key in ("label", "neither", "error"):
+        assert row[key] == expected[key]
+    for key in ("p_dog", "confidence", "neither_score", "neither_threshold"):
+        assert row[key] == pytest.approx(expected[key], abs=1e-6)
+    assert row["cam"].startswith("data:image/jpeg;base64,")
+    from PIL import Image
+
+    cam = Image.open(io.BytesIO(base64.b64decode(row["cam"].split(",", 1)[1])))
+    assert cam.format == "JPEG"
+    assert max(cam.size) == min(480, max(Image.open(photo).size))  # drawn over the photo
+    no_cam = post(server, [("file", (photo.name, photo.read_bytes()))], cam="false").json()[0]
+    assert "cam" not in no_cam and no_cam["p_dog"] == row["p_dog"]
+
+
+def test_several_files_answer_in_order_with_per_file_errors(server):
+    a, b = photos(2)
+    files = [("file", (a.name, a.read_bytes())), ("file", ("notes.jpg", b"just some text\n")),
+             ("file", (b.name, b.read_bytes())), ("file", ("gradient.png", gradient_png()))]
+    response = post(server, files, cam="false")
+    assert response.status_code == 200
+    rows = response.json()
+    assert [r["file"] for r in rows] == [a.name, "notes.jpg", b.name, "gradient.png"]
+    assert rows[1]["error"] == "not an image (text)" and rows[1]["p_dog"] is None
+    for row in (rows[0], rows[2], rows[3]):
+        assert row["error"] is None and row["label"] in ("cat", "dog")
+        assert 0.0 <= row["p_dog"] <= 1.0 and row["confidence"] >= 0.5
+        assert row["neither"] == (row["neither_score"] > row["neither_threshold"])
+
+
+def truncated_jpeg() -> bytes:
+    data = photos(1)[0].read_bytes()
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("files, status, detail", [
+    ([("file", ("page.jpg", b"<!doctype html><html><body>404</body></html>"))], 415,
+     "page.jpg: not an image (an HTML/XML document)"),
+    ([("file", ("empty.jpg", b""))], 422, "empty.jpg: empty file (0 bytes)"),
+    ([("file", ("half.jpg", truncated_jpeg()))], 422, "half.jpg: "),
+    ([("file", ("bomb.png", bomb_png()))], 422, "bomb.png: refused"),
+    ([("file", ("big.jpg", b"\xff" * (MAX_MB * 2**20 + 1)))], 413,
+     "big.jpg: larger than the upload limit of 1 MB"),
+    ([("file", (f"{i}.jpg", b"x")) for i in range(MAX_FILES + 1)], 413,
+     f"too many files: at most {MAX_FILES} per request"),
+    ([("file", ("huge.jpg", b"\0" * (MAX_FILES * (MAX_MB * 2**20 + 16384) + 1)))], 413,
+     "request body of "),
+    ([("photo", ("cat.jpg", b"x"))], 422, "no photo: send one or more multipart fields named `file`"),
+], ids=["not-an-image", "empty", "truncated", "bomb", "over-size", "too-many", "body-too-big",
+        "no-file-field"])
+def test_bad_uploads_get_a_clear_http_error(server, files, status, detail):
+    response = post(server, files)
+    assert response.status_code == status, response.text
+    assert response.json()["detail"].startswith(detail)
+
+
+def test_a_body_that_is_not_a_form_gets_415(server):
+    response = httpx.post(server.url + "/api/predict", content=b"\xff\xd8\xff",
+                          headers={"content-type": "image/jpeg"}, timeout=30)
+    assert response.status_code == 415
+    assert "multipart/form-data" in response.json()["detail"]
+    broken = httpx.post(server.url + "/api/predict", content=b"--xyz\r\nnonsense",
+                        headers={"content-type": "multipart/form-data; boundary=abc"}, timeout=30)
+    assert broken.status_code in (400, 422), broken.text
+
+
+def test_load_200_requests_at_concurrency_8(server):
+    """Every answer checked against a sequential pass; p50/p95 printed (no timed assertion)."""
+    pool = photos(8)
+    expected = {p.name: post(server, [("file", (p.name, p.read_bytes()))], cam="false").json()[0]
+                for p in pool}
+    payloads = [(p.name, p.read_bytes()) for p in pool]
+
+    def one(i: int):
+        name, data = payloads[i % len(payloads)]
+        start = time.perf_counter()
+        response = post(server, [("file", (name, data))], cam="true" if i % 4 == 0 else "false")
+        return i, name, response, time.perf_counter() - start
+
+    with ThreadPoolExecutor(max_workers=8) as executor:
+        t0 = time.perf_counter()
+        answers = list(executor.map(one, range(200)))
+        wall = time.perf_counter() - t0
+    latencies = []
+    for i, name, response, seconds in answers:
+        assert response.status_code == 200, f"request {i}: {response.status_code} {response.text}"
+        [row] = response.json()
+        assert row["file"] == name and row["label"] == expected[name]["label"]
+        assert row["p_dog"] == pytest.approx(expected[name]["p_dog"], abs=1e-6)
+        assert ("cam" in row) == (i % 4 == 0)
+        latencies.append(seconds)
+    p50, p95 = np.percentile(latencies, [50, 95])
+    print(f"\nload test: 200 requests at concurrency 8 (server --concurrency 2): "
+          f"p50 {1000 * p50:.1f} ms, p95 {1000 * p95:.1f} ms, {200 / wall:.1f} requests/s")
+    health = httpx.get(server.url + "/healthz", timeout=10).json()
+    assert health["requests"] >= 200 + len(pool)
+
+
+def test_no_tensorflow_and_no_500_after_all_requests(server):
+    health = httpx.get(server.url + "/healthz", timeout=10).json()
+    assert health["requests"] > 0 and health["tensorflow_loaded"] is False
+    log = server.log.read_text(errors="replace")
+    assert '" 200 OK' in log and '" 413 ' in log
+    assert '" 500 ' not in log and "Traceback" not in log
+
+
+def test_serve_refuses_a_directory_that_is_no_model(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "catsdogs", "serve", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "neither an export directory (export.json) nor a finished run" in proc.stderr
