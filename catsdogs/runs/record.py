@@ -155,6 +155,8 @@ class RunRecord(_Part):
     record_version: int = RECORD_VERSION
     #: feature keys of every backbone the runner aligned rows on (not just this combination's)
     aligned_on: dict[str, dict[str, str]] | None = None
+    #: where it was computed when not in this process: {"name": "ray", "node_id": ...}
+    engine: dict[str, Any] | None = None
     #: keys this version does not know, kept and written back
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
     #: computed per call against the data's test labels; not stored in record.json
