@@ -203,3 +203,63 @@ def test_mini_data_through_the_cli(mini, tmp_path):
     scored = json.loads(run_cli("score", str(sub), "--labels", str(mini / "test_labels.csv"), "--json",
                                 check=True).stdout)
     assert scored["n"] == 300 and 0 < scored["logloss"] < 5
+
+
+# ------------------------------------------------------------------------------------ hardening
+# Issue 9 items 4 (stale "under target" in summary.md) and 16 (two runs on one --out at once).
+
+def _summary_under(out) -> tuple[int, int]:
+    """(runs the summary says are under the target, ✓ marks in its table)."""
+    import re
+
+    text = (out / "summary.md").read_text()
+    said = int(re.search(r"(\d+) runs under it", text).group(1))
+    ticks = sum(1 for line in text.splitlines() if line.startswith("| ") and "| ✓ |" in line)
+    return said, ticks
+
+
+def test_summary_follows_the_current_target_for_reused_runs(tmp_path, data):
+    """Issue 9 item 4: reused records kept the old target's "under target" in summary.md."""
+    exp = _write(tmp_path, "t", combinations=[["resnet50"]], optimizers=["adam"], epochs=1,
+                 target=10.0)
+    first = run_experiment(load_experiment(exp), progress=False, submit=False)
+    assert first.computed == 1 and _summary_under(first.out_dir) == (1, 1)
+    exp = _write(tmp_path, "t", combinations=[["resnet50"]], optimizers=["adam"], epochs=1,
+                 target=1e-9)
+    again = run_experiment(load_experiment(exp), progress=False, submit=False)
+    assert again.reused == 1 and again.computed == 0
+    board = pd.read_csv(again.out_dir / "leaderboard.csv")
+    assert board["under_target"].tolist() == [False]
+    assert _summary_under(again.out_dir) == (0, 0)  # was (1, 1): the earlier call's target
+    assert again.winner.under_target is False and again.winner.target == 1e-9
+
+
+def test_second_run_on_the_same_out_fails_naming_the_first(tmp_path, data):
+    """Issue 9 item 16: the output directory is locked; a second `catsdogs run` on it fails at
+    once with one Error: line naming the first one's pid, and the lock dies with its holder."""
+    from catsdogs.errors import DataError
+    from catsdogs.util.fileio import locked_dir
+
+    exp = _write(tmp_path, "lock", combinations=[["resnet50"]], optimizers=["adam"], epochs=1)
+    out = tmp_path / "out-lock"
+    first = subprocess.Popen([sys.executable, "-m", "catsdogs", "run", str(exp), "--no-progress"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and first.poll() is None and not (
+                (out / ".lock").is_file() and (out / ".lock").read_text() == str(first.pid)):
+            time.sleep(0.1)
+        assert first.poll() is None, first.stderr.read()
+        second = run_cli("run", str(exp), "--no-progress", timeout=120)
+        assert second.returncode == 1
+        assert f"in use by another `catsdogs run` (pid {first.pid})" in second.stderr
+        assert second.stderr.strip().splitlines()[-1].startswith("Error: ")
+        assert "Traceback" not in second.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+        first.stderr.close()
+    with locked_dir(out, "test"):  # kill -9 released it
+        with pytest.raises(DataError, match=f"pid {os.getpid()}"):
+            with locked_dir(out, "test"):  # the same process, another open file: refused too
+                pass

@@ -76,7 +76,7 @@ def sample_photos(data_dir: str | os.PathLike, n: int, seed: int = 2019) -> list
 
 def cam_grid(predictor: Predictor, paths, out: str | os.PathLike) -> tuple[Path, list[str]]:
     """A grid of CAM overlays titled like ``dog 98.20%``; returns the PNG and skipped messages."""
-    from catsdogs.runs.plots import _pyplot
+    from catsdogs.runs.plots import _pyplot, save_png
 
     tiles, skipped = [], []
     for path in paths:
@@ -103,6 +103,5 @@ def cam_grid(predictor: Predictor, paths, out: str | os.PathLike) -> tuple[Path,
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    save_png(fig, out, dpi=100)
     return out, skipped

@@ -42,7 +42,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,7 @@ import numpy as np
 from catsdogs import __version__
 from catsdogs.errors import ConfigError, DataError
 from catsdogs.runs.record import RunRecord
-from catsdogs.util.fileio import read_json, write_json
+from catsdogs.util.fileio import atomic_path, atomic_write, read_json, write_json
 
 logger = logging.getLogger("catsdogs")
 
@@ -330,7 +329,7 @@ def save_tflite(model, path: Path) -> Path:
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     with contextlib.redirect_stdout(sys.stderr):  # Keras prints "Saved artifact at ..."
         data = converter.convert()
-    _write_bytes(path, data)
+    atomic_write(path, lambda fh: fh.write(data))
     return path
 
 
@@ -370,16 +369,9 @@ def save_coreml(model, path: Path, *, size: int, precision: str, description: st
         mlmodel.output_description[name] = text
     for key, value in metadata.items():
         mlmodel.user_defined_metadata[key] = value
-    if path.exists():
-        shutil.rmtree(path)
-    mlmodel.save(str(path))
+    with atomic_path(path) as tmp:  # a folder: written beside, then swapped in
+        mlmodel.save(str(tmp))
     return path
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def file_size(path: Path) -> int:
@@ -426,7 +418,8 @@ def _export_one(model, stem: str, out: Path, formats: list[str], *, size: int, p
         path = out / f"{stem}{SUFFIX[fmt]}"
         logger.info("writing %s", path)
         if fmt == "keras":
-            model.save(path)
+            with atomic_path(path) as tmp:
+                model.save(tmp)
         elif fmt == "tflite":
             save_tflite(model, path)
         elif fmt == "tflite-int8":

@@ -90,7 +90,12 @@ class NeitherStats:
                 "calibration_flagged": self.calibration_flagged, "scale": self.scale}
 
     def save(self, path: str | os.PathLike) -> None:
-        np.savez(path, centroids=self.centroids, threshold=self.threshold, quantile=self.quantile,
+        from catsdogs.util.fileio import atomic_write
+
+        atomic_write(Path(path), self._savez)
+
+    def _savez(self, fh) -> None:
+        np.savez(fh, centroids=self.centroids, threshold=self.threshold, quantile=self.quantile,
                  n_fit=self.n_fit, n_calibration=self.n_calibration,
                  calibration_flagged=self.calibration_flagged, scale=self.scale)
 

@@ -17,6 +17,18 @@ def _pyplot():
     return plt
 
 
+def save_png(fig, path: Path, dpi: int) -> None:
+    """Write a figure as PNG atomically (never half a file) and close it."""
+    import matplotlib.pyplot as plt
+
+    from catsdogs.util.fileio import atomic_write
+
+    try:
+        atomic_write(Path(path), lambda fh: fig.savefig(fh, format="png", dpi=dpi))
+    finally:
+        plt.close(fig)
+
+
 def plot_history(history: dict[str, list[float]], path: Path, title: str) -> Path | None:
     """Loss and accuracy per epoch (train and validation), as in the write-up. None if no history."""
     pairs = [(k, f"val_{k}") for k in ("loss", "accuracy") if history.get(k) or history.get(f"val_{k}")]
@@ -38,8 +50,7 @@ def plot_history(history: dict[str, list[float]], path: Path, title: str) -> Pat
         ax.legend()
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_png(fig, path, dpi=90)
     return path
 
 
@@ -66,6 +77,5 @@ def plot_leaderboard(names: Sequence[str], losses: Sequence[float], target: floa
     ax.text(target, -0.9, f" target {target:g} (Kaggle top 10%)", color="#c62828", fontsize=8,
             va="bottom")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_png(fig, path, dpi=90)
     return path

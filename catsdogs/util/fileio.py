@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -37,6 +38,76 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path with ``path``'s name (a file or a folder, e.g. ``model.keras`` or a
+    Core ML ``.mlpackage``) inside ``.NAME.tmp-PID/`` beside it; when the block succeeds, move it
+    into place: readers see the old or the new one, never half of one. On failure nothing changes
+    (and :func:`remove_stale_temporaries` cleans up after a killed process)."""
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        tmp = staging / path.name
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"nothing was written to {tmp}")
+        replace_path(tmp, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_path(src: Path, dst: Path) -> None:
+    """Move the finished file or folder ``src`` to ``dst``, replacing what is there. A folder
+    replacing a folder takes two renames; the old one is moved aside first, never deleted before
+    the new one is in place."""
+    src, dst = Path(src), Path(dst)
+    if src.is_dir() and dst.is_dir():
+        aside = dst.with_name(f".{dst.name}.old.tmp-{os.getpid()}")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(dst, aside)
+        os.replace(src, dst)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+    fsync_dir(dst.parent)
+
+
+@contextlib.contextmanager
+def locked_dir(directory: Path, purpose: str) -> Iterator[None]:
+    """Hold ``directory``'s ``.lock`` (an advisory lock holding the owner's pid) for ``purpose``;
+    a second process gets one :class:`DataError` naming the holder's pid instead of both doing
+    the same work and racing on the same files. Released when the block ends or the process dies."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    lock = Path(directory) / ".lock"
+    try:
+        fh = open(lock, "a+")
+    except OSError as exc:
+        raise DataError(f"cannot write to {directory} ({exc.strerror or exc}); make it writable "
+                        "or choose another output directory") from None
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            raise DataError(f"{directory} is in use by another {purpose} (pid {holder}); wait for it "
+                            "to finish or choose another output directory") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _json_default(obj: Any):
@@ -79,7 +150,6 @@ def remove_stale_temporaries(directory: Path) -> int:
     """Delete ``.NAME.tmp-PID`` files/folders left in ``directory`` by processes that died
     (``kill -9``, power loss). Temporaries of live processes are left alone. Returns the count."""
     import re
-    import shutil
 
     pattern = re.compile(r"^\..+\.tmp-(\d+)$")
     removed = 0
