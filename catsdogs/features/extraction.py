@@ -36,7 +36,13 @@ from typing import Any
 import numpy as np
 
 from catsdogs import __version__
-from catsdogs.dataset.images import RESIZE_POLICIES, ImageDecodeError, load_image
+from catsdogs.dataset.images import (
+    RESIZE_POLICIES,
+    ImageDecodeError,
+    decode_rgb,
+    load_image,
+    resize,
+)
 from catsdogs.dataset.layout import Dataset, ImageRecord, digest_all, fingerprint, open_dataset
 from catsdogs.errors import ConfigError, DataError
 from catsdogs.features import int8
@@ -382,6 +388,40 @@ def _decode(record: ImageRecord, size: int, policy: str):
         return ImageDecodeError(f"cannot read file ({exc.strerror or exc})")
 
 
+def decode_bytes(data: bytes | ImageDecodeError, size: int, policy: str):
+    """:func:`_decode` for image bytes already read (the Ray engine ships bytes to its workers)."""
+    if isinstance(data, ImageDecodeError):
+        return data
+    try:
+        return resize(decode_rgb(data), size, policy)
+    except ImageDecodeError as exc:
+        return exc
+
+
+def compute_chunk(model, views: Sequence[str], digests: Sequence[str], decoded: Sequence,
+                  image_size: int, feature_dim: int
+                  ) -> tuple[list[str], dict[str, np.ndarray], dict[str, str]]:
+    """One chunk's features from its decoded images (an array or an ``ImageDecodeError`` each).
+
+    Returns the digests computed, one ``(n, feature_dim)`` array per view and the skipped digests
+    with their reasons: what :meth:`_Store.write_chunk` takes. The local engine calls it in this
+    process, the Ray engine (:mod:`catsdogs.engine.ray`) in its long-lived workers.
+    """
+    images, done, skipped = [], [], {}
+    for dig, result in zip(digests, decoded):
+        if isinstance(result, ImageDecodeError):
+            skipped[dig] = result.reason
+        else:
+            images.append(result)
+            done.append(dig)
+    batch = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
+    arrays = {}
+    for view in views:
+        x = batch if view == "orig" else np.ascontiguousarray(batch[:, :, ::-1, :])
+        arrays[view] = model(x) if len(x) else np.zeros((0, feature_dim), np.float32)
+    return done, arrays, skipped
+
+
 def _compute(store: _Store, work: list[_Work], model_factory, *, image_size: int, resize: str,
              chunk_size: int, workers: int, progress: bool, desc: str) -> tuple[int, float]:
     from tqdm.auto import tqdm
@@ -402,22 +442,12 @@ def _compute(store: _Store, work: list[_Work], model_factory, *, image_size: int
         for i, chunk in enumerate(chunks):
             futures = pending
             pending = submit(chunks[i + 1]) if i + 1 < len(chunks) else None  # prefetch
-            images, digests, skipped = [], [], {}
-            for item, fut in zip(chunk, futures):
-                result = fut.result()
-                if isinstance(result, ImageDecodeError):
-                    skipped[item.digest] = result.reason
-                else:
-                    images.append(result)
-                    digests.append(item.digest)
-            batch = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
-            arrays = {}
-            for view in chunk[0].views:
-                x = batch if view == "orig" else np.ascontiguousarray(batch[:, :, ::-1, :])
-                arrays[view] = model(x) if len(x) else np.zeros((0, store.config.feature_dim), np.float32)
+            digests, arrays, skipped = compute_chunk(
+                model, chunk[0].views, [w.digest for w in chunk], [f.result() for f in futures],
+                image_size, store.config.feature_dim)
             store.write_chunk(index, digests, chunk[0].views, arrays, skipped)
             index += 1
-            computed += len(images)
+            computed += len(digests)
             bar.update(len(chunk))
         elapsed = time.perf_counter() - start
     bar.close()
@@ -526,6 +556,7 @@ def extract(
     registry=None,
     dataset: Dataset | None = None,
     digests: Sequence[str] | None = None,
+    engine=None,
     calibration_size: int = int8.DEFAULT_CALIBRATION_SIZE,
 ) -> list[ExtractResult]:
     """Compute (or reuse) GAP features of every train and test image for each backbone.
@@ -535,6 +566,8 @@ def extract(
     pass; a call after an interruption computes only what is missing. Callers extracting several
     configurations of one data directory may pass ``dataset`` (from :func:`open_dataset`) and its
     ``digests`` (:func:`catsdogs.dataset.layout.digest_all`) so the directory is listed and hashed once.
+    ``engine`` (from :func:`catsdogs.engine.open_engine`; None: this process) computes the missing
+    chunks elsewhere, e.g. on a Ray cluster; the cache written is the same.
     ``precision="int8"`` quantises each backbone, calibrated on ``calibration_size`` training
     images (:mod:`catsdogs.features.int8`; needs ``catsdogs[int8]``).
     """
@@ -614,7 +647,8 @@ def extract(
                     if need:
                         work.append(_Work(dig, rec, need))
                         seen.add(dig)
-                computed, compute_s = _compute(
+                compute = _compute if engine is None else engine.compute_features
+                computed, compute_s = compute(
                     store, work,
                     _model_factory(backbone, weights, size, precision, batch_size, resize, workers,
                                    final, calibration),
@@ -644,6 +678,7 @@ def extract(
                     "skipped": skipped,
                     "versions": _versions(),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    **({} if engine is None else {"engine": engine.describe()}),
                 }
                 _assemble(store, rows, file_views, meta)
                 n = meta["n_train"] + meta["n_test"]

@@ -271,8 +271,10 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
     )
 
 
+
+
 # ------------------------------------------------------------------------------------ experiment
-def _extract_all(experiment: Experiment, dataset, progress: bool):
+def _extract_all(experiment: Experiment, dataset, progress: bool, engine=None):
     from catsdogs.dataset.layout import digest_all
     from catsdogs.features.extraction import extract, load_features
 
@@ -285,6 +287,7 @@ def _extract_all(experiment: Experiment, dataset, progress: bool):
             experiment.data, [spec.name], weights=spec.weights, image_size=spec.image_size,
             precision=spec.precision, resize=spec.resize, flip=experiment.tta,
             cache_dir=experiment.cache_dir, progress=progress, dataset=dataset, digests=digests,
+            engine=engine,
             calibration_size=spec.calibration_size,
         )
         fs = load_features(res.path)
@@ -384,11 +387,14 @@ def _output_locked(run: Callable[..., ExperimentResult]) -> Callable[..., Experi
 
 @_output_locked
 def run_experiment(experiment: Experiment, *, registry=None, progress: bool = True, submit: bool = True,
-                   echo: Callable[[str], None] | None = None) -> ExperimentResult:
-    """Run (or resume) every run of ``experiment``; see the module docstring."""
-    from tqdm.auto import tqdm
+                   echo: Callable[[str], None] | None = None, engine=None) -> ExperimentResult:
+    """Run (or resume) every run of ``experiment``; see the module docstring.
 
+    ``engine`` (a :class:`catsdogs.engine.EngineSpec`; default: the experiment's ``engine`` and
+    ``ray_address``) says where features and runs are computed; files are written here either way.
+    """
     from catsdogs.dataset.layout import open_dataset
+    from catsdogs.engine import EngineSpec, open_engine
     from catsdogs.plugins import get_registry
     from catsdogs.runs.plots import plot_leaderboard
 
@@ -401,42 +407,38 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
     write_json(out / "experiment.json", experiment.to_dict())
 
     dataset = open_dataset(experiment.data)
-    feature_sets, keys = _extract_all(experiment, dataset, progress)
-    aligned = align(feature_sets, experiment.exclude)
-    aligned_on = {b: {k: keys[b][k] for k in ("config_key", "dataset_fingerprint")} for b in keys}
-    splits = _splits(aligned.train.y, experiment)
-    split_hash = _short_hash([[aligned.train.files[i] for i in va] for _, va in splits], 16)
-    expected_test_ids = [r.id for r in dataset.test]
-    write_json(out / "test_ids.json", expected_test_ids)
+    engine = engine or EngineSpec(experiment.engine, experiment.ray_address)
+    with open_engine(engine) as compute_engine:
+        feature_sets, keys = _extract_all(experiment, dataset, progress, compute_engine)
+        aligned = align(feature_sets, experiment.exclude)
+        if experiment.exclude:  # report entries that match no training image; record the matched
+            train_files = next(iter(feature_sets.values())).train.files
+            matched, unmatched = experiment.match_exclude(train_files)
+            if unmatched:
+                shown = ", ".join(unmatched[:10]) + (" ..." if len(unmatched) > 10 else "")
+                logger.warning("exclude: %d of %d entries match no training image (check the "
+                               "paths; they are relative to the data directory): %s",
+                               len(unmatched), len(experiment.exclude), shown)
+            write_json(out / "experiment.json", {**experiment.to_dict(), "exclude_matched": matched})
+        aligned_on = {b: {k: keys[b][k] for k in ("config_key", "dataset_fingerprint")} for b in keys}
+        splits = _splits(aligned.train.y, experiment)
+        split_hash = _short_hash([[aligned.train.files[i] for i in va] for _, va in splits], 16)
+        expected_test_ids = [r.id for r in dataset.test]
+        write_json(out / "test_ids.json", expected_test_ids)
 
-    records, computed, reused = [], 0, 0
-    bar = tqdm(plan, desc="runs", unit="run", disable=not progress, dynamic_ncols=True)
-    for spec in bar:
-        settings = _settings(spec, experiment, keys, split_hash)
-        run_dir = out / "runs" / spec.run_id
-        old = _reusable(run_dir, _short_hash(settings, 16))
-        if old is not None:
-            old.target = experiment.target  # the current target, not the one of the earlier call
-            records.append(old)
-            reused += 1
-            continue
-        tmp = out / "runs" / f".{spec.run_id}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            record = _execute_run(spec, experiment, aligned, splits, registry, settings, tmp)
-            record.aligned_on = aligned_on
-            record.save(tmp)
-            replace_path(tmp, run_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        records.append(record)
-        computed += 1
-        if progress:
-            bar.write(f"{spec.run_id}: val log loss {record.metrics.logloss:.5f} "
-                      f"(clipped {record.metrics.logloss_clipped:.5f}), "
-                      f"accuracy {record.metrics.accuracy:.4f}")
-    bar.close()
+        records, pending = [], []
+        for spec in plan:
+            settings = _settings(spec, experiment, keys, split_hash)
+            old = _reusable(out / "runs" / spec.run_id, _short_hash(settings, 16))
+            if old is None:
+                pending.append((spec, settings))
+            else:
+                old.target = experiment.target  # the current target, not the one of the earlier call
+                records.append(old)
+        reused = len(records)
+        records += _train_runs(pending, experiment, aligned, splits, registry, out, aligned_on,
+                               progress, compute_engine)
+        computed = len(records) - reused
 
     labels_file = Path(experiment.data) / "test_labels.csv"
     if labels_file.is_file():
@@ -454,6 +456,66 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
     _write_summary(out, experiment, ranked, result.submission)
     echo(format_leaderboard(ranked, experiment.target))
     return result
+
+
+def _train_runs(pending: list[tuple[RunSpec, dict[str, Any]]], experiment: Experiment, aligned: Aligned,
+                splits, registry, out: Path, aligned_on: dict, progress: bool, engine) -> list[RunRecord]:
+    """Train the pending runs, in this process or (``engine``) as Ray tasks, and write each run
+    directory atomically here as soon as its run finishes."""
+    from tqdm.auto import tqdm
+
+    records: list[RunRecord] = []
+    bar = tqdm(total=len(pending), desc="runs", unit="run", disable=not progress, dynamic_ncols=True)
+    if engine is None:
+        done = ((spec, *_run_here(spec, settings, experiment, aligned, splits, registry, out))
+                for spec, settings in pending)
+    else:
+        done = ((spec, record, files, node) for (spec, _), (record, files), node in
+                engine.map_runs(run_detached, pending, (experiment, aligned, splits, registry)))
+    for spec, record, files, node in done:
+        tmp = out / "runs" / f".{spec.run_id}.tmp-{os.getpid()}"
+        try:
+            if files is not None:  # computed elsewhere: the run's files come back as bytes
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                for name, data in files.items():
+                    (tmp / name).write_bytes(data)
+                record.engine = {"name": engine.name, "node_id": node}
+            record.aligned_on = aligned_on
+            record.save(tmp)
+            replace_path(tmp, out / "runs" / spec.run_id)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        records.append(record)
+        bar.update()
+        if progress:
+            bar.write(f"{spec.run_id}: val log loss {record.metrics.logloss:.5f} "
+                      f"(clipped {record.metrics.logloss_clipped:.5f}), "
+                      f"accuracy {record.metrics.accuracy:.4f}")
+    bar.close()
+    return records
+
+
+def _run_here(spec: RunSpec, settings: dict[str, Any], experiment: Experiment, aligned: Aligned, splits,
+              registry, out: Path) -> tuple[RunRecord, None, None]:
+    """One run in this process, its files written straight into the temporary run directory."""
+    tmp = out / "runs" / f".{spec.run_id}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return _execute_run(spec, experiment, aligned, splits, registry, settings, tmp), None, None
+
+
+def run_detached(item: tuple[RunSpec, dict[str, Any]], shared: tuple) -> tuple[RunRecord, dict[str, bytes]]:
+    """One run in a scratch directory (a Ray task, on any node): its record and its files' bytes.
+    ``shared`` is ``(experiment, aligned, splits, registry)``, put into the object store once."""
+    import tempfile
+
+    spec, settings = item
+    experiment, aligned, splits, registry = shared
+    with tempfile.TemporaryDirectory(prefix="catsdogs-run-") as scratch:
+        record = _execute_run(spec, experiment, aligned, splits, registry, settings, Path(scratch))
+        files = {p.name: p.read_bytes() for p in Path(scratch).iterdir() if p.is_file()}
+    return record, files
 
 
 def _reusable(run_dir: Path, settings_hash: str) -> RunRecord | None:
