@@ -25,8 +25,15 @@ other folds' rows), so the selection is part of what is cross-fitted.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,7 +41,14 @@ from catsdogs.errors import ConfigError, DataError
 from catsdogs.runs.metrics import log_loss
 from catsdogs.runs.postprocess import logit, sigmoid
 
-__all__ = ["L2", "METHODS", "Blend", "EnsembleFit", "fit_blend", "fit_ensemble"]
+if TYPE_CHECKING:  # pragma: no cover
+    from catsdogs.experiment.spec import Experiment
+    from catsdogs.runs.record import RunRecord
+
+logger = logging.getLogger("catsdogs")
+
+__all__ = ["L2", "METHODS", "Blend", "EnsembleFit", "ensemble_id", "ensemble_record", "fit_blend",
+           "fit_ensemble"]
 
 METHODS = ("mean", "stack")
 #: L2 penalty of the stacker's weights, per validation row (keeps the blend stable on few rows)
@@ -158,3 +172,92 @@ def fit_ensemble(y, P_val, run_ids: list[str], *, method: str = "mean", top: int
         logloss=log_loss(y, val), logloss_insample=log_loss(y, blend.predict(P_val[:, cols])),
         best_member_logloss=float(_losses(y, P_val).min()), folds=k, fold_members=fold_members,
     )
+
+
+# ------------------------------------------------------------------------------------ runs
+def ensemble_id(top: int, method: str) -> str:
+    return f"ensemble-top{top}-{method}"
+
+
+def _read_predictions(out: Path, runs: list[RunRecord]):
+    """Validation and test predictions of ``runs`` as aligned matrices (rows: files / test ids)."""
+    import pandas as pd
+
+    vals = [pd.read_csv(out / "runs" / r.run_id / "val_predictions.csv") for r in runs]
+    base = vals[0][["file", "id", "label"]]
+    for r, v in zip(runs, vals):
+        if list(v["file"]) != list(base["file"]):
+            raise DataError(f"ensemble: run {r.run_id!r} predicted other validation rows than "
+                            f"{runs[0].run_id!r}; rerun the experiment so all runs share one split")
+    P_val = np.stack([v["p_dog"].to_numpy(dtype=np.float64) for v in vals], axis=1)
+    tests = [out / "runs" / r.run_id / "test_predictions.csv" for r in runs]
+    if not all(t.is_file() for t in tests):
+        return base, P_val, None, None
+    frames = [pd.read_csv(t).set_index("id")["p_dog"] for t in tests]
+    test_ids = frames[0].index
+    P_test = np.stack([f.reindex(test_ids).to_numpy(dtype=np.float64) for f in frames], axis=1)
+    return base, P_val, test_ids, P_test
+
+
+def ensemble_record(records: list[RunRecord], out: Path, experiment: Experiment) -> RunRecord | None:
+    """Fit ``experiment.ensemble`` over the single runs ``records`` and write it as a run directory
+    ``<out>/runs/ensemble-topK-METHOD`` (record, cross-fitted validation predictions, test
+    predictions), so it is ranked, scored, submitted and read like any run. None (with a
+    warning) when there are fewer than two runs."""
+    import pandas as pd
+
+    from catsdogs import __version__
+    from catsdogs.runs.metrics import summarize
+    from catsdogs.runs.record import HeadRef, Metrics, RunRecord
+    from catsdogs.util.fileio import replace_path
+
+    cfg = experiment.ensemble
+    runs = sorted(records, key=lambda r: r.run_id)
+    if cfg is None or len(runs) < 2:
+        logger.warning("ensemble: needs at least 2 runs, the experiment has %d", len(runs))
+        return None
+    t0 = time.perf_counter()
+    top = min(cfg.top, len(runs))
+    base, P_val, test_ids, P_test = _read_predictions(out, runs)
+    y = base["label"].to_numpy(dtype=np.float64)
+    fit = fit_ensemble(y, P_val, [r.run_id for r in runs], method=cfg.method, top=top,
+                       P_test=P_test, seed=experiment.seed)
+    members = [next(r for r in runs if r.run_id == m) for m in fit.members]
+    run_id = ensemble_id(top, cfg.method)
+    settings = {"ensemble": {"top": top, "method": cfg.method}, "members": fit.members}
+    record = RunRecord(
+        run_id=run_id,
+        combination=sorted({b for m in members for b in m.combination}),
+        head=HeadRef(f"ensemble_{cfg.method}", {}),
+        optimizer=None,
+        params={"members": fit.members, "blend": fit.blend.to_dict()},
+        learning_rate=None,
+        settings=settings,
+        settings_hash=hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16],
+        metrics=Metrics.from_dict(summarize(y, fit.val, experiment.clip), "metrics"),
+        tta=any(m.tta for m in members),
+        tuning=None,
+        n_train=members[0].n_train,
+        n_val=len(y),
+        n_test=0 if P_test is None else len(test_ids),
+        validation=members[0].validation,
+        clip=list(experiment.clip),
+        target=experiment.target,
+        seconds=time.perf_counter() - t0,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        catsdogs_version=__version__,
+        ensemble=fit.to_dict(),
+    )
+    tmp = out / "runs" / f".{run_id}.tmp-{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        pd.DataFrame({**{c: base[c] for c in base.columns}, "p_dog": fit.val}).to_csv(
+            tmp / "val_predictions.csv", index=False)
+        if fit.test is not None:
+            pd.DataFrame({"id": test_ids, "p_dog": fit.test}).to_csv(tmp / "test_predictions.csv",
+                                                                      index=False)
+        record.save(tmp)
+        replace_path(tmp, out / "runs" / run_id)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return record

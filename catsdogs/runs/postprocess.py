@@ -29,6 +29,7 @@ the very rows it is scored on; for ``none`` and a fixed clip it is simply their 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,8 @@ import numpy as np
 from catsdogs.errors import ConfigError
 from catsdogs.runs.metrics import best_clip, log_loss
 
-__all__ = ["METHODS", "MIN_Z", "Choice", "Transform", "choose", "fit", "logit", "sigmoid"]
+__all__ = ["METHODS", "MIN_Z", "Choice", "Transform", "choose", "fit", "logit", "postprocess_record",
+           "ranking_loss", "sigmoid", "transform_of"]
 
 #: the values of the experiment's ``postprocess`` field
 METHODS = ("auto", "none", "clip", "temperature")
@@ -232,3 +234,37 @@ def choose(y, p, method: str = "auto", *, clip_bounds: tuple[float, float] | Non
                   logloss_post=cv[best]["logloss"],
                   logloss_post_insample=log_loss(y, chosen.apply(p)), cv=cv,
                   folds=0 if fold_ids is None else k)
+
+
+# ------------------------------------------------------------------------------------ runs
+def transform_of(record) -> Transform:
+    """The transform a run's (or ensemble's) test predictions get: its recorded choice, or, for a
+    record written before post-processing existed, its fixed clip."""
+    chosen = getattr(record, "postprocess", None)
+    if chosen:
+        return Transform.from_dict(chosen["transform"])
+    lo, hi = record.clip
+    return Transform("clip", lo=float(lo), hi=float(hi))
+
+
+def ranking_loss(record) -> float:
+    """The validation log loss runs are ranked by: the post-processed one (cross-fitted)."""
+    chosen = getattr(record, "postprocess", None)
+    return float(chosen["logloss_post"]) if chosen else float(record.metrics.logloss_clipped)
+
+
+def postprocess_record(record, run_dir, experiment) -> Choice:
+    """Choose ``record``'s post-processing from ``run_dir/val_predictions.csv`` as ``experiment``
+    asks (``postprocess``; ``clip`` means the experiment's clip bounds), store it in the record
+    and rewrite ``record.json`` when it changed (finished runs are not retrained for it)."""
+    import pandas as pd
+
+    val = pd.read_csv(Path(run_dir) / "val_predictions.csv")
+    bounds = tuple(experiment.clip) if experiment.postprocess == "clip" else None
+    choice = choose(val["label"].to_numpy(), val["p_dog"].to_numpy(), experiment.postprocess,
+                    clip_bounds=bounds, seed=experiment.seed)
+    new = choice.to_dict()
+    if getattr(record, "postprocess", None) != new:
+        record.postprocess = new
+        record.save(run_dir)
+    return choice

@@ -157,6 +157,10 @@ class RunRecord(_Part):
     aligned_on: dict[str, dict[str, str]] | None = None
     #: where it was computed when not in this process: {"name": "ray", "node_id": ...}
     engine: dict[str, Any] | None = None
+    #: the chosen post-processing (:meth:`catsdogs.runs.postprocess.Choice.to_dict`)
+    postprocess: dict[str, Any] | None = None
+    #: an ensemble of runs (:meth:`catsdogs.runs.ensemble.EnsembleFit.to_dict`); None: a single run
+    ensemble: dict[str, Any] | None = None
     #: keys this version does not know, kept and written back
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
     #: computed per call against the data's test labels; not stored in record.json
