@@ -154,18 +154,39 @@ def load_run(run_dir: str | os.PathLike, registry=None) -> RunInfo:
     return info
 
 
+def _head_is_keras(name: str) -> bool | None:
+    """Whether the head plugin ``name`` makes a Keras graph (None: its plugin is not installed)."""
+    from catsdogs.components import Head
+    from catsdogs.plugins import get_registry
+
+    try:
+        cls = get_registry().head(name)
+    except Exception:  # noqa: BLE001 - a missing or broken plugin only changes the message
+        return None
+    return getattr(cls, "keras_model", Head.keras_model) is not Head.keras_model
+
+
 def head_model_path(info: RunInfo) -> Path:
+    """``<run>/head.keras``, or a :class:`ConfigError` saying what is missing and how to get it."""
     path = info.run_dir / "head.keras"
-    if not path.is_file():
+    if path.is_file():
+        return path
+    keras_head = _head_is_keras(info.head)
+    if keras_head is False:
         raise ConfigError(
-            f"run {info.run_id!r} cannot be exported end to end: its head {info.head!r} has no Keras "
-            f"model (no head.keras in {info.run_dir}). What can be exported: the feature models of its "
-            f"backbones ({', '.join(info.combination)}: image -> GAP features, "
-            "e.g. catsdogs.get_registry().backbone(name).build(weights, size)). What cannot: the "
-            f"{info.head} head itself, which is not a Keras graph (a gradient-boosting stacker cannot "
-            "be converted to Core ML or TFLite). Export a run with a Keras head (dropout_sigmoid, "
-            "softmax_cam) instead.")
-    return path
+            f"run {info.run_id!r} cannot be exported end to end: its head {info.head!r} is not a "
+            "Keras graph (a gradient-boosting stacker cannot be converted to Core ML or TFLite), so "
+            f"the run has no head.keras. Its backbones' feature models ({', '.join(info.combination)}"
+            ": image -> GAP features) can still be built with "
+            "catsdogs.get_registry().backbone(name).build(weights, size). To get an end-to-end "
+            "model, export a run with a Keras head (e.g. dropout_sigmoid, softmax_cam).")
+    known = ("" if keras_head else f" (the plugin of head {info.head!r} is not installed here, "
+             "so whether it makes one is unknown)")
+    raise ConfigError(
+        f"run {info.run_id!r} cannot be exported: {path} is missing. Its head {info.head!r} "
+        f"should have saved it{known}; it was deleted or the run did not finish writing it. Get it "
+        f"back by training the run again: delete {info.run_dir} and rerun its experiment "
+        "(`catsdogs run EXPERIMENT.yaml`, which retrains only missing runs).")
 
 
 def load_head(info: RunInfo):

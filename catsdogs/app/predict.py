@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from catsdogs.dataset.images import ImageDecodeError, decode_rgb, resize
+from catsdogs.dataset.images import ImageDecodeError, decode_rgb, read_image_file, resize
 from catsdogs.errors import ConfigError, DataError
 
 logger = logging.getLogger("catsdogs")
@@ -57,14 +57,9 @@ class Prediction:
 
 
 def read_photo(path: str | os.PathLike) -> np.ndarray:
-    """Decode a photo to RGB uint8 (raises :class:`ImageDecodeError` with a reason)."""
-    try:
-        data = Path(path).read_bytes()
-    except IsADirectoryError:
-        raise ImageDecodeError("is a directory, not an image file") from None
-    except OSError as exc:
-        raise ImageDecodeError(f"cannot read file ({exc.strerror or exc})") from None
-    return decode_rgb(data)
+    """Decode a photo to RGB uint8 (raises :class:`ImageDecodeError` with a reason). Only regular
+    files within the size cap are read (:func:`catsdogs.dataset.images.read_image_file`)."""
+    return decode_rgb(read_image_file(path))
 
 
 # ------------------------------------------------------------------------------------ runners
@@ -124,7 +119,14 @@ class _KerasModel:
 
         from catsdogs import layers  # noqa: F401  (registers catsdogs layers)
 
-        return cls(keras.saving.load_model(path, compile=False))
+        try:
+            model = keras.saving.load_model(path, compile=False)  # safe_mode: no code in files
+        except Exception as exc:  # noqa: BLE001 - Keras raises ValueError, TypeError, OSError ...
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(f"{path}: refused to load this Keras model ({first}); only models "
+                            "written by `catsdogs export` are loaded, and never code stored in a "
+                            "model file (Keras safe mode)") from None
+        return cls(model)
 
 
 # ------------------------------------------------------------------------------------ predictor

@@ -8,14 +8,21 @@ Supported layouts (detected automatically):
   any capitalisation accepted, sub-folders searched), plus an optional flat ``ROOT/test/``.
 
 Labels: dog = 1, cat = 0, unknown (test) = -1. Order: cats, then dogs, each by numeric id then
-name; test images by id. Files that are not images by name (``Thumbs.db``) are listed in
-``Dataset.ignored``; whether an image *decodes* is found out later, when it is read.
+name; test images by id. Test ids are never invented: a test file whose name is not an id (ASCII
+digits, at most 2**63 - 1) is ignored with its reason. Files that are not images by name
+(``Thumbs.db``), that are not regular files (named pipes, devices, sockets), dangling symbolic
+links, files without read permission and sub-folders that cannot be listed are listed in
+``Dataset.ignored`` (the caller warns once per entry); whether an image *decodes* is found out
+later, when it is read. :func:`file_digest` never blocks or fails on a file that changed since it
+was listed: such a file gets a digest of its error, and reading it later skips it with the reason.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +34,8 @@ LABELS = {"cat": 0, "dog": 1}
 CLASS_DIRS = {"cat": 0, "cats": 0, "dog": 1, "dogs": 1}
 KAGGLE_TRAIN_RE = re.compile(r"^(cat|dog)\.(.+)\.([a-z0-9]+)$", re.IGNORECASE)
 TEST_DIR_NAMES = ("test", "test1")
+ID_RE = re.compile(r"[0-9]+")
+INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -58,7 +67,74 @@ class Dataset:
 
 
 def _int_or_none(text: str) -> int | None:
-    return int(text) if text.isdigit() else None
+    """``text`` as an id: ASCII digits only (no ``²`` or Arabic-Indic digits), within int64."""
+    if not ID_RE.fullmatch(text):
+        return None
+    value = int(text)
+    return value if value <= INT64_MAX else None
+
+
+def _unusable(path: Path) -> str | None:
+    """Why ``path`` (a directory entry) cannot be read as an image file, or None when it can."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "dangling symbolic link" if path.is_symlink() else "vanished while listed"
+    except OSError as exc:
+        return f"cannot stat ({exc.strerror or exc})"
+    if not stat.S_ISREG(st.st_mode):
+        from catsdogs.dataset.images import _kind
+
+        return f"{_kind(st.st_mode)}, not a regular file: only regular files are read"
+    if not os.access(path, os.R_OK):
+        return "no read permission"
+    return None
+
+
+def _entries(directory: Path, root: Path, ignored) -> list[Path]:
+    """The sorted entries of ``directory``; an unlistable one is ignored with its reason."""
+    try:
+        return sorted(directory.iterdir())
+    except OSError as exc:
+        ignored.append((_rel(directory, root) + "/", f"cannot list folder ({exc.strerror or exc})"))
+        return []
+
+
+def _files(directory: Path, root: Path, ignored) -> list[Path]:
+    """Regular readable files of ``directory`` (not hidden); the others go to ``ignored``."""
+    out = []
+    for path in _entries(directory, root, ignored):
+        if _is_hidden(path) or path.is_dir():
+            continue
+        reason = _unusable(path)
+        if reason is not None:
+            ignored.append((_rel(path, root), reason))
+        else:
+            out.append(path)
+    return out
+
+
+def _walk(folder: Path, root: Path, ignored, seen: set | None = None) -> list[Path]:
+    """Every usable file below ``folder`` (not in hidden folders), sorted; each folder once, so
+    symbolic links that loop are followed only once."""
+    seen = set() if seen is None else seen
+    real = folder.resolve()
+    if real in seen:
+        return []
+    seen.add(real)
+    out = []
+    for path in _entries(folder, root, ignored):
+        if _is_hidden(path):
+            continue
+        if path.is_dir():
+            out.extend(_walk(path, root, ignored, seen))
+            continue
+        reason = _unusable(path)
+        if reason is not None:
+            ignored.append((_rel(path, root), reason))
+        else:
+            out.append(path)
+    return out
 
 
 def _is_hidden(path: Path) -> bool:
@@ -71,7 +147,12 @@ def _rel(path: Path, root: Path) -> str:
 
 def _class_dirs(directory: Path) -> dict[int, list[Path]]:
     found: dict[int, list[Path]] = {}
-    for child in sorted(directory.iterdir()):
+    try:
+        children = sorted(directory.iterdir())
+    except OSError as exc:
+        raise DataError(f"cannot list {str(directory)!r} ({exc.strerror or exc}); "
+                        "check its permissions") from None
+    for child in children:
         if child.is_dir() and child.name.lower() in CLASS_DIRS:
             found.setdefault(CLASS_DIRS[child.name.lower()], []).append(child)
     return found
@@ -83,9 +164,7 @@ def _sort_key(label: int, ident: int | None, relpath: str):
 
 def _scan_kaggle_train(directory: Path, root: Path, ignored) -> list[ImageRecord]:
     records = []
-    for path in sorted(directory.iterdir()):
-        if path.is_dir() or _is_hidden(path):
-            continue
+    for path in _files(directory, root, ignored):
         m = KAGGLE_TRAIN_RE.match(path.name)
         if not m or path.suffix.lower() not in IMAGE_EXTENSIONS:
             ignored.append((_rel(path, root), "not an image file name (expected cat.N.jpg or dog.N.jpg)"))
@@ -104,9 +183,7 @@ def _scan_class_folders(dirs: dict[int, list[Path]], root: Path, ignored) -> lis
     rows = []
     for label, folders in sorted(dirs.items()):
         for folder in folders:
-            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-                if any(part.startswith(".") for part in path.relative_to(folder).parts):
-                    continue
+            for path in _walk(folder, root, ignored):
                 if path.suffix.lower() not in IMAGE_EXTENSIONS:
                     ignored.append((_rel(path, root), "not an image file name (unknown extension)"))
                     continue
@@ -116,28 +193,29 @@ def _scan_class_folders(dirs: dict[int, list[Path]], root: Path, ignored) -> lis
 
 
 def _scan_test(directory: Path, root: Path, ignored) -> list[ImageRecord]:
+    """Test images by id (``N.jpg``); names that are not ids are ignored, never renumbered."""
     rows = []
-    for path in sorted(directory.iterdir()):
-        if path.is_dir() or _is_hidden(path):
-            continue
+    for path in _files(directory, root, ignored):
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
             ignored.append((_rel(path, root), "not an image file name (expected N.jpg)"))
             continue
-        rows.append((_int_or_none(path.stem), path))
-    if rows and all(ident is not None for ident, _ in rows):
-        rows.sort(key=lambda t: (t[0], t[1].name))
-        seen: dict[int, Path] = {}
-        for ident, path in rows:
-            if ident in seen:
-                raise DataError(
-                    f"test id {ident} appears twice: {_rel(seen[ident], root)} and {_rel(path, root)}; "
-                    "test file names must be unique ids (N.jpg)"
-                )
-            seen[ident] = path
-        return [ImageRecord("test", _rel(p, root), p, -1, ident) for ident, p in rows]
-    # names are not all numeric: number them 1..n in name order
-    rows.sort(key=lambda t: t[1].name)
-    return [ImageRecord("test", _rel(p, root), p, -1, i + 1) for i, (_, p) in enumerate(rows)]
+        ident = _int_or_none(path.stem)
+        if ident is None:
+            ignored.append((_rel(path, root), "test file name is not a numeric id (expected N.jpg "
+                                              "with N in ASCII digits 0-9, at most 2**63 - 1); "
+                                              "rename it to its id to include it"))
+            continue
+        rows.append((ident, path))
+    rows.sort(key=lambda t: (t[0], t[1].name))
+    seen: dict[int, Path] = {}
+    for ident, path in rows:
+        if ident in seen:
+            raise DataError(
+                f"test id {ident} appears twice: {_rel(seen[ident], root)} and {_rel(path, root)}; "
+                "test file names must be unique ids (N.jpg)"
+            )
+        seen[ident] = path
+    return [ImageRecord("test", _rel(p, root), p, -1, ident) for ident, p in rows]
 
 
 def open_dataset(root: str | Path) -> Dataset:
@@ -174,11 +252,19 @@ def open_dataset(root: str | Path) -> Dataset:
 
 
 def file_digest(path: Path) -> str:
-    """Content digest of a file (BLAKE2b, 128 bits, hex)."""
+    """Content digest of a file (BLAKE2b, 128 bits, hex).
+
+    Reads only regular files within the size cap, without blocking (see
+    :func:`catsdogs.dataset.images.read_image_file`). A file that cannot be read gets a digest of
+    its path and error instead, so hashing never fails; reading it later skips it with the reason.
+    """
+    from catsdogs.dataset.images import ImageDecodeError, read_image_file
+
     h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+    try:
+        h.update(read_image_file(path))
+    except ImageDecodeError as exc:
+        h.update(f"unreadable\0{path}\0{exc.reason}".encode())
     return h.hexdigest()
 
 

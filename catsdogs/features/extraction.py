@@ -14,6 +14,15 @@ Durability: features are computed in chunks; each finished chunk is written atom
 ``<file>.partial/`` (``.npy`` arrays, then a ``.json`` marker, each via rename). After a crash or
 ``kill -9``, the next call reuses every finished chunk. The final ``.h5`` is written to a temporary
 name and renamed into place, so a half-written file is never taken for a finished one.
+
+Integrity (format 2): every dataset of the ``.h5`` carries BLAKE2b checksums of its rows in blocks
+of :data:`CHECKSUM_ROWS` (attributes ``checksums`` and ``checksum_rows``), and every chunk marker
+the checksums of its arrays. :func:`extract` verifies them before reusing anything: rows of a
+corrupt block are recomputed with a warning (a corrupt label/id/file/digest column, or unreadable
+HDF5 metadata, makes the whole file recomputed); :func:`load_features` refuses a corrupt file with
+a :class:`~catsdogs.errors.DataError` naming it. Caches of format 1 (no checksums) have another
+configuration key, so they are recomputed, never trusted. A finished, verified file is read
+without taking the lock or writing anything, so a read-only cache works.
 """
 
 from __future__ import annotations
@@ -50,7 +59,9 @@ from catsdogs.util.fileio import atomic_write, remove_stale_temporaries, replace
 
 logger = logging.getLogger("catsdogs")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: row-block checksums in the .h5 and the chunk markers
+#: rows per checksum block of a feature dataset
+CHECKSUM_ROWS = 256
 PRECISIONS = ("float32", "bfloat16", "int8")
 VIEWS = ("orig", "flip")
 VIEW_DATASET = {"orig": "features", "flip": "features_flip"}
@@ -174,21 +185,92 @@ def _read_meta(h5) -> dict[str, Any]:
     return meta
 
 
+#: what h5py raises for damaged files (HDF5 metadata errors surface as RuntimeError, KeyError ...)
+_H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError)
+
+
+def _checksum(values) -> str:
+    """BLAKE2b-128 of a block of rows: numbers by their bytes, strings joined by NUL."""
+    h = hashlib.blake2b(digest_size=16)
+    arr = np.asarray(values)
+    if arr.dtype.kind in "OU":
+        h.update(b"\0".join(v if isinstance(v, bytes) else str(v).encode() for v in arr.tolist()))
+    else:
+        h.update(f"{arr.dtype.str}{arr.shape}".encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def _block_checksums(values, rows: int) -> list[str]:
+    return [_checksum(values[start:start + rows]) for start in range(0, len(values), rows)]
+
+
+def _set_checksums(ds, sums: list[str], rows: int) -> None:
+    ds.attrs["checksum_rows"] = rows
+    ds.attrs["checksums"] = np.array(sums, dtype="S32")
+
+
+def _bad_rows(ds) -> list[tuple[int, int]]:
+    """Row ranges ``[start, stop)`` of ``ds`` whose checksum does not match (all rows when the
+    checksums are missing or malformed)."""
+    n = ds.shape[0]
+    try:
+        rows = int(ds.attrs["checksum_rows"])
+        sums = [x.decode() if isinstance(x, bytes) else str(x) for x in ds.attrs["checksums"]]
+    except _H5_ERRORS:
+        return [(0, n)]
+    if rows < 1 or len(sums) != -(-n // rows):
+        return [(0, n)]
+    return [(start, min(n, start + rows)) for i, start in enumerate(range(0, n, rows))
+            if _checksum(ds[start:start + rows]) != sums[i]]
+
+
+def _verify(h5, views: Sequence[str]) -> tuple[list[str], dict[str, list[tuple[int, int]]]]:
+    """Check every checksum: (damaged index columns ``split/name``, bad feature rows per
+    ``split/view``)."""
+    index_bad, feature_bad = [], {}
+    for split in SPLITS:
+        for name in ("labels", "ids", "files", "digests"):
+            if _bad_rows(h5[split][name]):
+                index_bad.append(f"{split}/{name}")
+        for view in views:
+            bad = _bad_rows(h5[split][VIEW_DATASET[view]])
+            if bad:
+                feature_bad[f"{split}/{VIEW_DATASET[view]}"] = bad
+    return index_bad, feature_bad
+
+
+def _describe_damage(index_bad: list[str], feature_bad: dict[str, list[tuple[int, int]]]) -> str:
+    parts = [f"{name} (whole column)" for name in index_bad]
+    parts += [f"{name} rows " + ", ".join(f"{a}-{b - 1}" for a, b in ranges)
+              for name, ranges in feature_bad.items()]
+    return "checksum mismatch in " + "; ".join(parts)
+
+
 def load_features(path: str | os.PathLike) -> FeatureSet:
-    """Load a finished feature file (as returned in :attr:`ExtractResult.path`)."""
+    """Load a finished feature file (as returned in :attr:`ExtractResult.path`), verifying its
+    checksums; a corrupt or unreadable file raises :class:`DataError` naming it."""
     import h5py
 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"feature file {str(path)!r} does not exist; run `catsdogs extract` first")
+    again = "run `catsdogs extract` (or `catsdogs run`) again to recompute it"
     try:
         with h5py.File(path, "r") as h5:
             meta = _read_meta(h5)
             if meta.get("format_version") != FORMAT_VERSION:
-                raise DataError(f"{path}: unsupported feature file format {meta.get('format_version')!r}")
+                raise DataError(f"{path}: unsupported feature file format "
+                                f"{meta.get('format_version')!r} (this version reads format "
+                                f"{FORMAT_VERSION}); {again}")
+            index_bad, feature_bad = _verify(h5, meta["views"])
+            if index_bad or feature_bad:
+                raise DataError(f"{path}: corrupt feature file, "
+                                f"{_describe_damage(index_bad, feature_bad)}; {again}")
             return FeatureSet(path, meta, _read_split(h5, "train"), _read_split(h5, "test"))
-    except OSError as exc:
-        raise DataError(f"{path}: not a readable feature file ({exc}); delete it and extract again") from exc
+    except _H5_ERRORS as exc:
+        raise DataError(f"{path}: not a readable feature file ({type(exc).__name__}: {exc}); "
+                        f"{again}") from None
 
 
 # --------------------------------------------------------------------------------------- files
@@ -200,8 +282,16 @@ def _locked(path: Path) -> Iterator[None]:
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as fh:
+    lock = path.with_name(path.name + ".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(lock, "w")
+    except OSError as exc:
+        raise DataError(
+            f"cannot write to the feature cache {str(path.parent)!r} ({exc.strerror or exc}): the "
+            f"features of {path.name} are not all cached yet; make it writable or choose another "
+            "cache with --cache-dir or CATSDOGS_CACHE_DIR") from None
+    with fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -233,33 +323,51 @@ class _Store:
         self.sources: dict[str, dict[str, _Source]] = {}
         self.skipped: dict[str, str] = {}
         self.final_meta: dict[str, Any] | None = None
+        self.intact = False  # set by load_final: the finished file verified, all rows usable
 
     def load(self) -> _Store:
-        self._load_final()
+        self.load_final()
         self._load_chunks()
         return self
 
-    def _load_final(self) -> None:
+    def load_final(self) -> _Store:
+        """Index the finished file's verified rows (reads only; see :attr:`intact`)."""
         import h5py
 
         if not self.final.exists():
-            return
+            return self
         try:
             with h5py.File(self.final, "r") as h5:
                 meta = _read_meta(h5)
                 if meta.get("format_version") != FORMAT_VERSION or meta.get("config_key") != self.config.key:
                     logger.warning("%s belongs to another configuration; recomputing", self.final)
-                    return
+                    return self
+                index_bad, feature_bad = _verify(h5, meta["views"])
+                if index_bad:
+                    logger.warning("corrupt cache file %s (%s); recomputing all of it", self.final,
+                                   _describe_damage(index_bad, feature_bad))
+                    return self
+                if feature_bad:
+                    logger.warning("corrupt cache file %s (%s); recomputing those rows", self.final,
+                                   _describe_damage(index_bad, feature_bad))
                 for split in SPLITS:
                     digests = [d.decode() for d in h5[split]["digests"][...]]
                     for view in meta["views"]:
+                        bad = feature_bad.get(f"{split}/{VIEW_DATASET[view]}", [])
                         for row, dig in enumerate(digests):
-                            self.sources.setdefault(dig, {})[view] = _Source("h5", split, row)
+                            if not any(a <= row < b for a, b in bad):
+                                self.sources.setdefault(dig, {})[view] = _Source("h5", split, row)
                 for item in meta.get("skipped", []):
                     self.skipped[item["digest"]] = item["reason"]
                 self.final_meta = meta
-        except (OSError, KeyError, ValueError) as exc:
-            logger.warning("ignoring unreadable cache file %s (%s); recomputing", self.final, exc)
+                self.intact = not feature_bad
+        except _H5_ERRORS as exc:
+            self.sources.clear()
+            self.skipped.clear()
+            self.final_meta = None
+            logger.warning("ignoring unreadable cache file %s (%s: %s); recomputing", self.final,
+                           type(exc).__name__, exc)
+        return self
 
     def _load_chunks(self) -> None:
         if not self.partial.is_dir():
@@ -271,9 +379,11 @@ class _Store:
                     continue
                 digests = info["digests"]
                 for view in info["views"]:
-                    arr = np.load(marker.with_suffix(f".{view}.npy"), mmap_mode="r")
+                    arr = np.load(marker.with_suffix(f".{view}.npy"), allow_pickle=False)
                     if arr.shape != (len(digests), self.config.feature_dim):
                         raise ValueError(f"shape {arr.shape}")
+                    if _checksum(arr) != info["checksums"][view]:
+                        raise ValueError(f"checksum mismatch in its {view} features")
                 for view in info["views"]:
                     for row, dig in enumerate(digests):
                         self.sources.setdefault(dig, {})[view] = _Source("chunk", marker.stem, row)
@@ -284,7 +394,8 @@ class _Store:
     def next_chunk_index(self) -> int:
         if not self.partial.is_dir():
             return 0
-        indices = [int(p.stem.split("-")[1]) for p in self.partial.glob("chunk-*.json")]
+        indices = [int(p.stem[6:]) for p in self.partial.glob("chunk-*.json")
+                   if p.stem[6:].isascii() and p.stem[6:].isdigit()]
         return max(indices, default=-1) + 1
 
     def write_chunk(self, index: int, digests: list[str], views: Sequence[str],
@@ -293,7 +404,8 @@ class _Store:
         stem = f"chunk-{index:06d}"
         for view in views:
             atomic_write(self.partial / f"{stem}.{view}.npy", lambda fh, a=arrays[view]: np.save(fh, a))
-        info = {"config_key": self.config.key, "digests": digests, "views": list(views), "skipped": skipped}
+        info = {"config_key": self.config.key, "digests": digests, "views": list(views), "skipped": skipped,
+                "checksums": {view: _checksum(np.asarray(arrays[view])) for view in views}}
         atomic_write(self.partial / f"{stem}.json", lambda fh: fh.write(json.dumps(info).encode()))
         for view in views:
             for row, dig in enumerate(digests):
@@ -482,7 +594,7 @@ def _gather(store: _Store, digests: list[str], view: str, h5_old, chunk_cache: d
 
 
 def _assemble(store: _Store, rows: dict[str, list[tuple[ImageRecord, str]]], views: list[str],
-              meta: dict[str, Any], block: int = 2048) -> None:
+              meta: dict[str, Any], block: int = 8 * CHECKSUM_ROWS) -> None:
     import h5py
 
     final = store.final
@@ -499,15 +611,25 @@ def _assemble(store: _Store, rows: dict[str, list[tuple[ImageRecord, str]]], vie
                 items = rows[split]
                 g = h5.create_group(split)
                 n, d = len(items), store.config.feature_dim
-                g.create_dataset("labels", data=np.array([r.label for r, _ in items], np.int8))
-                g.create_dataset("ids", data=np.array([r.id for r, _ in items], np.int64))
-                g.create_dataset("files", data=[r.relpath for r, _ in items], dtype=h5py.string_dtype())
-                g.create_dataset("digests", data=np.array([dg for _, dg in items], dtype="S32"))
+                columns = {
+                    "labels": np.array([r.label for r, _ in items], np.int8),
+                    "ids": np.array([r.id for r, _ in items], np.int64),
+                    "files": [r.relpath for r, _ in items],
+                    "digests": np.array([dg for _, dg in items], dtype="S32"),
+                }
+                for name, values in columns.items():
+                    ds = g.create_dataset(name, data=values, **(
+                        {"dtype": h5py.string_dtype()} if name == "files" else {}))
+                    _set_checksums(ds, [_checksum(values)], max(1, n))
                 for view in views:
                     ds = g.create_dataset(VIEW_DATASET[view], shape=(n, d), dtype=np.float32)
+                    sums = []
                     for start in range(0, n, block):
                         part = [dg for _, dg in items[start:start + block]]
-                        ds[start:start + len(part)] = _gather(store, part, view, h5_old, chunk_cache)
+                        values = _gather(store, part, view, h5_old, chunk_cache)
+                        ds[start:start + len(part)] = values
+                        sums += _block_checksums(values, CHECKSUM_ROWS)
+                    _set_checksums(ds, sums, CHECKSUM_ROWS)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         if h5_old is not None:
@@ -523,6 +645,13 @@ def _assemble(store: _Store, rows: dict[str, list[tuple[ImageRecord, str]]], vie
 
 
 # --------------------------------------------------------------------------------------- API
+def _fresh(store: _Store, listing: str, views: Sequence[str]) -> bool:
+    """The finished file verified intact and made from exactly this listing, with these views."""
+    old = store.final_meta
+    return (store.intact and old is not None and old.get("listing_fingerprint") == listing
+            and set(views) <= set(old["views"]))
+
+
 def _check_options(backbones, weights, image_size, batch_size, precision, resize, chunk_size, workers):
     if not backbones:
         raise ConfigError("no backbone given; name at least one (e.g. --backbone resnet50)")
@@ -625,13 +754,16 @@ def extract(
             calibration=calibration_key,
         )
         final = directory / config.filename
-        with _locked(final):
-            remove_stale_temporaries(directory)  # e.g. an .h5 being assembled when killed
-            remove_stale_temporaries(final.with_name(final.name + ".partial"))
-            store = _Store(final, config).load()
+        # a finished, verified file is used read-only: no lock, no write (read-only caches work)
+        store = _Store(final, config).load_final()
+        warm = _fresh(store, listing, views)
+        with contextlib.nullcontext() if warm else _locked(final):
+            if not warm:
+                remove_stale_temporaries(directory)  # e.g. an .h5 being assembled when killed
+                remove_stale_temporaries(final.with_name(final.name + ".partial"))
+                store = _Store(final, config).load()
             old = store.final_meta
-            if (old is not None and old.get("listing_fingerprint") == listing
-                    and set(views) <= set(old["views"])):
+            if _fresh(store, listing, views):
                 result = ExtractResult(backbone.name, final, config, old["n_train"], old["n_test"],
                                        computed=0, reused=old["n_train"] + old["n_test"],
                                        skipped=[(s["file"], s["reason"]) for s in old.get("skipped", [])])

@@ -14,6 +14,7 @@ the ``source`` given) and shows example ids, e.g.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -37,6 +38,8 @@ HEADER = ("id", "label")
 _SHOW = 5
 #: slack when checking labels against the clip bounds (they went through decimal text)
 _TOL = 1e-12
+#: ids are stored as int64
+_ID_MIN, _ID_MAX = -(2**63), 2**63 - 1
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -54,16 +57,29 @@ def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
+def _out_of_range(source: str, row: int, v) -> DataError:
+    return DataError(f"{source}: id {v} (data row {row}) is out of range: ids must fit in 64 bits "
+                     f"({_ID_MIN} to {_ID_MAX})")
+
+
 def _id_array(col: pd.Series, source: str) -> np.ndarray:
-    """The id column as int64, or a DataError naming the first id that is not an integer."""
+    """The id column as int64, or a DataError naming the first id that is not an integer or does
+    not fit in int64 (pandas reads those as uint64 or Python ints)."""
     na = col.isna().to_numpy()
     if na.any():
         raise DataError(f"{source}: data row {int(np.argmax(na)) + 1} has no id")
     if pd.api.types.is_integer_dtype(col) and not pd.api.types.is_bool_dtype(col):
+        if col.dtype.kind == "u":
+            big = col.to_numpy() > _ID_MAX
+            if big.any():
+                i = int(np.argmax(big))
+                raise _out_of_range(source, i + 1, col.iloc[i])
         return col.to_numpy(dtype=np.int64)
     for row, v in enumerate(col.tolist(), start=1):
         if not _is_int(v):
             raise DataError(f"{source}: ids must be integers; data row {row} has {v!r}")
+        if not _ID_MIN <= int(v) <= _ID_MAX:
+            raise _out_of_range(source, row, v)
     return col.to_numpy(dtype=np.int64)  # an object column holding only ints
 
 
@@ -181,18 +197,22 @@ def _coerce_ids(ids, source: str) -> np.ndarray:
     arr = np.asarray(ids)
     if arr.ndim != 1:
         arr = arr.ravel()
-    if arr.dtype.kind in "iu":
+    if arr.dtype.kind == "i" or (arr.dtype.kind == "u" and (arr.size == 0 or arr.max() <= _ID_MAX)):
         return arr.astype(np.int64)
     out = np.empty(arr.size, dtype=np.int64)
     for i, v in enumerate(arr.tolist()):
         if _is_int(v):
-            out[i] = v
+            value = int(v)
         elif isinstance(v, float) and np.isfinite(v) and v.is_integer():
-            out[i] = int(v)
-        elif isinstance(v, str) and v.strip().lstrip("+-").isdigit():
-            out[i] = int(v.strip())
+            value = int(v)
+        elif isinstance(v, str) and re.fullmatch(r"[+-]?[0-9]+", v.strip()):  # ASCII digits only
+            value = int(v.strip())
         else:
             raise DataError(f"{source}: id at position {i} is not an integer: {v!r}")
+        if not _ID_MIN <= value <= _ID_MAX:
+            raise DataError(f"{source}: id at position {i} is out of range: {v!r} does not fit in "
+                            "64 bits")
+        out[i] = value
     return out
 
 
