@@ -1,36 +1,63 @@
 """Conformance checks for plugin components, in the spirit of scikit-learn's ``check_estimator``.
 
-A plugin's own test suite calls these on its components::
+Every property of the contract (:mod:`catsdogs.components`) is one named check, so a failing test
+says which property broke. A plugin's own test suite runs them all, one pytest test per check::
+
+    from catsdogs.testing import parametrize_with_checks
+
+    @parametrize_with_checks([MyBackbone(), MyHead, MyOptimizer])
+    def test_conformance(component, check):
+        check(component)
+
+or all checks of one component in one test::
 
     from catsdogs.testing import check_backbone, check_head, check_optimizer
-
-    def test_my_backbone():
-        check_backbone(MyBackbone())
 
     def test_my_head():
         check_head(MyHead)
 
-    def test_my_optimizer():
-        check_optimizer(MyOptimizer)
-
-Each function returns nothing when the component honours its contract
-(:mod:`catsdogs.components`) and raises :class:`AssertionError` naming the component and the
-broken property otherwise. They run on CPU in seconds, offline: backbones are built with
-``weights="none"`` (seeded random initialisation) and heads are trained on a small synthetic,
-linearly separable data set.
+A check returns nothing when the component honours the property and raises
+:class:`AssertionError` naming the component and the broken property otherwise. The checks run
+on CPU in seconds, offline: backbones are built with ``weights="none"`` (seeded random
+initialisation) and heads are trained on a small synthetic, linearly separable data set.
+:func:`backbone_checks`, :func:`head_checks` and :func:`optimizer_checks` list the checks of each
+kind; fixtures for plugin test suites ship as a pytest plugin (:mod:`catsdogs.pytest_plugin`).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
-from typing import Any
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from catsdogs.components import WEIGHTS_NONE, Backbone, Head, Optimizer, component_name
 from catsdogs.errors import ConfigError, PluginError
+from catsdogs.validation import NotFittedError
 
-__all__ = ["check_backbone", "check_head", "check_optimizer", "make_separable_features"]
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
+
+__all__ = [
+    "check_backbone",
+    "check_head",
+    "check_optimizer",
+    "backbone_checks",
+    "head_checks",
+    "optimizer_checks",
+    "checks_for",
+    "parametrize_with_checks",
+    "make_separable_features",
+    "make_kaggle_dataset",
+    "write_jpeg",
+]
+
+#: a check: called with the component (a Backbone instance, a Head or Optimizer class)
+Check = Callable[[Any], None]
 
 
 class _Checker:
@@ -131,29 +158,23 @@ def _random_pixels(n: int, size: int, seed: int = 0) -> np.ndarray:
     return rng.uniform(0.0, 255.0, size=(n, size, size, 3)).astype(np.float32)
 
 
-def check_backbone(backbone: Backbone, image_size: int | None = None, weights: str = WEIGHTS_NONE) -> None:
-    """Check a :class:`~catsdogs.components.Backbone` instance.
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
-    The network is built twice with ``weights`` (default ``none``, offline) at ``image_size``
-    (default: the backbone's ``min_input_size``, the cheapest size it accepts) and called on random
-    raw RGB pixels. Raises :class:`AssertionError` on the first broken property.
-    """
-    import keras
 
+def check_backbone_attributes(backbone: Backbone, image_size: int | None = None,
+                              weights: str = WEIGHTS_NONE) -> None:
+    """A Backbone instance with a valid name, sizes, feature_dim, preprocessing, weights options."""
     c = _Checker("backbone", backbone)
     c.check(isinstance(backbone, Backbone),
             f"must be an instance of catsdogs.components.Backbone, got {type(backbone).__name__}")
     _check_name(c, backbone)
-
-    def positive_int(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-    c.check(positive_int(backbone.min_input_size),
+    c.check(_positive_int(backbone.min_input_size),
             f"min_input_size must be a positive int, got {backbone.min_input_size!r}")
-    c.check(positive_int(backbone.input_size) and backbone.input_size >= backbone.min_input_size,
+    c.check(_positive_int(backbone.input_size) and backbone.input_size >= backbone.min_input_size,
             f"input_size must be an int >= min_input_size ({backbone.min_input_size}), "
             f"got {backbone.input_size!r}")
-    c.check(positive_int(backbone.feature_dim),
+    c.check(_positive_int(backbone.feature_dim),
             f"feature_dim must be a positive int, got {backbone.feature_dim!r}")
     c.check(isinstance(backbone.preprocessing, str) and backbone.preprocessing.strip(),
             f"preprocessing must be a non-empty description, got {backbone.preprocessing!r}")
@@ -162,9 +183,23 @@ def check_backbone(backbone: Backbone, image_size: int | None = None, weights: s
             f"weights_options must be a non-empty tuple of strings, got {options!r}")
     c.check(WEIGHTS_NONE in options, f"weights_options {options!r} must include {WEIGHTS_NONE!r}")
     c.check(weights in options, f"weights {weights!r} to check is not in weights_options {options!r}")
+    c.check(backbone.describe().get("name") == backbone.name, "describe()['name'] must be the name")
+    size = backbone.min_input_size if image_size is None else image_size
+    c.check(_positive_int(size) and size >= backbone.min_input_size,
+            f"image_size to check ({size!r}) must be an int >= min_input_size")
+    c.check(isinstance(backbone.has_classifier, bool), "has_classifier must be a bool")
+    if backbone.has_classifier:
+        c.check(callable(getattr(backbone, "build_classifier", None)),
+                "has_classifier is True but there is no build_classifier() "
+                "(the catsdogs.components.ImageNetClassifier capability)")
 
+
+def check_backbone_weights_ids(backbone: Backbone, image_size: int | None = None,
+                               weights: str = WEIGHTS_NONE) -> None:
+    """``weights_id`` is a non-empty string per weights option, different for each option."""
+    c = _Checker("backbone", backbone)
     ids = {}
-    for option in options:
+    for option in tuple(backbone.weights_options):
         try:
             ids[option] = backbone.weights_id(option)
         except Exception as exc:
@@ -174,26 +209,54 @@ def check_backbone(backbone: Backbone, image_size: int | None = None, weights: s
     c.check(len(set(ids.values())) == len(ids),
             f"weights_id must differ between weights options (it keys the feature cache): {ids!r}")
 
+
+def check_backbone_rejects_bad_arguments(backbone: Backbone, image_size: int | None = None,
+                                         weights: str = WEIGHTS_NONE) -> None:
+    """Unknown weights and too small images are a :class:`ConfigError`."""
+    c = _Checker("backbone", backbone)
     c.raises(ConfigError, lambda: backbone.check_weights("bogus"),
              "check_weights('bogus') must raise ConfigError")
     c.raises(ConfigError, lambda: backbone.check_image_size(backbone.min_input_size - 1),
              f"check_image_size(min_input_size - 1 = {backbone.min_input_size - 1}) must raise ConfigError")
-    c.check(backbone.describe().get("name") == backbone.name, "describe()['name'] must be the name")
 
+
+def _build_backbone(c: _Checker, backbone: Backbone, weights: str, size: int) -> keras.Model:
+    import keras
+
+    try:
+        model = backbone.build(weights, size)
+    except Exception as exc:
+        c.fail(f"build({weights!r}, {size}) failed: {type(exc).__name__}: {exc}")
+    c.check(isinstance(model, keras.Model),
+            f"build() must return a keras.Model, got {type(model).__name__}")
+    return model
+
+
+def _backbone_features(c: _Checker, backbone: Backbone, where: str, m: keras.Model,
+                       pixels: np.ndarray) -> np.ndarray:
+    import keras
+
+    try:
+        out = m(pixels, training=False)
+    except Exception as exc:
+        c.fail(f"{where} failed on a batch of {len(pixels)} images: {type(exc).__name__}: {exc}")
+    arr = np.asarray(keras.ops.convert_to_numpy(out))
+    expected = (len(pixels), backbone.feature_dim)
+    c.check(arr.shape == expected,
+            f"{where}: features of {len(pixels)} image(s) have shape {arr.shape}, expected {expected}")
+    c.check(arr.dtype == np.float32, f"{where}: features must be float32, got {arr.dtype}")
+    c.check(np.isfinite(arr).all(), f"{where}: features contain NaN or inf")
+    return arr
+
+
+def check_backbone_model(backbone: Backbone, image_size: int | None = None,
+                         weights: str = WEIGHTS_NONE) -> None:
+    """``build()`` gives a one-input (``image``), one-output ``(None, feature_dim)`` model with a
+    ``gap`` layer over a 4-D feature map; features are finite float32, depend on the image and
+    not on the rest of the batch."""
+    c = _Checker("backbone", backbone)
     size = backbone.min_input_size if image_size is None else image_size
-    c.check(positive_int(size) and size >= backbone.min_input_size,
-            f"image_size to check ({size!r}) must be an int >= min_input_size")
-
-    def build() -> keras.Model:
-        try:
-            model = backbone.build(weights, size)
-        except Exception as exc:
-            c.fail(f"build({weights!r}, {size}) failed: {type(exc).__name__}: {exc}")
-        c.check(isinstance(model, keras.Model),
-                f"build() must return a keras.Model, got {type(model).__name__}")
-        return model
-
-    model = build()
+    model = _build_backbone(c, backbone, weights, size)
     where = f"model from build({weights!r}, {size})"
     c.check(len(model.inputs) == 1, f"{where} must have exactly one input, has {len(model.inputs)}")
     image = model.inputs[0]
@@ -204,7 +267,6 @@ def check_backbone(backbone: Backbone, image_size: int | None = None, weights: s
     out_shape = tuple(model.outputs[0].shape)
     c.check(out_shape == (None, backbone.feature_dim),
             f"{where}: output shape must be (None, feature_dim={backbone.feature_dim}), got {out_shape}")
-
     try:
         gap = model.get_layer("gap")
     except ValueError:
@@ -215,43 +277,59 @@ def check_backbone(backbone: Backbone, image_size: int | None = None, weights: s
             f"{where}: the input of layer 'gap' must be a 4-D feature map (batch, h, w, channels), "
             f"got shape {gap_in}")
 
-    def features(m: keras.Model, pixels: np.ndarray) -> np.ndarray:
-        try:
-            out = m(pixels, training=False)
-        except Exception as exc:
-            c.fail(f"{where} failed on a batch of {len(pixels)} images: {type(exc).__name__}: {exc}")
-        arr = np.asarray(keras.ops.convert_to_numpy(out))
-        expected = (len(pixels), backbone.feature_dim)
-        c.check(arr.shape == expected,
-                f"{where}: features of {len(pixels)} image(s) have shape {arr.shape}, expected {expected}")
-        c.check(arr.dtype == np.float32, f"{where}: features must be float32, got {arr.dtype}")
-        c.check(np.isfinite(arr).all(), f"{where}: features contain NaN or inf")
-        return arr
-
     pixels = _random_pixels(3, size)
-    batch = features(model, pixels)
+    batch = _backbone_features(c, backbone, where, model, pixels)
     # randomly initialised networks give features of very different magnitudes (Xception's are
     # ~1e-5 at its minimum size), so tolerances are relative to the largest feature
     scale = float(np.abs(batch).max())
     c.check(scale > 0 and not np.allclose(batch[0], batch[1:], rtol=1e-6, atol=1e-6 * scale),
             f"{where}: different images give the same features (is the input used?)")
-    single = features(model, pixels[1:2])
+    single = _backbone_features(c, backbone, where, model, pixels[1:2])
     c.check(np.allclose(batch[1:2], single, rtol=0, atol=1e-4 * scale),
             f"{where}: features of an image depend on the rest of the batch "
             f"(max difference {np.abs(batch[1:2] - single).max():.3g}, largest feature {scale:.3g}; "
             "call sub-layers with training=False)")
 
-    again = build()
+
+def check_backbone_deterministic(backbone: Backbone, image_size: int | None = None,
+                                 weights: str = WEIGHTS_NONE) -> None:
+    """Two ``build()`` calls give the same weights and the same features."""
+    c = _Checker("backbone", backbone)
+    size = backbone.min_input_size if image_size is None else image_size
+    where = f"model from build({weights!r}, {size})"
+    model, again = (_build_backbone(c, backbone, weights, size) for _ in range(2))
     weights_a, weights_b = model.get_weights(), again.get_weights()
     same_weights = len(weights_a) == len(weights_b) and all(
         a.shape == b.shape and np.array_equal(a, b) for a, b in zip(weights_a, weights_b)
     )
     c.check(same_weights, f"two build({weights!r}, {size}) calls give different weights; "
             "the network must be deterministic (seed the initialisation)")
-    batch_again = features(again, pixels)
+    pixels = _random_pixels(3, size)
+    batch = _backbone_features(c, backbone, where, model, pixels)
+    scale = float(np.abs(batch).max())
+    batch_again = _backbone_features(c, backbone, where, again, pixels)
     c.check(np.allclose(batch, batch_again, rtol=0, atol=1e-5 * scale),
             f"two build({weights!r}, {size}) calls give different features "
             f"(max difference {np.abs(batch - batch_again).max():.3g})")
+
+
+def backbone_checks() -> list[Check]:
+    """The backbone checks, cheapest first (each takes ``(backbone, image_size, weights)``)."""
+    return [check_backbone_attributes, check_backbone_weights_ids,
+            check_backbone_rejects_bad_arguments, check_backbone_model,
+            check_backbone_deterministic]
+
+
+def check_backbone(backbone: Backbone, image_size: int | None = None, weights: str = WEIGHTS_NONE) -> None:
+    """Run every backbone check on a :class:`~catsdogs.components.Backbone` instance.
+
+    The network is built with ``weights`` (default ``none``, offline) at ``image_size`` (default:
+    the backbone's ``min_input_size``, the cheapest size it accepts) and called on random raw RGB
+    pixels. Raises :class:`AssertionError` on the first broken property.
+    """
+    check_backbone_attributes(backbone, image_size, weights)
+    for check in backbone_checks()[1:]:
+        check(backbone, image_size, weights)
 
 
 # -- heads -------------------------------------------------------------------------------------------
@@ -270,48 +348,65 @@ def make_separable_features(n: int = 200, d: int = 16, seed: int = 0, margin: fl
     return X.astype(np.float32), y
 
 
-def check_head(head_cls: type[Head], optimizer: Optimizer | None = None, epochs: int = 30,
-               batch_size: int = 128, seed: int = 7) -> None:
-    """Check a :class:`~catsdogs.components.Head` subclass.
+def write_jpeg(path: Path, seed: int, size: tuple[int, int] = (40, 30), label: int = 0) -> Path:
+    """A real JPEG of ``size`` (w, h) with a label-dependent pattern (dogs brighter on the left)."""
+    from PIL import Image
 
-    Constructs it with defaults, checks the scikit-learn parameter conventions, fits it (twice,
-    for reproducibility) on :func:`make_separable_features` and checks its probabilities and
-    :meth:`~catsdogs.components.Head.keras_model`. Heads with ``uses_optimizer`` are trained with
-    ``optimizer`` (default: the registered ``adam`` with ``learning_rate=0.01``).
-    """
-    c = _Checker("head", head_cls)
-    c.check(isinstance(head_cls, type) and issubclass(head_cls, Head),
-            "must be a subclass of catsdogs.components.Head")
-    _check_name(c, head_cls)
-    c.check(isinstance(head_cls.uses_optimizer, bool), "uses_optimizer must be a bool")
-    c.check(isinstance(head_cls.cam_capable, bool), "cam_capable must be a bool")
-    try:
-        head = head_cls()
-    except Exception as exc:
-        c.fail(f"cannot be constructed with default arguments: {type(exc).__name__}: {exc}")
-    params = _check_params(c, head, head_cls)
+    rng = np.random.default_rng(seed)
+    w, h = size
+    img = rng.integers(0, 120, (h, w, 3), dtype=np.uint8)
+    if label == 1:
+        img[:, : w // 2] += 120
+    else:
+        img[: h // 2] += 100
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path, "JPEG", quality=90)
+    return path
 
-    X, y = make_separable_features(seed=seed)
-    fresh = head_cls()
-    c.raises(Exception, lambda: fresh.predict_proba(X),
-             "predict_proba() before fit() must raise an error")
 
-    if head_cls.uses_optimizer and optimizer is None:
-        from catsdogs.plugins import get_registry
+def make_kaggle_dataset(root: Path, n_per_class: int = 6, n_test: int = 4, seed: int = 0) -> Path:
+    """A Kaggle-layout data set of generated JPEGs: train/cat.N.jpg, train/dog.N.jpg, test/N.jpg."""
+    root = Path(root)
+    for label, cls in enumerate(("cat", "dog")):
+        for i in range(1, n_per_class + 1):
+            write_jpeg(root / "train" / f"{cls}.{i}.jpg", seed * 1000 + label * 100 + i,
+                       size=(30 + i * 3, 28 + (i % 4) * 5), label=label)
+    for i in range(1, n_test + 1):
+        write_jpeg(root / "test" / f"{i}.jpg", seed * 1000 + 500 + i, label=i % 2)
+    return root
 
-        optimizer = get_registry().optimizer("adam")(learning_rate=0.01)
-    fit_kwargs = dict(optimizer=optimizer if head_cls.uses_optimizer else None,
-                      epochs=epochs, batch_size=batch_size, seed=seed)
 
-    def fit(h: Head) -> Head:
+class _HeadRun:
+    """The shared setup of the head checks: data, fit arguments, fit and predict with checks."""
+
+    def __init__(self, head_cls: type[Head], optimizer: Optimizer | None, epochs: int,
+                 batch_size: int, seed: int):
+        self.c = _Checker("head", head_cls)
+        self.head_cls = head_cls
+        self.X, self.y = make_separable_features(seed=seed)
+        if head_cls.uses_optimizer and optimizer is None:
+            from catsdogs.plugins import get_registry
+
+            optimizer = get_registry().optimizer("adam")(learning_rate=0.01)
+        self.fit_kwargs = dict(optimizer=optimizer if head_cls.uses_optimizer else None,
+                               epochs=epochs, batch_size=batch_size, seed=seed)
+
+    def new(self, **params: Any) -> Head:
         try:
-            result = h.fit(X, y, **fit_kwargs)
+            return self.head_cls(**params)
         except Exception as exc:
-            c.fail(f"fit() failed: {type(exc).__name__}: {exc}")
-        c.check(result is h, f"fit() must return self, got {result!r}")
+            self.c.fail(f"cannot be constructed with default arguments: {type(exc).__name__}: {exc}")
+
+    def fit(self, h: Head) -> Head:
+        try:
+            result = h.fit(self.X, self.y, **self.fit_kwargs)
+        except Exception as exc:
+            self.c.fail(f"fit() failed: {type(exc).__name__}: {exc}")
+        self.c.check(result is h, f"fit() must return self, got {result!r}")
         return h
 
-    def predict(h: Head, X: np.ndarray) -> np.ndarray:
+    def predict(self, h: Head, X: np.ndarray) -> np.ndarray:
+        c = self.c
         try:
             p = h.predict_proba(X)
         except Exception as exc:
@@ -327,49 +422,208 @@ def check_head(head_cls: type[Head], optimizer: Optimizer | None = None, epochs:
                 f"[{p.min():.4g}, {p.max():.4g}]")
         return p
 
-    fit(head)
+    def fitted(self) -> tuple[Head, np.ndarray]:
+        """A head fitted with the default parameters and its predictions on the training rows.
+
+        Shared by the checks of one head and fit settings (the last few are kept), so running
+        every check fits the head twice, not once per check. Checks must not modify it.
+        """
+        opt = self.fit_kwargs["optimizer"]
+        key = (self.head_cls, None if opt is None else (type(opt), repr(opt.get_params())),
+               *(self.fit_kwargs[k] for k in ("epochs", "batch_size", "seed")))
+        if key not in _FITTED:
+            head = self.fit(self.new())
+            if len(_FITTED) >= 4:
+                _FITTED.pop(next(iter(_FITTED)))
+            _FITTED[key] = (head, self.predict(head, self.X))
+        return _FITTED[key]
+
+
+#: fitted heads shared by the checks (see :meth:`_HeadRun.fitted`)
+_FITTED: dict[tuple[Any, ...], tuple[Head, np.ndarray]] = {}
+
+
+def _head_check(func: Callable[[_HeadRun], None]) -> Callable[..., None]:
+    """Turn ``func(run)`` into a public check ``check(head_cls, optimizer=None, epochs=30, ...)``."""
+
+    @functools.wraps(func)
+    def check(head_cls: type[Head], optimizer: Optimizer | None = None, epochs: int = 30,
+              batch_size: int = 128, seed: int = 7) -> None:
+        _Checker("head", head_cls).check(isinstance(head_cls, type) and issubclass(head_cls, Head),
+                                         "must be a subclass of catsdogs.components.Head")
+        func(_HeadRun(head_cls, optimizer, epochs, batch_size, seed))
+
+    return check
+
+
+@_head_check
+def check_head_attributes(run: _HeadRun) -> None:
+    """A Head subclass with a valid name and boolean ``uses_optimizer`` / ``cam_capable``."""
+    c, head_cls = run.c, run.head_cls
+    _check_name(c, head_cls)
+    c.check(isinstance(head_cls.uses_optimizer, bool), "uses_optimizer must be a bool")
+    c.check(isinstance(head_cls.cam_capable, bool), "cam_capable must be a bool")
+
+
+@_head_check
+def check_head_params(run: _HeadRun) -> None:
+    """scikit-learn parameters: ``__init__`` stores its arguments; get/set_params, clone; the
+    defaults pass ``validate_params``."""
+    head = run.new()
+    _check_params(run.c, head, run.head_cls)
+    try:
+        head.validate_params()
+    except Exception as exc:
+        run.c.fail(f"validate_params() rejects the default parameters: {type(exc).__name__}: {exc}")
+
+
+@_head_check
+def check_head_search_space(run: _HeadRun) -> None:
+    """``search_space`` declares only parameters of the head; ``from_hp`` builds a head from them."""
+    c, head_cls = run.c, run.head_cls
+    try:
+        space = head_cls.tuning_space()
+    except ConfigError as exc:
+        c.fail(f"search_space(): {exc}")
+    except Exception as exc:
+        c.fail(f"search_space() failed: {type(exc).__name__}: {exc}")
+    values = {name: _first_value(method, args, kwargs)
+              for name, (method, args, kwargs) in space.entries.items()}
+    try:
+        head = head_cls.from_hp(values)
+    except Exception as exc:
+        c.fail(f"from_hp({values!r}) failed: {type(exc).__name__}: {exc}")
+    c.check(isinstance(head, head_cls), f"from_hp() must return a {head_cls.__name__}, got {head!r}")
+    own = {k: v for k, v in values.items() if k != "learning_rate"}
+    c.check(_params_equal({k: head.get_params()[k] for k in own}, own),
+            f"from_hp({values!r}) did not set the declared parameters: {head.get_params()!r}")
+
+
+def _first_value(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A legal value of one :class:`SearchSpace` entry (its lower bound / first choice)."""
+    if method == "Boolean":
+        return kwargs.get("default", False)
+    if method == "Choice":
+        return args[0][0]
+    return args[0]
+
+
+@_head_check
+def check_head_not_fitted(run: _HeadRun) -> None:
+    """``predict_proba`` (and ``keras_model``) before ``fit`` raise :class:`NotFittedError`."""
+    fresh = run.new()
+    run.c.raises(NotFittedError, lambda: fresh.predict_proba(run.X),
+                 "predict_proba() before fit() must raise catsdogs.validation.NotFittedError")
+
+
+@_head_check
+def check_head_fit_predict(run: _HeadRun) -> None:
+    """``fit`` returns self, keeps the parameters, learns a separable problem, sets
+    ``history_``; ``predict_proba`` gives (n,) probabilities independent of the batch."""
+    c = run.c
+    params = run.new().get_params()
+    head, p = run.fitted()
     c.check(_params_equal(head.get_params(), params), "fit() must not change the parameters")
-    p = predict(head, X)
-    accuracy = float(((p > 0.5) == y).mean())
+    accuracy = float(((p > 0.5) == run.y).mean())
     c.check(accuracy > 0.9,
             f"training accuracy on a linearly separable problem is {accuracy:.3f} (must be > 0.9) "
-            f"after fit({', '.join(f'{k}={v!r}' for k, v in fit_kwargs.items())})")
+            f"after fit({', '.join(f'{k}={v!r}' for k, v in run.fit_kwargs.items())})")
     history = getattr(head, "history_", None)
     c.check(isinstance(history, dict), f"fit() must set history_ to a dict, got {history!r}")
     for key, values in history.items():
         c.check(isinstance(key, str) and isinstance(values, (list, tuple)),
                 f"history_ must map metric names to lists, got {key!r}: {type(values).__name__}")
-    c.check(np.allclose(predict(head, X[:5]), p[:5], atol=1e-6, rtol=0),
+    c.check(np.allclose(run.predict(head, run.X[:5]), p[:5], atol=1e-6, rtol=0),
             "predict_proba() of the first rows differs from the same rows predicted with all of X")
 
-    p_again = predict(fit(head_cls(**params)), X)
-    c.check(np.allclose(p, p_again, atol=1e-5, rtol=0),
-            f"two fits with the same seed give different predictions "
-            f"(max difference {np.abs(p - p_again).max():.3g}); seed all randomness from `seed`")
 
+@_head_check
+def check_head_reproducible(run: _HeadRun) -> None:
+    """Two fits with the same seed give the same predictions."""
+    _, p = run.fitted()
+    p_again = run.predict(run.fit(run.new()), run.X)
+    run.c.check(np.allclose(p, p_again, atol=1e-5, rtol=0),
+                f"two fits with the same seed give different predictions "
+                f"(max difference {np.abs(p - p_again).max():.3g}); seed all randomness from `seed`")
+
+
+@_head_check
+def check_head_keras_model(run: _HeadRun) -> None:
+    """``keras_model()`` is None or a ``(None, d) -> (None, 1)`` model equal to ``predict_proba``,
+    which survives a ``.keras`` save/load round trip (Keras' safe mode) unchanged."""
+    import keras
+
+    c = run.c
+    head, p = run.fitted()
     model = head.keras_model()
-    if model is not None:
-        import keras
+    if model is None:
+        return
+    X = run.X
+    c.check(isinstance(model, keras.Model),
+            f"keras_model() must return a keras.Model or None, got {type(model).__name__}")
+    c.check(len(model.inputs) == 1 and tuple(model.inputs[0].shape) == (None, X.shape[1]),
+            f"keras_model() must take one input of shape (None, d={X.shape[1]}), got "
+            f"{[tuple(t.shape) for t in model.inputs]}")
+    out = np.asarray(keras.ops.convert_to_numpy(model(X, training=False)))
+    c.check(out.shape in ((len(X),), (len(X), 1)),
+            f"keras_model() must output P(dog) of shape (batch, 1), got {out.shape}")
+    c.check(np.allclose(out.reshape(-1), p, atol=1e-5, rtol=0),
+            f"keras_model() output differs from predict_proba() "
+            f"(max difference {np.abs(out.reshape(-1) - p).max():.3g})")
+    with tempfile.TemporaryDirectory(prefix="catsdogs-check-") as tmp:
+        path = Path(tmp) / "head.keras"
+        try:
+            model.save(path)
+            loaded = keras.saving.load_model(path, safe_mode=True)
+        except Exception as exc:
+            c.fail(f"keras_model() does not survive a .keras save/load round trip: "
+                   f"{type(exc).__name__}: {exc}")
+        again = np.asarray(keras.ops.convert_to_numpy(loaded(X, training=False))).reshape(-1)
+    c.check(np.allclose(again, out.reshape(-1), atol=1e-6, rtol=0),
+            f"keras_model() predicts differently after a .keras save/load round trip "
+            f"(max difference {np.abs(again - out.reshape(-1)).max():.3g})")
 
-        c.check(isinstance(model, keras.Model),
-                f"keras_model() must return a keras.Model or None, got {type(model).__name__}")
-        c.check(len(model.inputs) == 1 and tuple(model.inputs[0].shape) == (None, X.shape[1]),
-                f"keras_model() must take one input of shape (None, d={X.shape[1]}), got "
-                f"{[tuple(t.shape) for t in model.inputs]}")
-        out = np.asarray(keras.ops.convert_to_numpy(model(X, training=False)))
-        c.check(out.shape in ((len(X),), (len(X), 1)),
-                f"keras_model() must output P(dog) of shape (batch, 1), got {out.shape}")
-        c.check(np.allclose(out.reshape(-1), p, atol=1e-5, rtol=0),
-                f"keras_model() output differs from predict_proba() "
-                f"(max difference {np.abs(out.reshape(-1) - p).max():.3g})")
+
+def head_checks() -> list[Check]:
+    """The head checks, cheapest first (each takes ``(head_cls, optimizer, epochs, batch_size,
+    seed)``)."""
+    return [check_head_attributes, check_head_params, check_head_search_space,
+            check_head_not_fitted, check_head_fit_predict, check_head_reproducible,
+            check_head_keras_model]
+
+
+def check_head(head_cls: type[Head], optimizer: Optimizer | None = None, epochs: int = 30,
+               batch_size: int = 128, seed: int = 7) -> None:
+    """Run every head check on a :class:`~catsdogs.components.Head` subclass.
+
+    Constructs it with defaults, checks the scikit-learn parameter conventions and the search
+    space, fits it (twice, for reproducibility) on :func:`make_separable_features` and checks its
+    probabilities, :class:`NotFittedError` before ``fit`` and
+    :meth:`~catsdogs.components.Head.keras_model`. Heads with ``uses_optimizer`` are trained with
+    ``optimizer`` (default: the registered ``adam`` with ``learning_rate=0.01``).
+    """
+    for check in head_checks():
+        check(head_cls, optimizer, epochs, batch_size, seed)
 
 
 # -- optimizers ----------------------------------------------------------------------------------
-def check_optimizer(optimizer_cls: type[Optimizer]) -> None:
-    """Check an :class:`~catsdogs.components.Optimizer` subclass: defaults, ``learning_rate``,
-    fresh Keras optimizers from :meth:`build`, and one training step that moves the weights."""
-    import keras
+def _optimizer_calls(optimizer_cls: type[Optimizer]) -> Iterator[tuple[str, dict[str, Any], float]]:
+    default = float(optimizer_cls.default_learning_rate)
+    for kwargs, expected in (({}, default), ({"learning_rate": 0.05}, 0.05)):
+        call = f"{optimizer_cls.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+        yield call, kwargs, expected
 
+
+def _new_optimizer(c: _Checker, optimizer_cls: type[Optimizer], call: str,
+                   kwargs: dict[str, Any]) -> Optimizer:
+    try:
+        return optimizer_cls(**kwargs)
+    except Exception as exc:
+        c.fail(f"{call} failed: {type(exc).__name__}: {exc}")
+
+
+def check_optimizer_attributes(optimizer_cls: type[Optimizer]) -> None:
+    """An Optimizer subclass with a valid name and a positive ``default_learning_rate``."""
     c = _Checker("optimizer", optimizer_cls)
     c.check(isinstance(optimizer_cls, type) and issubclass(optimizer_cls, Optimizer),
             "must be a subclass of catsdogs.components.Optimizer")
@@ -378,15 +632,24 @@ def check_optimizer(optimizer_cls: type[Optimizer]) -> None:
     c.check(isinstance(default, (int, float)) and not isinstance(default, bool) and default > 0,
             f"default_learning_rate must be a positive number, got {default!r}")
 
-    for kwargs, expected in (({}, float(default)), ({"learning_rate": 0.05}, 0.05)):
-        call = f"{optimizer_cls.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
-        try:
-            opt = optimizer_cls(**kwargs)
-        except Exception as exc:
-            c.fail(f"{call} failed: {type(exc).__name__}: {exc}")
+
+def check_optimizer_params(optimizer_cls: type[Optimizer]) -> None:
+    """scikit-learn parameters; ``effective_learning_rate`` is the given or the default rate."""
+    c = _Checker("optimizer", optimizer_cls)
+    for call, kwargs, expected in _optimizer_calls(optimizer_cls):
+        opt = _new_optimizer(c, optimizer_cls, call, kwargs)
         _check_params(c, opt, optimizer_cls, kwargs)
         c.check(np.isclose(opt.effective_learning_rate, expected, rtol=1e-6, atol=0),
                 f"{call}.effective_learning_rate is {opt.effective_learning_rate!r}, expected {expected:.6g}")
+
+
+def check_optimizer_build(optimizer_cls: type[Optimizer]) -> None:
+    """``build()`` returns a new Keras optimizer with the learning rate on every call."""
+    import keras
+
+    c = _Checker("optimizer", optimizer_cls)
+    for call, kwargs, expected in _optimizer_calls(optimizer_cls):
+        opt = _new_optimizer(c, optimizer_cls, call, kwargs)
         built = opt.build()
         c.check(isinstance(built, keras.optimizers.Optimizer),
                 f"{call}.build() must return a keras.optimizers.Optimizer, got {type(built).__name__}")
@@ -395,6 +658,14 @@ def check_optimizer(optimizer_cls: type[Optimizer]) -> None:
                 f"{call}.build() has learning_rate {lr:.6g}, expected {expected:.6g}")
         c.check(opt.build() is not built, f"{call}.build() must return a new optimizer on every call")
 
+
+def check_optimizer_trains(optimizer_cls: type[Optimizer]) -> None:
+    """One training step with ``build()`` changes a model's weights."""
+    import keras
+
+    c = _Checker("optimizer", optimizer_cls)
+    for call, kwargs, _ in _optimizer_calls(optimizer_cls):
+        opt = _new_optimizer(c, optimizer_cls, call, kwargs)
         keras.utils.set_random_seed(0)
         inputs = keras.Input((4,))
         model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
@@ -406,3 +677,79 @@ def check_optimizer(optimizer_cls: type[Optimizer]) -> None:
         after = model.get_weights()
         c.check(any(not np.array_equal(a, b) for a, b in zip(before, after)),
                 f"one training step with {call}.build() did not change the weights")
+
+
+def optimizer_checks() -> list[Check]:
+    """The optimizer checks, cheapest first (each takes the optimizer class)."""
+    return [check_optimizer_attributes, check_optimizer_params, check_optimizer_build,
+            check_optimizer_trains]
+
+
+def check_optimizer(optimizer_cls: type[Optimizer]) -> None:
+    """Run every optimizer check on an :class:`~catsdogs.components.Optimizer` subclass:
+    defaults, ``learning_rate``, fresh Keras optimizers from :meth:`build`, and one training step
+    that moves the weights."""
+    for check in optimizer_checks():
+        check(optimizer_cls)
+
+
+# -- pytest --------------------------------------------------------------------------------------------
+_OPTIONS = {
+    "backbone": ("image_size", "weights"),
+    "head": ("optimizer", "epochs", "batch_size", "seed"),
+    "optimizer": (),
+}
+
+
+def _kind(component: Any) -> str:
+    if isinstance(component, Backbone):
+        return "backbone"
+    if isinstance(component, type) and issubclass(component, Head):
+        return "head"
+    if isinstance(component, type) and issubclass(component, Optimizer):
+        return "optimizer"
+    raise TypeError(f"{component!r} is not a Backbone instance or a Head / Optimizer subclass")
+
+
+def checks_for(component: Any, **options: Any) -> Iterator[Check]:
+    """The checks of ``component``'s kind, each bound to the ``options`` that apply to it
+    (backbones: ``image_size``, ``weights``; heads: ``optimizer``, ``epochs``, ``batch_size``,
+    ``seed``; unknown option names are a :class:`TypeError`)."""
+    kind = _kind(component)
+    unknown = sorted(set(options) - {o for names in _OPTIONS.values() for o in names})
+    if unknown:
+        raise TypeError(f"unknown check options {unknown}; known: {_OPTIONS}")
+    bound = {k: v for k, v in options.items() if k in _OPTIONS[kind]}
+    checks = {"backbone": backbone_checks, "head": head_checks, "optimizer": optimizer_checks}[kind]()
+    for check in checks:
+        yield functools.update_wrapper(functools.partial(check, **bound), check)
+
+
+def parametrize_with_checks(components: Iterable[Any], **options: Any) -> Any:
+    """A ``pytest.mark.parametrize`` over ``(component, check)`` pairs: one test per property.
+
+    ``components`` are Backbone instances and Head / Optimizer classes; ``options`` go to the
+    checks they apply to (:func:`checks_for`). Test ids read ``<name>-<check name>``::
+
+        @parametrize_with_checks([MyBackbone(), MyHead], epochs=10)
+        def test_conformance(component, check):
+            check(component)
+    """
+    import pytest
+
+    params = []
+    for component in components:
+        for check in checks_for(component, **options):
+            name = getattr(component, "name", type(component).__name__)
+            params.append(pytest.param(component, check, id=f"{name}-{check.__name__}"))
+    return pytest.mark.parametrize("component, check", params)
+
+
+__all__ += [
+    "check_backbone_attributes", "check_backbone_weights_ids",
+    "check_backbone_rejects_bad_arguments", "check_backbone_model", "check_backbone_deterministic",
+    "check_head_attributes", "check_head_params", "check_head_search_space",
+    "check_head_not_fitted", "check_head_fit_predict", "check_head_reproducible",
+    "check_head_keras_model", "check_optimizer_attributes", "check_optimizer_params",
+    "check_optimizer_build", "check_optimizer_trains",
+]

@@ -13,9 +13,14 @@ from catsdogs.plugins import get_registry  # noqa: E402
 from catsdogs.testing import (  # noqa: E402
     check_backbone,
     check_head,
+    check_head_keras_model,
+    check_head_not_fitted,
     check_optimizer,
+    checks_for,
     make_separable_features,
+    parametrize_with_checks,
 )
+from catsdogs.validation import NotFittedError  # noqa: E402
 
 REGISTRY = get_registry()
 
@@ -153,7 +158,7 @@ class CentroidHead(Head):
 
     def predict_proba(self, X):
         if not hasattr(self, "w_"):
-            raise RuntimeError("head not fitted; call fit() first")
+            raise NotFittedError("head not fitted; call fit() first")
         return 1.0 / (1.0 + np.exp(-(np.asarray(X, np.float64) @ self.w_ + self.b_)))
 
 
@@ -205,6 +210,30 @@ class PredictsBeforeFit(CentroidHead):
     b_ = 0.0
 
 
+class WrongNotFittedError(CentroidHead):
+    def predict_proba(self, X):
+        if not hasattr(self, "w_"):
+            raise RuntimeError("not fitted")
+        return super().predict_proba(X)
+
+
+class BadSearchSpace(CentroidHead):
+    @classmethod
+    def search_space(cls, hp):
+        hp.Float("scael", 0.5, 2.0)
+
+
+class LambdaKerasHead(CentroidKerasHead):
+    """Its Keras model holds a Lambda layer, which Keras' safe mode refuses to load."""
+
+    def keras_model(self):
+        import keras
+
+        model = super().keras_model()
+        out = keras.layers.Lambda(lambda t: t * 1.0, name="identity")(model.outputs[0])
+        return keras.Model(model.inputs, out)
+
+
 class Constant(CentroidHead):
     def predict_proba(self, X):
         super().predict_proba(X)
@@ -239,6 +268,11 @@ def test_non_keras_heads_conform(head_cls):
         (Constant, "training accuracy on a linearly separable problem is 0.5"),
         (KerasMismatch, "keras_model\\(\\) output differs from predict_proba"),
         (KerasColumnShaped, r"must return shape \(n,\)"),
+        (WrongNotFittedError, "before fit\\(\\) must raise catsdogs.validation.NotFittedError; "
+                              "it raised RuntimeError: not fitted"),
+        (BadSearchSpace, "search_space\\(\\): head 'centroid' declares the tunable hyper-parameter "
+                         "'scael', which is not one of its parameters"),
+        (LambdaKerasHead, "does not survive a .keras save/load round trip"),
     ],
     ids=lambda v: v.__name__ if isinstance(v, type) else "",
 )
@@ -320,3 +354,103 @@ def test_check_optimizer_catches(optimizer_cls, message):
     with pytest.raises(AssertionError, match=message) as info:
         check_optimizer(optimizer_cls)
     assert str(info.value).startswith("optimizer 'sgd_test'")
+
+
+# -- scikit-learn-grained: one named check per property --------------------------------------------
+@parametrize_with_checks([CentroidHead, CentroidKerasHead, SGDOptimizer, TinyBackbone()], epochs=5)
+def test_parametrize_with_checks(component, check):
+    check(component)
+
+
+def test_parametrize_with_checks_names_one_test_per_property():
+    mark = parametrize_with_checks([TinyBackbone(), CentroidHead, SGDOptimizer], image_size=8)
+    ids = [p.id for p in mark.args[1]]
+    assert ids[:5] == ["tiny-check_backbone_attributes", "tiny-check_backbone_weights_ids",
+                       "tiny-check_backbone_rejects_bad_arguments", "tiny-check_backbone_model",
+                       "tiny-check_backbone_deterministic"]
+    assert "centroid-check_head_not_fitted" in ids and "centroid-check_head_keras_model" in ids
+    assert "sgd_test-check_optimizer_trains" in ids and len(ids) == 5 + 7 + 4
+    with pytest.raises(TypeError, match="unknown check options"):
+        list(checks_for(CentroidHead, epoch=3))
+    with pytest.raises(TypeError, match="not a Backbone instance"):
+        list(checks_for(TinyBackbone))  # the class, not an instance
+
+
+def test_one_check_fails_alone():
+    check_head_keras_model(WrongNotFittedError)  # its Keras side is fine (it has none)
+    with pytest.raises(AssertionError, match="must raise catsdogs.validation.NotFittedError"):
+        check_head_not_fitted(WrongNotFittedError)
+
+
+def test_keras_heads_survive_a_save_load_round_trip():
+    for name in ("dropout_sigmoid", "softmax_cam"):
+        check_head_keras_model(REGISTRY.head(name), epochs=2)
+
+
+class ClaimsClassifier(TinyBackbone):
+    has_classifier = True
+
+
+def test_check_backbone_catches_a_missing_classifier():
+    with pytest.raises(AssertionError, match="has_classifier is True but there is no build_classifier"):
+        check_backbone(ClaimsClassifier())
+
+
+PLUGIN_REPO_TEST = """
+import numpy as np
+from catsdogs.components import Head
+from catsdogs.testing import parametrize_with_checks
+from catsdogs.validation import NotFittedError
+
+
+class Centroid(Head):
+    name = "centroid"
+    uses_optimizer = False
+
+    def __init__(self, scale=1.0):
+        self.scale = scale
+
+    def fit(self, X, y, **kwargs):
+        X, y = np.asarray(X, np.float64), np.asarray(y)
+        self.w_ = (X[y == 1].mean(0) - X[y == 0].mean(0)) * self.scale
+        self.b_ = -(self.w_ @ (X[y == 1].mean(0) + X[y == 0].mean(0))) / 2
+        self.history_ = {}
+        return self
+
+    def predict_proba(self, X):
+        if not hasattr(self, "w_"):
+            raise NotFittedError("fit first")
+        return 1 / (1 + np.exp(-(np.asarray(X, np.float64) @ self.w_ + self.b_)))
+
+
+@parametrize_with_checks([Centroid])
+def test_conformance(component, check):
+    check(component)
+
+
+def test_fixtures(catsdogs_kaggle_dir, catsdogs_cache_dir, catsdogs_separable_features,
+                  catsdogs_registry, catsdogs_run_cli):
+    import os
+
+    assert len(list((catsdogs_kaggle_dir / "train").glob("*.jpg"))) == 12
+    assert os.environ["CATSDOGS_CACHE_DIR"] == str(catsdogs_cache_dir)
+    X, y = catsdogs_separable_features
+    assert X.shape[0] == len(y)
+    assert "dropout_sigmoid" in catsdogs_registry.names("heads")
+    proc = catsdogs_run_cli("plugins", "--json")
+    assert proc.returncode == 0 and '"heads"' in proc.stdout
+"""
+
+
+@pytest.mark.slow
+def test_fixtures_ship_as_a_pytest_plugin(tmp_path):
+    """A plugin repository with no conftest.py gets the fixtures through the pytest11 entry point."""
+    import subprocess
+    import sys
+
+    (tmp_path / "test_plugin_repo.py").write_text(PLUGIN_REPO_TEST)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "test_plugin_repo.py"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "8 passed" in proc.stdout, proc.stdout  # 7 head checks + the fixtures test
