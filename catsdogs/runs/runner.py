@@ -39,7 +39,9 @@ from catsdogs import __version__
 from catsdogs.errors import ConfigError, DataError
 from catsdogs.experiment.spec import Experiment, HeadSpec, OptimizerSpec
 from catsdogs.features.fusion import Aligned, align
+from catsdogs.runs.ensemble import ensemble_record
 from catsdogs.runs.features import run_features
+from catsdogs.runs.postprocess import postprocess_record, ranking_loss, transform_of
 from catsdogs.runs.record import (
     RECORD,
     RECORD_VERSION,
@@ -144,17 +146,21 @@ def _leaderboard_row(rank: int, record: RunRecord, target: float) -> dict[str, A
         "learning_rate": record.learning_rate,
         "val_logloss": m.logloss,
         "val_logloss_clipped": m.logloss_clipped,
+        "val_logloss_post": ranking_loss(record),
+        "postprocess": transform_of(record).describe(),
         "val_accuracy": m.accuracy,
         "best_clip": m.best_clip_lo,
         "best_clip_logloss": m.best_clip_logloss,
         "under_target": m.logloss_clipped < target,
-        **({"test_logloss": t.logloss, "test_accuracy": t.accuracy} if t else {}),
+        **({"test_logloss": t.logloss, "test_logloss_raw": t.extra.get("logloss_raw"),
+            "test_accuracy": t.accuracy} if t else {}),
         "seconds": round(record.seconds, 2),
     }
 
 
 def rank_records(records: list[RunRecord]) -> list[RunRecord]:
-    return sorted(records, key=lambda r: (r.metrics.logloss_clipped, r.metrics.logloss, r.run_id))
+    """Best first, by the post-processed validation log loss (:func:`~catsdogs.runs.postprocess.ranking_loss`)."""
+    return sorted(records, key=lambda r: (ranking_loss(r), r.metrics.logloss, r.run_id))
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -319,20 +325,21 @@ def format_leaderboard(records: list[RunRecord], target: float, limit: int | Non
     width = max([len(r.run_id) for r in rows] + [3])
     has_test = any(r.test_metrics for r in rows)
     test_head = f"  {'test logloss':>12}  {'test acc':>8}" if has_test else ""
-    lines = [f"{'#':>3}  {'run':<{width}}  {'val logloss':>11}  {'clipped':>8}  {'acc':>6}{test_head}  target",
+    lines = [f"{'#':>3}  {'run':<{width}}  {'val logloss':>11}  {'post':>8}  {'acc':>6}{test_head}  target",
              "-" * (width + 48 + (24 if has_test else 0))]
     for i, r in enumerate(rows, 1):
         m, t = r.metrics, r.test_metrics
         mark = "  ✓" if m.logloss_clipped < target else ""
         test_cols = (f"  {t.logloss:>12.5f}  {t.accuracy:>8.3f}" if t else f"  {'':>12}  {'':>8}") \
             if has_test else ""
-        lines.append(f"{i:>3}  {r.run_id:<{width}}  {m.logloss:>11.5f}  {m.logloss_clipped:>8.5f}  "
+        lines.append(f"{i:>3}  {r.run_id:<{width}}  {m.logloss:>11.5f}  {ranking_loss(r):>8.5f}  "
                      f"{m.accuracy:>6.3f}{test_cols}{mark}")
     under = sum(r.metrics.logloss_clipped < target for r in records)
     lines.append(f"{under} of {len(records)} runs under the target {target:g} (✓, by validation log loss)")
     if has_test:
-        lines.append("test columns: the submitted (clipped) test predictions scored against the data's "
-                     "test_labels.csv; never used for ranking")
+        lines.append("test columns: the submitted (post-processed) test predictions scored against the "
+                     "data's test_labels.csv; never used for ranking")
+    lines.append("post: validation log loss after each run's post-processing (cross-fitted; the ranking)")
     return "\n".join(lines)
 
 
@@ -351,22 +358,25 @@ def _write_summary(out: Path, experiment: Experiment, records: list[RunRecord],
         f"- target: **{target:g}** (Kaggle public LB top 10%); "
         f"{sum(r.metrics.logloss_clipped < target for r in records)} runs under it",
         f"- winner: **{records[0].run_id}** — validation log loss "
-        f"{records[0].metrics.logloss_clipped:.5f} (clipped), accuracy {records[0].metrics.accuracy:.4f}",
+        f"{ranking_loss(records[0]):.5f} (post-processed: {transform_of(records[0]).describe()}), "
+        f"accuracy {records[0].metrics.accuracy:.4f}",
     ]
     if submission is not None:
-        lines.append(f"- submission: `{submission.name}` (the winner's test predictions, clipped)")
+        refit = (out / "refit.json").is_file() and json.loads((out / "refit.json").read_text()).get("refit")
+        lines.append(f"- submission: `{submission.name}` (the winner's "
+                     f"{'refitted (all training rows) ' if refit else ''}test predictions, post-processed)")
     lines += ["", "![validation log loss per run](leaderboard.png)", "",
-              "| # | run | val log loss | clipped | accuracy | best clip (loss) | under target | "
-              "test log loss | test accuracy |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| # | run | val log loss | clipped | post-processed | post-processing | accuracy | "
+              "best clip (loss) | under target | test log loss | test accuracy |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(records, 1):
         m, t = r.metrics, r.test_metrics
         test_cols = f"{t.logloss:.5f} | {t.accuracy:.4f}" if t else " | "
         lines.append(f"| {i} | `{r.run_id}` | {m.logloss:.5f} | {m.logloss_clipped:.5f} | "
-                     f"{m.accuracy:.4f} | {m.best_clip_lo:.4g} ({m.best_clip_logloss:.5f}) | "
+                     f"{ranking_loss(r):.5f} | {transform_of(r).describe()} | {m.accuracy:.4f} | {m.best_clip_lo:.4g} ({m.best_clip_logloss:.5f}) | "
                      f"{'✓' if m.logloss_clipped < target else ''} | {test_cols} |")
     if any(r.test_metrics for r in records):
-        lines += ["", "Test columns: each run's submitted (clipped) test predictions scored against "
+        lines += ["", "Test columns: each run's submitted (post-processed) test predictions scored against "
                       "`test_labels.csv` of the data directory. They are never used for ranking."]
     lines += ["", "Training curves per run: `runs/<run id>/curves.png`.", ""]
     atomic_write(out / "summary.md", lambda fh: fh.write("\n".join(lines).encode()))
@@ -440,6 +450,14 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
                                progress, compute_engine)
         computed = len(records) - reused
 
+    for record in records:  # learned on validation predictions; finished runs are not retrained
+        postprocess_record(record, out / "runs" / record.run_id, experiment)
+    if experiment.ensemble is not None:
+        ensemble = ensemble_record(records, out, experiment)
+        if ensemble is not None:
+            postprocess_record(ensemble, out / "runs" / ensemble.run_id, experiment)
+            records.append(ensemble)
+
     labels_file = Path(experiment.data) / "test_labels.csv"
     if labels_file.is_file():
         _attach_test_metrics(records, out, labels_file, expected_test_ids)
@@ -448,9 +466,15 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
                               feature_files={b: k["file"] for b, k in keys.items()})
     board = result.leaderboard()
     atomic_write(out / "leaderboard.csv", lambda fh: fh.write(board.to_csv(index=False).encode()))
-    plot_leaderboard([r.run_id for r in ranked], [r.metrics.logloss_clipped for r in ranked],
+    plot_leaderboard([r.run_id for r in ranked], [ranking_loss(r) for r in ranked],
                      experiment.target, out / "leaderboard.png", title=f"{experiment.name}: validation log loss")
-    if submit and ranked[0].n_test > 0:
+    (out / "refit.json").unlink(missing_ok=True)
+    if submit and ranked[0].n_test > 0 and experiment.refit:
+        from catsdogs.runs.refit import refit_submission
+
+        result.submission = refit_submission(ranked[0], records, experiment, aligned, registry, out,
+                                             expected_test_ids)
+    if submit and ranked[0].n_test > 0 and result.submission is None:
         result.submission = write_run_submission(out / "runs" / ranked[0].run_id, out / "submission.csv",
                                                  expected_ids=expected_test_ids)
     _write_summary(out, experiment, ranked, result.submission)
@@ -548,10 +572,11 @@ def _attach_test_metrics(records: list[RunRecord], out: Path, labels_file: Path,
         ids = [i for i in expected_ids if i in labels.index]
         if not ids:
             continue
-        lo, hi = record.clip
-        p = np.clip([probs.get(i, 0.5) for i in ids], lo, hi)
+        raw = np.array([probs.get(i, 0.5) for i in ids])
+        p = transform_of(record).apply(raw)
         y = labels.loc[ids].to_numpy()
-        record.test_metrics = TestMetrics(log_loss(y, p), accuracy(y, p), len(ids))
+        record.test_metrics = TestMetrics(log_loss(y, p), accuracy(y, p), len(ids),
+                                          extra={"logloss_raw": log_loss(y, raw)})
 
 
 # ------------------------------------------------------------------------------------ submission
@@ -583,7 +608,10 @@ def write_run_submission(run_dir: str | os.PathLike, path: str | os.PathLike, *,
                        len(missing), ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else ""))
     ids = list(expected_ids)
     values = [probs.get(i, 0.5) for i in ids]
-    bounds = tuple(clip) if clip is not None else tuple(record.clip)
+    if clip is None:  # the run's chosen post-processing (a fixed clip for older records)
+        return write_submission(Path(path), ids, transform_of(record).apply(values).tolist(),
+                                clip_bounds=None, expected_ids=ids)
+    bounds = tuple(clip)
     if not (0 <= bounds[0] < bounds[1] <= 1):
         raise ConfigError(f"clip bounds must satisfy 0 <= lo < hi <= 1, got {list(bounds)}")
     return write_submission(Path(path), ids, values, clip_bounds=bounds, expected_ids=ids)
