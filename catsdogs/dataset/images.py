@@ -98,8 +98,8 @@ def read_image_file(path: str | os.PathLike) -> bytes:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except IsADirectoryError:
         raise ImageDecodeError("is a directory, not an image file") from None
-    except FileNotFoundError:
-        what = "dangling symbolic link" if os.path.islink(path) else "file not found"
+    except FileNotFoundError as exc:
+        what = "dangling symbolic link" if os.path.islink(path) else exc.strerror
         raise ImageDecodeError(f"cannot read file ({what})") from None
     except OSError as exc:
         raise ImageDecodeError(f"cannot read file ({exc.strerror or exc})") from None
