@@ -43,7 +43,7 @@ def build_run(root: Path) -> Path:
            "epochs": 2, "batch_size": 16, "seed": 7, "validation": {"holdout": 0.25}}
     (root / "serve.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     result = run_experiment(load_experiment(root / "serve.yaml"), progress=False, submit=False)
-    run = result.out_dir / "runs" / result.records[0]["run_id"]
+    run = result.out_dir / "runs" / result.records[0].run_id
     done.write_text(json.dumps({"run": str(run)}))
     return run
 
@@ -112,7 +112,7 @@ def gradient_png(size: int = 160) -> bytes:
 
 
 def bomb_png(side: int = 20_000) -> bytes:
-    """A decompression bomb: a 1-bit PNG of ``side``^2 pixels (400 MP) in ~50 KB."""
+    """A decompression bomb: a 1-bit PNG of ``side``^2 pixels (default 400 MP in ~50 KB)."""
     im = Image.new("1", (side, side))
     buf = io.BytesIO()
     im.save(buf, "PNG", optimize=True)

@@ -41,6 +41,7 @@ async function loadModel() {
 
 function showError(card, message) {
   card.classList.remove("pending");
+  card.classList.add("failed");
   card.dataset.state = "error";
   card.querySelector(".verdict").textContent = "Could not use this file";
   card.append(el("div", "error", message));
@@ -69,14 +70,18 @@ function showPrediction(card, row) {
   }
 }
 
-async function predict(file) {
+function newCard(file) {
   const card = el("article", "card pending");
   card.dataset.file = file.name;
   card.dataset.state = "pending";
   const pics = el("div", "pics");
   pics.append(figure(URL.createObjectURL(file), "your photo", "photo"));
+  pics.querySelector("img").addEventListener("error", (e) => e.target.closest("figure").remove());
   card.append(pics, el("div", "verdict", "thinking ..."), el("div", "filename", file.name));
-  results.prepend(card);
+  return card;
+}
+
+async function predict(file, card) {
   if (limits && file.size > limits.max_upload_mb * 1024 * 1024) {
     showError(card, `413: larger than the upload limit of ${limits.max_upload_mb} MB`);
     return;
@@ -99,7 +104,9 @@ async function predict(file) {
 }
 
 function handle(files) {
-  for (const file of files) predict(file);
+  const cards = Array.from(files, (file) => [file, newCard(file)]);
+  results.prepend(...cards.map(([, card]) => card));  // newest batch first, in the chosen order
+  for (const [file, card] of cards) predict(file, card);
 }
 
 picker.addEventListener("change", () => { handle(picker.files); picker.value = ""; });
