@@ -52,7 +52,7 @@ def _metrics(out):
 def test_cli_run_end_to_end(tmp_path, data):
     truth = np.array([0, 1, 0, 1, 1, 0])
     pd.DataFrame({"id": range(1, 7), "label": truth}).to_csv(data / "test_labels.csv", index=False)
-    exp = _write(tmp_path)
+    exp = _write(tmp_path, clip=[0.005, 0.995])  # an explicit clip is exactly that clip
     proc = run_cli("run", str(exp), "--no-progress", timeout=600)
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "out-exp"
