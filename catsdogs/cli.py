@@ -367,16 +367,21 @@ def serve_cmd(model, host, port, max_upload_mb, max_files, concurrency) -> None:
               help="Feature cache for --label-issues [default: $CATSDOGS_CACHE_DIR or ~/.cache/catsdogs].")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print counts and files as JSON.")
+@engine_options
 def audit_cmd(data_dir, out, classifier, top_k, min_side, write_exclude, weights, image_size,
-              batch_size, label_issues, label_backbone, cache_dir, no_progress, as_json) -> None:
+              batch_size, label_issues, label_backbone, cache_dir, no_progress, as_json, engine,
+              ray_address, ray_shared_data) -> None:
     """Flag suspicious training images of DATA_DIR (tiny, colour outliers, not a cat/dog to
     ImageNet, unreadable). Nothing is deleted."""
     from catsdogs.audit.checks import audit
+    from catsdogs.engine import engine_spec, open_engine
 
-    result = audit(data_dir, out, classifier=classifier, top_k=top_k, min_side=min_side,
-                   weights=weights, image_size=image_size, batch_size=batch_size,
-                   write_exclude=write_exclude, label_issues=label_issues,
-                   label_backbone=label_backbone, cache_dir=cache_dir, progress=not no_progress)
+    with open_engine(engine_spec(engine, ray_address, ray_shared_data)) as compute_engine:
+        result = audit(data_dir, out, classifier=classifier, top_k=top_k, min_side=min_side,
+                       weights=weights, image_size=image_size, batch_size=batch_size,
+                       write_exclude=write_exclude, label_issues=label_issues,
+                       label_backbone=label_backbone, cache_dir=cache_dir, progress=not no_progress,
+                       engine=compute_engine)
     n_train = sum(1 for a in result.images if a.label)
     if as_json:
         click.echo(json.dumps({

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.ray]
 ray = pytest.importorskip("ray")
 
 import catsdogs  # noqa: E402
-from catsdogs.engine import EngineError, EngineSpec, open_engine  # noqa: E402
+from catsdogs.engine import EngineError, open_engine  # noqa: E402
 
 TINY = {"weights": "none", "image_size": 32, "batch_size": 4, "chunk_size": 4, "progress": False}
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
@@ -80,6 +80,13 @@ def cluster(driver_data):
                 os.environ[k] = v
 
 
+@pytest.fixture(scope="module")
+def engine(cluster):
+    """One engine for the module: its actor pool (TensorFlow imported once per node) is shared."""
+    with open_engine("ray") as eng:
+        yield eng
+
+
 def _node_ids() -> set[str]:
     return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
 
@@ -100,12 +107,11 @@ def _assert_same_cache(local_path: Path, ray_path: Path) -> dict:
     return b.meta["engine"]
 
 
-def test_extract_on_two_nodes_equals_local_without_reading_the_data_dir(cluster, driver_data, tmp_path):
+def test_extract_on_two_nodes_equals_local_without_reading_the_data_dir(engine, driver_data, tmp_path):
     (local,) = catsdogs.extract(driver_data, "resnet50", cache_dir=tmp_path / "local", flip=True,
                                 **TINY)
-    with open_engine("ray") as engine:
-        (res,) = catsdogs.extract(driver_data, "resnet50", cache_dir=tmp_path / "ray", flip=True,
-                                  engine=engine, **TINY)
+    (res,) = catsdogs.extract(driver_data, "resnet50", cache_dir=tmp_path / "ray", flip=True,
+                              engine=engine, **TINY)
     assert (res.computed, res.n_train, res.n_test) == (local.computed, 24, 8)
     info = _assert_same_cache(local.path, res.path)
     assert info["name"] == "ray" and set(info["nodes"]) == _node_ids() and len(info["nodes"]) == 2
@@ -113,55 +119,62 @@ def test_extract_on_two_nodes_equals_local_without_reading_the_data_dir(cluster,
     assert not res.path.with_name(res.path.name + ".partial").exists()
 
 
-def test_shared_data_flag_makes_workers_read_paths(cluster, driver_data, tmp_path):
-    """Negative control for the hook: with --ray-shared-data the workers open the files
-    themselves, which this module's workers cannot, so every image is reported unreadable."""
-    with open_engine(EngineSpec("ray", shared_data=True)) as engine:
-        (res,) = catsdogs.extract(driver_data, "resnet50", cache_dir=tmp_path, engine=engine, **TINY)
-    assert res.computed == 0 and len(res.skipped) == 32
-    assert all("not visible on Ray workers" in why for _, why in res.skipped)
+def test_workers_cannot_open_the_data_dir(cluster, driver_data):
+    """The hook is real: a Ray task that opens a data file fails, the driver's open works."""
+
+    @ray.remote(num_cpus=0)  # the module's actor pool may hold every CPU
+    def read(path: str) -> int:
+        return len(open(path, "rb").read())
+
+    image = next(driver_data.glob("train/*.jpg"))
+    assert len(image.read_bytes()) > 0
+    with pytest.raises(ray.exceptions.RayTaskError, match="not visible on Ray workers"):
+        ray.get(read.remote(str(image)))
 
 
-def test_killed_worker_mid_extraction_is_restarted_and_result_complete(cluster, tmp_path):
+def test_killed_worker_mid_extraction_is_restarted_and_result_complete(engine, tmp_path):
     data = make_kaggle(tmp_path / "data", n_per_class=30, n_test=20, seed=3)
     opts = {**TINY, "image_size": 64}
     (local,) = catsdogs.extract(data, "resnet50", cache_dir=tmp_path / "local", **opts)
-    partial = None
-    with open_engine("ray") as engine:
-        box: dict = {}
-        thread = threading.Thread(target=lambda: box.setdefault("res", catsdogs.extract(
-            data, "resnet50", cache_dir=tmp_path / "ray", engine=engine, **opts)))
-        thread.start()
-        deadline = time.time() + 120
-        while time.time() < deadline:  # the first chunk is on disk: the pool is working
-            parts = list((tmp_path / "ray").rglob("*.partial"))
-            if parts and list(parts[0].glob("chunk-*.json")):
-                partial = parts[0]
-                break
-            time.sleep(0.05)
-        assert partial is not None, "no chunk written"
-        victim = engine.actors[0]
-        _, pid = ray.get(victim.ready.remote())
-        done_at_kill = len(list(partial.glob("chunk-*.json")))
-        os.kill(pid, signal.SIGKILL)
-        thread.join(300)
-        (res,) = box["res"]
-    assert done_at_kill < 18  # 18 chunks of 4 images in all: killed mid-extraction
-    assert pid in engine.pids and len(engine.pids) >= 2  # the killed worker had computed; a new one took over
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.setdefault("res", catsdogs.extract(
+        data, "resnet50", cache_dir=tmp_path / "ray", engine=engine, **opts)))
+    thread.start()
+    partial, deadline = None, time.time() + 120
+    while time.time() < deadline:  # the first chunk is on disk: the pool is working
+        parts = list((tmp_path / "ray").rglob("*.partial"))
+        if parts and list(parts[0].glob("chunk-*.json")):
+            partial = parts[0]
+            break
+        time.sleep(0.02)
+    assert partial is not None, "no chunk written"
+    _, pid = ray.get(engine.actors[0].ready.remote())
+    done_at_kill = len(list(partial.glob("chunk-*.json")))
+    os.kill(pid, signal.SIGKILL)
+    thread.join(300)
+    (res,) = box["res"]
+    assert done_at_kill < 20  # 20 chunks of 4 images in all: killed mid-extraction
+    assert len(engine.pids) >= 2 and pid in engine.pids  # the killed worker had computed; a new one went on
     _assert_same_cache(local.path, res.path)
     assert res.computed == 80 and sum(engine.describe()["nodes"].values()) == 80
 
 
-def test_cli_extract_engine_ray_against_the_cluster_address(cluster, driver_data, tmp_path):
+def test_cli_extract_engine_ray_shared_data(cluster, engine, driver_data, tmp_path):
+    """The CLI as a separate Ray job (no hook there: the workers can read the data directory),
+    with --ray-shared-data: workers open the files by path; same features as local."""
+    engine.release()  # the module pool's CPUs go to the CLI's job
+    (local,) = catsdogs.extract(driver_data, "resnet50", cache_dir=tmp_path / "local", **TINY)
     env = {**os.environ, **RAY_ENV, "RAY_ADDRESS": ""}
     proc = run_cli("extract", str(driver_data), "-b", "resnet50", "--weights", "none",
-                   "--image-size", "32", "--cache-dir", str(tmp_path), "--no-progress", "--json",
-                   "--engine", "ray", "--ray-address", cluster.address, env=env)
+                   "--image-size", "32", "--batch-size", "4", "--chunk-size", "4",
+                   "--cache-dir", str(tmp_path / "ray"), "--no-progress", "--json",
+                   "--engine", "ray", "--ray-address", cluster.address, "--ray-shared-data", env=env)
     assert proc.returncode == 0, proc.stderr
     (out,) = json.loads(proc.stdout)
     assert out["computed"] == 32
-    meta = catsdogs.load_features(out["path"]).meta
-    assert meta["engine"]["address"] == cluster.address and set(meta["engine"]["nodes"]) <= _node_ids()
+    info = _assert_same_cache(local.path, Path(out["path"]))
+    assert info["address"] == cluster.address and info["shared_data"] is True
+    assert set(info["nodes"]) <= _node_ids()
 
 
 def test_unreachable_address_is_one_clear_error(tmp_path, driver_data):
@@ -184,7 +197,9 @@ def test_ray_not_installed_is_one_clear_error(tmp_path, driver_data):
     assert "pip install 'catsdogs[ray]'" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_no_free_cpu_is_one_clear_error(cluster):
+def test_no_free_cpu_is_one_clear_error(engine):
+    engine.release()  # the pool's CPUs back to the cluster, then taken by other "jobs"
+
     @ray.remote(num_cpus=1)
     class Hog:
         def ready(self):
@@ -199,3 +214,66 @@ def test_no_free_cpu_is_one_clear_error(cluster):
     finally:
         for h in hogs:
             ray.kill(h)
+
+
+GRID = {
+    "weights": "none",
+    "backbones": [{"name": "resnet50", "image_size": 32}],
+    "heads": ["dropout_sigmoid"],
+    "optimizers": [{"name": "adam", "learning_rate": 0.01}, "adadelta"],
+    "epochs": 3,
+    "batch_size": 8,
+    "seed": 7,
+    "validation": {"holdout": 0.25},
+}
+
+
+def _experiment(tmp_path, data: Path, name: str, **changes):
+    import yaml
+
+    from catsdogs.experiment.spec import load_experiment
+
+    doc = {**GRID, "data": str(data), "output": str(tmp_path / name), "cache_dir": str(tmp_path / "cache"),
+           **changes}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return load_experiment(path)
+
+
+def test_grid_on_ray_equals_local_and_is_reused(engine, driver_data, tmp_path):
+    from catsdogs.runs.runner import load_record, run_experiment
+
+    engine.release()
+    local = run_experiment(_experiment(tmp_path, driver_data, "local"), progress=False)
+    on_ray = run_experiment(_experiment(tmp_path, driver_data, "ray", engine="ray"), progress=False)
+    assert on_ray.computed == local.computed == 2 and on_ray.reused == 0
+    want = {r.run_id: r.metrics.logloss for r in local.records}
+    got = {r.run_id: r.metrics.logloss for r in on_ray.records}
+    assert want.keys() == got.keys()
+    assert all(abs(want[k] - got[k]) <= 1e-6 for k in want), (want, got)
+    assert [r.run_id for r in local.records] == [r.run_id for r in on_ray.records]  # same ranking
+    for r in on_ray.records:  # written here by the driver, with the node that computed it
+        saved = load_record(tmp_path / "ray" / "runs" / r.run_id)
+        assert saved.engine["name"] == "ray" and saved.engine["node_id"] in _node_ids()
+        assert (tmp_path / "ray" / "runs" / r.run_id / "val_predictions.csv").is_file()
+    assert (tmp_path / "ray" / "leaderboard.csv").is_file() and (tmp_path / "ray" / "submission.csv").is_file()
+    again = run_experiment(_experiment(tmp_path, driver_data, "ray", engine="ray"), progress=False)
+    assert (again.computed, again.reused) == (0, 2)
+
+
+def test_audit_on_ray_equals_local(engine, driver_data, tmp_path):
+    from catsdogs.audit.checks import audit
+    from catsdogs.plugins import get_registry
+
+    if "efficientnet_lite0" not in get_registry().names("backbones"):
+        pytest.skip("needs the EfficientNet-Lite plugin (a backbone with an ImageNet classifier)")
+    opts = {"classifier": "efficientnet_lite0", "weights": "none", "image_size": 64,
+            "batch_size": 4, "progress": False}
+    local = audit(driver_data, tmp_path / "local", **opts)
+    on_ray = audit(driver_data, tmp_path / "ray", engine=engine, **opts)
+    assert [a.file for a in local.images] == [a.file for a in on_ray.images]
+    for a, b in zip(local.images, on_ray.images):
+        assert (a.flags, a.width, a.height, a.colour_stat) == (b.flags, b.width, b.height, b.colour_stat)
+        assert abs(a.top[0][1] - b.top[0][1]) <= 1e-4  # top-1 probability (ties may reorder)
+        assert abs(a.p_cat - b.p_cat) <= 1e-4 and abs(a.p_dog - b.p_dog) <= 1e-4
+    assert (tmp_path / "ray" / "report.md").is_file()

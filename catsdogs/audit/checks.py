@@ -46,6 +46,7 @@ fences) and ``flagged.png`` (contact sheet of flagged images, reasons as caption
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import os
 import time
@@ -245,13 +246,64 @@ class _Decoded:
 
 def _decode(record: ImageRecord, image_size: int) -> _Decoded | ImageDecodeError:
     try:
-        image = decode_rgb(Path(record.path).read_bytes())
-    except ImageDecodeError as exc:
-        return exc
+        data = Path(record.path).read_bytes()
     except OSError as exc:  # permissions, vanished file
         return ImageDecodeError(f"cannot read file ({exc.strerror or exc})")
+    return _decode_bytes(data, image_size)
+
+
+def _decode_bytes(data: bytes | ImageDecodeError, image_size: int) -> _Decoded | ImageDecodeError:
+    if isinstance(data, ImageDecodeError):
+        return data
+    try:
+        image = decode_rgb(data)
+    except ImageDecodeError as exc:
+        return exc
     height, width = image.shape[:2]
     return _Decoded(width, height, colour_statistic(image), resize(image, image_size, "squash"))
+
+
+def _classify(model: _Classifier, decoded: list) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Probabilities and features of a chunk's decodable images (None when there are none)."""
+    pixels = [d.pixels for d in decoded if not isinstance(d, ImageDecodeError)]
+    return model(np.stack(pixels)) if pixels else (None, None)
+
+
+def _local_pass(records: list[ImageRecord], chunks: list[list[int]], size: int, workers: int,
+                record_chunk, build_model) -> None:
+    """Decode in threads, one chunk ahead of the classifier, in this process."""
+    with ThreadPoolExecutor(max_workers=workers, initializer=lower_thread_priority) as pool:
+        def submit(chunk):
+            return [pool.submit(_decode, records[i], size) for i in chunk]
+
+        pending = submit(chunks[0]) if chunks else []  # decoding starts while the model is built
+        model = build_model()
+        for n, chunk in enumerate(chunks):
+            futures = pending
+            pending = submit(chunks[n + 1]) if n + 1 < len(chunks) else []
+            decoded = [fut.result() for fut in futures]
+            record_chunk(chunk, (decoded, *_classify(model, decoded)))
+
+
+class _AuditWorker:
+    """The decode + classify pass of one chunk where the classifier lives (a Ray engine worker):
+    built once per worker; takes the chunk's image bytes, returns what :func:`audit` records."""
+
+    def __init__(self, backbone, weights: str, image_size: int, batch_size: int, workers: int):
+        self.model = _Classifier(backbone, weights, image_size, batch_size)
+        self.pool = ThreadPoolExecutor(max_workers=workers, initializer=lower_thread_priority)
+        self.image_size = image_size
+
+    def __call__(self, payload: list) -> tuple[list, np.ndarray | None, np.ndarray | None]:
+        from catsdogs.engine.ray import payload_bytes
+
+        decoded = list(self.pool.map(lambda item: _decode_bytes(payload_bytes(item), self.image_size),
+                                     payload))
+        probs, feats = _classify(self.model, decoded)
+        for d in decoded:  # the pixels stay here
+            if not isinstance(d, ImageDecodeError):
+                d.pixels = None
+        return decoded, probs, feats
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
@@ -293,6 +345,7 @@ def audit(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
     registry=None,
+    engine=None,
 ) -> AuditResult:
     """Run every check on the training images of ``data_dir`` (see the module docstring).
 
@@ -303,6 +356,8 @@ def audit(
     ``write_exclude`` writes the exclude list. ``label_issues`` also runs the label-issue finder
     on the cached features (``cache_dir``) of ``label_backbone`` (default: the classifier's
     backbone; same weights, and ``image_size`` if given). Nothing in ``data_dir`` is changed.
+    ``engine`` (from :func:`catsdogs.engine.open_engine`) runs the decode + classify pass in its
+    workers (image bytes shipped from here); the checks and outputs are the same.
     """
     from tqdm.auto import tqdm
 
@@ -328,42 +383,42 @@ def audit(
 
     bar = tqdm(total=len(records), desc=f"{backbone.name} ImageNet audit", unit="img",
                disable=not progress, dynamic_ncols=True)
+
+    def record_chunk(chunk: list[int], out: tuple) -> None:
+        decoded, probs, feats = out
+        ok = []
+        for i, d in zip(chunk, decoded):
+            a = audits[i]
+            if isinstance(d, ImageDecodeError):
+                a.unreadable, a.reason = True, d.reason
+                continue
+            a.width, a.height, a.colour_stat = d.width, d.height, d.colour_stat
+            a.tiny = min(d.width, d.height) < min_side
+            ok.append(i)
+        if ok:
+            top = np.argsort(-probs, axis=1)[:, :top_k]
+            for row, i in enumerate(ok):
+                a = audits[i]
+                a.top = [(int(c), float(probs[row, c])) for c in top[row]]
+                a.p_cat = float(probs[row, cat_idx].sum())
+                a.p_dog = float(probs[row, dog_idx].sum())
+                wanted = cat_set if a.label == "cat" else dog_set
+                a.imagenet_mismatch = not any(int(c) in wanted for c in top[row])
+            if keep_features:
+                feature_rows.append(feats)
+                feature_files.extend(records[i].relpath for i in ok)
+        bar.update(len(chunk))
+
     t_pass = time.perf_counter()
     try:
-        with ThreadPoolExecutor(max_workers=workers, initializer=lower_thread_priority) as pool:
-            def submit(chunk):
-                return [pool.submit(_decode, records[i], size) for i in chunk]
-
-            pending = submit(chunks[0]) if chunks else []  # decoding starts while the model is built
-            model = _Classifier(backbone, weights, size, batch_size)
-            for n, chunk in enumerate(chunks):
-                futures = pending
-                pending = submit(chunks[n + 1]) if n + 1 < len(chunks) else []
-                ok, pixels = [], []
-                for i, fut in zip(chunk, futures):
-                    decoded = fut.result()
-                    a = audits[i]
-                    if isinstance(decoded, ImageDecodeError):
-                        a.unreadable, a.reason = True, decoded.reason
-                        continue
-                    a.width, a.height, a.colour_stat = decoded.width, decoded.height, decoded.colour_stat
-                    a.tiny = min(decoded.width, decoded.height) < min_side
-                    ok.append(i)
-                    pixels.append(decoded.pixels)
-                if pixels:
-                    probs, feats = model(np.stack(pixels))
-                    top = np.argsort(-probs, axis=1)[:, :top_k]
-                    for row, i in enumerate(ok):
-                        a = audits[i]
-                        a.top = [(int(c), float(probs[row, c])) for c in top[row]]
-                        a.p_cat = float(probs[row, cat_idx].sum())
-                        a.p_dog = float(probs[row, dog_idx].sum())
-                        wanted = cat_set if a.label == "cat" else dog_set
-                        a.imagenet_mismatch = not any(int(c) in wanted for c in top[row])
-                    if keep_features:
-                        feature_rows.append(feats)
-                        feature_files.extend(records[i].relpath for i in ok)
-                bar.update(len(chunk))
+        if engine is not None:  # decode + classify in the engine's workers, recorded here
+            engine.actor_map(
+                functools.partial(_AuditWorker, backbone, weights, size, batch_size, workers), chunks,
+                lambda chunk: (engine.payload([records[i].path for i in chunk]),),
+                lambda chunk, out, node, pid: record_chunk(chunk, out))
+        else:
+            _local_pass(records, chunks, size, workers, record_chunk,
+                        lambda: _Classifier(backbone, weights, size, batch_size))
     finally:
         bar.close()
     classifier_seconds = time.perf_counter() - t_pass

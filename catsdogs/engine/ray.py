@@ -75,17 +75,22 @@ def _node_id() -> str:
 
 
 # ------------------------------------------------------------------------------------ workers
-def _read_payload(path: str) -> bytes | Exception:
+def payload_bytes(item: bytes | str | Exception) -> bytes | Exception:
+    """A worker's view of one image of a payload (:meth:`RayEngine.payload`): its bytes, or the
+    read error (an ``ImageDecodeError``, reported like the local engine's); a path is read here."""
     from catsdogs.dataset.images import ImageDecodeError
 
+    if not isinstance(item, str):
+        return item
     try:
-        return Path(path).read_bytes()
+        return Path(item).read_bytes()
     except OSError as exc:  # unreadable file (permissions, vanished): skipped like locally
         return ImageDecodeError(f"cannot read file ({exc.strerror or exc})")
 
 
-class _FeatureWorker:
-    """A Ray actor: builds one backbone's feature model once, then computes chunk after chunk."""
+class ChunkFeatures:
+    """What an extraction worker holds: the backbone's feature model (built once, by the local
+    engine's own model factory) and decoding threads; called once per chunk."""
 
     def __init__(self, model_factory: Callable, image_size: int, resize: str, feature_dim: int,
                  decode_threads: int):
@@ -96,22 +101,43 @@ class _FeatureWorker:
                                        initializer=lower_thread_priority)
         self.model = model_factory()
 
-    def ready(self) -> tuple[str, int]:
-        return _node_id(), os.getpid()
-
-    def run(self, views: Sequence[str], digests: Sequence[str], payload: list) -> dict[str, Any]:
+    def __call__(self, views: Sequence[str], digests: Sequence[str], payload: list) -> dict[str, Any]:
         """``payload``: per image its bytes (or a read error), or its path when data is shared."""
         from catsdogs.features.extraction import compute_chunk, decode_bytes
 
         def decode(item):
-            data = _read_payload(item) if isinstance(item, str) else item
-            return decode_bytes(data, self.image_size, self.resize)
+            return decode_bytes(payload_bytes(item), self.image_size, self.resize)
 
         decoded = list(self.pool.map(decode, payload))
         done, arrays, skipped = compute_chunk(self.model, views, digests, decoded, self.image_size,
                                               self.feature_dim)
-        return {"digests": done, "arrays": arrays, "skipped": skipped, "node": _node_id(),
-                "pid": os.getpid()}
+        return {"digests": done, "arrays": arrays, "skipped": skipped}
+
+
+class _Worker:
+    """A long-lived Ray actor (one per node): holds what ``factory()`` built for the current job
+    (a feature model, a classifier) and applies it to one chunk per call. A restarted actor
+    rebuilds it on the retried call, which carries the job's key and factory."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.key: str | None = None
+        self.fn: Callable | None = None
+        self.lock = threading.Lock()
+
+    def ready(self) -> tuple[str, int]:
+        return _node_id(), os.getpid()
+
+    def run(self, key: str, factory: Callable, *args: Any) -> dict[str, Any]:
+        with self.lock:
+            if key != self.key:
+                self.fn = None  # release the previous job's model first
+                self.fn = factory()
+                self.key = key
+            fn = self.fn
+        assert fn is not None
+        return {"result": fn(*args), "node": _node_id(), "pid": os.getpid()}
 
 
 def _run_task(fn: Callable, item: Any, shared: Any) -> tuple[Any, str]:
@@ -140,6 +166,9 @@ class RayEngine:
         started = False
         if not ray.is_initialized():
             if address is None:
+                # Ray runs workers at nice 15 by default; on a machine shared with other work that
+                # would starve them against the local engine's nice-0 process
+                os.environ.setdefault("RAY_worker_niceness", "0")
                 ray.init(include_dashboard=False, logging_level=logging.WARNING,
                          configure_logging=False, log_to_driver=False)
                 started = True
@@ -176,7 +205,7 @@ class RayEngine:
     def close(self) -> None:
         import ray
 
-        self._stop_actors()
+        self.release()
         if self.started and ray.is_initialized():
             ray.shutdown()
 
@@ -191,7 +220,8 @@ class RayEngine:
         return sorted(n["NodeID"] for n in ray.nodes()
                       if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= ACTOR_CPUS)
 
-    def _stop_actors(self) -> None:
+    def release(self) -> None:
+        """Stop the actor pool, freeing its CPUs (the next extraction starts a new one)."""
         import ray
 
         for actor in self.actors:
@@ -199,49 +229,69 @@ class RayEngine:
         self.actors = []
 
     # ------------------------------------------------------------------ actor pools
-    def actor_map(self, worker_cls: type, init_args: tuple, jobs: Sequence, args_of: Callable,
-                  on_result: Callable[[Any, Any], None]) -> int:
-        """A pool of long-lived actors, one per node with a free CPU (at most one per job):
-        ``worker_cls(*init_args)`` is built once per actor, then its ``run(*args_of(job))`` is
-        called for every job, :data:`IN_FLIGHT_PER_ACTOR` at a time per actor;
-        ``on_result(job, result)`` runs on the driver as jobs finish. Returns the pool size."""
+    def _pool(self) -> list:
+        """The engine's actors, one per node with a free CPU, started on first use and kept
+        (imports and process start paid once) until a grid needs the CPUs or the engine closes."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        remote_cls = ray.remote(num_cpus=ACTOR_CPUS, max_restarts=RETRIES, max_task_retries=RETRIES,
-                                max_concurrency=IN_FLIGHT_PER_ACTOR)(worker_cls)
-        nodes = self._cpu_nodes()[:max(1, len(jobs))] or [None]
-        self.actors = [remote_cls.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=True) if n else "DEFAULT"
-        ).remote(*init_args) for n in nodes]
+        if not self.actors:
+            remote_cls = ray.remote(num_cpus=ACTOR_CPUS, max_restarts=RETRIES,
+                                    max_task_retries=RETRIES,
+                                    max_concurrency=IN_FLIGHT_PER_ACTOR)(_Worker)
+            self.actors = [remote_cls.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=True) if n else "DEFAULT"
+            ).remote() for n in self._cpu_nodes() or [None]]
+        return self.actors
+
+    def actor_map(self, factory: Callable, jobs: Sequence, args_of: Callable,
+                  on_result: Callable[[Any, Any, str, int], None]) -> int:
+        """Apply what ``factory()`` builds (once per actor) to every job: ``run(*args_of(job))``,
+        :data:`IN_FLIGHT_PER_ACTOR` jobs at a time per actor, at most one actor per job.
+        ``on_result(job, result, node id, pid)`` runs on the driver as jobs finish. Returns the
+        number of actors used."""
+        import uuid
+
+        import ray
+
+        actors = self._pool()[:max(1, len(jobs))]
+        key, factory_ref = uuid.uuid4().hex, ray.put(factory)
         todo = iter(jobs)
         pending: dict[Any, tuple[Any, int]] = {}  # result ref -> (job, actor index)
 
         def submit(actor_index: int) -> None:
             job = next(todo, None)
             if job is not None:
-                ref = self.actors[actor_index].run.remote(*args_of(job))
+                ref = actors[actor_index].run.remote(key, factory_ref, *args_of(job))
                 pending[ref] = (job, actor_index)
 
-        try:
-            for i in range(len(self.actors)):
-                for _ in range(IN_FLIGHT_PER_ACTOR):
-                    submit(i)
-            while pending:
-                (ref,), _ = ray.wait(list(pending), num_returns=1)
-                job, actor_index = pending.pop(ref)
-                on_result(job, self._get(ref, f"{worker_cls.__name__.strip('_')} actor"))
-                submit(actor_index)
-        finally:
-            self._stop_actors()
-        return len(nodes)
+        for i in range(len(actors)):
+            for _ in range(IN_FLIGHT_PER_ACTOR):
+                submit(i)
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            job, actor_index = pending.pop(ref)
+            out = self._get(ref, "worker actor")
+            on_result(job, out["result"], out["node"], out["pid"])
+            submit(actor_index)
+        return len(actors)
+
+    def payload(self, paths: Sequence[str | os.PathLike]) -> Any:
+        """What workers get for these images: their bytes read here and put into the object store
+        (workers need not see the driver's disk), or with ``shared_data`` just the paths."""
+        import ray
+
+        if self.spec.shared_data:
+            return [str(p) for p in paths]
+        return ray.put([payload_bytes(str(p)) for p in paths])
 
     # ------------------------------------------------------------------ extraction
     def compute_features(self, store, work: list, model_factory, *, image_size: int, resize: str,
                          chunk_size: int, workers: int, progress: bool, desc: str) -> tuple[int, float]:
         """The Ray twin of :func:`catsdogs.features.extraction._compute` (same arguments, same
         chunks written through ``store``); node ids per image land in :attr:`nodes`."""
-        import ray
+        import functools
+
         from tqdm.auto import tqdm
 
         from catsdogs.features.extraction import _chunks
@@ -249,32 +299,32 @@ class RayEngine:
         self.nodes, self.pids = {}, set()
         if not work:
             return 0, 0.0
+        if store.config.precision == "int8" and not self.spec.shared_data:
+            raise EngineError("--precision int8 on Ray calibrates from image files and caches the "
+                              "quantised model next to the features: add --ray-shared-data (data "
+                              "and cache at the same paths on every node) or use --engine local")
         chunks = list(_chunks(work, chunk_size))
         bar = tqdm(total=len(work), desc=f"{desc} (ray)", unit="img", disable=not progress,
                    dynamic_ncols=True)
         state = {"index": store.next_chunk_index(), "computed": 0}
 
         def args_of(chunk: list) -> tuple:
-            if self.spec.shared_data:
-                payload: Any = [str(w.record.path) for w in chunk]
-            else:  # bytes through the object store: workers need not see the driver's disk
-                payload = ray.put([_read_payload(w.record.path) for w in chunk])
-            return chunk[0].views, [w.digest for w in chunk], payload
+            return chunk[0].views, [w.digest for w in chunk], self.payload([w.record.path for w in chunk])
 
-        def on_result(chunk: list, out: dict[str, Any]) -> None:
+        def on_result(chunk: list, out: dict[str, Any], node: str, pid: int) -> None:
             store.write_chunk(state["index"], out["digests"], chunk[0].views, out["arrays"],
                               out["skipped"])
             state["index"] += 1
             state["computed"] += len(out["digests"])
-            self.nodes[out["node"]] = self.nodes.get(out["node"], 0) + len(chunk)
-            self.pids.add(out["pid"])
+            self.nodes[node] = self.nodes.get(node, 0) + len(chunk)
+            self.pids.add(pid)
             bar.update(len(chunk))
 
+        factory = functools.partial(ChunkFeatures, model_factory, image_size, resize,
+                                    store.config.feature_dim, workers)
         start = time.perf_counter()
         try:
-            self.actor_map(_FeatureWorker, (model_factory, image_size, resize,
-                                            store.config.feature_dim, workers),
-                           chunks, args_of, on_result)
+            self.actor_map(factory, chunks, args_of, on_result)
         finally:
             bar.close()
         return state["computed"], time.perf_counter() - start
@@ -297,6 +347,7 @@ class RayEngine:
         in completion order. ``shared`` is put into the object store once for all tasks."""
         import ray
 
+        self.release()  # the extraction pool's CPUs go to the runs
         task = ray.remote(num_cpus=ACTOR_CPUS, max_retries=RETRIES)(_run_task)
         shared_ref = ray.put(shared)
         pending = {task.remote(fn, item, shared_ref): item for item in items}
