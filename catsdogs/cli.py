@@ -155,16 +155,23 @@ def extract(data_dir, backbones, weights, image_size, batch_size, cache_dir, fli
               help="Override every backbone's weights (e.g. 'none' on a machine without internet).")
 @click.option("--no-submit", is_flag=True, help="Do not write submission.csv for the winner.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@click.option("--track", default=None, is_flag=False, flag_value="", metavar="[URI]",
+              help="Log the grid to MLflow (needs catsdogs[tracking]) at URI, or without URI in a "
+                   "SQLite store next to the output directory.")
+@click.option("--track-required", is_flag=True,
+              help="Fail when MLflow cannot be used (default: warn and run untracked).")
 @engine_options
-def run(experiment_file, data, cache_dir, out, weights, no_submit, no_progress, engine, ray_address,
-        ray_shared_data) -> None:
+def run(experiment_file, data, cache_dir, out, weights, no_submit, no_progress, track, track_required,
+        engine, ray_address, ray_shared_data) -> None:
     """Run (or resume) every run of an experiment grid and rank them by validation log loss."""
     from catsdogs.engine import engine_spec
     from catsdogs.experiment.spec import load_experiment
     from catsdogs.runs.runner import run_experiment
+    from catsdogs.tracking import with_tracking
 
     experiment = load_experiment(experiment_file, data=data, output=out, cache_dir=cache_dir,
                                  weights=weights)
+    experiment = with_tracking(experiment, track, track_required)
     compute = engine_spec(engine, ray_address, ray_shared_data, experiment.engine,
                           experiment.ray_address)
     result = run_experiment(experiment, progress=not no_progress, submit=not no_submit, echo=click.echo,

@@ -53,6 +53,7 @@ from catsdogs.runs.record import (
     ValidationRef,
     load_record,
 )
+from catsdogs.tracking import log_result, open_tracker
 from catsdogs.util.fileio import (
     atomic_write,
     locked_dir,
@@ -412,6 +413,7 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
     echo = echo or (lambda s: None)
     plan = plan_runs(experiment, registry)
     out = Path(experiment.output)
+    tracker = open_tracker(experiment.tracking, experiment, out, echo)  # before any training
     (out / "runs").mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out / "runs")  # half-written runs of a killed process
     write_json(out / "experiment.json", experiment.to_dict())
@@ -479,6 +481,7 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
                                                  expected_ids=expected_test_ids)
     _write_summary(out, experiment, ranked, result.submission)
     echo(format_leaderboard(ranked, experiment.target))
+    log_result(tracker, experiment.tracking, result, echo)  # after every local file is written
     return result
 
 

@@ -1,0 +1,172 @@
+"""MLflow tracking of a grid: a real SQLite store, a real `mlflow server` on 127.0.0.1, resume
+without duplicates, and a dead server (skipped with a warning, or one Error: line when required)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import make_kaggle, run_cli
+
+from catsdogs.runs.record import load_record
+
+pytestmark = [pytest.mark.tracking, pytest.mark.slow]
+mlflow = pytest.importorskip("mlflow")
+
+EPOCHS = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """A tiny grid (1 backbone x 1 head x 2 optimizers) run once with `--track` (default store)."""
+    root = tmp_path_factory.mktemp("tracking")
+    make_kaggle(root / "data", n_per_class=12, n_test=4)
+    exp = root / "exp.yaml"
+    doc = {"name": "tracked", "data": str(root / "data"), "output": str(root / "out"),
+           "cache_dir": str(root / "cache"), "weights": "none",
+           "backbones": [{"name": "resnet50", "image_size": 32}], "heads": [{"name": "dropout_sigmoid", "params": {"dropout": 0.3}}],
+           "optimizers": [{"name": "adam", "learning_rate": 0.01}, "adadelta"], "epochs": EPOCHS,
+           "batch_size": 8, "seed": 3, "validation": {"holdout": 0.25}}
+    exp.write_text(yaml.safe_dump(doc, sort_keys=False))
+    proc = run_cli("run", str(exp), "--no-progress", "--track", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return {"root": root, "exp": exp, "doc": doc, "out": root / "out", "first": proc}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real `mlflow server` on a free 127.0.0.1 port, SQLite backend in tmp; stopped by pid."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+         "--artifacts-destination", str(root / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"), start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, (root / "server.log").read_text()[-2000:]
+            assert time.time() < deadline, "mlflow server did not start in 120 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and its worker processes, by pid
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def _children(client, experiment_name):
+    exp = client.get_experiment_by_name(experiment_name)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("catsdogs.kind") == "experiment"]
+    children = [r for r in runs if r.data.tags.get("catsdogs.kind") == "run"]
+    return parents, children
+
+
+def _check_store(uri, out):
+    """The store holds one parent run and one finished child run per grid run, as recorded."""
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    (parent,), children = _children(client, "tracked")
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert sorted(r.info.run_name for r in children) == sorted(board["run_id"])
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
+        "leaderboard.csv", "leaderboard.png", "summary.md", "submission.csv", "experiment.json"}
+    assert parent.data.tags["catsdogs.winner"] == board["run_id"][0]
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        rec = load_record(out / "runs" / run.info.run_name)
+        params, metrics = run.data.params, run.data.metrics
+        assert params["settings_hash"] == rec.settings_hash == run.data.tags["catsdogs.settings_hash"]
+        assert params["combination"] == "resnet50" and params["head"] == "dropout_sigmoid"
+        assert params["optimizer"] == rec.optimizer.name and params["epochs"] == str(EPOCHS)
+        assert params["data_fingerprint"] == rec.feature_keys["resnet50"]["dataset_fingerprint"]
+        assert params["head.dropout"] == str(rec.params["dropout"]) == "0.3"
+        assert metrics["val_logloss"] == pytest.approx(rec.metrics.logloss, rel=1e-12)
+        assert metrics["val_accuracy"] == pytest.approx(rec.metrics.accuracy, rel=1e-12)
+        curve = client.get_metric_history(run.info.run_id, "loss")
+        assert [m.step for m in sorted(curve, key=lambda m: m.step)] == list(range(1, EPOCHS + 1))
+        assert [m.value for m in sorted(curve, key=lambda m: m.step)] == pytest.approx(rec.history[0]["loss"])
+        files = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"record.json", "curves.png", "head.keras"} <= files
+    return client, parent, children
+
+
+def test_default_sqlite_store_next_to_the_output(grid):
+    out, proc = grid["out"], grid["first"]
+    store = grid["root"] / "mlflow.db"
+    uri = f"sqlite:///{store}"
+    assert store.is_file() and (grid["root"] / "mlartifacts").is_dir()
+    assert f"view: mlflow ui --backend-store-uri {uri}" in proc.stdout
+    assert re.search(r"MLflow: 2 runs logged, 0 already there", proc.stdout), proc.stdout
+    _check_store(uri, out)
+
+
+def test_resume_logs_nothing_twice(grid):
+    """A rerun reuses every run (tracking switched on in the experiment file this time): nothing is
+    logged twice; a new run of the grid is the only new MLflow run."""
+    exp = grid["root"] / "exp-resume.yaml"
+    exp.write_text(yaml.safe_dump({**grid["doc"], "tracking": "mlflow"}, sort_keys=False))
+    again = run_cli("run", str(exp), "--no-progress", timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "0 runs trained, 2 reused" in again.stdout
+    assert "MLflow: 0 runs logged, 2 already there" in again.stdout
+    uri = f"sqlite:///{grid['root'] / 'mlflow.db'}"
+    _client, _parent, children = _check_store(uri, grid["out"])
+    assert len(children) == 2
+
+
+def test_real_mlflow_server(grid, server):
+    """The same grid (all runs reused) logged to a real tracking server over HTTP, artifacts
+    uploaded through it; a second call logs nothing more."""
+    for expected in ("MLflow: 2 runs logged, 0 already there", "MLflow: 0 runs logged, 2 already there"):
+        proc = run_cli("run", str(grid["exp"]), "--no-progress", "--track", server, "--track-required",
+                       timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        assert expected in proc.stdout and f"view: open {server} in a browser" in proc.stdout
+    _check_store(server, grid["out"])
+
+
+def test_dead_server_warns_or_fails_clearly(grid):
+    """Nothing listens on the port: tracking is skipped with a warning (the run's results are
+    written as usual), or with --track-required the run fails with one Error: line, before any
+    work, leaving the finished records untouched."""
+    dead = f"http://127.0.0.1:{_free_port()}"
+    records = sorted((grid["out"] / "runs").glob("*/record.json"))
+    before = {p: p.stat().st_mtime_ns for p in records}
+    proc = run_cli("run", str(grid["exp"]), "--no-progress", "--track", dead, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert f"cannot track in MLflow at {dead}" in proc.stderr and "continuing without tracking" in proc.stderr
+    assert "0 runs trained, 2 reused" in proc.stdout and "MLflow:" not in proc.stdout
+    required = run_cli("run", str(grid["exp"]), "--no-progress", "--track", dead, "--track-required",
+                       timeout=120)  # fails fast: no minutes of client retries
+    assert required.returncode == 1 and "Traceback" not in required.stderr
+    last = required.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: cannot track in MLflow at " + dead) and "no MLflow server answers" in last
+    assert {p: p.stat().st_mtime_ns for p in records} == before
