@@ -21,6 +21,7 @@ is not used (documented for Keras <= 3.13 only): everything goes through the tra
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -62,6 +63,8 @@ def open_tracker(tracking: Tracking | None, experiment: Experiment, out: Path,
     if tracking is None:
         return None
     uri = tracking.uri or default_uri(out)
+    if importlib.util.find_spec("mlflow") is None:
+        return _unavailable(tracking, "tracking needs MLflow: pip install 'catsdogs[tracking]'", echo)
     try:
         from catsdogs.tracking.mlflow_tracker import MlflowTracker
 
