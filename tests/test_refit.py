@@ -10,6 +10,8 @@ import pytest
 import yaml
 from conftest import make_kaggle, run_cli
 
+from catsdogs.app.export import export_run
+from catsdogs.errors import ConfigError
 from catsdogs.experiment.spec import load_experiment
 from catsdogs.features.extraction import load_features
 from catsdogs.features.fusion import align
@@ -68,6 +70,8 @@ def test_postprocess_ensemble_and_refit_in_a_run(tmp_path, data):
     ens = load_record(out / "runs" / "ensemble-top2-stack")
     assert ens.ensemble["method"] == "stack" and len(ens.ensemble["members"]) == 2
     assert ens.metrics.logloss == pytest.approx(ens.ensemble["logloss"])  # the cross-fitted score
+    with pytest.raises(ConfigError, match="ensemble of runs .*no single end-to-end model.*catsdogs export"):
+        export_run(out / "runs" / "ensemble-top2-stack", out=tmp_path / "export")
     # refit: the winner (or its members) retrained on all 32 training rows
     info = json.loads((out / "refit.json").read_text())
     winner = result.winner

@@ -103,12 +103,29 @@ class RunInfo:
         return len({b["image_size"] for b in self.backbones}) == 1
 
 
+def _refuse_ensemble(run_dir: Path, record: RunRecord) -> None:
+    """An ensemble of runs has no single model: say so, and how to export or use its members."""
+    ens = record.ensemble or {}
+    blend = ens.get("blend", {})
+    how = ("the mean of their P(dog)" if blend.get("method") == "mean" else
+           f"sigmoid({blend.get('bias', 0):.4g} + sum of weights {blend.get('weights')} x logit P(dog))")
+    members = " ".join(str(run_dir.parent / m) for m in ens.get("members", []))
+    raise ConfigError(
+        f"run {record.run_id!r} is an ensemble of runs {', '.join(ens.get('members', []))} "
+        f"({how}, then {record.postprocess['describe'] if record.postprocess else 'no post-processing'}); "
+        "it has no single end-to-end model to export, predict with or draw CAMs from. Export its "
+        f"members one by one (catsdogs export RUN_DIR for each of: {members}) and combine their "
+        "P(dog) as above; its test predictions and submission are in its run directory.")
+
+
 def load_run(run_dir: str | os.PathLike, registry=None) -> RunInfo:
     """Read a run's record and its experiment's backbone settings (``<out>/experiment.json``)."""
     from catsdogs.plugins import get_registry
 
     run_dir = Path(run_dir)
     record = RunRecord.load(run_dir)
+    if record.ensemble:
+        _refuse_ensemble(run_dir, record)
     exp_path = run_dir.parent.parent / "experiment.json"
     if not exp_path.is_file():
         raise DataError(f"{exp_path} not found: {run_dir} must stay inside its experiment's output "
