@@ -83,6 +83,15 @@ def plugins(as_json: bool) -> None:
             click.echo(f"CONFLICT: {kind[:-1]} {name!r} registered by {' and '.join(owners)}")
 
 
+# ------------------------------------------------------------------------------------ schema
+@cli.command()
+def schema() -> None:
+    """Print the JSON Schema of experiment files (for editors: yaml-language-server etc.)."""
+    from catsdogs.experiment.schema import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2))
+
+
 # ------------------------------------------------------------------------------------ extract
 @cli.command()
 @click.argument("data_dir", type=click.Path(path_type=Path))

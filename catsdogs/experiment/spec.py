@@ -53,6 +53,12 @@ also come from the command line)::
 
 Details:
 
+* **Validation** is in two steps: the document's shape (fields, types, choices, bounds) is the
+  pydantic model :class:`catsdogs.experiment.schema.ExperimentFile` (strict,
+  ``extra="forbid"``; ``catsdogs schema`` prints its JSON Schema), whose first error is reported
+  with the file's line; then this module checks what needs the plugin registry or several
+  fields (names, weights per backbone, image sizes, head params, combinations, duplicates,
+  paths, the exclude list).
 * **Combinations** are tuples of backbone names in the order the backbones are listed. ``all`` and
   ``{min, max}`` enumerate by subset size ascending, then in listed order
   (:func:`itertools.combinations`); the default is ``all``. An explicit list keeps its own order;
@@ -77,7 +83,6 @@ Details:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import itertools
 import math
@@ -92,7 +97,28 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from catsdogs.errors import ConfigError, PluginError
-from catsdogs.validation import SEED_MAX, is_int
+from catsdogs.experiment.schema import (  # noqa: F401  (the bounds and choices: public here too)
+    ENGINES,
+    ENSEMBLE_METHODS,
+    MAX_BATCH_SIZE,
+    MAX_BUDGET,
+    MAX_CALIBRATION_SIZE,
+    MAX_ENSEMBLE,
+    MAX_EPOCHS,
+    MAX_FOLDS,
+    MAX_IMAGE_SIZE,
+    MAX_LEARNING_RATE,
+    POSTPROCESSES,
+    PRECISIONS,
+    TRACKING_BACKENDS,
+    ExperimentFile,
+    TrackingSpec,
+    TuningSpec,
+    ValidationSpec,
+    validate_document,
+)
+from catsdogs.experiment.schema import suggest as _suggest
+from catsdogs.experiment.schema import type_name as _type_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from catsdogs.plugins import Registry
@@ -114,46 +140,17 @@ __all__ = [
     "TUNABLE_PARAMS",
 ]
 
-#: every field the top level of an experiment file may have
-TOP_LEVEL_FIELDS: tuple[str, ...] = (
-    "name", "data", "weights", "precision", "resize", "image_size", "backbones", "combinations",
-    "heads", "optimizers", "epochs", "batch_size", "seed", "validation", "clip", "target",
-    "output", "tuning", "tta", "exclude", "cache_dir", "calibration_size", "engine", "ray_address",
-    "postprocess", "refit", "ensemble", "tracking",
-)
+#: every field the top level of an experiment file may have (the schema's fields)
+TOP_LEVEL_FIELDS: tuple[str, ...] = tuple(ExperimentFile.model_fields)
 #: fields a file must have (``data`` may come from the override instead)
 REQUIRED_FIELDS: tuple[str, ...] = ("data", "backbones", "heads", "optimizers")
 #: hyper-parameters the tuner can search
 TUNABLE_PARAMS: tuple[str, ...] = ("dropout", "learning_rate", "l2")
 
-BACKBONE_FIELDS = ("name", "weights", "image_size", "precision", "resize", "calibration_size")
-HEAD_FIELDS = ("name", "params")
-OPTIMIZER_FIELDS = ("name", "learning_rate")
-VALIDATION_KINDS = ("holdout", "kfold")
-TUNING_FIELDS = ("budget", "params")
-COMBINATION_BOUNDS = ("min", "max")
-ENSEMBLE_FIELDS = ("top", "method")
-TRACKING_FIELDS = ("backend", "uri", "required")
-#: feature precisions (int8: post-training quantised backbones, calibrated on training images)
-PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "int8")
-ENGINES: tuple[str, ...] = ("local", "ray")
-POSTPROCESSES: tuple[str, ...] = ("auto", "none", "clip", "temperature")
-ENSEMBLE_METHODS: tuple[str, ...] = ("mean", "stack")
-TRACKING_BACKENDS: tuple[str, ...] = ("mlflow",)
-
 DEFAULT_WEIGHTS = "imagenet"
 DEFAULT_PRECISION = "float32"
 DEFAULT_RESIZE = "squash"
 DEFAULT_CALIBRATION_SIZE = 300
-#: sane upper bounds: a typo such as ``epochs: 1000000000000`` is an error, not a week of work
-MAX_CALIBRATION_SIZE = 100_000
-MAX_EPOCHS = 10_000
-MAX_BATCH_SIZE = 65_536
-MAX_FOLDS = 100
-MAX_BUDGET = 10_000
-MAX_ENSEMBLE = 1_000
-MAX_IMAGE_SIZE = 4_096
-MAX_LEARNING_RATE = 1_000.0
 #: YAML nodes a document may expand to (aliases included): a guard against alias bombs
 MAX_YAML_NODES = 100_000
 
@@ -420,9 +417,6 @@ def _absolute(path: Path) -> Path:
     return Path(os.path.abspath(os.path.expanduser(str(path))))
 
 
-_is_int = is_int
-
-
 def _as_float(value: Any) -> float | None:
     """``value`` as a finite float, or None. Accepts YAML-1.1 strings such as ``1e-3``."""
     if isinstance(value, bool):
@@ -432,25 +426,6 @@ def _as_float(value: Any) -> float | None:
     if isinstance(value, numbers.Real) and math.isfinite(value):
         return float(value)
     return None
-
-
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, str):
-        return f"the string {value!r}"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return f"{value!r}"
-
-
-def _suggest(word: str, choices: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.75)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _json_compatible(value: Any) -> bool:
@@ -584,50 +559,20 @@ class _Parser:
             )
         return self.registry.get(kind, name)
 
-    # -- scalar checks ----------------------------------------------------------------------------
-    def string(self, value: Any, path: str, what: str = "a non-empty string") -> str:
-        if not isinstance(value, str) or not value.strip():
-            raise self.error(path, f"must be {what}, got {_type_name(value)}")
-        return value.strip()
-
-    def integer(self, value: Any, path: str, minimum: int, maximum: int) -> int:
-        if not _is_int(value) or value < minimum:
-            raise self.error(path, f"must be an integer >= {minimum}, got {_type_name(value)}")
-        if value > maximum:
-            raise self.error(path, f"must be at most {maximum}, got {value}")
-        return int(value)
-
-    def number(self, value: Any, path: str, what: str) -> float:
-        """A finite float (not a bool); ``what`` describes the allowed range in the message."""
-        result = _as_float(value)
-        if result is None:
-            raise self.error(path, f"must be {what}, got {_type_name(value)}")
-        return result
-
-    def choice(self, value: Any, path: str, choices: tuple[str, ...], what: str) -> str:
-        if not isinstance(value, str) or value not in choices:
-            hint = _suggest(value, choices) if isinstance(value, str) else ""
-            raise self.error(path, f"unknown {what} {value!r}{hint}; choose one of: {', '.join(choices)}")
-        return value
-
-    def mapping(self, value: Any, path: str, fields: tuple[str, ...], what: str) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise self.error(path, f"must be {what}, got {_type_name(value)}")
-        for key in value:
-            if not isinstance(key, str):
-                raise self.error(path, f"field names must be strings, got {key!r}")
-            if key not in fields:
-                raise self.error(
-                    f"{path}.{key}",
-                    f"unknown field{_suggest(key, fields)}; allowed: {', '.join(fields)}",
-                )
+    # -- checks the schema cannot make -----------------------------------------------------------
+    def choice(self, value: str, path: str, choices: tuple[str, ...], what: str) -> str:
+        if value not in choices:
+            raise self.error(path, f"unknown {what} {value!r}{_suggest(value, choices)}; "
+                                   f"choose one of: {', '.join(choices)}")
         return value
 
     def path(self, value: Any, path: str, base: Path) -> Path:
+        """An absolute path; ``value`` is a validated string (or an override: str / PathLike)."""
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
-        text = self.string(value, path, "a path (string)")
-        p = Path(os.path.expanduser(text))
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(path, f"must be a path (string), got {_type_name(value)}")
+        p = Path(os.path.expanduser(value.strip()))
         return _absolute(p if p.is_absolute() else base / p)
 
     # -- the document -----------------------------------------------------------------------------
@@ -677,30 +622,33 @@ class _Parser:
             if not isinstance(key, str):
                 raise self.error("", f"field names must be strings, got {key!r}",
                                  line=self.lines.get(str(key)))
-            if key not in TOP_LEVEL_FIELDS:
-                raise self.error(key, f"unknown field{_suggest(key, TOP_LEVEL_FIELDS)}; "
-                                      f"valid fields: {', '.join(TOP_LEVEL_FIELDS)}")
         missing = [f for f in REQUIRED_FIELDS
-                   if doc.get(f) is None and not (f == "data" and data is not None)]
-        if missing:
+                   if doc.get(f) is None and not (f == "data" and data is not None)
+                   and not (f in doc and doc[f] is not None)]
+        unknown = [k for k in doc if k not in TOP_LEVEL_FIELDS]
+        if missing and not unknown:  # a misspelled field is the better message
             hint = " (or pass the data directory on the command line)" if "data" in missing else ""
             raise self.error("", f"missing required field{'s' if len(missing) > 1 else ''}: "
                                  f"{', '.join(missing)}{hint}")
+        model, problem = validate_document(doc, self.line)
+        if problem is not None:
+            raise self.error(*problem)
+        assert model is not None
 
-        name = self.parse_name(doc.get("name"))
+        name = self.parse_name(model.name)
         cwd = _absolute(Path.cwd())
         data_path = (self.path(data, "data (override)", cwd) if data is not None
-                     else self.path(doc["data"], "data", self.base_dir))
+                     else self.path(model.data, "data", self.base_dir))
         if output is not None:
             output_path = self.path(output, "output (override)", cwd)
-        elif doc.get("output") is not None:
-            output_path = self.path(doc["output"], "output", self.base_dir)
+        elif model.output is not None:
+            output_path = self.path(model.output, "output", self.base_dir)
         else:
             output_path = _absolute(cwd / "runs" / name)
         if cache_dir is not None:
             cache_path = self.path(cache_dir, "cache_dir (override)", cwd)
-        elif doc.get("cache_dir") is not None:
-            cache_path = self.path(doc["cache_dir"], "cache_dir", self.base_dir)
+        elif model.cache_dir is not None:
+            cache_path = self.path(model.cache_dir, "cache_dir", self.base_dir)
         else:
             cache_path = None
 
@@ -713,67 +661,39 @@ class _Parser:
                     raise ExperimentError(f"--weights: {exc}", source=self.source) from None
             backbones = [dataclasses.replace(spec, weights=weights) for spec in backbones]
         names = [b.name for b in backbones]
-        combinations = self.parse_combinations(doc.get("combinations", "all"), names)
+        combinations = self.parse_combinations(doc.get("combinations"), names)
         heads = self.parse_heads(doc["heads"])
         optimizers = self.parse_optimizers(doc["optimizers"])
-
-        def opt(key: str, default: Any) -> Any:
-            value = doc.get(key, _MISSING)
-            return default if value is _MISSING else value
-
-        epochs = self.integer(opt("epochs", 8), "epochs", 1, MAX_EPOCHS)
-        batch_size = self.integer(opt("batch_size", 128), "batch_size", 1, MAX_BATCH_SIZE)
-        seed = self.integer(opt("seed", 2019), "seed", 0, SEED_MAX)
-        validation = self.parse_validation(doc.get("validation"))
-        clip = self.parse_clip(opt("clip", [0.005, 0.995]))
-        target = self.number(opt("target", 0.06127), "target", "a number > 0")
-        if target <= 0:
-            raise self.error("target", f"must be a number > 0, got {doc['target']!r}")
-        tuning = self.parse_tuning(doc.get("tuning"), heads)
-        tta = opt("tta", False)
-        if not isinstance(tta, bool):
-            raise self.error("tta", f"must be true or false, got {_type_name(tta)}")
+        lo, hi = model.clip
+        if not 0 <= lo < hi <= 1:
+            raise self.error("clip", "must be a list [lo, hi] of two numbers with "
+                                     f"0 <= lo < hi <= 1, got {doc['clip']!r}")
         exclude, exclude_file, exclude_sha256 = self.parse_exclude(doc.get("exclude"))
-        engine = self.choice(opt("engine", "local"), "engine", ENGINES, "engine")
-        ray_address = doc.get("ray_address")
-        if ray_address is not None:
-            ray_address = self.string(ray_address, "ray_address", "a Ray address such as "
-                                      "'ray://127.0.0.1:10001' or 'auto'")
-        postprocess = opt("postprocess", "clip" if "clip" in doc else "auto")
-        postprocess = self.choice(postprocess, "postprocess", POSTPROCESSES, "postprocess")
-        refit = opt("refit", False)
-        if not isinstance(refit, bool):
-            raise self.error("refit", f"must be true or false, got {_type_name(refit)}")
-        ensemble = self.parse_ensemble(doc.get("ensemble"))
-        tracking = self.parse_tracking(doc.get("tracking"))
-
+        postprocess = model.postprocess or ("clip" if "clip" in doc else "auto")
         return Experiment(
             name=name, source=self.source_path, data=data_path, backbones=backbones,
-            combinations=combinations, heads=heads, optimizers=optimizers, epochs=epochs,
-            batch_size=batch_size, seed=seed, validation=validation, clip=clip, target=target,
-            output=output_path, tuning=tuning, tta=tta, exclude=exclude, cache_dir=cache_path,
-            exclude_file=exclude_file, exclude_sha256=exclude_sha256,
-            engine=engine, ray_address=ray_address, postprocess=postprocess, refit=refit,
-            ensemble=ensemble, tracking=tracking,
+            combinations=combinations, heads=heads, optimizers=optimizers, epochs=model.epochs,
+            batch_size=model.batch_size, seed=model.seed,
+            validation=self.parse_validation(model.validation), clip=(lo, hi),
+            target=model.target, output=output_path, tuning=self.parse_tuning(model.tuning, heads),
+            tta=model.tta, exclude=exclude, cache_dir=cache_path, exclude_file=exclude_file,
+            exclude_sha256=exclude_sha256, engine=model.engine, ray_address=model.ray_address,
+            postprocess=postprocess, refit=model.refit,
+            ensemble=None if model.ensemble is None else
+            Ensemble(top=model.ensemble.top, method=model.ensemble.method),
+            tracking=self.parse_tracking(model.tracking),
         )
 
-    # -- fields -----------------------------------------------------------------------------------
-    def parse_name(self, value: Any) -> str:
+    # -- fields (their types and bounds are checked by the schema already) -----------------------
+    def parse_name(self, value: str | int | None) -> str:
         if value is None:
             return self.stem
-        if _is_int(value):
-            value = str(value)
-        name = self.string(value, "name")
+        name = str(value).strip()
         if "/" in name or "\\" in name or name in {".", ".."}:
             raise self.error("name", f"must be usable as a folder name (no '/' or '\\'), got {name!r}")
         return name
 
     def parse_backbones(self, doc: dict[str, Any]) -> list[BackboneSpec]:
-        from catsdogs.dataset.images import RESIZE_POLICIES
-        raw = doc["backbones"]
-        if not isinstance(raw, list) or not raw:
-            raise self.error("backbones", "must be a non-empty list of backbone names or mappings "
-                                          f"({{name: ..., weights: ...}}), got {_type_name(raw)}")
         # top-level defaults: (value, path to blame)
         defaults: dict[str, tuple[Any, str]] = {
             "weights": (DEFAULT_WEIGHTS, "backbones"),
@@ -785,28 +705,15 @@ class _Parser:
         for key in defaults:
             if doc.get(key) is not None:
                 defaults[key] = (doc[key], key)
-        if doc.get("weights") is not None:
-            self.string(doc["weights"], "weights", "a weights name such as 'imagenet' or 'none'")
-        if doc.get("precision") is not None:
-            self.choice(doc["precision"], "precision", PRECISIONS, "precision")
-        if doc.get("resize") is not None:
-            self.choice(doc["resize"], "resize", RESIZE_POLICIES, "resize policy")
-        if doc.get("calibration_size") is not None:
-            self.integer(doc["calibration_size"], "calibration_size", 1, MAX_CALIBRATION_SIZE)
 
         specs: list[BackboneSpec] = []
         first: dict[str, int] = {}
-        for i, item in enumerate(raw):
+        for i, item in enumerate(doc["backbones"]):
             p = f"backbones[{i}]"
             if isinstance(item, dict):
-                self.mapping(item, p, BACKBONE_FIELDS, "a backbone name or mapping")
-                if item.get("name") is None:
-                    raise self.error(p, f"missing field 'name' (allowed: {', '.join(BACKBONE_FIELDS)})")
-                name = self.string(item["name"], f"{p}.name", "a backbone name")
-                name_path = f"{p}.name"
+                name, name_path = item["name"].strip(), f"{p}.name"
             else:
-                name = self.string(item, p, "a backbone name or a mapping with 'name'")
-                name_path, item = p, {}
+                name, name_path, item = item.strip(), p, {}
             backbone = self.component("backbones", name, name_path)
             if name in first:
                 raise self.error(p, f"backbone {name!r} is listed twice (also backbones[{first[name]}]); "
@@ -819,70 +726,53 @@ class _Parser:
                 return defaults[key]
 
             weights, wpath = option("weights")
-            weights = self.string(weights, wpath, "a weights name such as 'imagenet' or 'none'")
+            size, spath = option("image_size")
             try:
-                backbone.check_weights(weights)
+                backbone.check_weights(weights.strip())
             except ConfigError as exc:
                 raise self.error(wpath, str(exc)) from None
-            size, spath = option("image_size")
             if size is not None:
-                if not _is_int(size):
-                    raise self.error(spath, f"must be an integer (pixels), got {_type_name(size)}")
-                if size > MAX_IMAGE_SIZE:
-                    raise self.error(spath, f"must be at most {MAX_IMAGE_SIZE} (pixels), got {size}")
                 try:
                     backbone.check_image_size(size)
                 except ConfigError as exc:
                     raise self.error(spath, str(exc)) from None
-                size = int(size)
-            precision, ppath = option("precision")
-            precision = self.choice(precision, ppath, PRECISIONS, "precision")
-            resize, rpath = option("resize")
-            resize = self.choice(resize, rpath, RESIZE_POLICIES, "resize policy")
-            calibration, cpath = option("calibration_size")
-            calibration = self.integer(calibration, cpath, 1, MAX_CALIBRATION_SIZE)
-            specs.append(BackboneSpec(name=name, weights=weights, image_size=size,
-                                      precision=precision, resize=resize,
-                                      calibration_size=calibration))
+            specs.append(BackboneSpec(name=name, weights=weights.strip(), image_size=size,
+                                      precision=option("precision")[0],
+                                      resize=option("resize")[0],
+                                      calibration_size=option("calibration_size")[0]))
         return specs
 
     def parse_combinations(self, raw: Any, names: list[str]) -> list[tuple[str, ...]]:
         n = len(names)
-        allowed = ("'all', {min: K, max: M} (subset sizes) or a list of lists of backbone names")
         if raw is None or raw == "all":
             lo, hi = 1, n
         elif isinstance(raw, dict):
-            self.mapping(raw, "combinations", COMBINATION_BOUNDS, allowed)
-            lo = raw.get("min", 1)
-            hi = raw.get("max", n)
-            for key, value in (("min", lo), ("max", hi)):
-                if not _is_int(value):
-                    raise self.error(f"combinations.{key}", f"must be an integer, got {_type_name(value)}")
+            lo = 1 if raw.get("min") is None else raw["min"]
+            hi = n if raw.get("max") is None else raw["max"]
             if not 1 <= lo <= hi <= n:
                 key = ".min" if lo < 1 else ".max" if hi > n else ""
                 raise self.error(f"combinations{key}",
                                  f"subset sizes must satisfy 1 <= min <= max <= {n} (the number of "
                                  f"backbones), got min={lo}, max={hi}")
-        elif isinstance(raw, list):
-            if not raw:
-                raise self.error("combinations", f"must not be empty; use {allowed}")
+        else:
             result: list[tuple[str, ...]] = []
             seen: dict[tuple[str, ...], int] = {}
             order = {name: k for k, name in enumerate(names)}
+            if not raw:
+                raise self.error("combinations", "must not be empty; use 'all', {min: K, max: M} "
+                                                 "(subset sizes) or a list of lists of backbone names")
             for i, combo in enumerate(raw):
                 p = f"combinations[{i}]"
                 members = [combo] if isinstance(combo, str) else combo
-                if not isinstance(members, list) or not members:
-                    raise self.error(p, "must be a non-empty list of backbone names, "
-                                        f"got {_type_name(combo)}")
+                if not members:
+                    raise self.error(p, "must be a non-empty list of backbone names, got a list")
                 for j, member in enumerate(members):
                     mpath = p if isinstance(combo, str) else f"{p}[{j}]"
-                    if not isinstance(member, str) or member not in order:
-                        shown = repr(member) if isinstance(member, str) else _type_name(member)
-                        hint = _suggest(member, names) if isinstance(member, str) else ""
-                        if isinstance(member, str) and member in self.registry.names("backbones"):
+                    if member not in order:
+                        hint = _suggest(member, names)
+                        if member in self.registry.names("backbones"):
                             hint += " (add it to backbones to use it in a combination)"
-                        raise self.error(mpath, f"{shown} is not one of the listed backbones: "
+                        raise self.error(mpath, f"{member!r} is not one of the listed backbones: "
                                                 f"{', '.join(names)}{hint}")
                 if len(set(members)) != len(members):
                     dup = next(m for m in members if members.count(m) > 1)
@@ -894,26 +784,18 @@ class _Parser:
                 seen[key] = i
                 result.append(key)
             return result
-        else:
-            raise self.error("combinations", f"must be {allowed}, got {_type_name(raw)}")
         return [c for size in range(lo, hi + 1) for c in itertools.combinations(names, size)]
 
-    def parse_heads(self, raw: Any) -> list[HeadSpec]:
-        if not isinstance(raw, list) or not raw:
-            raise self.error("heads", "must be a non-empty list of head names or mappings "
-                                      f"({{name: ..., params: {{...}}}}), got {_type_name(raw)}")
+    def parse_heads(self, raw: list[Any]) -> list[HeadSpec]:
         specs: list[HeadSpec] = []
         for i, item in enumerate(raw):
             p = f"heads[{i}]"
             if isinstance(item, dict):
-                self.mapping(item, p, HEAD_FIELDS, "a head name or mapping")
-                if item.get("name") is None:
-                    raise self.error(p, f"missing field 'name' (allowed: {', '.join(HEAD_FIELDS)})")
-                name = self.string(item["name"], f"{p}.name", "a head name")
+                name = item["name"].strip()
                 head_cls = self.component("heads", name, f"{p}.name")
                 params = self.parse_head_params(item.get("params"), f"{p}.params", name, head_cls)
             else:
-                name = self.string(item, p, "a head name or a mapping with 'name'")
+                name = item.strip()
                 head_cls = self.component("heads", name, p)
                 params = {}
             spec = HeadSpec(name=name, params=params)
@@ -923,18 +805,19 @@ class _Parser:
             specs.append(spec)
         return specs
 
-    def parse_head_params(self, raw: Any, path: str, name: str, head_cls: Any) -> dict[str, Any]:
+    def parse_head_params(self, raw: Any, path: str, name: str,
+                          head_cls: Any) -> dict[str, Any]:
         if raw is None:
             return {}
         valid = tuple(head_cls.param_names())
-        if not isinstance(raw, dict):
+        if not isinstance(raw, dict):  # kept by hand: the message names the head's parameters
             raise self.error(path, f"must be a mapping of hyper-parameters "
                                    f"({', '.join(valid) or 'none'}), got {_type_name(raw)}")
         params: dict[str, Any] = {}
         for key, value in raw.items():
-            if not isinstance(key, str) or key not in valid:
-                hint = _suggest(key, valid) if isinstance(key, str) else ""
-                raise self.error(f"{path}.{key}", f"head {name!r} has no parameter {key!r}{hint}; "
+            if key not in valid:
+                raise self.error(f"{path}.{key}", f"head {name!r} has no parameter {key!r}"
+                                                  f"{_suggest(key, valid)}; "
                                                   f"valid: {', '.join(valid) or '(none)'}")
             if isinstance(value, str) and _SCI_FLOAT.match(value.strip()):
                 value = float(value)
@@ -948,28 +831,18 @@ class _Parser:
             raise self.error(path, f"invalid params for head {name!r}: {exc}") from None
         return params
 
-    def parse_optimizers(self, raw: Any) -> list[OptimizerSpec]:
-        if not isinstance(raw, list) or not raw:
-            raise self.error("optimizers", "must be a non-empty list of optimizer names or mappings "
-                                           f"({{name: ..., learning_rate: ...}}), got {_type_name(raw)}")
+    def parse_optimizers(self, raw: list[Any]) -> list[OptimizerSpec]:
         specs: list[OptimizerSpec] = []
         for i, item in enumerate(raw):
             p = f"optimizers[{i}]"
             lr: float | None = None
             if isinstance(item, dict):
-                self.mapping(item, p, OPTIMIZER_FIELDS, "an optimizer name or mapping")
-                if item.get("name") is None:
-                    raise self.error(p, f"missing field 'name' (allowed: {', '.join(OPTIMIZER_FIELDS)})")
-                name = self.string(item["name"], f"{p}.name", "an optimizer name")
+                name = item["name"].strip()
                 self.component("optimizers", name, f"{p}.name")
                 if item.get("learning_rate") is not None:
-                    what = f"a number > 0 and <= {MAX_LEARNING_RATE:g}"
-                    lr = self.number(item["learning_rate"], f"{p}.learning_rate", what)
-                    if not 0 < lr <= MAX_LEARNING_RATE:
-                        raise self.error(f"{p}.learning_rate",
-                                         f"must be {what}, got {item['learning_rate']!r}")
+                    lr = _as_float(item["learning_rate"])
             else:
-                name = self.string(item, p, "an optimizer name or a mapping with 'name'")
+                name = item.strip()
                 self.component("optimizers", name, p)
             spec = OptimizerSpec(name=name, learning_rate=lr)
             if spec in specs:
@@ -978,91 +851,50 @@ class _Parser:
             specs.append(spec)
         return specs
 
-    def parse_validation(self, raw: Any) -> Validation:
-        allowed = "{holdout: FRACTION} or {kfold: FOLDS}"
+    def parse_validation(self, raw: str | ValidationSpec | None) -> Validation:
         if raw is None:
             return Validation()
         if isinstance(raw, str):
-            self.choice(raw, "validation", VALIDATION_KINDS, "validation kind")
             return Validation(kind=raw)
-        self.mapping(raw, "validation", VALIDATION_KINDS, allowed)
-        if len(raw) != 1:
-            raise self.error("validation", f"give exactly one of holdout, kfold ({allowed}), "
-                                           f"got {len(raw)} fields")
-        if "holdout" in raw:
-            what = "a number in (0, 1)"
-            frac = self.number(raw["holdout"], "validation.holdout", what)
-            if not 0 < frac < 1:
-                raise self.error("validation.holdout", f"must be {what}, got {raw['holdout']!r}")
-            return Validation(kind="holdout", holdout=frac)
-        folds = self.integer(raw["kfold"], "validation.kfold", 2, MAX_FOLDS)
-        return Validation(kind="kfold", folds=folds)
+        given = raw.model_fields_set
+        if len(given) != 1:
+            raise self.error("validation", "give exactly one of holdout, kfold ({holdout: FRACTION} "
+                                           f"or {{kfold: FOLDS}}), got {len(given)} fields")
+        if raw.holdout is not None:
+            return Validation(kind="holdout", holdout=raw.holdout)
+        if raw.kfold is None:
+            raise self.error("validation", "must be {holdout: FRACTION} or {kfold: FOLDS}, got null")
+        return Validation(kind="kfold", folds=raw.kfold)
 
-    def parse_clip(self, raw: Any) -> tuple[float, float]:
-        what = "a list [lo, hi] of two numbers with 0 <= lo < hi <= 1"
-        if not isinstance(raw, list) or len(raw) != 2:
-            raise self.error("clip", f"must be {what}, got {_type_name(raw)}")
-        lo = self.number(raw[0], "clip[0]", what)
-        hi = self.number(raw[1], "clip[1]", what)
-        if not 0 <= lo < hi <= 1:
-            raise self.error("clip", f"must be {what}, got {raw!r}")
-        return (lo, hi)
-
-    def parse_tuning(self, raw: Any, heads: list[HeadSpec]) -> Tuning | None:
+    def parse_tuning(self, raw: int | TuningSpec | None, heads: list[HeadSpec]) -> Tuning | None:
         if raw is None:
             return None
-        if _is_int(raw):
-            raw = {"budget": raw}
-        self.mapping(raw, "tuning", TUNING_FIELDS, "a mapping {budget: TRIALS, params: [...]}")
-        if raw.get("budget") is None:
-            raise self.error("tuning", "missing field 'budget' (the number of trials, >= 1)")
-        budget = self.integer(raw["budget"], "tuning.budget", 1, MAX_BUDGET)
-        params = raw.get("params")
-        if params is None:
-            return Tuning(budget=budget)
-        if isinstance(params, str):
-            params = [params]
+        if isinstance(raw, int):
+            return Tuning(budget=raw)
+        if raw.params is None:
+            return Tuning(budget=raw.budget)
+        params = [raw.params] if isinstance(raw.params, str) else raw.params
         # the common names, then what the listed heads declare (Head.search_space)
         tunable = dict.fromkeys(TUNABLE_PARAMS)
         for head in heads:
             tunable.update(dict.fromkeys(self.registry.head(head.name).tuning_space().entries))
         choices = tuple(tunable)
-        allowed = ", ".join(choices)
-        if not isinstance(params, list) or not params:
-            raise self.error("tuning.params", f"must be a non-empty list of: {allowed}; "
-                                              f"got {_type_name(params)}")
+        if not params:
+            raise self.error("tuning.params", f"must be a non-empty list of: {', '.join(choices)}; "
+                                              "got a list")
         for j, param in enumerate(params):
             p = f"tuning.params[{j}]"
             self.choice(param, p, choices, "tunable parameter")
             if param in params[:j]:
                 raise self.error(p, f"{param!r} is listed twice")
-        return Tuning(budget=budget, params=tuple(params))
+        return Tuning(budget=raw.budget, params=tuple(params))
 
-    def parse_ensemble(self, raw: Any) -> Ensemble | None:
-        if raw is None:
-            return None
-        self.mapping(raw, "ensemble", ENSEMBLE_FIELDS, "a mapping {top: RUNS, method: mean | stack}")
-        top = self.integer(raw.get("top", 3), "ensemble.top", 2, MAX_ENSEMBLE)
-        method = self.choice(raw.get("method", "mean"), "ensemble.method", ENSEMBLE_METHODS,
-                             "ensemble method")
-        return Ensemble(top=top, method=method)
-
-    def parse_tracking(self, raw: Any) -> Tracking | None:
+    def parse_tracking(self, raw: str | TrackingSpec | None) -> Tracking | None:
         if raw is None:
             return None
         if isinstance(raw, str):
-            return Tracking(backend=self.choice(raw, "tracking", TRACKING_BACKENDS, "tracking backend"))
-        self.mapping(raw, "tracking", TRACKING_FIELDS,
-                     "a backend name (mlflow) or a mapping {backend: mlflow, uri: ..., required: ...}")
-        backend = self.choice(raw.get("backend", "mlflow"), "tracking.backend", TRACKING_BACKENDS,
-                              "tracking backend")
-        uri = raw.get("uri")
-        if uri is not None:
-            uri = self.string(uri, "tracking.uri", "a tracking URI such as 'http://127.0.0.1:5000'")
-        required = raw.get("required", False)
-        if not isinstance(required, bool):
-            raise self.error("tracking.required", f"must be true or false, got {_type_name(required)}")
-        return Tracking(backend=backend, uri=uri, required=required)
+            return Tracking(backend=raw)
+        return Tracking(backend=raw.backend, uri=raw.uri, required=raw.required)
 
     def parse_exclude(self, raw: Any) -> tuple[list[str], Path | None, str | None]:
         """The entries, and for an exclude file its path and SHA-256."""
