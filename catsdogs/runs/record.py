@@ -44,8 +44,9 @@ class _Part:
         if not isinstance(data, dict):
             raise DataError(f"{where}: expected a JSON object, found {_json_type(data)}")
         hints = typing.get_type_hints(cls)
-        names = [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
-        missing = [f.name for f in dataclasses.fields(cls) if f.name in names and f.name not in data
+        fields = dataclasses.fields(typing.cast(Any, cls))
+        names = [f.name for f in fields if f.name != "extra"]
+        missing = [f.name for f in fields if f.name in names and f.name not in data
                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         if missing:
             raise DataError(f"{where}: missing {', '.join(missing)}; not a record written by "
@@ -53,7 +54,7 @@ class _Part:
         kwargs = {name: _convert(hints[name], data[name], f"{where}.{name}")
                   for name in names if name in data}
         extra = {k: v for k, v in data.items() if k not in names and k not in _DERIVED}
-        return cls(**kwargs, extra=extra)
+        return typing.cast(Any, cls)(**kwargs, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

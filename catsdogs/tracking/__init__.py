@@ -64,13 +64,15 @@ def open_tracker(tracking: Tracking | None, experiment: Experiment, out: Path,
         return None
     uri = tracking.uri or default_uri(out)
     if importlib.util.find_spec("mlflow") is None:
-        return _unavailable(tracking, "tracking needs MLflow: pip install 'catsdogs[tracking]'", echo)
+        _unavailable(tracking, "tracking needs MLflow: pip install 'catsdogs[tracking]'")
+        return None
     try:
         from catsdogs.tracking.mlflow_tracker import MlflowTracker
 
         return MlflowTracker.connect(uri, experiment, out)
     except Exception as exc:  # noqa: BLE001 - any failure of the tracker must not stop the grid
-        return _unavailable(tracking, f"cannot track in MLflow at {uri}: {_reason(exc)}", echo)
+        _unavailable(tracking, f"cannot track in MLflow at {uri}: {_reason(exc)}")
+        return None
 
 
 def log_result(tracker: MlflowTracker | None, tracking: Tracking | None, result: ExperimentResult,
@@ -82,18 +84,18 @@ def log_result(tracker: MlflowTracker | None, tracking: Tracking | None, result:
         logged, skipped = tracker.log_result(result)
     except Exception as exc:  # noqa: BLE001
         _unavailable(tracking, f"MLflow logging at {tracker.uri} failed: {_reason(exc)}; the local "
-                               f"records in {result.out_dir} are complete", echo)
+                               f"records in {result.out_dir} are complete")
         return
     echo(f"MLflow: {logged} runs logged, {skipped} already there, in experiment "
          f"{tracker.experiment_name!r} at {tracker.uri}")
     echo(f"view: {ui_command(tracker.uri)}")
 
 
-def _unavailable(tracking: Tracking, message: str, echo: Callable[[str], None]) -> None:
+def _unavailable(tracking: Tracking, message: str) -> None:
+    """Raise :class:`TrackingError` when tracking is required, else warn."""
     if tracking.required:
         raise TrackingError(message)
     logger.warning("%s; continuing without tracking", message)
-    return None
 
 
 def _reason(exc: BaseException) -> str:
