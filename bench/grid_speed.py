@@ -39,6 +39,7 @@ import os
 import resource
 import statistics
 import time
+import tracemalloc
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -85,7 +86,8 @@ def log_loss(y: np.ndarray, p: np.ndarray, clip: tuple[float, float] = (0.005, 0
     return float(-np.mean(np.where(y == 1, np.log(p), np.log(1 - p))))
 
 
-def one_run(loop: str, combination, optimizer_name, train_blocks, test_blocks, y, tr, va, args):
+def one_run(loop, combination, optimizer_name, train_blocks, test_blocks, y, tr, va, args):
+    """One run alone, as the runner trains it: fuse, fit, predict validation and test rows."""
     t0 = time.perf_counter()
     X = fuse(train_blocks, combination)
     X_test = fuse(test_blocks, combination)
@@ -100,7 +102,28 @@ def one_run(loop: str, combination, optimizer_name, train_blocks, test_blocks, y
     t3 = time.perf_counter()
     assert p_test.shape == (len(X_test),)
     return {"fuse": t1 - t0, "fit": t2 - t1, "predict": t3 - t2, "total": t3 - t0,
-            "val_logloss": log_loss(y[va], p_val), "width": X.shape[1]}
+            "val_logloss": log_loss(y[va], p_val), "width": X.shape[1],
+            "weights": head.model_.get_weights(), "p_val": p_val}
+
+
+def grouped_grid(runs, train_blocks, test_blocks, y, tr, va, args):
+    """All runs by catsdogs.runs.multifit.fit_group (one pass over the rows per batch for the
+    whole grid), then each run's validation and test predictions."""
+    from catsdogs.runs.multifit import Member, fit_group
+
+    t0 = time.perf_counter()
+    members = [Member(DropoutSigmoidHead(), OPTIMIZERS[o](), c) for c, o in runs]
+    heads = fit_group(members, train_blocks, y, train_rows=tr, val_rows=va, epochs=args.epochs,
+                      batch_size=args.batch_size, seed=args.seed)
+    t1 = time.perf_counter()
+    results = {}
+    for (c, o), head in zip(runs, heads, strict=True):
+        p_val = head.predict_proba(fuse({b: train_blocks[b][va] for b in c}, c))
+        p_test = head.predict_proba(fuse(test_blocks, c))
+        assert p_test.shape == (len(next(iter(test_blocks.values()))),)
+        results[(c, o)] = {"val_logloss": log_loss(y[va], p_val), "p_val": p_val,
+                           "weights": head.model_.get_weights(), "width": head.n_features_in_}
+    return results, t1 - t0, time.perf_counter() - t1
 
 
 def main() -> None:
@@ -111,14 +134,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--signal", type=float, default=0.03, help="class signal per column")
     parser.add_argument("--seed", type=int, default=2019)
+    parser.add_argument("--no-single", action="store_true",
+                        help="grouped grid only (no run-by-run comparison)")
     keras_group = parser.add_mutually_exclusive_group()
     keras_group.add_argument("--keras-subset", dest="keras", action="store_const", const="subset",
-                             help="model.fit on the 4 singles + the quadruple (default)")
+                             help="also model.fit on the 4 singles + the quadruple")
     keras_group.add_argument("--keras-all", dest="keras", action="store_const", const="all",
-                             help="model.fit on all 30 runs")
+                             help="also model.fit on all 30 runs")
     keras_group.add_argument("--no-keras", dest="keras", action="store_const", const="none",
-                             help="compiled loop only")
-    parser.set_defaults(keras="subset")
+                             help="no model.fit runs (default)")
+    parser.set_defaults(keras="none")
     args = parser.parse_args()
 
     import tensorflow as tf
@@ -152,27 +177,61 @@ def main() -> None:
         head = DropoutSigmoidHead()
         head.training_loop = loop
         head.fit(Xw, yw, validation=(Xw[:50], yw[:50]), epochs=1, batch_size=args.batch_size)
-    print(f"peak RSS after data + warm-up: {peak_rss_mib():.0f} MiB\n")
+    rss_start = peak_rss_mib()
+    print(f"peak RSS after data + warm-up: {rss_start:.0f} MiB\n")
+
+    # the grouped grid first: ru_maxrss only grows, so its peak is measured before the others
+    print(f"-- grouped (catsdogs.runs.multifit), {len(runs)} runs ({args.epochs} epochs, "
+          f"batch {args.batch_size}) --")
+    tracemalloc.start()
+    t_grid = time.perf_counter()
+    grouped, fit_s, predict_s = grouped_grid(runs, train_blocks, test_blocks, y, tr, va, args)
+    grouped_wall = time.perf_counter() - t_grid
+    traced_grouped = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    rss_grouped = peak_rss_mib()
+    print(f"grouped grid: {len(runs)} runs in {grouped_wall:.1f} s wall (fit {fit_s:.1f} s, "
+          f"predict {predict_s:.1f} s); peak RSS {rss_grouped:.0f} MiB (+{rss_grouped - rss_start:.0f} "
+          f"over data + warm-up), peak NumPy/Python allocations {traced_grouped:.0f} MiB")
+    if args.no_single:
+        return
 
     header = f"{'run':>3}  {'combination':<55} {'opt':<8} {'width':>5}  {'fit s':>6} " \
-             f"{'pred s':>6} {'total s':>7}  {'val logloss':>11}"
-    print(f"-- compiled loop, {len(runs)} runs ({args.epochs} epochs, batch {args.batch_size}) --")
+             f"{'pred s':>6} {'total s':>7}  {'val logloss':>11}  {'|dw| grouped':>12}"
+    print(f"\n-- run by run (compiled loop), {len(runs)} runs, same process --")
     print(header)
     compiled = {}
+    worst_w = worst_p = 0.0
+    tracemalloc.start()
     t_grid = time.perf_counter()
     for i, (c, o) in enumerate(runs, 1):
         r = compiled[(c, o)] = one_run("compiled", c, o, train_blocks, test_blocks, y, tr, va, args)
+        g = grouped[(c, o)]
+        dw = max(float(np.abs(a - b).max()) for a, b in zip(r["weights"], g["weights"], strict=True))
+        worst_w = max(worst_w, dw)
+        worst_p = max(worst_p, float(np.abs(r["p_val"] - g["p_val"]).max()))
         print(f"{i:>3}  {'+'.join(c):<55} {o:<8} {r['width']:>5}  {r['fit']:>6.2f} {r['predict']:>6.2f} "
-              f"{r['total']:>7.2f}  {r['val_logloss']:>11.4f}", flush=True)
+              f"{r['total']:>7.2f}  {r['val_logloss']:>11.4f}  {dw:>12.2e}", flush=True)
     grid_wall = time.perf_counter() - t_grid
+    traced_single = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
     rss_compiled = peak_rss_mib()
-    print(f"compiled grid: {len(runs)} runs in {grid_wall:.1f}s wall "
-          f"(fit {sum(r['fit'] for r in compiled.values()):.1f}s, "
-          f"predict {sum(r['predict'] for r in compiled.values()):.1f}s); "
-          f"peak RSS {rss_compiled:.0f} MiB")
-    if not keras_runs:
-        return
+    print(f"run-by-run grid: {len(runs)} runs in {grid_wall:.1f} s wall "
+          f"(fit {sum(r['fit'] for r in compiled.values()):.1f} s, "
+          f"predict {sum(r['predict'] for r in compiled.values()):.1f} s); peak RSS "
+          f"{rss_compiled:.0f} MiB, peak NumPy/Python allocations {traced_single:.0f} MiB")
+    print(f"\ngrouped vs run by run: {grid_wall / grouped_wall:.2f}x faster "
+          f"({grouped_wall:.1f} s vs {grid_wall:.1f} s, same process); max |weight difference| "
+          f"{worst_w:.2e}, max |P(dog) difference| on validation {worst_p:.2e}; peak NumPy/Python "
+          f"allocations {traced_grouped:.0f} vs {traced_single:.0f} MiB")
+    if keras_runs:
+        keras_comparison(keras_runs, compiled, train_blocks, test_blocks, y, tr, va, args)
 
+
+def keras_comparison(keras_runs, compiled, train_blocks, test_blocks, y, tr, va, args) -> None:
+    """The same runs with ``model.fit``, against the run-by-run compiled loop."""
+    header = f"{'run':>3}  {'combination':<55} {'opt':<8} {'width':>5}  {'fit s':>6} " \
+             f"{'pred s':>6} {'total s':>7}  {'val logloss':>11}"
     print(f"\n-- model.fit loop, {len(keras_runs)} of the runs, same process --")
     print(header + f"  {'fit ratio':>9} {'total ratio':>11}  {'d logloss':>9}")
     fit_ratios, total_ratios, keras_total, compiled_total = [], [], 0.0, 0.0
@@ -198,12 +257,6 @@ def main() -> None:
           f"(median {statistics.median(fit_ratios):.2f}x, min {min(fit_ratios):.2f}x, "
           f"max {max(fit_ratios):.2f}x); run total geomean {geomean(total_ratios):.2f}x; "
           f"summed totals {keras_total / compiled_total:.2f}x")
-    if len(keras_runs) < len(runs):
-        estimate = sum(r["total"] for r in compiled.values()) * keras_total / compiled_total
-        print(f"model.fit grid estimate (compiled grid time x summed-total ratio of the subset): "
-              f"~{estimate:.0f}s vs {grid_wall:.0f}s measured compiled")
-    print(f"peak RSS: {rss_compiled:.0f} MiB after the compiled grid, {peak_rss_mib():.0f} MiB "
-          "after the model.fit runs")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,384 @@
+"""Grouped training: many Keras-head runs of a grid in one pass over the cached features.
+
+A grid trains one small head per (combination × head × optimizer) on column subsets of the same
+feature matrix, on the same rows, with the same epochs, batch size and seed. Run one at a time,
+each run streams its fused matrix and draws its dropout masks ``epochs`` times, and that (not the
+arithmetic of a ``Dense`` layer) is where the time goes. :func:`fit_group` trains such runs
+together, one ``tf.function`` call per epoch for the whole group. Per mini-batch it:
+
+* gathers the batch's rows of every backbone block once (``tf.numpy_function`` on the NumPy
+  blocks: nothing is copied up front) and concatenates each combination's blocks from them;
+* draws each distinct dropout stream once: Keras' ``Dropout`` (TensorFlow backend) keeps a unit
+  when ``stateless_uniform(shape, seed) >= rate``, with ``seed`` the layer's seed generator state
+  ``[s, step]``; Philox is counter-based, so the ``(b, d)`` draw is the first ``b * d`` values of
+  one ``(b * d_max,)`` draw, and every run with the same seed state (all runs of one seed) takes
+  its mask as a prefix of that one draw;
+* masks each (combination, rate, stream) once (an adam and an adadelta run of one combination
+  share it), calls each run's own ``Dense`` layer on it, its compiled loss
+  (``model.compute_loss``, L2 terms included) and accuracy, and applies the gradient with the
+  run's own Keras optimizer object.
+
+Every run's model is built and compiled by :meth:`KerasHead._compiled_model`, exactly as
+:meth:`KerasHead.fit` builds it (same initial weights and dropout seed), shuffled with
+``np.random.default_rng(seed)`` as the compiled loop does, and its seed generator advances one
+step per batch as in the single fit: each run ends with the weights, optimizer state and history
+of training it alone, to float round-off (tests/test_multifit.py). A head joins a group when its
+training is the built-in compiled loop over ``Input -> Dropout -> Dense`` (:func:`groupable`);
+any other member is fitted alone by its own :meth:`fit`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from catsdogs.components import Head, Optimizer
+from catsdogs.errors import ConfigError
+from catsdogs.validation import check_labels
+
+#: rows per finiteness check of the blocks (bounded temporaries)
+_CHECK_ROWS = 4096
+
+#: environment variable: ``0`` makes the runner train every run alone (the reference path)
+GROUPED_ENV = "CATSDOGS_GROUPED_FIT"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One run of a group: an unfitted head, its optimizer, and the blocks it is trained on (in
+    column order, like :func:`catsdogs.features.fusion.fuse`)."""
+
+    head: Head
+    optimizer: Optimizer | None
+    combination: tuple[str, ...]
+
+
+def groupable(head: Head) -> bool:
+    """Whether ``head`` is trained by the built-in compiled loop of :class:`KerasHead` (its
+    ``fit`` and loop not overridden, ``training_loop == "compiled"``). Its model must also be
+    ``Input -> Dropout -> Dense``, which :func:`fit_group` checks once built."""
+    from catsdogs.builtin.heads import KerasHead
+
+    cls = type(head)
+    return (isinstance(head, KerasHead) and cls.fit is KerasHead.fit
+            and cls._fit_compiled is KerasHead._fit_compiled
+            and getattr(head, "training_loop", "compiled") == "compiled")
+
+
+def _dropout_dense(model) -> tuple[Any, Any] | None:
+    """``(Dropout, Dense)`` when ``model`` is exactly ``Input -> Dropout -> Dense``, else None."""
+    import keras
+
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    if (len(layers) == 2 and type(layers[0]) is keras.layers.Dropout
+            and type(layers[1]) is keras.layers.Dense and layers[0].noise_shape is None
+            and len(model.inputs) == 1 and model.outputs[0] is layers[1].output
+            and layers[1].input is layers[0].output and layers[0].input is model.inputs[0]):
+        return layers[0], layers[1]
+    return None
+
+
+def _check_blocks(blocks: Mapping[str, np.ndarray], names: Sequence[str],
+                  rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The named blocks as float32 C-contiguous (n, d) arrays, finite on ``rows``."""
+    n = None
+    checked = {}
+    for name in names:
+        if name not in blocks:
+            raise ConfigError(f"fit_group: no feature block {name!r} (have {', '.join(blocks)})")
+        arr = np.asarray(blocks[name])
+        if arr.ndim != 2 or arr.dtype != np.float32 or arr.shape[1] == 0:
+            raise ConfigError(f"fit_group: block {name!r} must be a float32 (rows, features) "
+                              f"array, got {arr.dtype} {arr.shape}")
+        if n is not None and arr.shape[0] != n:
+            raise ConfigError(f"fit_group: block {name!r} has {arr.shape[0]} rows, "
+                              f"the others {n}")
+        n = arr.shape[0]
+        arr = np.ascontiguousarray(arr)
+        for start in range(0, len(rows), _CHECK_ROWS):
+            if not np.isfinite(arr[rows[start:start + _CHECK_ROWS]]).all():
+                raise ConfigError(f"fit_group: block {name!r} contains NaN or infinite values")
+        checked[name] = arr
+    return checked
+
+
+def _check_rows(rows: Any, n: int, what: str) -> np.ndarray:
+    arr = np.asarray(rows)
+    if arr.ndim != 1 or arr.dtype.kind not in "iu" or len(arr) == 0:
+        raise ConfigError(f"fit_group: {what} must be a non-empty 1-D array of row indices")
+    if arr.min() < 0 or arr.max() >= n:
+        raise ConfigError(f"fit_group: {what} holds indices outside 0..{n - 1}")
+    return arr.astype(np.int64)
+
+
+@dataclass
+class _Prepared:
+    """A member ready for the grouped loop."""
+
+    index: int  # position in the members list
+    head: Any
+    model: Any
+    dropout: Any
+    dense: Any
+    combination: tuple[str, ...]
+    width: int
+    accuracy: Any
+    stream: tuple[int, int] | None  # initial seed generator state; None without dropout
+
+
+def fit_group(members: Sequence[Member], blocks: Mapping[str, np.ndarray], y: Any, *,
+              train_rows: Any, val_rows: Any = None, epochs: int = 8, batch_size: int = 128,
+              seed: int = 2019, verbose: int = 0) -> list[Head]:
+    """Fit every member's head, as ``head.fit(X[train_rows], y[train_rows], validation=(X[val_rows],
+    y[val_rows]), optimizer=..., epochs=..., batch_size=..., seed=...)`` would with ``X`` its
+    combination's fused blocks; return the fitted heads in member order.
+
+    ``blocks`` maps backbone name -> float32 ``(n, d)`` features (all rows; e.g.
+    ``Aligned.train.X``), ``y`` holds the n 0/1 labels. Members that are not :func:`groupable`
+    are fitted alone by their own ``fit``.
+    """
+    from catsdogs.builtin.heads import check_schedule
+
+    epochs, batch_size, seed = check_schedule(epochs, batch_size, seed)
+    names = list(dict.fromkeys(b for m in members for b in m.combination))
+    n = len(np.asarray(y))
+    train_rows = _check_rows(train_rows, n, "train_rows")
+    val = None if val_rows is None else _check_rows(val_rows, n, "val_rows")
+    used_rows = train_rows if val is None else np.concatenate([train_rows, val])
+    arrays = _check_blocks(blocks, names, used_rows)
+    y = check_labels(y, n, "y")
+
+    prepared, alone = [], []
+    for i, member in enumerate(members):
+        if not member.combination:
+            raise ConfigError(f"fit_group: member {i} has an empty combination")
+        width = sum(arrays[b].shape[1] for b in member.combination)
+        if groupable(member.head):
+            model = member.head._compiled_model(width, member.optimizer, seed)
+            layers = _dropout_dense(model)
+            if layers is not None:
+                dropout, dense = layers
+                stream = None
+                if dropout.rate > 0:
+                    stream = tuple(int(v) for v in np.asarray(dropout.seed_generator.state.value))
+                prepared.append(_Prepared(
+                    i, member.head, model, dropout, dense, member.combination, width,
+                    member.head._accuracy_function(model, member.head._targets(y[:1])), stream))
+                continue
+        alone.append(i)
+
+    fitted: list[Head | None] = [None] * len(members)
+    if prepared:
+        histories = _train(prepared, arrays, names, y, train_rows, val, epochs=epochs,
+                           batch_size=batch_size, seed=seed, verbose=verbose)
+        for p, history in zip(prepared, histories, strict=True):
+            fitted[p.index] = p.head._set_fitted(p.model, p.width, history)
+    for i in alone:
+        m = members[i]
+        X = np.concatenate([arrays[b] for b in m.combination], axis=1)
+        validation = None if val is None else (X[val], y[val])
+        fitted[i] = m.head.fit(X[train_rows], y[train_rows], validation=validation,
+                               optimizer=m.optimizer, epochs=epochs, batch_size=batch_size,
+                               seed=seed, verbose=verbose)
+    return fitted  # type: ignore[return-value]
+
+
+def _train(prepared: list[_Prepared], arrays: dict[str, np.ndarray], names: list[str],
+           y: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray | None, *, epochs: int,
+           batch_size: int, seed: int, verbose: int) -> list[dict[str, list[float]]]:
+    """The grouped loop: one ``tf.function`` call per epoch for all ``prepared`` runs."""
+    import tensorflow as tf
+    from keras.src.backend.tensorflow.random import _cast_seed
+
+    variables = [p.model.trainable_variables for p in prepared]
+    for p, v in zip(prepared, variables, strict=True):
+        p.model.optimizer.build(v)  # slot variables outside the traced function
+    targets = [tf.convert_to_tensor(p.head._targets(y)) for p in prepared]
+    # the blocks stay NumPy arrays read by tf.numpy_function (see KerasHead._fit_compiled)
+    source = {"blocks": [arrays[b] for b in names]}
+    position = {b: i for i, b in enumerate(names)}
+    widths = {b: arrays[b].shape[1] for b in names}
+    streams = {p.stream for p in prepared if p.stream is not None}
+    stream_width = {s: max(p.width for p in prepared if p.stream == s) for s in streams}
+
+    def take(rows):
+        """The batch's rows of every block, in the graph."""
+        out = tf.numpy_function(lambda r: [a[r] for a in source["blocks"]], [rows],
+                                [tf.float32] * len(names), stateful=False)
+        for t, b in zip(out, names, strict=True):
+            t.set_shape((None, widths[b]))
+        return out
+
+    def fused(parts, combination):
+        tensors = [parts[position[b]] for b in combination]
+        return tensors[0] if len(tensors) == 1 else tf.concat(tensors, axis=1)
+
+    def train_step(rows):
+        """One update of every run on the batch ``rows``; per-run loss and correct counts."""
+        parts = take(rows)
+        b = tf.shape(rows)[0]
+        # every run's seed generator advances, as in its single fit; one draw per stream
+        seeds = {}
+        for p in prepared:
+            if p.stream is not None:
+                s = p.dropout.seed_generator.next()
+                seeds.setdefault(p.stream, _cast_seed(s))
+        uniforms = {s: tf.random.stateless_uniform(tf.reshape(b * stream_width[s], (1,)),
+                                                   seed=seeds[s]) for s in streams}
+        inputs, keeps, masked = {}, {}, {}
+        for p in prepared:
+            x = inputs.get(p.combination)
+            if x is None:
+                x = inputs[p.combination] = fused(parts, p.combination)
+            key = _mask_key(p)
+            if key not in masked:
+                if p.stream is None:
+                    masked[key] = x
+                else:  # stateless_dropout's where(u >= rate, x * scale, 0), u the stream's prefix
+                    keep = keeps.get(key[1:])
+                    if keep is None:
+                        rate = float(p.dropout.rate)
+                        u = tf.reshape(uniforms[p.stream][:b * p.width], (b, p.width))
+                        keep = keeps[key[1:]] = tf.cast(u >= rate, tf.float32) * (1 / (1 - rate))
+                    masked[key] = x * keep  # x * scale where kept, (signed) zero elsewhere
+        with tf.GradientTape() as tape:
+            preds, losses, scaled_losses = [], [], []
+            for p, y_all in zip(prepared, targets, strict=True):
+                yb = tf.gather(y_all, rows)
+                y_pred = p.dense(masked[_mask_key(p)])
+                loss = p.model.compute_loss(x=inputs[p.combination], y=yb, y_pred=y_pred,
+                                            training=True)
+                preds.append((yb, y_pred))
+                losses.append(loss)
+                scaled_losses.append(p.model.optimizer.scale_loss(loss))
+            total = tf.add_n(scaled_losses)
+        gradients = tape.gradient(total, [v for vs in variables for v in vs])
+        start = 0
+        for p, vs in zip(prepared, variables, strict=True):
+            p.model.optimizer.apply_gradients(zip(gradients[start:start + len(vs)], vs))
+            start += len(vs)
+        return _sums(prepared, preds, losses, b)
+
+    def eval_step(rows):
+        parts = take(rows)
+        inputs = {}
+        preds, losses = [], []
+        for p, y_all in zip(prepared, targets, strict=True):
+            x = inputs.get(p.combination)
+            if x is None:
+                x = inputs[p.combination] = fused(parts, p.combination)
+            yb = tf.gather(y_all, rows)
+            y_pred = p.dense(x)  # Dropout is the identity when not training
+            losses.append(p.model.compute_loss(x=x, y=yb, y_pred=y_pred, training=False))
+            preds.append((yb, y_pred))
+        return _sums(prepared, preds, losses, tf.shape(rows)[0])
+
+    def run_batches(step, indices):
+        n = tf.shape(indices)[0]
+        loss_sum = tf.zeros((len(prepared),), tf.float32)
+        correct = tf.zeros((len(prepared),), tf.float32)
+        for start in tf.range(0, n, batch_size):
+            batch_loss, batch_correct = step(indices[start:start + batch_size])
+            loss_sum += batch_loss
+            correct += batch_correct
+        count = tf.cast(n, tf.float32)
+        return loss_sum / count, correct / count
+
+    def run_epoch(permutation):
+        loss, acc = run_batches(train_step, permutation)
+        out = {"accuracy": acc, "loss": loss}
+        if val_rows is not None:
+            val_loss, val_acc = run_batches(eval_step, tf.constant(val_rows))
+            out.update(val_accuracy=val_acc, val_loss=val_loss)
+        return out
+
+    epoch = tf.function(functools.partial(run_epoch), jit_compile=False)
+    rng = np.random.default_rng(seed)
+    histories: list[dict[str, list[float]]] = [{} for _ in prepared]
+    try:
+        for e in range(epochs):
+            permutation = train_rows[rng.permutation(len(train_rows))]
+            logs = {k: v.numpy() for k, v in epoch(tf.convert_to_tensor(permutation)).items()}
+            for i, history in enumerate(histories):
+                for key, values in logs.items():
+                    history.setdefault(key, []).append(float(values[i]))
+            if verbose:
+                print(f"Epoch {e + 1}/{epochs} ({len(prepared)} runs) - mean loss "
+                      f"{float(np.mean(logs['loss'])):.4f}", flush=True)
+    finally:
+        source.clear()
+    return histories
+
+
+def _mask_key(p: _Prepared) -> tuple:
+    """Runs with equal keys train on the same dropped-out inputs; ``key[1:]`` identifies the mask."""
+    return (p.combination, p.stream, float(p.dropout.rate), p.width)
+
+
+def _sums(prepared: list[_Prepared], preds, losses, b):
+    """Per run: batch loss times batch size, and the count of correct predictions (as the single
+    compiled loop accumulates them)."""
+    import tensorflow as tf
+
+    size = tf.cast(b, tf.float32)
+    loss = tf.stack([tf.cast(v, tf.float32) * size for v in losses])
+    correct = tf.stack([tf.reduce_sum(tf.cast(p.accuracy(yb, y_pred), tf.float32))
+                        for p, (yb, y_pred) in zip(prepared, preds, strict=True)])
+    return loss, correct
+
+
+def grouping_enabled() -> bool:
+    """False when ``CATSDOGS_GROUPED_FIT=0``: the runner then fits every run by itself."""
+    import os
+
+    return os.environ.get(GROUPED_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def fit_grid(specs: Sequence[Any], experiment: Any, aligned: Any, splits: Sequence[tuple],
+             registry: Any) -> dict[str, list[Head]]:
+    """The runner's seam: fit the planned runs ``specs`` (:class:`catsdogs.runs.runner.RunSpec`)
+    that can share passes, one :func:`fit_group` per validation fold; returns run id -> fitted head
+    per fold (the runs left out are fitted by the runner as before).
+
+    Left out: runs whose head is not :func:`groupable` or is tuned by ``experiment.tuning``, every
+    run when grouping is switched off (:func:`grouping_enabled`), when fewer than two runs remain,
+    or when a backbone's features are not float32.
+    """
+    from catsdogs.runs.tuning import tunable_names
+
+    if not grouping_enabled():
+        return {}
+    chosen = []
+    for spec in specs:
+        head_cls = registry.head(spec.head.name)
+        if experiment.tuning is not None and tunable_names(head_cls, experiment.tuning.params):
+            continue
+        head = head_cls(**dict(spec.head.params))
+        if groupable(head):
+            chosen.append(spec)
+    blocks = aligned.train.X
+    if len(chosen) < 2 or any(np.asarray(blocks[b]).dtype != np.float32
+                              for spec in chosen for b in spec.combination):
+        return {}
+    fitted: dict[str, list[Head]] = {spec.run_id: [] for spec in chosen}
+    for tr, va in splits:
+        members = [Member(registry.head(spec.head.name)(**dict(spec.head.params)),
+                          _optimizer(spec, registry), tuple(spec.combination)) for spec in chosen]
+        heads = fit_group(members, blocks, aligned.train.y, train_rows=tr, val_rows=va,
+                          epochs=experiment.epochs, batch_size=experiment.batch_size,
+                          seed=experiment.seed)
+        for spec, head in zip(chosen, heads, strict=True):
+            fitted[spec.run_id].append(head)
+    return fitted
+
+
+def _optimizer(spec: Any, registry: Any) -> Optimizer | None:
+    """The run's optimizer, as the runner makes it."""
+    if spec.optimizer is None:
+        return None
+    return registry.optimizer(spec.optimizer.name)(learning_rate=spec.optimizer.learning_rate)
+
