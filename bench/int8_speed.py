@@ -156,6 +156,65 @@ def print_speed(rows: list[dict]) -> None:
           f"Lite {sum(map(ok, lite))} of {len(lite)} (need 2 of 3)")
 
 
+# ------------------------------------------------------------------------------------ engines
+def compare_engines(args, name: str, work: Path) -> None:
+    """The engine choice: TF float32, OpenVINO float32 / NNCF int8, ONNX Runtime float32 / QDQ
+    int8 (tf2onnx + ``quantize_static``, per-channel), same model, same calibration images."""
+    import onnxruntime as ort
+    import openvino as ov
+    import tf2onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from catsdogs.dataset.images import load_image
+
+    backbone = catsdogs.get_registry().backbone(name)
+    size, weights = backbone.input_size, weights_for(name)
+    train = open_dataset(args.data).train
+    calib = np.stack([load_image(r.path, size) for r in train[:args.engine_calibration]])
+    batch = np.stack([load_image(r.path, size) for r in train[-args.batch_size:]])
+    function = int8._uint8_function(backbone.build(weights, size), size)
+    reference = function(batch).numpy()
+    runners = {"tf float32": lambda x: function(x).numpy()}
+    core = ov.Core()
+    float_ov = ov.convert_model(function)
+    runners["openvino float32"] = core.compile_model(float_ov, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+    runners["openvino int8"] = core.compile_model(int8.quantize(backbone.build(weights, size), size, calib),
+                                                  "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+    onnx_path, pre, quant = work / f"{name}.onnx", work / f"{name}-pre.onnx", work / f"{name}-qdq.onnx"
+    tf2onnx.convert.from_function(function, input_signature=function.input_signature, opset=17,
+                                  output_path=str(onnx_path))
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{input_name: calib[i:i + 8]} for i in range(0, len(calib), 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quant_pre_process(str(onnx_path), str(pre))
+    quantize_static(str(pre), str(quant), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    for label, path in (("onnxruntime float32", onnx_path), ("onnxruntime int8 (QDQ)", quant)):
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        runners[label] = lambda x, s=sess: s.run(None, {input_name: x})[0]
+    wrapped = {k: (lambda x, r=r: np.asarray(r(x)[0] if isinstance(r, ov.CompiledModel) else r(x)))
+               for k, r in runners.items()}
+    speeds = direct_rounds(wrapped, batch, args.direct_seconds * len(wrapped) / 3)
+    print(f"\nengines, {name} ({weights}) at {size}, batch {args.batch_size}, "
+          f"{len(calib)} calibration images (images/s, cosine to TF float32 mean/min):")
+    for label, fn in wrapped.items():
+        mean, low = cosine(reference, fn(batch))
+        print(f"  {label:<24}{speeds[label]:8.1f}   {mean:.5f}/{low:.5f}")
+
+
 # ------------------------------------------------------------------------------------ accuracy
 def fused(sets: list, split: str) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
     """Column-concatenated features of ``sets`` on the files all of them have, in one order."""
@@ -226,6 +285,9 @@ def main() -> None:
     ap.add_argument("--cache-dir", type=Path, default=None,
                     help="feature cache of the accuracy part [default: the user's cache]")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--engines", default="",
+                    help="also compare OpenVINO and ONNX Runtime on these backbones (comma-separated)")
+    ap.add_argument("--engine-calibration", type=int, default=96)
     ap.add_argument("--skip-accuracy", action="store_true")
     args = ap.parse_args()
     int8.require_engine()
@@ -240,6 +302,12 @@ def main() -> None:
                 print(f"done {name}: extract int8/float32 "
                       f"{rows[-1]['extract_int8'] / rows[-1]['extract_float32']:.2f}x", flush=True)
             print_speed(rows)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    for name in [n.strip() for n in args.engines.split(",") if n.strip()]:
+        work = Path(tempfile.mkdtemp(prefix="catsdogs-int8-engines-"))
+        try:
+            compare_engines(args, name, work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     if not args.skip_accuracy:
