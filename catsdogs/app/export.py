@@ -172,7 +172,10 @@ def load_run(run_dir: str | os.PathLike, registry=None) -> RunInfo:
 
 
 def _head_is_keras(name: str) -> bool | None:
-    """Whether the head plugin ``name`` makes a Keras graph (None: its plugin is not installed)."""
+    """Whether the head plugin ``name`` makes a Keras graph: it overrides ``keras_model`` without
+    declaring it ``-> None`` (None: its plugin is not installed here)."""
+    import inspect
+
     from catsdogs.components import Head
     from catsdogs.plugins import get_registry
 
@@ -180,7 +183,10 @@ def _head_is_keras(name: str) -> bool | None:
         cls = get_registry().head(name)
     except Exception:  # noqa: BLE001 - a missing or broken plugin only changes the message
         return None
-    return getattr(cls, "keras_model", Head.keras_model) is not Head.keras_model
+    method = getattr(cls, "keras_model", Head.keras_model)
+    if method is Head.keras_model:
+        return False
+    return inspect.signature(method).return_annotation not in (None, "None", type(None))
 
 
 def head_model_path(info: RunInfo) -> Path:
