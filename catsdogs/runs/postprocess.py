@@ -19,6 +19,16 @@ validation row gets a prediction from a transform that never saw its label. A le
 replaces ``none`` only if its mean paired gain per row exceeds :data:`MIN_Z` standard errors of
 that gain (a one-standard-error rule): a gain that a few noisy rows could produce keeps ``none``.
 
+**A small-sample prior (Platt's targets).** A few hundred validation images cannot show how often
+a *confidently* wrong prediction happens (a mislabelled or two-animal photo in the test set costs
+``ln(1/eps)`` for a prediction at ``eps``), yet that rare event dominates the test log loss. The
+learned transforms are therefore fitted, and the candidates compared, against Platt's (1999)
+smoothed targets ``(N+ + 1) / (N+ + 2)`` for dogs and ``1 / (N- + 2)`` for cats instead of 1 and 0:
+the rule of succession, one unseen mistake of each kind. Predictions more extreme than the data
+can vouch for (about ``1/N``) are then pulled in -- a clip near ``1/N`` at a few hundred images,
+vanishing as the validation set grows. The numbers reported (``logloss_post``, ``cv[...]["logloss"]``)
+are always against the real labels.
+
 :func:`choose` returns a :class:`Choice` with the transform refitted on all validation rows (to
 apply to the test predictions), the raw and post-processed validation log loss and the
 cross-validated loss of every candidate. ``logloss_post`` -- the number runs are ranked by -- is
@@ -35,9 +45,10 @@ from typing import Any
 import numpy as np
 
 from catsdogs.errors import ConfigError
-from catsdogs.runs.metrics import best_clip, log_loss
+from catsdogs.runs.metrics import DEFAULT_CLIP_GRID, log_loss
 
-__all__ = ["METHODS", "MIN_Z", "Choice", "Transform", "choose", "fit", "logit", "postprocess_record",
+__all__ = ["METHODS", "MIN_Z", "Choice", "Transform", "choose", "fit", "logit", "platt_targets",
+           "postprocess_record",
            "ranking_loss", "sigmoid", "transform_of"]
 
 #: the values of the experiment's ``postprocess`` field
@@ -109,8 +120,17 @@ class Transform:
         return "none"
 
 
+def platt_targets(y) -> np.ndarray:
+    """Platt's smoothed targets: ``(N+ + 1)/(N+ + 2)`` for label 1, ``1/(N- + 2)`` for label 0."""
+    y = np.asarray(y, dtype=np.float64).ravel()
+    n_pos = float(y.sum())
+    n_neg = float(y.size - n_pos)
+    return np.where(y == 1.0, (n_pos + 1.0) / (n_pos + 2.0), 1.0 / (n_neg + 2.0))
+
+
 def fit(kind: str, y, p, clip_bounds: tuple[float, float] | None = None) -> Transform:
-    """Fit one transform of ``kind`` on validation labels ``y`` and predictions ``p``.
+    """Fit one transform of ``kind`` on validation labels ``y`` and predictions ``p`` (against
+    Platt's targets, see the module docstring).
 
     ``clip`` with ``clip_bounds`` is the fixed clip (nothing is fitted).
     """
@@ -122,8 +142,10 @@ def fit(kind: str, y, p, clip_bounds: tuple[float, float] | None = None) -> Tran
             if not 0.0 <= lo < hi <= 1.0:
                 raise ConfigError(f"clip bounds must satisfy 0 <= lo < hi <= 1, got {[lo, hi]}")
             return Transform("clip", lo=lo, hi=hi)
-        lo, hi, _ = best_clip(y, p)
-        return Transform("clip", lo=lo, hi=hi, learned=True)
+        t, p = platt_targets(y), np.asarray(p, dtype=np.float64).ravel()
+        eps = min(np.unique(np.concatenate([[0.0], DEFAULT_CLIP_GRID])),
+                  key=lambda e: float(_row_losses(t, np.clip(p, e, 1.0 - e)).mean()))
+        return Transform("clip", lo=float(eps), hi=1.0 - float(eps), learned=True)
     if kind == "temperature":
         return Transform("temperature", temperature=_fit_temperature(y, p), learned=True)
     raise ConfigError(f"unknown post-processing {kind!r}; expected one of {', '.join(METHODS)}")
@@ -132,7 +154,7 @@ def fit(kind: str, y, p, clip_bounds: tuple[float, float] | None = None) -> Tran
 def _fit_temperature(y, p) -> float:
     from scipy.optimize import minimize_scalar
 
-    y = np.asarray(y, dtype=np.float64).ravel()
+    y = platt_targets(y)
     z = logit(p).ravel()
 
     def loss(log_t: float) -> float:
@@ -145,6 +167,7 @@ def _fit_temperature(y, p) -> float:
 
 
 def _row_losses(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Per-row cross-entropy of ``p`` against (possibly soft) targets ``y``."""
     p = np.clip(p, 1e-15, 1.0 - 1e-15)
     return -(y * np.log(p) + (1.0 - y) * np.log1p(-p))
 
@@ -158,7 +181,8 @@ class Choice:
     logloss_raw: float  # validation log loss of the raw predictions
     logloss_post: float  # cross-fitted validation log loss of the chosen transform (ranking key)
     logloss_post_insample: float  # ... of ``transform`` on the rows it was fitted on
-    cv: dict[str, dict[str, float]] = field(default_factory=dict)  # candidate -> cv loss, gain, z
+    #: candidate -> cross-fitted log loss (real labels), mean gain over none and its z (Platt targets)
+    cv: dict[str, dict[str, float]] = field(default_factory=dict)
     folds: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -205,11 +229,11 @@ def choose(y, p, method: str = "auto", *, clip_bounds: tuple[float, float] | Non
     k = int(min(folds, np.bincount(y.astype(int), minlength=2).min()))
     fold_ids = _fold_ids(y.astype(int), k, seed) if k >= 2 else None
 
-    def cv_losses(kind: str) -> np.ndarray:
+    def cv_predictions(kind: str) -> np.ndarray:
         if kind == "none" or (kind == "clip" and clip_bounds is not None):
-            return _row_losses(y, fit(kind, y, p, clip_bounds).apply(p))
+            return fit(kind, y, p, clip_bounds).apply(p)
         assert fold_ids is not None
-        return _row_losses(y, cross_fitted(kind, y, p, fold_ids))
+        return cross_fitted(kind, y, p, fold_ids)
 
     if method == "auto":
         candidates = ["none"] + (["clip", "temperature"] if fold_ids is not None else [])
@@ -218,15 +242,16 @@ def choose(y, p, method: str = "auto", *, clip_bounds: tuple[float, float] | Non
     if fold_ids is None and method in ("clip", "temperature") and not (
             method == "clip" and clip_bounds is not None):
         candidates = ["none"]  # too few rows of a class to cross-fit: nothing learned
-    base = _row_losses(y, p)
+    targets = platt_targets(y)
+    base = _row_losses(targets, p)
     cv: dict[str, dict[str, float]] = {}
     best, best_gain = candidates[0], 0.0
     for kind in candidates:
-        losses = cv_losses(kind)
-        gain = base - losses  # > 0: the transform helps that row
+        q = cv_predictions(kind)
+        gain = base - _row_losses(targets, q)  # > 0: the transform helps that row (criterion)
         se = float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else 0.0
         z = float(gain.mean() / se) if se > 0 else 0.0
-        cv[kind] = {"logloss": float(losses.mean()), "gain": float(gain.mean()), "z": z}
+        cv[kind] = {"logloss": log_loss(y, q), "gain": float(gain.mean()), "z": z}
         if method == "auto" and kind != "none" and z > min_z and gain.mean() > best_gain:
             best, best_gain = kind, float(gain.mean())
     chosen = fit(best, y, p, clip_bounds)
