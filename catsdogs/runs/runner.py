@@ -189,7 +189,9 @@ def _predict(head, X: np.ndarray, X_flip: np.ndarray | None) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ one run
 def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits, registry,
-                 settings: dict[str, Any], run_dir: Path) -> RunRecord:
+                 settings: dict[str, Any], run_dir: Path, fitted: list | None = None) -> RunRecord:
+    """One run: tune, fit per fold (or take ``fitted``, its heads per fold already trained by
+    :func:`catsdogs.runs.multifit.fit_grid`), predict, score and write its files to ``run_dir``."""
     import pandas as pd
 
     from catsdogs.runs.metrics import summarize
@@ -225,11 +227,12 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
     oof = np.full(len(train.y), np.nan)
     test_preds, histories = [], []
     for fold, (tr, va) in enumerate(splits):
-        head = head_cls(**params)
-        optimizer = opt_cls(learning_rate=learning_rate) if opt_cls else None
-        head.fit(train.X[tr], train.y[tr], validation=(train.X[va], train.y[va]), optimizer=optimizer,
-                 epochs=experiment.epochs, batch_size=experiment.batch_size, seed=experiment.seed,
-                 blocks=train.blocks)
+        head = fitted[fold] if fitted else head_cls(**params)
+        if not fitted:
+            optimizer = opt_cls(learning_rate=learning_rate) if opt_cls else None
+            head.fit(train.X[tr], train.y[tr], validation=(train.X[va], train.y[va]),
+                     optimizer=optimizer, epochs=experiment.epochs,
+                     batch_size=experiment.batch_size, seed=experiment.seed, blocks=train.blocks)
         flip_va = train.X_flip[va] if train.X_flip is not None else None
         oof[va] = _predict(head, train.X[va], flip_va)
         if test is not None:
@@ -414,6 +417,8 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
     plan = plan_runs(experiment, registry)
     out = Path(experiment.output)
     tracker = open_tracker(experiment.tracking, experiment, out, echo)  # before any training
+    tracker = open_tracker(experiment.tracking, experiment, out, echo)  # before any training
+    tracker = open_tracker(experiment.tracking, experiment, out, echo)  # before any training
     (out / "runs").mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out / "runs")  # half-written runs of a killed process
     write_json(out / "experiment.json", experiment.to_dict())
@@ -494,7 +499,12 @@ def _train_runs(pending: list[tuple[RunSpec, dict[str, Any]]], experiment: Exper
     records: list[RunRecord] = []
     bar = tqdm(total=len(pending), desc="runs", unit="run", disable=not progress, dynamic_ncols=True)
     if engine is None:
-        done = ((spec, *_run_here(spec, settings, experiment, aligned, splits, registry, out))
+        from catsdogs.runs.multifit import fit_grid
+
+        # runs that can share passes over the features are trained together first
+        fitted = fit_grid([spec for spec, _ in pending], experiment, aligned, splits, registry)
+        done = ((spec, *_run_here(spec, settings, experiment, aligned, splits, registry, out,
+                                  fitted.get(spec.run_id)))
                 for spec, settings in pending)
     else:
         done = ((spec, record, files, node) for (spec, _), (record, files), node in
@@ -524,12 +534,12 @@ def _train_runs(pending: list[tuple[RunSpec, dict[str, Any]]], experiment: Exper
 
 
 def _run_here(spec: RunSpec, settings: dict[str, Any], experiment: Experiment, aligned: Aligned, splits,
-              registry, out: Path) -> tuple[RunRecord, None, None]:
+              registry, out: Path, fitted: list | None = None) -> tuple[RunRecord, None, None]:
     """One run in this process, its files written straight into the temporary run directory."""
     tmp = out / "runs" / f".{spec.run_id}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    return _execute_run(spec, experiment, aligned, splits, registry, settings, tmp), None, None
+    return _execute_run(spec, experiment, aligned, splits, registry, settings, tmp, fitted), None, None
 
 
 def run_detached(item: tuple[RunSpec, dict[str, Any]], shared: tuple) -> tuple[RunRecord, dict[str, bytes]]:
