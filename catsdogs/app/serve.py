@@ -124,13 +124,13 @@ class ModelPool:
         self.manifest = load_manifest(export_dir)
         threads = max(1, (os.cpu_count() or 1) // size)
         first = open_predictor(export_dir, "auto", num_threads=threads)
-        if first.backend == "tflite":
-            rest = [open_predictor(export_dir, "tflite", num_threads=threads)
-                    for _ in range(size - 1)]
-        else:  # one Keras model is safe to call from several threads
+        if first.backend == "keras":  # one Keras model is safe to call from several threads
             logger.warning("%s has no TFLite model: serving Keras (TensorFlow in the server); "
                            "export with `--format tflite` for a lighter server", export_dir)
             rest = [first] * (size - 1)
+        else:  # a TFLite interpreter is not: one per slot
+            rest = [open_predictor(export_dir, first.backend, num_threads=threads)
+                    for _ in range(size - 1)]
         self.size = size
         self.backend = first.backend
         self.cam_capable = first.cam_capable
