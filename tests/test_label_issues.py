@@ -153,6 +153,9 @@ def test_planted_swaps_in_real_photos(tmp_path):
             (data / "train" / name).symlink_to(src)
             if k < 5:
                 planted.add(f"train/{name}")
+    (data / "test").mkdir()
+    for src in sorted((MINI / "test").glob("*.jpg"))[:2]:  # a test split (an empty one fails to load)
+        (data / "test" / src.name).symlink_to(src)
     found = label_issues_in(data, "efficientnet_lite0", cache_dir=tmp_path / "cache", progress=False,
                             registry=reg)
     precision, recall = _precision_recall({found.files[i] for i in found.ranked}, planted)
