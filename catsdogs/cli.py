@@ -196,7 +196,8 @@ def run(experiment_file, data, cache_dir, out, weights, no_submit, no_progress, 
 @click.option("--out", "out_file", type=click.Path(path_type=Path), default=Path("submission.csv"),
               show_default=True, help="Where to write the submission.")
 @click.option("--clip", nargs=2, type=float, default=None, metavar="LO HI",
-              help="Clip bounds [default: the run's experiment's].")
+              help="Clip bounds instead of the run's post-processing [default: the transform "
+                   "recorded with the run (learned clip, temperature, none, or the fixed clip)].")
 def predict_test(run_dir, out_file, clip) -> None:
     """Write Kaggle's submission.csv (id,label) from a finished run's test predictions."""
     from catsdogs.runs.runner import write_run_submission
@@ -388,7 +389,7 @@ def audit_cmd(data_dir, out, classifier, top_k, min_side, write_exclude, weights
               batch_size, label_issues, label_backbone, cache_dir, no_progress, as_json, engine,
               ray_address, ray_shared_data) -> None:
     """Flag suspicious training images of DATA_DIR (tiny, colour outliers, not a cat/dog to
-    ImageNet, unreadable). Nothing is deleted."""
+    ImageNet, unreadable; with --label-issues, probably mislabelled). Nothing is deleted."""
     from catsdogs.audit.checks import audit
     from catsdogs.engine import engine_spec, open_engine
 
