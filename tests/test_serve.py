@@ -51,7 +51,7 @@ def post(server, files, **params):
 def test_serves_a_run_through_its_tflite_export(server, run_dir):
     health = httpx.get(server.url + "/healthz", timeout=10).json()
     assert health["status"] == "ok"
-    assert health["model"] == str(run_dir / "export")  # exported on the fly
+    assert health["model"] == str(run_dir / "export")  # the run's export
     assert (run_dir / "export" / "model.tflite").is_file()
     assert (run_dir / "export" / "cam.tflite").is_file()
     assert health["backend"] == "tflite" and health["cam"] is True and health["neither"] is True
