@@ -1,11 +1,10 @@
-"""Benchmark: the write-up's seed grid on synthetic cached features, compiled loop vs ``model.fit``.
+"""Benchmark: the write-up's seed grid on synthetic cached features, grouped vs run by run.
 
 The grid of experiments/seed.yaml: 4 backbones, all 15 non-empty combinations of their GAP
 features, the ``dropout_sigmoid`` head (Dropout 0.5 + Dense(1, sigmoid)), ``adam`` (learning rate
 0.001) and ``adadelta`` (learning rate 1.0), 8 epochs, batch size 128, a stratified 80/20 holdout:
-30 runs. Each run does what the runner does with the cached features: fuses the combination's
-blocks (``np.concatenate``), fits on the training rows with the validation rows as validation data,
-and predicts the validation rows and the test rows.
+30 runs. Each run fits on the training rows with the validation rows as validation data and
+predicts the validation rows and the test rows.
 
 Features are synthetic, float32, shaped like the real cache: resnet50, inception_v3 and xception
 with 2048 columns and inception_resnet_v2 with 1536 (7,680 for the quadruple); ``--rows`` training
@@ -13,22 +12,24 @@ images (default 25,000, Kaggle's train set) and ``--test-rows`` test images (12,
 is standard normal noise plus a weak class signal (a random sign times ``--signal``), so each
 backbone alone is a noisy, learnable problem and combinations are easier.
 
-Measured in ONE process (CPU timings are noisy; the ratios are between runs of the same process):
+Measured in ONE process (CPU timings are noisy; compare the ratios, not the seconds):
 
-* the 30 runs with the compiled training loop (``KerasHead.training_loop = "compiled"``, the
-  default): fit, predict and total seconds per run, the validation log loss, the grid's wall time
-  and the process's peak resident memory (``resource.getrusage().ru_maxrss``) before and after;
-* the same runs with ``model.fit`` (``training_loop = "keras"``) for a subset (the 4 singles and the
-  quadruple, both optimizers: 10 runs; ``--keras-all``: all 30; ``--no-keras``: none), and the
-  per-run speed ratio ``keras / compiled`` of those runs.
+1. the grouped grid (:func:`catsdogs.runs.multifit.fit_group`: all 30 runs in one pass over the
+   rows per batch), then each run's predictions: ``N runs in X s``, peak resident memory
+   (``resource.getrusage().ru_maxrss``, measured first because it only grows) and peak NumPy /
+   Python allocations (``tracemalloc``);
+2. the same 30 runs one by one as the runner trained them before (fuse the combination, compiled
+   loop, predict), with per-run seconds and each run's largest weight difference to its grouped
+   twin; then the speed ratio, the largest weight and validation-P(dog) differences, memory;
+3. optionally (``--keras-subset`` / ``--keras-all``) the same runs with ``model.fit``.
 
-A tiny fit with each loop runs first, so TensorFlow's start-up is in neither measurement.
+A tiny fit with each loop runs first, so TensorFlow's start-up is in no measurement.
 
 Usage::
 
     python bench/grid_speed.py [--rows 25000] [--test-rows 12500] [--epochs 8] [--batch-size 128]
-                               [--keras-subset | --keras-all | --no-keras] [--signal 0.03]
-                               [--seed 2019]
+                               [--no-single] [--keras-subset | --keras-all | --no-keras]
+                               [--signal 0.03] [--seed 2019]
 """
 
 from __future__ import annotations
