@@ -18,7 +18,7 @@ from catsdogs.features.fusion import align
 from catsdogs.plugins import get_registry
 from catsdogs.runs.postprocess import transform_of
 from catsdogs.runs.refit import refit_run
-from catsdogs.runs.runner import load_record, run_experiment
+from catsdogs.runs.runner import load_record, run_experiment, write_run_submission
 
 BASE = {
     "weights": "none",
@@ -70,6 +70,12 @@ def test_postprocess_ensemble_and_refit_in_a_run(tmp_path, data):
     ens = load_record(out / "runs" / "ensemble-top2-stack")
     assert ens.ensemble["method"] == "stack" and len(ens.ensemble["members"]) == 2
     assert ens.metrics.logloss == pytest.approx(ens.ensemble["logloss"])  # the cross-fitted score
+    # an ensemble run directory is submitted like any run: its test predictions, post-processed
+    ens_dir = out / "runs" / "ensemble-top2-stack"
+    write_run_submission(ens_dir, tmp_path / "ens.csv")
+    ens_test = pd.read_csv(ens_dir / "test_predictions.csv").set_index("id")["p_dog"]
+    np.testing.assert_allclose(pd.read_csv(tmp_path / "ens.csv").set_index("id")["label"].loc[ens_test.index],
+                               transform_of(ens).apply(ens_test.to_numpy()), atol=1e-6)
     with pytest.raises(ConfigError, match="ensemble of runs .*no single end-to-end model.*catsdogs export"):
         export_run(out / "runs" / "ensemble-top2-stack", out=tmp_path / "export")
     # refit: the winner (or its members) retrained on all 32 training rows
