@@ -239,12 +239,15 @@ def _train(prepared: list[_Prepared], arrays: dict[str, np.ndarray], names: list
                 if p.stream is None:
                     masked[key] = x
                 else:  # stateless_dropout's where(u >= rate, x * scale, 0), u the stream's prefix
-                    keep = keeps.get(key[1:])
+                    # scale or 0 for the stream's whole draw, once per (stream, rate); each
+                    # width's mask is a prefix of it
+                    keep = keeps.get(key[1:3])
                     if keep is None:
                         rate = float(p.dropout.rate)
-                        u = tf.reshape(uniforms[p.stream][:b * p.width], (b, p.width))
-                        keep = keeps[key[1:]] = tf.cast(u >= rate, tf.float32) * (1 / (1 - rate))
-                    masked[key] = x * keep  # x * scale where kept, (signed) zero elsewhere
+                        keep = keeps[key[1:3]] = \
+                            tf.cast(uniforms[p.stream] >= rate, tf.float32) * (1 / (1 - rate))
+                    # x * scale where kept, (signed) zero elsewhere
+                    masked[key] = x * tf.reshape(keep[:b * p.width], (b, p.width))
         with tf.GradientTape() as tape:
             preds, losses, scaled_losses = [], [], []
             for p, y_all in zip(prepared, targets, strict=True):
