@@ -162,7 +162,9 @@ def load_run(run_dir: str | os.PathLike, registry=None) -> RunInfo:
             f"smaller backbones resize {info.input_size} px -> their size in the graph, so P(dog) "
             "differs slightly from the run's cached-feature predictions")
     if any(b["precision"] != "float32" for b in backbones):
-        info.notes.append("features were extracted in bfloat16; the export computes in float32")
+        lower = sorted({b["precision"] for b in backbones} - {"float32"})
+        info.notes.append(f"features were extracted in {' and '.join(lower)}; the export computes "
+                          "in float32 (see --format tflite-int8 for an int8 model)")
     if record.tta:
         info.notes.append("the run averaged flipped-image predictions (TTA); the export does not")
     if record.validation.kind == "kfold":
