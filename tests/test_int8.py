@@ -276,6 +276,7 @@ def test_export_tflite_int8_and_predict(plugin_site, tmp_path):
     proc = run_cli("export", str(run_dir), "--format", "tflite-int8", "--out", str(export),
                    "--json", env=_env(plugin_site), check=True)
     manifest = json.loads(proc.stdout)
+    assert any("extracted in int8" in note for note in manifest["notes"])
     entry = manifest["models"]["classifier"]["tflite-int8"]
     assert entry["file"] == "model.int8.tflite" and (export / entry["file"]).is_file()
     vs = entry["vs_float_on_validation"]
