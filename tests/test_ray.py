@@ -159,6 +159,24 @@ def test_killed_worker_mid_extraction_is_restarted_and_result_complete(engine, t
     assert res.computed == 80 and sum(engine.describe()["nodes"].values()) == 80
 
 
+def test_audit_on_ray_equals_local(engine, driver_data, tmp_path):
+    from catsdogs.audit.checks import audit
+    from catsdogs.plugins import get_registry
+
+    if "efficientnet_lite0" not in get_registry().names("backbones"):
+        pytest.skip("needs the EfficientNet-Lite plugin (a backbone with an ImageNet classifier)")
+    opts = {"classifier": "efficientnet_lite0", "weights": "none", "image_size": 64,
+            "batch_size": 4, "progress": False}
+    local = audit(driver_data, tmp_path / "local", **opts)
+    on_ray = audit(driver_data, tmp_path / "ray", engine=engine, **opts)
+    assert [a.file for a in local.images] == [a.file for a in on_ray.images]
+    for a, b in zip(local.images, on_ray.images):
+        assert (a.flags, a.width, a.height, a.colour_stat) == (b.flags, b.width, b.height, b.colour_stat)
+        assert abs(a.top[0][1] - b.top[0][1]) <= 1e-4  # top-1 probability (ties may reorder)
+        assert abs(a.p_cat - b.p_cat) <= 1e-4 and abs(a.p_dog - b.p_dog) <= 1e-4
+    assert (tmp_path / "ray" / "report.md").is_file()
+
+
 def test_cli_extract_engine_ray_shared_data(cluster, engine, driver_data, tmp_path):
     """The CLI as a separate Ray job (no hook there: the workers can read the data directory),
     with --ray-shared-data: workers open the files by path; same features as local."""
@@ -175,6 +193,76 @@ def test_cli_extract_engine_ray_shared_data(cluster, engine, driver_data, tmp_pa
     info = _assert_same_cache(local.path, Path(out["path"]))
     assert info["address"] == cluster.address and info["shared_data"] is True
     assert set(info["nodes"]) <= _node_ids()
+
+
+GRID = {
+    "weights": "none",
+    "backbones": [{"name": "resnet50", "image_size": 32}],
+    "heads": ["dropout_sigmoid"],
+    "optimizers": [{"name": "adam", "learning_rate": 0.01}, "adadelta"],
+    "epochs": 3,
+    "batch_size": 8,
+    "seed": 7,
+    "validation": {"holdout": 0.25},
+}
+
+
+def _experiment(tmp_path, data: Path, name: str, **changes):
+    import yaml
+
+    from catsdogs.experiment.spec import load_experiment
+
+    doc = {**GRID, "data": str(data), "output": str(tmp_path / name), "cache_dir": str(tmp_path / "cache"),
+           **changes}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return load_experiment(path)
+
+
+def _kill_first_running_task(name: str, timeout: float = 120) -> int | None:
+    """SIGKILL the first process whose title is Ray's ``ray::<name>`` (a worker running it)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for proc in Path("/proc").iterdir():
+            try:
+                title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            except (OSError, ValueError):
+                continue
+            if proc.name.isdigit() and title.strip() == f"ray::{name}":
+                os.kill(int(proc.name), signal.SIGKILL)
+                return int(proc.name)
+        time.sleep(0.05)
+    return None
+
+
+def test_grid_on_ray_equals_local_survives_a_killed_task_and_is_reused(engine, driver_data, tmp_path):
+    from catsdogs.runs.runner import load_record, run_experiment
+
+    engine.release()
+    local = run_experiment(_experiment(tmp_path, driver_data, "local"), progress=False)
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.setdefault("result", run_experiment(
+        _experiment(tmp_path, driver_data, "ray", engine="ray"), progress=False)))
+    thread.start()
+    killed = _kill_first_running_task("_run_task")  # a worker process mid-run: Ray retries the run
+    thread.join(300)
+    on_ray = box["result"]
+    assert killed is not None, "no grid task seen running"
+    assert on_ray.computed == local.computed == 2 and on_ray.reused == 0
+    want = {r.run_id: r.metrics.logloss for r in local.records}
+    got = {r.run_id: r.metrics.logloss for r in on_ray.records}
+    assert want.keys() == got.keys()
+    assert all(abs(want[k] - got[k]) <= 1e-6 for k in want), (want, got)
+    assert [r.run_id for r in local.records] == [r.run_id for r in on_ray.records]  # same ranking
+    runs = sorted(p.name for p in (tmp_path / "ray" / "runs").iterdir())
+    assert runs == sorted(want)  # complete, nothing duplicated, no temporaries left
+    for run_id in runs:  # written here by the driver, with the node that computed it
+        saved = load_record(tmp_path / "ray" / "runs" / run_id)
+        assert saved.engine["name"] == "ray" and saved.engine["node_id"] in _node_ids()
+        assert (tmp_path / "ray" / "runs" / run_id / "val_predictions.csv").is_file()
+    assert (tmp_path / "ray" / "leaderboard.csv").is_file() and (tmp_path / "ray" / "submission.csv").is_file()
+    again = run_experiment(_experiment(tmp_path, driver_data, "ray", engine="ray"), progress=False)
+    assert (again.computed, again.reused) == (0, 2)
 
 
 def test_unreachable_address_is_one_clear_error(tmp_path, driver_data):
@@ -214,66 +302,3 @@ def test_no_free_cpu_is_one_clear_error(engine):
     finally:
         for h in hogs:
             ray.kill(h)
-
-
-GRID = {
-    "weights": "none",
-    "backbones": [{"name": "resnet50", "image_size": 32}],
-    "heads": ["dropout_sigmoid"],
-    "optimizers": [{"name": "adam", "learning_rate": 0.01}, "adadelta"],
-    "epochs": 3,
-    "batch_size": 8,
-    "seed": 7,
-    "validation": {"holdout": 0.25},
-}
-
-
-def _experiment(tmp_path, data: Path, name: str, **changes):
-    import yaml
-
-    from catsdogs.experiment.spec import load_experiment
-
-    doc = {**GRID, "data": str(data), "output": str(tmp_path / name), "cache_dir": str(tmp_path / "cache"),
-           **changes}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return load_experiment(path)
-
-
-def test_grid_on_ray_equals_local_and_is_reused(engine, driver_data, tmp_path):
-    from catsdogs.runs.runner import load_record, run_experiment
-
-    engine.release()
-    local = run_experiment(_experiment(tmp_path, driver_data, "local"), progress=False)
-    on_ray = run_experiment(_experiment(tmp_path, driver_data, "ray", engine="ray"), progress=False)
-    assert on_ray.computed == local.computed == 2 and on_ray.reused == 0
-    want = {r.run_id: r.metrics.logloss for r in local.records}
-    got = {r.run_id: r.metrics.logloss for r in on_ray.records}
-    assert want.keys() == got.keys()
-    assert all(abs(want[k] - got[k]) <= 1e-6 for k in want), (want, got)
-    assert [r.run_id for r in local.records] == [r.run_id for r in on_ray.records]  # same ranking
-    for r in on_ray.records:  # written here by the driver, with the node that computed it
-        saved = load_record(tmp_path / "ray" / "runs" / r.run_id)
-        assert saved.engine["name"] == "ray" and saved.engine["node_id"] in _node_ids()
-        assert (tmp_path / "ray" / "runs" / r.run_id / "val_predictions.csv").is_file()
-    assert (tmp_path / "ray" / "leaderboard.csv").is_file() and (tmp_path / "ray" / "submission.csv").is_file()
-    again = run_experiment(_experiment(tmp_path, driver_data, "ray", engine="ray"), progress=False)
-    assert (again.computed, again.reused) == (0, 2)
-
-
-def test_audit_on_ray_equals_local(engine, driver_data, tmp_path):
-    from catsdogs.audit.checks import audit
-    from catsdogs.plugins import get_registry
-
-    if "efficientnet_lite0" not in get_registry().names("backbones"):
-        pytest.skip("needs the EfficientNet-Lite plugin (a backbone with an ImageNet classifier)")
-    opts = {"classifier": "efficientnet_lite0", "weights": "none", "image_size": 64,
-            "batch_size": 4, "progress": False}
-    local = audit(driver_data, tmp_path / "local", **opts)
-    on_ray = audit(driver_data, tmp_path / "ray", engine=engine, **opts)
-    assert [a.file for a in local.images] == [a.file for a in on_ray.images]
-    for a, b in zip(local.images, on_ray.images):
-        assert (a.flags, a.width, a.height, a.colour_stat) == (b.flags, b.width, b.height, b.colour_stat)
-        assert abs(a.top[0][1] - b.top[0][1]) <= 1e-4  # top-1 probability (ties may reorder)
-        assert abs(a.p_cat - b.p_cat) <= 1e-4 and abs(a.p_dog - b.p_dog) <= 1e-4
-    assert (tmp_path / "ray" / "report.md").is_file()

@@ -156,7 +156,7 @@ class RayEngine:
         self.started = started  # a local instance started for this call, shut down by close()
         self.nodes: dict[str, int] = {}  # node id -> images computed in the last extraction
         self.pids: set[int] = set()  # worker processes that returned chunks (a restart adds one)
-        self.actors: list = []  # the current extraction pool (tests kill one of them)
+        self.actors: list = []  # the actor pool of extraction and audit (see _pool)
 
     # ------------------------------------------------------------------ connection
     @classmethod
@@ -331,7 +331,11 @@ class RayEngine:
 
     @staticmethod
     def _get(ref, what: str):
+        """``ray.get``; a worker that died past its retries, or a user error raised in a worker
+        (a :class:`~catsdogs.errors.CatsdogsError`), becomes one clear error here."""
         import ray
+
+        from catsdogs.errors import CatsdogsError
 
         try:
             return ray.get(ref)
@@ -339,6 +343,10 @@ class RayEngine:
                 ray.exceptions.NodeDiedError) as exc:
             raise EngineError(f"a Ray {what} died {RETRIES + 1} times ({type(exc).__name__}); "
                               "everything finished so far is kept: rerun to resume") from exc
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, CatsdogsError):
+                raise exc.cause from None
+            raise
 
     # ------------------------------------------------------------------ grids
     def map_runs(self, fn: Callable[[Any, Any], Any], items: Iterable, shared: Any
