@@ -107,6 +107,7 @@ def _assert_same_cache(local_path: Path, ray_path: Path) -> dict:
     return b.meta["engine"]
 
 
+@pytest.mark.slow
 def test_extract_on_two_nodes_equals_local_without_reading_the_data_dir(engine, driver_data, tmp_path):
     (local,) = catsdogs.extract(driver_data, "resnet50", cache_dir=tmp_path / "local", flip=True,
                                 **TINY)
@@ -132,6 +133,7 @@ def test_workers_cannot_open_the_data_dir(cluster, driver_data):
         ray.get(read.remote(str(image)))
 
 
+@pytest.mark.slow
 def test_killed_worker_mid_extraction_is_restarted_and_result_complete(engine, tmp_path):
     data = make_kaggle(tmp_path / "data", n_per_class=30, n_test=20, seed=3)
     opts = {**TINY, "image_size": 64}
@@ -177,6 +179,7 @@ def test_audit_on_ray_equals_local(engine, driver_data, tmp_path):
     assert (tmp_path / "ray" / "report.md").is_file()
 
 
+@pytest.mark.slow
 def test_cli_extract_engine_ray_shared_data(cluster, engine, driver_data, tmp_path):
     """The CLI as a separate Ray job (no hook there: the workers can read the data directory),
     with --ray-shared-data: workers open the files by path; same features as local."""
@@ -235,6 +238,7 @@ def _kill_first_running_task(name: str, timeout: float = 120) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_grid_on_ray_equals_local_survives_a_killed_task_and_is_reused(engine, driver_data, tmp_path):
     from catsdogs.runs.runner import load_record, run_experiment
 
