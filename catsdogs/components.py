@@ -28,6 +28,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from catsdogs.errors import ConfigError, PluginError
+from catsdogs.validation import is_int
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -130,8 +131,7 @@ class Backbone(abc.ABC):
             )
 
     def check_image_size(self, image_size: int) -> None:
-        if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) \
-                or image_size < self.min_input_size:
+        if not is_int(image_size) or image_size < self.min_input_size:
             raise ConfigError(
                 f"image size {image_size!r} is too small for backbone {self.name!r} "
                 f"(minimum {self.min_input_size}, default {self.input_size})"
@@ -269,7 +269,7 @@ class Optimizer(_Params, abc.ABC):
         """The learning rate to use; raises :class:`ConfigError` unless it is a positive number."""
         lr = self.default_learning_rate if self.learning_rate is None else self.learning_rate
         if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
-            raise ConfigError(f"optimizer {self.name!r}: learning rate must be a positive number, got {lr!r}")
+            raise ConfigError(f"optimizer {self.name!r}: learning_rate must be a positive number, got {lr!r}")
         return float(lr)
 
     @abc.abstractmethod

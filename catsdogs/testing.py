@@ -37,7 +37,7 @@ import numpy as np
 
 from catsdogs.components import WEIGHTS_NONE, Backbone, Head, Optimizer, component_name
 from catsdogs.errors import ConfigError, PluginError
-from catsdogs.validation import NotFittedError
+from catsdogs.validation import NotFittedError, is_int
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -159,7 +159,7 @@ def _random_pixels(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 
 def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return is_int(value) and value > 0
 
 
 def check_backbone_attributes(backbone: Backbone, image_size: int | None = None,

@@ -28,6 +28,7 @@ __all__ = [
     "SEED_MAX",
     "is_int",
     "check_int",
+    "check_positive_int",
     "check_real",
     "check_bool",
     "check_features",
@@ -54,6 +55,13 @@ def check_int(value: Any, what: str, minimum: int = 1, maximum: int | None = Non
     if not is_int(value) or value < minimum or (maximum is not None and value > maximum):
         upper = "" if maximum is None else f" and <= {maximum}"
         raise ConfigError(f"{what} must be an integer >= {minimum}{upper}, got {value!r}")
+    return int(value)
+
+
+def check_positive_int(value: Any, what: str) -> int:
+    """``value`` as an ``int`` >= 1, else :class:`ConfigError` ("<what> must be a positive integer")."""
+    if not is_int(value) or value < 1:
+        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
     return int(value)
 
 

@@ -63,6 +63,7 @@ from catsdogs.dataset.images import ImageDecodeError, decode_rgb, resize
 from catsdogs.dataset.layout import ImageRecord, open_dataset
 from catsdogs.errors import ConfigError, PluginError
 from catsdogs.features.extraction import lower_thread_priority
+from catsdogs.validation import check_int, check_positive_int
 
 logger = logging.getLogger("catsdogs")
 
@@ -314,13 +315,11 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 def _check_options(top_k, min_side, batch_size, image_size, weights, workers, max_sheet) -> None:
     for name, value, low in (("top-k", top_k, 1), ("min-side", min_side, 1), ("batch size", batch_size, 1),
                              ("workers", workers, 1), ("max-sheet", max_sheet, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        check_int(value, name, low)
     if top_k > NUM_CLASSES:
         raise ConfigError(f"top-k must be at most {NUM_CLASSES} (the ImageNet classes), got {top_k}")
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
-                                   or image_size < 1):
-        raise ConfigError(f"image size must be a positive integer, got {image_size!r}")
+    if image_size is not None:
+        check_positive_int(image_size, "image size")
     if not isinstance(weights, str):
         raise ConfigError(f"weights must be a string such as 'imagenet' or 'none', got {weights!r}")
 

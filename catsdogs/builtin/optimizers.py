@@ -10,35 +10,23 @@ results reproduced from older write-ups need ``learning_rate=1.0`` given explici
 
 from __future__ import annotations
 
-import math
-from numbers import Real
 from typing import ClassVar
 
 from catsdogs.components import Optimizer
-from catsdogs.errors import ConfigError
 from catsdogs.hookspecs import hookimpl
 
 
 class KerasOptimizer(Optimizer):
-    """Common code: validates the learning rate and instantiates ``keras.optimizers.<keras_class>``."""
+    """Common code: instantiates ``keras.optimizers.<keras_class>`` with the checked
+    :attr:`~catsdogs.components.Optimizer.effective_learning_rate`."""
 
     #: class name in ``keras.optimizers``
     keras_class: ClassVar[str]
 
-    def _checked_learning_rate(self) -> float:
-        lr = self.learning_rate
-        if lr is None:
-            return float(self.default_learning_rate)
-        if isinstance(lr, bool) or not isinstance(lr, Real) or not math.isfinite(lr) or lr <= 0:
-            raise ConfigError(
-                f"optimizer {self.name!r}: learning_rate must be a positive number, got {lr!r}"
-            )
-        return float(lr)
-
     def build(self):
         import keras
 
-        return getattr(keras.optimizers, self.keras_class)(learning_rate=self._checked_learning_rate())
+        return getattr(keras.optimizers, self.keras_class)(learning_rate=self.effective_learning_rate)
 
 
 class AdamOptimizer(KerasOptimizer):

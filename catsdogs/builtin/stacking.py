@@ -44,9 +44,9 @@ from catsdogs.validation import (
     check_features,
     check_int,
     check_labels,
+    check_positive_int,
     check_real,
     check_validation,
-    is_int,
 )
 
 logger = logging.getLogger("catsdogs")
@@ -81,8 +81,7 @@ def check_blocks(blocks: Any, n_features: int) -> list[tuple[str, int]]:
         name, width = block
         if not isinstance(name, str) or not name:
             raise ConfigError(f"blocks[{i}]: the backbone name must be a non-empty string, got {name!r}")
-        if not is_int(width) or width < 1:
-            raise ConfigError(f"blocks[{i}] ({name!r}): width must be a positive integer, got {width!r}")
+        check_positive_int(width, f"blocks[{i}] ({name!r}): width")
         out.append((name, int(width)))
     total = sum(w for _, w in out)
     if total != n_features:

@@ -659,11 +659,12 @@ def _check_options(backbones, weights, image_size, batch_size, precision, resize
         raise ConfigError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     if resize not in RESIZE_POLICIES:
         raise ConfigError(f"unknown resize policy {resize!r}; choose one of: {', '.join(RESIZE_POLICIES)}")
+    from catsdogs.validation import check_positive_int
+
     for name, value in (("batch size", batch_size), ("chunk size", chunk_size), ("workers", workers)):
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
-        raise ConfigError(f"image size must be a positive integer, got {image_size!r}")
+        check_positive_int(value, name)
+    if image_size is not None:
+        check_positive_int(image_size, "image size")
     if not isinstance(weights, str):
         raise ConfigError(f"weights must be a string such as 'imagenet' or 'none', got {weights!r}")
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from catsdogs.errors import DataError
 from catsdogs.util.fileio import read_json, write_json
+from catsdogs.validation import is_int
 
 RECORD_VERSION = 1
 RECORD = "record.json"
@@ -185,10 +186,10 @@ class RunRecord(_Part):
     def from_dict(cls, data: Any, where: str = RECORD) -> RunRecord:
         if isinstance(data, dict):
             version = data.get("record_version")
-            if not isinstance(version, int) or isinstance(version, bool):
+            if not is_int(version):
                 raise DataError(f"{where}: record_version is missing or not an integer "
                                 f"({version!r}); not a record written by `catsdogs run`")
-            if version > RECORD_VERSION:
+            if typing.cast(int, version) > RECORD_VERSION:
                 raise DataError(f"{where}: record version {version} was written by a newer catsdogs "
                                 f"(this one reads versions up to {RECORD_VERSION}); upgrade catsdogs "
                                 "to read it")

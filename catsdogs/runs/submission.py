@@ -24,6 +24,7 @@ import pandas as pd
 from catsdogs.errors import DataError
 from catsdogs.runs.metrics import _check_bounds, accuracy, log_loss
 from catsdogs.util.fileio import atomic_write
+from catsdogs.validation import is_int
 
 __all__ = [
     "read_labels",
@@ -53,8 +54,7 @@ def _plural(n: int, word: str, plural: str | None = None) -> str:
     return f"{n} {word if n == 1 else (plural or word + 's')}"
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+_is_int = is_int  # Python and NumPy integers, never booleans
 
 
 def _out_of_range(source: str, row: int, v) -> DataError:
