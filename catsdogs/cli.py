@@ -300,8 +300,8 @@ def predict_cmd(images, model_path, cam_out, backend, as_json) -> None:
                 click.echo(r.describe() + (f" -> CAM {written[r.file]}" if r.file in written else ""))
     failed = sum(1 for r in results if r.error)
     if failed:
-        click.echo(f"{failed} of {len(results)} images could not be read", err=True)
-        sys.exit(1)
+        raise click.ClickException(f"{failed} of {len(results)} images could not be read (each "
+                                   "is named above with the reason)")
 
 
 @cli.command("cam")

@@ -177,6 +177,20 @@ def test_item2_overwritten_feature_rows_are_detected_and_recomputed(kaggle_dir, 
     np.testing.assert_array_equal(fixed.test.X, good.test.X)
 
 
+def test_item2_a_data_set_without_test_photos_loads_and_verifies(tmp_path):
+    """Empty splits carry checksums too: a train-only data set's cache loads and a reused one is
+    verified without being called corrupt."""
+    import catsdogs
+
+    make_kaggle(tmp_path / "d", n_per_class=3, n_test=0)
+    (res,) = _extract(tmp_path / "d", tmp_path / "c")
+    fs = catsdogs.load_features(res.path)
+    assert (len(fs.train.y), len(fs.test.y)) == (6, 0)
+    (again,) = _extract(tmp_path / "d", tmp_path / "c")
+    assert (again.computed, again.reused) == (0, 6)
+    assert catsdogs.load_features(again.path).train.X.shape == fs.train.X.shape
+
+
 @pytest.mark.parametrize("where", ["superblock", "group heaps", "ids column"])
 def test_item2_hdf5_metadata_corruption_is_one_clear_error(kaggle_dir, tmp_path, caplog, where):
     import catsdogs
@@ -450,7 +464,8 @@ def test_item6_predict_dev_zero_is_quick_and_clear(tmp_path):
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)
     proc = run_cli("predict", "/dev/zero", str(fifo), "--model", str(model), timeout=120)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    line = _one_error_line(proc)
+    assert "2 of 2 images could not be read" in line
     assert "skipped /dev/zero: a character device, not a regular file" in proc.stderr
     assert f"skipped {fifo}: a named pipe, not a regular file" in proc.stderr
 
@@ -475,4 +490,22 @@ def test_item13_export_without_head_keras_says_what_is_missing(export_runs, tmp_
     assert "not a Keras graph" not in line and "catsdogs run" in line
     stack = _one_error_line(run_cli("export", str(export_runs["stack"]), "--format", "keras"))
     assert "is not a Keras graph" in stack and "is missing" not in stack
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("content", [b"not a zip file", b"PK\x03\x04" + bytes(64)])
+def test_item12_crafted_head_keras_in_a_run_dir_is_one_error_line(export_runs, tmp_path, content):
+    """``predict --model RUN_DIR`` and ``export`` load the run's head.keras: a crafted or damaged
+    one is one ``Error:`` line naming it, not a traceback."""
+    run = export_runs["cam"]
+    out = tmp_path / "out"
+    shutil.copytree(run.parent.parent, out, ignore=shutil.ignore_patterns("export"))
+    copy = out / "runs" / run.name
+    (copy / "head.keras").write_bytes(content)
+    photo = write_jpeg(tmp_path / "p.jpg", 1)
+    for args in (("predict", str(photo), "--model", str(copy), "--backend", "keras"),
+                 ("export", str(copy), "--format", "keras")):
+        line = _one_error_line(run_cli(*args))
+        assert f"{copy / 'head.keras'}: not a usable Keras head model" in line, args
+        assert "retrain the run" in line
 

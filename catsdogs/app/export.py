@@ -219,7 +219,13 @@ def load_head(info: RunInfo):
 
     from catsdogs import layers  # noqa: F401  (registers catsdogs layers for loading)
 
-    return keras.saving.load_model(head_model_path(info), compile=False)
+    path = head_model_path(info)
+    try:  # safe mode: a crafted file can fail in many ways, never run code
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as exc:  # noqa: BLE001  (any failure means the file cannot be used)
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: not a usable Keras head model ({reason}); retrain the run "
+                        "(delete its directory and `catsdogs run` the experiment again)") from None
 
 
 # ------------------------------------------------------------------------------------ resizing

@@ -59,7 +59,7 @@ import numpy as np
 
 from catsdogs import __version__
 from catsdogs.audit.imagenet import CAT_CLASSES, DOG_CLASSES, NUM_CLASSES, short_names
-from catsdogs.dataset.images import ImageDecodeError, decode_rgb, resize
+from catsdogs.dataset.images import ImageDecodeError, decode_rgb, read_image_file, resize
 from catsdogs.dataset.layout import ImageRecord, open_dataset
 from catsdogs.errors import ConfigError, PluginError
 from catsdogs.features.extraction import lower_thread_priority
@@ -246,10 +246,10 @@ class _Decoded:
 
 
 def _decode(record: ImageRecord, image_size: int) -> _Decoded | ImageDecodeError:
-    try:
-        data = Path(record.path).read_bytes()
-    except OSError as exc:  # permissions, vanished file
-        return ImageDecodeError(f"cannot read file ({exc.strerror or exc})")
+    try:  # regular files only, size-capped; permissions, vanished files: a skip reason
+        data = read_image_file(record.path)
+    except ImageDecodeError as exc:
+        return exc
     return _decode_bytes(data, image_size)
 
 
@@ -631,7 +631,7 @@ def plot_contact_sheet(result: AuditResult, path: Path, plt, max_images: int = 6
         picture = None
         if not a.unreadable:
             try:
-                im = Image.fromarray(decode_rgb((result.data_dir / a.file).read_bytes()))
+                im = Image.fromarray(decode_rgb(read_image_file(result.data_dir / a.file)))
                 im.thumbnail((thumb, thumb))
                 picture = np.asarray(im)
             except (ImageDecodeError, OSError):

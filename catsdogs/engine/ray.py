@@ -25,7 +25,6 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from catsdogs.engine import EngineError, EngineSpec
@@ -78,14 +77,14 @@ def _node_id() -> str:
 def payload_bytes(item: bytes | str | Exception) -> bytes | Exception:
     """A worker's view of one image of a payload (:meth:`RayEngine.payload`): its bytes, or the
     read error (an ``ImageDecodeError``, reported like the local engine's); a path is read here."""
-    from catsdogs.dataset.images import ImageDecodeError
+    from catsdogs.dataset.images import ImageDecodeError, read_image_file
 
     if not isinstance(item, str):
         return item
-    try:
-        return Path(item).read_bytes()
-    except OSError as exc:  # unreadable file (permissions, vanished): skipped like locally
-        return ImageDecodeError(f"cannot read file ({exc.strerror or exc})")
+    try:  # regular files only, size-capped (a pipe or /dev/zero never blocks a worker)
+        return read_image_file(item)
+    except ImageDecodeError as exc:  # unreadable file (permissions, vanished): skipped like locally
+        return exc
 
 
 class ChunkFeatures:
