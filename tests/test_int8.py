@@ -267,7 +267,7 @@ def _tiny_run(root, plugin_site):
 @pytest.mark.slow
 def test_export_tflite_int8_and_predict(plugin_site, tmp_path):
     _engine()
-    from catsdogs.app.export import build_classifier, load_run
+    from catsdogs.app.export import build_app_model, load_run
     from catsdogs.app.predict import open_predictor, predict_files
     from catsdogs.dataset.images import load_image
 
@@ -303,7 +303,7 @@ def test_export_tflite_int8_and_predict(plugin_site, tmp_path):
     predictor = open_predictor(export, "tflite-int8")
     assert predictor.backend == "tflite-int8"
     got = [p.p_dog for p in predict_files(predictor, photos)]
-    model = build_classifier(load_run(run_dir))
+    model = build_app_model(load_run(run_dir))
     want = [float(np.asarray(model(load_image(p, 32)[None].astype(np.float32))["prediction"])[0, 0])
             for p in photos]
     np.testing.assert_allclose(got, want, atol=0.1)

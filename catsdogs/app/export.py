@@ -283,7 +283,7 @@ def _build_backbone(name: str, spec: dict[str, Any], registry):
     return registry.backbone(name).build(spec["weights"], int(spec["image_size"]))
 
 
-def build_classifier(info: RunInfo, neither=None, registry=None):
+def build_app_model(info: RunInfo, neither=None, registry=None):
     """The end-to-end Keras model: ``image`` -> ``{"prediction": P(dog), "neither_score": ...}``.
 
     ``neither`` (a :class:`catsdogs.app.neither.NeitherStats`) adds the ``neither_score`` output.
@@ -563,7 +563,7 @@ def export_run(run_dir: str | os.PathLike, formats=FORMATS, out: str | os.PathLi
     if stats is not None:
         manifest["outputs"]["neither_score"] = {"shape": [1, 1], "threshold": stats.threshold}
 
-    model = build_classifier(info, stats, registry)
+    model = build_app_model(info, stats, registry)
     description = (f"Cat or dog? P(dog) from {'+'.join(info.combination)} features and a "
                    f"{info.head} head (catsdogs run {info.run_id})")
     manifest["models"]["classifier"] = _export_one(

@@ -200,7 +200,7 @@ def _from_export(directory: Path, backend: str, num_threads: int | None) -> Pred
 
 
 def _from_run(run_dir: Path) -> Predictor:
-    from catsdogs.app.export import build_cam_model, build_classifier, head_model_path, load_run
+    from catsdogs.app.export import build_app_model, build_cam_model, head_model_path, load_run
     from catsdogs.app.neither import fit_neither
 
     info = load_run(run_dir)
@@ -210,7 +210,7 @@ def _from_run(run_dir: Path) -> Predictor:
         stats = fit_neither(info.record, info.experiment, info.run_dir)
     except DataError as exc:
         logger.warning("no neither-cat-nor-dog score: %s", exc)
-    classifier = _KerasModel(build_classifier(info, stats))
+    classifier = _KerasModel(build_app_model(info, stats))
     cam = _KerasModel(build_cam_model(info)) if info.cam_capable else None
     return Predictor(str(run_dir), info.input_size, info.resize, classifier, cam,
                      None if stats is None else stats.threshold, "keras")

@@ -71,9 +71,9 @@ def engine_versions() -> dict[str, str]:
 
 
 def check_calibration_size(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"calibration size must be a positive integer, got {value!r}")
-    return value
+    from catsdogs.validation import check_positive_int
+
+    return check_positive_int(value, "calibration size")
 
 
 def calibration_sample(records: Sequence[ImageRecord], digests: Sequence[str], size: int,
