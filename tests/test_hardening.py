@@ -2,7 +2,8 @@
 
 Every test drives the real parts (real JPEG/PNG bytes, real HDF5 files, the real CLI in a
 subprocess) and failed on the code before the fix. Tests that must not run as root (root ignores
-file permissions) run the CLI as ``nobody`` with ``setpriv`` (see :func:`as_nobody`). Other helpers
+file permissions) run the CLI as ``nobody`` with ``setpriv`` (see :func:`as_nobody`), or as root
+without CAP_DAC_OVERRIDE where ``nobody`` cannot reach the interpreter. Other helpers
 append their items as further sections, in item order.
 """
 
@@ -59,27 +60,52 @@ def _one_error_line(proc) -> str:
     return errors[0]
 
 
-# --- running the CLI as a non-root user --------------------------------------------------------
-def _nobody_python() -> str | None:
-    """An interpreter ``nobody`` may execute with this one's ABI (ours may live under /root)."""
+# --- running the CLI without root's power over file permissions ---------------------------------
+#: setpriv arguments that make a process obey file permissions: as user ``nobody`` (uid 65534, no
+#: groups), or -- where ``nobody`` cannot reach our interpreter or site-packages (tox makes
+#: ``.tox/`` mode 0700) -- as root without the two capabilities that bypass file permissions.
+AS_NOBODY = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
+AS_ROOT_WITHOUT_DAC = ("setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                       "--inh-caps=-dac_override,-dac_read_search")
+
+
+def _site() -> str:
+    return sysconfig.get_paths()["purelib"]
+
+
+def _unprivileged_launcher() -> tuple[tuple[str, ...], str] | None:
+    """``(setpriv prefix, python)`` with which the CLI imports and a file of mode 000 is unreadable."""
     version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
-    for candidate in (sys.executable, f"/usr/bin/{version}", f"/usr/local/bin/{version}"):
-        real = os.path.realpath(candidate)
-        probe = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
-                                "--clear-groups", real, "-c", "pass"], capture_output=True)
-        if probe.returncode == 0:
-            return real
-    return None
+    probe_file = Path(tempfile.mkdtemp(prefix="catsdogs-probe-"))
+    probe_file.chmod(0o755)
+    secret = probe_file / "secret"
+    secret.write_text("x")
+    secret.chmod(0o000)
+    code = ("import site, sys; site.addsitedir(sys.argv[1]); sys.path.insert(0, sys.argv[2]); "
+            "import pluggy, catsdogs\ntry:\n open(sys.argv[3])\nexcept PermissionError:\n "
+            "sys.exit(0)\nsys.exit(3)")
+    try:
+        candidates = [(AS_NOBODY, os.path.realpath(c)) for c in
+                      (sys.executable, f"/usr/bin/{version}", f"/usr/local/bin/{version}")]
+        candidates.append((AS_ROOT_WITHOUT_DAC, sys.executable))
+        for prefix, python in candidates:
+            probe = subprocess.run([*prefix, python, "-c", code, _site(), str(REPO), str(secret)],
+                                   capture_output=True, cwd="/")
+            if probe.returncode == 0:
+                return prefix, python
+        return None
+    finally:
+        shutil.rmtree(probe_file)
 
 
 @pytest.fixture(scope="module")
-def nobody_python() -> str:
+def nobody_python() -> tuple[tuple[str, ...], str]:
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv to run the CLI as another user")
-    python = _nobody_python()
-    if python is None:
-        pytest.skip("no Python interpreter of this version is executable by nobody")
-    return python
+        pytest.skip("needs root and setpriv to run the CLI without root's file access")
+    launcher = _unprivileged_launcher()
+    if launcher is None:
+        pytest.skip("neither nobody nor root without CAP_DAC_OVERRIDE can run our interpreter")
+    return launcher
 
 
 @pytest.fixture
@@ -97,16 +123,16 @@ def shared_tmp():
     shutil.rmtree(path)
 
 
-def as_nobody(python: str, home: Path, *args: str, timeout: float = 600):
-    """Run ``catsdogs ARGS`` as user ``nobody`` (uid 65534, no groups) with our site-packages."""
-    site = sysconfig.get_paths()["purelib"]
+def as_nobody(launcher: tuple[tuple[str, ...], str], home: Path, *args: str, timeout: float = 600):
+    """Run ``catsdogs ARGS`` without root's file access (see :data:`AS_NOBODY`) with our
+    site-packages."""
+    prefix, python = launcher
     code = ("import site, sys; site.addsitedir(sys.argv.pop(1)); "
             f"sys.path.insert(0, {str(REPO)!r}); from catsdogs.cli import main; main(sys.argv[1:])")
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home),
            "KERAS_HOME": str(home / ".keras"), "MPLCONFIGDIR": str(home / ".mpl"),
            "TF_CPP_MIN_LOG_LEVEL": "2", "CATSDOGS_CACHE_DIR": str(home / "cache")}
-    return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                           python, "-c", code, site, *args],
+    return subprocess.run([*prefix, python, "-c", code, _site(), *args],
                           capture_output=True, text=True, env=env, timeout=timeout)
 
 
