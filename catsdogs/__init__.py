@@ -13,8 +13,7 @@ Heavy dependencies (TensorFlow) are imported only when a function needs them.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from catsdogs._version import __version__  # noqa: E402
 from catsdogs.errors import CatsdogsError, ConfigError, DataError, PluginError  # noqa: E402
 from catsdogs.hookspecs import hookimpl  # noqa: E402  (plugins: ``@catsdogs.hookimpl``)
 from catsdogs.plugins import get_registry  # noqa: E402

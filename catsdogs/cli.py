@@ -17,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports Te
 
 import click  # noqa: E402
 
-from catsdogs import __version__  # noqa: E402
+from catsdogs._version import __version__  # noqa: E402
 from catsdogs.engine import click_options as engine_options  # noqa: E402
 from catsdogs.errors import CatsdogsError  # noqa: E402
 

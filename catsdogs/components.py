@@ -323,6 +323,13 @@ class Head(_Params, abc.ABC):
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Return P(dog) for each row of ``X`` as float array of shape ``(n,)``."""
 
+    def can_fit_grouped(self) -> bool:
+        """Whether the runner may train this head together with other runs of the grid, in one
+        pass over the rows (:mod:`catsdogs.runs.multifit`). Only the built-in Keras heads say yes
+        (their compiled loop over ``Input -> Dropout -> Dense`` is what grouping reproduces bit for
+        bit); every other head is fitted alone by its own :meth:`fit`."""
+        return False
+
     def validate_params(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid hyper-parameter.
 

@@ -193,7 +193,7 @@ class Registry:
         )
 
     def _load_one(self, name, version, source, loader, strict, module=None) -> None:
-        from catsdogs import __version__
+        from catsdogs._version import __version__
 
         info = PluginInfo(
             name=name,

@@ -58,6 +58,12 @@ def check_int(value: Any, what: str, minimum: int = 1, maximum: int | None = Non
     return int(value)
 
 
+def check_schedule(epochs: Any, batch_size: Any, seed: Any) -> tuple[int, int, int]:
+    """``(epochs, batch_size, seed)`` as ints (``seed`` in NumPy's range), or :class:`ConfigError`."""
+    return (check_int(epochs, "epochs"), check_int(batch_size, "batch_size"),
+            check_int(seed, "seed", minimum=0, maximum=2**32 - 1))
+
+
 def check_positive_int(value: Any, what: str) -> int:
     """``value`` as an ``int`` >= 1, else :class:`ConfigError` ("<what> must be a positive integer")."""
     if not is_int(value) or value < 1:

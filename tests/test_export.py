@@ -12,7 +12,7 @@ from export_fixtures import build_runs
 from PIL import Image
 
 from catsdogs.app.export import load_head, load_run, pillow_bilinear_matrix, softmax_dense
-from catsdogs.app.predict import _KerasModel, _TFLiteModel
+from catsdogs.app.models import KerasModel, TFLiteModel
 from catsdogs.dataset.images import load_image
 
 
@@ -91,8 +91,8 @@ def test_coreml_spec(runs):
 def test_tflite_matches_keras_and_the_run(runs):
     """TFLite == Keras (<= 1e-4) on real photos; Keras end to end == the cached-feature pipeline."""
     exp = runs["cam_export"]
-    keras_clf, tfl_clf = _KerasModel.load(exp / "model.keras"), _TFLiteModel(exp / "model.tflite")
-    keras_cam, tfl_cam = _KerasModel.load(exp / "cam.keras"), _TFLiteModel(exp / "cam.tflite")
+    keras_clf, tfl_clf = KerasModel.load(exp / "model.keras"), TFLiteModel(exp / "model.tflite")
+    keras_cam, tfl_cam = KerasModel.load(exp / "cam.keras"), TFLiteModel(exp / "cam.tflite")
     files, images = _images(runs, 64)
     preds = pd.read_csv(runs["cam"] / "test_predictions.csv").set_index("file")
     bias = softmax_dense(load_head(load_run(runs["cam"])))[1]
@@ -125,8 +125,8 @@ def test_in_graph_resize_converts_to_tflite(tmp_path):
     model = keras.Model(image, {"small": small})
     save_tflite(model, tmp_path / "resize.tflite")
     img = np.random.default_rng(1).integers(0, 256, (71, 71, 3)).astype(np.float32)
-    k = _KerasModel(model)(img)["small"]
-    t = _TFLiteModel(tmp_path / "resize.tflite")(img)["small"]
+    k = KerasModel(model)(img)["small"]
+    t = TFLiteModel(tmp_path / "resize.tflite")(img)["small"]
     pil = np.asarray(Image.fromarray(img.astype(np.uint8)).resize((64, 64), Image.BILINEAR), np.float32)
     assert k.shape == t.shape == (64, 64, 3)
     assert np.abs(k - t).max() <= 1e-3 and np.abs(k - pil).max() <= 1.0
@@ -141,7 +141,7 @@ def test_mixed_sizes_parity_measured(runs):
 
     info = load_run(runs["mixed"])
     model = keras.saving.load_model(runs["mixed_export"] / "model.keras", compile=False)
-    features = _KerasModel(keras.Model(model.input, {"f": model.get_layer("features").output}))
+    features = KerasModel(keras.Model(model.input, {"f": model.get_layer("features").output}))
     cached = {b: find_features(runs["data"].parent / "cache", k["config_key"], None).test
               for b, k in info.record.feature_keys.items()}
     files, images = _images(runs, 71)

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from catsdogs import __version__
+from catsdogs._version import __version__
 from catsdogs.errors import ConfigError, DataError
 from catsdogs.runs.record import RunRecord
 from catsdogs.util.fileio import atomic_path, atomic_write, read_json, write_json
@@ -454,7 +454,8 @@ def parse_formats(formats) -> list[str]:
 def _int8_images(info: RunInfo, validation: bool) -> np.ndarray:
     """The run's training photos (representative data) or validation photos, prepared as the
     export's input (seeded samples of at most INT8_REPRESENTATIVE / INT8_VALIDATION)."""
-    from catsdogs.features.int8 import decode_calibration, representative_sample, run_photos
+    from catsdogs.app.tflite_int8 import representative_sample, run_photos
+    from catsdogs.features.int8 import decode_calibration
 
     train, val = run_photos(Path(info.experiment["data"]), info.run_dir)
     paths = representative_sample(val if validation else train,
@@ -475,7 +476,7 @@ def _export_one(model, stem: str, out: Path, formats: list[str], *, size: int, p
         elif fmt == "tflite":
             save_tflite(model, path)
         elif fmt == "tflite-int8":
-            from catsdogs.features.int8 import compare_with_float, save_tflite_int8
+            from catsdogs.app.tflite_int8 import compare_with_float, save_tflite_int8
 
             save_tflite_int8(model, path, _int8_images(info, validation=False))
             files[fmt] = {"file": path.name, "bytes": file_size(path),

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from catsdogs.app.models import KerasModel, TFLiteModel, tflite_interpreter  # noqa: F401
 from catsdogs.dataset.images import ImageDecodeError, decode_rgb, read_image_file, resize
 from catsdogs.errors import ConfigError, DataError
 
@@ -60,73 +61,6 @@ def read_photo(path: str | os.PathLike) -> np.ndarray:
     """Decode a photo to RGB uint8 (raises :class:`ImageDecodeError` with a reason). Only regular
     files within the size cap are read (:func:`catsdogs.dataset.images.read_image_file`)."""
     return decode_rgb(read_image_file(path))
-
-
-# ------------------------------------------------------------------------------------ runners
-def tflite_interpreter(path: str | os.PathLike, num_threads: int | None = None):
-    """A LiteRT interpreter (``ai_edge_litert``), or TensorFlow's when LiteRT is not installed."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:  # pragma: no cover - depends on the environment
-        import tensorflow as tf
-
-        Interpreter = tf.lite.Interpreter
-    interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
-    interpreter.allocate_tensors()
-    return interpreter
-
-
-class _TFLiteModel:
-    def __init__(self, path: Path, num_threads: int | None = None):
-        self.path = path
-        self.interpreter = tflite_interpreter(path, num_threads)
-        self.runner = self.interpreter.get_signature_runner()
-        detail = self.runner.get_input_details()["image"]
-        self.input_dtype = np.dtype(detail["dtype"])
-        self.input_quantization = detail.get("quantization") or (0.0, 0)
-
-    def _input(self, image: np.ndarray) -> np.ndarray:
-        """The image as the model takes it: float32, or quantised for an integer input (int8)."""
-        x = np.asarray(image[None], dtype=np.float32)
-        scale, zero = self.input_quantization
-        if self.input_dtype.kind in "iu" and scale:
-            info = np.iinfo(self.input_dtype)
-            x = np.clip(np.round(x / scale + zero), info.min, info.max)
-        return np.ascontiguousarray(x, dtype=self.input_dtype)
-
-    def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        """One image (S, S, 3) -> the model's named outputs, batch dimension dropped."""
-        out = self.runner(image=self._input(image))
-        return {k: np.asarray(v)[0] for k, v in out.items()}
-
-
-class _KerasModel:
-    def __init__(self, model):
-        import tensorflow as tf
-
-        self.model = model
-        self._call = tf.function(lambda x: model(x, training=False))
-
-    def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        out = self._call(np.asarray(image[None], dtype=np.float32))
-        if not isinstance(out, dict):
-            out = {"prediction": out}
-        return {k: np.asarray(v)[0] for k, v in out.items()}
-
-    @classmethod
-    def load(cls, path: Path) -> _KerasModel:
-        import keras
-
-        from catsdogs import layers  # noqa: F401  (registers catsdogs layers)
-
-        try:
-            model = keras.saving.load_model(path, compile=False)  # safe_mode: no code in files
-        except Exception as exc:  # noqa: BLE001 - Keras raises ValueError, TypeError, OSError ...
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DataError(f"{path}: refused to load this Keras model ({first}); only models "
-                            "written by `catsdogs export` are loaded, and never code stored in a "
-                            "model file (Keras safe mode)") from None
-        return cls(model)
 
 
 # ------------------------------------------------------------------------------------ predictor
@@ -191,8 +125,8 @@ def _from_export(directory: Path, backend: str, num_threads: int | None) -> Pred
         path = directory / entry["file"]
         if not path.exists():
             raise DataError(f"{path} is listed in {directory / 'export.json'} but missing")
-        return (_TFLiteModel(path, num_threads) if backend.startswith("tflite")
-                else _KerasModel.load(path))
+        return (TFLiteModel(path, num_threads) if backend.startswith("tflite")
+                else KerasModel.load(path))
 
     neither = manifest.get("neither") or {}
     return Predictor(str(directory), int(manifest["input"]["size"]), manifest["input"]["resize"],
@@ -210,8 +144,8 @@ def _from_run(run_dir: Path) -> Predictor:
         stats = fit_neither(info.record, info.experiment, info.run_dir)
     except DataError as exc:
         logger.warning("no neither-cat-nor-dog score: %s", exc)
-    classifier = _KerasModel(build_app_model(info, stats))
-    cam = _KerasModel(build_cam_model(info)) if info.cam_capable else None
+    classifier = KerasModel(build_app_model(info, stats))
+    cam = KerasModel(build_cam_model(info)) if info.cam_capable else None
     return Predictor(str(run_dir), info.input_size, info.resize, classifier, cam,
                      None if stats is None else stats.threshold, "keras")
 

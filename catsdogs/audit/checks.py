@@ -57,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
-from catsdogs import __version__
+from catsdogs._version import __version__
 from catsdogs.audit.imagenet import CAT_CLASSES, DOG_CLASSES, NUM_CLASSES, short_names
 from catsdogs.dataset.images import ImageDecodeError, decode_rgb, read_image_file, resize
 from catsdogs.dataset.layout import ImageRecord, open_dataset

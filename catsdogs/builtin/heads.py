@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
@@ -35,9 +35,9 @@ from catsdogs.validation import (  # noqa: F401  (NotFittedError and the checks:
     NotFittedError,
     check_features,
     check_labels,
+    check_schedule,
     check_validation,
 )
-from catsdogs.validation import check_int as _check_int
 from catsdogs.validation import check_real as _check_real
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,12 +48,6 @@ PREDICT_BATCH_SIZE = 4096
 
 #: values of :attr:`KerasHead.training_loop`
 TRAINING_LOOPS = ("compiled", "keras")
-
-
-def check_schedule(epochs: Any, batch_size: Any, seed: Any) -> tuple[int, int, int]:
-    """``(epochs, batch_size, seed)`` as ints (``seed`` in NumPy's range), or :class:`ConfigError`."""
-    return (_check_int(epochs, "epochs"), _check_int(batch_size, "batch_size"),
-            _check_int(seed, "seed", minimum=0, maximum=2**32 - 1))
 
 
 # -- heads -------------------------------------------------------------------------------------------
@@ -94,6 +88,14 @@ class KerasHead(Head):
         return output.reshape(-1)
 
     # -- Head API ---------------------------------------------------------------------------------
+    def can_fit_grouped(self) -> bool:
+        """Yes while training is this class's own compiled loop (``fit`` and ``_fit_compiled`` not
+        overridden, ``training_loop == "compiled"``); :mod:`catsdogs.runs.multifit` also checks the
+        built model is ``Input -> Dropout -> Dense``."""
+        cls = type(self)
+        return (cls.fit is KerasHead.fit and cls._fit_compiled is KerasHead._fit_compiled
+                and getattr(self, "training_loop", "compiled") == "compiled")
+
     def fit(
         self,
         X: np.ndarray,

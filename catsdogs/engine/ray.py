@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from catsdogs.engine import EngineError, EngineSpec
+from catsdogs.engine.spec import EngineError, EngineSpec
 
 logger = logging.getLogger("catsdogs")
 

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from catsdogs import __version__
+from catsdogs._version import __version__
 from catsdogs.dataset.images import (
     RESIZE_POLICIES,
     ImageDecodeError,

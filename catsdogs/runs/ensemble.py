@@ -206,7 +206,7 @@ def ensemble_record(records: list[RunRecord], out: Path, experiment: Experiment)
     warning) when there are fewer than two runs."""
     import pandas as pd
 
-    from catsdogs import __version__
+    from catsdogs._version import __version__
     from catsdogs.runs.metrics import summarize
     from catsdogs.runs.record import HeadRef, Metrics, RunRecord
     from catsdogs.util.fileio import replace_path

@@ -38,7 +38,7 @@ import numpy as np
 
 from catsdogs.components import Head, Optimizer
 from catsdogs.errors import ConfigError
-from catsdogs.validation import check_labels
+from catsdogs.validation import check_labels, check_schedule
 
 #: rows per finiteness check of the blocks (bounded temporaries)
 _CHECK_ROWS = 4096
@@ -61,12 +61,7 @@ def groupable(head: Head) -> bool:
     """Whether ``head`` is trained by the built-in compiled loop of :class:`KerasHead` (its
     ``fit`` and loop not overridden, ``training_loop == "compiled"``). Its model must also be
     ``Input -> Dropout -> Dense``, which :func:`fit_group` checks once built."""
-    from catsdogs.builtin.heads import KerasHead
-
-    cls = type(head)
-    return (isinstance(head, KerasHead) and cls.fit is KerasHead.fit
-            and cls._fit_compiled is KerasHead._fit_compiled
-            and getattr(head, "training_loop", "compiled") == "compiled")
+    return bool(head.can_fit_grouped())
 
 
 def _dropout_dense(model) -> tuple[Any, Any] | None:
@@ -141,8 +136,6 @@ def fit_group(members: Sequence[Member], blocks: Mapping[str, np.ndarray], y: An
     ``Aligned.train.X``), ``y`` holds the n 0/1 labels. Members that are not :func:`groupable`
     are fitted alone by their own ``fit``.
     """
-    from catsdogs.builtin.heads import check_schedule
-
     epochs, batch_size, seed = check_schedule(epochs, batch_size, seed)
     names = list(dict.fromkeys(b for m in members for b in m.combination))
     n = len(np.asarray(y))

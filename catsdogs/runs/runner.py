@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from catsdogs import __version__
+from catsdogs._version import __version__
 from catsdogs.errors import ConfigError, DataError
 from catsdogs.experiment.spec import Experiment, HeadSpec, OptimizerSpec
 from catsdogs.features.fusion import Aligned, align

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from catsdogs.errors import CatsdogsError
+from catsdogs.tracking.store import ARTIFACTS_DIR, STORE_FILE  # noqa: F401  (public here)
 
 if TYPE_CHECKING:  # pragma: no cover
     from catsdogs.experiment.spec import Experiment, Tracking
@@ -35,9 +36,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from catsdogs.tracking.mlflow_tracker import MlflowTracker
 
 logger = logging.getLogger("catsdogs")
-
-STORE_FILE = "mlflow.db"
-ARTIFACTS_DIR = "mlartifacts"
 
 
 class TrackingError(CatsdogsError):

@@ -23,8 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from catsdogs import __version__
-from catsdogs.tracking import ARTIFACTS_DIR
+from catsdogs._version import __version__
+from catsdogs.tracking.store import ARTIFACTS_DIR
 
 if TYPE_CHECKING:  # pragma: no cover
     from catsdogs.experiment.spec import Experiment

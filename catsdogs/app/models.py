@@ -1,0 +1,82 @@
+"""The two model runners behind :class:`catsdogs.app.predict.Predictor` and the exports' checks:
+a TFLite (LiteRT) interpreter or a Keras model, each taking one raw RGB image and returning the
+model's named outputs. No TensorFlow import for TFLite when LiteRT is installed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from catsdogs.errors import DataError
+
+
+def tflite_interpreter(path: str | os.PathLike, num_threads: int | None = None):
+    """A LiteRT interpreter (``ai_edge_litert``), or TensorFlow's when LiteRT is not installed."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:  # pragma: no cover - depends on the environment
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+class TFLiteModel:
+    """A TFLite (LiteRT) model file: one image -> its named outputs (quantised inputs handled)."""
+
+    def __init__(self, path: Path, num_threads: int | None = None):
+        self.path = path
+        self.interpreter = tflite_interpreter(path, num_threads)
+        self.runner = self.interpreter.get_signature_runner()
+        detail = self.runner.get_input_details()["image"]
+        self.input_dtype = np.dtype(detail["dtype"])
+        self.input_quantization = detail.get("quantization") or (0.0, 0)
+
+    def _input(self, image: np.ndarray) -> np.ndarray:
+        """The image as the model takes it: float32, or quantised for an integer input (int8)."""
+        x = np.asarray(image[None], dtype=np.float32)
+        scale, zero = self.input_quantization
+        if self.input_dtype.kind in "iu" and scale:
+            info = np.iinfo(self.input_dtype)
+            x = np.clip(np.round(x / scale + zero), info.min, info.max)
+        return np.ascontiguousarray(x, dtype=self.input_dtype)
+
+    def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """One image (S, S, 3) -> the model's named outputs, batch dimension dropped."""
+        out = self.runner(image=self._input(image))
+        return {k: np.asarray(v)[0] for k, v in out.items()}
+
+
+class KerasModel:
+    """A Keras model (or a ``.keras`` file loaded in safe mode): one image -> its named outputs."""
+
+    def __init__(self, model):
+        import tensorflow as tf
+
+        self.model = model
+        self._call = tf.function(lambda x: model(x, training=False))
+
+    def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        out = self._call(np.asarray(image[None], dtype=np.float32))
+        if not isinstance(out, dict):
+            out = {"prediction": out}
+        return {k: np.asarray(v)[0] for k, v in out.items()}
+
+    @classmethod
+    def load(cls, path: Path) -> KerasModel:
+        import keras
+
+        from catsdogs import layers  # noqa: F401  (registers catsdogs layers)
+
+        try:
+            model = keras.saving.load_model(path, compile=False)  # safe_mode: no code in files
+        except Exception as exc:  # noqa: BLE001 - Keras raises ValueError, TypeError, OSError ...
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(f"{path}: refused to load this Keras model ({first}); only models "
+                            "written by `catsdogs export` are loaded, and never code stored in a "
+                            "model file (Keras safe mode)") from None
+        return cls(model)
