@@ -136,23 +136,33 @@ def stage_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
 
 
 def draw(edges: dict[str, set[str]], path: Path, title: str) -> Path:
-    """The stage graph as a PNG: stages on a circle in data-path order, an arrow per import."""
+    """The stage graph as a PNG, layered: each stage drawn above every stage it imports (the
+    core at the bottom), an arrow per imported stage."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import math
-
     import matplotlib.pyplot as plt
 
     names = [s for s in STAGES if s in edges]
-    pos = {s: (math.cos(math.pi / 2 - 2 * math.pi * i / len(names)),
-               math.sin(math.pi / 2 - 2 * math.pi * i / len(names))) for i, s in enumerate(names)}
-    fig, ax = plt.subplots(figsize=(8, 8))
+    level: dict[str, int] = {}
+
+    def depth(s: str, seen: tuple[str, ...] = ()) -> int:  # longest import chain down to core
+        if s not in level:
+            level[s] = 1 + max((depth(t, seen + (s,)) for t in edges[s] if t not in seen),
+                               default=-1)
+        return level[s]
+
+    rows: dict[int, list[str]] = {}
+    for s in names:
+        rows.setdefault(depth(s), []).append(s)
+    pos = {s: ((i + 1) / (len(row) + 1) * 2 - 1, -1 + 2 * lv / max(1, max(rows)))
+           for lv, row in rows.items() for i, s in enumerate(row)}
+    fig, ax = plt.subplots(figsize=(10, 7))
     for a, targets in edges.items():
         for b in targets:
             ax.annotate("", xy=pos[b], xytext=pos[a], arrowprops={
                 "arrowstyle": "-|>", "color": "#4a6fa5", "alpha": 0.55, "shrinkA": 22,
-                "shrinkB": 22, "connectionstyle": "arc3,rad=0.08"})
+                "shrinkB": 22, "connectionstyle": "arc3,rad=0.12"})
     for s, (x, y) in pos.items():
         ax.text(x, y, s, ha="center", va="center", fontsize=12, bbox={
             "boxstyle": "round,pad=0.5", "fc": "#fdf6e3", "ec": "#555"})
