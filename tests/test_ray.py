@@ -120,6 +120,26 @@ def test_extract_on_two_nodes_equals_local_without_reading_the_data_dir(engine, 
     assert not res.path.with_name(res.path.name + ".partial").exists()
 
 
+@pytest.mark.slow
+def test_int8_on_ray_calibrates_on_the_driver_and_ships_the_model(engine, driver_data, tmp_path):
+    """--precision int8 without shared data: the workers see neither the photos nor the cache
+    (both under the forbidden folder), so the quantised model must reach them through Ray."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from catsdogs.features.int8 import ir_dir
+
+    opts = {**TINY, "precision": "int8", "calibration_size": 8}
+    (local,) = catsdogs.extract(driver_data, "resnet50", cache_dir=tmp_path / "local", **opts)
+    hidden = driver_data.parent / "cache-int8"  # workers may not open anything under it
+    (res,) = catsdogs.extract(driver_data, "resnet50", cache_dir=hidden, engine=engine, **opts)
+    assert res.computed == local.computed == 32
+    info = _assert_same_cache(local.path, res.path)
+    assert info["name"] == "ray" and len(info["nodes"]) == 2
+    assert (ir_dir(res.path) / "model.xml").is_file()  # calibrated once, cached by the driver
+    (again,) = catsdogs.extract(driver_data, "resnet50", cache_dir=hidden, engine=engine, **opts)
+    assert (again.computed, again.reused) == (0, 32)
+
+
 def test_workers_cannot_open_the_data_dir(cluster, driver_data):
     """The hook is real: a Ray task that opens a data file fails, the driver's open works."""
 

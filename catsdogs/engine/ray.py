@@ -19,12 +19,15 @@ Node ids are reported with every chunk and run (:meth:`RayEngine.describe`, run 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import shutil
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from catsdogs.engine.spec import EngineError, EngineSpec
@@ -85,6 +88,35 @@ def payload_bytes(item: bytes | str | Exception) -> bytes | Exception:
         return read_image_file(item)
     except ImageDecodeError as exc:  # unreadable file (permissions, vanished): skipped like locally
         return exc
+
+
+def shipped_int8_factory(factory):
+    """int8 for workers that cannot see the driver's disk: the driver loads or calibrates the
+    quantised model (cached next to the features, as with the local engine, so a resume does not
+    calibrate again) and the workers get its IR files with their factory, through Ray."""
+    from catsdogs.features import int8
+
+    model_dir = Path(factory.model_dir)
+    factory()  # loads the cached IR (checking it reads) or calibrates here and saves it
+    files = {name: (model_dir / name).read_bytes() for name in ("model.xml", "model.bin")}
+    logger.info("int8 model for the Ray workers: %s (%.1f MB, shipped through the object store)",
+                model_dir, sum(map(len, files.values())) / 1e6)
+    return functools.partial(_int8_from_files, factory, files, int8.IR_SUFFIX)
+
+
+def _int8_from_files(factory, files: dict[str, bytes], suffix: str):
+    """On a worker: write the shipped IR to a private folder, load and compile it (never calibrate
+    here), remove the folder (the compiled model lives in memory)."""
+    import dataclasses
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="catsdogs-int8-", suffix=suffix))
+    try:
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        return dataclasses.replace(factory, model_dir=folder, calibration_paths=[])()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class ChunkFeatures:
@@ -299,9 +331,7 @@ class RayEngine:
         if not work:
             return 0, 0.0
         if store.config.precision == "int8" and not self.spec.shared_data:
-            raise EngineError("--precision int8 on Ray calibrates from image files and caches the "
-                              "quantised model next to the features: add --ray-shared-data (data "
-                              "and cache at the same paths on every node) or use --engine local")
+            model_factory = shipped_int8_factory(model_factory)
         chunks = list(_chunks(work, chunk_size))
         bar = tqdm(total=len(work), desc=f"{desc} (ray)", unit="img", disable=not progress,
                    dynamic_ncols=True)

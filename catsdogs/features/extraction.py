@@ -478,9 +478,31 @@ def _model_factory(backbone, weights: str, size: int, precision: str, batch_size
     (the quantised model cached next to ``final``, calibrated only when not cached yet)."""
     if precision != "int8":
         return lambda: FeatureModel(backbone, weights, size, precision, batch_size)
-    return lambda: int8.Int8FeatureModel(
-        backbone, weights, size, batch_size, int8.ir_dir(final),
-        lambda: int8.decode_calibration([r.path for r, _ in calibration], size, resize, workers))
+    return Int8ModelFactory(backbone, weights, size, batch_size, int8.ir_dir(final),
+                            [r.path for r, _ in calibration], resize, workers)
+
+
+@dataclass
+class Int8ModelFactory:
+    """Builds the int8 feature model: the quantised IR in ``model_dir`` when it is there, else
+    calibrated now on ``calibration_paths`` (decoded as extraction does) and saved there. An
+    engine whose workers cannot see the driver's disk calibrates on the driver and ships the IR
+    (:mod:`catsdogs.engine.ray`)."""
+
+    backbone: Any
+    weights: str
+    size: int
+    batch_size: int
+    model_dir: Path
+    calibration_paths: list[Path]
+    resize: str
+    workers: int
+
+    def __call__(self) -> int8.Int8FeatureModel:
+        return int8.Int8FeatureModel(
+            self.backbone, self.weights, self.size, self.batch_size, self.model_dir,
+            lambda: int8.decode_calibration(self.calibration_paths, self.size, self.resize,
+                                            self.workers))
 
 
 def lower_thread_priority() -> None:

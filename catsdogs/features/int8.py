@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -172,12 +173,16 @@ class Int8FeatureModel:
             save_ir(model, model_dir)
             self.calibrated = True
         self.compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+        # calling a compiled model uses its one default infer request, which is not thread-safe
+        # (a Ray actor overlaps chunks); the model's own threads use every core anyway
+        self._lock = threading.Lock()
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Features for ``(n, S, S, 3)`` uint8 images, any ``n``, in batches of ``batch_size``."""
-        out = [np.asarray(self.compiled(np.ascontiguousarray(images[s:s + self.batch_size]))[0],
-                          np.float32)
-               for s in range(0, len(images), self.batch_size)]
+        with self._lock:
+            out = [np.array(self.compiled(np.ascontiguousarray(images[s:s + self.batch_size]))[0],
+                            np.float32)
+                   for s in range(0, len(images), self.batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.feature_dim), np.float32)
 
 
