@@ -263,3 +263,27 @@ def test_second_run_on_the_same_out_fails_naming_the_first(tmp_path, data):
         with pytest.raises(DataError, match=f"pid {os.getpid()}"):
             with locked_dir(out, "test"):  # the same process, another open file: refused too
                 pass
+
+
+def _run_without_mlflow(*args: str):
+    """The real CLI in a subprocess where ``import mlflow`` fails as if it were not installed
+    (``sys.modules["mlflow"] = None``), whatever this environment has."""
+    code = ("import sys; sys.modules['mlflow'] = None; from catsdogs.cli import main; "
+            "main(sys.argv[1:])")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_tracking_without_mlflow_warns_or_is_one_error(tmp_path, data):
+    exp = _write(tmp_path, "t", backbones=[{"name": "resnet50", "image_size": 32}],
+                 optimizers=["adam"], epochs=1)
+    required = _run_without_mlflow("run", str(exp), "--no-progress", "--track",
+                                   "--track-required")
+    assert required.returncode == 1 and "Traceback" not in required.stderr, required.stderr
+    errors = [line for line in required.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == ["Error: tracking needs MLflow: pip install 'catsdogs[tracking]'"]
+    assert not (tmp_path / "out-t" / "leaderboard.csv").exists()  # failed before any training
+    optional = _run_without_mlflow("run", str(exp), "--no-progress", "--track")
+    assert optional.returncode == 0, optional.stderr
+    assert "tracking needs MLflow" in optional.stderr and "continuing without tracking" in optional.stderr
+    assert len(pd.read_csv(tmp_path / "out-t" / "leaderboard.csv")) == 1
