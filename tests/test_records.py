@@ -87,6 +87,11 @@ def test_under_target_follows_the_current_target(tmp_path):
     ({**LEGACY, "metrics": 3}, "record.json.metrics: expected a JSON object, found a number"),
     ({**LEGACY, "metrics": {"logloss": 0.3}}, "record.json.metrics: missing logloss_clipped"),
     ("{not json", "unreadable run record"),
+    ({**LEGACY, "n_train": "800"}, "record.json.n_train: expected an integer, found a string"),
+    ({**LEGACY, "tta": 1}, "record.json.tta: expected a boolean, found a number"),
+    ({**LEGACY, "combination": "resnet50"}, "record.json.combination: expected an array, found a"),
+    ({**LEGACY, "metrics": {**LEGACY["metrics"], "logloss": None}},
+     "record.json.metrics.logloss: expected a number, found null"),
 ])
 def test_bad_records_are_refused_naming_the_file(tmp_path, doc, message):
     run_dir = _write(tmp_path / "run", doc)

@@ -74,12 +74,29 @@ def _json_type(value: Any) -> str:
             int: "a number", float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
+#: JSON types accepted for a field's (outer) Python type; a float field takes integers too
+_JSON_TYPES: dict[type, tuple[type, ...]] = {str: (str,), int: (int,), float: (int, float),
+                                             bool: (bool,), list: (list,), dict: (dict,)}
+_TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+               list: "an array", dict: "an object"}
+
+
 def _convert(hint: Any, value: Any, where: str) -> Any:
-    """Build a nested part when ``hint`` (possibly ``Part | None``) names one."""
+    """Build a nested part when ``hint`` (possibly ``Part | None``) names one; check that a scalar,
+    list or object field holds that JSON type (:class:`DataError` naming the field if not)."""
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     for option in options:
         if isinstance(option, type) and issubclass(option, _Part):
             return None if value is None and type(None) in options else option.from_dict(value, where)
+    if value is None and type(None) in options:
+        return value
+    outer = [typing.get_origin(o) or o for o in options if o is not type(None)]
+    allowed = [t for o in outer for t in _JSON_TYPES.get(o, ())]
+    if len(allowed) and not (isinstance(value, tuple(allowed)) and not (
+            isinstance(value, bool) and bool not in outer)):
+        wanted = " or ".join(_TYPE_WORDS[o] for o in outer if o in _TYPE_WORDS)
+        raise DataError(f"{where}: expected {wanted}, found {_json_type(value)}; not a record "
+                        "written by `catsdogs run` (rerun the experiment to rewrite it)")
     return value
 
 
