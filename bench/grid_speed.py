@@ -109,18 +109,21 @@ def one_run(loop, combination, optimizer_name, train_blocks, test_blocks, y, tr,
 
 def grouped_grid(runs, train_blocks, test_blocks, y, tr, va, args):
     """All runs by catsdogs.runs.multifit.fit_group (one pass over the rows per batch for the
-    whole grid), then each run's validation and test predictions."""
-    from catsdogs.runs.multifit import Member, fit_group
+    whole grid), then every run's validation and test predictions by predict_group (each block
+    multiplied once by all runs' kernel slices, no combination fused), as the runner does."""
+    from catsdogs.runs.multifit import Member, fit_group, predict_group
 
     t0 = time.perf_counter()
     members = [Member(DropoutSigmoidHead(), OPTIMIZERS[o](), c) for c, o in runs]
     heads = fit_group(members, train_blocks, y, train_rows=tr, val_rows=va, epochs=args.epochs,
                       batch_size=args.batch_size, seed=args.seed)
     t1 = time.perf_counter()
+    combinations = [c for c, _ in runs]
+    vals = predict_group(heads, combinations, train_blocks, va)
+    tests = predict_group(heads, combinations, test_blocks)
     results = {}
-    for (c, o), head in zip(runs, heads, strict=True):
-        p_val = head.predict_proba(fuse({b: train_blocks[b][va] for b in c}, c))
-        p_test = head.predict_proba(fuse(test_blocks, c))
+    for (c, o), head, p_val, p_test in zip(runs, heads, vals, tests, strict=True):
+        assert p_val is not None and p_test is not None
         assert p_test.shape == (len(next(iter(test_blocks.values()))),)
         results[(c, o)] = {"val_logloss": log_loss(y[va], p_val), "p_val": p_val,
                            "weights": head.model_.get_weights(), "width": head.n_features_in_}

@@ -17,7 +17,13 @@ from conftest import make_kaggle  # noqa: E402
 from catsdogs.builtin.heads import DropoutSigmoidHead, SoftmaxCamHead  # noqa: E402
 from catsdogs.builtin.optimizers import AdadeltaOptimizer, AdamOptimizer  # noqa: E402
 from catsdogs.errors import ConfigError  # noqa: E402
-from catsdogs.runs.multifit import GROUPED_ENV, Member, fit_group, groupable  # noqa: E402
+from catsdogs.runs.multifit import (  # noqa: E402
+    GROUPED_ENV,
+    Member,
+    fit_group,
+    groupable,
+    predict_group,
+)
 
 EPOCHS, BATCH, SEED = 3, 32, 11
 
@@ -115,6 +121,32 @@ class ShallowHead(DropoutSigmoidHead):
         hidden = keras.layers.Dense(3, activation="relu")(features)
         out = keras.layers.Dense(1, activation="sigmoid", name="prediction")(hidden)
         return keras.Model(features, out)
+
+
+@pytest.mark.slow
+def test_predict_group_equals_predict_proba_on_the_fused_columns(blocks):
+    """Block-wise prediction (no combination fused) gives each head's own P(dog), sigmoid and
+    softmax heads, combinations in and out of block order, on chosen rows; heads that cannot be
+    predicted that way (or that ``only`` leaves out) get None."""
+    X, y = blocks
+    tr, va = np.arange(100), np.arange(100, 150)
+    members = grid("holdout")
+    members.append(Member(ShallowHead(), AdamOptimizer(0.01), ("a", "b")))
+    heads = fit_group(members, X, y, train_rows=tr, val_rows=va, epochs=2, batch_size=BATCH,
+                      seed=SEED)
+    combinations = [m.combination for m in members]
+    for rows in (va, None):
+        got = predict_group(heads, combinations, X, rows)
+        for member, head, p in zip(members[:-1], heads, got, strict=False):
+            fused = np.concatenate([X[b] for b in member.combination], axis=1)
+            want = head.predict_proba(fused if rows is None else fused[rows])
+            assert p is not None and p.dtype == np.float64 and p.shape == want.shape
+            np.testing.assert_allclose(p, want, atol=1e-6, rtol=0)
+        assert got[-1] is None  # the shallow head's model is not Input -> Dropout -> Dense
+    only = [i % 2 == 0 for i in range(len(members))]
+    some = predict_group(heads, combinations, X, va, only)
+    assert [p is not None for p in some[:-1]] == only[:-1]
+    assert not np.allclose(got[0], got[2])  # different runs really predict differently
 
 
 @pytest.mark.slow

@@ -101,9 +101,14 @@ def align(feature_sets: Mapping[str, FeatureSet], exclude: Iterable[str] = ()) -
     return Aligned(tuple(feature_sets), train, test)
 
 
-def fuse(split: AlignedSplit, combination: Sequence[str], *, flip: bool = False) -> Fused:
-    """Concatenate the features of ``combination`` (in its order) for one aligned split."""
+def fuse(split: AlignedSplit, combination: Sequence[str], *, flip: bool = False,
+         columns: bool = True) -> Fused:
+    """Concatenate the features of ``combination`` (in its order) for one aligned split
+    (``columns=False``: the rows' labels, ids, files and blocks only; ``X`` has no columns)."""
     blocks = [(b, split.X[b].shape[1]) for b in combination]
+    if not columns:
+        return Fused(tuple(combination), blocks, np.zeros((len(split), 0), np.float32), None,
+                     split.y, split.ids, split.files)
     X = np.concatenate([split.X[b] for b in combination], axis=1) if len(combination) > 1 \
         else split.X[combination[0]]
     X_flip = None

@@ -33,11 +33,14 @@ class RunFeatures:
     tta: bool
 
 
-def run_features(aligned: Aligned, combination: Sequence[str], *, tta: bool) -> RunFeatures:
-    """Fuse ``combination`` from the experiment's aligned features, as the runner trains it."""
+def run_features(aligned: Aligned, combination: Sequence[str], *, tta: bool,
+                 columns: bool = True) -> RunFeatures:
+    """Fuse ``combination`` from the experiment's aligned features, as the runner trains it.
+    ``columns=False``: rows only (labels, ids, files, blocks), ``X`` with no columns and no
+    ``X_flip``, for a run whose predictions were computed block by block."""
     tta = tta and aligned.has_flip(combination)
-    train = fuse(aligned.train, combination, flip=tta)
-    test = fuse(aligned.test, combination, flip=tta) if len(aligned.test) else None
+    train = fuse(aligned.train, combination, flip=tta, columns=columns)
+    test = fuse(aligned.test, combination, flip=tta, columns=columns) if len(aligned.test) else None
     return RunFeatures(train, test, tta)
 
 

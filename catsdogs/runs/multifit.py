@@ -334,11 +334,82 @@ def grouping_enabled() -> bool:
     return os.environ.get(GROUPED_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def predict_group(heads: Sequence[Head], combinations: Sequence[Sequence[str]],
+                  blocks: Mapping[str, np.ndarray | None], rows: np.ndarray | None = None,
+                  only: Sequence[bool] | None = None) -> list[np.ndarray | None]:
+    """P(dog) of fitted grouped heads on ``rows`` of the backbone ``blocks`` (all rows: None),
+    without fusing any combination: each head's ``Input -> Dropout -> Dense`` is, at prediction,
+    ``activation(sum over its blocks of X_b @ kernel rows of b + bias)``, so every block is
+    multiplied once by the kernel slices of all heads that use it. Equal to each head's
+    ``predict_proba`` on its fused features up to float32 summation order (~1e-7). A head whose
+    model is not exactly that shape, or that ``only`` leaves out, gets None (predict it with
+    ``predict_proba``)."""
+    index = None if rows is None else np.asarray(rows)
+    parts: dict[str, list[tuple[int, np.ndarray]]] = {}
+    layers: list[Any] = []
+    logits: list[np.ndarray | None] = []
+    n = None
+    for i, (head, combination) in enumerate(zip(heads, combinations, strict=True)):
+        wanted = head.can_fit_grouped() and (only is None or only[i])
+        shape = _dropout_dense(head._fitted_model()) if wanted else None  # type: ignore[attr-defined]
+        if shape is None:
+            layers.append(None)
+            logits.append(None)
+            continue
+        dense = shape[1]
+        kernel, bias = (np.asarray(w, np.float32) for w in dense.get_weights())
+        offset = 0
+        for name in combination:
+            width = blocks[name].shape[1]  # type: ignore[union-attr]
+            parts.setdefault(name, []).append((i, kernel[offset:offset + width]))
+            offset += width
+        if offset != kernel.shape[0]:
+            raise ValueError(f"head {i}: kernel has {kernel.shape[0]} rows, its blocks {offset}")
+        n = len(blocks[combination[0]]) if index is None else len(index)  # type: ignore[arg-type]
+        layers.append(dense)
+        logits.append(np.broadcast_to(bias, (n, bias.shape[0])).copy())
+    for name, slices in parts.items():
+        X = blocks[name] if index is None else blocks[name][index]  # type: ignore[index]
+        product = np.asarray(X, np.float32) @ np.concatenate([k for _, k in slices], axis=1)
+        column = 0
+        for i, k in slices:
+            logits[i] += product[:, column:column + k.shape[1]]  # type: ignore[operator]
+            column += k.shape[1]
+    out: list[np.ndarray | None] = []
+    for head, dense, z in zip(heads, layers, logits, strict=True):
+        if dense is None or z is None:
+            out.append(None)
+            continue
+        output = np.asarray(dense.activation(z), np.float32)
+        out.append(np.asarray(head._dog_probability(output), np.float64))  # type: ignore[attr-defined]
+    return out
+
+
+@dataclass
+class GroupFit:
+    """One fold of a grouped run: the fitted head and, when :func:`predict_group` could compute
+    them, its P(dog) on the fold's validation rows and on the test rows (flip-averaged when the run
+    uses TTA; None without test rows)."""
+
+    head: Head
+    val: np.ndarray | None = None
+    test: np.ndarray | None = None
+
+
+def _tta_average(plain: list[np.ndarray | None], flipped: list[np.ndarray | None] | None,
+                 uses_flip: list[bool]) -> list[np.ndarray | None]:
+    if flipped is None:
+        return plain
+    return [p if (not f or p is None or q is None) else (p + q) / 2
+            for p, q, f in zip(plain, flipped, uses_flip, strict=True)]
+
+
 def fit_grid(specs: Sequence[Any], experiment: Any, aligned: Any, splits: Sequence[tuple],
-             registry: Any) -> dict[str, list[Head]]:
+             registry: Any) -> dict[str, list[GroupFit]]:
     """The runner's seam: fit the planned runs ``specs`` (:class:`catsdogs.runs.runner.RunSpec`)
-    that can share passes, one :func:`fit_group` per validation fold; returns run id -> fitted head
-    per fold (the runs left out are fitted by the runner as before).
+    that can share passes, one :func:`fit_group` per validation fold, and predict their
+    validation and test rows together (:func:`predict_group`); returns run id -> one
+    :class:`GroupFit` per fold (the runs left out are fitted by the runner as before).
 
     Left out: runs whose head is not :func:`groupable` or is tuned by ``experiment.tuning``, every
     run when grouping is switched off (:func:`grouping_enabled`), when fewer than two runs remain,
@@ -360,15 +431,29 @@ def fit_grid(specs: Sequence[Any], experiment: Any, aligned: Any, splits: Sequen
     if len(chosen) < 2 or any(np.asarray(blocks[b]).dtype != np.float32
                               for spec in chosen for b in spec.combination):
         return {}
-    fitted: dict[str, list[Head]] = {spec.run_id: [] for spec in chosen}
+    fitted: dict[str, list[GroupFit]] = {spec.run_id: [] for spec in chosen}
+    combinations = [tuple(spec.combination) for spec in chosen]
+    uses_flip = [bool(experiment.tta) and aligned.has_flip(c) for c in combinations]
+    flip = any(uses_flip)
     for tr, va in splits:
         members = [Member(registry.head(spec.head.name)(**dict(spec.head.params)),
-                          _optimizer(spec, registry), tuple(spec.combination)) for spec in chosen]
+                          _optimizer(spec, registry), c) for spec, c in zip(chosen, combinations)]
         heads = fit_group(members, blocks, aligned.train.y, train_rows=tr, val_rows=va,
                           epochs=experiment.epochs, batch_size=experiment.batch_size,
                           seed=experiment.seed)
-        for spec, head in zip(chosen, heads, strict=True):
-            fitted[spec.run_id].append(head)
+        val = _tta_average(
+            predict_group(heads, combinations, blocks, va),
+            predict_group(heads, combinations, aligned.train.X_flip, va, uses_flip) if flip else None,
+            uses_flip)
+        test: list[np.ndarray | None] = [None] * len(heads)
+        if len(aligned.test):
+            test = _tta_average(
+                predict_group(heads, combinations, aligned.test.X),
+                predict_group(heads, combinations, aligned.test.X_flip, None, uses_flip)
+                if flip else None,
+                uses_flip)
+        for spec, head, v, t in zip(chosen, heads, val, test, strict=True):
+            fitted[spec.run_id].append(GroupFit(head, v, t))
     return fitted
 
 

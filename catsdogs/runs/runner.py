@@ -187,6 +187,24 @@ def _predict(head, X: np.ndarray, X_flip: np.ndarray | None) -> np.ndarray:
     return p
 
 
+def _predict_run(head, combination, split, rows, tta: bool, otherwise) -> np.ndarray:
+    """P(dog) of a fitted head on ``rows`` of an aligned split: block by block
+    (:func:`catsdogs.runs.multifit.predict_group`, the way grouped runs are predicted, so a run
+    scores the same grouped, alone or on another engine) when the head allows it, else
+    ``otherwise()`` (``predict_proba`` on the fused columns)."""
+    from catsdogs.runs.multifit import predict_group
+
+    if head.can_fit_grouped():
+        (p,) = predict_group([head], [combination], split.X, rows)
+        if p is not None:
+            if tta:
+                (q,) = predict_group([head], [combination], split.X_flip, rows)
+                p = (p + q) / 2 if q is not None else None
+            if p is not None:
+                return p
+    return otherwise()
+
+
 # ------------------------------------------------------------------------------------ one run
 def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits, registry,
                  settings: dict[str, Any], run_dir: Path, fitted: list | None = None) -> RunRecord:
@@ -198,7 +216,9 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
     from catsdogs.runs.plots import plot_history
 
     t0 = time.perf_counter()
-    features = run_features(aligned, spec.combination, tta=experiment.tta)
+    # grouped runs come with their predictions: no need to fuse (copy) the combination's columns
+    predicted = bool(fitted) and all(f.val is not None for f in fitted)  # type: ignore[union-attr]
+    features = run_features(aligned, spec.combination, tta=experiment.tta, columns=not predicted)
     train, test, tta = features.train, features.test, features.tta
     head_cls = registry.head(spec.head.name)
     opt_cls = registry.optimizer(spec.optimizer.name) if spec.optimizer else None
@@ -227,16 +247,25 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
     oof = np.full(len(train.y), np.nan)
     test_preds, histories = [], []
     for fold, (tr, va) in enumerate(splits):
-        head = fitted[fold] if fitted else head_cls(**params)
-        if not fitted:
+        group = fitted[fold] if fitted else None
+        head = group.head if group is not None else head_cls(**params)
+        if group is None:
             optimizer = opt_cls(learning_rate=learning_rate) if opt_cls else None
             head.fit(train.X[tr], train.y[tr], validation=(train.X[va], train.y[va]),
                      optimizer=optimizer, epochs=experiment.epochs,
                      batch_size=experiment.batch_size, seed=experiment.seed, blocks=train.blocks)
-        flip_va = train.X_flip[va] if train.X_flip is not None else None
-        oof[va] = _predict(head, train.X[va], flip_va)
-        if test is not None:
-            test_preds.append(_predict(head, test.X, test.X_flip))
+        if predicted:
+            assert group is not None and group.val is not None
+            oof[va] = group.val
+            if test is not None:
+                test_preds.append(group.test)
+        else:
+            flip_va = train.X_flip[va] if train.X_flip is not None else None
+            oof[va] = _predict_run(head, spec.combination, aligned.train, va, tta,
+                                   lambda h=head, r=va, f=flip_va: _predict(h, train.X[r], f))
+            if test is not None:
+                test_preds.append(_predict_run(head, spec.combination, aligned.test, None, tta,
+                                               lambda h=head: _predict(h, test.X, test.X_flip)))
         histories.append(dict(getattr(head, "history_", {}) or {}))
         if fold == 0:
             model = head.keras_model()
