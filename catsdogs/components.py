@@ -66,12 +66,13 @@ def seeded_initializers(seed: int) -> Iterator[None]:
 
     rng = random.Random(seed)
     original = getattr(sys.modules.get("keras.src.random.seed_generator"), "make_default_seed", None)
-    patched = []
+    patched: list[Any] = []  # keras modules, patched by attribute
     if original is not None:
         def make_default_seed() -> int:
             return rng.randint(1, int(1e9))
 
-        for module in list(sys.modules.values()):
+        modules: list[Any] = list(sys.modules.values())
+        for module in modules:
             if getattr(module, "__name__", "").startswith("keras") and \
                     getattr(module, "make_default_seed", None) is original:
                 module.make_default_seed = make_default_seed

@@ -143,7 +143,7 @@ class Registry:
         for kind in KINDS:
             entries = []
             for comp in self.components(kind):
-                entry = {"name": comp.name, "plugin": comp.plugin}
+                entry: dict[str, Any] = {"name": comp.name, "plugin": comp.plugin}
                 if kind == "backbones":
                     entry.update(comp.obj.describe())
                 else:

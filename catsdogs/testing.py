@@ -31,7 +31,7 @@ import inspect
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
@@ -56,8 +56,9 @@ __all__ = [
     "write_jpeg",
 ]
 
-#: a check: called with the component (a Backbone instance, a Head or Optimizer class)
-Check = Callable[[Any], None]
+#: a check: called with the component (a Backbone instance, a Head or Optimizer class) and, for
+#: backbones and heads, the further arguments their ``*_checks()`` docstrings list
+Check = Callable[..., None]
 
 
 class _Checker:
@@ -67,7 +68,7 @@ class _Checker:
         self.kind = kind
         self.label = f"{kind} {getattr(obj, 'name', None)!r} ({_qualname(obj)})"
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str) -> NoReturn:
         raise AssertionError(f"{self.label}: {message}")
 
     def check(self, condition: Any, message: str) -> None:
@@ -115,7 +116,7 @@ def _params_equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return True
 
 
-def _check_params(c: _Checker, obj: Any, cls: type, given: dict[str, Any] | None = None) -> dict[str, Any]:
+def _check_params(c: _Checker, obj: Any, cls: type[Any], given: dict[str, Any] | None = None) -> dict[str, Any]:
     """sklearn rules: ``__init__`` stores its arguments unchanged, get/set_params and clone work.
 
     ``obj`` must have been constructed as ``cls(**given)``.
@@ -388,8 +389,9 @@ class _HeadRun:
             from catsdogs.plugins import get_registry
 
             optimizer = get_registry().optimizer("adam")(learning_rate=0.01)
-        self.fit_kwargs = dict(optimizer=optimizer if head_cls.uses_optimizer else None,
-                               epochs=epochs, batch_size=batch_size, seed=seed)
+        self.fit_kwargs: dict[str, Any] = dict(
+            optimizer=optimizer if head_cls.uses_optimizer else None,
+            epochs=epochs, batch_size=batch_size, seed=seed)
 
     def new(self, **params: Any) -> Head:
         try:
@@ -529,7 +531,8 @@ def check_head_fit_predict(run: _HeadRun) -> None:
             f"training accuracy on a linearly separable problem is {accuracy:.3f} (must be > 0.9) "
             f"after fit({', '.join(f'{k}={v!r}' for k, v in run.fit_kwargs.items())})")
     history = getattr(head, "history_", None)
-    c.check(isinstance(history, dict), f"fit() must set history_ to a dict, got {history!r}")
+    if not isinstance(history, dict):
+        c.fail(f"fit() must set history_ to a dict, got {history!r}")
     for key, values in history.items():
         c.check(isinstance(key, str) and isinstance(values, (list, tuple)),
                 f"history_ must map metric names to lists, got {key!r}: {type(values).__name__}")

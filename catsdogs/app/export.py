@@ -478,6 +478,7 @@ def _export_one(model, stem: str, out: Path, formats: list[str], *, size: int, p
         elif fmt == "tflite-int8":
             from catsdogs.app.tflite_int8 import compare_with_float, save_tflite_int8
 
+            assert info is not None  # int8 needs the run's photos; only the classifier has the format
             save_tflite_int8(model, path, _int8_images(info, validation=False))
             files[fmt] = {"file": path.name, "bytes": file_size(path),
                           "vs_float_on_validation": compare_with_float(

@@ -47,6 +47,7 @@ class Prediction:
     def describe(self) -> str:
         if self.error:
             return f"skipped {self.file}: {self.error}"
+        assert self.confidence is not None  # set on every prediction without an error
         verdict = f"{self.label} {100 * self.confidence:.2f}% (P(dog) = {self.p_dog:.4f})"
         if self.neither is None:
             return f"{self.file}: {verdict}"

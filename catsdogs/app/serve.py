@@ -42,9 +42,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from catsdogs.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 logger = logging.getLogger("catsdogs")
 
@@ -168,7 +171,7 @@ class _PartCollector:
         self._name: str | None = None  # None: not a ``file`` part
         self._data = bytearray()
 
-    def callbacks(self) -> dict[str, Any]:
+    def callbacks(self) -> "MultipartCallbacks":
         return {"on_part_begin": self.on_part_begin, "on_part_data": self.on_part_data,
                 "on_part_end": self.on_part_end, "on_header_field": self.on_header_field,
                 "on_header_value": self.on_header_value, "on_header_end": self.on_header_end,
@@ -272,7 +275,7 @@ def cam_data_url(predictor, photo, image) -> str:
     from catsdogs.app.cam import cam_picture
 
     thumb = Image.fromarray(photo)
-    thumb.thumbnail((CAM_SIDE, CAM_SIDE), Image.BILINEAR)
+    thumb.thumbnail((CAM_SIDE, CAM_SIDE), Image.Resampling.BILINEAR)
     picture, _, _ = cam_picture(predictor, np.asarray(thumb), image)
     buf = io.BytesIO()
     Image.fromarray(picture).save(buf, "JPEG", quality=85)

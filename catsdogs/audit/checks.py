@@ -242,7 +242,7 @@ class _Decoded:
     width: int
     height: int
     colour_stat: float
-    pixels: np.ndarray  # classifier input, (S, S, 3) uint8
+    pixels: np.ndarray | None  # classifier input, (S, S, 3) uint8; None once classified
 
 
 def _decode(record: ImageRecord, image_size: int) -> _Decoded | ImageDecodeError:
@@ -429,9 +429,10 @@ def audit(
         if len(members) < MIN_IQR_IMAGES:
             fences[label] = None
             continue
-        fences[label] = q1, q3, lo, hi = iqr_fences([a.colour_stat for a in members])
-        for a in members:
-            a.colour_outlier = a.colour_stat < lo or a.colour_stat > hi
+        stats = [a.colour_stat for a in members if a.colour_stat is not None]  # all of them
+        fences[label] = q1, q3, lo, hi = iqr_fences(stats)
+        for a, stat in zip(members, stats, strict=True):
+            a.colour_outlier = stat < lo or stat > hi
 
     if label_issues:
         _mark_label_issues(audits, ds.root, label_backbone or backbone.name, weights,

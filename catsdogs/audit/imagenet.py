@@ -28,7 +28,8 @@ DOG_CLASSES = range(151, 269)
 @functools.lru_cache(maxsize=1)
 def class_names() -> tuple[str, ...]:
     """The 1000 class names in index order, each the full comma-separated synonym list."""
-    text = resources.files("catsdogs").joinpath("data", "imagenet_classes.txt").read_text("utf-8")
+    data = resources.files("catsdogs").joinpath("data")  # one segment per call (Python 3.10)
+    text = data.joinpath("imagenet_classes.txt").read_text("utf-8")
     names = tuple(line.strip() for line in text.splitlines() if line.strip())
     if len(names) != NUM_CLASSES:  # pragma: no cover - a broken installation
         raise RuntimeError(f"catsdogs/data/imagenet_classes.txt has {len(names)} classes, not 1000; "

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -211,7 +211,8 @@ class KerasHead(Head):
         # would copy them (TensorFlow keeps the transient copy's memory, too). TensorFlow's
         # registry of numpy_function callables outlives the fit, so they reach the arrays through
         # this dict, emptied when training ends.
-        arrays = {"train": X, "val": None if validation_data is None else validation_data[0]}
+        arrays: dict[str, Any] = {"train": X,
+                                  "val": None if validation_data is None else validation_data[0]}
 
         def take(which: str, rows):
             """``arrays[which][rows]`` inside the graph."""

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypedDict
 
 from catsdogs.components import WEIGHTS_NONE, Backbone
 from catsdogs.errors import CatsdogsError
 from catsdogs.hookspecs import hookimpl
 
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+class _NormalizationArgs(TypedDict):
+    """Keyword arguments of :class:`catsdogs.layers.PixelNormalization`."""
+
+    mean: Sequence[float] | float
+    std: Sequence[float] | float
+    bgr: bool
 
 
 class KerasApplicationBackbone(Backbone):
@@ -34,7 +43,7 @@ class KerasApplicationBackbone(Backbone):
         else:
             self.preprocessing = "tf: x / 127.5 - 1 (scaled to [-1, 1])"
 
-    def _normalization_args(self) -> dict[str, Sequence[float] | float | bool]:
+    def _normalization_args(self) -> _NormalizationArgs:
         if self.mode == "caffe":
             # PixelNormalization flips to BGR first, so mean is given in BGR order
             return {"mean": CAFFE_MEAN_BGR, "std": 1.0, "bgr": True}

@@ -369,7 +369,8 @@ class LightGBMStackingHead(Head):
         Z = self.level1_logits(X)
         if len(Z) == 0:
             return np.zeros(0, dtype=np.float64)
-        return np.asarray(self.model_.predict_proba(Z)[:, 1], dtype=np.float64)
+        # lightgbm types predict_proba as ndarray | sparse | list (pred_contrib); here an ndarray
+        return np.asarray(np.asarray(self.model_.predict_proba(Z))[:, 1], dtype=np.float64)
 
     def keras_model(self) -> None:
         """None: the LightGBM level 2 is not a Keras graph, so this head cannot be exported."""

@@ -148,7 +148,7 @@ def decode_rgb(data: bytes) -> np.ndarray:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            im = Image.open(io.BytesIO(data))
+            im: Image.Image = Image.open(io.BytesIO(data))
             _check_pixels(im.size, limit)
             im.load()
             _check_warnings(caught)
@@ -242,17 +242,17 @@ def resize(image: np.ndarray, size: int, policy: str = "squash") -> np.ndarray:
     im = Image.fromarray(image)
     w, h = im.size
     if policy == "squash":
-        out = im.resize((size, size), Image.BILINEAR)
+        out = im.resize((size, size), Image.Resampling.BILINEAR)
     elif policy == "crop":
         scale = size / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        im = im.resize((nw, nh), Image.BILINEAR)
+        im = im.resize((nw, nh), Image.Resampling.BILINEAR)
         left, top = (nw - size) // 2, (nh - size) // 2
         out = im.crop((left, top, left + size, top + size))
     else:  # pad
         scale = size / max(w, h)
         nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        im = im.resize((nw, nh), Image.BILINEAR)
+        im = im.resize((nw, nh), Image.Resampling.BILINEAR)
         out = Image.new("RGB", (size, size))
         out.paste(im, ((size - nw) // 2, (size - nh) // 2))
     return np.asarray(out, dtype=np.uint8)

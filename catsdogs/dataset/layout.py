@@ -218,7 +218,7 @@ def _scan_test(directory: Path, root: Path, ignored) -> list[ImageRecord]:
     return [ImageRecord("test", _rel(p, root), p, -1, ident) for ident, p in rows]
 
 
-def open_dataset(root: str | Path) -> Dataset:
+def open_dataset(root: str | os.PathLike[str]) -> Dataset:
     """Detect the layout of ``root`` and list its images (see the module docstring)."""
     root = Path(root).expanduser()
     if not root.exists():

@@ -28,9 +28,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from catsdogs.engine.spec import EngineError, EngineSpec
+
+if TYPE_CHECKING:
+    from catsdogs.dataset.images import ImageDecodeError
 
 logger = logging.getLogger("catsdogs")
 
@@ -77,7 +80,7 @@ def _node_id() -> str:
 
 
 # ------------------------------------------------------------------------------------ workers
-def payload_bytes(item: bytes | str | Exception) -> bytes | Exception:
+def payload_bytes(item: bytes | str | ImageDecodeError) -> bytes | ImageDecodeError:
     """A worker's view of one image of a payload (:meth:`RayEngine.payload`): its bytes, or the
     read error (an ``ImageDecodeError``, reported like the local engine's); a path is read here."""
     from catsdogs.dataset.images import ImageDecodeError, read_image_file
@@ -267,12 +270,14 @@ class RayEngine:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         if not self.actors:
-            remote_cls = ray.remote(num_cpus=ACTOR_CPUS, max_restarts=RETRIES,
+            # ray's overloads of remote() omit the actor-only option max_concurrency
+            remote_cls = ray.remote(num_cpus=ACTOR_CPUS, max_restarts=RETRIES,  # type: ignore[call-overload]
                                     max_task_retries=RETRIES,
                                     max_concurrency=IN_FLIGHT_PER_ACTOR)(_Worker)
+            nodes: Sequence[str | None] = self._cpu_nodes() or [None]
             self.actors = [remote_cls.options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=True) if n else "DEFAULT"
-            ).remote() for n in self._cpu_nodes() or [None]]
+            ).remote() for n in nodes]
         return self.actors
 
     def actor_map(self, factory: Callable, jobs: Sequence, args_of: Callable,

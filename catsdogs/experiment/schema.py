@@ -18,7 +18,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -32,6 +32,9 @@ from pydantic import (
 )
 
 from catsdogs.validation import SEED_MAX
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
 
 __all__ = ["ExperimentFile", "What", "json_schema", "validate_document", "type_name", "suggest"]
 
@@ -219,7 +222,7 @@ class ExperimentFile(_Model):
                          What("a non-empty list of backbone names or mappings "
                               "({name: ..., weights: ...})")]
     combinations: Annotated[
-        _branches(("_str", Literal["all"]), ("_map", CombinationBounds),
+        _branches(("_str", Literal["all"]), ("_map", CombinationBounds),  # type: ignore[valid-type]
                   ("_list", list[_COMBO]),  # type: ignore[valid-type]
                   what="'all', {min: K, max: M} (subset sizes) or a list of lists of backbone names")
         | None, What("'all', {min: K, max: M} (subset sizes) or a list of lists of backbone names"),
@@ -241,12 +244,12 @@ class ExperimentFile(_Model):
     target: Annotated[SciFloat, Field(gt=0, allow_inf_nan=False), What("a number > 0")] = 0.06127
     output: Annotated[Text | None, What("a path (string)")] = None
     tuning: Annotated[
-        _branches(("_int", Annotated[int, Field(ge=1, le=MAX_BUDGET)]), ("_map", TuningSpec),
+        _branches(("_int", Annotated[int, Field(ge=1, le=MAX_BUDGET)]), ("_map", TuningSpec),  # type: ignore[valid-type]
                   what="a mapping {budget: TRIALS, params: [...]}") | None,
         What("a mapping {budget: TRIALS, params: [...]}")] = None
     tta: Annotated[bool, What("true or false")] = False
     exclude: Annotated[
-        _branches(("_str", Text), ("_list", list[Any]),
+        _branches(("_str", Text), ("_list", list[Any]),  # type: ignore[valid-type]
                   what="a list of relative file paths or the path of a text file listing them")
         | None, What("a list of relative file paths or the path of a text file listing them")] = None
     cache_dir: Annotated[Text | None, What("a path (string)")] = None
@@ -323,7 +326,7 @@ def _what(info: Any) -> str | None:
     return None
 
 
-def _message(error: dict[str, Any]) -> tuple[str, str]:
+def _message(error: ErrorDetails) -> tuple[str, str]:
     """``(field path, message)`` for one pydantic error."""
     loc = tuple(error["loc"])
     kind = error["type"]
@@ -339,8 +342,8 @@ def _message(error: dict[str, Any]) -> tuple[str, str]:
         return path, f"unknown field{suggest(key, fields)}; {label}: {', '.join(fields)}"
     owner, info = _field_info(loc)
     if kind == "missing":
-        fields = ", ".join(owner.model_fields) if owner is not None else ""
-        return _path(loc[:-1]), f"missing field {str(loc[-1])!r} (allowed: {fields})"
+        allowed = ", ".join(owner.model_fields) if owner is not None else ""
+        return _path(loc[:-1]), f"missing field {str(loc[-1])!r} (allowed: {allowed})"
     what = _what(info) or "valid"
     if kind == "literal_error" and isinstance(loc[-1], str) and loc[-1].startswith("_"):
         # a word in a union field (``validation: holdoutt``): name the word's kind if it has one

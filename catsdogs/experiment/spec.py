@@ -599,13 +599,13 @@ class _Parser:
             return loader.construct_document(node)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-            line = None if mark is None else mark.line + 1
+            yaml_line = None if mark is None else mark.line + 1
             problem = getattr(exc, "problem", None) or str(exc)
             context = getattr(exc, "context", None)
             detail = f"{context}: {problem}" if context else problem
-            where = f"{self.source}:{line}" if line is not None else self.source
+            where = f"{self.source}:{yaml_line}" if yaml_line is not None else self.source
             raise ExperimentError(f"{where}: invalid YAML: {detail}", source=self.source,
-                                  line=line) from None
+                                  line=yaml_line) from None
         finally:
             loader.dispose()
 
@@ -750,8 +750,8 @@ class _Parser:
             lo = 1 if raw.get("min") is None else raw["min"]
             hi = n if raw.get("max") is None else raw["max"]
             if not 1 <= lo <= hi <= n:
-                key = ".min" if lo < 1 else ".max" if hi > n else ""
-                raise self.error(f"combinations{key}",
+                where = ".min" if lo < 1 else ".max" if hi > n else ""
+                raise self.error(f"combinations{where}",
                                  f"subset sizes must satisfy 1 <= min <= max <= {n} (the number of "
                                  f"backbones), got min={lo}, max={hi}")
         else:

@@ -28,6 +28,7 @@ without taking the lock or writing anything, so a read-only cache works.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -405,7 +406,7 @@ class _Store:
         self.partial.mkdir(parents=True, exist_ok=True)
         stem = f"chunk-{index:06d}"
         for view in views:
-            atomic_write(self.partial / f"{stem}.{view}.npy", lambda fh, a=arrays[view]: np.save(fh, a))
+            atomic_write(self.partial / f"{stem}.{view}.npy", functools.partial(np.save, arr=arrays[view]))
         info = {"config_key": self.config.key, "digests": digests, "views": list(views), "skipped": skipped,
                 "checksums": {view: _checksum(np.asarray(arrays[view])) for view in views}}
         atomic_write(self.partial / f"{stem}.json", lambda fh: fh.write(json.dumps(info).encode()))
@@ -788,7 +789,7 @@ def extract(
                 remove_stale_temporaries(final.with_name(final.name + ".partial"))
                 store = _Store(final, config).load()
             old = store.final_meta
-            if _fresh(store, listing, views):
+            if old is not None and _fresh(store, listing, views):
                 result = ExtractResult(backbone.name, final, config, old["n_train"], old["n_test"],
                                        computed=0, reused=old["n_train"] + old["n_test"],
                                        skipped=[(s["file"], s["reason"]) for s in old.get("skipped", [])])

@@ -122,7 +122,7 @@ class _Prepared:
     combination: tuple[str, ...]
     width: int
     accuracy: Any
-    stream: tuple[int, int] | None  # initial seed generator state; None without dropout
+    stream: tuple[int, ...] | None  # initial seed generator state (2 ints); None without dropout
 
 
 def fit_group(members: Sequence[Member], blocks: Mapping[str, np.ndarray], y: Any, *,
@@ -151,7 +151,8 @@ def fit_group(members: Sequence[Member], blocks: Mapping[str, np.ndarray], y: An
             raise ConfigError(f"fit_group: member {i} has an empty combination")
         width = sum(arrays[b].shape[1] for b in member.combination)
         if groupable(member.head):
-            model = member.head._compiled_model(width, member.optimizer, seed)
+            head: Any = member.head  # a KerasHead (core never imports catsdogs.builtin)
+            model = head._compiled_model(width, member.optimizer, seed)
             layers = _dropout_dense(model)
             if layers is not None:
                 dropout, dense = layers
@@ -160,7 +161,7 @@ def fit_group(members: Sequence[Member], blocks: Mapping[str, np.ndarray], y: An
                     stream = tuple(int(v) for v in np.asarray(dropout.seed_generator.state.value))
                 prepared.append(_Prepared(
                     i, member.head, model, dropout, dense, member.combination, width,
-                    member.head._accuracy_function(model, member.head._targets(y[:1])), stream))
+                    head._accuracy_function(model, head._targets(y[:1])), stream))
                 continue
         alone.append(i)
 

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -421,6 +421,7 @@ def _output_locked(run: Callable[..., ExperimentResult]) -> Callable[..., Experi
     racing on the run-directory renames)."""
     @functools.wraps(run)
     def locked(experiment: Experiment, **kwargs) -> ExperimentResult:
+        assert experiment.output is not None  # Experiment.__post_init__ sets it (runs/<name>)
         out = Path(experiment.output)
         (out / "runs").mkdir(parents=True, exist_ok=True)
         with locked_dir(out, "`catsdogs run`"):
@@ -444,6 +445,7 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
     registry = registry or get_registry()
     echo = echo or (lambda s: None)
     plan = plan_runs(experiment, registry)
+    assert experiment.output is not None  # Experiment.__post_init__ sets it (runs/<name>)
     out = Path(experiment.output)
     tracker = open_tracker(experiment.tracking, experiment, out, echo)  # before any training
     tracker = open_tracker(experiment.tracking, experiment, out, echo)  # before any training
@@ -653,7 +655,7 @@ def write_run_submission(run_dir: str | os.PathLike, path: str | os.PathLike, *,
     if clip is None:  # the run's chosen post-processing (a fixed clip for older records)
         return write_submission(Path(path), ids, transform_of(record).apply(values).tolist(),
                                 clip_bounds=None, expected_ids=ids)
-    bounds = tuple(clip)
+    bounds = cast("tuple[float, float]", tuple(clip))  # the pair; tuple() widens it to tuple[float, ...]
     if not (0 <= bounds[0] < bounds[1] <= 1):
         raise ConfigError(f"clip bounds must satisfy 0 <= lo < hi <= 1, got {list(bounds)}")
     return write_submission(Path(path), ids, values, clip_bounds=bounds, expected_ids=ids)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +98,7 @@ def _value_array(col: pd.Series, ids: np.ndarray, source: str, noun: str = "labe
 def _check_values(ids: np.ndarray, values: np.ndarray, source: str, noun: str = "label",
                   bounds: tuple[float, float] | None = None) -> None:
     """Finite, in [0, 1] and, when ``bounds`` are given, within them (up to ``_TOL``)."""
-    def fail(mask: np.ndarray, what: str, kind: str) -> None:
+    def fail(mask: np.ndarray, what: Callable[[float], str], kind: str) -> None:
         i = int(np.argmax(mask))
         n = int(mask.sum())
         more = f" (and {n - 1} more {kind})" if n > 1 else ""
