@@ -448,8 +448,6 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
     assert experiment.output is not None  # Experiment.__post_init__ sets it (runs/<name>)
     out = Path(experiment.output)
     tracker = open_tracker(experiment.tracking, experiment, out, echo)  # before any training
-    tracker = open_tracker(experiment.tracking, experiment, out, echo)  # before any training
-    tracker = open_tracker(experiment.tracking, experiment, out, echo)  # before any training
     (out / "runs").mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out / "runs")  # half-written runs of a killed process
     write_json(out / "experiment.json", experiment.to_dict())
