@@ -200,3 +200,30 @@ def test_serve_refuses_a_directory_that_is_no_model(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "neither an export directory (export.json) nor a finished run" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_run_without_export_is_exported_in_a_child_process(run_dir, tmp_path):
+    """``serve RUN`` on a run that has no export: ``catsdogs export`` (TFLite) runs in a child
+    process first, so the server never imports TensorFlow; a run that cannot be exported is one
+    clear error naming it."""
+    import shutil
+
+    from catsdogs.app.serve import resolve_model
+    from catsdogs.errors import DataError
+
+    out = tmp_path / "out"
+    shutil.copytree(run_dir.parent.parent, out, ignore=shutil.ignore_patterns("export"))
+    copy = out / "runs" / run_dir.name
+    said = []
+    export = resolve_model(copy, echo=said.append)
+    assert export == copy / "export" and (export / "model.tflite").is_file()
+    manifest = json.loads((export / "export.json").read_text())
+    assert manifest["run_id"] == run_dir.name and "tflite" in manifest["models"]["classifier"]
+    assert said and "has no export yet" in said[0]
+    assert resolve_model(copy, echo=said.append) == export and len(said) == 1  # exported once
+    shutil.rmtree(export)
+    (copy / "head.keras").write_bytes(b"not a model")
+    with pytest.raises(DataError, match=r"exporting .* failed .*not a usable Keras head model"):
+        resolve_model(copy, echo=said.append)
+    assert not (copy / "export" / "export.json").exists()
