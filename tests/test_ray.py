@@ -11,8 +11,10 @@ operating system; the negative control ``--ray-shared-data`` shows the hook does
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -179,6 +181,102 @@ def test_killed_worker_mid_extraction_is_restarted_and_result_complete(engine, t
     assert len(engine.pids) >= 2 and pid in engine.pids  # the killed worker had computed; a new one went on
     _assert_same_cache(local.path, res.path)
     assert res.computed == 80 and sum(engine.describe()["nodes"].values()) == 80
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_worker_node_dying_mid_extraction_is_retried_on_the_others(cluster, engine, tmp_path, caplog):
+    """A third node joins, gets an actor and computes chunks, then the whole node goes away
+    (raylet, object store, workers): its pending chunks finish on the surviving nodes. (Ray alone
+    would wait for ever: it restarts the lost actor, which finds no free CPU.)"""
+    data = make_kaggle(tmp_path / "data", n_per_class=15, n_test=10, seed=5)
+    opts = {**TINY, "batch_size": 2, "chunk_size": 2}  # 20 chunks of 2 images
+    (local,) = catsdogs.extract(data, "resnet50", cache_dir=tmp_path / "local", **opts)
+    engine.release()  # the module pool's CPUs: the engine below gets one actor on every node
+    _wait_for(lambda: ray.available_resources().get("CPU", 0) >= 2, 60, "the pool's CPUs")
+    node = cluster.add_node(num_cpus=1)
+    try:
+        cluster.wait_for_nodes()
+        with open_engine("ray") as eng, caplog.at_level(logging.WARNING, logger="catsdogs"):
+            doomed = node.node_id
+            # warm up: 6 chunks, 2 per actor, so all three have imported TensorFlow
+            warm = make_kaggle(tmp_path / "warm", n_per_class=4, n_test=4, seed=6)
+            catsdogs.extract(warm, "resnet50", cache_dir=tmp_path / "warm-cache", engine=eng, **opts)
+            assert len(eng.nodes) == 3 and doomed in eng.nodes
+            box: dict = {}
+
+            def extract() -> None:
+                try:
+                    box["res"] = catsdogs.extract(data, "resnet50", cache_dir=tmp_path / "ray",
+                                                  engine=eng, **opts)
+                except BaseException as exc:  # reported by the assertion below
+                    box["error"] = exc
+
+            thread = threading.Thread(target=extract)
+            thread.start()
+            # a chunk of this extraction is on disk (eng.nodes is its own by then) and the third
+            # node has computed one
+            _wait_for(lambda: not thread.is_alive() or (
+                any((tmp_path / "ray").rglob("chunk-*.json")) and doomed in eng.nodes), 120,
+                "a chunk computed on the third node")
+            cluster.remove_node(node)  # SIGTERM then SIGKILL to all of the node's processes
+            done_at_removal = sum(eng.nodes.values())
+            thread.join(180)
+            assert not thread.is_alive(), "the extraction hangs after losing a node"
+            assert "error" not in box, box.get("error")
+            (res,) = box["res"]
+            nodes = eng.describe()["nodes"]
+    finally:
+        if node in cluster.worker_nodes:
+            cluster.remove_node(node)
+    assert done_at_removal <= 30  # 40 images in all: the node went away mid-extraction
+    assert doomed not in _node_ids() and len(nodes) == 3 and sum(nodes.values()) == 40
+    _assert_same_cache(local.path, res.path)  # complete, every row once, equal to local
+    assert res.computed == 40 and not res.path.with_name(res.path.name + ".partial").exists()
+    assert f"Ray worker actor on node {doomed} lost its node" in caplog.text
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_extraction_rerun_resumes_from_the_finished_chunks(cluster, engine, tmp_path):
+    """``kill -9`` of the CLI driver mid-extraction: Ray ends the job's workers (the cluster's CPUs
+    come back), and the same command run again reuses every finished chunk and computes the rest."""
+    data = make_kaggle(tmp_path / "data", n_per_class=15, n_test=10, seed=7)  # 40 images
+    opts = {**TINY, "batch_size": 2, "chunk_size": 2}  # 20 chunks
+    (local,) = catsdogs.extract(data, "resnet50", cache_dir=tmp_path / "local", **opts)
+    engine.release()  # the module pool's CPUs go to the CLI's job
+    _wait_for(lambda: ray.available_resources().get("CPU", 0) >= 2, 60, "the pool's CPUs")
+    cache = tmp_path / "ray"
+    args = ["extract", str(data), "-b", "resnet50", "--weights", "none", "--image-size", "32",
+            "--batch-size", "2", "--chunk-size", "2", "--cache-dir", str(cache), "--no-progress",
+            "--json", "--engine", "ray", "--ray-address", cluster.address]
+    env = {**os.environ, **RAY_ENV, "RAY_ADDRESS": ""}
+    with open(tmp_path / "killed.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "catsdogs", *args], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait_for(lambda: proc.poll() is not None or any(cache.rglob("chunk-*.json")), 180,
+                      "a finished chunk")
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
+    finished = len(list(cache.rglob("chunk-*.json")))
+    assert 0 < finished < 20 and not list(cache.rglob("*.h5"))  # killed mid-extraction
+    # the killed job's actors are ended by Ray: both CPUs free again (the next job can run)
+    _wait_for(lambda: ray.available_resources().get("CPU", 0) >= 2, 60,
+              "the killed driver's workers to exit")
+    rerun = run_cli(*args, env=env)
+    assert rerun.returncode == 0, rerun.stderr
+    (out,) = json.loads(rerun.stdout)
+    assert (out["reused"], out["computed"]) == (2 * finished, 40 - 2 * finished)
+    _assert_same_cache(local.path, Path(out["path"]))
+    assert not Path(out["path"] + ".partial").exists()
 
 
 def test_audit_on_ray_equals_local(engine, driver_data, tmp_path):

@@ -8,7 +8,8 @@
   disk (``shared_data=True`` sends paths instead). Every finished chunk comes back to the driver,
   which writes it through the cache's own chunk machinery: same files, same resume after
   ``kill -9``. Actors restart and their pending chunk is retried when a worker process dies
-  (``max_restarts`` / ``max_task_retries``).
+  (``max_restarts`` / ``max_task_retries``); an actor whose whole node dies is dropped and its
+  chunks go to the other actors (:meth:`RayEngine.actor_map`).
 * **Grids**: each pending run is one Ray task (``max_retries``); what every run reads (the aligned
   features, the splits, the experiment) is put into the object store once. Tasks return the
   record and the run's files as bytes; the driver writes them atomically.
@@ -42,6 +43,8 @@ IN_FLIGHT_PER_ACTOR = 2
 #: CPUs reserved per actor / grid task (the model's threads use what the node has)
 ACTOR_CPUS = 1.0
 RETRIES = 3
+#: seconds between checks that the nodes of the actors are alive (see :meth:`RayEngine.actor_map`)
+NODE_CHECK_SECONDS = 1.0
 AUTH_HINT = (
     "if the cluster uses token authentication (the default since Ray 2.52), present its token: "
     "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the value `ray get-auth-token` prints on the "
@@ -191,6 +194,8 @@ class RayEngine:
         self.nodes: dict[str, int] = {}  # node id -> images computed in the last extraction
         self.pids: set[int] = set()  # worker processes that returned chunks (a restart adds one)
         self.actors: list = []  # the actor pool of extraction and audit (see _pool)
+        self.actor_nodes: dict[int, str] = {}  # id() of an actor of the pool -> its last node id
+        self.pool_nodes: set[str] = set()  # the nodes alive when the pool was started
 
     # ------------------------------------------------------------------ connection
     @classmethod
@@ -260,7 +265,7 @@ class RayEngine:
 
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
-        self.actors = []
+        self.actors, self.actor_nodes = [], {}
 
     # ------------------------------------------------------------------ actor pools
     def _pool(self) -> list:
@@ -275,6 +280,7 @@ class RayEngine:
                                     max_task_retries=RETRIES,
                                     max_concurrency=IN_FLIGHT_PER_ACTOR)(_Worker)
             nodes: Sequence[str | None] = self._cpu_nodes() or [None]
+            self.pool_nodes = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
             self.actors = [remote_cls.options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=True) if n else "DEFAULT"
             ).remote() for n in nodes]
@@ -284,32 +290,98 @@ class RayEngine:
                   on_result: Callable[[Any, Any, str, int], None]) -> int:
         """Apply what ``factory()`` builds (once per actor) to every job: ``run(*args_of(job))``,
         :data:`IN_FLIGHT_PER_ACTOR` jobs at a time per actor, at most one actor per job.
-        ``on_result(job, result, node id, pid)`` runs on the driver as jobs finish. Returns the
-        number of actors used."""
+        ``on_result(job, result, node id, pid)`` runs on the driver as jobs finish, once per job.
+        Returns the number of actors used.
+
+        A worker process that dies is restarted by Ray and its calls retried (``max_restarts`` /
+        ``max_task_retries``). A whole node that dies takes its actor with it, and Ray cannot
+        restart that actor while the other nodes' CPUs are held by this pool: every
+        :data:`NODE_CHECK_SECONDS` the driver checks the nodes of its actors, drops an actor whose
+        node is gone, and its jobs (like those of an actor past its restarts) go to the other
+        actors, at most :data:`RETRIES` times per job. An actor's node is known from its answers
+        (kept across calls: a node may die between two calls); once a node has died, an actor
+        that never answered is dropped too (it may have been there)."""
         import uuid
+        from collections import Counter, deque
 
         import ray
 
+        lost_errors = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                       ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError)
         actors = self._pool()[:max(1, len(jobs))]
         key, factory_ref = uuid.uuid4().hex, ray.put(factory)
-        todo = iter(jobs)
-        pending: dict[Any, tuple[Any, int]] = {}  # result ref -> (job, actor index)
+        todo: deque[tuple[Any, int]] = deque((job, 0) for job in jobs)  # (job, tries so far)
+        pending: dict[Any, tuple[Any, int, int]] = {}  # result ref -> (job, tries, actor index)
+        busy: Counter[int] = Counter()  # actor index -> jobs in flight
+        live = set(range(len(actors)))  # actors not dropped
+        # actor index -> node id: from earlier calls, else asked first (an actor runs calls in
+        # order), then from each result
+        where = {i: self.actor_nodes[id(a)] for i, a in enumerate(actors) if id(a) in self.actor_nodes}
+        probes = {actor.ready.remote(): i for i, actor in enumerate(actors) if i not in where}
 
-        def submit(actor_index: int) -> None:
-            job = next(todo, None)
-            if job is not None:
-                ref = actors[actor_index].run.remote(key, factory_ref, *args_of(job))
-                pending[ref] = (job, actor_index)
+        def fill() -> None:
+            for i in sorted(live):
+                while todo and busy[i] < IN_FLIGHT_PER_ACTOR:
+                    job, tries = todo.popleft()
+                    pending[actors[i].run.remote(key, factory_ref, *args_of(job))] = (job, tries, i)
+                    busy[i] += 1
 
-        for i in range(len(actors)):
-            for _ in range(IN_FLIGHT_PER_ACTOR):
-                submit(i)
-        while pending:
-            (ref,), _ = ray.wait(list(pending), num_returns=1)
-            job, actor_index = pending.pop(ref)
-            out = self._get(ref, "worker actor")
-            on_result(job, out["result"], out["node"], out["pid"])
-            submit(actor_index)
+        def drop(i: int, why: str) -> None:
+            if i in live:
+                live.discard(i)
+                logger.warning("Ray worker actor on node %s %s; its chunks go to the other workers",
+                               where.get(i, "?"), why)
+                ray.kill(actors[i], no_restart=True)  # its queued calls fail now and are retried
+
+        next_check = time.monotonic()  # a node may have died since the last call: check first
+        try:
+            while True:
+                if time.monotonic() >= next_check:
+                    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+                    for i in sorted(live):
+                        if where.get(i) not in alive and (i in where or self.pool_nodes - alive):
+                            drop(i, "lost its node" if i in where else "never answered")
+                    next_check = time.monotonic() + NODE_CHECK_SECONDS
+                fill()
+                if not pending:
+                    break
+                done, _ = ray.wait([*pending, *probes], num_returns=1, timeout=NODE_CHECK_SECONDS)
+                for ref in done:
+                    if ref in probes:
+                        i = probes.pop(ref)
+                        try:
+                            where.setdefault(i, ray.get(ref)[0])
+                            self.actor_nodes.setdefault(id(actors[i]), where[i])
+                        except ray.exceptions.RayError:
+                            pass  # what became of the actor shows in its jobs
+                        continue
+                    job, tries, i = pending.pop(ref)
+                    busy[i] -= 1
+                    try:
+                        out = ray.get(ref)
+                    except lost_errors as exc:
+                        if isinstance(exc, ray.exceptions.ActorDiedError):
+                            drop(i, "is gone for good")
+                        if tries >= RETRIES:
+                            raise EngineError(
+                                f"a Ray worker actor died {tries + 1} times on one chunk "
+                                f"({type(exc).__name__}); everything finished so far is kept: "
+                                "rerun to resume") from exc
+                        todo.appendleft((job, tries + 1))
+                    except ray.exceptions.RayTaskError:
+                        self._get(ref, "worker actor")  # raises it: a user error as itself
+                        raise
+                    else:
+                        where[i] = self.actor_nodes[id(actors[i])] = out["node"]
+                        on_result(job, out["result"], out["node"], out["pid"])
+            if todo:
+                raise EngineError("every Ray worker actor of this call was lost (their nodes "
+                                  "died); everything finished so far is kept: rerun to resume")
+        finally:
+            dropped = [actors[i] for i in range(len(actors)) if i not in live]
+            self.actors = [a for a in self.actors if not any(a is d for d in dropped)]
+            for a in dropped:
+                self.actor_nodes.pop(id(a), None)
         return len(actors)
 
     def payload(self, paths: Sequence[str | os.PathLike]) -> Any:
