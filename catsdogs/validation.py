@@ -64,6 +64,15 @@ def check_schedule(epochs: Any, batch_size: Any, seed: Any) -> tuple[int, int, i
             check_int(seed, "seed", minimum=0, maximum=2**32 - 1))
 
 
+def check_backbone_options(image_size: Any, weights: Any) -> None:
+    """An optional positive ``image_size`` and a ``weights`` name (what extraction and the audit
+    take for their backbones); :class:`ConfigError` otherwise."""
+    if image_size is not None:
+        check_positive_int(image_size, "image size")
+    if not isinstance(weights, str):
+        raise ConfigError(f"weights must be a string such as 'imagenet' or 'none', got {weights!r}")
+
+
 def check_positive_int(value: Any, what: str) -> int:
     """``value`` as an ``int`` >= 1, else :class:`ConfigError` ("<what> must be a positive integer")."""
     if not is_int(value) or value < 1:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
+
+import catsdogs.testing as _testing  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CATSDOGS_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -23,29 +23,9 @@ FAULTS = SHARED_DATA / "faults"
 TINY = {"backbones": ["resnet50"], "weights": "none", "image_size": 32, "batch_size": 8}
 
 
-def write_jpeg(path: Path, seed: int, size=(40, 30), label: int = 0) -> Path:
-    """A real JPEG with a label-dependent pattern (dogs brighter on the left)."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    img = rng.integers(0, 120, (h, w, 3), dtype=np.uint8)
-    if label == 1:
-        img[:, : w // 2] += 120
-    else:
-        img[: h // 2] += 100
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img).save(path, "JPEG", quality=90)
-    return path
-
-
-def make_kaggle(root: Path, n_per_class: int = 6, n_test: int = 4, seed: int = 0) -> Path:
-    """A Kaggle-layout dataset of generated JPEGs: train/cat.N.jpg, train/dog.N.jpg, test/N.jpg."""
-    for label, cls in enumerate(("cat", "dog")):
-        for i in range(1, n_per_class + 1):
-            write_jpeg(root / "train" / f"{cls}.{i}.jpg", seed * 1000 + label * 100 + i,
-                       size=(30 + i * 3, 28 + (i % 4) * 5), label=label)
-    for i in range(1, n_test + 1):
-        write_jpeg(root / "test" / f"{i}.jpg", seed * 1000 + 500 + i, label=i % 2)
-    return root
+# the generators plugin test suites use too (catsdogs.testing): one copy
+write_jpeg = _testing.write_jpeg
+make_kaggle = _testing.make_kaggle_dataset
 
 
 @pytest.fixture

@@ -63,7 +63,7 @@ from catsdogs.dataset.images import ImageDecodeError, decode_rgb, read_image_fil
 from catsdogs.dataset.layout import ImageRecord, open_dataset
 from catsdogs.errors import ConfigError, PluginError
 from catsdogs.features.extraction import lower_thread_priority
-from catsdogs.validation import check_int, check_positive_int
+from catsdogs.validation import check_backbone_options, check_int
 
 logger = logging.getLogger("catsdogs")
 
@@ -318,10 +318,7 @@ def _check_options(top_k, min_side, batch_size, image_size, weights, workers, ma
         check_int(value, name, low)
     if top_k > NUM_CLASSES:
         raise ConfigError(f"top-k must be at most {NUM_CLASSES} (the ImageNet classes), got {top_k}")
-    if image_size is not None:
-        check_positive_int(image_size, "image size")
-    if not isinstance(weights, str):
-        raise ConfigError(f"weights must be a string such as 'imagenet' or 'none', got {weights!r}")
+    check_backbone_options(image_size, weights)
 
 
 # --------------------------------------------------------------------------------------- API

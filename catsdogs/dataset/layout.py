@@ -102,16 +102,20 @@ def _entries(directory: Path, root: Path, ignored) -> list[Path]:
 
 def _files(directory: Path, root: Path, ignored) -> list[Path]:
     """Regular readable files of ``directory`` (not hidden); the others go to ``ignored``."""
-    out = []
+    out: list[Path] = []
     for path in _entries(directory, root, ignored):
-        if _is_hidden(path) or path.is_dir():
-            continue
-        reason = _unusable(path)
-        if reason is not None:
-            ignored.append((_rel(path, root), reason))
-        else:
-            out.append(path)
+        if not _is_hidden(path) and not path.is_dir():
+            _keep(path, root, ignored, out)
     return out
+
+
+def _keep(path: Path, root: Path, ignored, out: list[Path]) -> None:
+    """``path`` into ``out`` when usable, else into ``ignored`` with the reason."""
+    reason = _unusable(path)
+    if reason is not None:
+        ignored.append((_rel(path, root), reason))
+    else:
+        out.append(path)
 
 
 def _walk(folder: Path, root: Path, ignored, seen: set | None = None) -> list[Path]:
@@ -122,18 +126,14 @@ def _walk(folder: Path, root: Path, ignored, seen: set | None = None) -> list[Pa
     if real in seen:
         return []
     seen.add(real)
-    out = []
+    out: list[Path] = []
     for path in _entries(folder, root, ignored):
         if _is_hidden(path):
             continue
         if path.is_dir():
             out.extend(_walk(path, root, ignored, seen))
-            continue
-        reason = _unusable(path)
-        if reason is not None:
-            ignored.append((_rel(path, root), reason))
         else:
-            out.append(path)
+            _keep(path, root, ignored, out)
     return out
 
 

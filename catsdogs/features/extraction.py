@@ -684,14 +684,11 @@ def _check_options(backbones, weights, image_size, batch_size, precision, resize
         raise ConfigError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     if resize not in RESIZE_POLICIES:
         raise ConfigError(f"unknown resize policy {resize!r}; choose one of: {', '.join(RESIZE_POLICIES)}")
-    from catsdogs.validation import check_positive_int
+    from catsdogs.validation import check_backbone_options, check_positive_int
 
     for name, value in (("batch size", batch_size), ("chunk size", chunk_size), ("workers", workers)):
         check_positive_int(value, name)
-    if image_size is not None:
-        check_positive_int(image_size, "image size")
-    if not isinstance(weights, str):
-        raise ConfigError(f"weights must be a string such as 'imagenet' or 'none', got {weights!r}")
+    check_backbone_options(image_size, weights)
 
 
 def extract(
