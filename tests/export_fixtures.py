@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -33,6 +35,22 @@ def _experiment(root: Path, name: str, **fields) -> Path:
     return path
 
 
+def session_runs(tmp_path_factory) -> dict[str, Path]:
+    """The runs, built once per test session: under pytest-xdist the workers share one copy (the
+    first one to get the lock builds it, the others wait for it and reuse it)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's temp root, common to all workers
+    root = base / "export-runs"
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / "export-runs.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return build_runs(root)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def build_runs(root: Path) -> dict[str, Path]:
     """Train the runs and export them (in process); reused when ``root`` already has them."""
     from catsdogs.app.export import export_run
@@ -42,6 +60,10 @@ def build_runs(root: Path) -> dict[str, Path]:
     done = root / "runs.json"
     if done.is_file():
         return {k: Path(v) for k, v in json.loads(done.read_text()).items()}
+    if root.exists():  # a build that did not finish (its process died): start again
+        import shutil
+
+        shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     make_kaggle(root / "data", n_per_class=16, n_test=6)
     single = run_experiment(load_experiment(_experiment(

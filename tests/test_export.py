@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import run_cli
-from export_fixtures import build_runs
+from export_fixtures import session_runs
 from PIL import Image
 
 from catsdogs.app.export import load_head, load_run, pillow_bilinear_matrix, softmax_dense
@@ -18,7 +18,7 @@ from catsdogs.dataset.images import load_image
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory):
-    return build_runs(tmp_path_factory.getbasetemp() / "export-runs")
+    return session_runs(tmp_path_factory)
 
 
 def _images(runs, size, n=6):

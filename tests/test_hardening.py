@@ -499,9 +499,9 @@ def test_item6_predict_dev_zero_is_quick_and_clear(tmp_path):
 # === item 13: export of a run without head.keras ==================================================
 @pytest.fixture(scope="module")
 def export_runs(tmp_path_factory):
-    from export_fixtures import build_runs
+    from export_fixtures import session_runs
 
-    return build_runs(tmp_path_factory.getbasetemp() / "export-runs")
+    return session_runs(tmp_path_factory)
 
 
 @pytest.mark.slow

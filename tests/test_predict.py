@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import run_cli, write_jpeg
-from export_fixtures import build_runs
+from export_fixtures import session_runs
 from PIL import Image
 
 from catsdogs.app.cam import overlay, title
@@ -19,7 +19,7 @@ from catsdogs.dataset.images import load_image
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory):
-    return build_runs(tmp_path_factory.getbasetemp() / "export-runs")
+    return session_runs(tmp_path_factory)
 
 
 @pytest.mark.slow  # uses the session's exported runs (about a minute to build)
