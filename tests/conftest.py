@@ -79,3 +79,15 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300, check: bo
     if check and proc.returncode != 0:
         raise AssertionError(f"catsdogs {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+def pytest_terminal_summary(terminalreporter):
+    """What tests measured (``record_property("measured", text)``: latencies, precision on planted
+    faults), printed at the end of the run so CI logs show it; works under pytest-xdist too, whose
+    workers send each report's user properties to the controller."""
+    lines = [f"{report.nodeid}: {value}" for report in terminalreporter.stats.get("passed", [])
+             for name, value in getattr(report, "user_properties", ()) if name == "measured"]
+    if lines:
+        terminalreporter.section("measured")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -27,7 +27,7 @@ def _precision_recall(flagged: set[str], planted: set[str]) -> tuple[float, floa
     return hits / max(len(flagged), 1), hits / len(planted)
 
 
-def test_finder_on_synthetic_features_with_flipped_labels():
+def test_finder_on_synthetic_features_with_flipped_labels(record_property):
     rng = np.random.default_rng(0)
     y_true = rng.integers(0, 2, 400)
     X = rng.normal(0, 1, (400, 16))
@@ -39,6 +39,7 @@ def test_finder_on_synthetic_features_with_flipped_labels():
     found = find_label_issues(X, y, files)
     precision, recall = _precision_recall({files[i] for i in found.ranked},
                                           {files[i] for i in flipped})
+    record_property("measured", f"20 flips in 400 rows: precision {precision:.2f}, recall {recall:.2f}")
     assert precision >= 0.6 and recall >= 0.6
     assert np.median(found.score[flipped]) > 0.5 > np.median(np.delete(found.score, flipped))
     ranked_scores = found.score[found.ranked]
@@ -96,7 +97,7 @@ def registry(tiny_site):
 
 
 @pytest.mark.slow
-def test_audit_adds_planted_swaps_to_csv_sheet_and_exclude_list(tmp_path, registry):
+def test_audit_adds_planted_swaps_to_csv_sheet_and_exclude_list(tmp_path, registry, record_property):
     data = tmp_path / "data"
     planted = _planted_dataset(data)
     out = tmp_path / "audit"
@@ -106,6 +107,8 @@ def test_audit_adds_planted_swaps_to_csv_sheet_and_exclude_list(tmp_path, regist
                    progress=False, registry=registry)
     flagged = {a.file for a in result.images if a.label_issue}
     precision, recall = _precision_recall(flagged, planted)
+    record_property("measured", f"{len(planted)} planted swaps: {len(flagged)} flagged, "
+                                f"precision {precision:.2f}, recall {recall:.2f}")
     assert precision >= 0.8 and recall >= 0.8, (flagged, planted)
     rows = {r["file"]: r for r in csv.DictReader(open(out / "audit.csv", encoding="utf-8"))}
     for f in flagged:
@@ -133,7 +136,7 @@ def test_cli_label_issues(tmp_path, tiny_site):
 
 
 @pytest.mark.slow
-def test_planted_swaps_in_real_photos(tmp_path):
+def test_planted_swaps_in_real_photos(tmp_path, record_property):
     """100 cats + 100 dogs of the mini set, 5 of each renamed to the other class: EfficientNet-Lite0
     ImageNet features + the finder flag the planted swaps."""
     if not (MINI / "train").is_dir():
@@ -159,4 +162,6 @@ def test_planted_swaps_in_real_photos(tmp_path):
     found = label_issues_in(data, "efficientnet_lite0", cache_dir=tmp_path / "cache", progress=False,
                             registry=reg)
     precision, recall = _precision_recall({found.files[i] for i in found.ranked}, planted)
+    record_property("measured", f"{len(planted)} swaps planted in 200 real photos: {len(found.ranked)} "
+                                f"flagged, precision {precision:.2f}, recall {recall:.2f}")
     assert recall >= 0.8 and precision >= 0.5, ([found.files[i] for i in found.ranked], planted)

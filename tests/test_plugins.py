@@ -298,6 +298,21 @@ def test_item14_plugin_printing_at_import_keeps_json_stdout_clean(site):
         assert text in proc.stderr
 
 
+@pytest.mark.slow
+def test_item14_chatty_plugin_keeps_extract_json_clean(site, kaggle_dir, cache_dir):
+    """Not only ``plugins --json``: the redirect is in the loader, so a command that loads the
+    registry and then computes (extract, whose plugin backbone prints while registering) keeps
+    stdout pure JSON too."""
+    install_fake_dist(site, "catsdogs-chatty", "1.0", {"catsdogs_chatty": CHATTY},
+                      {"chatty": "catsdogs_chatty"})
+    proc = run_cli("extract", str(kaggle_dir), "-b", "tiny_cnn", "--weights", "none", "--json",
+                   "--no-progress", env={"PYTHONPATH": str(site)}, check=True)
+    (res,) = json.loads(proc.stdout)  # nothing but the JSON on stdout
+    assert res["backbone"] == "tiny_cnn" and res["computed"] == 16
+    for text in ("hello from a chatty plugin", "raw bytes on fd 1", "registering tiny_cnn"):
+        assert text in proc.stderr and text not in proc.stdout
+
+
 EXITING = {
     "exits": "import sys\nsys.exit(3)\n",
     "exits0": "raise SystemExit(0)\n",
