@@ -53,9 +53,9 @@ def assert_same(grouped, alone, fused, va, atol=1e-6):
     assert grouped.n_features_in_ == alone.n_features_in_
     assert list(grouped.history_) == list(alone.history_) == \
         ["accuracy", "loss", "val_accuracy", "val_loss"]
-    for key in alone.history_:
-        np.testing.assert_allclose(grouped.history_[key], alone.history_[key], atol=atol, rtol=0,
-                                   err_msg=key)
+    for key in alone.history_:  # validation sums block by block: float32 round-off, relative
+        np.testing.assert_allclose(grouped.history_[key], alone.history_[key], atol=atol,
+                                   rtol=1e-6, err_msg=key)
     for wa, wb in zip(grouped.model_.get_weights(), alone.model_.get_weights(), strict=True):
         np.testing.assert_allclose(wa, wb, atol=atol, rtol=0)
     for va_, vb in zip(grouped.model_.optimizer.variables, alone.model_.optimizer.variables,
@@ -227,8 +227,8 @@ def test_runner_leaderboard_is_the_same_grouped_or_not(tmp_path, monkeypatch, va
     for rec_a in alone.records:
         rec_g = next(r for r in grouped.records if r.run_id == rec_a.run_id)
         for ha, hg in zip(rec_a.history, rec_g.history, strict=True):
-            for key in ha:
-                np.testing.assert_allclose(hg[key], ha[key], atol=1e-6, rtol=0)
+            for key in ha:  # val_loss of large logits (random weights): float32 round-off
+                np.testing.assert_allclose(hg[key], ha[key], atol=1e-6, rtol=1e-6)
         pa, pg = (pd.read_csv(r.out_dir / "runs" / rec_a.run_id / "test_predictions.csv")
                   for r in (alone, grouped))
         np.testing.assert_allclose(pg["p_dog"], pa["p_dog"], atol=1e-6, rtol=0)

@@ -18,6 +18,10 @@ together, one ``tf.function`` call per epoch for the whole group. Per mini-batch
   (``model.compute_loss``, L2 terms included) and accuracy, and applies the gradient with the
   run's own Keras optimizer object.
 
+The per-epoch validation pass (no dropout) fuses nothing: each block's rows are multiplied once by
+the kernel rows of every run that uses the block, 1,024 rows a step; a run's validation loss equals
+its single fit's up to float32 summation order.
+
 Every run's model is built and compiled by :meth:`KerasHead._compiled_model`, exactly as
 :meth:`KerasHead.fit` builds it (same initial weights and dropout seed), shuffled with
 ``np.random.default_rng(seed)`` as the compiled loop does, and its seed generator advances one
@@ -42,6 +46,9 @@ from catsdogs.validation import check_labels, check_schedule
 
 #: rows per finiteness check of the blocks (bounded temporaries)
 _CHECK_ROWS = 4096
+
+#: validation rows per step of the grouped loop (a bounded temporary: 1024 x 7,680 floats = 30 MiB)
+_EVAL_ROWS = 1024
 
 #: environment variable: ``0`` makes the runner train every run alone (the reference path)
 GROUPED_ENV = "CATSDOGS_GROUPED_FIT"
@@ -260,36 +267,60 @@ def _train(prepared: list[_Prepared], arrays: dict[str, np.ndarray], names: list
             start += len(vs)
         return _sums(prepared, preds, losses, b)
 
+    # validation needs no dropout, so no fused copy either: each block's batch rows are multiplied
+    # once by the kernel rows of every run that uses the block (as predict_group does), and a
+    # run's logits are the sum over its blocks (equal to its Dense on the fused columns up to
+    # float32 summation order)
+    users: dict[str, list[tuple[int, int]]] = {b: [] for b in names}  # block -> (run, row offset)
+    for i, p in enumerate(prepared):
+        offset = 0
+        for b in p.combination:
+            users[b].append((i, offset))
+            offset += widths[b]
+
     def eval_step(rows):
         parts = take(rows)
-        inputs = {}
+        logits: list[Any] = [None] * len(prepared)
+        for b, uses in users.items():
+            if not uses:  # a block only members fitted alone use
+                continue
+            kernel = tf.concat([prepared[i].dense.kernel[o:o + widths[b]] for i, o in uses], axis=1)
+            product = tf.matmul(parts[position[b]], kernel)
+            column = 0
+            for i, _ in uses:
+                units = prepared[i].dense.units
+                z = product[:, column:column + units]
+                logits[i] = z if logits[i] is None else logits[i] + z
+                column += units
         preds, losses = [], []
-        for p, y_all in zip(prepared, targets, strict=True):
-            x = inputs.get(p.combination)
-            if x is None:
-                x = inputs[p.combination] = fused(parts, p.combination)
+        for p, z, y_all in zip(prepared, logits, targets, strict=True):
+            if p.dense.use_bias:
+                z = z + p.dense.bias
+            y_pred = p.dense.activation(z)  # Dropout is the identity when not training
             yb = tf.gather(y_all, rows)
-            y_pred = p.dense(x)  # Dropout is the identity when not training
-            losses.append(p.model.compute_loss(x=x, y=yb, y_pred=y_pred, training=False))
+            losses.append(p.model.compute_loss(x=None, y=yb, y_pred=y_pred, training=False))
             preds.append((yb, y_pred))
         return _sums(prepared, preds, losses, tf.shape(rows)[0])
 
-    def run_batches(step, indices):
+    def run_batches(step, indices, size):
         n = tf.shape(indices)[0]
         loss_sum = tf.zeros((len(prepared),), tf.float32)
         correct = tf.zeros((len(prepared),), tf.float32)
-        for start in tf.range(0, n, batch_size):
-            batch_loss, batch_correct = step(indices[start:start + batch_size])
+        for start in tf.range(0, n, size):
+            batch_loss, batch_correct = step(indices[start:start + size])
             loss_sum += batch_loss
             correct += batch_correct
         count = tf.cast(n, tf.float32)
         return loss_sum / count, correct / count
 
+    eval_batch = max(batch_size, _EVAL_ROWS)
+
     def run_epoch(permutation):
-        loss, acc = run_batches(train_step, permutation)
+        loss, acc = run_batches(train_step, permutation, batch_size)
         out = {"accuracy": acc, "loss": loss}
         if val_rows is not None:
-            val_loss, val_acc = run_batches(eval_step, tf.constant(val_rows))
+            # the mean loss and the correct count do not depend on how the rows are batched
+            val_loss, val_acc = run_batches(eval_step, tf.constant(val_rows), eval_batch)
             out.update(val_accuracy=val_acc, val_loss=val_loss)
         return out
 
