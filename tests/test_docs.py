@@ -14,10 +14,9 @@ from pathlib import Path
 
 import click
 import pytest
+from conftest import REPO
 
 from catsdogs.cli import cli
-
-REPO = Path(__file__).resolve().parents[1]
 
 #: where users read commands: the README, docs/, the plugins' READMEs and the experiment files
 DOC_FILES = sorted([REPO / "README.md", *(REPO / "docs").glob("*.md"),
@@ -49,9 +48,6 @@ def doc_command_errors(text: str, group: click.Group = cli, where: str = "text")
     for lineno, line in enumerate(text.splitlines(), 1):
         for match in _COMMAND.finditer(line):
             name, rest = match.group(1), match.group(2)
-            # an argument list ends at prose: "catsdogs run --engine ray on a cluster" keeps
-            # its options; an option-looking word in a sentence later on the line would too,
-            # which is what we want (it is written as if it were one)
             options = _OPTION.findall(rest)
             command = group.commands.get(name)
             if command is None:
