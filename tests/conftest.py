@@ -9,6 +9,9 @@ import textwrap
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Ray reads this when imported: the tests' throwaway clusters register 127.0.0.1, not the
+# machine's network address, however pytest is started (tox's ray env sets it too)
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import pytest  # noqa: E402
 
