@@ -122,3 +122,35 @@ def test_resize_policies():
     assert pad.shape == (10, 10, 3) and pad[:2].max() == 0 and pad[-2:].max() == 0 and pad[4, 1].min() > 200
     with pytest.raises(ValueError, match="unknown resize policy"):
         resize(img, 10, "stretch")
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` RGB pixels and whose data is a few bytes:
+    what a limit refuses from the header, without allocating the pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+
+
+def test_max_pixels_is_the_only_pixel_limit(monkeypatch):
+    """CATSDOGS_MAX_PIXELS above Pillow's own 179 MP bomb limit takes effect: a 200 MP header is
+    no longer refused as too large (it fails later, as the truncated file it is); below it, the
+    refusal is ours, in our words (issue 21 item 10: Pillow's message answered first)."""
+    data = _png_header(20_000, 10_000)  # 200 MP
+    monkeypatch.setenv("CATSDOGS_MAX_PIXELS", "300000000")
+    with pytest.raises(ImageDecodeError) as allowed:
+        decode_rgb(data)
+    assert "too large" not in allowed.value.reason and "truncated" in allowed.value.reason
+    monkeypatch.setenv("CATSDOGS_MAX_PIXELS", "150000000")
+    with pytest.raises(ImageDecodeError, match=r"200\.0 megapixels exceeds the pixel limit of "
+                                               r"150 MP \(set CATSDOGS_MAX_PIXELS"):
+        decode_rgb(data)
+    monkeypatch.delenv("CATSDOGS_MAX_PIXELS")
+    with pytest.raises(ImageDecodeError, match="pixel limit of 64 MP"):
+        decode_rgb(data)

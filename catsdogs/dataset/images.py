@@ -7,8 +7,9 @@ not an image (with a hint of what the bytes are, e.g. an HTML page), not a regul
 Limits (one setting each, read at every call):
 
 * ``CATSDOGS_MAX_PIXELS`` (default :data:`DEFAULT_MAX_PIXELS`, 64 MP): images with more pixels are
-  refused from their header, before anything is decoded. Pillow's own decompression-bomb refusal
-  (2 x 89.5 MP) stays as a hard ceiling above it.
+  refused from their header, before anything is decoded. It is the only pixel limit: Pillow's own
+  decompression-bomb check (which refused anything over 179 MP in its own words, whatever this
+  setting said) is switched off, since ours runs first on every decode.
 * ``CATSDOGS_MAX_FILE_BYTES`` (default :data:`DEFAULT_MAX_FILE_BYTES`, 256 MiB): larger files are
   not read. Only regular files are read at all: named pipes, devices (``/dev/zero``) and sockets,
   also behind symbolic links, are refused without blocking (the file is opened ``O_NONBLOCK``).
@@ -31,6 +32,9 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 # never let Pillow paper over a truncated file with grey pixels
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# one pixel limit, ours (CATSDOGS_MAX_PIXELS, checked from the header in decode_rgb before any
+# pixel is decoded): Pillow's fixed 179 MP refusal would otherwise answer first above it
+Image.MAX_IMAGE_PIXELS = None
 
 #: ``squash``: resize to SxS ignoring aspect ratio (what the write-up did with cv2.resize);
 #: ``crop``: scale the short side to S and take the centre square;
@@ -91,8 +95,14 @@ def read_image_file(path: str | os.PathLike) -> bytes:
     """The bytes of a regular file of at most ``max_file_bytes()``; else :class:`ImageDecodeError`.
 
     Opens with ``O_NONBLOCK`` and checks the opened file (not the name), so a named pipe never
-    blocks and a symbolic link to ``/dev/zero`` is refused before a byte is read.
+    blocks and a symbolic link to ``/dev/zero`` is refused before a byte is read. An
+    :class:`~catsdogs.dataset.storage.ObjectPath` is read from its object store (same cap).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        from catsdogs.dataset.storage import ObjectPath, read_object
+
+        if isinstance(path, ObjectPath):
+            return read_object(path)
     cap = max_file_bytes()
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
