@@ -127,3 +127,30 @@ def test_summarize():
     assert s["best_clip_hi"] == pytest.approx(1 - s["best_clip_lo"])
     assert all(isinstance(v, float) for k, v in s.items() if k != "n")
     assert summarize(y, p, None)["logloss_clipped"] == s["logloss"]
+
+
+# ------------------------------------------------------------------------------------ item 8
+def test_paired_bootstrap_is_deterministic_and_matches_the_textbook_standard_error():
+    from catsdogs.runs.metrics import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    base = rng.exponential(0.1, 2000)  # per-photo losses of the leader
+    losses = np.stack([base, base + rng.normal(0.0001, 0.01, 2000), base + 0.05 + rng.normal(0, 0.01, 2000)])
+    stats = paired_bootstrap(losses, seed=3)
+    assert stats == paired_bootstrap(losses, seed=3)  # seeded: the same numbers every call
+    analytic = losses.std(axis=1, ddof=1) / np.sqrt(2000)
+    for s, a in zip(stats, analytic):
+        assert s.se == pytest.approx(a, rel=0.1)
+    assert stats[0].diff == 0 and stats[0].tied
+    # paired: the difference's SE is that of the difference, far below either run's own SE
+    assert stats[1].diff_se == pytest.approx((losses[1] - base).std(ddof=1) / np.sqrt(2000), rel=0.1)
+    assert stats[1].diff_se < 0.2 * stats[1].se
+    assert stats[1].tied and not stats[2].tied  # +0.0001 is within noise (0.5 SE), +0.05 is not
+    assert stats[2].diff == pytest.approx(losses[2].mean() - base.mean())
+
+
+def test_paired_bootstrap_refuses_non_finite_losses():
+    from catsdogs.runs.metrics import paired_bootstrap
+
+    with pytest.raises(DataError, match="paired_bootstrap"):
+        paired_bootstrap(np.array([[0.1, np.inf]]))

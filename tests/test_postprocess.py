@@ -64,28 +64,58 @@ def test_calibrated_predictions_keep_none_and_false_choices_gain_nothing():
     assert abs(np.mean(gains)) < 0.002  # and what it rarely picks changes nothing real
 
 
-def test_the_small_sample_prior_pulls_in_what_validation_cannot_vouch_for():
+def test_the_small_sample_prior_regularises_the_fit_of_an_asked_for_clip():
     """200 validation rows, every one right at p = 1e-6 or 1 - 1e-6: no mistake is seen, yet one in
-    a few hundred test photos may be (mislabelled, two animals). Platt's targets give a clip near
-    1/N; on calibrated but extreme predictions that prior costs next to nothing."""
+    a few hundred test photos may be (mislabelled, two animals). A clip that is asked for is fitted
+    against Platt's targets, so it lands near 1/N instead of at the extreme."""
     y = np.repeat([0.0, 1.0], 100)
     p = np.where(y == 1, 1 - 1e-6, 1e-6)
-    choice = choose(y, p)
-    assert choice.transform.kind in ("clip", "temperature")  # the same here: one value each side
+    choice = choose(y, p, "clip")
+    assert choice.transform.kind == "clip"
     assert 0.003 < choice.transform.apply([1e-6])[0] < 0.03
     assert 0.97 < choice.transform.apply([1 - 1e-6])[0] < 0.997
     assert choice.logloss_raw < 1e-5 < choice.logloss_post  # reported against the real labels
-    y_test = np.repeat([0.0, 1.0], 150)
-    p_test = np.where(y_test == 1, 1 - 1e-6, 1e-6)
-    p_test[0] = 1 - 1e-6  # one confidently wrong test photo
-    assert log_loss(y_test, choice.transform.apply(p_test)) < 0.6 * log_loss(y_test, p_test)
+
+
+def test_auto_never_makes_the_ranking_worse_than_none_on_held_out_rows():
+    """Issue 20 item 6: ``auto`` used to choose against the smoothed targets, so on confident,
+    correct validation predictions it chose a clip near 1/N ("gain 0.023, z 4.9") although the
+    clip's real cross-fitted log loss was far worse than the raw one, and the run was demoted.
+    The choice is now made on the real log loss of held-out predictions."""
+    y = np.repeat([0.0, 1.0], 20)  # 40 validation photos, as the bundled sample's demo
+    p = np.where(y == 1, 1 - 1e-4, 1e-4)
+    p[[0, 25]] = [0.3, 0.6]  # two hesitant but right
+    choice = choose(y, p)
+    assert choice.cv["clip"]["logloss"] > choice.cv["none"]["logloss"]  # the clip hurts held-out rows
+    assert choice.transform.kind == "none"
+    assert choice.logloss_post == choice.logloss_raw == pytest.approx(log_loss(y, p))
+    # in general: the ranking number is never above the raw loss, whatever the predictions
+    for seed in range(8):
+        for scale in (0.7, 1.0, 3.0):
+            yy, pp = _draw(120, scale, seed=500 + seed)
+            c = choose(yy, pp, seed=seed)
+            assert c.logloss_post <= c.logloss_raw + 1e-12
+            assert c.cv[c.transform.kind]["logloss"] == c.logloss_post
+            if c.transform.kind != "none":
+                assert c.cv[c.transform.kind]["z"] > 1.0 and c.cv[c.transform.kind]["gain"] > 0
+
+
+def test_val_post_are_the_rows_behind_the_ranking_number():
+    y, p = _draw(300, 2.5, seed=14)
+    choice = choose(y, p)
+    assert choice.transform.kind == "temperature"
+    assert log_loss(y, choice.val_post) == pytest.approx(choice.logloss_post, abs=1e-12)
+    assert not np.allclose(choice.val_post, choice.transform.apply(p))  # cross-fitted, not in-sample
+
+
+def test_auto_costs_next_to_nothing_on_calibrated_extreme_predictions():
     costs = []
     for seed in range(6):
         y_val, p_val = _draw(400, 1.0, seed=300 + seed, spread=4.0)
         t = choose(y_val, p_val, seed=seed).transform
         y_new, p_new = _draw(4000, 1.0, seed=400 + seed, spread=4.0)
         costs.append(log_loss(y_new, t.apply(p_new)) - log_loss(y_new, p_new))
-    assert np.mean(costs) < 0.003
+    assert np.mean(costs) < 0.003  # calibrated extreme predictions: auto costs next to nothing
 
 
 def test_label_shuffled_control_gains_nothing_on_true_labels():

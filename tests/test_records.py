@@ -51,10 +51,11 @@ def test_legacy_record_loads_typed_and_round_trips(tmp_path):
     assert rec.head.name == "dropout_sigmoid" and rec.optimizer.learning_rate == 0.01
     assert rec.metrics.logloss_clipped == 0.29 and rec.validation.kind == "holdout"
     assert rec.feature_keys["resnet50"]["config_key"] == "abc"
-    assert rec.to_dict() == LEGACY  # same keys, same values: finished run dirs keep working
+    # same keys, same values (plus the derived ranking number): finished run dirs keep working
+    assert rec.to_dict() == {**LEGACY, "ranking_logloss": 0.29}
     (tmp_path / "again").mkdir()
     rec.save(tmp_path / "again")
-    assert json.loads((tmp_path / "again" / "record.json").read_text()) == LEGACY
+    assert json.loads((tmp_path / "again" / "record.json").read_text()) == rec.to_dict()
 
 
 def test_unknown_keys_survive_and_new_optional_fields_default(tmp_path):
@@ -74,6 +75,19 @@ def test_under_target_follows_the_current_target(tmp_path):
     assert rec.under_target is False  # 0.29 is not under 0.06127, whatever the file claimed
     rec.target = 0.5
     assert rec.under_target is True and rec.to_dict()["under_target"] is True
+
+
+def test_one_ranking_number_drives_under_target(tmp_path):
+    """Issue 20 item 5: ✓ / under_target used the fixed-clip loss while the ranking used the
+    post-processed one. Both now read :attr:`RunRecord.ranking_logloss`."""
+    post = {"method": "auto", "transform": {"kind": "none", "learned": False}, "logloss_raw": 0.3,
+            "logloss_post": 0.05, "logloss_post_insample": 0.05, "cv": {}, "folds": 5}
+    rec = load_record(_write(tmp_path / "run", {**LEGACY, "postprocess": post}))
+    assert rec.metrics.logloss_clipped == 0.29 and rec.ranking_logloss == 0.05
+    assert rec.under_target is True  # 0.05 < 0.06127, although the fixed clip's 0.29 is not
+    saved = rec.to_dict()
+    assert saved["ranking_logloss"] == 0.05 and saved["under_target"] is True
+    assert "ranking_logloss" not in load_record(_write(tmp_path / "again", saved)).extra  # derived
 
 
 @pytest.mark.parametrize("doc, message", [

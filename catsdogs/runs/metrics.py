@@ -15,13 +15,20 @@ Inputs are array-likes of labels in ``{0, 1}`` and probabilities in ``[0, 1]``; 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from catsdogs.errors import ConfigError, DataError
 
-__all__ = ["DEFAULT_CLIP_GRID", "accuracy", "best_clip", "clip", "log_loss", "summarize"]
+__all__ = ["BOOTSTRAP", "DEFAULT_CLIP_GRID", "TIE_SE", "PairedStats", "accuracy", "best_clip", "clip",
+           "log_loss", "paired_bootstrap", "row_log_losses", "summarize"]
 
+#: bootstrap resamples of the validation photos behind the leaderboard's standard errors
+BOOTSTRAP = 1000
+#: a run is statistically tied with the leader when its paired difference is below this many
+#: bootstrap standard errors of that difference
+TIE_SE = 2.0
 #: ``0`` (no clipping) plus 60 log-spaced values from 1e-5 to 0.1
 DEFAULT_CLIP_GRID: np.ndarray = np.concatenate([[0.0], np.logspace(-5, -1, 60)])
 
@@ -127,8 +134,8 @@ def summarize(y, p, clip_bounds: tuple[float, float] | None) -> dict:
 
     Keys: ``logloss`` (raw ``p``), ``logloss_clipped`` (``p`` clipped to ``clip_bounds``; equal to
     ``logloss`` when ``clip_bounds`` is None), ``accuracy``, ``best_clip_lo``, ``best_clip_hi``,
-    ``best_clip_logloss`` (from :func:`best_clip` on these same labels, so only meaningful when
-    ``y`` is validation data) and ``n``.
+    ``best_clip_logloss`` (from :func:`best_clip` on these same labels: IN-SAMPLE, the clip chosen
+    and scored on the same rows, so optimistic; never a ranking or reported number) and ``n``.
     """
     y = _labels(y)
     p = _probabilities(p, y.size)
@@ -144,3 +151,52 @@ def summarize(y, p, clip_bounds: tuple[float, float] | None) -> dict:
         "best_clip_logloss": best,
         "n": int(y.size),
     }
+
+
+def row_log_losses(y, p, eps: float = 1e-15) -> np.ndarray:
+    """Per-row binary log loss (their mean is :func:`log_loss`)."""
+    y = _labels(y)
+    p = np.clip(_probabilities(p, y.size), eps, 1.0 - eps)
+    return -(y * np.log(p) + (1.0 - y) * np.log1p(-p))
+
+
+@dataclass(frozen=True)
+class PairedStats:
+    """One run's ranking loss against the leader's, over the same validation photos.
+
+    ``se``: bootstrap standard error of the run's mean loss; ``diff``: its mean loss minus the
+    leader's (>= 0 for a ranked list); ``diff_se``: bootstrap standard error of that paired
+    difference (the same resampled photos for both runs); ``tied``: ``diff < TIE_SE * diff_se``
+    (the leader itself is tied with itself)."""
+
+    loss: float
+    se: float
+    diff: float
+    diff_se: float
+    tied: bool
+
+
+def paired_bootstrap(losses, leader: int = 0, *, n_boot: int = BOOTSTRAP, seed: int = 0,
+                     tie_se: float = TIE_SE) -> list[PairedStats]:
+    """Standard errors and paired differences to ``leader`` of the mean per-row losses
+    ``losses`` (runs x photos), by a seeded bootstrap over the photos: every resample draws the
+    same photos for every run, so differences are paired. Deterministic for a given ``seed``."""
+    L = np.asarray(losses, dtype=np.float64)
+    if L.ndim != 2 or L.shape[1] == 0 or not np.isfinite(L).all():
+        raise DataError(f"paired_bootstrap: expected finite per-row losses (runs x photos), got shape {L.shape}")
+    n = L.shape[1]
+    rng = np.random.default_rng(seed)
+    counts = np.empty((n_boot, n))
+    for b in range(n_boot):  # resample weights, so memory is n_boot x photos, not runs x n_boot x photos
+        counts[b] = np.bincount(rng.integers(0, n, n), minlength=n)
+    means = L @ counts.T / n  # runs x n_boot
+    mean = L.mean(axis=1)
+    se = means.std(axis=1, ddof=1)
+    diffs = means - means[leader]
+    diff_se = diffs.std(axis=1, ddof=1)
+    out = []
+    for i in range(L.shape[0]):
+        d = float(mean[i] - mean[leader])
+        out.append(PairedStats(float(mean[i]), float(se[i]), d, float(diff_se[i]),
+                               bool(i == leader or d <= 0 or d < tie_se * diff_se[i])))
+    return out

@@ -13,27 +13,36 @@ post-processed before they are scored or submitted. The candidates:
     ``sigmoid(logit(p) / T)`` with one scalar ``T`` fitted by minimising the validation log loss;
     ``T > 1`` softens an over-confident head, ``T < 1`` sharpens an under-confident one.
 
-``auto`` (the default) chooses among the three **by K-fold cross-validation over the validation
-predictions**: each candidate is fitted on K-1 folds and scored on the held-out fold, so every
-validation row gets a prediction from a transform that never saw its label. A learned transform
-replaces ``none`` only if its mean paired gain per row exceeds :data:`MIN_Z` standard errors of
-that gain (a one-standard-error rule): a gain that a few noisy rows could produce keeps ``none``.
+``auto`` (the default) chooses among the three **on the real log loss of held-out predictions**
+(cross-fitted over K folds of the validation predictions): each candidate is fitted on K-1 folds
+and applied to the held-out fold, so every validation row gets a prediction from a transform that
+never saw its label, and those predictions are scored against the real labels. A learned
+transform replaces ``none`` only if its mean paired gain per row (real log loss of ``none`` minus
+its own, row by row) is positive and exceeds :data:`MIN_Z` standard errors of that gain (a
+one-standard-error rule): a gain that a few noisy rows could produce keeps ``none``. So the
+ranking number is never worse than doing nothing when ``none`` is better on held-out rows.
 
-**A small-sample prior (Platt's targets).** A few hundred validation images cannot show how often
-a *confidently* wrong prediction happens (a mislabelled or two-animal photo in the test set costs
-``ln(1/eps)`` for a prediction at ``eps``), yet that rare event dominates the test log loss. The
-learned transforms are therefore fitted, and the candidates compared, against Platt's (1999)
-smoothed targets ``(N+ + 1) / (N+ + 2)`` for dogs and ``1 / (N- + 2)`` for cats instead of 1 and 0:
-the rule of succession, one unseen mistake of each kind. Predictions more extreme than the data
-can vouch for (about ``1/N``) are then pulled in -- a clip near ``1/N`` at a few hundred images,
-vanishing as the validation set grows. The numbers reported (``logloss_post``, ``cv[...]["logloss"]``)
-are always against the real labels.
+**Smoothing regularises the fit, never the choice.** A few hundred validation images cannot show
+how often a *confidently* wrong prediction happens, so the learned transforms are *fitted*
+against Platt's (1999) smoothed targets ``(N+ + 1) / (N+ + 2)`` for dogs and ``1 / (N- + 2)``
+for cats instead of 1 and 0 (one unseen mistake of each kind), which keeps a fitted clip or
+temperature from trusting extremes the data cannot vouch for. Whether that smoothed fit is used
+at all is decided by its cross-fitted loss against the REAL labels. (Until 0.x the choice was
+measured against the smoothed targets too, which made ``auto`` pick a clip near ``1/N`` for
+almost every run even when it raised the held-out log loss: issue 20 item 6.)
+
+**k-fold runs.** A k-fold run's validation predictions are out-of-fold predictions of single
+fold heads, while its test prediction averages K heads (less confident). The transform is chosen
+on the former, so it is applied the same way: to each fold head's test predictions, then
+averaged (:func:`apply_to_test`; ``test_predictions.csv`` has one ``p_dog_foldK`` column per
+fold, ``p_dog`` is their raw mean).
 
 :func:`choose` returns a :class:`Choice` with the transform refitted on all validation rows (to
-apply to the test predictions), the raw and post-processed validation log loss and the
-cross-validated loss of every candidate. ``logloss_post`` -- the number runs are ranked by -- is
-the cross-fitted (honest) loss of the chosen transform, never the loss of a transform fitted on
-the very rows it is scored on; for ``none`` and a fixed clip it is simply their loss.
+apply to the test predictions), the raw and post-processed validation log loss, the cross-fitted
+predictions of the chosen transform and the cross-validated loss of every candidate.
+``logloss_post`` -- the number runs are ranked by (:attr:`catsdogs.runs.record.RunRecord.ranking_logloss`) --
+is the cross-fitted (honest) loss of the chosen transform, never the loss of a transform fitted
+on the very rows it is scored on; for ``none`` and a fixed clip it is simply their loss.
 """
 
 from __future__ import annotations
@@ -47,9 +56,9 @@ import numpy as np
 from catsdogs.errors import ConfigError
 from catsdogs.runs.metrics import DEFAULT_CLIP_GRID, log_loss
 
-__all__ = ["METHODS", "MIN_Z", "Choice", "Transform", "choose", "fit", "logit", "platt_targets",
-           "postprocess_record",
-           "ranking_loss", "sigmoid", "transform_of"]
+__all__ = ["METHODS", "MIN_Z", "POST_COLUMN", "Choice", "Transform", "apply_to_test", "choose",
+           "fit", "fold_columns", "logit", "platt_targets", "postprocess_record", "ranking_loss",
+           "sigmoid", "transform_of"]
 
 #: the values of the experiment's ``postprocess`` field
 METHODS = ("auto", "none", "clip", "temperature")
@@ -59,6 +68,11 @@ MIN_Z = 1.0
 FOLDS = 5
 #: probabilities are kept this far from 0 and 1 before taking the logit
 _EPS = 1e-12
+#: column of ``val_predictions.csv`` holding the cross-fitted post-processed predictions (the
+#: rows behind the ranking number: their mean log loss is ``logloss_post``)
+POST_COLUMN = "p_dog_post"
+#: prefix of the per-fold raw test prediction columns of a k-fold run's ``test_predictions.csv``
+FOLD_PREFIX = "p_dog_fold"
 #: bounds of log(T) searched by the temperature fit
 _LOG_T_BOUNDS = (-4.0, 4.0)
 
@@ -180,17 +194,21 @@ class Choice:
     transform: Transform  # fitted on all validation rows; apply it to the test predictions
     logloss_raw: float  # validation log loss of the raw predictions
     logloss_post: float  # cross-fitted validation log loss of the chosen transform (ranking key)
-    logloss_post_insample: float  # ... of ``transform`` on the rows it was fitted on
-    #: candidate -> cross-fitted log loss (real labels), mean gain over none and its z (Platt targets)
+    logloss_post_insample: float  # ... of ``transform`` on the rows it was fitted on (optimistic)
+    #: candidate -> cross-fitted log loss, mean paired gain over none per row and its z (all
+    #: against the real labels: what the choice is made on)
     cv: dict[str, dict[str, float]] = field(default_factory=dict)
     folds: int = 0
+    #: the cross-fitted validation predictions of the chosen transform (not in ``to_dict``;
+    #: written as :data:`POST_COLUMN` of ``val_predictions.csv``)
+    val_post: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "transform": self.transform.to_dict(),
                 "describe": self.transform.describe(), "logloss_raw": self.logloss_raw,
                 "logloss_post": self.logloss_post,
                 "logloss_post_insample": self.logloss_post_insample, "cv": self.cv,
-                "folds": self.folds, "min_z": MIN_Z}
+                "folds": self.folds, "min_z": MIN_Z, "criterion": "real log loss, cross-fitted"}
 
 
 def _fold_ids(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -242,13 +260,13 @@ def choose(y, p, method: str = "auto", *, clip_bounds: tuple[float, float] | Non
     if fold_ids is None and method in ("clip", "temperature") and not (
             method == "clip" and clip_bounds is not None):
         candidates = ["none"]  # too few rows of a class to cross-fit: nothing learned
-    targets = platt_targets(y)
-    base = _row_losses(targets, p)
+    base = _row_losses(y, p)  # the real per-row log loss of ``none``
     cv: dict[str, dict[str, float]] = {}
+    preds: dict[str, np.ndarray] = {}
     best, best_gain = candidates[0], 0.0
     for kind in candidates:
-        q = cv_predictions(kind)
-        gain = base - _row_losses(targets, q)  # > 0: the transform helps that row (criterion)
+        q = preds[kind] = cv_predictions(kind)
+        gain = base - _row_losses(y, q)  # > 0: the transform helps that held-out row (real labels)
         se = float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else 0.0
         z = float(gain.mean() / se) if se > 0 else 0.0
         cv[kind] = {"logloss": log_loss(y, q), "gain": float(gain.mean()), "z": z}
@@ -258,7 +276,7 @@ def choose(y, p, method: str = "auto", *, clip_bounds: tuple[float, float] | Non
     return Choice(method=method, transform=chosen, logloss_raw=raw,
                   logloss_post=cv[best]["logloss"],
                   logloss_post_insample=log_loss(y, chosen.apply(p)), cv=cv,
-                  folds=0 if fold_ids is None else k)
+                  folds=0 if fold_ids is None else k, val_post=preds[best])
 
 
 # ------------------------------------------------------------------------------------ runs
@@ -273,18 +291,40 @@ def transform_of(record) -> Transform:
 
 
 def ranking_loss(record) -> float:
-    """The validation log loss runs are ranked by: the post-processed one (cross-fitted)."""
-    chosen = getattr(record, "postprocess", None)
-    return float(chosen["logloss_post"]) if chosen else float(record.metrics.logloss_clipped)
+    """The validation log loss runs are ranked by: :attr:`~catsdogs.runs.record.RunRecord.ranking_logloss`."""
+    return float(record.ranking_logloss)
+
+
+def fold_columns(frame) -> list[str]:
+    """The per-fold raw test prediction columns of a ``test_predictions.csv`` frame, in fold order
+    (empty for a holdout run or a file written before they existed)."""
+    cols = [c for c in frame.columns if str(c).startswith(FOLD_PREFIX) and str(c)[len(FOLD_PREFIX):].isdigit()]
+    return sorted(cols, key=lambda c: int(str(c)[len(FOLD_PREFIX):]))
+
+
+def apply_to_test(transform: Transform, frame) -> np.ndarray:
+    """The post-processed test P(dog) of a run's ``test_predictions.csv`` ``frame``: ``transform``
+    applied to each fold head's predictions and then averaged when the frame has per-fold columns
+    (k-fold: the transform was chosen on single fold heads' out-of-fold predictions), else applied
+    to ``p_dog``."""
+    cols = fold_columns(frame)
+    if not cols:
+        return transform.apply(frame["p_dog"].to_numpy(dtype=np.float64))
+    return np.mean([transform.apply(frame[c].to_numpy(dtype=np.float64)) for c in cols], axis=0)
 
 
 def postprocess_record(record, run_dir, experiment) -> Choice:
     """Choose ``record``'s post-processing from ``run_dir/val_predictions.csv`` as ``experiment``
     asks (``postprocess``; ``clip`` means the experiment's clip bounds), store it in the record
-    and rewrite ``record.json`` when it changed (finished runs are not retrained for it)."""
+    and rewrite ``record.json`` when it changed (finished runs are not retrained for it). The
+    cross-fitted predictions behind the ranking number go into ``val_predictions.csv`` as
+    :data:`POST_COLUMN`."""
     import pandas as pd
 
-    val = pd.read_csv(Path(run_dir) / "val_predictions.csv")
+    from catsdogs.util.fileio import atomic_write
+
+    path = Path(run_dir) / "val_predictions.csv"
+    val = pd.read_csv(path)
     bounds = tuple(experiment.clip) if experiment.postprocess == "clip" else None
     choice = choose(val["label"].to_numpy(), val["p_dog"].to_numpy(), experiment.postprocess,
                     clip_bounds=bounds, seed=experiment.seed)
@@ -292,4 +332,9 @@ def postprocess_record(record, run_dir, experiment) -> Choice:
     if getattr(record, "postprocess", None) != new:
         record.postprocess = new
         record.save(run_dir)
+    assert choice.val_post is not None
+    if POST_COLUMN not in val.columns or not np.allclose(
+            val[POST_COLUMN].to_numpy(dtype=np.float64), choice.val_post, rtol=1e-12, atol=0.0):
+        val[POST_COLUMN] = choice.val_post
+        atomic_write(path, lambda fh: fh.write(val.to_csv(index=False).encode()))
     return choice

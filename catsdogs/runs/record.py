@@ -2,7 +2,8 @@
 
 :class:`RunRecord` is what the runner writes into ``<out>/runs/<run id>/record.json`` and what
 every reader (export, predict, CAM, neither, submission, tracking) loads back. The JSON keys are
-the dataclass field names (plus ``under_target``, derived from the metrics and the target), so
+the dataclass field names (plus ``under_target`` and ``ranking_logloss``, derived; see
+:attr:`RunRecord.ranking_logloss`, the one number a run is ranked and reported by), so
 record directories written before this module existed still load.
 
 * **Adding a field** is one line: an optional field with a default (``postprocess: dict | None =
@@ -31,7 +32,7 @@ from catsdogs.validation import is_int
 RECORD_VERSION = 1
 RECORD = "record.json"
 #: keys written for readers (spreadsheets, older tools) but recomputed on load
-_DERIVED = ("under_target",)
+_DERIVED = ("under_target", "ranking_logloss")
 
 
 class _Part:
@@ -124,7 +125,12 @@ class ValidationRef(_Part):
 
 @dataclass
 class Metrics(_Part):
-    """Validation metrics of a run (:func:`catsdogs.runs.metrics.summarize`)."""
+    """Validation metrics of a run's raw predictions (:func:`catsdogs.runs.metrics.summarize`).
+
+    None of these is the number the run is ranked by (that is :attr:`RunRecord.ranking_logloss`).
+    ``best_clip_*`` are IN-SAMPLE: the clip that minimises the log loss of these very rows, scored
+    on them; kept for reference, never reported beside the honest numbers.
+    """
 
     logloss: float
     logloss_clipped: float
@@ -186,10 +192,26 @@ class RunRecord(_Part):
     test_metrics: TestMetrics | None = field(default=None, metadata={"persist": False})
 
     @property
+    def ranking_logloss(self) -> float:
+        """THE number of this run: the validation log loss it is ranked by, everywhere (leaderboard,
+        ✓, summary, plots, MLflow, export manifest, ``/model``).
+
+        It is the cross-fitted log loss of the run's post-processed validation predictions
+        (``postprocess["logloss_post"]``: every validation row scored by a transform fitted on
+        other rows); for a record written before post-processing existed, its fixed-clip loss.
+        The raw (``metrics.logloss``) and fixed-clip (``metrics.logloss_clipped``) losses stay in
+        ``record.json`` for reference only.
+        """
+        chosen = self.postprocess
+        if chosen and chosen.get("logloss_post") is not None:
+            return float(chosen["logloss_post"])
+        return float(self.metrics.logloss_clipped)
+
+    @property
     def under_target(self) -> bool:
-        """Whether the clipped validation log loss beats ``target`` (the current target: readers
-        set :attr:`target` to their experiment's before reporting)."""
-        return self.metrics.logloss_clipped < self.target
+        """Whether :attr:`ranking_logloss` beats ``target`` (the current target: readers set
+        :attr:`target` to their experiment's before reporting)."""
+        return self.ranking_logloss < self.target
 
     @property
     def feature_keys(self) -> dict[str, dict[str, str]]:
@@ -197,7 +219,8 @@ class RunRecord(_Part):
         return self.settings.get("features", {})
 
     def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "under_target": self.under_target}
+        return {**super().to_dict(), "ranking_logloss": self.ranking_logloss,
+                "under_target": self.under_target}
 
     @classmethod
     def from_dict(cls, data: Any, where: str = RECORD) -> RunRecord:
