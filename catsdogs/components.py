@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import inspect
 import math
 import numbers
@@ -28,13 +29,24 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from catsdogs.errors import ConfigError, PluginError
-from catsdogs.validation import is_int
+from catsdogs.validation import NotFittedError, is_int
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
     import numpy as np
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+#: the version of the plugin contract this module declares; ``docs/plugins.md`` says what changed
+#: in each version and which deprecated forms are still accepted (with a
+#: :class:`PluginContractWarning`) until when
+CONTRACT_VERSION = 2
+
+
+class PluginContractWarning(FutureWarning):
+    """A plugin component uses a form the plugin contract has deprecated. It still works (the
+    base class adapts it) for one more contract version; the message names the component, its
+    class and module (the plugin) and what to change."""
 
 #: weights options every backbone understands. ``none`` means a deterministically seeded random
 #: initialisation (offline, for tests); ``imagenet`` means pretrained ImageNet weights.
@@ -292,12 +304,38 @@ class Head(_Params, abc.ABC):
     Heads that train with a Keras optimizer set ``uses_optimizer = True`` (the runner then crosses
     them with the optimizers of an experiment); others ignore ``optimizer``. Keras heads expose the
     trained graph through :meth:`keras_model` for export.
+
+    The base class enforces what a subclass need not write itself (:meth:`__init_subclass__`):
+    ``predict_proba`` / ``keras_model`` before ``fit`` raise
+    :class:`~catsdogs.validation.NotFittedError`, and a contract-1 ``fit`` without ``blocks`` keeps
+    working with a :class:`PluginContractWarning` (contract versions: :data:`CONTRACT_VERSION`,
+    ``docs/plugins.md``).
     """
 
     name: ClassVar[str]
     uses_optimizer: ClassVar[bool] = True
     #: True when the head's weights can form a class activation map (a 2-unit softmax Dense layer)
     cam_capable: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Enforce the contract for every subclass, whatever its methods do inside:
+
+        * ``predict_proba`` and ``keras_model`` defined by the subclass are wrapped so that, before
+          the head is fitted (:func:`is_fitted`), they raise :class:`NotFittedError` without
+          running the subclass's code (a head written with sklearn's ``self.model_`` and no check
+          of its own would raise ``AttributeError``);
+        * ``fit`` is wrapped to mark the instance fitted when it returns, and, when it does not
+          accept ``blocks`` (contract 1, see ``docs/plugins.md``), to call it without ``blocks``
+          after one :class:`PluginContractWarning` naming the head and its module.
+        """
+        super().__init_subclass__(**kwargs)
+        for method in ("predict_proba", "keras_model"):
+            func = cls.__dict__.get(method)
+            if callable(func) and not getattr(func, "__catsdogs_guarded__", False):
+                setattr(cls, method, _guard_fitted(func))
+        fit = cls.__dict__.get("fit")
+        if callable(fit) and not getattr(fit, "__catsdogs_guarded__", False):
+            cls.fit = _marking_fit(cls, fit)  # type: ignore[method-assign]
 
     @abc.abstractmethod
     def fit(
@@ -396,6 +434,74 @@ class Head(_Params, abc.ABC):
         Exporters append it to the backbones' feature models to build an end-to-end network.
         """
         return None
+
+
+#: the instance attribute the wrapped ``fit`` sets (private: not a fitted attribute, not a param)
+_FITTED_FLAG = "_catsdogs_fitted"
+
+
+def is_fitted(head: Head) -> bool:
+    """True once ``head`` is fitted: its ``fit`` returned, or it holds fitted state, i.e. an
+    instance attribute whose name ends with ``_`` (scikit-learn's rule; :mod:`catsdogs.runs.multifit`
+    sets a grouped-trained head's ``model_``/``history_`` directly, and unpickled heads keep
+    theirs). ``__init__`` sets no such attribute (a conformance check)."""
+    state = getattr(head, "__dict__", {})
+    return bool(state.get(_FITTED_FLAG)) or any(
+        k.endswith("_") and not k.startswith("_") for k in state)
+
+
+def check_is_fitted(head: Head, method: str = "predict_proba") -> None:
+    """Raise :class:`NotFittedError` naming the head and ``method`` unless ``head`` is fitted."""
+    if not is_fitted(head):
+        cls = type(head)
+        raise NotFittedError(
+            f"head {getattr(cls, 'name', cls.__name__)!r} ({cls.__module__}.{cls.__qualname__}): "
+            f"{method}() before fit(); call fit() first")
+
+
+def _guard_fitted(func: Any) -> Any:
+    @functools.wraps(func)
+    def guarded(self: Head, *args: Any, **kwargs: Any) -> Any:
+        check_is_fitted(self, func.__name__)
+        return func(self, *args, **kwargs)
+
+    guarded.__catsdogs_guarded__ = True  # type: ignore[attr-defined]
+    return guarded
+
+
+def _accepts(func: Any, name: str) -> bool:
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _marking_fit(cls: type[Head], func: Any) -> Any:
+    """``fit`` that marks the instance fitted when it returns; a contract-1 ``fit`` without
+    ``blocks`` is called without it (deprecated: one :class:`PluginContractWarning` per class)."""
+    takes_blocks = _accepts(func, "blocks")
+    if not takes_blocks:
+        import warnings
+
+        warnings.warn(
+            f"head {getattr(cls, 'name', cls.__name__)!r} ({cls.__module__}.{cls.__qualname__}, "
+            f"plugin module {cls.__module__!r}): fit() does not accept the keyword argument "
+            "`blocks` that catsdogs passes since plugin contract 2; it is called without it "
+            f"until contract {CONTRACT_VERSION + 1}, which will require it. Add `blocks=None` "
+            "to fit's keyword arguments (see docs/plugins.md)",
+            PluginContractWarning, stacklevel=4)
+
+    @functools.wraps(func)
+    def fit(self: Head, *args: Any, **kwargs: Any) -> Any:
+        if not takes_blocks:
+            kwargs.pop("blocks", None)
+        result = func(self, *args, **kwargs)
+        self.__dict__[_FITTED_FLAG] = True
+        return result
+
+    fit.__catsdogs_guarded__ = True  # type: ignore[attr-defined]
+    return fit
 
 
 def component_name(obj: Any) -> str:

@@ -148,7 +148,7 @@ class CentroidHead(Head):
         self.scale = scale
 
     def fit(self, X, y, *, validation=None, optimizer=None, epochs=8, batch_size=128,
-            seed=2019, verbose=0):
+            seed=2019, verbose=0, blocks=None):
         X, y = np.asarray(X, np.float64), np.asarray(y)
         c0, c1 = X[y == 0].mean(axis=0), X[y == 1].mean(axis=0)
         self.w_ = (c1 - c0) * self.scale
@@ -217,6 +217,17 @@ class WrongNotFittedError(CentroidHead):
         return super().predict_proba(X)
 
 
+def _predicts_anyway(self, X):
+    return np.full(len(X), 0.5)
+
+
+class PatchedAfterDefinition(CentroidHead):
+    """predict_proba replaced after the class was made, past Head.__init_subclass__'s guard."""
+
+
+PatchedAfterDefinition.predict_proba = _predicts_anyway
+
+
 class BadSearchSpace(CentroidHead):
     @classmethod
     def search_space(cls, hp):
@@ -264,12 +275,11 @@ def test_non_keras_heads_conform(head_cls):
         (Unreproducible, "same seed give different predictions"),
         (ChangesArguments, "must store argument 'scale' unchanged"),
         (FitReturnsNone, "fit\\(\\) must return self"),
-        (PredictsBeforeFit, "before fit\\(\\) must raise"),
+        (PatchedAfterDefinition, "before fit\\(\\) must raise catsdogs.validation.NotFittedError; "
+                                 "nothing was raised"),
         (Constant, "training accuracy on a linearly separable problem is 0.5"),
         (KerasMismatch, "keras_model\\(\\) output differs from predict_proba"),
         (KerasColumnShaped, r"must return shape \(n,\)"),
-        (WrongNotFittedError, "before fit\\(\\) must raise catsdogs.validation.NotFittedError; "
-                              "it raised RuntimeError: not fitted"),
         (BadSearchSpace, "search_space\\(\\): head 'centroid' declares the tunable hyper-parameter "
                          "'scael', which is not one of its parameters"),
         (LambdaKerasHead, "does not survive a .keras save/load round trip"),
@@ -377,9 +387,78 @@ def test_parametrize_with_checks_names_one_test_per_property():
 
 
 def test_one_check_fails_alone():
-    check_head_keras_model(WrongNotFittedError)  # its Keras side is fine (it has none)
+    check_head_keras_model(PatchedAfterDefinition)  # its Keras side is fine (it has none)
     with pytest.raises(AssertionError, match="must raise catsdogs.validation.NotFittedError"):
-        check_head_not_fitted(WrongNotFittedError)
+        check_head_not_fitted(PatchedAfterDefinition)
+
+
+# -- the contract is enforced by Head, and old plugins keep working (docs/plugins.md) ------------
+class LastMonthHead(Head):
+    """A third-party head written from the contract-1 README: scikit-learn style, ``fit`` sets
+    ``self.model_`` and ``predict_proba`` uses it with no check of its own (before fit that is an
+    AttributeError inside), and ``fit`` predates the ``blocks`` argument."""
+
+    name = "last_month_logreg"
+    uses_optimizer = False
+
+    def __init__(self, C=1.0):
+        self.C = C
+
+    def fit(self, X, y, *, validation=None, optimizer=None, epochs=8, batch_size=128,
+            seed=2019, verbose=0):
+        from sklearn.linear_model import LogisticRegression
+
+        self.model_ = LogisticRegression(C=self.C).fit(X, y)
+        self.history_ = {}
+        return self
+
+    def predict_proba(self, X):
+        return self.model_.predict_proba(X)[:, 1]
+
+
+def test_a_contract_1_head_passes_the_checks():
+    check_head(LastMonthHead)
+    with pytest.raises(NotFittedError, match=r"head 'last_month_logreg' \(.*LastMonthHead\): "
+                                             r"predict_proba\(\) before fit\(\)"):
+        LastMonthHead().predict_proba(np.zeros((2, 16)))
+
+
+def test_heads_that_check_fitted_state_badly_are_guarded_too():
+    """Whatever a head does before fit (answers from class attributes, raises RuntimeError), the
+    base class answers NotFittedError first, so the check passes."""
+    for head_cls in (PredictsBeforeFit, WrongNotFittedError):
+        check_head_not_fitted(head_cls)
+        with pytest.raises(NotFittedError):
+            head_cls().predict_proba(np.zeros((2, 16)))
+
+
+def test_a_contract_1_fit_without_blocks_warns_naming_the_plugin_and_still_trains():
+    from catsdogs.components import CONTRACT_VERSION, PluginContractWarning
+
+    with pytest.warns(PluginContractWarning) as caught:
+        class OldFit(LastMonthHead):
+            def fit(self, X, y, *, validation=None, optimizer=None, epochs=8, batch_size=128,
+                    seed=2019, verbose=0):
+                return super().fit(X, y)
+    message = str(caught[0].message)
+    assert f"plugin module {__name__!r}" in message and "OldFit" in message
+    assert "`blocks`" in message and f"contract {CONTRACT_VERSION + 1}" in message
+    X, y = make_separable_features(n=60, d=4)
+    head = OldFit().fit(X, y, blocks=[("a", 2), ("b", 2)])  # what the runner passes
+    assert head.predict_proba(X).shape == (60,)
+
+
+def test_grouped_training_and_pickling_keep_a_head_fitted():
+    """Fitted state set without fit() (multifit's _set_fitted) or restored by pickle counts."""
+    import pickle
+
+    X, y = make_separable_features(n=60, d=4)
+    head = CentroidHead().fit(X, y)
+    again = pickle.loads(pickle.dumps(head))
+    assert np.allclose(again.predict_proba(X), head.predict_proba(X))
+    bare = CentroidHead()
+    bare.w_, bare.b_ = head.w_, head.b_
+    assert np.allclose(bare.predict_proba(X), head.predict_proba(X))
 
 
 def test_keras_heads_survive_a_save_load_round_trip():
