@@ -57,3 +57,71 @@ def test_temporaries_of_dead_writers_are_removed(tmp_path):
     live = tmp_path / f".x.tmp-{os.getpid()}"
     live.mkdir()
     assert remove_stale_temporaries(tmp_path) == 1 and not dead.exists() and live.exists()
+
+
+# a writer that dies (kill -9) between the two renames of a folder swap: the old folder has been
+# moved aside, the new one not yet moved in (the two-rename path, forced with RENAME_EXCHANGE off)
+CRASH_IN_THE_GAP = '''
+import os, sys
+from pathlib import Path
+from catsdogs.util import fileio
+
+fileio._rename_exchange = lambda a, b: False  # the fallback: two renames
+real_replace = os.replace
+
+def replace(src, dst):
+    if Path(dst).name == "model.mlpackage" and Path(src).parent.name.startswith(".model"):
+        os._exit(9)  # the new folder is about to move in: die here
+    real_replace(src, dst)
+
+os.replace = replace
+with fileio.atomic_path(Path(sys.argv[1])) as tmp:
+    (tmp / "Data").mkdir(parents=True)
+    (tmp / "Data" / "new.bin").write_bytes(b"new")
+'''
+
+
+def test_a_crash_between_the_two_renames_of_a_folder_swap_loses_nothing(tmp_path):
+    """Issue 21 item 3: the old folder, moved aside, is recovered by the next cleanup (it was a
+    temporary that remove_stale_temporaries deleted: the folder was gone)."""
+    import subprocess
+    import sys
+
+    pkg = tmp_path / "model.mlpackage"
+    (pkg / "Data").mkdir(parents=True)
+    (pkg / "Data" / "old.bin").write_bytes(b"old")
+    proc = subprocess.run([sys.executable, "-c", CRASH_IN_THE_GAP, str(pkg)], timeout=120)
+    assert proc.returncode == 9 and not pkg.exists(), "the writer died in the gap"
+    remove_stale_temporaries(tmp_path)
+    assert _tree(pkg) == ["Data", "Data/old.bin"] and (pkg / "Data" / "old.bin").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.mlpackage"]
+
+
+def test_a_folder_set_aside_by_a_finished_swap_is_deleted(tmp_path):
+    """A dead writer's set-aside copy whose replacement is in place is just removed."""
+    (tmp_path / "model.mlpackage").mkdir()
+    (tmp_path / ".model.mlpackage.old-999999999").mkdir()
+    assert remove_stale_temporaries(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.mlpackage"]
+
+
+def test_folder_swap_is_one_atomic_exchange_where_the_os_has_one(tmp_path, monkeypatch):
+    """On Linux the old folder is never moved aside: renameat2(RENAME_EXCHANGE) swaps both."""
+    from catsdogs.util import fileio
+
+    probe_a, probe_b = tmp_path / "a", tmp_path / "b"
+    probe_a.mkdir()
+    probe_b.mkdir()
+    if not fileio._rename_exchange(probe_a, probe_b):
+        pytest.skip("no RENAME_EXCHANGE on this OS / file system")
+    moves = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (moves.append((a, b)), real(a, b)))
+    pkg = tmp_path / "model.mlpackage"
+    (pkg / "Data").mkdir(parents=True)
+    (pkg / "Data" / "old.bin").write_bytes(b"old")
+    with atomic_path(pkg) as tmp:
+        (tmp / "Data").mkdir(parents=True)
+        (tmp / "Data" / "new.bin").write_bytes(b"new")
+    assert moves == [] and _tree(pkg) == ["Data", "Data/new.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "model.mlpackage"]

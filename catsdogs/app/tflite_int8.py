@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 
 from catsdogs.errors import ConfigError
 from catsdogs.features.int8 import CALIBRATION_SEED
+from catsdogs.util.fileio import atomic_write
 
 
 def run_photos(data_dir: Path, run_dir: Path) -> tuple[list[Path], list[Path]]:
@@ -66,9 +66,7 @@ def save_tflite_int8(model, path: Path, images: np.ndarray) -> bytes:
     converter.inference_input_type = tf.uint8
     with contextlib.redirect_stdout(sys.stderr):  # Keras prints "Saved artifact at ..."
         data = converter.convert()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: fh.write(data))
     return data
 
 
