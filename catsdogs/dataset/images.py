@@ -96,13 +96,21 @@ def read_image_file(path: str | os.PathLike) -> bytes:
 
     Opens with ``O_NONBLOCK`` and checks the opened file (not the name), so a named pipe never
     blocks and a symbolic link to ``/dev/zero`` is refused before a byte is read. An
-    :class:`~catsdogs.dataset.storage.ObjectPath` is read from its object store (same cap).
+    :class:`~catsdogs.dataset.storage.ObjectPath` (or its URL) is read from its object store
+    (same cap).
     """
-    if not isinstance(path, (str, os.PathLike)):
-        from catsdogs.dataset.storage import ObjectPath, read_object
+    if not isinstance(path, os.PathLike) and (not isinstance(path, str) or "://" in path):
+        from catsdogs.dataset.storage import ObjectError, ObjectPath, is_url, object_at, read_object
 
-        if isinstance(path, ObjectPath):
-            return read_object(path)
+        # an object, or its URL as text (an engine's payload): listed in this process
+        obj = path if isinstance(path, ObjectPath) else object_at(path) if is_url(path) else None
+        if obj is not None:
+            try:
+                return read_object(obj, max_file_bytes())
+            except ObjectError as exc:
+                raise ImageDecodeError(exc.reason) from None
+        if isinstance(path, str) and path.startswith(("file://", "FILE://")):
+            path = path.split("://", 1)[1]
     cap = max_file_bytes()
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))

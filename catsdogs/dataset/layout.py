@@ -15,17 +15,25 @@ links, files without read permission and sub-folders that cannot be listed are l
 ``Dataset.ignored`` (the caller warns once per entry); whether an image *decodes* is found out
 later, when it is read. :func:`file_digest` never blocks or fails on a file that changed since it
 was listed: such a file gets a digest of its error, and reading it later skips it with the reason.
+
+``root`` may also be an object-store URL (``s3://bucket/prefix``, see
+:mod:`catsdogs.dataset.storage`): it is listed once, and the same rules run over the listing (a
+:class:`_Node` tree stands in for the folders), so the records, their order and their relpaths are
+those of the same files in a local folder; each record's ``path`` is then an
+:class:`~catsdogs.dataset.storage.ObjectPath`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
 import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 from catsdogs.dataset.images import IMAGE_EXTENSIONS
 from catsdogs.errors import DataError
@@ -42,14 +50,14 @@ INT64_MAX = 2**63 - 1
 class ImageRecord:
     split: str  # "train" or "test"
     relpath: str  # path relative to the data root, with forward slashes
-    path: Path
+    path: Path  # an ObjectPath for a data set in object storage
     label: int  # dog = 1, cat = 0, unknown = -1
     id: int
 
 
 @dataclass
 class Dataset:
-    root: Path
+    root: Path  # a DataURL (a str) for a data set in object storage
     layout: str
     train: list[ImageRecord]
     test: list[ImageRecord]
@@ -76,6 +84,8 @@ def _int_or_none(text: str) -> int | None:
 
 def _unusable(path: Path) -> str | None:
     """Why ``path`` (a directory entry) cannot be read as an image file, or None when it can."""
+    if isinstance(path, _Node):  # an object: what can go wrong shows when it is read
+        return None
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -218,14 +228,125 @@ def _scan_test(directory: Path, root: Path, ignored) -> list[ImageRecord]:
     return [ImageRecord("test", _rel(p, root), p, -1, ident) for ident, p in rows]
 
 
+class _Node:
+    """A folder or object of an object-store listing, with the few ``Path`` methods the layout
+    rules use (``name``, ``suffix``, ``stem``, ``/``, ``iterdir``, ``is_dir`` ...)."""
+
+    def __init__(self, tree: dict[str, Any], parts: tuple[str, ...]):
+        self.tree, self.parts = tree, parts  # tree: nested dicts for folders, sizes for objects
+
+    def _entry(self) -> Any:
+        node: Any = self.tree
+        for part in self.parts:
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+    @property
+    def name(self) -> str:
+        return self.parts[-1] if self.parts else ""
+
+    @property
+    def suffix(self) -> str:
+        return PurePosixPath(self.name).suffix
+
+    @property
+    def stem(self) -> str:
+        return PurePosixPath(self.name).stem
+
+    def __truediv__(self, name: str) -> _Node:
+        return _Node(self.tree, (*self.parts, name))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Node) and self.parts == other.parts
+
+    def __hash__(self) -> int:
+        return hash(self.parts)
+
+    def __lt__(self, other: _Node) -> bool:
+        return self.parts < other.parts
+
+    def exists(self) -> bool:
+        return self._entry() is not None
+
+    def is_dir(self) -> bool:
+        return isinstance(self._entry(), dict)
+
+    def is_symlink(self) -> bool:
+        return False
+
+    def resolve(self) -> _Node:
+        return self
+
+    def iterdir(self) -> list[_Node]:
+        entry = self._entry()
+        if not isinstance(entry, dict):
+            raise NotADirectoryError(20, "not a folder", "/".join(self.parts))
+        return [self / name for name in entry]
+
+    def relative_to(self, root: _Node) -> PurePosixPath:
+        return PurePosixPath(*self.parts[len(root.parts):])
+
+    @property
+    def size(self) -> int:
+        entry = self._entry()
+        return entry if isinstance(entry, int) else -1
+
+
+def _tree(listing: dict[str, int]) -> dict[str, Any]:
+    """Nested folders of an object listing (``a/b/c.jpg`` -> {"a": {"b": {"c.jpg": size}}})."""
+    tree: dict[str, Any] = {}
+    for rel, size in listing.items():
+        *folders, name = rel.split("/")
+        node = tree
+        for folder in folders:
+            child = node.setdefault(folder, {})
+            if not isinstance(child, dict):  # an object and a "folder" of the same name
+                child = node[folder] = {}
+            node = child
+        if name and not isinstance(node.get(name), dict):
+            node[name] = size
+    return tree
+
+
+def _open_remote(url) -> Dataset:
+    """:func:`open_dataset` of an object-store URL: one listing, the same rules."""
+    from catsdogs.dataset.storage import ObjectStore, remember
+
+    store = ObjectStore(url)
+    root = _Node(_tree(store.listing()), ())
+    ds = _scan(root, url)
+    for rec in ds.records:
+        assert isinstance(rec.path, _Node)
+    ds.train = [dataclasses.replace(r, path=store.object(r.relpath, r.path.size))  # type: ignore[arg-type,attr-defined]
+                for r in ds.train]
+    ds.test = [dataclasses.replace(r, path=store.object(r.relpath, r.path.size))  # type: ignore[arg-type,attr-defined]
+               for r in ds.test]
+    remember([r.path for r in ds.records])  # type: ignore[misc]
+    return ds
+
+
 def open_dataset(root: str | os.PathLike[str]) -> Dataset:
-    """Detect the layout of ``root`` and list its images (see the module docstring)."""
-    root = Path(root).expanduser()
+    """Detect the layout of ``root`` and list its images (see the module docstring). ``root``
+    may be a local path, a ``file://`` URL or an object-store URL (a
+    :class:`~catsdogs.dataset.storage.DataURL` carries its storage options)."""
+    from catsdogs.dataset.storage import DataURL, data_location
+
+    where = data_location(root)
+    if isinstance(where, DataURL):
+        return _open_remote(where)
+    root = where.expanduser()
     if not root.exists():
         raise DataError(f"data directory {str(root)!r} does not exist")
     if not root.is_dir():
         raise DataError(f"data directory {str(root)!r} is not a directory")
-    root = root.resolve()
+    return _scan(root.resolve(), root.resolve())
+
+
+def _scan(root: Any, shown: Any) -> Dataset:
+    """The layout rules over ``root`` (a local folder or a :class:`_Node` tree); ``name`` is what
+    the dataset's ``root`` says (the path, or the URL)."""
     ignored: list[tuple[str, str]] = []
     train_dir = root / "train" if (root / "train").is_dir() else root
     class_dirs = _class_dirs(train_dir)
@@ -239,7 +360,7 @@ def open_dataset(root: str | os.PathLike[str]) -> Dataset:
             ignored.clear()
     if not train:
         raise DataError(
-            f"no training images found in {str(root)!r}: expected the Kaggle layout "
+            f"no training images found in {str(shown)!r}: expected the Kaggle layout "
             "(train/cat.N.jpg, train/dog.N.jpg, optional test/N.jpg) or class folders "
             "(cat/ and dog/ with images inside)"
         )
@@ -248,7 +369,7 @@ def open_dataset(root: str | os.PathLike[str]) -> Dataset:
         if (root / name).is_dir() and root / name != train_dir:
             test = _scan_test(root / name, root, ignored)
             break
-    return Dataset(root=root, layout=layout, train=train, test=test, ignored=ignored)
+    return Dataset(root=shown, layout=layout, train=train, test=test, ignored=ignored)
 
 
 def file_digest(path: Path) -> str:
@@ -268,10 +389,48 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def digest_all(records: list[ImageRecord], workers: int = 4) -> list[str]:
-    """Digests of all records' files, in order (reads files in parallel threads)."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+def digest_all(records: list[ImageRecord], workers: int = 4, engine=None) -> list[str]:
+    """Digests of all records' files, in order (reads files in parallel threads).
+
+    Objects in object storage are read :func:`~catsdogs.dataset.storage.readers` at a time; with
+    an ``engine`` (Ray) they are hashed by its workers, which read them from the store themselves,
+    so the driver reads no photo bytes."""
+    from catsdogs.dataset.storage import ObjectPath, readers
+
+    remote = bool(records) and isinstance(records[0].path, ObjectPath)
+    if remote and engine is not None and getattr(engine, "name", "local") != "local":
+        return _digest_on(engine, [r.path for r in records])
+    with ThreadPoolExecutor(max_workers=readers() if remote else workers) as pool:
         return list(pool.map(lambda r: file_digest(r.path), records))
+
+
+class ObjectDigests:
+    """What an engine's worker holds to hash objects: ``self(paths)`` -> their digests."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+
+    def __call__(self, paths: list) -> list[str]:
+        with ThreadPoolExecutor(max_workers=self.threads) as pool:
+            return list(pool.map(file_digest, paths))
+
+
+def _digest_on(engine, paths: list, chunk: int = 256) -> list[str]:
+    import functools
+
+    from catsdogs.dataset.storage import readers
+
+    out: list[str] = [""] * len(paths)
+    jobs = [range(start, min(len(paths), start + chunk)) for start in range(0, len(paths), chunk)]
+
+    def on_result(job, digests, node, pid) -> None:
+        for i, dig in zip(job, digests):
+            out[i] = dig
+
+    run = engine.map_chunks if hasattr(engine, "map_chunks") else engine.actor_map
+    run(functools.partial(ObjectDigests, readers()), jobs, lambda job: ([paths[i] for i in job],),
+        on_result)
+    return out
 
 
 def fingerprint(records: list[ImageRecord], digests: list[str]) -> str:

@@ -213,6 +213,9 @@ class ExperimentFile(_Model):
 
     name: Annotated[Text | int | None, What("a non-empty string")] = None
     data: Annotated[Text | None, What("a path (string)")] = None
+    storage_options: Annotated[dict[Text, str | int | float | bool | None] | None,
+                               What("a mapping of the object store's options (e.g. "
+                                    "{endpoint_url: 'http://minio:9000'})")] = None
     weights: Annotated[Text | None, What("a weights name such as 'imagenet' or 'none'")] = None
     precision: Annotated[Literal[PRECISIONS] | None, What("precision")] = None  # type: ignore[valid-type]
     resize: Annotated[Literal[RESIZE_POLICIES] | None, What("resize policy")] = None  # type: ignore[valid-type]

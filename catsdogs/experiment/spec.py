@@ -45,6 +45,9 @@ also come from the command line)::
                                    # line (`exclude: audit/exclude.txt`; blank lines and # comments
                                    # are ignored)
     cache_dir: null                # optional feature-cache dir
+    storage_options: null          # data in object storage (data: s3://bucket/prefix, gs://, az://):
+                                   # the client's options, e.g. {endpoint_url: 'http://minio:9000'};
+                                   # credentials best from the environment; never written anywhere
     engine: local                  # local | ray (run the grid on a Ray cluster)
     ray_address: null              # Ray cluster address for engine: ray (null = start a local one)
     refit: false                   # refit the winner on all training images for the submission
@@ -96,7 +99,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from catsdogs.errors import ConfigError, PluginError
+from catsdogs.dataset.storage import DataURL, data_location, is_url
+from catsdogs.errors import ConfigError, DataError, PluginError
 from catsdogs.experiment.schema import (  # noqa: F401  (the bounds and choices: public here too)
     ENGINES,
     ENSEMBLE_METHODS,
@@ -265,7 +269,7 @@ class Experiment:
 
     name: str
     source: Path | None
-    data: Path
+    data: Path  # a DataURL (a str carrying its storage options) for data in object storage
     backbones: list[BackboneSpec]
     combinations: list[tuple[str, ...]]
     heads: list[HeadSpec]
@@ -293,7 +297,8 @@ class Experiment:
 
     def __post_init__(self) -> None:
         self.source = None if self.source is None else Path(self.source)
-        self.data = Path(self.data)
+        if not isinstance(self.data, DataURL):
+            self.data = Path(self.data)
         self.output = Path("runs") / self.name if self.output is None else Path(self.output)
         self.cache_dir = None if self.cache_dir is None else Path(self.cache_dir)
         self.backbones = list(self.backbones)
@@ -566,6 +571,16 @@ class _Parser:
                                    f"choose one of: {', '.join(choices)}")
         return value
 
+    def data_path(self, value: Any, path: str, base: Path, options: dict[str, Any] | None) -> Path:
+        """``data``: a path, or an object-store URL kept as a :class:`DataURL` that carries the
+        file's ``storage_options`` (which never appear in the experiment's text or records)."""
+        if isinstance(value, str) and is_url(value.strip()):
+            try:
+                return data_location(value, options)  # type: ignore[return-value]
+            except DataError as exc:
+                raise self.error(path, str(exc)) from None
+        return self.path(value, path, base)
+
     def path(self, value: Any, path: str, base: Path) -> Path:
         """An absolute path; ``value`` is a validated string (or an override: str / PathLike)."""
         if isinstance(value, os.PathLike):
@@ -637,8 +652,9 @@ class _Parser:
 
         name = self.parse_name(model.name)
         cwd = _absolute(Path.cwd())
-        data_path = (self.path(data, "data (override)", cwd) if data is not None
-                     else self.path(model.data, "data", self.base_dir))
+        data_path = (self.data_path(data, "data (override)", cwd, model.storage_options)
+                     if data is not None else
+                     self.data_path(model.data, "data", self.base_dir, model.storage_options))
         if output is not None:
             output_path = self.path(output, "output (override)", cwd)
         elif model.output is not None:
