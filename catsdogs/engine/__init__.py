@@ -1,16 +1,12 @@
 """Where the heavy work runs: in this process (``local``, the default) or on a Ray cluster (``ray``).
 
-An engine computes two things for the pipeline, while the driver (this process) keeps writing
-every file itself, atomically, exactly as with the local engine:
+Every engine is a :class:`~catsdogs.compute.Engine` with the same seams -- ``map_chunks``
+(feature extraction, the audit's classifier pass, the label-issue finder's features) and
+``map_runs`` (a grid's runs, in groups that train together, and the refit) -- while the driver
+(this process) writes every file itself, atomically, whichever engine computed.
 
-* ``compute_features(store, work, model_factory, ...)`` -- the feature chunks still missing from a
-  cache file (:func:`catsdogs.features.extraction.extract` hands them over);
-* ``map_runs(fn, items, shared)`` -- the grid's pending runs, yielding ``(item, result, node)`` as
-  each finishes (:func:`catsdogs.runs.runner.run_experiment`);
-* ``audit_chunks(...)`` -- the decode + classify pass of :func:`catsdogs.audit.checks.audit`.
-
-:func:`open_engine` gives ``None`` for ``local`` (callers then run their in-process code path) and
-a connected :class:`catsdogs.engine.ray.RayEngine` for ``ray``. Ray is an optional extra
+:func:`open_engine` gives the :class:`~catsdogs.compute.LocalEngine` for ``local`` and a connected
+:class:`catsdogs.engine.ray.RayEngine` for ``ray``. Ray is an optional extra
 (``pip install 'catsdogs[ray]'``) imported only here, on demand: ``import catsdogs`` never
 imports it.
 """
@@ -20,18 +16,19 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+from catsdogs.compute import LOCAL, Engine, LocalEngine  # noqa: F401  (public here)
 from catsdogs.engine.spec import ENGINES, EngineError, EngineSpec  # noqa: F401  (public here)
 
 
 @contextlib.contextmanager
-def open_engine(spec: EngineSpec | str | None = None, **kwargs) -> Iterator:
-    """``None`` for the local engine, else a connected Ray engine, closed (a Ray instance started
-    for the call shut down) on exit. ``spec`` may be an :class:`EngineSpec` or an engine name
-    with ``address``/``shared_data`` as keyword arguments."""
+def open_engine(spec: EngineSpec | str | None = None, **kwargs) -> Iterator[Engine]:
+    """The local engine, or a connected Ray engine closed (a private Ray instance shut down) on
+    exit. ``spec`` may be an :class:`EngineSpec` or an engine name with ``address`` /
+    ``shared_data`` as keyword arguments."""
     if spec is None or isinstance(spec, str):
         spec = EngineSpec(spec or "local", **kwargs)
     if spec.name == "local":
-        yield None
+        yield LocalEngine()
         return
     from catsdogs.engine.ray import RayEngine
 
@@ -51,8 +48,9 @@ def click_options(command):
         click.option("--engine", type=click.Choice(ENGINES), default=None,
                      help="Where to compute: this process (local, the default) or a Ray cluster."),
         click.option("--ray-address", default=None, metavar="ADDR",
-                     help="Ray cluster address for --engine ray [default: $RAY_ADDRESS; none: a "
-                          "local Ray instance for this call]."),
+                     help="Ray cluster to join for --engine ray: HOST:PORT, ray://HOST:PORT or "
+                          "auto (the one running on this machine) [default: $RAY_ADDRESS; none: "
+                          "a private Ray instance for this call]."),
         click.option("--ray-shared-data", is_flag=True,
                      help="--engine ray: the data directory is readable at the same path on "
                           "every worker (send paths, not image bytes)."),
@@ -69,4 +67,5 @@ def engine_spec(engine: str | None, ray_address: str | None = None, ray_shared_d
     return EngineSpec(name, address, ray_shared_data)
 
 
-__all__ = ["ENGINES", "EngineError", "EngineSpec", "click_options", "engine_spec", "open_engine"]
+__all__ = ["ENGINES", "LOCAL", "Engine", "EngineError", "EngineSpec", "LocalEngine", "click_options",
+           "engine_spec", "open_engine"]

@@ -1,55 +1,67 @@
-"""The Ray engine: feature chunks in a pool of long-lived actors, grid runs as Ray tasks.
+"""The Ray engine (:class:`RayEngine`, a :class:`catsdogs.compute.Engine`): chunks in a pool of
+long-lived actors, grid runs as Ray tasks.
 
-* **Extraction**: one :class:`_FeatureWorker` actor per node with a free CPU builds the backbone
-  once (the local engine's own model factory, shipped with cloudpickle, so weights ``none`` /
-  ``imagenet``, plugin backbones and precision options behave identically) and computes whole
-  chunks: decode (threads) + forward pass with :func:`catsdogs.features.extraction.compute_chunk`.
-  The driver reads the image bytes and ``ray.put``\\ s them, so workers never touch the driver's
-  disk (``shared_data=True`` sends paths instead). Every finished chunk comes back to the driver,
-  which writes it through the cache's own chunk machinery: same files, same resume after
-  ``kill -9``. Actors restart and their pending chunk is retried when a worker process dies
-  (``max_restarts`` / ``max_task_retries``); an actor whose whole node dies is dropped and its
-  chunks go to the other actors (:meth:`RayEngine.actor_map`).
-* **Grids**: each pending run is one Ray task (``max_retries``); what every run reads (the aligned
-  features, the splits, the experiment) is put into the object store once. Tasks return the
-  record and the run's files as bytes; the driver writes them atomically.
-* **Audit**: the decode + ImageNet-classify pass runs in actors like extraction.
+* **Connection**: with an address (``--ray-address``, else ``$RAY_ADDRESS``) the engine joins that
+  cluster and says so; with neither it starts a **private** instance for the call
+  (``address="local"``, loopback) and never joins a cluster another process left running
+  (``--ray-address auto`` joins the running one on purpose).
+* **Chunks** (:meth:`RayEngine.map_chunks`: feature extraction, the audit's classifier pass):
+  one :class:`_Worker` actor per node with a free CPU builds what the factory makes once (the
+  local engine's own worker classes and model factories, shipped with cloudpickle) and applies it
+  to whole chunks. The driver reads the image bytes and ``ray.put``\\ s them (:meth:`payload`), so
+  workers never touch the driver's disk (``shared_data=True`` sends paths instead). Every finished
+  chunk comes back to the driver, which writes it. Retries are the driver's alone and bounded:
+  a chunk is tried at most :data:`TRIES` times in all (Ray retries no actor call). A chunk whose
+  worker process dies is retried alone on an actor (Ray restarts the process), so a chunk that
+  crashes its worker every time is named in the error, while chunks that merely shared its
+  process finish. An actor whose node dies is dropped (the driver checks the nodes every
+  :data:`NODE_CHECK_SECONDS`) and its chunks go to the other actors without counting a try.
+* **Runs** (:meth:`RayEngine.map_runs`): each item is one Ray task (at most :data:`TRIES` tries);
+  what every task reads is put into the object store once. The driver waits in
+  :data:`NODE_CHECK_SECONDS` steps and cancels the other tasks when one fails or the caller stops.
 
-Node ids are reported with every chunk and run (:meth:`RayEngine.describe`, run records).
+Node ids are reported with every chunk and run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import shutil
+import signal
 import socket
+import tempfile
+import threading
 import time
+import uuid
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from catsdogs.compute import IN_FLIGHT_PER_WORKER
+from catsdogs.dataset.payload import read_payload
 from catsdogs.engine.spec import EngineError, EngineSpec
-
-if TYPE_CHECKING:
-    from catsdogs.dataset.images import ImageDecodeError
 
 logger = logging.getLogger("catsdogs")
 
-#: chunks queued per actor: one computing, one decoding / in transit
-IN_FLIGHT_PER_ACTOR = 2
 #: CPUs reserved per actor / grid task (the model's threads use what the node has)
 ACTOR_CPUS = 1.0
-RETRIES = 3
-#: seconds between checks that the nodes of the actors are alive (see :meth:`RayEngine.actor_map`)
+#: tries of one chunk or one run in all (the first included), whatever failed
+TRIES = 3
+#: seconds between checks that the nodes of the actors are alive (see :meth:`RayEngine.map_chunks`)
 NODE_CHECK_SECONDS = 1.0
 AUTH_HINT = (
     "if the cluster uses token authentication (the default since Ray 2.52), present its token: "
     "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the value `ray get-auth-token` prints on the "
     "head node; throwaway local clusters may be started with RAY_AUTH_MODE=disabled"
 )
+
+
+class Terminated(EngineError):
+    """The driver got SIGTERM while the engine was working (one line, no stack dump)."""
 
 
 def import_ray():
@@ -62,18 +74,55 @@ def import_ray():
     return ray
 
 
+def check_address(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a ``HOST:PORT`` or ``ray://HOST:PORT`` address, None for ``auto`` /
+    ``local``; an :class:`EngineError` quoting the address as given when it is neither."""
+    target = address.split("://", 1)[-1]
+    if target in ("auto", "local"):
+        return None
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise EngineError(f"invalid Ray address {address!r}: expected HOST:PORT (a port number "
+                          "from 1 to 65535), ray://HOST:PORT or auto")
+    return host.strip("[]"), int(port)
+
+
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
     """Fail fast, with a clear message, when ``host:port`` does not accept connections."""
-    target = address.split("://", 1)[-1]
-    host, _, port = target.rpartition(":")
-    if not host or not port.isdigit():
-        return  # "auto", "local" and the like: Ray resolves them
+    where = check_address(address)
+    if where is None:
+        return
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
+        socket.create_connection(where, timeout=timeout).close()
     except OSError as exc:
         raise EngineError(
             f"cannot reach the Ray cluster at {address!r} ({exc.strerror or exc}); start one with "
             "`ray start --head` or fix --ray-address / RAY_ADDRESS (or use --engine local)") from exc
+
+
+@contextlib.contextmanager
+def _stderr_kept(keep: Callable[[], bool]) -> Iterator[None]:
+    """Hold what is written to file descriptor 2 meanwhile (Ray's C++ core logs there, ~20 lines
+    of warnings before an authentication error); write it out afterwards only when ``keep()``
+    (the call succeeded), else log it at debug level: our own one-line error says what to do."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            text = held.read()
+            if text and keep():
+                os.write(2, text)
+            elif text:
+                logger.debug("Ray's output while connecting:\n%s", text.decode(errors="replace"))
 
 
 def _node_id() -> str:
@@ -82,20 +131,16 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+def _first_line(exc: BaseException) -> str:
+    """The line of a Ray error that says why (its exit detail), else its first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "exit detail" in line.lower():
+            return line[:300]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
 # ------------------------------------------------------------------------------------ workers
-def payload_bytes(item: bytes | str | ImageDecodeError) -> bytes | ImageDecodeError:
-    """A worker's view of one image of a payload (:meth:`RayEngine.payload`): its bytes, or the
-    read error (an ``ImageDecodeError``, reported like the local engine's); a path is read here."""
-    from catsdogs.dataset.images import ImageDecodeError, read_image_file
-
-    if not isinstance(item, str):
-        return item
-    try:  # regular files only, size-capped (a pipe or /dev/zero never blocks a worker)
-        return read_image_file(item)
-    except ImageDecodeError as exc:  # unreadable file (permissions, vanished): skipped like locally
-        return exc
-
-
 def shipped_int8_factory(factory):
     """int8 for workers that cannot see the driver's disk: the driver loads or calibrates the
     quantised model (cached next to the features, as with the local engine, so a resume does not
@@ -125,40 +170,14 @@ def _int8_from_files(factory, files: dict[str, bytes], suffix: str):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-class ChunkFeatures:
-    """What an extraction worker holds: the backbone's feature model (built once, by the local
-    engine's own model factory) and decoding threads; called once per chunk."""
-
-    def __init__(self, model_factory: Callable, image_size: int, resize: str, feature_dim: int,
-                 decode_threads: int):
-        from catsdogs.features.extraction import lower_thread_priority
-
-        self.image_size, self.resize, self.feature_dim = image_size, resize, feature_dim
-        self.pool = ThreadPoolExecutor(max_workers=max(1, decode_threads),
-                                       initializer=lower_thread_priority)
-        self.model = model_factory()
-
-    def __call__(self, views: Sequence[str], digests: Sequence[str], payload: list) -> dict[str, Any]:
-        """``payload``: per image its bytes (or a read error), or its path when data is shared."""
-        from catsdogs.features.extraction import compute_chunk, decode_bytes
-
-        def decode(item):
-            return decode_bytes(payload_bytes(item), self.image_size, self.resize)
-
-        decoded = list(self.pool.map(decode, payload))
-        done, arrays, skipped = compute_chunk(self.model, views, digests, decoded, self.image_size,
-                                              self.feature_dim)
-        return {"digests": done, "arrays": arrays, "skipped": skipped}
 
 
 class _Worker:
     """A long-lived Ray actor (one per node): holds what ``factory()`` built for the current job
     (a feature model, a classifier) and applies it to one chunk per call. A restarted actor
-    rebuilds it on the retried call, which carries the job's key and factory."""
+    rebuilds it on the next call, which carries the job's key and factory."""
 
     def __init__(self) -> None:
-        import threading
-
         self.key: str | None = None
         self.fn: Callable | None = None
         self.lock = threading.Lock()
@@ -187,15 +206,19 @@ class RayEngine:
     :func:`catsdogs.engine.open_engine`."""
 
     name = "ray"
+    parallel = True
 
-    def __init__(self, spec: EngineSpec, started: bool):
+    def __init__(self, spec: EngineSpec, started: bool, address: str | None = None):
         self.spec = spec
-        self.started = started  # a local instance started for this call, shut down by close()
-        self.nodes: dict[str, int] = {}  # node id -> images computed in the last extraction
+        self.started = started  # a private instance started for this call, shut down by close()
+        self.address = address  # the cluster's address as Ray reports it
+        self.nodes: dict[str, int] = {}  # node id -> chunks computed in the last map_chunks
         self.pids: set[int] = set()  # worker processes that returned chunks (a restart adds one)
-        self.actors: list = []  # the actor pool of extraction and audit (see _pool)
-        self.actor_nodes: dict[int, str] = {}  # id() of an actor of the pool -> its last node id
+        self.tries: Counter[int] = Counter()  # tries per job index of the last map_chunks
+        self.actors: dict[str, Any] = {}  # the actor pool (see _pool), by a stable id of ours
+        self.actor_nodes: dict[str, str] = {}  # actor id -> its last known node id
         self.pool_nodes: set[str] = set()  # the nodes alive when the pool was started
+        self._previous_sigterm: Any = None
 
     # ------------------------------------------------------------------ connection
     @classmethod
@@ -203,37 +226,64 @@ class RayEngine:
         ray = import_ray()
         address = spec.resolved_address
         started = False
+        ok = {"value": False}
         if not ray.is_initialized():
+            options = {"logging_level": logging.WARNING, "configure_logging": False,
+                       "log_to_driver": False}
             if address is None:
-                # Ray runs workers at nice 15 by default; on a machine shared with other work that
-                # would starve them against the local engine's nice-0 process
+                # a private instance: never a cluster another process left running (plain
+                # ray.init() would join it). Ray runs workers at nice 15 by default; on a machine
+                # shared with other work that would starve them against the local engine
                 os.environ.setdefault("RAY_worker_niceness", "0")
-                ray.init(include_dashboard=False, logging_level=logging.WARNING,
-                         configure_logging=False, log_to_driver=False)
+                with _stderr_kept(lambda: ok["value"]):
+                    ray.init(address="local", include_dashboard=False,
+                             _node_ip_address="127.0.0.1", **options)
+                    ok["value"] = True
                 started = True
             else:
                 _check_reachable(address)
                 try:
-                    ray.init(address=address, logging_level=logging.WARNING,
-                             configure_logging=False, log_to_driver=False)
+                    with _stderr_kept(lambda: ok["value"]):
+                        ray.init(address=address, **options)
+                        ok["value"] = True
                 except Exception as exc:  # auth, version mismatch, a dead head: say what to do
                     raise EngineError(f"cannot connect to the Ray cluster at {address!r}: "
-                                      f"{str(exc).splitlines()[0] if str(exc) else exc!r}; "
-                                      f"{AUTH_HINT}") from exc
-        engine = cls(spec, started)
+                                      f"{_first_line(exc)}; {AUTH_HINT}") from None
+        engine = cls(spec, started, _gcs_address(ray))
         try:
             engine._check_cpus()
         except EngineError:
             engine.close()
             raise
+        cpus = ray.cluster_resources().get("CPU", 0)
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        if started:
+            logger.info("Ray: started a private instance for this call (%g CPUs); to use a running "
+                        "cluster, pass --ray-address auto or its address", cpus)
+        else:
+            logger.info("Ray: joined the cluster at %s (%d nodes, %g CPUs)",
+                        engine.address or address, nodes, cpus)
+        engine._catch_sigterm()
         return engine
+
+    def _catch_sigterm(self) -> None:
+        """SIGTERM of the driver becomes one :class:`Terminated` error (Ray's own handler would
+        print a native stack dump); the previous handler is back after :meth:`close`."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def terminated(signum, frame):
+            raise Terminated("terminated (SIGTERM): everything finished so far is kept; "
+                             "rerun the same command to resume")
+
+        self._previous_sigterm = signal.signal(signal.SIGTERM, terminated)
 
     def _check_cpus(self) -> None:
         import ray
 
         total = ray.cluster_resources().get("CPU", 0)
         free = ray.available_resources().get("CPU", 0)
-        where = self.spec.resolved_address or "the local Ray instance"
+        where = self.spec.resolved_address or "the private Ray instance"
         if total <= 0:
             raise EngineError(f"the Ray cluster at {where} has no CPU; add worker nodes with CPUs")
         if free < ACTOR_CPUS:
@@ -244,14 +294,19 @@ class RayEngine:
     def close(self) -> None:
         import ray
 
-        self.release()
-        if self.started and ray.is_initialized():
-            ray.shutdown()
+        try:
+            self.release()
+            if self.started and ray.is_initialized():
+                ray.shutdown()
+        finally:
+            if self._previous_sigterm is not None:
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
+                self._previous_sigterm = None
 
     def describe(self) -> dict[str, Any]:
-        """What the cache metadata records: the engine and the node ids of the last extraction."""
+        """What the cache metadata records of the engine (the caller adds the node ids)."""
         return {"name": self.name, "address": self.spec.resolved_address,
-                "shared_data": self.spec.shared_data, "nodes": dict(self.nodes)}
+                "shared_data": self.spec.shared_data}
 
     def _cpu_nodes(self) -> list[str]:
         import ray
@@ -260,130 +315,15 @@ class RayEngine:
                       if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= ACTOR_CPUS)
 
     def release(self) -> None:
-        """Stop the actor pool, freeing its CPUs (the next extraction starts a new one)."""
+        """Stop the actor pool, freeing its CPUs (the next call starts a new one)."""
         import ray
 
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        self.actors, self.actor_nodes = [], {}
+        for actor in self.actors.values():
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+        self.actors, self.actor_nodes = {}, {}
 
-    # ------------------------------------------------------------------ actor pools
-    def _pool(self) -> list:
-        """The engine's actors, one per node with a free CPU, started on first use and kept
-        (imports and process start paid once) until a grid needs the CPUs or the engine closes."""
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        if not self.actors:
-            # ray's overloads of remote() omit the actor-only option max_concurrency
-            remote_cls = ray.remote(num_cpus=ACTOR_CPUS, max_restarts=RETRIES,  # type: ignore[call-overload]
-                                    max_task_retries=RETRIES,
-                                    max_concurrency=IN_FLIGHT_PER_ACTOR)(_Worker)
-            nodes: Sequence[str | None] = self._cpu_nodes() or [None]
-            self.pool_nodes = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
-            self.actors = [remote_cls.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=True) if n else "DEFAULT"
-            ).remote() for n in nodes]
-        return self.actors
-
-    def actor_map(self, factory: Callable, jobs: Sequence, args_of: Callable,
-                  on_result: Callable[[Any, Any, str, int], None]) -> int:
-        """Apply what ``factory()`` builds (once per actor) to every job: ``run(*args_of(job))``,
-        :data:`IN_FLIGHT_PER_ACTOR` jobs at a time per actor, at most one actor per job.
-        ``on_result(job, result, node id, pid)`` runs on the driver as jobs finish, once per job.
-        Returns the number of actors used.
-
-        A worker process that dies is restarted by Ray and its calls retried (``max_restarts`` /
-        ``max_task_retries``). A whole node that dies takes its actor with it, and Ray cannot
-        restart that actor while the other nodes' CPUs are held by this pool: every
-        :data:`NODE_CHECK_SECONDS` the driver checks the nodes of its actors, drops an actor whose
-        node is gone, and its jobs (like those of an actor past its restarts) go to the other
-        actors, at most :data:`RETRIES` times per job. An actor's node is known from its answers
-        (kept across calls: a node may die between two calls); once a node has died, an actor
-        that never answered is dropped too (it may have been there)."""
-        import uuid
-        from collections import Counter, deque
-
-        import ray
-
-        lost_errors = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
-                       ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError)
-        actors = self._pool()[:max(1, len(jobs))]
-        key, factory_ref = uuid.uuid4().hex, ray.put(factory)
-        todo: deque[tuple[Any, int]] = deque((job, 0) for job in jobs)  # (job, tries so far)
-        pending: dict[Any, tuple[Any, int, int]] = {}  # result ref -> (job, tries, actor index)
-        busy: Counter[int] = Counter()  # actor index -> jobs in flight
-        live = set(range(len(actors)))  # actors not dropped
-        # actor index -> node id: from earlier calls, else asked first (an actor runs calls in
-        # order), then from each result
-        where = {i: self.actor_nodes[id(a)] for i, a in enumerate(actors) if id(a) in self.actor_nodes}
-        probes = {actor.ready.remote(): i for i, actor in enumerate(actors) if i not in where}
-
-        def fill() -> None:
-            for i in sorted(live):
-                while todo and busy[i] < IN_FLIGHT_PER_ACTOR:
-                    job, tries = todo.popleft()
-                    pending[actors[i].run.remote(key, factory_ref, *args_of(job))] = (job, tries, i)
-                    busy[i] += 1
-
-        def drop(i: int, why: str) -> None:
-            if i in live:
-                live.discard(i)
-                logger.warning("Ray worker actor on node %s %s; its chunks go to the other workers",
-                               where.get(i, "?"), why)
-                ray.kill(actors[i], no_restart=True)  # its queued calls fail now and are retried
-
-        next_check = time.monotonic()  # a node may have died since the last call: check first
-        try:
-            while True:
-                if time.monotonic() >= next_check:
-                    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
-                    for i in sorted(live):
-                        if where.get(i) not in alive and (i in where or self.pool_nodes - alive):
-                            drop(i, "lost its node" if i in where else "never answered")
-                    next_check = time.monotonic() + NODE_CHECK_SECONDS
-                fill()
-                if not pending:
-                    break
-                done, _ = ray.wait([*pending, *probes], num_returns=1, timeout=NODE_CHECK_SECONDS)
-                for ref in done:
-                    if ref in probes:
-                        i = probes.pop(ref)
-                        try:
-                            where.setdefault(i, ray.get(ref)[0])
-                            self.actor_nodes.setdefault(id(actors[i]), where[i])
-                        except ray.exceptions.RayError:
-                            pass  # what became of the actor shows in its jobs
-                        continue
-                    job, tries, i = pending.pop(ref)
-                    busy[i] -= 1
-                    try:
-                        out = ray.get(ref)
-                    except lost_errors as exc:
-                        if isinstance(exc, ray.exceptions.ActorDiedError):
-                            drop(i, "is gone for good")
-                        if tries >= RETRIES:
-                            raise EngineError(
-                                f"a Ray worker actor died {tries + 1} times on one chunk "
-                                f"({type(exc).__name__}); everything finished so far is kept: "
-                                "rerun to resume") from exc
-                        todo.appendleft((job, tries + 1))
-                    except ray.exceptions.RayTaskError:
-                        self._get(ref, "worker actor")  # raises it: a user error as itself
-                        raise
-                    else:
-                        where[i] = self.actor_nodes[id(actors[i])] = out["node"]
-                        on_result(job, out["result"], out["node"], out["pid"])
-            if todo:
-                raise EngineError("every Ray worker actor of this call was lost (their nodes "
-                                  "died); everything finished so far is kept: rerun to resume")
-        finally:
-            dropped = [actors[i] for i in range(len(actors)) if i not in live]
-            self.actors = [a for a in self.actors if not any(a is d for d in dropped)]
-            for a in dropped:
-                self.actor_nodes.pop(id(a), None)
-        return len(actors)
-
+    # ------------------------------------------------------------------ what workers get
     def payload(self, paths: Sequence[str | os.PathLike]) -> Any:
         """What workers get for these images: their bytes read here and put into the object store
         (workers need not see the driver's disk), or with ``shared_data`` just the paths."""
@@ -391,82 +331,197 @@ class RayEngine:
 
         if self.spec.shared_data:
             return [str(p) for p in paths]
-        return ray.put([payload_bytes(str(p)) for p in paths])
+        return ray.put(read_payload(paths))
 
-    # ------------------------------------------------------------------ extraction
-    def compute_features(self, store, work: list, model_factory, *, image_size: int, resize: str,
-                         chunk_size: int, workers: int, progress: bool, desc: str) -> tuple[int, float]:
-        """The Ray twin of :func:`catsdogs.features.extraction._compute` (same arguments, same
-        chunks written through ``store``); node ids per image land in :attr:`nodes`."""
-        import functools
+    def portable(self, factory: Callable[[], Any]) -> Callable[[], Any]:
+        """An int8 model factory ships its calibrated model when workers cannot see the disk."""
+        from catsdogs.features.extraction import Int8ModelFactory
 
-        from tqdm.auto import tqdm
+        if isinstance(factory, Int8ModelFactory) and not self.spec.shared_data:
+            return shipped_int8_factory(factory)
+        return factory
 
-        from catsdogs.features.extraction import _chunks
+    # ------------------------------------------------------------------ actor pools
+    def _pool(self) -> dict[str, Any]:
+        """The engine's actors by id, one per node with a free CPU, started on first use and kept
+        (imports and process start paid once) until a grid needs the CPUs or the engine closes.
+        Ray restarts a dead worker process (no limit: the driver bounds the tries per chunk) and
+        retries no call (the driver does, :meth:`map_chunks`)."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.nodes, self.pids = {}, set()
-        if not work:
-            return 0, 0.0
-        if store.config.precision == "int8" and not self.spec.shared_data:
-            model_factory = shipped_int8_factory(model_factory)
-        chunks = list(_chunks(work, chunk_size))
-        bar = tqdm(total=len(work), desc=f"{desc} (ray)", unit="img", disable=not progress,
-                   dynamic_ncols=True)
-        state = {"index": store.next_chunk_index(), "computed": 0}
+        if not self.actors:
+            # ray's overloads of remote() omit the actor-only option max_concurrency
+            remote_cls = ray.remote(num_cpus=ACTOR_CPUS, max_restarts=-1,  # type: ignore[call-overload]
+                                    max_task_retries=0,
+                                    max_concurrency=IN_FLIGHT_PER_WORKER)(_Worker)
+            nodes: Sequence[str | None] = self._cpu_nodes() or [None]
+            self.pool_nodes = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+            self.actors = {uuid.uuid4().hex[:12]: remote_cls.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=True) if n else "DEFAULT"
+            ).remote() for n in nodes}
+        return self.actors
 
-        def args_of(chunk: list) -> tuple:
-            return chunk[0].views, [w.digest for w in chunk], self.payload([w.record.path for w in chunk])
+    def map_chunks(self, factory: Callable[[], Callable[..., Any]], jobs: Sequence,
+                   args_of: Callable[[Any], tuple],
+                   on_result: Callable[[Any, Any, str, int], None],
+                   what: Callable[[Any], str] | None = None) -> int:
+        """Apply what ``factory()`` builds (once per actor) to every job: ``run(*args_of(job))``,
+        :data:`IN_FLIGHT_PER_WORKER` jobs at a time per actor. ``on_result(job, result, node id,
+        pid)`` runs on the driver as jobs finish, once per job. Returns the number of actors used.
 
-        def on_result(chunk: list, out: dict[str, Any], node: str, pid: int) -> None:
-            store.write_chunk(state["index"], out["digests"], chunk[0].views, out["arrays"],
-                              out["skipped"])
-            state["index"] += 1
-            state["computed"] += len(out["digests"])
-            self.nodes[node] = self.nodes.get(node, 0) + len(chunk)
-            self.pids.add(pid)
-            bar.update(len(chunk))
-
-        factory = functools.partial(ChunkFeatures, model_factory, image_size, resize,
-                                    store.config.feature_dim, workers)
-        start = time.perf_counter()
-        try:
-            self.actor_map(factory, chunks, args_of, on_result)
-        finally:
-            bar.close()
-        return state["computed"], time.perf_counter() - start
-
-    @staticmethod
-    def _get(ref, what: str):
-        """``ray.get``; a worker that died past its retries, or a user error raised in a worker
-        (a :class:`~catsdogs.errors.CatsdogsError`), becomes one clear error here."""
+        Faults (see the module docstring): a job whose worker process died is retried alone on
+        an actor, at most :data:`TRIES` tries in all, then the call fails naming the job
+        (``what(job)``) and the worker's exit; a job raising an error raises it here (a
+        :class:`~catsdogs.errors.CatsdogsError` as itself). Every :data:`NODE_CHECK_SECONDS` the
+        driver checks the nodes of its actors and drops an actor whose node is gone (Ray would
+        wait for ever to restart it while the pool holds the other CPUs); its jobs go to the
+        other actors, not counted as tries. An actor's node is known from its answers (kept
+        across calls); once a node has died, an actor that never answered is dropped too."""
         import ray
 
-        from catsdogs.errors import CatsdogsError
+        lost_errors = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                       ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError)
+        describe = what or (lambda job: "a chunk")
+        self.nodes, self.pids, self.tries = {}, set(), Counter()
+        if not jobs:
+            return 0
+        pool = self._pool()
+        ids = list(pool)[:len(jobs)]
+        key, factory_ref = uuid.uuid4().hex, ray.put(factory)
+        # (job index, tries so far, alone): a job retried after its worker died runs alone
+        todo: deque[tuple[int, int, bool]] = deque((n, 0, False) for n in range(len(jobs)))
+        pending: dict[Any, tuple[int, int, bool, str]] = {}  # result ref -> (job, tries, alone, actor)
+        busy: Counter[str] = Counter()  # actor id -> slots taken
+        live = set(ids)  # actors not dropped
+        where = {a: self.actor_nodes[a] for a in ids if a in self.actor_nodes}
+        probes = {pool[a].ready.remote(): a for a in ids if a not in where}
 
+        def fill() -> None:
+            for a in ids:
+                while a in live and todo and busy[a] < IN_FLIGHT_PER_WORKER:
+                    n, tries, alone = todo[0]
+                    if alone and busy[a]:
+                        break
+                    todo.popleft()
+                    ref = pool[a].run.remote(key, factory_ref, *args_of(jobs[n]))
+                    pending[ref] = (n, tries, alone, a)
+                    busy[a] += IN_FLIGHT_PER_WORKER if alone else 1
+
+        def drop(a: str, why: str) -> None:
+            if a in live:
+                live.discard(a)
+                logger.warning("Ray worker actor on node %s %s; its chunks go to the other workers",
+                               where.get(a, "?"), why)
+                ray.kill(pool[a], no_restart=True)  # its queued calls fail now and are retried
+
+        def check_nodes() -> None:
+            alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+            for a in sorted(live):
+                if where.get(a) not in alive and (a in where or self.pool_nodes - alive):
+                    drop(a, "lost its node" if a in where else "never answered")
+
+        next_check = time.monotonic()  # a node may have died since the last call: check first
+        finished = False
         try:
-            return ray.get(ref)
-        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
-                ray.exceptions.NodeDiedError) as exc:
-            raise EngineError(f"a Ray {what} died {RETRIES + 1} times ({type(exc).__name__}); "
-                              "everything finished so far is kept: rerun to resume") from exc
-        except ray.exceptions.RayTaskError as exc:
-            if isinstance(exc.cause, CatsdogsError):
-                raise exc.cause from None
-            raise
+            while True:
+                if time.monotonic() >= next_check:
+                    check_nodes()
+                    next_check = time.monotonic() + NODE_CHECK_SECONDS
+                fill()
+                if not pending:
+                    break
+                done, _ = ray.wait([*pending, *probes], num_returns=1, timeout=NODE_CHECK_SECONDS)
+                for ref in done:
+                    if ref in probes:
+                        a = probes.pop(ref)
+                        with contextlib.suppress(ray.exceptions.RayError):  # shows in its jobs
+                            where.setdefault(a, ray.get(ref)[0])
+                            self.actor_nodes.setdefault(a, where[a])
+                        continue
+                    n, tries, alone, a = pending.pop(ref)
+                    busy[a] -= IN_FLIGHT_PER_WORKER if alone else 1
+                    try:
+                        out = ray.get(ref)
+                    except lost_errors as exc:
+                        check_nodes()  # a lost node is no fault of the job: not a try
+                        if a not in live:
+                            todo.appendleft((n, tries, alone))
+                            continue
+                        tries += 1
+                        self.tries[n] = tries
+                        if tries >= TRIES:
+                            raise EngineError(
+                                f"{describe(jobs[n])} crashed its Ray worker process {tries} times "
+                                f"(the last {tries - 1} alone on it; last exit: "
+                                f"{_first_line(exc)}); the other chunks finished so far are kept: "
+                                "fix or remove what crashes it, then rerun to resume") from None
+                        todo.appendleft((n, tries, True))
+                    except ray.exceptions.RayTaskError as exc:
+                        raise _task_error(exc) from None
+                    else:
+                        self.tries[n] = tries + 1
+                        where[a] = self.actor_nodes[a] = out["node"]
+                        self.nodes[out["node"]] = self.nodes.get(out["node"], 0) + 1
+                        self.pids.add(out["pid"])
+                        on_result(jobs[n], out["result"], out["node"], out["pid"])
+            if todo:
+                raise EngineError("every Ray worker actor of this call was lost (their nodes "
+                                  "died); everything finished so far is kept: rerun to resume")
+            finished = True
+        finally:
+            if not finished:  # stop what is still computing (the next call starts a new pool)
+                live.clear()
+                self.release()
+            for a in ids:
+                if a not in live:
+                    self.actors.pop(a, None)
+                    self.actor_nodes.pop(a, None)
+        return len(ids)
 
-    # ------------------------------------------------------------------ grids
+    # ------------------------------------------------------------------ runs
     def map_runs(self, fn: Callable[[Any, Any], Any], items: Iterable, shared: Any
                  ) -> Iterator[tuple[Any, Any, str]]:
-        """Run ``fn(item, shared)`` for every item as a Ray task; yield ``(item, result, node id)``
-        in completion order. ``shared`` is put into the object store once for all tasks."""
+        """Run ``fn(item, shared)`` for every item as a Ray task (at most :data:`TRIES` tries
+        when its worker dies); yield ``(item, result, node id)`` in completion order. ``shared``
+        is put into the object store once for all tasks. When a task fails or the caller stops
+        (an error, SIGTERM, the generator closed), the other tasks are cancelled."""
         import ray
 
-        self.release()  # the extraction pool's CPUs go to the runs
-        task = ray.remote(num_cpus=ACTOR_CPUS, max_retries=RETRIES)(_run_task)
+        self.release()  # the actor pool's CPUs go to the runs
+        task = ray.remote(num_cpus=ACTOR_CPUS, max_retries=TRIES - 1)(_run_task)
         shared_ref = ray.put(shared)
         pending = {task.remote(fn, item, shared_ref): item for item in items}
-        while pending:
-            (ref,), _ = ray.wait(list(pending), num_returns=1)
-            item = pending.pop(ref)
-            result, node = self._get(ref, "grid worker")
-            yield item, result, node
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=NODE_CHECK_SECONDS)
+                for ref in done:
+                    item = pending.pop(ref)
+                    try:
+                        result, node = ray.get(ref)
+                    except ray.exceptions.RayTaskError as exc:
+                        raise _task_error(exc) from None
+                    except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                            ray.exceptions.ObjectLostError) as exc:
+                        raise EngineError(f"a Ray grid task failed {TRIES} times ({_first_line(exc)}); "
+                                          "everything finished so far is kept: rerun to resume") from None
+                    yield item, result, node
+        finally:
+            for ref in pending:
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
+
+
+def _task_error(exc) -> BaseException:
+    """The error a Ray task raised, as the driver reports it: a
+    :class:`~catsdogs.errors.CatsdogsError` as itself, anything else as Ray's error."""
+    from catsdogs.errors import CatsdogsError
+
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, CatsdogsError) else exc
+
+
+def _gcs_address(ray) -> str | None:
+    with contextlib.suppress(Exception):
+        return ray.get_runtime_context().gcs_address
+    return None

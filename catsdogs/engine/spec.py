@@ -17,8 +17,8 @@ class EngineError(CatsdogsError):
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """Which engine, and for Ray: the cluster address (None: ``$RAY_ADDRESS``, else a local Ray
-    instance for the call) and whether the data directory is readable at the same path on every
+    """Which engine, and for Ray: the cluster address (None: ``$RAY_ADDRESS``, else a private Ray
+    instance for the call; ``auto``: the cluster running on this machine) and whether the data directory is readable at the same path on every
     worker (``shared_data``; otherwise image bytes travel through Ray's object store)."""
 
     name: str = "local"
