@@ -4,6 +4,7 @@
 import base64
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -228,3 +229,22 @@ def test_a_run_without_export_is_exported_in_a_child_process(run_dir, tmp_path):
     with pytest.raises(DataError, match=r"exporting .* failed .*not a usable Keras head model"):
         resolve_model(copy, echo=said.append)
     assert not (copy / "export" / "export.json").exists()
+
+
+@pytest.mark.parametrize("ci, outcome", [("true", "1 error"), ("", "1 skipped")])
+def test_browser_test_without_chromium_fails_in_ci_and_skips_elsewhere(tmp_path, ci, outcome):
+    """Issue 21 item 13: with ``CI=true`` a missing Chromium is an error, not a silent skip (it is
+    found before any server starts)."""
+    pytest.importorskip("playwright.sync_api")
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q", "-rs",
+         str(tests / "test_serve_browser.py"), "--basetemp", str(tmp_path / "t")],
+        capture_output=True, text=True, timeout=300, cwd=tests.parent,
+        env={**env, "CI": ci, "CATSDOGS_CHROMIUM": str(tmp_path / "no-chromium")})
+    assert outcome in proc.stdout, proc.stdout[-2000:]
+    assert "no Chromium at" in proc.stdout
+    assert proc.returncode == (1 if ci else 0), proc.stdout[-2000:]
