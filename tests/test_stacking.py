@@ -93,8 +93,9 @@ def test_fitted_state_and_history(informative):
     assert all(isinstance(h, DropoutSigmoidHead) for h in head.base_heads_.values())
     assert head.oof_logits_.shape == (400, 2) and np.isfinite(head.oof_logits_).all()
     assert set(head.oof_log_loss_) == {"resnet50", "xception"}
-    assert set(head.history_) == {"loss", "val_loss"}
-    assert len(head.history_["loss"]) == len(head.history_["val_loss"]) >= head.best_iteration_ >= 1
+    assert set(head.history_) == {"loss", "val_loss", "inner_val_loss"}
+    assert len(head.history_["loss"]) == len(head.history_["val_loss"]) == head.best_iteration_ >= 1
+    assert len(head.history_["inner_val_loss"]) >= head.best_iteration_
     assert all(type(v) is float for v in head.history_["loss"])
     assert head.history_["loss"][-1] < head.history_["loss"][0]
     # early stopping: LightGBM predicts with the best iteration
@@ -102,6 +103,48 @@ def test_fitted_state_and_history(informative):
     np.testing.assert_allclose(head.predict_proba(X_test), best[:, 1])
     assert head.predict_proba(X_test[:0]).shape == (0,)
     np.testing.assert_allclose(head.predict_proba(X_test[:7]), head.predict_proba(X_test)[:7])
+
+
+# -- item 2 of issue 20: early stopping on its own rows, and refit reuses the chosen tree count ------
+@pytest.fixture(scope="module")
+def overfitting():
+    """Fast-learning level 2 with many trees: early stopping has something to stop."""
+    X, y = two_blocks(500, seed=5)
+    params = dict(folds=3, n_estimators=300, gbm_learning_rate=0.3, early_stopping_rounds=10)
+    kwargs = dict(optimizer=AdamOptimizer(0.02), epochs=6, batch_size=64, seed=3, blocks=BLOCKS)
+    return X, y, params, kwargs
+
+
+def test_the_ranking_rows_never_choose_the_tree_count(overfitting):
+    """The runner's validation rows are the rows a run is ranked on. The stacker used to early-stop
+    on them; now they change nothing: the fit is the same with them, with their labels shuffled,
+    or without them."""
+    X, y, params, kwargs = overfitting
+    tr, va = slice(0, 350), slice(350, 500)
+    plain = LightGBMStackingHead(**params).fit(X[tr], y[tr], **kwargs)
+    watched = LightGBMStackingHead(**params).fit(X[tr], y[tr], validation=(X[va], y[va]), **kwargs)
+    lied_to = LightGBMStackingHead(**params).fit(
+        X[tr], y[tr], validation=(X[va], np.random.default_rng(0).permutation(y[va])), **kwargs)
+    assert 1 <= plain.best_iteration_ < 300  # it did stop early, on its own rows
+    assert watched.best_iteration_ == lied_to.best_iteration_ == plain.best_iteration_
+    np.testing.assert_array_equal(watched.predict_proba(X[va]), plain.predict_proba(X[va]))
+    np.testing.assert_array_equal(lied_to.predict_proba(X[va]), plain.predict_proba(X[va]))
+    assert "val_loss" in watched.history_ and "val_loss" not in plain.history_  # a curve, nothing more
+
+
+def test_refit_params_reproduce_the_chosen_tree_count(overfitting):
+    X, y, params, kwargs = overfitting
+    head = LightGBMStackingHead(**params).fit(X[:350], y[:350], **kwargs)
+    fixed = head.refit_params()
+    assert fixed == {"n_estimators": head.best_iteration_, "early_stopping_rounds": None}
+    again = LightGBMStackingHead(**{**params, **fixed}).fit(X[:350], y[:350], **kwargs)
+    assert again.best_iteration_ == head.best_iteration_ == again.model_.n_estimators
+    np.testing.assert_array_equal(again.predict_proba(X[350:]), head.predict_proba(X[350:]))
+    # on more rows (a refit on train + validation) the same number of trees is trained, not 300
+    more = LightGBMStackingHead(**{**params, **fixed}).fit(X, y, **kwargs)
+    assert more.model_.booster_.num_trees() == head.best_iteration_
+    with pytest.raises(NotFittedError):
+        LightGBMStackingHead().refit_params()
 
 
 # -- leakage --------------------------------------------------------------------------------------------

@@ -17,9 +17,16 @@ What is stacked, exactly:
   block: the first-level prediction as a **logit**, ``log(p / (1 - p))`` with ``p`` clipped to
   ``[1e-7, 1 - 1e-7]``. Trees only use the order of a feature's values, so logits and
   probabilities give the same splits; logits are kept because they do not saturate in float32
-  and are easier to read in :attr:`~LightGBMStackingHead.oof_logits_`. When ``validation`` is
-  given its level-2 inputs (from the refitted heads) drive early stopping
-  (``early_stopping_rounds``) and ``history_`` gets ``val_loss``.
+  and are easier to read in :attr:`~LightGBMStackingHead.oof_logits_`.
+* **Early stopping on its own rows.** With ``early_stopping_rounds`` set, the number of trees is
+  chosen on an inner, stratified :data:`INNER_HOLDOUT` split of the head's OWN training rows (their
+  out-of-fold level-2 inputs, seeded): LightGBM is trained on the rest and stopped when the inner
+  split's log loss has not improved for ``early_stopping_rounds`` rounds; then level 2 is refitted
+  on all training rows with exactly that many trees (:attr:`~LightGBMStackingHead.best_iteration_`).
+  The caller's ``validation`` rows -- the rows the run is ranked on -- never choose anything: they
+  only get a ``val_loss`` curve in ``history_``. :meth:`~LightGBMStackingHead.refit_params` gives
+  ``{"n_estimators": best_iteration_, "early_stopping_rounds": None}``, so a refit on more rows
+  (``refit: true``) trains the tree count that was ranked instead of all ``n_estimators``.
 
 The result is not a Keras graph, so :meth:`~LightGBMStackingHead.keras_model` returns None and the
 head cannot be exported as an end-to-end network.
@@ -53,6 +60,8 @@ logger = logging.getLogger("catsdogs")
 
 #: first-level probabilities are clipped to [EPS, 1 - EPS] before taking logits
 EPS = 1e-7
+#: fraction of the training rows held out (stratified, seeded) to choose the number of trees
+INNER_HOLDOUT = 0.2
 #: block name used when ``fit`` gets no ``blocks``
 WHOLE_BLOCK = "features"
 
@@ -116,6 +125,14 @@ class _TrainLossRecorder:
                 self.out.append(float(value))
 
 
+def _eval_kwargs(model: Any, Z: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """``fit`` keywords that evaluate ``model`` on ``(Z, y)`` under the name ``val``."""
+    # newer LightGBM (4.7 here) takes eval_X/eval_y and deprecates eval_set; older 4.x not
+    if "eval_X" in inspect.signature(model.fit).parameters:
+        return {"eval_X": Z, "eval_y": y, "eval_names": ["val"]}
+    return {"eval_set": [(Z, y)], "eval_names": ["val"]}  # pragma: no cover - lightgbm < 4.6
+
+
 class LightGBMStackingHead(Head):
     """Per-backbone first-level heads (out-of-fold) stacked by a small LightGBM classifier.
 
@@ -129,15 +146,18 @@ class LightGBMStackingHead(Head):
     * ``n_estimators``, ``gbm_learning_rate``, ``num_leaves``, ``min_child_samples``,
       ``subsample``, ``reg_lambda`` – the LightGBM level 2 (``gbm_learning_rate`` is LightGBM's
       shrinkage; the Keras optimizer's learning rate only reaches level 1);
-    * ``early_stopping_rounds`` – patience of early stopping on ``validation`` (None = off);
+    * ``early_stopping_rounds`` – patience of early stopping on an inner split of the training
+      rows (None = off: exactly ``n_estimators`` trees);
     * ``n_jobs`` – LightGBM threads. The level-2 table is tiny (rows x backbones), so one thread
       is as fast; with more, LightGBM's OpenMP spin-waits fight TensorFlow's thread pools and other
       processes for the CPUs (measured: 0.02 s -> 20 s for 400 x 2 rows on a loaded 2-CPU box).
 
     Fitted attributes: ``base_heads_`` (block name -> refitted first-level head), ``blocks_``,
     ``oof_logits_`` (the level-2 training matrix, one column per block), ``oof_log_loss_``
-    (block name -> out-of-fold log loss of level 1), ``model_`` (the ``LGBMClassifier``),
-    ``best_iteration_``, ``history_``, ``n_features_in_``.
+    (block name -> out-of-fold log loss of level 1), ``model_`` (the ``LGBMClassifier``, refitted
+    on all rows with ``best_iteration_`` trees), ``best_iteration_`` (trees chosen on the inner
+    split, or ``n_estimators``), ``history_`` (``loss``; ``inner_val_loss`` when early stopping ran;
+    ``val_loss`` on ``validation``, recorded only), ``n_features_in_``.
     """
 
     name = "lightgbm_stacking"
@@ -231,6 +251,8 @@ class LightGBMStackingHead(Head):
                 "model": "lightgbm.LGBMClassifier",
                 **self._lgbm_params(seed=None),
                 "early_stopping_rounds": self.early_stopping_rounds,
+                "early_stopping_on": f"a stratified {INNER_HOLDOUT:g} inner split of the training "
+                                    "rows, then refitted on all of them with the chosen tree count",
             },
         }
 
@@ -321,23 +343,15 @@ class LightGBMStackingHead(Head):
                             self.name, block_name, oof_losses[block_name])
         Z = np.column_stack(oof_cols)
 
-        model = lightgbm.LGBMClassifier(**self._lgbm_params(seed))
+        best_iteration, inner_val = self._choose_trees(lightgbm, Z, y, seed)
+        model = lightgbm.LGBMClassifier(**{**self._lgbm_params(seed), "n_estimators": best_iteration})
         train_loss: list[float] = []
         record: dict[str, dict[str, list[float]]] = {}
         callbacks: list[Any] = [_TrainLossRecorder(train_loss)]
         lgbm_kwargs: dict[str, Any] = {"eval_metric": "binary_logloss"}
-        if val is not None:
-            Z_val = np.column_stack(val_cols)
-            # newer LightGBM (4.7 here) takes eval_X/eval_y and deprecates eval_set; older 4.x not
-            if "eval_X" in inspect.signature(model.fit).parameters:
-                lgbm_kwargs.update(eval_X=Z_val, eval_y=val[1])
-            else:  # pragma: no cover - lightgbm < 4.6
-                lgbm_kwargs.update(eval_set=[(Z_val, val[1])])
-            lgbm_kwargs["eval_names"] = ["val"]
+        if val is not None:  # recorded for the curves only: nothing is chosen on these rows
+            lgbm_kwargs.update(_eval_kwargs(model, np.column_stack(val_cols), val[1]))
             callbacks.append(lightgbm.record_evaluation(record))
-            if self.early_stopping_rounds is not None:
-                callbacks.append(lightgbm.early_stopping(int(self.early_stopping_rounds),
-                                                         first_metric_only=True, verbose=False))
         model.fit(Z, y, callbacks=callbacks, **lgbm_kwargs)
 
         self.blocks_ = block_list
@@ -345,13 +359,43 @@ class LightGBMStackingHead(Head):
         self.oof_logits_ = Z
         self.oof_log_loss_ = oof_losses
         self.model_ = model
-        best = getattr(model, "best_iteration_", None)
-        self.best_iteration_ = int(best) if best else int(model.n_estimators)
+        self.best_iteration_ = int(best_iteration)
         self.history_ = {"loss": train_loss}
+        if inner_val is not None:
+            self.history_["inner_val_loss"] = inner_val
         if val is not None:
             self.history_["val_loss"] = [float(v) for v in record["val"]["binary_logloss"]]
         self.n_features_in_ = int(X.shape[1])
         return self
+
+    def _choose_trees(self, lightgbm, Z: np.ndarray, y: np.ndarray,
+                      seed: int) -> tuple[int, list[float] | None]:
+        """The number of trees: early-stopped on a stratified inner split of the training rows'
+        level-2 inputs (their curve is returned), or ``n_estimators`` when early stopping is off
+        or a class has too few rows to split."""
+        from sklearn.model_selection import train_test_split
+
+        if self.early_stopping_rounds is None or np.bincount(y, minlength=2).min() < 2:
+            return int(self.n_estimators), None
+        fit_rows, stop_rows = train_test_split(np.arange(len(y)), test_size=INNER_HOLDOUT,
+                                               stratify=y, random_state=seed)
+        model = lightgbm.LGBMClassifier(**self._lgbm_params(seed))
+        record: dict[str, dict[str, list[float]]] = {}
+        model.fit(Z[fit_rows], y[fit_rows], eval_metric="binary_logloss",
+                  **_eval_kwargs(model, Z[stop_rows], y[stop_rows]),
+                  callbacks=[lightgbm.record_evaluation(record),
+                             lightgbm.early_stopping(int(self.early_stopping_rounds),
+                                                     first_metric_only=True, verbose=False)])
+        best = getattr(model, "best_iteration_", None)
+        curve = [float(v) for v in record["val"]["binary_logloss"]]
+        return (int(best) if best else int(self.n_estimators)), curve
+
+    def refit_params(self) -> dict[str, Any]:
+        """Parameters that make a fit on more rows (``refit: true``) train what was ranked: the
+        tree count chosen by early stopping, fixed (early stopping off)."""
+        if getattr(self, "model_", None) is None:
+            raise NotFittedError(f"{self.name}: head not fitted; call fit() first")
+        return {"n_estimators": int(self.best_iteration_), "early_stopping_rounds": None}
 
     def level1_logits(self, X: np.ndarray) -> np.ndarray:
         """The level-2 inputs of new rows: logits of the refitted first-level heads, (n, blocks)."""

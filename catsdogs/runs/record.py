@@ -184,6 +184,9 @@ class RunRecord(_Part):
     engine: dict[str, Any] | None = None
     #: the chosen post-processing (:meth:`catsdogs.runs.postprocess.Choice.to_dict`)
     postprocess: dict[str, Any] | None = None
+    #: head parameters a refit on all rows must override to reproduce the ranked fit (the head's
+    #: ``refit_params()``, e.g. the stacker's early-stopped tree count); None: refit with ``params``
+    refit_params: dict[str, Any] | None = None
     #: an ensemble of runs (:meth:`catsdogs.runs.ensemble.EnsembleFit.to_dict`); None: a single run
     ensemble: dict[str, Any] | None = None
     #: keys this version does not know, kept and written back
