@@ -47,13 +47,26 @@ def test_stack_ignores_members_whose_predictions_are_shuffled():
 @pytest.mark.parametrize("method", ["mean", "stack"])
 def test_shuffled_label_control_gains_nothing(method):
     """With labels unrelated to the predictions, the honest (cross-fitted) score of the ensemble is
-    no better than predicting the base rate, although the in-sample fit looks better."""
-    y, P = _members(400, [1.0, 1.0, 1.0], seed=2)
+    no better than predicting the base rate, although the in-sample fit looks better: 2 members
+    are chosen out of 6 (and, for stack, weighted) on the labels, so an ensemble scored on the
+    rows it was chosen on would flatter itself (issue 21 item 13: with top 3 of 3 and the mean
+    nothing was chosen, and ``>=`` compared a number with itself)."""
+    y, P = _members(400, [1.0] * 6, seed=2)
     y = np.random.default_rng(3).permutation(y)
-    fit = fit_ensemble(y, P, IDS[:3], method=method, top=3)
+    fit = fit_ensemble(y, P, list("abcdef"), method=method, top=2)
     base_rate = log_loss(y, np.full(len(y), y.mean()))
     assert fit.logloss >= base_rate - 0.002
-    assert fit.logloss >= fit.logloss_insample  # the in-sample score would flatter it
+    assert fit.logloss > fit.logloss_insample + 0.001  # scored in-sample, it would look better
+    np.testing.assert_allclose(fit.logloss, log_loss(y, fit.val), rtol=0, atol=1e-12)
+
+
+def test_nothing_fitted_means_cross_fitted_equals_in_sample():
+    """The mean of all members chooses nothing, so each validation row's cross-fitted prediction is
+    exactly the mean of the members on that row (the folds reassemble the rows in place)."""
+    y, P = _members(300, [1.0, 1.2, 1.4], seed=2)
+    fit = fit_ensemble(y, P, IDS[:3], method="mean", top=3)
+    np.testing.assert_allclose(fit.val, P.mean(axis=1), rtol=0, atol=1e-15)
+    assert fit.logloss == pytest.approx(fit.logloss_insample, abs=1e-15)
 
 
 def test_selection_is_cross_fitted_and_deterministic():

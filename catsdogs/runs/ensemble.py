@@ -21,6 +21,11 @@ all validation rows.
 
 Members are ranked by their raw validation log loss on the rows at hand (inside each fold: the
 other folds' rows), so the selection is part of what is cross-fitted.
+
+**k-fold members.** A k-fold run's validation row comes from one fold head, and its test
+prediction averages K fold heads. The blend (and the ensemble's post-processing) is fitted on the
+former, so it is applied the same way: to the members' fold-k test predictions for each fold k
+(``p_dog_foldK`` columns), then averaged.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import numpy as np
 
 from catsdogs.errors import ConfigError, DataError
 from catsdogs.runs.metrics import log_loss
-from catsdogs.runs.postprocess import logit, sigmoid
+from catsdogs.runs.postprocess import FOLD_PREFIX, logit, sigmoid
 
 if TYPE_CHECKING:  # pragma: no cover
     from catsdogs.experiment.spec import Experiment
@@ -193,9 +198,15 @@ def _read_predictions(out: Path, runs: list[RunRecord]):
     tests = [out / "runs" / r.run_id / "test_predictions.csv" for r in runs]
     if not all(t.is_file() for t in tests):
         return base, P_val, None, None
-    frames = [pd.read_csv(t).set_index("id")["p_dog"] for t in tests]
-    test_ids = frames[0].index
-    P_test = np.stack([f.reindex(test_ids).to_numpy(dtype=np.float64) for f in frames], axis=1)
+    from catsdogs.runs.postprocess import fold_columns
+
+    tables = [pd.read_csv(t).set_index("id") for t in tests]
+    test_ids = tables[0].index
+    P_test = np.stack([t["p_dog"].reindex(test_ids).to_numpy(dtype=np.float64) for t in tables], axis=1)
+    folds = [fold_columns(t) for t in tables]
+    if folds[0] and all(f == folds[0] for f in folds):  # k-fold members: (folds, test rows, members)
+        P_test = np.stack([np.stack([t[c].reindex(test_ids).to_numpy(dtype=np.float64) for t in tables],
+                                    axis=1) for c in folds[0]])
     return base, P_val, test_ids, P_test
 
 
@@ -220,8 +231,17 @@ def ensemble_record(records: list[RunRecord], out: Path, experiment: Experiment)
     top = min(cfg.top, len(runs))
     base, P_val, test_ids, P_test = _read_predictions(out, runs)
     y = base["label"].to_numpy(dtype=np.float64)
+    per_fold = P_test is not None and P_test.ndim == 3
     fit = fit_ensemble(y, P_val, [r.run_id for r in runs], method=cfg.method, top=top,
-                       P_test=P_test, seed=experiment.seed)
+                       P_test=P_test.mean(axis=0) if per_fold else P_test, seed=experiment.seed)
+    test_columns: dict[str, np.ndarray] = {}
+    if fit.test is not None:
+        test_columns["p_dog"] = fit.test
+    if per_fold:  # the blend applied to each fold's heads, as it was fitted, then averaged
+        cols = [[r.run_id for r in runs].index(m) for m in fit.members]
+        fold_preds = [fit.blend.predict(P[:, cols]) for P in P_test]
+        test_columns = {"p_dog": np.mean(fold_preds, axis=0),
+                        **{f"{FOLD_PREFIX}{k}": p for k, p in enumerate(fold_preds)}}
     members = [next(r for r in runs if r.run_id == m) for m in fit.members]
     run_id = ensemble_id(top, cfg.method)
     settings = {"ensemble": {"top": top, "method": cfg.method}, "members": fit.members}
@@ -253,9 +273,9 @@ def ensemble_record(records: list[RunRecord], out: Path, experiment: Experiment)
     try:
         pd.DataFrame({**{c: base[c] for c in base.columns}, "p_dog": fit.val}).to_csv(
             tmp / "val_predictions.csv", index=False)
-        if fit.test is not None:
-            pd.DataFrame({"id": test_ids, "p_dog": fit.test}).to_csv(tmp / "test_predictions.csv",
-                                                                      index=False)
+        if test_columns:
+            pd.DataFrame({"id": test_ids, **test_columns}).to_csv(tmp / "test_predictions.csv",
+                                                                  index=False)
         record.save(tmp)
         replace_path(tmp, out / "runs" / run_id)
     finally:
