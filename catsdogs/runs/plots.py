@@ -55,25 +55,31 @@ def plot_history(history: dict[str, list[float]], path: Path, title: str) -> Pat
 
 
 def plot_leaderboard(names: Sequence[str], losses: Sequence[float], target: float, path: Path,
-                     title: str = "validation log loss per run") -> Path:
-    """Horizontal bars, best at the top, green under the target, with the target as a line."""
+                     title: str = "validation log loss per run",
+                     errors: Sequence[float] | None = None) -> Path:
+    """Horizontal bars of each run's ranking number (:attr:`RunRecord.ranking_logloss`), best at
+    the top, green under the target, with the target as a line and ``errors`` (standard errors)
+    as error bars."""
     plt = _pyplot()
     order = sorted(range(len(names)), key=lambda i: losses[i])
     names = [names[i] for i in order]
     losses = [losses[i] for i in order]
+    errs = None if errors is None else [errors[i] for i in order]
     height = max(2.5, 0.32 * len(names) + 1.2)
     fig, ax = plt.subplots(figsize=(10, height))
     colors = ["#2e7d32" if loss < target else "#9e9e9e" for loss in losses]
-    ax.barh(range(len(names)), losses, color=colors)
+    ax.barh(range(len(names)), losses, color=colors, xerr=errs, ecolor="#424242", capsize=2)
     ax.set_yticks(range(len(names)))
     ax.set_yticklabels(names, fontsize=8)
     ax.invert_yaxis()
     ax.axvline(target, color="#c62828", ls="--", lw=1.5)
     for i, loss in enumerate(losses):
         ax.text(loss, i, f" {loss:.4f}", va="center", fontsize=7)
-    ax.set_xlabel("validation log loss (clipped)")
+    ax.set_xlabel("validation log loss (post-processed, cross-fitted: the ranking)"
+                  + (" ± standard error" if errs is not None else ""))
     ax.set_title(title, fontsize=10)
-    ax.set_xlim(0, max(max(losses), target) * 1.15)
+    right = max(v + e for v, e in zip(losses, errs or [0.0] * len(losses)))
+    ax.set_xlim(0, max(right, target) * 1.15)
     ax.text(target, -0.9, f" target {target:g} (Kaggle top 10%)", color="#c62828", fontsize=8,
             va="bottom")
     fig.tight_layout()

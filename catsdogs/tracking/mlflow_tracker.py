@@ -167,11 +167,11 @@ class MlflowTracker:
         winner, now = result.winner, _now_ms()
         target = result.experiment.target
         self.client.log_batch(parent, metrics=[
-            Metric("winner_val_logloss", winner.metrics.logloss, now, 0),
-            Metric("winner_val_logloss_clipped", winner.metrics.logloss_clipped, now, 0),
+            # the winner's ranking number (RunRecord.ranking_logloss), as on the leaderboard
+            Metric("winner_val_logloss", winner.ranking_logloss, now, 0),
+            Metric("winner_val_logloss_raw", winner.metrics.logloss, now, 0),
             Metric("runs", len(result.records), now, 0),
-            Metric("runs_under_target", sum(r.metrics.logloss_clipped < target for r in result.records),
-                   now, 0),
+            Metric("runs_under_target", sum(r.under_target for r in result.records), now, 0),
         ], tags=[RunTag("catsdogs.winner", winner.run_id), RunTag("catsdogs.target", str(target)),
                  RunTag("catsdogs.data", str(result.experiment.data))])
         for name in PARENT_FILES:
