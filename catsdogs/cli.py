@@ -352,7 +352,7 @@ def serve_cmd(model, host, port, max_upload_mb, max_files, concurrency) -> None:
     without an export is exported to RUN/export (TFLite) first."""
     from catsdogs.app.serve import Limits, serve
 
-    limits = Limits(max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_files=max_files)
+    limits = Limits.from_mb(max_upload_mb, max_files)
     serve(model, host, port, concurrency, limits, echo=click.echo)
 
 

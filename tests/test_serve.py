@@ -5,6 +5,8 @@ import base64
 import io
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -56,7 +58,9 @@ def test_serves_a_run_through_its_tflite_export(server, run_dir):
     assert (run_dir / "export" / "model.tflite").is_file()
     assert (run_dir / "export" / "cam.tflite").is_file()
     assert health["backend"] == "tflite" and health["cam"] is True and health["neither"] is True
-    assert health["limits"] == {"max_upload_mb": MAX_MB, "max_files": MAX_FILES}
+    body = MAX_FILES * (MAX_MB * 1024 * 1024 + 16 * 1024)
+    assert health["limits"] == {"max_upload_mb": MAX_MB, "max_files": MAX_FILES,
+                                "max_in_flight_mb": round(2 * body / 1024 / 1024, 3)}
     assert health["tensorflow_loaded"] is False
 
 
@@ -248,3 +252,115 @@ def test_browser_test_without_chromium_fails_in_ci_and_skips_elsewhere(tmp_path,
     assert outcome in proc.stdout, proc.stdout[-2000:]
     assert "no Chromium at" in proc.stdout
     assert proc.returncode == (1 if ci else 0), proc.stdout[-2000:]
+
+
+# ------------------------------------------------------------------ issue 21 item 9: bounds, startup
+def _slow_upload(server, photo: bytes, padding: int) -> tuple[socket.socket, bytes]:
+    """A raw connection that has sent the headers and the first 8 KB of a ~``padding``-byte
+    multipart body (a real photo plus an ignored padding field) and then stalls; returns it and
+    the rest of the body."""
+    boundary = "catsdogs-slow-upload"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"pad\"\r\n\r\n".encode()
+            + b"x" * padding
+            + f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+              f"filename=\"1.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n".encode()
+            + photo + f"\r\n--{boundary}--\r\n".encode())
+    head = (f"POST /api/predict?cam=false HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=120)
+    sock.sendall(head + body[:8192])
+    return sock, body[8192:]
+
+
+def _finish(sock: socket.socket, rest: bytes) -> int:
+    with sock:
+        sock.sendall(rest)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_slow_uploads_hold_at_most_the_in_flight_bound(server):
+    """N slow clients: at most max_in_flight bytes of bodies are taken in (reserved before a body
+    is read); the others wait in their sockets, and every one is answered once the bodies come."""
+    photo = photos(1)[0].read_bytes()
+    health = httpx.get(server.url + "/healthz", timeout=10).json()
+    bound = health["limits"]["max_in_flight_mb"] * 1024 * 1024
+    padding = 900 * 1024  # each body ~0.9 MB: 9 fit the 8.1 MB bound, 3 of 12 must wait
+    slow = [_slow_upload(server, photo, padding) for _ in range(12)]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # gate: the server has seen all 12 requests
+        health = httpx.get(server.url + "/healthz", timeout=10).json()
+        if health["requests_in_flight"] + health["requests_waiting"] == 12:
+            break
+        time.sleep(0.05)
+    body = len(slow[0][1]) + 8192
+    assert health["requests_in_flight"] == int(bound // body) == 9, health
+    assert health["requests_waiting"] == 3
+    assert health["bytes_in_flight"] == 9 * body <= bound
+    statuses = [_finish(sock, rest) for sock, rest in slow]
+    assert statuses == [200] * 12
+    health = httpx.get(server.url + "/healthz", timeout=10).json()
+    assert health["bytes_in_flight"] == health["requests_in_flight"] == health["requests_waiting"] == 0
+
+
+def test_head_of_the_page_and_health_is_200(server):
+    for path in ("/", "/healthz"):
+        response = httpx.head(server.url + path, timeout=10)
+        assert response.status_code == 200 and response.content == b""
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e-9", "0"])
+def test_bad_max_upload_mb_is_one_clear_error(value, tmp_path):
+    from conftest import run_cli
+
+    proc = run_cli("serve", str(tmp_path), "--max-upload-mb", value, "--port", "0", timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert proc.returncode in (1, 2) and len(errors) == 1, proc.stderr
+    assert "--max-upload-mb" in errors[0] and "Traceback" not in proc.stderr
+
+
+def test_a_port_in_use_is_one_error_before_the_model_loads(tmp_path):
+    """The address is bound first: with a directory that is no model, the error is the port's."""
+    from conftest import run_cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_cli("serve", str(tmp_path), "--port", str(port), timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr
+    assert f"127.0.0.1:{port}" in errors[0] and "--port" in errors[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_port_0_serves_on_a_free_port_and_says_which(run_dir, tmp_path):
+    import re
+
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "catsdogs", "serve", str(run_dir), "--port", "0"],
+                                stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 240
+        found = None
+        while found is None and time.monotonic() < deadline and proc.poll() is None:
+            found = re.search(r"on http://127\.0\.0\.1:(\d+)/", log.read_text(errors="replace"))
+            time.sleep(0.1)
+        assert found, log.read_text(errors="replace")
+        port = int(found.group(1))
+        assert port != 0
+        while time.monotonic() < deadline:  # the line comes before uvicorn accepts
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert health.status_code == 200 and health.json()["pid"] == proc.pid
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)

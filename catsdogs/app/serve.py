@@ -5,7 +5,8 @@
 * ``POST /api/predict`` — multipart form, one or more ``file`` fields -> the JSON list of
   ``catsdogs predict --json`` (one row per file, in order); ``cam`` is a ``data:image/jpeg`` URL of
   the overlay instead of a file path (``?cam=false`` leaves it out).
-* ``GET /healthz`` — model, backend, limits, requests served, and ``tensorflow_loaded``.
+* ``GET /healthz`` — model, backend, limits, requests served, body bytes in flight, and
+  ``tensorflow_loaded``. ``/`` and ``/healthz`` answer ``HEAD`` too.
 * ``GET /model`` (HTML) and ``GET /api/model`` (JSON) — the export manifest.
 
 **Model.** ``serve`` takes an export directory (``export.json``) or a finished run directory: its
@@ -25,20 +26,34 @@ while the body streams in (the declared ``Content-Length`` first, then counted b
 after buffering it. With several files, the request succeeds when at least one is a usable image
 and the others carry ``error`` (as ``catsdogs predict --json`` does); when none is, the status of
 the first failure is returned.
+
+**Bytes in flight.** Request bodies held in memory (being received, or waiting for and in
+prediction) are bounded across all requests by ``Limits.max_in_flight_bytes`` (default: two
+maximal requests, ``2 x max_files x max_upload``): a request reserves its declared
+``Content-Length`` (the maximal body when it declares none) *before* reading its body, and waits
+while the reservations of others would exceed the bound; meanwhile its bytes stay in the
+client's socket (uvicorn reads at most 64 KB ahead per connection). So N slow clients hold at most
+the bound, not N bodies.
+
+**Listening.** The address is bound before the model loads: a port in use is one ``Error:`` line
+at once, and ``--port 0`` takes a free port, printed in the "serving ..." line.
 """
 
 import asyncio
 import base64
+import errno
 import html
 import io
 import logging
+import math
 import os
 import queue
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -61,20 +76,92 @@ CAM_SIDE = 480
 DRAIN_BYTES = 64 * 1024 * 1024
 #: multipart framing allowance per file (boundary and part headers)
 PART_OVERHEAD = 16 * 1024
+#: the smallest upload limit accepted (a photo smaller than this is no photo)
+MIN_UPLOAD_BYTES = 1024
 
 
 @dataclass(frozen=True)
 class Limits:
     max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 1024 * 1024)
     max_files: int = DEFAULT_MAX_FILES
+    #: request-body bytes held at once over all requests (None: two maximal requests)
+    max_in_flight: int | None = None
+
+    @classmethod
+    def from_mb(cls, max_upload_mb: float, max_files: int = DEFAULT_MAX_FILES) -> "Limits":
+        """Limits from ``--max-upload-mb`` (a finite number of MB, at least 1 KB); a bad value is
+        one :class:`ConfigError`."""
+        try:
+            mb = float(max_upload_mb)
+        except (TypeError, ValueError):
+            mb = math.nan
+        if not math.isfinite(mb) or mb * 1024 * 1024 < MIN_UPLOAD_BYTES:
+            raise ConfigError(f"--max-upload-mb must be a finite number of MB, at least "
+                              f"{MIN_UPLOAD_BYTES / 1024 / 1024:g} (1 KB), got {max_upload_mb!r}")
+        if max_files < 1:
+            raise ConfigError(f"--max-files must be at least 1, got {max_files}")
+        return cls(max_upload_bytes=int(mb * 1024 * 1024), max_files=max_files)
 
     @property
     def max_body_bytes(self) -> int:
         return self.max_files * (self.max_upload_bytes + PART_OVERHEAD)
 
+    @property
+    def max_in_flight_bytes(self) -> int:
+        """The bound on request-body bytes held at once (never below one maximal request)."""
+        return max(self.max_body_bytes, self.max_in_flight or 2 * self.max_body_bytes)
+
     def describe(self) -> dict[str, Any]:
         return {"max_upload_mb": round(self.max_upload_bytes / 1024 / 1024, 3),
-                "max_files": self.max_files}
+                "max_files": self.max_files,
+                "max_in_flight_mb": round(self.max_in_flight_bytes / 1024 / 1024, 3)}
+
+
+class ByteBudget:
+    """Request-body bytes held at once, bounded (see the module docstring): a request reserves
+    its bytes before reading its body and releases them when its answer is ready."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0  # bytes reserved
+        self.holders = 0  # requests holding a reservation
+        self.waiting = 0  # requests waiting for one
+        self._condition: asyncio.Condition | None = None
+
+    @asynccontextmanager
+    async def reserve(self, n: int) -> AsyncIterator[None]:
+        n = max(0, min(n, self.limit))
+        if self._condition is None:  # created in the server's event loop
+            self._condition = asyncio.Condition()
+        condition = self._condition
+        async with condition:
+            self.waiting += 1
+            try:
+                await condition.wait_for(lambda: self.used + n <= self.limit)
+            finally:
+                self.waiting -= 1
+            self.used += n
+            self.holders += 1
+        try:
+            yield
+        finally:
+            async with condition:
+                self.used -= n
+                self.holders -= 1
+                condition.notify_all()
+
+    def describe(self) -> dict[str, int]:
+        return {"bytes_in_flight": self.used, "requests_in_flight": self.holders,
+                "requests_waiting": self.waiting}
+
+
+def body_reservation(request, limits: Limits) -> int:
+    """What a request reserves: its declared ``Content-Length``; the maximal body when it declares
+    none; nothing when it declares more than the maximum (refused with 413 without keeping any)."""
+    declared = request.headers.get("content-length", "")
+    if not declared.isdigit():
+        return limits.max_body_bytes
+    return int(declared) if int(declared) <= limits.max_body_bytes else 0
 
 
 class UploadError(Exception):
@@ -307,7 +394,8 @@ def manifest_page(pool: ModelPool) -> str:
     metrics = m.get("metrics") or {}
     rows = [("run", m.get("run_id")), ("combination", " + ".join(m.get("combination", []))),
             ("head", m.get("head")), ("exported", pool.exported_at()),
-            ("validation log loss", _fmt(metrics.get("logloss"))),
+            ("validation log loss (ranking)", _fmt(m.get("ranking_logloss", metrics.get("logloss")))),
+            ("post-processing", (m.get("postprocess") or {}).get("describe", "none")),
             ("validation accuracy", _fmt(metrics.get("accuracy"))),
             ("input", f"{m['input']['size']} x {m['input']['size']} RGB 0-255, "
                       f"resize: {m['input']['resize']}"),
@@ -343,6 +431,7 @@ def create_app(export_dir: str | os.PathLike, concurrency: int = 2, limits: Limi
     limits = limits or Limits()
     pool = ModelPool(Path(export_dir), concurrency)
     limiter = anyio.CapacityLimiter(concurrency)
+    budget = ByteBudget(limits.max_in_flight_bytes)
     stats = {"requests": 0, "photos": 0, "started": time.time()}
     app = FastAPI(title="catsdogs", docs_url="/api/docs", redoc_url=None)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -351,7 +440,7 @@ def create_app(export_dir: str | os.PathLike, concurrency: int = 2, limits: Limi
     async def refused(request: Request, exc: UploadError):
         return JSONResponse({"detail": exc.detail}, status_code=exc.status)
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index():
         return FileResponse(STATIC / "index.html")
 
@@ -363,21 +452,23 @@ def create_app(export_dir: str | os.PathLike, concurrency: int = 2, limits: Limi
     async def model_manifest():
         return {**pool.manifest, "exported_at": pool.exported_at()}
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz():
         return {"status": "ok", "model": str(pool.export_dir), "run_id": pool.manifest.get("run_id"),
                 "backend": pool.backend, "cam": pool.cam_capable, "neither": pool.has_neither,
                 "concurrency": pool.size, "limits": limits.describe(),
-                "requests": stats["requests"], "photos": stats["photos"],
+                "requests": stats["requests"], "photos": stats["photos"], **budget.describe(),
                 "uptime_s": round(time.time() - stats["started"], 1), "pid": os.getpid(),
                 "tensorflow_loaded": "tensorflow" in sys.modules}
 
     @app.post("/api/predict")
     async def api_predict(request: Request, cam: bool = True):
-        uploads = await read_uploads(request, limits)
-        rows = await asyncio.gather(*(
-            anyio.to_thread.run_sync(predict_upload, pool, u, limits, cam, limiter=limiter)
-            for u in uploads))
+        async with budget.reserve(body_reservation(request, limits)):
+            uploads = await read_uploads(request, limits)
+            rows = await asyncio.gather(*(
+                anyio.to_thread.run_sync(predict_upload, pool, u, limits, cam, limiter=limiter)
+                for u in uploads))
+            del uploads
         stats["requests"] += 1
         stats["photos"] += len(rows)
         if all(row["error"] for row in rows):
@@ -398,9 +489,39 @@ def serve(model: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ConfigError(f"catsdogs serve needs FastAPI, uvicorn and python-multipart ({exc}); "
                           "install them with `pip install 'catsdogs[serve]'`") from None
-    export_dir = resolve_model(model, echo)
-    app = create_app(export_dir, concurrency, limits)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        echo(f"warning: listening on {host}: the app has no authentication")
-    echo(f"serving {export_dir} on http://{host}:{port}/ (API: POST /api/predict, GET /healthz)")
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    sock = listen_socket(host, port)  # before the model loads: a port in use is found at once
+    try:
+        export_dir = resolve_model(model, echo)
+        app = create_app(export_dir, concurrency, limits)
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            echo(f"warning: listening on {host}: the app has no authentication")
+        bound = sock.getsockname()[1]
+        shown = f"[{host}]" if ":" in host else host
+        echo(f"serving {export_dir} on http://{shown}:{bound}/ (API: POST /api/predict, GET /healthz)")
+        config = uvicorn.Config(app, host=host, port=bound, log_level="info",
+                                timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (``port`` 0: a free one); an address that cannot be
+    used is one :class:`ConfigError`."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: unknown host ({exc.strerror}); "
+                          "check --host") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        hint = ("another program uses it; choose another --port (--port 0 picks a free one)"
+                if exc.errno == errno.EADDRINUSE else "check --host and --port")
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; {hint}") from None
+    sock.set_inheritable(True)
+    return sock
