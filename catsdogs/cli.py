@@ -92,9 +92,15 @@ def schema() -> None:
     click.echo(json.dumps(json_schema(), indent=2))
 
 
+#: DATA_DIR: a local folder, or an object-store URL (s3://, gs://, az://: the photos are read
+#: from the bucket, the cache and every output stay local; see catsdogs.dataset.storage). Kept as
+#: text: a pathlib.Path would fold the URL's "//".
+DATA_DIR = click.STRING
+
+
 # ------------------------------------------------------------------------------------ extract
 @cli.command()
-@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.argument("data_dir", type=DATA_DIR)
 @click.option("--backbone", "-b", "backbones", multiple=True, required=True,
               help="Backbone name (repeatable); see `catsdogs plugins`.")
 @click.option("--weights", default="imagenet", show_default=True,
@@ -157,7 +163,8 @@ def extract(data_dir, backbones, weights, image_size, batch_size, cache_dir, fli
 # ------------------------------------------------------------------------------------ run
 @cli.command()
 @click.argument("experiment_file", type=click.Path(path_type=Path))
-@click.option("--data", type=click.Path(path_type=Path), default=None, help="Override the data directory.")
+@click.option("--data", type=DATA_DIR, default=None,
+              help="Override the data directory (a path or an s3:// gs:// az:// URL).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Override the feature cache.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Override the output directory.")
 @click.option("--weights", default=None,
@@ -358,7 +365,7 @@ def serve_cmd(model, host, port, max_upload_mb, max_files, concurrency) -> None:
 
 # ------------------------------------------------------------------------------------ audit
 @cli.command("audit")
-@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.argument("data_dir", type=DATA_DIR)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("audit"), show_default=True,
               help="Output folder: audit.csv, audit_all.csv, report.md, sizes/colour/flagged PNGs.")
 @click.option("--classifier", default=None,
