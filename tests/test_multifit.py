@@ -15,7 +15,12 @@ import yaml  # noqa: E402
 from conftest import make_kaggle  # noqa: E402
 
 from catsdogs.builtin.heads import DropoutSigmoidHead, SoftmaxCamHead  # noqa: E402
-from catsdogs.builtin.optimizers import AdadeltaOptimizer, AdamOptimizer  # noqa: E402
+from catsdogs.builtin.optimizers import (  # noqa: E402
+    AdadeltaOptimizer,
+    AdamOptimizer,
+    RAdamOptimizer,
+    SGDOptimizer,
+)
 from catsdogs.errors import ConfigError  # noqa: E402
 from catsdogs.runs.multifit import (  # noqa: E402
     GROUPED_ENV,
@@ -107,6 +112,32 @@ def test_grouped_runs_equal_runs_alone(blocks, split):
         # the weights moved: the comparison is not between two untrained models
         initial = DropoutSigmoidHead()._compiled_model(7, AdamOptimizer(0.01), SEED).get_weights()
         assert not np.allclose(heads[0].model_.get_weights()[0], initial[0], atol=1e-3)
+
+
+@pytest.mark.slow
+def test_grouped_radam_and_sgd_runs_equal_runs_alone(blocks):
+    """radam (Keras has none: catsdogs' own optimizer class) and sgd (Nesterov momentum), mixed
+    with adam in one group: every member ends with its single fit's weights, optimizer slots,
+    dropout seed state, history and predictions."""
+    X, y = blocks
+    rows = np.random.default_rng(6).permutation(150)
+    tr, va = np.sort(rows[:115]), np.sort(rows[115:])
+    members = [
+        Member(DropoutSigmoidHead(dropout=0.5), RAdamOptimizer(0.01), ("a", "b")),
+        Member(SoftmaxCamHead(dropout=0.3, l2=0.01), SGDOptimizer(0.05), ("c", "a")),
+        Member(DropoutSigmoidHead(dropout=0.5), SGDOptimizer(0.05), ("b",)),
+        Member(SoftmaxCamHead(dropout=0.5), RAdamOptimizer(0.01), ("a", "b", "c")),
+        Member(DropoutSigmoidHead(dropout=0.5), AdamOptimizer(0.01), ("a", "b")),
+    ]
+    heads = fit_group(members, X, y, train_rows=tr, val_rows=va, epochs=EPOCHS,
+                      batch_size=BATCH, seed=SEED)
+    for member, head in zip(members, heads, strict=True):
+        alone, fused = single(member, X, y, tr, va)
+        assert type(alone.model_.optimizer) is type(head.model_.optimizer)
+        assert_same(head, alone, fused, va)
+    # the optimizers act: radam's run and adam's run on the same columns end apart
+    assert not np.allclose(heads[0].model_.get_weights()[0], heads[4].model_.get_weights()[0],
+                           atol=1e-4)
 
 
 class ShallowHead(DropoutSigmoidHead):

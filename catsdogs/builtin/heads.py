@@ -3,7 +3,9 @@
 * ``dropout_sigmoid``: ``features -> Dropout -> Dense(1, sigmoid)``, binary cross-entropy;
 * ``softmax_cam``: ``features -> Dropout -> Dense(2, softmax, L2)``, sparse categorical
   cross-entropy. Its ``(feature_dim, 2)`` kernel turns a backbone's last feature map into a class
-  activation map (see :meth:`SoftmaxCamHead.dense_weights`).
+  activation map (see :meth:`SoftmaxCamHead.dense_weights`);
+* ``logistic``: L2 logistic regression on standardised features, its strength chosen by inner
+  cross-validation (:mod:`catsdogs.builtin.linear`; registered here).
 
 Both follow the scikit-learn conventions of :class:`catsdogs.components.Head`: ``__init__`` stores
 hyper-parameters only, they are validated by :meth:`KerasHead.fit`, and fitted state lives in
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from catsdogs.builtin.linear import LogisticHead
 from catsdogs.components import Head, Optimizer
 from catsdogs.errors import ConfigError
 from catsdogs.hookspecs import hookimpl
@@ -405,7 +408,7 @@ class SoftmaxCamHead(KerasHead):
         return export
 
 
-HEADS = (DropoutSigmoidHead, SoftmaxCamHead)
+HEADS = (DropoutSigmoidHead, SoftmaxCamHead, LogisticHead)
 
 
 @hookimpl
