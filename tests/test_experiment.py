@@ -74,8 +74,9 @@ def test_seed_yaml_reproduces_the_write_up_grid(tmp_path, monkeypatch):
                                     ("inception_resnet_v2",), ("resnet50", "inception_v3")]
     assert exp.combinations[-1] == tuple(names)
     assert exp.heads == [HeadSpec("dropout_sigmoid", {})]
-    assert exp.optimizers == [OptimizerSpec("adam", None), OptimizerSpec("adadelta", 1.0)]
-    assert len(exp.combinations) * len(exp.heads) * len(exp.optimizers) == 30
+    assert exp.optimizers == [OptimizerSpec("adam", None), OptimizerSpec("adadelta", 1.0),
+                              OptimizerSpec("radam", None), OptimizerSpec("sgd", None)]
+    assert len(exp.combinations) * len(exp.heads) * len(exp.optimizers) == 60
     assert (exp.epochs, exp.batch_size, exp.seed) == (8, 128, 2019)
     assert exp.validation == Validation("holdout", 0.2, 5)
     assert exp.clip == (0.005, 0.995)

@@ -153,7 +153,7 @@ def test_plan_is_the_full_grid():
     exp = load_experiment(os.path.join(os.path.dirname(__file__), "..", "experiments", "seed.yaml"),
                           data=os.path.dirname(__file__))
     plan = plan_runs(exp)
-    assert len(plan) == 15 * 2 and len({r.run_id for r in plan}) == 30
+    assert len(plan) == 15 * 4 and len({r.run_id for r in plan}) == 60
 
 
 def test_predict_test_and_score_cli(tmp_path, data):
