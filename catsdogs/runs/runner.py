@@ -512,8 +512,8 @@ def _write_summary(out: Path, experiment: Experiment, records: list[RunRecord],
         test_cols = f"{t.logloss:.5f} | {t.accuracy:.4f}" if t else " | "
         se = f"{s.se:.5f}" if s else ""
         diff = "winner" if i == 1 else (f"+{s.diff:.5f} (± {s.diff_se:.5f})" if s else "")
-        tied = "=" if s and s.tied and i > 1 else ""
-        lines.append(f"| {i} | `{r.run_id}` | {r.ranking_logloss:.5f} | {se} | {diff} | {tied} | "
+        tie = "=" if s and s.tied and i > 1 else ""
+        lines.append(f"| {i} | `{r.run_id}` | {r.ranking_logloss:.5f} | {se} | {diff} | {tie} | "
                      f"{transform_of(r).describe()} | {m.accuracy:.4f} | "
                      f"{'✓' if r.under_target else ''} | {m.logloss:.5f} | {test_cols} |")
     lines += ["", "val log loss: the number each run is ranked by, everywhere (its validation "
