@@ -63,12 +63,23 @@ def cli(verbose: bool) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plugins(as_json: bool) -> None:
-    """List installed plugins and the components they register."""
+    """List installed plugins and the components they register; components whose extra is
+    missing are marked unavailable (with the command that installs it), extras listed last."""
     from catsdogs.plugins import KINDS, get_registry
+    from catsdogs.util.extras import extras_status, unavailable_reason
 
     registry = get_registry()
+    unavailable = {(c.kind, c.name): reason for kind in KINDS for c in registry.components(kind)
+                   if (reason := unavailable_reason(c.obj, f"{kind[:-1]} {c.name!r}"))}
+    extras = extras_status()
     if as_json:
-        click.echo(json.dumps(registry.to_dict(), indent=2))
+        listing = registry.to_dict()
+        for kind in KINDS:
+            for entry in listing[kind]:
+                if isinstance(entry.get("name"), str) and "error" not in entry:
+                    entry["unavailable"] = unavailable.get((kind, entry["name"]))
+        listing["extras"] = extras
+        click.echo(json.dumps(listing, indent=2))
         return
     for info in registry.plugins:
         version = info.version or "?"
@@ -77,10 +88,16 @@ def plugins(as_json: bool) -> None:
         click.echo(f"{info.name} {version} ({info.source}){status}")
         for kind in KINDS:
             if info.components[kind]:
-                click.echo(f"    {kind}: {', '.join(info.components[kind])}")
+                names = [n + (" (unavailable)" if (kind, n) in unavailable else "")
+                         for n in info.components[kind]]
+                click.echo(f"    {kind}: {', '.join(names)}")
     for kind, clashes in registry.conflicts.items():
         for name, owners in clashes.items():
             click.echo(f"CONFLICT: {kind[:-1]} {name!r} registered by {' and '.join(owners)}")
+    for reason in unavailable.values():
+        click.echo(f"UNAVAILABLE: {reason}")
+    click.echo("extras: " + ", ".join(
+        f"{extra} ({'installed' if s['installed'] else 'missing'})" for extra, s in extras.items()))
 
 
 # ------------------------------------------------------------------------------------ schema

@@ -125,6 +125,9 @@ class Backbone(abc.ABC):
     seed: int = 2019
     #: True when the backbone also builds its ImageNet classifier (see :class:`ImageNetClassifier`)
     has_classifier: bool = False
+    #: top-level modules it needs beyond the core's dependencies (an extra's); ``catsdogs plugins``
+    #: lists the component as unavailable, and why, while one is missing
+    requires: tuple[str, ...] = ()
 
     def weights_id(self, weights: str) -> str:
         """A string that changes whenever the weights do; part of every feature-cache key."""
@@ -273,6 +276,8 @@ class Optimizer(_Params, abc.ABC):
     name: ClassVar[str]
     #: learning rate used when the user gives none (the Keras default)
     default_learning_rate: ClassVar[float]
+    #: top-level modules it needs beyond the core's dependencies (see :attr:`Backbone.requires`)
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, learning_rate: float | None = None):
         self.learning_rate = learning_rate
@@ -316,6 +321,8 @@ class Head(_Params, abc.ABC):
     uses_optimizer: ClassVar[bool] = True
     #: True when the head's weights can form a class activation map (a 2-unit softmax Dense layer)
     cam_capable: ClassVar[bool] = False
+    #: top-level modules it needs beyond the core's dependencies (see :attr:`Backbone.requires`)
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Enforce the contract for every subclass, whatever its methods do inside:

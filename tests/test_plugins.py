@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 import pytest
 from conftest import install_fake_dist, run_cli
@@ -335,3 +336,120 @@ def test_item15_plugin_raising_systemexit_is_contained(site):
     assert proc.stdout.count("FAILED") == 4 and "dropout_sigmoid" in proc.stdout
     strict = run_cli("plugins", env={"PYTHONPATH": str(site), "CATSDOGS_STRICT_PLUGINS": "1"})
     assert strict.returncode == 1 and "Error:" in strict.stderr and "Traceback" not in strict.stderr
+
+
+# -- a lean core install: optional features behind extras (issue 22 §4) -------------------------
+#: hides modules from a CLI subprocess (``sys.modules[name] = None``: importing one raises
+#: ModuleNotFoundError, as when its distribution is not installed)
+HIDE_MODULES = '''
+import os
+import sys
+
+for _name in os.environ.get("CATSDOGS_TEST_HIDE", "").split(","):
+    if _name:
+        sys.modules[_name] = None
+'''
+
+
+def _pyproject() -> dict:
+    from conftest import REPO
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    return tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def _dist(requirement: str) -> str:
+    import re
+
+    return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower()
+
+
+def test_core_dependencies_leave_the_optional_libraries_to_extras():
+    from catsdogs.util.extras import ENABLES, EXTRAS
+
+    project = _pyproject()["project"]
+    core = {_dist(r) for r in project["dependencies"]}
+    heavy = {"coremltools", "ai-edge-litert", "lightgbm", "keras-tuner", "cleanlab",
+             "opencv-python", "opencv-python-headless", "ray"}
+    assert not core & heavy, core & heavy
+    extras = project["optional-dependencies"]
+    assert extras["ray"] == ["ray>=2.40"]  # no Ray Data, no Ray Tune: neither is used
+    for module, (dist, extra) in EXTRAS.items():  # the helper's table is pyproject's
+        assert dist in {_dist(r) for r in extras[extra]}, (module, dist, extra)
+    assert set(ENABLES) <= set(extras)
+    (everything,) = extras["all"]
+    assert everything.startswith("catsdogs[")
+    assert set(everything[len("catsdogs["):-1].split(",")) == set(extras) - {"test", "browser", "all"}
+
+
+def test_require_names_the_feature_and_the_extra_in_one_line(monkeypatch):
+    import numpy as np
+
+    from catsdogs.errors import CatsdogsError
+    from catsdogs.testing import make_separable_features
+    from catsdogs.util.extras import MissingExtraError, available, require
+
+    assert require("json").dumps([]) == "[]"
+    monkeypatch.setitem(sys.modules, "lightgbm", None)
+    assert not available("lightgbm")
+    with pytest.raises(MissingExtraError) as info:
+        require("lightgbm", feature="head 'lightgbm_stacking'")
+    assert str(info.value) == ("head 'lightgbm_stacking' needs lightgbm, which is not installed: "
+                               "pip install 'catsdogs[stacking]'")
+    assert isinstance(info.value, CatsdogsError) and isinstance(info.value, ImportError)
+    # the feature itself: the stacking head says so when it is fitted
+    head = get_registry().head("lightgbm_stacking")()
+    X, y = make_separable_features(n=40, d=4)
+    with pytest.raises(MissingExtraError, match=r"^head 'lightgbm_stacking' needs lightgbm, .*"
+                                                r"pip install 'catsdogs\[stacking\]'$"):
+        head.fit(X, y, blocks=[("a", 2), ("b", 2)], epochs=1, seed=np.int64(1))
+
+
+def test_cli_plugins_shows_unavailable_components_and_why(tmp_path):
+    from catsdogs.util.extras import available
+
+    (tmp_path / "sitecustomize.py").write_text(HIDE_MODULES)
+    env = {"PYTHONPATH": str(tmp_path), "CATSDOGS_TEST_HIDE": "lightgbm,cv2"}
+    proc = run_cli("plugins", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "heads: lightgbm_stacking (unavailable)" in proc.stdout
+    assert ("UNAVAILABLE: head 'lightgbm_stacking' needs lightgbm, which is not installed: "
+            "pip install 'catsdogs[stacking]'") in proc.stdout
+    assert "stacking (missing)" in proc.stdout and "cam (missing)" in proc.stdout
+    data = json.loads(run_cli("plugins", "--json", env=env, check=True).stdout)
+    heads = {h["name"]: h for h in data["heads"]}
+    assert "catsdogs[stacking]" in heads["lightgbm_stacking"]["unavailable"]
+    assert heads["dropout_sigmoid"]["unavailable"] is None
+    assert data["extras"]["stacking"] == {"enables": "the lightgbm_stacking head",
+                                          "installed": False, "missing": ["lightgbm"]}
+    if available("lightgbm"):  # not in the tox env lean
+        everything = json.loads(run_cli("plugins", "--json", check=True).stdout)
+        assert all(h["unavailable"] is None for h in everything["heads"])
+
+
+@pytest.mark.slow
+def test_the_demo_grid_needs_only_the_core(tmp_path, kaggle_dir, cache_dir):
+    """README command 1 installs the core and the EfficientNet-Lite plugin, no extra: the demo's
+    grid (its heads, optimizers, combinations, TTA, clip, plots, submission; tiny seeded backbones
+    instead of the plugin's) runs through the CLI with every extra's modules hidden (in the tox env
+    lean they are not installed at all)."""
+    import yaml
+    from conftest import REPO
+
+    from catsdogs.util.extras import EXTRAS
+
+    demo = yaml.safe_load((REPO / "experiments" / "demo.yaml").read_text(encoding="utf-8"))
+    demo.update(data=str(kaggle_dir), output=str(tmp_path / "out"), cache_dir=str(cache_dir),
+                weights="none", epochs=2, batch_size=8,
+                backbones=[{"name": "resnet50", "image_size": 32},
+                           {"name": "xception", "image_size": 71}])
+    experiment = tmp_path / "demo.yaml"
+    experiment.write_text(yaml.safe_dump(demo, sort_keys=False))
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(HIDE_MODULES)
+    proc = run_cli("run", str(experiment), "--no-progress", timeout=900,
+                   env={"PYTHONPATH": str(hide), "CATSDOGS_TEST_HIDE": ",".join(EXTRAS)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "out" / "submission.csv").is_file()
+    assert len(list((tmp_path / "out" / "runs").glob("*/record.json"))) == 3 * 2 * 2

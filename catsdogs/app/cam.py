@@ -18,6 +18,7 @@ import numpy as np
 
 from catsdogs.app.predict import LABELS, Predictor, read_photo
 from catsdogs.errors import DataError
+from catsdogs.util.extras import require
 
 logger = logging.getLogger("catsdogs")
 
@@ -27,7 +28,7 @@ ALPHA = 0.45
 
 def overlay(photo: np.ndarray, cam_map: np.ndarray, alpha: float = ALPHA) -> np.ndarray:
     """Blend a JET-coloured ``cam_map`` (h, w), upsampled to ``photo`` (H, W, 3 uint8 RGB)."""
-    import cv2
+    cv2 = require("cv2", feature="class activation map pictures")  # catsdogs[cam]
 
     m = np.asarray(cam_map, dtype=np.float32)
     m = m - m.min()

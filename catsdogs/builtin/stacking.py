@@ -45,6 +45,7 @@ from catsdogs.components import Head, Optimizer
 from catsdogs.errors import ConfigError
 from catsdogs.hookspecs import hookimpl
 from catsdogs.runs.metrics import log_loss
+from catsdogs.util.extras import require
 from catsdogs.validation import (
     SEED_MAX,
     NotFittedError,
@@ -161,6 +162,7 @@ class LightGBMStackingHead(Head):
     """
 
     name = "lightgbm_stacking"
+    requires = ("lightgbm",)  # catsdogs[stacking]
     #: the optimizer trains the first-level Keras heads
     uses_optimizer = True
 
@@ -326,7 +328,7 @@ class LightGBMStackingHead(Head):
         fit_kwargs = dict(optimizer=optimizer if base_cls.uses_optimizer else None,
                           epochs=epochs, batch_size=batch_size, seed=seed, verbose=verbose)
 
-        import lightgbm
+        lightgbm = require("lightgbm", feature=f"head {self.name!r}")  # catsdogs[stacking]
 
         slices = _slices(block_list)
         oof_cols, val_cols, base_heads, oof_losses = [], [], {}, {}

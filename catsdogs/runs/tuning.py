@@ -26,6 +26,7 @@ import numpy as np
 from catsdogs.components import DEFAULT_SEARCH_SPACE, Head, Optimizer, SearchSpace
 from catsdogs.errors import ConfigError
 from catsdogs.runs import metrics
+from catsdogs.util.extras import require
 from catsdogs.validation import SEED_MAX, check_features, check_int, check_labels
 
 #: the default ranges of ``dropout``, ``l2`` and the optimizer's ``learning_rate``
@@ -225,7 +226,7 @@ def _search(head_name: str, space: SearchSpace, names: Sequence[str],
             run: Callable[[dict[str, Any], str], float], budget: int, seed: int,
             directory: str) -> None:
     """Run keras-tuner's random search, calling ``run(values, trial_id)`` once per trial."""
-    import keras_tuner
+    keras_tuner: Any = require("keras_tuner", feature="tuning (the experiment's `tuning:`)")
 
     class HeadTuner(keras_tuner.Tuner):
         """Each trial fits a catsdogs head (not a Keras HyperModel) and reports its log loss."""
