@@ -288,3 +288,123 @@ def test_tracking_without_mlflow_warns_or_is_one_error(tmp_path, data):
     assert optional.stderr.count("tracking needs MLflow") == 1, optional.stderr  # said once
     assert "continuing without tracking" in optional.stderr
     assert len(pd.read_csv(tmp_path / "out-t" / "leaderboard.csv")) == 1
+
+
+# ------------------------------------------------------------------------------------ issue 20
+# Items 3 (tuning inside each fold), 4 (k-fold post-processing applied as chosen), 5 (one number
+# per run everywhere) and 8 (standard errors, paired differences, ties).
+
+def test_one_ranking_number_everywhere_with_its_standard_error(tmp_path, data):
+    """Item 5: the leaderboard, ✓, "N of M under the target", summary.md and the plot's numbers
+    are each run's ranking number (RunRecord.ranking_logloss), not the raw or fixed-clip loss;
+    item 8: each row has a seeded bootstrap SE and paired difference to the leader, and the
+    summary names the runs tied with the winner."""
+    import re
+
+    from catsdogs.runs.metrics import TIE_SE, paired_bootstrap, row_log_losses
+
+    changes = dict(combinations=[["resnet50"]], heads=["dropout_sigmoid", "softmax_cam"], epochs=2,
+                   postprocess="auto")
+    first = run_experiment(load_experiment(_write(tmp_path, "one", **changes)), progress=False,
+                           submit=False)
+    numbers = sorted(r.ranking_logloss for r in first.records)
+    assert len(numbers) == 4
+    target = (numbers[1] + numbers[2]) / 2  # two runs under it by the ranking number
+    said: list[str] = []
+    result = run_experiment(load_experiment(_write(tmp_path, "one", target=target, **changes)),
+                            progress=False, submit=False, echo=said.append)
+    assert result.reused == 4
+    out = result.out_dir
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert "best_clip_logloss" not in board.columns  # the in-sample number is not on the board
+    losses = []
+    records = {r.run_id: r for r in result.records}  # their target is this call's
+    for row in board.itertuples():
+        rec = records[row.run_id]
+        assert row.val_logloss == pytest.approx(rec.ranking_logloss, abs=1e-12)
+        assert row.val_logloss_raw == pytest.approx(rec.metrics.logloss, abs=1e-12)
+        assert row.under_target == (rec.ranking_logloss < target) == rec.under_target
+        val = pd.read_csv(out / "runs" / row.run_id / "val_predictions.csv")
+        per_row = row_log_losses(val["label"], val["p_dog_post"])  # the rows behind the number
+        assert per_row.mean() == pytest.approx(row.val_logloss, abs=1e-9)
+        losses.append(per_row)
+    assert (np.diff(board["val_logloss"]) >= 0).all()  # ranked by it
+    assert board["under_target"].sum() == 2
+    assert _summary_under(out) == (2, 2)
+    assert "2 of 4 runs under the target" in said[-1]
+    # item 8: seeded, paired bootstrap over the same validation photos
+    again = paired_bootstrap(np.stack(losses), 0, seed=7)
+    np.testing.assert_allclose(board["val_logloss_se"], [s.se for s in again], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(board["diff_to_leader_se"], [s.diff_se for s in again], rtol=0, atol=1e-12)
+    assert board["val_logloss_se"].gt(0).all() and board["diff_to_leader"][0] == 0
+    assert (board["diff_to_leader"] >= 0).all()
+    tied = board["diff_to_leader"] < TIE_SE * board["diff_to_leader_se"]
+    assert board["tied_with_leader"][1:].tolist() == tied[1:].tolist()
+    text = (out / "summary.md").read_text()
+    line = next(x for x in text.splitlines() if x.startswith("- statistically tied with the winner:"))
+    named = re.findall(r"`([^`]+)`", line.split("(")[0])
+    assert named == board["run_id"][1:][board["tied_with_leader"][1:]].tolist()
+    assert "2 standard errors" in line
+
+
+def test_kfold_post_processing_is_applied_per_fold_as_it_was_chosen(tmp_path, data):
+    """Item 4: a k-fold run's transform is chosen on single fold heads' out-of-fold predictions,
+    so it is applied to each fold head's test predictions and then averaged (not to the average,
+    which is less confident); the submission and the test score use exactly that."""
+    truth = np.array([0, 1, 0, 1, 1, 0])
+    pd.DataFrame({"id": range(1, 7), "label": truth}).to_csv(data / "test_labels.csv", index=False)
+    exp = _write(tmp_path, "kpp", validation={"kfold": 3}, combinations=[["resnet50"]],
+                 optimizers=["adam"], epochs=2, postprocess="temperature")
+    result = run_experiment(load_experiment(exp), progress=False)
+    (rec,) = result.records
+    from catsdogs.runs.metrics import log_loss
+    from catsdogs.runs.postprocess import transform_of
+
+    t = transform_of(rec)
+    assert t.kind == "temperature" and abs(t.temperature - 1) > 1e-3
+    preds = pd.read_csv(result.out_dir / "runs" / rec.run_id / "test_predictions.csv")
+    folds = preds[["p_dog_fold0", "p_dog_fold1", "p_dog_fold2"]].to_numpy()
+    np.testing.assert_allclose(preds["p_dog"], folds.mean(axis=1), rtol=0, atol=1e-12)
+    per_fold = np.mean([t.apply(folds[:, k]) for k in range(3)], axis=0)
+    submitted = pd.read_csv(result.submission).set_index("id").loc[preds["id"], "label"].to_numpy()
+    np.testing.assert_allclose(submitted, per_fold, rtol=0, atol=1e-6)
+    assert np.abs(per_fold - t.apply(preds["p_dog"])).max() > 1e-6  # it matters here
+    ids = preds["id"].to_numpy()
+    assert rec.test_metrics.logloss == pytest.approx(log_loss(truth[ids - 1], per_fold), abs=1e-9)
+
+
+def test_tuning_happens_inside_each_fold_on_its_training_rows(tmp_path, data, monkeypatch):
+    """Item 3: tune_head searched on fold 0's training rows, which are the validation rows of the
+    other folds. Now every fold is tuned on its own training rows only."""
+    import catsdogs.runs.runner as runner
+    import catsdogs.runs.tuning as tuning
+
+    seen: dict[str, list] = {"splits": [], "X": [], "tuned": []}
+    real_splits, real_features, real_tune = runner._splits, runner.run_features, tuning.tune_head
+
+    def splits(y, experiment):
+        seen["splits"] = real_splits(y, experiment)
+        return seen["splits"]
+
+    def features(*args, **kwargs):
+        f = real_features(*args, **kwargs)
+        seen["X"].append(f.train.X)
+        return f
+
+    def tune(head_cls, params, X, y, **kwargs):
+        seen["tuned"].append(np.array(X))
+        return real_tune(head_cls, params, X, y, **kwargs)
+
+    monkeypatch.setattr(runner, "_splits", splits)
+    monkeypatch.setattr(runner, "run_features", features)
+    monkeypatch.setattr(tuning, "tune_head", tune)
+    exp = _write(tmp_path, "ktune", validation={"kfold": 3}, combinations=[["resnet50"]],
+                 optimizers=["adam"], epochs=1, tuning={"budget": 1, "params": ["dropout"]})
+    (rec,) = run_experiment(load_experiment(exp), progress=False, submit=False).records
+    (X_all,) = seen["X"]
+    assert len(seen["tuned"]) == 3  # once per fold
+    for (tr, va), X in zip(seen["splits"], seen["tuned"]):
+        np.testing.assert_array_equal(X, X_all[tr])  # that fold's training rows, none of its validation
+        assert not np.isin(va, tr).any()
+    assert [f["n_rows"] for f in rec.tuning["folds"]] == [len(tr) for tr, _ in seen["splits"]]
+    assert rec.params["dropout"] == rec.tuning["folds"][0]["best_params"]["dropout"]

@@ -186,10 +186,11 @@ def paired_bootstrap(losses, leader: int = 0, *, n_boot: int = BOOTSTRAP, seed: 
         raise DataError(f"paired_bootstrap: expected finite per-row losses (runs x photos), got shape {L.shape}")
     n = L.shape[1]
     rng = np.random.default_rng(seed)
-    counts = np.empty((n_boot, n))
-    for b in range(n_boot):  # resample weights, so memory is n_boot x photos, not runs x n_boot x photos
-        counts[b] = np.bincount(rng.integers(0, n, n), minlength=n)
-    means = L @ counts.T / n  # runs x n_boot
+    means = np.empty((L.shape[0], n_boot))  # runs x n_boot
+    for start in range(0, n_boot, 100):  # as resample weights, 100 resamples at a time
+        stop = min(start + 100, n_boot)
+        counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(start, stop)])
+        means[:, start:stop] = L @ counts.T / n
     mean = L.mean(axis=1)
     se = means.std(axis=1, ddof=1)
     diffs = means - means[leader]

@@ -50,7 +50,7 @@ def refit_run(record: RunRecord, experiment: Experiment, aligned: Aligned,
     train, test = features.train, features.test
     if test is None:
         raise DataError("refit: the data has no test images to predict")
-    head = registry.head(record.head.name)(**record.params)
+    head = registry.head(record.head.name)(**{**record.params, **(record.refit_params or {})})  # as ranked
     optimizer = None
     if record.optimizer is not None:
         optimizer = registry.optimizer(record.optimizer.name)(learning_rate=record.learning_rate)

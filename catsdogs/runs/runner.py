@@ -41,7 +41,14 @@ from catsdogs.experiment.spec import Experiment, HeadSpec, OptimizerSpec
 from catsdogs.features.fusion import Aligned, align
 from catsdogs.runs.ensemble import ensemble_record
 from catsdogs.runs.features import run_features
-from catsdogs.runs.postprocess import postprocess_record, ranking_loss, transform_of
+from catsdogs.runs.metrics import BOOTSTRAP, TIE_SE, PairedStats
+from catsdogs.runs.postprocess import (
+    FOLD_PREFIX,
+    POST_COLUMN,
+    apply_to_test,
+    postprocess_record,
+    transform_of,
+)
 from catsdogs.runs.record import (
     RECORD,
     RECORD_VERSION,
@@ -123,6 +130,8 @@ class ExperimentResult:
     reused: int  # runs taken from earlier calls
     submission: Path | None = None
     feature_files: dict[str, str] = field(default_factory=dict)
+    #: run id -> standard error and paired difference to the leader (:func:`rank_stats`)
+    stats: dict[str, PairedStats] = field(default_factory=dict)
 
     @property
     def winner(self) -> RunRecord:
@@ -131,11 +140,14 @@ class ExperimentResult:
     def leaderboard(self):
         import pandas as pd
 
-        return pd.DataFrame([_leaderboard_row(i + 1, r, self.experiment.target)
+        return pd.DataFrame([_leaderboard_row(i + 1, r, self.stats.get(r.run_id))
                              for i, r in enumerate(self.records)])
 
 
-def _leaderboard_row(rank: int, record: RunRecord, target: float) -> dict[str, Any]:
+def _leaderboard_row(rank: int, record: RunRecord, stat: PairedStats | None) -> dict[str, Any]:
+    """One leaderboard row. ``val_logloss`` is THE number (:attr:`RunRecord.ranking_logloss`);
+    ``val_logloss_raw`` / ``val_logloss_clipped`` (the experiment's fixed clip) are for reference,
+    ``val_logloss_post`` is the same number as ``val_logloss`` under its older name."""
     m, t = record.metrics, record.test_metrics
     return {
         "rank": rank,
@@ -145,14 +157,17 @@ def _leaderboard_row(rank: int, record: RunRecord, target: float) -> dict[str, A
         "head": record.head.name,
         "optimizer": record.optimizer.name if record.optimizer else "",
         "learning_rate": record.learning_rate,
-        "val_logloss": m.logloss,
-        "val_logloss_clipped": m.logloss_clipped,
-        "val_logloss_post": ranking_loss(record),
+        "val_logloss": record.ranking_logloss,
+        "val_logloss_se": None if stat is None else stat.se,
+        "diff_to_leader": None if stat is None else stat.diff,
+        "diff_to_leader_se": None if stat is None else stat.diff_se,
+        "tied_with_leader": None if stat is None else stat.tied,
         "postprocess": transform_of(record).describe(),
         "val_accuracy": m.accuracy,
-        "best_clip": m.best_clip_lo,
-        "best_clip_logloss": m.best_clip_logloss,
-        "under_target": m.logloss_clipped < target,
+        "under_target": record.under_target,
+        "val_logloss_raw": m.logloss,
+        "val_logloss_clipped": m.logloss_clipped,
+        "val_logloss_post": record.ranking_logloss,
         **({"test_logloss": t.logloss, "test_logloss_raw": t.extra.get("logloss_raw"),
             "test_accuracy": t.accuracy} if t else {}),
         "seconds": round(record.seconds, 2),
@@ -160,8 +175,31 @@ def _leaderboard_row(rank: int, record: RunRecord, target: float) -> dict[str, A
 
 
 def rank_records(records: list[RunRecord]) -> list[RunRecord]:
-    """Best first, by the post-processed validation log loss (:func:`~catsdogs.runs.postprocess.ranking_loss`)."""
-    return sorted(records, key=lambda r: (ranking_loss(r), r.metrics.logloss, r.run_id))
+    """Best first, by :attr:`RunRecord.ranking_logloss` (the cross-fitted post-processed loss)."""
+    return sorted(records, key=lambda r: (r.ranking_logloss, r.metrics.logloss, r.run_id))
+
+
+def rank_stats(ranked: list[RunRecord], out: Path, seed: int) -> dict[str, PairedStats]:
+    """Each ranked run's bootstrap standard error and paired difference to the leader
+    (:func:`catsdogs.runs.metrics.paired_bootstrap`, seeded with the experiment's seed) over the
+    per-photo losses behind its ranking number (the ``p_dog_post`` column of its
+    ``val_predictions.csv``; every run predicts the same validation photos)."""
+    import pandas as pd
+
+    from catsdogs.runs.metrics import paired_bootstrap, row_log_losses
+
+    frames = [pd.read_csv(out / "runs" / r.run_id / "val_predictions.csv").set_index("file")
+              for r in ranked]
+    files = frames[0].index
+    losses = []
+    for r, f in zip(ranked, frames):
+        if set(f.index) != set(files):
+            raise DataError(f"run {r.run_id!r} predicted other validation photos than "
+                            f"{ranked[0].run_id!r}; rerun the experiment so all runs share one split")
+        f = f.loc[files]
+        losses.append(row_log_losses(f["label"].to_numpy(), f[POST_COLUMN].to_numpy()))
+    stats = paired_bootstrap(np.stack(losses), 0, seed=seed)
+    return {r.run_id: s for r, s in zip(ranked, stats)}
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -224,33 +262,27 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
     opt_cls = registry.optimizer(spec.optimizer.name) if spec.optimizer else None
     params = dict(spec.head.params)
     learning_rate = spec.optimizer.learning_rate if spec.optimizer else None
-    tuning_info = None
+    fold_tuning: list[dict[str, Any]] = []
 
     from catsdogs.runs.tuning import tunable_names
 
-    if experiment.tuning is not None and tunable_names(head_cls, experiment.tuning.params):
-        from catsdogs.runs.tuning import tune_head
-
-        tr0 = splits[0][0]
-        result = tune_head(
-            head_cls, params, train.X[tr0], train.y[tr0], optimizer_cls=opt_cls,
-            learning_rate=learning_rate, params_to_tune=experiment.tuning.params,
-            budget=experiment.tuning.budget, epochs=experiment.epochs,
-            batch_size=experiment.batch_size, seed=experiment.seed, blocks=train.blocks,
-        )
-        params.update(result.best_params)
-        if opt_cls is not None and result.best_learning_rate is not None:
-            learning_rate = result.best_learning_rate
-        tuning_info = {"best_params": result.best_params, "best_learning_rate": result.best_learning_rate,
-                       "best_inner_val_logloss": result.best_score, "trials": result.trials}
-
+    tuned = experiment.tuning is not None and bool(tunable_names(head_cls, experiment.tuning.params))
     oof = np.full(len(train.y), np.nan)
     test_preds, histories = [], []
+    run_params, run_lr, refit_params = params, learning_rate, None
     for fold, (tr, va) in enumerate(splits):
         group = fitted[fold] if fitted else None
-        head = group.head if group is not None else head_cls(**params)
+        fold_params, fold_lr = params, learning_rate
+        if tuned and group is None:
+            # inside the fold, on its training rows only: never on rows another fold validates on
+            fold_params, fold_lr, info = _tune_fold(head_cls, params, learning_rate, opt_cls,
+                                                    train, tr, experiment)
+            fold_tuning.append(info)
+        if fold == 0:
+            run_params, run_lr = fold_params, fold_lr
+        head = group.head if group is not None else head_cls(**fold_params)
         if group is None:
-            optimizer = opt_cls(learning_rate=learning_rate) if opt_cls else None
+            optimizer = opt_cls(learning_rate=fold_lr) if opt_cls else None
             head.fit(train.X[tr], train.y[tr], validation=(train.X[va], train.y[va]),
                      optimizer=optimizer, epochs=experiment.epochs,
                      batch_size=experiment.batch_size, seed=experiment.seed, blocks=train.blocks)
@@ -268,6 +300,10 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
                                                lambda h=head: _predict(h, test.X, test.X_flip)))
         histories.append(dict(getattr(head, "history_", {}) or {}))
         if fold == 0:
+            # what a refit on all rows must fix to reproduce this fit (e.g. the stacker's
+            # early-stopped tree count); a head without it refits with its params alone
+            refit_params = getattr(head, "refit_params", lambda: None)()
+        if fold == 0:
             model = head.keras_model()
             if model is not None:
                 model.save(run_dir / "head.keras")
@@ -279,23 +315,27 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
                   "label": y_val, "p_dog": p_val}).to_csv(run_dir / "val_predictions.csv", index=False)
     if test is not None:
         p_test = np.mean(test_preds, axis=0)
-        pd.DataFrame({"id": test.ids, "file": test.files, "p_dog": p_test}).to_csv(
+        # k-fold: each fold head's predictions too, so post-processing chosen on single fold heads'
+        # out-of-fold predictions is applied to single fold heads before averaging (apply_to_test)
+        folds = {f"{FOLD_PREFIX}{k}": p for k, p in enumerate(test_preds)} if len(test_preds) > 1 else {}
+        pd.DataFrame({"id": test.ids, "file": test.files, "p_dog": p_test, **folds}).to_csv(
             run_dir / "test_predictions.csv", index=False)
-    title = f"{spec.run_id}: val log loss {metrics['logloss_clipped']:.4f} (clipped)"
-    plot_history(histories[0], run_dir / "curves.png", title)
+    # no loss in the title: the run's number is known once its post-processing is chosen
+    plot_history(histories[0], run_dir / "curves.png", f"{spec.run_id}: training curves (fold 1)")
     return RunRecord(
         run_id=spec.run_id,
         combination=list(spec.combination),
         head=HeadRef(spec.head.name, dict(spec.head.params)),
         optimizer=None if spec.optimizer is None else
         OptimizerRef(spec.optimizer.name, spec.optimizer.learning_rate),
-        params=params,
-        learning_rate=learning_rate if opt_cls else None,
+        params=run_params,
+        learning_rate=run_lr if opt_cls else None,
         settings=settings,
         settings_hash=_short_hash(settings, 16),
         metrics=Metrics.from_dict(metrics, "metrics"),
         tta=tta,
-        tuning=tuning_info,
+        tuning=_tuning_record(fold_tuning),
+        refit_params=refit_params or None,
         history=histories,
         n_train=int(len(splits[0][0])),
         n_val=int(len(val_rows)),
@@ -310,6 +350,38 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
     )
 
 
+
+
+def _tune_fold(head_cls, params: dict[str, Any], learning_rate: float | None, opt_cls, train,
+               rows: np.ndarray, experiment: Experiment) -> tuple[dict[str, Any], float | None, dict[str, Any]]:
+    """Tune a run's head on one fold's training ``rows`` (keras-tuner on an inner split of them):
+    the fold's parameters, learning rate and what to record."""
+    from catsdogs.runs.tuning import tune_head
+
+    assert experiment.tuning is not None
+    result = tune_head(
+        head_cls, params, train.X[rows], train.y[rows], optimizer_cls=opt_cls,
+        learning_rate=learning_rate, params_to_tune=experiment.tuning.params,
+        budget=experiment.tuning.budget, epochs=experiment.epochs,
+        batch_size=experiment.batch_size, seed=experiment.seed, blocks=train.blocks,
+    )
+    fold_params = {**params, **result.best_params}
+    fold_lr = learning_rate
+    if opt_cls is not None and result.best_learning_rate is not None:
+        fold_lr = result.best_learning_rate
+    info = {"best_params": result.best_params, "best_learning_rate": result.best_learning_rate,
+            "best_inner_val_logloss": result.best_score, "trials": result.trials,
+            "n_rows": int(len(rows))}
+    return fold_params, fold_lr, info
+
+
+def _tuning_record(folds: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """``record.tuning``: the first fold's result at the top (the run's ``params``; the only fold
+    of a holdout run) and, for k-fold, every fold's in ``folds`` (each fold is tuned on its own
+    training rows)."""
+    if not folds:
+        return None
+    return {**folds[0], **({"folds": folds} if len(folds) > 1 else {})}
 
 
 # ------------------------------------------------------------------------------------ experiment
@@ -353,32 +425,58 @@ def _settings(spec: RunSpec, experiment: Experiment, keys: dict, split_hash: str
     }
 
 
-def format_leaderboard(records: list[RunRecord], target: float, limit: int | None = None) -> str:
+def format_leaderboard(records: list[RunRecord], target: float, limit: int | None = None,
+                       stats: dict[str, PairedStats] | None = None) -> str:
+    """The console leaderboard: each run's ranking number, its standard error and paired
+    difference to the leader (``stats``: :func:`rank_stats`; ``=`` marks a statistical tie)."""
     rows = records if limit is None else records[:limit]
     width = max([len(r.run_id) for r in rows] + [3])
     has_test = any(r.test_metrics for r in rows)
     test_head = f"  {'test logloss':>12}  {'test acc':>8}" if has_test else ""
-    lines = [f"{'#':>3}  {'run':<{width}}  {'val logloss':>11}  {'post':>8}  {'acc':>6}{test_head}  target",
-             "-" * (width + 48 + (24 if has_test else 0))]
+    stats = stats or {}
+    lines = [f"{'#':>3}  {'run':<{width}}  {'val logloss':>11}  {'± se':>7}  {'Δ leader':>16}  "
+             f"{'acc':>6}{test_head}  target",
+             "-" * (width + 66 + (24 if has_test else 0))]
     for i, r in enumerate(rows, 1):
-        m, t = r.metrics, r.test_metrics
-        mark = "  ✓" if m.logloss_clipped < target else ""
+        m, t, s = r.metrics, r.test_metrics, stats.get(r.run_id)
+        mark = "  ✓" if r.under_target else ""
         test_cols = (f"  {t.logloss:>12.5f}  {t.accuracy:>8.3f}" if t else f"  {'':>12}  {'':>8}") \
             if has_test else ""
-        lines.append(f"{i:>3}  {r.run_id:<{width}}  {m.logloss:>11.5f}  {ranking_loss(r):>8.5f}  "
+        se = f"{s.se:>7.5f}" if s else f"{'':>7}"
+        diff = _diff_text(s, i == 1)
+        lines.append(f"{i:>3}  {r.run_id:<{width}}  {r.ranking_logloss:>11.5f}  {se}  {diff:>16}  "
                      f"{m.accuracy:>6.3f}{test_cols}{mark}")
-    under = sum(r.metrics.logloss_clipped < target for r in records)
+    under = sum(r.under_target for r in records)
     lines.append(f"{under} of {len(records)} runs under the target {target:g} (✓, by validation log loss)")
     if has_test:
         lines.append("test columns: the submitted (post-processed) test predictions scored against the "
                      "data's test_labels.csv; never used for ranking")
-    lines.append("post: validation log loss after each run's post-processing (cross-fitted; the ranking)")
+    lines.append("val logloss: each run's ranking number (post-processed, cross-fitted); "
+                 "± se and Δ leader: " + TIE_RULE)
+    tied = [r.run_id for r in records[1:] if (s := stats.get(r.run_id)) is not None and s.tied]
+    if stats:
+        lines.append(f"tied with the winner: {', '.join(tied) if tied else 'none'}")
     return "\n".join(lines)
 
 
+#: how ties with the winner are decided, in words (console, summary.md)
+TIE_RULE = (f"bootstrap over the validation photos ({BOOTSTRAP} resamples, seeded); a run is "
+            f"statistically tied with the winner when its paired difference is below {TIE_SE:g} "
+            "standard errors of that difference")
+
+
+def _diff_text(stat: PairedStats | None, leader: bool) -> str:
+    if stat is None:
+        return ""
+    if leader:
+        return "leader"
+    return f"+{stat.diff:.5f}±{stat.diff_se:.5f}" + (" =" if stat.tied else "")
+
+
 def _write_summary(out: Path, experiment: Experiment, records: list[RunRecord],
-                   submission: Path | None) -> None:
+                   submission: Path | None, stats: dict[str, PairedStats] | None = None) -> None:
     target = experiment.target
+    stats = stats or {}
     lines = [
         f"# Experiment `{experiment.name}`",
         "",
@@ -389,25 +487,38 @@ def _write_summary(out: Path, experiment: Experiment, records: list[RunRecord],
         f"; seed {experiment.seed}; {experiment.epochs} epochs, batch {experiment.batch_size}; "
         f"clip {list(experiment.clip)}; TTA {'on' if experiment.tta else 'off'}",
         f"- target: **{target:g}** (Kaggle public LB top 10%); "
-        f"{sum(r.metrics.logloss_clipped < target for r in records)} runs under it",
+        f"{sum(r.under_target for r in records)} runs under it",
         f"- winner: **{records[0].run_id}** — validation log loss "
-        f"{ranking_loss(records[0]):.5f} (post-processed: {transform_of(records[0]).describe()}), "
+        f"{records[0].ranking_logloss:.5f}"
+        + (f" ± {stats[records[0].run_id].se:.5f}" if records[0].run_id in stats else "")
+        + f" (post-processed: {transform_of(records[0]).describe()}), "
         f"accuracy {records[0].metrics.accuracy:.4f}",
     ]
+    if stats:
+        tied = [r.run_id for r in records[1:] if r.run_id in stats and stats[r.run_id].tied]
+        lines.append(f"- statistically tied with the winner: "
+                     f"{', '.join(f'`{t}`' for t in tied) if tied else 'none'} ({TIE_RULE}; "
+                     "a tie means the validation photos cannot tell these runs apart)")
     if submission is not None:
         refit = (out / "refit.json").is_file() and json.loads((out / "refit.json").read_text()).get("refit")
         lines.append(f"- submission: `{submission.name}` (the winner's "
                      f"{'refitted (all training rows) ' if refit else ''}test predictions, post-processed)")
     lines += ["", "![validation log loss per run](leaderboard.png)", "",
-              "| # | run | val log loss | clipped | post-processed | post-processing | accuracy | "
-              "best clip (loss) | under target | test log loss | test accuracy |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| # | run | val log loss | ± se | Δ to winner (± se) | tied | post-processing | accuracy | "
+              "under target | raw val log loss | test log loss | test accuracy |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(records, 1):
-        m, t = r.metrics, r.test_metrics
+        m, t, s = r.metrics, r.test_metrics, stats.get(r.run_id)
         test_cols = f"{t.logloss:.5f} | {t.accuracy:.4f}" if t else " | "
-        lines.append(f"| {i} | `{r.run_id}` | {m.logloss:.5f} | {m.logloss_clipped:.5f} | "
-                     f"{ranking_loss(r):.5f} | {transform_of(r).describe()} | {m.accuracy:.4f} | {m.best_clip_lo:.4g} ({m.best_clip_logloss:.5f}) | "
-                     f"{'✓' if m.logloss_clipped < target else ''} | {test_cols} |")
+        se = f"{s.se:.5f}" if s else ""
+        diff = "winner" if i == 1 else (f"+{s.diff:.5f} (± {s.diff_se:.5f})" if s else "")
+        tie = "=" if s and s.tied and i > 1 else ""
+        lines.append(f"| {i} | `{r.run_id}` | {r.ranking_logloss:.5f} | {se} | {diff} | {tie} | "
+                     f"{transform_of(r).describe()} | {m.accuracy:.4f} | "
+                     f"{'✓' if r.under_target else ''} | {m.logloss:.5f} | {test_cols} |")
+    lines += ["", "val log loss: the number each run is ranked by, everywhere (its validation "
+                  "predictions post-processed, cross-fitted: no photo is scored by a transform "
+                  "fitted on it). raw val log loss: before post-processing, for reference."]
     if any(r.test_metrics for r in records):
         lines += ["", "Test columns: each run's submitted (post-processed) test predictions scored against "
                       "`test_labels.csv` of the data directory. They are never used for ranking."]
@@ -499,11 +610,13 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
         _attach_test_metrics(records, out, labels_file, expected_test_ids)
     ranked = rank_records(records)
     result = ExperimentResult(experiment, out, ranked, computed, reused,
-                              feature_files={b: k["file"] for b, k in keys.items()})
+                              feature_files={b: k["file"] for b, k in keys.items()},
+                              stats=rank_stats(ranked, out, experiment.seed))
     board = result.leaderboard()
     atomic_write(out / "leaderboard.csv", lambda fh: fh.write(board.to_csv(index=False).encode()))
-    plot_leaderboard([r.run_id for r in ranked], [ranking_loss(r) for r in ranked],
-                     experiment.target, out / "leaderboard.png", title=f"{experiment.name}: validation log loss")
+    plot_leaderboard([r.run_id for r in ranked], [r.ranking_logloss for r in ranked],
+                     experiment.target, out / "leaderboard.png", title=f"{experiment.name}: validation log loss",
+                     errors=[result.stats[r.run_id].se for r in ranked])
     (out / "refit.json").unlink(missing_ok=True)
     if submit and ranked[0].n_test > 0 and experiment.refit:
         from catsdogs.runs.refit import refit_submission
@@ -513,8 +626,8 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
     if submit and ranked[0].n_test > 0 and result.submission is None:
         result.submission = write_run_submission(out / "runs" / ranked[0].run_id, out / "submission.csv",
                                                  expected_ids=expected_test_ids)
-    _write_summary(out, experiment, ranked, result.submission)
-    echo(format_leaderboard(ranked, experiment.target))
+    _write_summary(out, experiment, ranked, result.submission, result.stats)
+    echo(format_leaderboard(ranked, experiment.target, stats=result.stats))
     log_result(tracker, experiment.tracking, result, echo)  # after every local file is written
     return result
 
@@ -611,11 +724,12 @@ def _attach_test_metrics(records: list[RunRecord], out: Path, labels_file: Path,
             continue
         preds = pd.read_csv(preds_path)
         probs = dict(zip(preds["id"].astype(int), preds["p_dog"].astype(float)))
+        post = dict(zip(preds["id"].astype(int), apply_to_test(transform_of(record), preds)))
         ids = [i for i in expected_ids if i in labels.index]
         if not ids:
             continue
         raw = np.array([probs.get(i, 0.5) for i in ids])
-        p = transform_of(record).apply(raw)
+        p = np.array([post.get(i, 0.5) for i in ids])  # as submitted (k-fold: per fold, then averaged)
         y = labels.loc[ids].to_numpy()
         record.test_metrics = TestMetrics(log_loss(y, p), accuracy(y, p), len(ids),
                                           extra={"logloss_raw": log_loss(y, raw)})
@@ -650,8 +764,10 @@ def write_run_submission(run_dir: str | os.PathLike, path: str | os.PathLike, *,
                        len(missing), ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else ""))
     ids = list(expected_ids)
     values = [probs.get(i, 0.5) for i in ids]
-    if clip is None:  # the run's chosen post-processing (a fixed clip for older records)
-        return write_submission(Path(path), ids, transform_of(record).apply(values).tolist(),
+    if clip is None:  # the run's chosen post-processing (a fixed clip for older records), applied
+        # as it was chosen: to each fold head's predictions of a k-fold run, then averaged
+        post = dict(zip(preds["id"].astype(int).tolist(), apply_to_test(transform_of(record), preds).tolist()))
+        return write_submission(Path(path), ids, [post.get(i, 0.5) for i in ids],
                                 clip_bounds=None, expected_ids=ids)
     bounds = cast("tuple[float, float]", tuple(clip))  # the pair; tuple() widens it to tuple[float, ...]
     if not (0 <= bounds[0] < bounds[1] <= 1):
