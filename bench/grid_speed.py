@@ -21,7 +21,12 @@ Measured in ONE process (CPU timings are noisy; compare the ratios, not the seco
 2. the same 30 runs one by one as the runner trained them before (fuse the combination, compiled
    loop, predict), with per-run seconds and each run's largest weight difference to its grouped
    twin; then the speed ratio, the largest weight and validation-P(dog) differences, memory;
-3. optionally (``--keras-subset`` / ``--keras-all``) the same runs with ``model.fit``.
+3. optionally (``--keras-subset`` / ``--keras-all``) the same runs with ``model.fit``;
+4. with ``--group-runs K``: the grid in the runner's bounded groups
+   (:func:`catsdogs.runs.multifit.plan_groups`: whole combinations packed into groups of at most K
+   runs, one ``fit_group`` + predictions per group, as the runner trains and writes them) against
+   the whole grid as one group, alternated ``--repeat`` times in this process; prints each time
+   and the ratio of the medians (bounded / one group) and checks the weights are identical.
 
 A tiny fit with each loop runs first, so TensorFlow's start-up is in no measurement.
 
@@ -29,7 +34,7 @@ Usage::
 
     python bench/grid_speed.py [--rows 25000] [--test-rows 12500] [--epochs 8] [--batch-size 128]
                                [--no-single] [--keras-subset | --keras-all | --no-keras]
-                               [--signal 0.03] [--seed 2019]
+                               [--signal 0.03] [--seed 2019] [--group-runs 8 [--repeat 2]]
 """
 
 from __future__ import annotations
@@ -107,27 +112,59 @@ def one_run(loop, combination, optimizer_name, train_blocks, test_blocks, y, tr,
             "weights": head.model_.get_weights(), "p_val": p_val}
 
 
-def grouped_grid(runs, train_blocks, test_blocks, y, tr, va, args):
+def grouped_grid(runs, train_blocks, test_blocks, y, tr, va, args, group_runs=None):
     """All runs by catsdogs.runs.multifit.fit_group (one pass over the rows per batch for the
-    whole grid), then every run's validation and test predictions by predict_group (each block
-    multiplied once by all runs' kernel slices, no combination fused), as the runner does."""
-    from catsdogs.runs.multifit import Member, fit_group, predict_group
+    whole grid, or per group of :func:`plan_groups` with ``group_runs``), then every run's
+    validation and test predictions by predict_group (each block multiplied once by all runs'
+    kernel slices, no combination fused), as the runner does."""
+    from catsdogs.runs.multifit import Member, fit_group, plan_groups, predict_group
 
-    t0 = time.perf_counter()
-    members = [Member(DropoutSigmoidHead(), OPTIMIZERS[o](), c) for c, o in runs]
-    heads = fit_group(members, train_blocks, y, train_rows=tr, val_rows=va, epochs=args.epochs,
-                      batch_size=args.batch_size, seed=args.seed)
-    t1 = time.perf_counter()
-    combinations = [c for c, _ in runs]
-    vals = predict_group(heads, combinations, train_blocks, va)
-    tests = predict_group(heads, combinations, test_blocks)
+    groups = [list(runs)] if group_runs is None else \
+        plan_groups(runs, lambda run: run[0], max_runs=group_runs)
     results = {}
-    for (c, o), head, p_val, p_test in zip(runs, heads, vals, tests, strict=True):
-        assert p_val is not None and p_test is not None
-        assert p_test.shape == (len(next(iter(test_blocks.values()))),)
-        results[(c, o)] = {"val_logloss": log_loss(y[va], p_val), "p_val": p_val,
-                           "weights": head.model_.get_weights(), "width": head.n_features_in_}
-    return results, t1 - t0, time.perf_counter() - t1
+    fit_s = predict_s = 0.0
+    for group in groups:
+        t0 = time.perf_counter()
+        members = [Member(DropoutSigmoidHead(), OPTIMIZERS[o](), c) for c, o in group]
+        heads = fit_group(members, train_blocks, y, train_rows=tr, val_rows=va, epochs=args.epochs,
+                          batch_size=args.batch_size, seed=args.seed)
+        t1 = time.perf_counter()
+        combinations = [c for c, _ in group]
+        vals = predict_group(heads, combinations, train_blocks, va)
+        tests = predict_group(heads, combinations, test_blocks)
+        for (c, o), head, p_val, p_test in zip(group, heads, vals, tests, strict=True):
+            assert p_val is not None and p_test is not None
+            assert p_test.shape == (len(next(iter(test_blocks.values()))),)
+            results[(c, o)] = {"val_logloss": log_loss(y[va], p_val), "p_val": p_val,
+                               "weights": head.model_.get_weights(), "width": head.n_features_in_}
+        fit_s += t1 - t0
+        predict_s += time.perf_counter() - t1
+    return results, fit_s, predict_s
+
+
+def bounded_comparison(runs, train_blocks, test_blocks, y, tr, va, args) -> None:
+    """The runner's bounded groups against one group for the whole grid, alternated."""
+    from catsdogs.runs.multifit import plan_groups
+
+    sizes = [len(g) for g in plan_groups(runs, lambda run: run[0], max_runs=args.group_runs)]
+    print(f"\n-- bounded groups (at most {args.group_runs} runs: {len(sizes)} groups of "
+          f"{'/'.join(map(str, sizes))}) vs one group of {len(runs)}, alternated "
+          f"{args.repeat} times --")
+    times: dict[str, list[float]] = {"one group": [], "bounded": []}
+    worst_w = 0.0
+    for i in range(args.repeat):
+        out = {}
+        for label, k in (("one group", None), ("bounded", args.group_runs)):
+            t0 = time.perf_counter()
+            out[label], _, _ = grouped_grid(runs, train_blocks, test_blocks, y, tr, va, args, k)
+            times[label].append(time.perf_counter() - t0)
+            print(f"  {i + 1}. {label:<9} {times[label][-1]:6.1f} s", flush=True)
+        for key, r in out["one group"].items():
+            worst_w = max(worst_w, max(float(np.abs(a - b).max()) for a, b in
+                                       zip(r["weights"], out["bounded"][key]["weights"], strict=True)))
+    one, bounded = (statistics.median(times[k]) for k in ("one group", "bounded"))
+    print(f"bounded groups of <= {args.group_runs} vs one group: {bounded:.1f} s vs {one:.1f} s "
+          f"(medians), {bounded / one:.3f}x the time; max |weight difference| {worst_w:.2e}")
 
 
 def main() -> None:
@@ -148,6 +185,12 @@ def main() -> None:
     keras_group.add_argument("--no-keras", dest="keras", action="store_const", const="none",
                              help="no model.fit runs (default)")
     parser.set_defaults(keras="none")
+    parser.add_argument("--group-runs", type=int, default=None,
+                        help="also time the runner's bounded groups of at most this many runs "
+                             "against one group (catsdogs.runs.multifit.GROUP_RUNS is the default "
+                             "bound)")
+    parser.add_argument("--repeat", type=int, default=2,
+                        help="alternations of one group / bounded groups (default 2)")
     args = parser.parse_args()
 
     import tensorflow as tf
@@ -197,6 +240,8 @@ def main() -> None:
     print(f"grouped grid: {len(runs)} runs in {grouped_wall:.1f} s wall (fit {fit_s:.1f} s, "
           f"predict {predict_s:.1f} s); peak RSS {rss_grouped:.0f} MiB (+{rss_grouped - rss_start:.0f} "
           f"over data + warm-up), peak NumPy/Python allocations {traced_grouped:.0f} MiB")
+    if args.group_runs:
+        bounded_comparison(runs, train_blocks, test_blocks, y, tr, va, args)
     if args.no_single:
         return
 

@@ -53,6 +53,14 @@ _EVAL_ROWS = 1024
 #: environment variable: ``0`` makes the runner train every run alone (the reference path)
 GROUPED_ENV = "CATSDOGS_GROUPED_FIT"
 
+#: the most runs the runner trains in one group (:func:`plan_groups`): each group's run
+#: directories are written before the next group trains, so a kill loses at most one group's
+#: training (bench/grid_speed.py --group-runs measures the cost against one group for the grid)
+GROUP_RUNS = 8
+
+#: environment variable overriding :data:`GROUP_RUNS` (a positive integer)
+GROUP_RUNS_ENV = "CATSDOGS_GROUP_RUNS"
+
 
 @dataclass(frozen=True)
 class Member:
@@ -357,6 +365,51 @@ def _sums(prepared: list[_Prepared], preds, losses, b):
     correct = tf.stack([tf.reduce_sum(tf.cast(p.accuracy(yb, y_pred), tf.float32))
                         for p, (yb, y_pred) in zip(prepared, preds, strict=True)])
     return loss, correct
+
+
+def group_runs() -> int:
+    """The bound on runs per group: :data:`GROUP_RUNS`, or ``CATSDOGS_GROUP_RUNS`` when set."""
+    import os
+
+    from catsdogs.validation import check_positive_int
+
+    raw = os.environ.get(GROUP_RUNS_ENV, "").strip()
+    if not raw:
+        return GROUP_RUNS
+    try:
+        value: Any = int(raw)
+    except ValueError:
+        value = raw
+    return check_positive_int(value, GROUP_RUNS_ENV)
+
+
+def plan_groups(items: Sequence[Any], combination_of: Any, *, parallel: bool = False,
+                max_runs: int | None = None) -> list[list[Any]]:
+    """The runs trained together, one :func:`fit_grid` call per group, in plan order; the runner
+    writes a group's run directories before the next group trains.
+
+    Runs of one combination share their fused columns and dropout masks, so a combination's runs
+    stay together; whole combinations are packed into groups of at most ``max_runs`` runs
+    (default :func:`group_runs`), a combination with more runs than that being split. A
+    ``parallel`` engine (Ray) gets one group per combination (still bounded by ``max_runs``), so
+    the groups spread over its CPUs. ``combination_of(item)`` gives an item's combination.
+    """
+    limit = group_runs() if max_runs is None else max_runs
+    by_combination: dict[tuple[str, ...], list[Any]] = {}
+    for item in items:
+        by_combination.setdefault(tuple(combination_of(item)), []).append(item)
+    groups: list[list[Any]] = []
+    current: list[Any] = []
+    for runs in by_combination.values():
+        chunks = [runs[i:i + limit] for i in range(0, len(runs), limit)]
+        for chunk in chunks:
+            if current and (parallel or len(current) + len(chunk) > limit):
+                groups.append(current)
+                current = []
+            current = current + chunk
+    if current:
+        groups.append(current)
+    return groups
 
 
 def grouping_enabled() -> bool:
