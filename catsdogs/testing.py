@@ -512,7 +512,11 @@ def _first_value(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
 
 @_head_check
 def check_head_not_fitted(run: _HeadRun) -> None:
-    """``predict_proba`` (and ``keras_model``) before ``fit`` raise :class:`NotFittedError`."""
+    """``predict_proba`` (and ``keras_model``) before ``fit`` raise :class:`NotFittedError`.
+
+    :class:`~catsdogs.components.Head` enforces this for every subclass (plugin contract 2), so
+    the check fails only for a head that gets around the base class (e.g. a ``predict_proba``
+    assigned to the class after it was defined)."""
     fresh = run.new()
     run.c.raises(NotFittedError, lambda: fresh.predict_proba(run.X),
                  "predict_proba() before fit() must raise catsdogs.validation.NotFittedError")
