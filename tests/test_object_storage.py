@@ -52,6 +52,9 @@ def s3(tmp_path_factory):
     yields its endpoint URL."""
     saved = {k: os.environ.get(k) for k in CREDENTIALS}
     os.environ.update(CREDENTIALS)
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -383,3 +386,148 @@ def test_file_url_is_a_local_folder(photos, tmp_path):
     shutil.copytree(local_root, copy)
     ds = open_dataset(f"file://{copy}")
     assert ds.root == copy.resolve() and len(ds.train) == 15
+
+
+@pytest.fixture
+def strict_s3():
+    """A second S3 server that checks credentials (moto_server with IAM auth enforced from the
+    first request), in a subprocess on a free 127.0.0.1 port; yields its endpoint."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def test_no_or_wrong_credentials_are_one_error_line_before_any_work(strict_s3, tmp_path):
+    cache = tmp_path / "cache"
+    base = {"AWS_ENDPOINT_URL": strict_s3, "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_DEFAULT_REGION": "us-east-1"}
+    hint = ("give them the way s3fs reads them (environment variables, a profile, or "
+            "storage_options: in the experiment file)")
+    for creds, why in (({}, "Unable to locate credentials"),
+                       ({"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET},
+                        "The AWS Access Key Id you provided does not exist in our records.")):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_ACCESS", "AWS_SECRET"))}
+        proc = subprocess.run([sys.executable, "-m", "catsdogs", "extract", f"s3://{BUCKET}/set",
+                               "-b", "resnet50", "--cache-dir", str(cache)],
+                              env={**env, **base, **creds}, capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [
+            f"Error: data directory 's3://{BUCKET}/set': no usable credentials ({why}); {hint}"]
+        _assert_no_secret(proc.stdout, proc.stderr)
+        assert not cache.exists()
+
+
+# ------------------------------------------------------------------------------------ Ray
+@pytest.fixture(scope="module")
+def ray_cluster(s3):
+    """A 2-node Ray cluster on loopback (a head and a second node of one CPU each), started after
+    the credentials are in the environment (workers find them where a cluster's nodes would)."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_workers_read_the_bucket_themselves(s3, photos, ray_cluster, tmp_path):
+    """The driver lists the bucket and sends keys: it reads no photo byte (digests and features
+    both computed by the workers, which fetch every object from the server), and the cache file
+    equals the local engine's on the same photos."""
+    import ray
+
+    from catsdogs.engine import open_engine
+
+    local_root, url = photos
+    proxy = FaultProxy(s3)  # counts the objects served
+    try:
+        before = bytes_read()
+        with open_engine("ray") as engine:
+            (res,) = catsdogs.extract(_url(url, proxy.url), "resnet50", cache_dir=tmp_path / "ray",
+                                      flip=True, engine=engine, **TINY)
+        driver_bytes = bytes_read() - before
+    finally:
+        proxy.shutdown()
+    assert driver_bytes == 0
+    ds = open_dataset(local_root)
+    keys = {f"odd/{r.relpath}" for r in ds.records if r.path.stat().st_size}
+    assert keys <= set(proxy.good)  # every photo was fetched from the server (by the workers)
+    (local,) = catsdogs.extract(local_root, "resnet50", cache_dir=tmp_path / "local", flip=True,
+                                **TINY)
+    assert sorted(res.skipped) == sorted(local.skipped) and res.computed == local.computed == 16
+    a, b = catsdogs.load_features(local.path), catsdogs.load_features(res.path)
+    for split in ("train", "test"):
+        sa, sb = getattr(a, split), getattr(b, split)
+        assert sa.files == sb.files and sa.digests == sb.digests
+        assert np.abs(sa.X - sb.X).max() <= 1e-4 and np.abs(sa.X_flip - sb.X_flip).max() <= 1e-4
+    nodes = b.meta["engine"]["nodes"]  # the nodes that computed chunks
+    assert len(nodes) == 2 and set(nodes) == {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+
+
+def test_audit_with_label_issues_reads_the_bucket_like_the_folder(s3, tmp_path):
+    """`audit DATA_DIR --label-issues` on a bucket: every check (tiny, colour, unreadable,
+    ignored, label issues from the cached features) and the contact sheet of flagged photos
+    (which reads them again, by URL) equal the same audit of the local folder."""
+    import dataclasses
+
+    from conftest import install_fake_dist
+    from test_audit import FAST, TINY_CLASSIFIER, make_audit_data
+
+    from catsdogs.audit.checks import audit
+    from catsdogs.plugins import Registry
+
+    site = tmp_path / "site"
+    install_fake_dist(site, "catsdogs-tiny-classifier", "0.1",
+                      {"catsdogs_tiny_classifier": TINY_CLASSIFIER},
+                      {"tiny_classifier": "catsdogs_tiny_classifier"})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(site))
+        registry = Registry().load()
+        root = make_audit_data(tmp_path / "audit-data")
+        _upload(s3, root, "audit")
+        kw = {**FAST, "registry": registry, "label_issues": True}
+        local = audit(root, tmp_path / "out-local", cache_dir=tmp_path / "c1", **kw)
+        remote = audit(_url(f"s3://{BUCKET}/audit", s3), tmp_path / "out-s3",
+                       cache_dir=tmp_path / "c2", **kw)
+
+    def rows(result):
+        return sorted((dataclasses.replace(a, label_issue_score=None) for a in result.images),
+                      key=lambda a: a.file)
+
+    assert [a.file for a in rows(local)] == [a.file for a in rows(remote)]
+    for a, b in zip(rows(local), rows(remote)):
+        assert a == b or (a.flags == b.flags and a.reason == b.reason), (a, b)
+    assert {a.file for a in remote.images if a.flagged} >= {"train/cat.9.jpg", "train/cat.10.jpg"}
+    assert sorted(p.name for p in (tmp_path / "out-s3").iterdir()) == sorted(
+        p.name for p in (tmp_path / "out-local").iterdir())
