@@ -463,7 +463,7 @@ def check_is_fitted(head: Head, method: str = "predict_proba") -> None:
         cls = type(head)
         raise NotFittedError(
             f"head {getattr(cls, 'name', cls.__name__)!r} ({cls.__module__}.{cls.__qualname__}): "
-            f"{method}() before fit(); call fit() first")
+            f"{method}() before fit(): head not fitted; call fit() first")
 
 
 def _guard_fitted(func: Any) -> Any:
