@@ -122,9 +122,9 @@ def test_bad_calibration_size_is_rejected(kaggle_dir, tmp_path):
                          cache_dir=tmp_path, **TINY)
 
 
-# --- the calibration sample and its key ---------------------------------------------------------
+# --- the calibration sample and the model's slot --------------------------------------------------
 
-def test_calibration_sample_is_fixed_and_keyed_by_content(kaggle_dir, tmp_path):
+def test_calibration_sample_is_fixed_by_content_and_the_slot_by_configuration(kaggle_dir):
     from catsdogs.dataset.layout import digest_all, open_dataset
 
     ds = open_dataset(kaggle_dir)
@@ -134,18 +134,17 @@ def test_calibration_sample_is_fixed_and_keyed_by_content(kaggle_dir, tmp_path):
     # the listing order does not matter, only the content
     again = int8.calibration_sample(ds.records[::-1], digests[::-1], 5)
     assert [d for _, d in again] == [d for _, d in sample]
-    assert int8.calibration_key(again, 5) == int8.calibration_key(sample, 5)
     # more images requested than exist: all of them (12 training images)
     assert len(int8.calibration_sample(ds.records, digests, 100)) == 12
-    # another size, another seed or other bytes: another key
-    keys = {int8.calibration_key(sample, 5),
-            int8.calibration_key(int8.calibration_sample(ds.records, digests, 6), 6),
-            int8.calibration_key(int8.calibration_sample(ds.records, digests, 5, seed=1), 5)}
-    write_jpeg(sample[0][0].path, seed=999, label=0)  # a sampled image's bytes change
-    ds2 = open_dataset(kaggle_dir)
-    changed = int8.calibration_sample(ds2.records, digest_all(ds2.records), 5)
-    keys.add(int8.calibration_key(changed, 5))
-    assert len(keys) == 4
+    assert [d for _, d in int8.calibration_sample(ds.records, digests, 5, seed=1)] != \
+        [d for _, d in sample]
+    # one slot of calibrations per backbone configuration (and seed, engine versions); the
+    # sample is not part of it: adding images changes nothing there
+    config = {"backbone": "b", "weights": "none", "weights_id": "none", "image_size": 32,
+              "resize": "squash", "preprocessing": "x", "feature_dim": 16}
+    slots = {int8.slot_key(config), int8.slot_key({**config, "image_size": 40}),
+             int8.slot_key({**config, "resize": "crop"}), int8.slot_key(config, seed=1)}
+    assert len(slots) == 4 and int8.slot_key(dict(config)) == int8.slot_key(config)
 
 
 # --- real quantised models -----------------------------------------------------------------------
@@ -161,11 +160,13 @@ def test_int8_features_from_a_real_quantised_model(plugin_site, kaggle_dir, tmp_
     assert "calibrating int8 tiny_int8 on 8 training images" in caplog.text
     assert res.computed == 16 and "-int8-" in res.path.name
     fs = catsdogs.load_features(res.path)
-    assert fs.meta["precision"] == "int8" and fs.meta["calibration"].startswith("n8-")
+    assert fs.meta["precision"] == "int8" and res.config.calibration.startswith("ir-")
     assert fs.meta["versions"]["openvino"] and fs.meta["versions"]["nncf"]
 
-    # the cached model really is quantised: int8 weights behind FakeQuantize / dequantisation
+    # the features are keyed by the quantised model's own content hash
     ir = int8.ir_dir(res.path)
+    assert fs.meta["calibration"] == res.config.calibration == f"ir-{int8.content_digest(ir)[:16]}"
+    # the cached model really is quantised: int8 weights behind FakeQuantize / dequantisation
     model = ov.Core().read_model(str(ir / "model.xml"))
     types = {op.get_type_name() for op in model.get_ops()}
     assert "FakeQuantize" in types
@@ -192,6 +193,8 @@ def test_int8_features_from_a_real_quantised_model(plugin_site, kaggle_dir, tmp_
 
 
 def test_new_images_reuse_the_cached_quantised_model(plugin_site, kaggle_dir, tmp_path, caplog):
+    """Issue 21 item 2: added *training* images (which change the calibration sample) are one
+    forward pass each: same quantised model, same cache file, nothing recomputed."""
     _engine()
     cache = tmp_path / "cache"
     (first,) = catsdogs.extract(kaggle_dir, "tiny_int8", precision="int8", calibration_size=8,
@@ -199,15 +202,77 @@ def test_new_images_reuse_the_cached_quantised_model(plugin_site, kaggle_dir, tm
     ir = int8.ir_dir(first.path) / "model.bin"
     stamp = ir.stat().st_mtime_ns
     before = catsdogs.load_features(first.path)
-    write_jpeg(kaggle_dir / "test" / "99.jpg", seed=4242)  # a test image: same calibration
+    write_jpeg(kaggle_dir / "test" / "99.jpg", seed=4242)
+    for i in range(3):  # new training photos: among the first 8 in hash order or not, no matter
+        write_jpeg(kaggle_dir / "train" / f"{('cat', 'dog')[i % 2]}.{70 + i}.jpg", seed=5000 + i,
+                   label=i % 2)
     with caplog.at_level(logging.INFO, logger="catsdogs"):
         (second,) = catsdogs.extract(kaggle_dir, "tiny_int8", precision="int8", calibration_size=8,
                                      cache_dir=cache, **TINY)
-    assert second.path == first.path and second.computed == 1 and second.reused == 16
+    assert second.path == first.path and second.computed == 4 and second.reused == 16
     assert "calibrating" not in caplog.text and ir.stat().st_mtime_ns == stamp
     after = catsdogs.load_features(second.path)
-    assert after.test.X.shape[0] == 5
-    np.testing.assert_array_equal(after.train.X, before.train.X)
+    assert after.test.X.shape[0] == 5 and after.train.X.shape[0] == 15
+    rows = [after.train.files.index(f) for f in before.train.files]
+    np.testing.assert_array_equal(after.train.X[rows], before.train.X)
+
+    # --recalibrate: a new calibration on today's sample (its own model and file, unless the
+    # quantised model came out byte-identical), the old one left as it was
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="catsdogs"):
+        (third,) = catsdogs.extract(kaggle_dir, "tiny_int8", precision="int8", calibration_size=8,
+                                    cache_dir=cache, recalibrate=True, **TINY)
+    assert "calibrating int8 tiny_int8 on 8 training images" in caplog.text
+    assert third.config.calibration == f"ir-{int8.content_digest(int8.ir_dir(third.path))[:16]}"
+    assert (third.path == first.path) == (third.config.calibration == first.config.calibration)
+    assert ir.stat().st_mtime_ns == stamp
+    # the next plain call uses the newest calibration of that size
+    (fourth,) = catsdogs.extract(kaggle_dir, "tiny_int8", precision="int8", calibration_size=8,
+                                 cache_dir=cache, **TINY)
+    assert fourth.path == third.path and fourth.computed == 0
+
+
+def test_calibration_size_above_the_training_set_is_said_once(plugin_site, kaggle_dir, tmp_path,
+                                                             caplog):
+    """A size larger than the training set calibrates on all of it, says so once, and every such
+    size then uses that one model and one cache file; the model is found read-only."""
+    _engine()
+    cache = tmp_path / "cache"
+    with caplog.at_level(logging.INFO, logger="catsdogs"):
+        (big,) = catsdogs.extract(kaggle_dir, "tiny_int8", precision="int8", calibration_size=100,
+                                  cache_dir=cache, **TINY)
+    assert caplog.text.count("calibration size 100 is more than the 12 training images") == 1
+    assert "calibrating int8 tiny_int8 on 12 training images" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="catsdogs"):
+        (bigger,) = catsdogs.extract(kaggle_dir, "tiny_int8", precision="int8",
+                                     calibration_size=1000, cache_dir=cache, **TINY)
+        (exact,) = catsdogs.extract(kaggle_dir, "tiny_int8", precision="int8", calibration_size=12,
+                                    cache_dir=cache, **TINY)
+    assert bigger.path == exact.path == big.path and bigger.computed == exact.computed == 0
+    assert "calibrat" not in caplog.text, "said once, when calibrating"
+    assert len(list(cache.rglob("*.openvino"))) == 1
+    # a smaller size is another calibration
+    (small,) = catsdogs.extract(kaggle_dir, "tiny_int8", precision="int8", calibration_size=6,
+                                cache_dir=cache, **TINY)
+    assert small.path != big.path and len(list(cache.rglob("*.openvino"))) == 2
+
+
+def test_extract_int8_json_stdout_is_only_json(plugin_site, kaggle_dir, tmp_path):
+    """Issue 21 item 4: NNCF's progress bar and log lines go to stderr (stdout parses as JSON),
+    and --no-progress hides the bar."""
+    _engine()
+    args = ["extract", str(kaggle_dir), "-b", "tiny_int8", "--weights", "none", "--precision",
+            "int8", "--calibration-size", "8", "--json"]
+    quiet = run_cli(*args, "--no-progress", "--cache-dir", str(tmp_path / "a"),
+                    env=_env(plugin_site), check=True)
+    (doc,) = json.loads(quiet.stdout)
+    assert doc["computed"] == 16 and doc["config"]["calibration"].startswith("ir-")
+    assert "Statistics collection" not in quiet.stdout + quiet.stderr
+    chatty = run_cli(*args, "--cache-dir", str(tmp_path / "b"), env={**_env(plugin_site),
+                                                                    "COLUMNS": "100"}, check=True)
+    assert json.loads(chatty.stdout)[0]["computed"] == 16
+    assert "Statistics collection" in chatty.stderr
 
 
 @pytest.mark.slow

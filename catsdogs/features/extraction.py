@@ -28,6 +28,7 @@ without taking the lock or writing anything, so a read-only cache works.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -82,7 +83,7 @@ class FeatureConfig:
     precision: str
     preprocessing: str
     feature_dim: int
-    calibration: str = ""  # int8 only: catsdogs.features.int8.calibration_key
+    calibration: str = ""  # int8 only: the quantised model's key (QuantisedModel.key, its content hash)
 
     @property
     def key(self) -> str:
@@ -474,21 +475,23 @@ class FeatureModel:
 
 
 def _model_factory(backbone, weights: str, size: int, precision: str, batch_size: int, resize: str,
-                   workers: int, final: Path, calibration: list[tuple[ImageRecord, str]]):
+                   workers: int, model_dir: Path | None):
     """What builds the feature model when there is work: float32/bfloat16 Keras, or int8 OpenVINO
-    (the quantised model cached next to ``final``, calibrated only when not cached yet)."""
+    (the quantised model in ``model_dir``, resolved by :func:`catsdogs.features.int8.quantised_model`
+    before the features were keyed by it)."""
     if precision != "int8":
         return lambda: FeatureModel(backbone, weights, size, precision, batch_size)
-    return Int8ModelFactory(backbone, weights, size, batch_size, int8.ir_dir(final),
-                            [r.path for r, _ in calibration], resize, workers)
+    assert model_dir is not None
+    return Int8ModelFactory(backbone, weights, size, batch_size, model_dir, [], resize, workers)
 
 
 @dataclass
 class Int8ModelFactory:
-    """Builds the int8 feature model: the quantised IR in ``model_dir`` when it is there, else
-    calibrated now on ``calibration_paths`` (decoded as extraction does) and saved there. An
-    engine whose workers cannot see the driver's disk calibrates on the driver and ships the IR
-    (:mod:`catsdogs.engine.ray`)."""
+    """Builds the int8 feature model from the quantised IR in ``model_dir`` (never calibrates:
+    the model was calibrated or found before extraction, as the features are keyed by it). An
+    engine whose workers cannot see the driver's disk ships the IR (:mod:`catsdogs.engine.ray`).
+    ``weights``, ``calibration_paths`` (always empty), ``resize`` and ``workers`` are unused and
+    kept for engines that copy the factory with :func:`dataclasses.replace`."""
 
     backbone: Any
     weights: str
@@ -500,10 +503,7 @@ class Int8ModelFactory:
     workers: int
 
     def __call__(self) -> int8.Int8FeatureModel:
-        return int8.Int8FeatureModel(
-            self.backbone, self.weights, self.size, self.batch_size, self.model_dir,
-            lambda: int8.decode_calibration(self.calibration_paths, self.size, self.resize,
-                                            self.workers))
+        return int8.Int8FeatureModel(self.backbone, self.size, self.batch_size, self.model_dir)
 
 
 def lower_thread_priority() -> None:
@@ -710,6 +710,7 @@ def extract(
     digests: Sequence[str] | None = None,
     engine=None,
     calibration_size: int = int8.DEFAULT_CALIBRATION_SIZE,
+    recalibrate: bool = False,
 ) -> list[ExtractResult]:
     """Compute (or reuse) GAP features of every train and test image for each backbone.
 
@@ -721,7 +722,9 @@ def extract(
     ``engine`` (from :func:`catsdogs.engine.open_engine`; None: this process) computes the missing
     chunks elsewhere, e.g. on a Ray cluster; the cache written is the same.
     ``precision="int8"`` quantises each backbone, calibrated on ``calibration_size`` training
-    images (:mod:`catsdogs.features.int8`; needs ``catsdogs[int8]``).
+    images once per backbone configuration and data set (the cached quantised model is reused,
+    so added images cost one forward pass each; ``recalibrate=True`` calibrates again), and keys
+    the features by the quantised model (:mod:`catsdogs.features.int8`; needs ``catsdogs[int8]``).
     """
     from catsdogs.plugins import get_registry
 
@@ -756,10 +759,6 @@ def extract(
     directory = dataset_cache_dir(cache_root, ds.root)
     views = ["orig", "flip"] if flip else ["orig"]
     chunk_size = -(-chunk_size // batch_size) * batch_size  # whole batches per chunk
-    calibration, calibration_key = [], ""
-    if precision == "int8":
-        calibration = int8.calibration_sample(records, digests, calibration_size)
-        calibration_key = int8.calibration_key(calibration, calibration_size)
 
     results: list[ExtractResult] = []
     unreadable: dict[str, str] = {}
@@ -774,8 +773,17 @@ def extract(
             precision=precision,
             preprocessing=backbone.preprocessing,
             feature_dim=backbone.feature_dim,
-            calibration=calibration_key,
         )
+        quantised = None
+        if precision == "int8":  # int8 features are keyed by the quantised model's content hash
+            quantised = int8.quantised_model(
+                directory, backbone, slot=int8.slot_key({k: v for k, v in asdict(config).items()
+                                                         if k not in ("precision", "calibration")}),
+                records=records, digests=digests, requested=calibration_size,
+                build=functools.partial(backbone.build, weights, size), image_size=size,
+                resize=resize, workers=workers, recalibrate=recalibrate, progress=progress,
+                lock=_locked)
+            config = dataclasses.replace(config, calibration=quantised.key)
         final = directory / config.filename
         # a finished, verified file is used read-only: no lock, no write (read-only caches work)
         store = _Store(final, config).load_final()
@@ -806,7 +814,7 @@ def extract(
                 computed, compute_s = compute(
                     store, work,
                     _model_factory(backbone, weights, size, precision, batch_size, resize, workers,
-                                   final, calibration),
+                                   quantised.directory if quantised else None),
                     image_size=size, resize=resize, chunk_size=chunk_size, workers=workers,
                     progress=progress, desc=f"{backbone.name} features",
                 )

@@ -10,13 +10,23 @@ Why OpenVINO and not ONNX Runtime: ``docs/architecture.md`` (measured on this pr
 
 **The calibration sample** is the ``calibration_size`` training images whose content digests come
 first when ordered by ``blake2b(seed, digest)``: the same bytes give the same sample whatever
-the listing order or file names. Its digests, its size and the engine versions form the
-configuration's ``calibration`` key, so int8 features are cached under their own key and a
-different sample (other images, other size, another OpenVINO) never reuses them.
+the listing order or file names. A size larger than the training set is capped to all of it
+(said once, when calibrating).
 
-**The quantised model** is cached next to the feature file, ``<feature file stem>.openvino/``
-(``model.xml`` + ``model.bin``, OpenVINO IR), written to a temporary folder and renamed into
-place: an interrupted or repeated call loads it instead of calibrating again.
+**Calibrated once per backbone configuration and data set.** The quantised model is cached in the
+data set's feature cache folder as OpenVINO IR (``model.xml`` + ``model.bin``), in a folder named
+by its own content hash, ``<backbone>-int8-<hash>.openvino/``, written through
+:mod:`catsdogs.util.fileio` (staged, then renamed into place). An index per backbone
+configuration (backbone, weights, input size, resize policy, preprocessing, seed and engine
+versions), ``<backbone>-int8-<slot>.json``, lists the calibrations made for it: their size and
+their model. :func:`quantised_model` reuses the calibration of the requested size, or one made on
+all the training images there were when fewer than requested; it calibrates only when there is
+none (or with ``recalibrate=True``, ``--recalibrate``). Adding training images therefore does not
+calibrate again: an added image costs one forward pass.
+
+**Features are keyed by the quantised model's content hash** (``FeatureConfig.calibration`` =
+``ir-<hash>``): the same model gives the same cache file, another model (a recalibration on other
+images, another OpenVINO) its own.
 
 The engine is the optional extra ``catsdogs[int8]``; without it, :func:`require_engine` raises one
 :class:`~catsdogs.errors.ConfigError` saying how to install it.
@@ -28,17 +38,20 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import shutil
+import sys
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from catsdogs.dataset.layout import ImageRecord
 from catsdogs.errors import ConfigError
+from catsdogs.util.fileio import replace_path, staging_dir, write_json
 
 logger = logging.getLogger("catsdogs")
 
@@ -47,6 +60,10 @@ CALIBRATION_SEED = 0
 ENGINE_PACKAGES = ("openvino", "nncf")
 INSTALL_HINT = "pip install 'catsdogs[int8]'"
 IR_SUFFIX = ".openvino"
+IR_FILES = ("model.xml", "model.bin")
+#: images per calibration forward pass: NNCF's statistics are collected per image either way
+#: (``batchwise_statistics``), but one image per pass made calibration slower than extraction
+CALIBRATION_BATCH = 32
 
 
 def require_engine() -> None:
@@ -90,19 +107,6 @@ def calibration_sample(records: Sequence[ImageRecord], digests: Sequence[str], s
     return [(train[d], d) for d in order[:size]]
 
 
-def calibration_key(sample: Sequence[tuple[ImageRecord, str]], size: int,
-                    seed: int = CALIBRATION_SEED) -> str:
-    """The key of a calibration: its image digests, requested size, seed and engine versions."""
-    blob = json.dumps({"digests": sorted(d for _, d in sample), "size": size, "seed": seed,
-                       "engine": engine_versions()}, sort_keys=True)
-    return f"n{len(sample)}-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def ir_dir(feature_file: Path) -> Path:
-    """Where the quantised model of a feature file's configuration is cached."""
-    return feature_file.with_name(feature_file.stem + IR_SUFFIX)
-
-
 def _uint8_function(model, image_size: int):
     import tensorflow as tf
 
@@ -115,7 +119,35 @@ def _uint8_function(model, image_size: int):
     return call
 
 
-def quantize(keras_model, image_size: int, calibration: np.ndarray):
+@contextlib.contextmanager
+def engine_output(progress: bool) -> Iterator[None]:
+    """Route what OpenVINO and NNCF print (NNCF's "Statistics collection" progress bar, its log
+    lines) to stderr, as plugin output is (:func:`catsdogs.plugins.stdout_to_stderr`): stdout stays
+    the command's own (``--json``). Without ``progress`` the bars are not drawn at all."""
+    from catsdogs.plugins import stdout_to_stderr
+
+    try:
+        import rich
+    except ImportError:  # pragma: no cover - NNCF requires rich
+        console = None
+    else:
+        console = rich.get_console()  # NNCF's bars draw on rich's global console
+    quiet = console.quiet if console is not None else False
+    if console is not None:
+        console.quiet = quiet or not progress
+    try:
+        with stdout_to_stderr():
+            try:
+                yield
+            finally:
+                if sys.__stdout__ is not None:  # NNCF's log handler holds the real stdout
+                    sys.__stdout__.flush()
+    finally:
+        if console is not None:
+            console.quiet = quiet
+
+
+def quantize(keras_model, image_size: int, calibration: np.ndarray, *, progress: bool = True):
     """The OpenVINO int8 model of a Keras feature model: uint8 ``(n, S, S, 3)`` -> features,
     calibrated on ``calibration`` (``(m, S, S, 3)`` uint8 images)."""
     import nncf
@@ -123,55 +155,189 @@ def quantize(keras_model, image_size: int, calibration: np.ndarray):
 
     if not len(calibration):
         raise ConfigError("no readable calibration image: int8 quantisation needs training images")
-    float_model = ov.convert_model(_uint8_function(keras_model, image_size))
-    dataset = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
-    return nncf.quantize(float_model, dataset, subset_size=len(calibration))
+    with engine_output(progress):
+        float_model = ov.convert_model(_uint8_function(keras_model, image_size))
+        step = CALIBRATION_BATCH
+        batches = [calibration[i:i + step] for i in range(0, len(calibration), step)]
+        return nncf.quantize(  # subset_size counts dataset items: batches
+            float_model, nncf.Dataset(batches), subset_size=len(batches),
+            advanced_parameters=nncf.AdvancedQuantizationParameters(batchwise_statistics=True))
 
 
-def save_ir(model, directory: Path) -> None:
-    """Write the OpenVINO IR into ``directory`` atomically (temporary folder, then rename)."""
+# ------------------------------------------------------------------------------ the model cache
+@dataclass(frozen=True)
+class QuantisedModel:
+    """A cached quantised model: its IR folder, content hash and what it was calibrated on."""
+
+    directory: Path
+    digest: str  # content hash of model.xml + model.bin
+    size: int  # training images in its calibration sample
+    capped: bool  # the sample was all the training images there were (fewer than requested)
+
+    @property
+    def key(self) -> str:
+        """What int8 features are keyed by (``FeatureConfig.calibration``)."""
+        return f"ir-{self.digest[:16]}"
+
+
+def model_dir_name(backbone: str, key: str) -> str:
+    """The IR folder of the model with key ``ir-<hash>`` (see :attr:`QuantisedModel.key`)."""
+    return f"{backbone}-int8-{key.removeprefix('ir-')}{IR_SUFFIX}"
+
+
+def ir_dir(feature_file: Path) -> Path:
+    """The quantised model a finished int8 feature file was computed with (from its metadata)."""
+    import h5py
+
+    with h5py.File(feature_file, "r") as h5:
+        backbone, key = (v.decode() if isinstance(v, bytes) else str(v)
+                         for v in (h5.attrs["backbone"], h5.attrs["calibration"]))
+    return Path(feature_file).with_name(model_dir_name(backbone, key))
+
+
+def content_digest(directory: Path) -> str:
+    """BLAKE2b of the IR files' names and bytes (streamed)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in IR_FILES:
+        h.update(name.encode() + b"\0")
+        with open(Path(directory) / name, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def slot_key(config: dict, seed: int = CALIBRATION_SEED) -> str:
+    """The key of a backbone configuration's calibrations: ``config`` (backbone, weights id,
+    input size, resize policy, preprocessing, feature size), the seed and the engine versions."""
+    blob = json.dumps({**config, "seed": seed, "engine": engine_versions()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def index_path(directory: Path, backbone: str, slot: str) -> Path:
+    return Path(directory) / f"{backbone}-int8-{slot}.json"
+
+
+def _read_index(path: Path) -> list[dict]:
+    try:
+        entries = json.loads(path.read_text())["calibrations"]
+        return [e for e in entries if isinstance(e, dict) and {"model", "digest", "size", "capped"} <= set(e)]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("ignoring unreadable int8 model index %s (%s)", path, exc)
+        return []
+
+
+def _pick(entries: list[dict], requested: int) -> dict | None:
+    """The calibration of the requested size, else the largest one made on all the training
+    images there were (fewer than requested)."""
+    exact = [e for e in entries if e["size"] == requested]
+    if exact:
+        return exact[-1]
+    capped = [e for e in entries if e["capped"] and e["size"] < requested]
+    return max(capped, key=lambda e: e["size"]) if capped else None
+
+
+def _verified(directory: Path, entry: dict) -> QuantisedModel | None:
+    folder = Path(directory) / entry["model"]
+    try:
+        digest = content_digest(folder)
+    except OSError:
+        return None
+    if digest != entry["digest"]:
+        return None
+    return QuantisedModel(folder, digest, int(entry["size"]), bool(entry["capped"]))
+
+
+def find_model(directory: Path, backbone: str, slot: str, requested: int) -> QuantisedModel | None:
+    """The cached model :func:`quantised_model` would reuse (read only; None when there is none)."""
+    entries = _read_index(index_path(directory, backbone, slot))
+    while (entry := _pick(entries, requested)) is not None:
+        model = _verified(directory, entry)
+        if model is not None:
+            return model
+        logger.warning("int8 model %s is missing or damaged; calibrating again", entry["model"])
+        entries.remove(entry)
+    return None
+
+
+def save_model(model, directory: Path, backbone: str) -> tuple[Path, str]:
+    """Write the OpenVINO IR into ``directory``, in a folder named by its content hash, through
+    :func:`catsdogs.util.fileio.staging_dir` / :func:`~catsdogs.util.fileio.replace_path`."""
     import openvino as ov
 
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    ov.save_model(model, str(tmp / "model.xml"))
-    for path in tmp.iterdir():
-        with open(path, "rb") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
+    with staging_dir(Path(directory) / f"{backbone}-int8{IR_SUFFIX}") as tmp:
+        ov.save_model(model, str(tmp / "model.xml"))
+        digest = content_digest(tmp)
+        target = Path(directory) / model_dir_name(backbone, f"ir-{digest[:16]}")
+        replace_path(tmp, target)
+    return target, digest
+
+
+def quantised_model(directory: Path, backbone, *, slot: str, records: Sequence[ImageRecord],
+                    digests: Sequence[str], requested: int, build: Callable[[], Any],
+                    image_size: int, resize: str, workers: int = 2, recalibrate: bool = False,
+                    progress: bool = True,
+                    lock: Callable[[Path], contextlib.AbstractContextManager] | None = None
+                    ) -> QuantisedModel:
+    """The quantised model of ``backbone`` for this data set: the cached one when there is one
+    (see the module docstring), else calibrated now on the seeded sample of ``requested``
+    training images (``build()`` makes the Keras feature model) and cached. ``lock(path)``
+    serialises calibrations of one configuration between processes; a cached model is found
+    without it (read-only caches work)."""
+    directory = Path(directory)
+    index = index_path(directory, backbone.name, slot)
+    if not recalibrate and (found := find_model(directory, backbone.name, slot, requested)):
+        return _reused(found, backbone.name, records, digests, requested)
+    with lock(index) if lock is not None else contextlib.nullcontext():
+        if not recalibrate and (found := find_model(directory, backbone.name, slot, requested)):
+            return _reused(found, backbone.name, records, digests, requested)
+        sample = calibration_sample(records, digests, requested)
+        if len(sample) < requested:
+            logger.warning("calibration size %d is more than the %d training images: %s is "
+                           "calibrated on all %d", requested, len(sample), backbone.name, len(sample))
+        images = decode_calibration([r.path for r, _ in sample], image_size, resize, workers)
+        logger.info("calibrating int8 %s on %d training images", backbone.name, len(images))
+        folder, digest = save_model(quantize(build(), image_size, images, progress=progress),
+                                    directory, backbone.name)
+        model = QuantisedModel(folder, digest, len(sample), len(sample) < requested)
+        entries = [e for e in _read_index(index) if e["size"] != model.size]
+        entries.append({"model": folder.name, "digest": digest, "size": model.size,
+                        "capped": model.capped, "images": int(len(images)),
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        write_json(index, {"backbone": backbone.name, "slot": slot, "calibrations": entries})
+        return model
+
+
+def _reused(model: QuantisedModel, name: str, records, digests, requested: int) -> QuantisedModel:
+    if model.capped:
+        n_train = len({d for r, d in zip(records, digests) if r.split == "train"})
+        if n_train > model.size:
+            logger.info("int8 %s: reusing the model calibrated on all %d training images there "
+                        "were; --recalibrate calibrates on %d", name, model.size,
+                        min(requested, n_train))
+    return model
 
 
 class Int8FeatureModel:
-    """:class:`~catsdogs.features.extraction.FeatureModel`'s interface over an OpenVINO int8 model.
+    """:class:`~catsdogs.features.extraction.FeatureModel`'s interface over an OpenVINO int8 model:
+    the IR in ``model_dir`` (see :func:`quantised_model`), compiled for this machine's CPU."""
 
-    ``calibration_images()`` is called (and the model quantised and saved to ``model_dir``) only
-    when ``model_dir`` holds no finished IR.
-    """
-
-    def __init__(self, backbone, weights: str, image_size: int, batch_size: int, model_dir: Path,
-                 calibration_images: Callable[[], np.ndarray]):
+    def __init__(self, backbone, image_size: int, batch_size: int, model_dir: Path):
         import openvino as ov
+
+        from catsdogs.errors import DataError
 
         self.batch_size = batch_size
         self.image_size = image_size
         self.feature_dim = backbone.feature_dim
-        self.calibrated = False
         core = ov.Core()
-        xml = model_dir / "model.xml"
-        model = None
-        if xml.is_file():
-            try:
-                model = core.read_model(str(xml))
-            except RuntimeError as exc:
-                logger.warning("ignoring unreadable int8 model %s (%s); calibrating again", xml, exc)
-        if model is None:
-            images = calibration_images()
-            logger.info("calibrating int8 %s on %d training images", backbone.name, len(images))
-            model = quantize(backbone.build(weights, image_size), image_size, images)
-            save_ir(model, model_dir)
-            self.calibrated = True
+        xml = Path(model_dir) / "model.xml"
+        try:
+            model = core.read_model(str(xml))
+        except RuntimeError as exc:
+            raise DataError(f"cannot read the int8 model {xml} ({exc}); run the command again "
+                            "with --recalibrate") from None
         self.compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
         # calling a compiled model uses its one default infer request, which is not thread-safe
         # (a Ray actor overlaps chunks); the model's own threads use every core anyway
