@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -170,3 +171,112 @@ def test_dead_server_warns_or_fails_clearly(grid):
     last = required.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: cannot track in MLflow at " + dead) and "no MLflow server answers" in last
     assert {p: p.stat().st_mtime_ns for p in records} == before
+
+
+# ------------------------------------------------------------------- each on its own copy
+@pytest.fixture
+def copy(grid, tmp_path):
+    """The grid's data, cache and output copied, with a new default store: a test that changes
+    what is logged works on its own (the order of the tests does not matter)."""
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(grid["root"], root, symlinks=True,  # a store of its own, created by the test
+                    ignore=shutil.ignore_patterns("mlflow.db*", "mlartifacts"))
+    doc = {**grid["doc"], "data": str(root / "data"), "output": str(root / "out"),
+           "cache_dir": str(root / "cache")}
+    return {"root": root, "doc": doc, "out": root / "out", "uri": f"sqlite:///{root / 'mlflow.db'}"}
+
+
+def _run(copy, name: str, **changes):
+    exp = copy["root"] / f"{name}.yaml"
+    exp.write_text(yaml.safe_dump({**copy["doc"], **changes}, sort_keys=False))
+    proc = run_cli("run", str(exp), "--no-progress", "--track", "--track-required", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_changed_numbers_are_logged_again_not_already_there(copy):
+    """Post-processing is not part of a run's settings hash (the runs are reused), but it changes
+    the numbers logged: those runs are logged again, their old child runs replaced."""
+    first = _run(copy, "first")  # the copy's own store
+    assert "MLflow: 2 runs logged, 0 already there" in first.stdout, first.stdout
+    _client, _parent, children = _check_store(copy["uri"], copy["out"])
+    before = {r.info.run_name: r.data.metrics["val_logloss_post"] for r in children}
+    same = _run(copy, "same")
+    assert "MLflow: 0 runs logged, 2 already there" in same.stdout, same.stdout
+    changed = _run(copy, "changed", postprocess="none")
+    assert "0 runs trained, 2 reused" in changed.stdout
+    assert "MLflow: 2 runs logged, 0 already there" in changed.stdout, changed.stdout
+    _client, _parent, children = _check_store(copy["uri"], copy["out"])
+    after = {r.info.run_name: r.data.metrics["val_logloss_post"] for r in children}
+    assert len(children) == 2 and after.keys() == before.keys()
+    for run in children:  # the numbers logged now are the records' current ones
+        record = load_record(copy["out"] / "runs" / run.info.run_name)
+        assert after[run.info.run_name] == pytest.approx(record.postprocess["logloss_post"], rel=1e-12)
+    assert after != before
+
+
+def test_runs_left_running_by_a_crash_are_deleted_on_resume(copy):
+    """A crash between a child run's creation and its end leaves it RUNNING: the next call
+    deletes it and logs the run properly (one finished child run per grid run)."""
+    _run(copy, "first")
+    client = mlflow.tracking.MlflowClient(tracking_uri=copy["uri"])
+    (parent,), children = _children(client, "tracked")
+    victim = children[0]
+    client.delete_run(victim.info.run_id)  # as if its logging never finished:
+    stale = client.create_run(parent.info.experiment_id, run_name=victim.info.run_name, tags={
+        "mlflow.parentRunId": parent.info.run_id, "catsdogs.kind": "run",
+        "catsdogs.run_id": victim.info.run_name, "catsdogs.settings_hash": "x"})
+    again = _run(copy, "again")
+    assert "MLflow: 1 runs logged, 1 already there" in again.stdout, again.stdout
+    assert client.get_run(stale.info.run_id).info.lifecycle_stage == "deleted"
+    _check_store(copy["uri"], copy["out"])  # every child FINISHED, one per grid run
+
+
+def test_read_only_store_fails_fast_in_one_line(grid, tmp_path):
+    """A store in a folder this process cannot write: one Error: line at once (MLflow itself
+    retried for ~100 s). As root, permissions do not stop writes, so the folder is /sys."""
+    if os.geteuid() == 0:
+        folder = Path("/sys")
+    else:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    proc = run_cli("run", str(grid["exp"]), "--no-progress", "--track", uri, "--track-required",
+                   timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and f"the MLflow store {folder / 'mlflow.db'} cannot be written" in errors[0]
+    assert "WARNING" not in proc.stderr, proc.stderr  # no retries
+
+
+def test_concurrent_creation_of_a_new_store_is_serialised(tmp_path):
+    """Four processes create the same new SQLite store at once (each waits for a gate file, then
+    connects): all succeed (MLflow's migrations ran twice: "duplicate column name: step")."""
+    db, gate = tmp_path / "store" / "mlflow.db", tmp_path / "go"
+    code = (
+        "import sys, time, pathlib\n"
+        "from types import SimpleNamespace\n"
+        "import mlflow  # imported before the gate: the processes then race on the store only\n"
+        "from catsdogs.tracking.mlflow_tracker import MlflowTracker\n"
+        "gate = pathlib.Path(sys.argv[2])\n"
+        "pathlib.Path(sys.argv[3]).touch()\n"
+        "while not gate.exists(): time.sleep(0.01)\n"
+        "MlflowTracker.connect(sys.argv[1], SimpleNamespace(name='race'), pathlib.Path('.'))\n"
+        "print('ok')\n")
+    ready = [tmp_path / f"ready-{i}" for i in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-c", code, f"sqlite:///{db}", str(gate), str(r)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in ready]
+    deadline = time.time() + 300
+    while not all(r.exists() for r in ready):  # every process has imported MLflow and waits
+        assert all(p.poll() is None for p in procs) and time.time() < deadline
+        time.sleep(0.05)
+    gate.touch()  # released together
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [e[-2000:] for _, e in outs]
+    assert (db.parent / "mlflow.db.lock").exists()
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    assert client.get_experiment_by_name("race") is not None

@@ -8,8 +8,14 @@ parameters, per-epoch curves, final metrics and files (:mod:`catsdogs.tracking.m
 * **Where**: the experiment's ``tracking.uri`` or ``--track URI``; by default a SQLite store next
   to the output directory (``<out>/../mlflow.db``, artifacts in ``<out>/../mlartifacts``), shown by
   the printed ``mlflow ui --backend-store-uri sqlite:///...`` command.
-* **Idempotent**: child runs are tagged with the record's settings hash; a run already logged under
-  this output directory's parent run (a reused run of a resumed grid) is not logged again.
+* **Idempotent**: child runs are tagged with the record's settings hash and a digest of what is
+  logged (params and metrics, post-processing and test scores included); a run already logged
+  under this output directory's parent run with the same numbers (a reused run of a resumed grid)
+  is not logged again, one whose numbers changed is logged again (its old child run deleted), and
+  child runs an interrupted call left RUNNING are deleted.
+* **SQLite store**: checked writable at once (a read-only folder is one line, not minutes of
+  MLflow's retries); created and written under a lock file beside it (``mlflow.db.lock``), so two
+  grids sharing a new store do not both create its tables.
 * **Never at the expense of the results**: tracking starts with a connection check and logs after
   every local file is written. An unreachable or failing tracker is a warning and the grid runs
   untracked, or, with ``required`` (``--track-required``), a :class:`TrackingError` — before any
@@ -104,12 +110,10 @@ def _reason(exc: BaseException) -> str:
 def with_tracking(experiment: Experiment, uri: str | None, required: bool) -> Experiment:
     """``experiment`` with ``run --track [URI]`` (``uri``; ``""``: the default store) and
     ``--track-required`` applied over its ``tracking:`` setting."""
-    import dataclasses
-
     from catsdogs.experiment.spec import Tracking
 
     if uri is None and not required:
         return experiment
     base = experiment.tracking or Tracking()
-    return dataclasses.replace(experiment, tracking=dataclasses.replace(
-        base, uri=uri or base.uri, required=required or base.required))
+    return experiment.model_copy(update={"tracking": base.model_copy(update={
+        "uri": uri or base.uri, "required": required or base.required})})

@@ -15,6 +15,8 @@ holds ``leaderboard.csv``, ``leaderboard.png``, ``summary.md``, ``submission.csv
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import re
 import time
 import urllib.error
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from catsdogs._version import __version__
-from catsdogs.tracking.store import ARTIFACTS_DIR
+from catsdogs.tracking.store import ARTIFACTS_DIR, check_writable, sqlite_path, store_lock
 
 if TYPE_CHECKING:  # pragma: no cover
     from catsdogs.experiment.spec import Experiment
@@ -36,6 +38,7 @@ TAG_OUTPUT = "catsdogs.output"
 TAG_OUTPUT_ID = "catsdogs.output_id"
 TAG_RUN_ID = "catsdogs.run_id"
 TAG_HASH = "catsdogs.settings_hash"
+TAG_DIGEST = "catsdogs.logged_digest"
 RUN_FILES = ("record.json", "curves.png", "head.keras")
 PARENT_FILES = ("leaderboard.csv", "leaderboard.png", "summary.md", "submission.csv", "experiment.json")
 #: MLflow's limits: param value length, entries per log_batch call
@@ -43,6 +46,8 @@ MAX_PARAM = 6000
 MAX_BATCH_METRICS = 1000
 MAX_BATCH_PARAMS = 100
 HEALTH_TIMEOUT_S = 5.0
+
+logger = logging.getLogger("catsdogs")
 
 
 def check_server(uri: str, timeout: float = HEALTH_TIMEOUT_S) -> None:
@@ -78,29 +83,33 @@ class MlflowTracker:
         self.uri = uri
         self.experiment_id = experiment_id
         self.experiment_name = experiment_name
+        self.db = sqlite_path(uri)  # a local SQLite store: written under its lock file
 
     @classmethod
     def connect(cls, uri: str, experiment: Experiment, out: Path) -> MlflowTracker:
-        """Check the server or store and get (or create) the MLflow experiment."""
+        """Check the server or store and get (or create) the MLflow experiment. A SQLite store is
+        checked writable first and created under its lock file (two grids creating it at once
+        both ran its migrations: ``duplicate column name``)."""
         if uri.startswith(("http://", "https://")):
             check_server(uri)
         artifact_location = None
-        if uri.startswith("sqlite:///"):
-            store = Path(uri[len("sqlite:///"):])
-            store.parent.mkdir(parents=True, exist_ok=True)
-            artifact_location = (store.parent / ARTIFACTS_DIR / experiment.name).resolve().as_uri()
-        from mlflow.tracking import MlflowClient
+        db = sqlite_path(uri)
+        if db is not None:
+            check_writable(db)
+            artifact_location = (db.parent / ARTIFACTS_DIR / experiment.name).resolve().as_uri()
+        with store_lock(db):
+            from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=uri)
-        found = client.get_experiment_by_name(experiment.name)
-        if found is None:
-            experiment_id = client.create_experiment(
-                experiment.name, artifact_location=artifact_location,
-                tags={"catsdogs.version": __version__})
-        else:
-            experiment_id = found.experiment_id
-            if found.lifecycle_stage == "deleted":
-                client.restore_experiment(experiment_id)
+            client = MlflowClient(tracking_uri=uri)
+            found = client.get_experiment_by_name(experiment.name)
+            if found is None:
+                experiment_id = client.create_experiment(
+                    experiment.name, artifact_location=artifact_location,
+                    tags={"catsdogs.version": __version__})
+            else:
+                experiment_id = found.experiment_id
+                if found.lifecycle_stage == "deleted":
+                    client.restore_experiment(experiment_id)
         return cls(client, uri, experiment_id, experiment.name)
 
     # -------------------------------------------------------------------------------- queries
@@ -123,32 +132,47 @@ class MlflowTracker:
             TAG_KIND: "experiment", TAG_OUTPUT_ID: out_id, TAG_OUTPUT: str(result.out_dir.resolve())})
         return run.info.run_id
 
-    def logged_hashes(self, parent: str) -> set[str]:
-        """Settings hashes of the finished child runs of ``parent``."""
-        return {run.data.tags.get(TAG_HASH) for run in
-                self._search(f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'FINISHED'")}
-
     # -------------------------------------------------------------------------------- logging
     def log_result(self, result: ExperimentResult) -> tuple[int, int]:
-        """Log every run of ``result`` not logged yet and the grid's files; ``(logged, skipped)``."""
-        parent = self._parent(result)
-        done = self.logged_hashes(parent)
-        logged = skipped = 0
-        for record in result.records:
-            if record.settings_hash in done:
-                skipped += 1
-                continue
-            self.log_run(record, result.out_dir / "runs" / record.run_id, parent)
-            done.add(record.settings_hash)
-            logged += 1
-        self._log_parent(parent, result)
+        """Log every run of ``result`` not logged yet with the same numbers, and the grid's
+        files; ``(logged, skipped)``. A child run counts as there when it is FINISHED with the
+        run's settings hash and the digest of what would be logged now (:func:`logged_digest`:
+        params and metrics, post-processing and test scores included); a run whose numbers
+        changed is logged again and its old child run deleted. Child runs an interrupted call
+        left RUNNING (or FAILED) are deleted first."""
+        with store_lock(self.db):
+            parent = self._parent(result)
+            logged_before: dict[str, list[Any]] = {}
+            cleaned = 0
+            for run in self._search(f"tags.`mlflow.parentRunId` = '{parent}'"):
+                if run.info.status != "FINISHED":
+                    self.client.delete_run(run.info.run_id)
+                    cleaned += 1
+                else:
+                    logged_before.setdefault(run.data.tags.get(TAG_RUN_ID), []).append(run)
+            if cleaned:
+                logger.info("MLflow: %d child runs an interrupted call left unfinished were deleted",
+                            cleaned)
+            logged = skipped = 0
+            for record in result.records:
+                digest = logged_digest(record)
+                old = logged_before.get(record.run_id, [])
+                if any(r.data.tags.get(TAG_HASH) == record.settings_hash
+                       and r.data.tags.get(TAG_DIGEST) == digest for r in old):
+                    skipped += 1
+                    continue
+                self.log_run(record, result.out_dir / "runs" / record.run_id, parent, digest)
+                for r in old:  # superseded: one child run per grid run
+                    self.client.delete_run(r.info.run_id)
+                logged += 1
+            self._log_parent(parent, result)
         return logged, skipped
 
-    def log_run(self, record: RunRecord, run_dir: Path, parent: str) -> str:
+    def log_run(self, record: RunRecord, run_dir: Path, parent: str, digest: str | None = None) -> str:
         """One grid run as a finished child run of ``parent``; returns its MLflow run id."""
         run = self.client.create_run(self.experiment_id, run_name=record.run_id, tags={
             "mlflow.parentRunId": parent, TAG_KIND: "run", TAG_RUN_ID: record.run_id,
-            TAG_HASH: record.settings_hash})
+            TAG_HASH: record.settings_hash, TAG_DIGEST: digest or logged_digest(record)})
         run_id = run.info.run_id
         try:
             self._log_batches(run_id, run_params(record), run_metrics(record))
@@ -193,6 +217,15 @@ class MlflowTracker:
 
 
 # ------------------------------------------------------------------------------------ what is logged
+def logged_digest(record: RunRecord) -> str:
+    """A digest of the params and metrics :meth:`MlflowTracker.log_run` logs for ``record``
+    (the per-epoch curves, post-processing and test scores included; not the time of logging)."""
+    params = {_param_key(k): str(v)[:MAX_PARAM] for k, v in run_params(record).items()}
+    metrics = [(_param_key(k), repr(float(v)), step) for k, v, step in run_metrics(record)]
+    text = json.dumps({"params": params, "metrics": metrics}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def run_params(record: RunRecord) -> dict[str, Any]:
     """The params of one grid run (see the module docstring)."""
     settings = record.settings
