@@ -66,19 +66,23 @@ def test_seed_yaml_reproduces_the_write_up_grid(tmp_path, monkeypatch):
     assert exp.name == "seed"
     assert exp.source == SEED
     assert exp.backbone_names == names
-    assert all(b == BackboneSpec(n, "imagenet", None, "float32", "squash")
+    assert all(b == BackboneSpec(name=n, weights="imagenet", image_size=None, precision="float32",
+                                   resize="squash")
                for b, n in zip(exp.backbones, names))
     assert len(exp.combinations) == 15
     assert [len(c) for c in exp.combinations] == [1] * 4 + [2] * 6 + [3] * 4 + [4]
     assert exp.combinations[:5] == [("resnet50",), ("inception_v3",), ("xception",),
                                     ("inception_resnet_v2",), ("resnet50", "inception_v3")]
     assert exp.combinations[-1] == tuple(names)
-    assert exp.heads == [HeadSpec("dropout_sigmoid", {})]
-    assert exp.optimizers == [OptimizerSpec("adam", None), OptimizerSpec("adadelta", 1.0),
-                              OptimizerSpec("radam", None), OptimizerSpec("sgd", None)]
+    assert exp.heads == [HeadSpec(name="dropout_sigmoid", params={})]
+    assert exp.optimizers == [OptimizerSpec(name="adam", learning_rate=None),
+                              OptimizerSpec(name="adadelta", learning_rate=1.0),
+                              OptimizerSpec(name="radam", learning_rate=None),
+                              OptimizerSpec(name="sgd", learning_rate=None)]
     assert len(exp.combinations) * len(exp.heads) * len(exp.optimizers) == 60
     assert (exp.epochs, exp.batch_size, exp.seed) == (8, 128, 2019)
-    assert exp.validation == Validation("holdout", 0.2, 5)
+    assert exp.validation == Validation(holdout=0.2)
+    assert exp.validation.to_dict() == {"kind": "holdout", "holdout": 0.2, "folds": 5}
     assert exp.clip == (0.005, 0.995)
     assert exp.target == 0.06127
     assert exp.data == Path(os.path.abspath(REPO.parent / "shared" / "data" / "dogs-vs-cats-mini"))
@@ -133,17 +137,19 @@ def test_full_file(tmp_path):
     assert exp.name == "full"
     assert exp.data == Path("/abs/data")
     assert exp.backbones == [
-        BackboneSpec("resnet50", "none", None, "bfloat16", "crop"),
-        BackboneSpec("inception_v3", "imagenet", 299, "float32", "pad"),
+        BackboneSpec(name="resnet50", weights="none", image_size=None, precision="bfloat16",
+                     resize="crop"),
+        BackboneSpec(name="inception_v3", weights="imagenet", image_size=299, precision="float32",
+                     resize="pad"),
     ]
-    assert exp.heads[1] == HeadSpec("softmax_cam", {"dropout": 0.3, "l2": 0.001})
-    assert exp.optimizers[1] == OptimizerSpec("adam", 1e-4)  # YAML 1.1 reads 1e-4 as a string
+    assert exp.heads[1] == HeadSpec(name="softmax_cam", params={"dropout": 0.3, "l2": 0.001})
+    assert exp.optimizers[1] == OptimizerSpec(name="adam", learning_rate=1e-4)  # YAML 1.1 reads 1e-4 as a string
     assert (exp.epochs, exp.batch_size, exp.seed) == (3, 16, 0)
     assert exp.validation.kind == "kfold" and exp.validation.folds == 4
     assert exp.clip == (0.0, 1.0) and exp.target == 0.5
     assert exp.output == tmp_path / "out" / "full"
     assert exp.cache_dir == tmp_path / "cache"
-    assert exp.tuning == Tuning(10, ("dropout", "learning_rate"))
+    assert exp.tuning == Tuning(budget=10, params=("dropout", "learning_rate"))
     assert exp.tta is True
     d = json.loads(json.dumps(exp.to_dict()))
     assert d["output"] == str(tmp_path / "out" / "full") and d["cache_dir"] == str(tmp_path / "cache")
@@ -176,8 +182,8 @@ tracking: {backend: mlflow, uri: http://127.0.0.1:5000, required: true}
     assert [(b.precision, b.calibration_size) for b in exp.backbones] == [("int8", 64), ("int8", 500)]
     assert (exp.engine, exp.ray_address) == ("ray", "127.0.0.1:6379")
     assert (exp.postprocess, exp.refit) == ("temperature", True)
-    assert exp.ensemble == Ensemble(3, "stack")
-    assert exp.tracking == Tracking("mlflow", "http://127.0.0.1:5000", True)
+    assert exp.ensemble == Ensemble(top=3, method="stack")
+    assert exp.tracking == Tracking(backend="mlflow", uri="http://127.0.0.1:5000", required=True)
     d = json.loads(json.dumps(exp.to_dict()))
     assert d["ensemble"] == {"top": 3, "method": "stack"}
     assert d["tracking"] == {"backend": "mlflow", "uri": "http://127.0.0.1:5000", "required": True}
@@ -189,6 +195,7 @@ tracking: {backend: mlflow, uri: http://127.0.0.1:5000, required: true}
     ("clip: [0.01, 0.99]\n", "clip", (0.01, 0.99)),  # an explicit clip keeps its bounds
     ("clip: [0.01, 0.99]\npostprocess: temperature\n", "temperature", (0.01, 0.99)),
     ("postprocess: none\n", "none", (0.005, 0.995)),
+    ("clip: [0.01, 0.99]\npostprocess: null\n", "clip", (0.01, 0.99)),  # null = not given
 ])
 def test_explicit_clip_means_postprocess_clip(tmp_path, extra, postprocess, clip):
     exp = load_experiment(write(tmp_path, BASE + extra))
@@ -202,7 +209,7 @@ def test_seed_yaml_keeps_the_write_up_clip(tmp_path, monkeypatch):
 
 def test_tuning_defaults_to_all_params(tmp_path):
     exp = load_experiment(write(tmp_path, BASE + "tuning: {budget: 3}\n"))
-    assert exp.tuning == Tuning(3, ("dropout", "learning_rate", "l2"))
+    assert exp.tuning == Tuning(budget=3, params=("dropout", "learning_rate", "l2"))
 
 
 def test_relative_paths_are_relative_to_the_yaml_folder(tmp_path, monkeypatch):
@@ -288,16 +295,75 @@ def test_parse_experiment_from_a_string(tmp_path):
 def test_an_explicit_registry_is_used(tmp_path):
     registry = Registry().load(entry_points=False)
     exp = load_experiment(write(tmp_path, BASE), registry=registry)
-    assert exp.heads == [HeadSpec("dropout_sigmoid", {})]
+    assert exp.heads == [HeadSpec(name="dropout_sigmoid", params={})]
 
 
 def test_experiment_defaults_when_built_directly():
-    exp = Experiment(name="x", source=None, data="d", backbones=[BackboneSpec("resnet50")],
-                     combinations=[["resnet50"]], heads=[HeadSpec("dropout_sigmoid", {})],
-                     optimizers=[OptimizerSpec("adam")])
+    exp = Experiment(name="x", data="d", backbones=[BackboneSpec(name="resnet50")],
+                     combinations=[["resnet50"]], heads=[HeadSpec(name="dropout_sigmoid")],
+                     optimizers=[OptimizerSpec(name="adam")])
+    assert exp.source is None
     assert exp.output == Path("runs") / "x" and exp.data == Path("d")
     assert exp.combinations == [("resnet50",)]
     json.dumps(exp.to_dict())
+
+
+# -- the pydantic model and its validation context ---------------------------------------------------
+LITE = {"data": "d", "backbones": ["efficientnet_lite0"], "heads": ["dropout_sigmoid"],
+        "optimizers": ["adam"]}
+
+
+def test_the_registry_comes_from_the_validation_context():
+    """Names are checked against the context's registry: a plugin's backbone is known to the full
+    registry and unknown to one with only the built-ins."""
+    from pydantic import ValidationError
+
+    from catsdogs.experiment.schema import validate_document
+
+    full = Experiment.model_validate(LITE, context={"registry": get_registry()})
+    assert full.backbone_names == ["efficientnet_lite0"]
+    builtins = Registry().load(entry_points=False)
+    with pytest.raises(ValidationError) as info:
+        Experiment.model_validate(LITE, context={"registry": builtins})
+    (error,) = info.value.errors()
+    assert error["loc"] == ("backbones", 0)
+    assert error["msg"].startswith("unknown backbone 'efficientnet_lite0'")
+    model, problem = validate_document(LITE, {"registry": builtins})
+    assert model is None and problem is not None
+    assert problem[0] == "backbones[0]" and problem[1].startswith("unknown backbone")
+
+
+def test_head_params_and_tuning_are_checked_against_the_context_registry():
+    doc = {**LITE, "backbones": ["resnet50"],
+           "heads": [{"name": "dropout_sigmoid", "params": {"dropout": "1e-1"}}],
+           "tuning": {"budget": 2, "params": "dropout"}}
+    exp = Experiment.model_validate(doc, context={"registry": Registry().load(entry_points=False)})
+    assert exp.heads == [HeadSpec(name="dropout_sigmoid", params={"dropout": 0.1})]
+    assert exp.tuning == Tuning(budget=2, params=("dropout",))
+    assert exp.validation.kind == "holdout" and exp.postprocess == "auto"
+
+
+def test_the_context_resolves_paths_and_gives_the_defaults(tmp_path):
+    doc = {**LITE, "backbones": ["resnet50"], "output": "o", "cache_dir": "c"}
+    plain = Experiment.model_validate(doc)  # no context: paths as given
+    assert (plain.data, plain.output, plain.cache_dir) == (Path("d"), Path("o"), Path("c"))
+    assert plain.name == "experiment" and plain.source is None
+    exp = Experiment.model_validate({**doc, "output": None}, context={
+        "base_dir": tmp_path, "stem": "grid", "cwd": tmp_path / "cwd", "cache_dir": "/abs/cache",
+        "source_path": tmp_path / "grid.yaml"})
+    assert exp.name == "grid" and exp.source == tmp_path / "grid.yaml"
+    assert exp.data == tmp_path / "d" and exp.cache_dir == Path("/abs/cache")
+    assert exp.output == tmp_path / "cwd" / "runs" / "grid"
+
+
+def test_with_tracking_copies_the_model(tmp_path):
+    from catsdogs.tracking import with_tracking
+
+    exp = load_experiment(write(tmp_path, BASE))
+    tracked = with_tracking(exp, "http://127.0.0.1:5000", True)
+    assert tracked.tracking == Tracking(uri="http://127.0.0.1:5000", required=True)
+    assert exp.tracking is None and tracked.source == exp.source
+    assert tracked.to_dict() == {**exp.to_dict(), "tracking": tracked.tracking.to_dict()}
 
 
 def test_error_is_a_config_error_with_location(tmp_path):
@@ -308,6 +374,7 @@ def test_error_is_a_config_error_with_location(tmp_path):
 
 # -- located errors -------------------------------------------------------------------------------
 HEADS = ", ".join(get_registry().names("heads"))
+OPTIMIZERS = ", ".join(get_registry().names("optimizers"))
 
 ERRORS = [
     # (id, yaml, field path, message fragment)
@@ -328,8 +395,8 @@ backbones:
     ("unknown optimizer", BASE.replace("optimizers: [adam]", """\
 optimizers:
   - adam
-  - {name: sgd, learning_rate: 0.1}  #!
-"""), "optimizers[1].name", "unknown optimizer 'sgd'; available: adadelta, adam"),
+  - {name: rmsprop, learning_rate: 0.1}  #!
+"""), "optimizers[1].name", f"unknown optimizer 'rmsprop'; available: {OPTIMIZERS}"),
     ("backbone twice", BASE.replace("backbones: [resnet50, xception]", """\
 backbones:
   - resnet50

@@ -56,12 +56,12 @@ also come from the command line)::
 
 Details:
 
-* **Validation** is in two steps: the document's shape (fields, types, choices, bounds) is the
-  pydantic model :class:`catsdogs.experiment.schema.ExperimentFile` (strict,
-  ``extra="forbid"``; ``catsdogs schema`` prints its JSON Schema), whose first error is reported
-  with the file's line; then this module checks what needs the plugin registry or several
-  fields (names, weights per backbone, image sizes, head params, combinations, duplicates,
-  paths, the exclude list).
+* **Validation** is one pydantic model, :class:`Experiment` (strict, ``extra="forbid"``;
+  ``catsdogs schema`` prints its JSON Schema; defined in :mod:`catsdogs.experiment.schema`).
+  Its validators also check what needs the plugin registry, which they get from the validation
+  context (names, weights per backbone, image sizes, head params, tunable params), and what
+  needs several fields (combinations, duplicates, paths, the exclude list). This module reads
+  the YAML, keeps every field's line and reports the error that comes first in the file.
 * **Combinations** are tuples of backbone names in the order the backbones are listed. ``all`` and
   ``{min, max}`` enumerate by subset size ascending, then in listed order
   (:func:`itertools.combinations`); the default is ``all``. An explicit list keeps its own order;
@@ -85,23 +85,19 @@ Details:
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import itertools
-import math
-import numbers
 import os
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from catsdogs.dataset.storage import DataURL, data_location, is_url
-from catsdogs.errors import ConfigError, DataError, PluginError
-from catsdogs.experiment.schema import (  # noqa: F401  (the bounds and choices: public here too)
+from catsdogs.errors import ConfigError
+from catsdogs.experiment.schema import (  # noqa: F401  (the model, bounds and choices: public here)
+    DEFAULT_CALIBRATION_SIZE,
+    DEFAULT_PRECISION,
+    DEFAULT_RESIZE,
+    DEFAULT_WEIGHTS,
     ENGINES,
     ENSEMBLE_METHODS,
     MAX_BATCH_SIZE,
@@ -114,15 +110,20 @@ from catsdogs.experiment.schema import (  # noqa: F401  (the bounds and choices:
     MAX_LEARNING_RATE,
     POSTPROCESSES,
     PRECISIONS,
+    TOP_LEVEL_FIELDS,
     TRACKING_BACKENDS,
-    ExperimentFile,
-    TrackingSpec,
-    TuningSpec,
-    ValidationSpec,
+    TUNABLE_PARAMS,
+    BackboneSpec,
+    Ensemble,
+    Experiment,
+    HeadSpec,
+    OptimizerSpec,
+    Tracking,
+    Tuning,
+    Validation,
+    type_name,
     validate_document,
 )
-from catsdogs.experiment.schema import suggest as _suggest
-from catsdogs.experiment.schema import type_name as _type_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from catsdogs.plugins import Registry
@@ -144,17 +145,8 @@ __all__ = [
     "TUNABLE_PARAMS",
 ]
 
-#: every field the top level of an experiment file may have (the schema's fields)
-TOP_LEVEL_FIELDS: tuple[str, ...] = tuple(ExperimentFile.model_fields)
 #: fields a file must have (``data`` may come from the override instead)
 REQUIRED_FIELDS: tuple[str, ...] = ("data", "backbones", "heads", "optimizers")
-#: hyper-parameters the tuner can search
-TUNABLE_PARAMS: tuple[str, ...] = ("dropout", "learning_rate", "l2")
-
-DEFAULT_WEIGHTS = "imagenet"
-DEFAULT_PRECISION = "float32"
-DEFAULT_RESIZE = "squash"
-DEFAULT_CALIBRATION_SIZE = 300
 #: YAML nodes a document may expand to (aliases included): a guard against alias bombs
 MAX_YAML_NODES = 100_000
 
@@ -172,195 +164,6 @@ class ExperimentError(ConfigError):
         self.source = source
         self.line = line
         self.field = field
-
-
-# -- the specification objects ----------------------------------------------------------------------
-@dataclass(frozen=True)
-class BackboneSpec:
-    """One backbone configuration: which cached features to use (``image_size`` None = default)."""
-
-    name: str
-    weights: str = DEFAULT_WEIGHTS
-    image_size: int | None = None
-    precision: str = DEFAULT_PRECISION
-    resize: str = DEFAULT_RESIZE
-    calibration_size: int = DEFAULT_CALIBRATION_SIZE  # int8 only: calibration images
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "weights": self.weights, "image_size": self.image_size,
-                "precision": self.precision, "resize": self.resize,
-                "calibration_size": self.calibration_size}
-
-
-@dataclass(frozen=True)
-class HeadSpec:
-    """A head plugin name and the hyper-parameters passed to its class."""
-
-    name: str
-    params: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "params": dict(self.params)}
-
-
-@dataclass(frozen=True)
-class OptimizerSpec:
-    """An optimizer plugin name and its learning rate (None = the optimizer's default)."""
-
-    name: str
-    learning_rate: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "learning_rate": self.learning_rate}
-
-
-@dataclass(frozen=True)
-class Validation:
-    """How runs are validated: ``holdout`` (fraction ``holdout``) or ``kfold`` (``folds`` folds)."""
-
-    kind: str = "holdout"
-    holdout: float = 0.2
-    folds: int = 5
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "holdout": self.holdout, "folds": self.folds}
-
-
-@dataclass(frozen=True)
-class Tuning:
-    """Hyper-parameter search: ``budget`` trials over ``params`` (names the heads can tune)."""
-
-    budget: int
-    params: tuple[str, ...] = TUNABLE_PARAMS
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"budget": self.budget, "params": list(self.params)}
-
-
-@dataclass(frozen=True)
-class Ensemble:
-    """Combine the ``top`` best runs: ``mean`` of their probabilities or a ``stack`` model."""
-
-    top: int = 3
-    method: str = "mean"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"top": self.top, "method": self.method}
-
-
-@dataclass(frozen=True)
-class Tracking:
-    """Experiment tracking: ``backend`` (mlflow) at ``uri`` (None = the backend's default).
-
-    ``required``: fail when the tracker cannot be reached (else warn and run untracked).
-    """
-
-    backend: str = "mlflow"
-    uri: str | None = None
-    required: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"backend": self.backend, "uri": self.uri, "required": self.required}
-
-
-@dataclass
-class Experiment:
-    """A validated experiment grid. Build it with :func:`load_experiment` or :func:`parse_experiment`."""
-
-    name: str
-    source: Path | None
-    data: Path  # a DataURL (a str carrying its storage options) for data in object storage
-    backbones: list[BackboneSpec]
-    combinations: list[tuple[str, ...]]
-    heads: list[HeadSpec]
-    optimizers: list[OptimizerSpec]
-    epochs: int = 8
-    batch_size: int = 128
-    seed: int = 2019
-    validation: Validation = field(default_factory=Validation)
-    clip: tuple[float, float] = (0.005, 0.995)
-    target: float = 0.06127
-    output: Path | None = None  # None: runs/<name>
-    tuning: Tuning | None = None
-    tta: bool = False
-    exclude: list[str] = field(default_factory=list)
-    cache_dir: Path | None = None
-    #: the exclude list's file (when ``exclude:`` named one) and its SHA-256, for the run records
-    exclude_file: Path | None = None
-    exclude_sha256: str | None = None
-    engine: str = "local"
-    ray_address: str | None = None
-    postprocess: str = "auto"
-    refit: bool = False
-    ensemble: Ensemble | None = None
-    tracking: Tracking | None = None
-
-    def __post_init__(self) -> None:
-        self.source = None if self.source is None else Path(self.source)
-        if not isinstance(self.data, DataURL):
-            self.data = Path(self.data)
-        self.output = Path("runs") / self.name if self.output is None else Path(self.output)
-        self.cache_dir = None if self.cache_dir is None else Path(self.cache_dir)
-        self.backbones = list(self.backbones)
-        self.combinations = [tuple(c) for c in self.combinations]
-        self.heads = list(self.heads)
-        self.optimizers = list(self.optimizers)
-        self.clip = (float(self.clip[0]), float(self.clip[1]))
-        self.exclude = list(self.exclude)
-
-    @property
-    def backbone_names(self) -> list[str]:
-        return [b.name for b in self.backbones]
-
-    def backbone(self, name: str) -> BackboneSpec:
-        """The :class:`BackboneSpec` called ``name`` (KeyError if it is not listed)."""
-        for spec in self.backbones:
-            if spec.name == name:
-                return spec
-        raise KeyError(name)
-
-    def exclude_summary(self) -> list[str] | dict[str, Any]:
-        """The exclude list as recorded: the entries given in the experiment file, or for an
-        exclude *file* its path, SHA-256 and entry count (not its whole content)."""
-        if self.exclude_file is None:
-            return list(self.exclude)
-        return {"file": str(self.exclude_file), "sha256": self.exclude_sha256,
-                "entries": len(self.exclude)}
-
-    def match_exclude(self, files: Iterable[str]) -> tuple[list[str], list[str]]:
-        """``(matched, unmatched)``: the exclude entries that are / are not among ``files``."""
-        present = set(files)
-        matched = [e for e in self.exclude if e in present]
-        return matched, [e for e in self.exclude if e not in present]
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable description (paths as strings), for run records."""
-        return {
-            "name": self.name,
-            "source": None if self.source is None else str(self.source),
-            "data": str(self.data),
-            "backbones": [b.to_dict() for b in self.backbones],
-            "combinations": [list(c) for c in self.combinations],
-            "heads": [h.to_dict() for h in self.heads],
-            "optimizers": [o.to_dict() for o in self.optimizers],
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "validation": self.validation.to_dict(),
-            "clip": list(self.clip),
-            "target": self.target,
-            "output": str(self.output),
-            "tuning": None if self.tuning is None else self.tuning.to_dict(),
-            "tta": self.tta,
-            "exclude": self.exclude_summary(),
-            "cache_dir": None if self.cache_dir is None else str(self.cache_dir),
-            "engine": self.engine,
-            "ray_address": self.ray_address,
-            "postprocess": self.postprocess,
-            "refit": self.refit,
-            "ensemble": None if self.ensemble is None else self.ensemble.to_dict(),
-            "tracking": None if self.tracking is None else self.tracking.to_dict(),
-        }
 
 
 # -- public entry points --------------------------------------------------------------------------
@@ -413,36 +216,11 @@ def parse_experiment(text: str, source: str = "<string>", *, base_dir: Path | No
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-_SCI_FLOAT = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+$")
 _PARENT = re.compile(r"(\.[^.\[\]]+|\[\d+\])$")
-_MISSING = object()
 
 
 def _absolute(path: Path) -> Path:
     return Path(os.path.abspath(os.path.expanduser(str(path))))
-
-
-def _as_float(value: Any) -> float | None:
-    """``value`` as a finite float, or None. Accepts YAML-1.1 strings such as ``1e-3``."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, str) and _SCI_FLOAT.match(value.strip()):
-        value = float(value)
-    if isinstance(value, numbers.Real) and math.isfinite(value):
-        return float(value)
-    return None
-
-
-def _json_compatible(value: Any) -> bool:
-    if value is None or isinstance(value, (bool, str)):
-        return True
-    if isinstance(value, numbers.Real):
-        return math.isfinite(value)
-    if isinstance(value, list):
-        return all(_json_compatible(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _json_compatible(v) for k, v in value.items())
-    return False
 
 
 def _expanded_size(node: yaml.Node, limit: int) -> int:
@@ -538,58 +316,6 @@ class _Parser:
         what = f"{path}: {message}" if path else message
         return ExperimentError(f"{where}: {what}", source=self.source, line=line, field=path or None)
 
-    # -- registry ---------------------------------------------------------------------------------
-    @property
-    def registry(self) -> Registry:
-        if self._registry is None:
-            from catsdogs.plugins import get_registry
-
-            self._registry = get_registry()
-        return self._registry
-
-    def component(self, kind: str, name: str, path: str) -> Any:
-        singular = kind[:-1]
-        names = self.registry.names(kind)
-        if name not in names:
-            try:  # a name claimed by two plugins: the registry's own message says which
-                self.registry.get(kind, name)
-            except PluginError as exc:
-                if name in self.registry.conflicts.get(kind, {}):
-                    raise self.error(path, str(exc)) from None
-            available = ", ".join(names) or "(none installed)"
-            raise self.error(
-                path,
-                f"unknown {singular} {name!r}{_suggest(name, names)}; available: {available} "
-                "(`catsdogs plugins` lists what is installed)",
-            )
-        return self.registry.get(kind, name)
-
-    # -- checks the schema cannot make -----------------------------------------------------------
-    def choice(self, value: str, path: str, choices: tuple[str, ...], what: str) -> str:
-        if value not in choices:
-            raise self.error(path, f"unknown {what} {value!r}{_suggest(value, choices)}; "
-                                   f"choose one of: {', '.join(choices)}")
-        return value
-
-    def data_path(self, value: Any, path: str, base: Path, options: dict[str, Any] | None) -> Path:
-        """``data``: a path, or an object-store URL kept as a :class:`DataURL` that carries the
-        file's ``storage_options`` (which never appear in the experiment's text or records)."""
-        if isinstance(value, str) and is_url(value.strip()):
-            try:
-                return data_location(value, options)  # type: ignore[return-value]
-            except DataError as exc:
-                raise self.error(path, str(exc)) from None
-        return self.path(value, path, base)
-
-    def path(self, value: Any, path: str, base: Path) -> Path:
-        """An absolute path; ``value`` is a validated string (or an override: str / PathLike)."""
-        if isinstance(value, os.PathLike):
-            value = os.fspath(value)
-        if not isinstance(value, str) or not value.strip():
-            raise self.error(path, f"must be a path (string), got {_type_name(value)}")
-        p = Path(os.path.expanduser(value.strip()))
-        return _absolute(p if p.is_absolute() else base / p)
-
     # -- the document -----------------------------------------------------------------------------
     def compose(self) -> Any:
         loader = yaml.SafeLoader(self.text)
@@ -631,7 +357,7 @@ class _Parser:
                                  + ", ".join(REQUIRED_FIELDS))
         if not isinstance(doc, dict):
             raise self.error("", f"the top level must be a mapping of fields "
-                                 f"({', '.join(REQUIRED_FIELDS)}, ...), got {_type_name(doc)}",
+                                 f"({', '.join(REQUIRED_FIELDS)}, ...), got {type_name(doc)}",
                              line=self.lines.get(""))
         for key in doc:
             if not isinstance(key, str):
@@ -645,316 +371,22 @@ class _Parser:
             hint = " (or pass the data directory on the command line)" if "data" in missing else ""
             raise self.error("", f"missing required field{'s' if len(missing) > 1 else ''}: "
                                  f"{', '.join(missing)}{hint}")
-        model, problem = validate_document(doc, self.line)
+        context = {"registry": self._registry, "base_dir": self.base_dir, "stem": self.stem,
+                   "source_path": self.source_path, "cwd": _absolute(Path.cwd()),
+                   "data": data, "output": output, "cache_dir": cache_dir}
+        experiment, problem = validate_document(doc, context, self.line)
         if problem is not None:
             raise self.error(*problem)
-        assert model is not None
-
-        name = self.parse_name(model.name)
-        cwd = _absolute(Path.cwd())
-        data_path = (self.data_path(data, "data (override)", cwd, model.storage_options)
-                     if data is not None else
-                     self.data_path(model.data, "data", self.base_dir, model.storage_options))
-        if output is not None:
-            output_path = self.path(output, "output (override)", cwd)
-        elif model.output is not None:
-            output_path = self.path(model.output, "output", self.base_dir)
-        else:
-            output_path = _absolute(cwd / "runs" / name)
-        if cache_dir is not None:
-            cache_path = self.path(cache_dir, "cache_dir (override)", cwd)
-        elif model.cache_dir is not None:
-            cache_path = self.path(model.cache_dir, "cache_dir", self.base_dir)
-        else:
-            cache_path = None
-
-        backbones = self.parse_backbones(doc)
+        assert experiment is not None
         if weights is not None:  # the command line's --weights replaces every backbone's weights
-            for spec in backbones:
+            from catsdogs.plugins import get_registry
+
+            registry = self._registry or get_registry()
+            for spec in experiment.backbones:
                 try:
-                    self.registry.backbone(spec.name).check_weights(weights)
+                    registry.backbone(spec.name).check_weights(weights)
                 except ConfigError as exc:
                     raise ExperimentError(f"--weights: {exc}", source=self.source) from None
-            backbones = [dataclasses.replace(spec, weights=weights) for spec in backbones]
-        names = [b.name for b in backbones]
-        combinations = self.parse_combinations(doc.get("combinations"), names)
-        heads = self.parse_heads(doc["heads"])
-        optimizers = self.parse_optimizers(doc["optimizers"])
-        lo, hi = model.clip
-        if not 0 <= lo < hi <= 1:
-            raise self.error("clip", "must be a list [lo, hi] of two numbers with "
-                                     f"0 <= lo < hi <= 1, got {doc['clip']!r}")
-        exclude, exclude_file, exclude_sha256 = self.parse_exclude(doc.get("exclude"))
-        postprocess = model.postprocess or ("clip" if "clip" in doc else "auto")
-        return Experiment(
-            name=name, source=self.source_path, data=data_path, backbones=backbones,
-            combinations=combinations, heads=heads, optimizers=optimizers, epochs=model.epochs,
-            batch_size=model.batch_size, seed=model.seed,
-            validation=self.parse_validation(model.validation), clip=(lo, hi),
-            target=model.target, output=output_path, tuning=self.parse_tuning(model.tuning, heads),
-            tta=model.tta, exclude=exclude, cache_dir=cache_path, exclude_file=exclude_file,
-            exclude_sha256=exclude_sha256, engine=model.engine, ray_address=model.ray_address,
-            postprocess=postprocess, refit=model.refit,
-            ensemble=None if model.ensemble is None else
-            Ensemble(top=model.ensemble.top, method=model.ensemble.method),
-            tracking=self.parse_tracking(model.tracking),
-        )
-
-    # -- fields (their types and bounds are checked by the schema already) -----------------------
-    def parse_name(self, value: str | int | None) -> str:
-        if value is None:
-            return self.stem
-        name = str(value).strip()
-        if "/" in name or "\\" in name or name in {".", ".."}:
-            raise self.error("name", f"must be usable as a folder name (no '/' or '\\'), got {name!r}")
-        return name
-
-    def parse_backbones(self, doc: dict[str, Any]) -> list[BackboneSpec]:
-        # top-level defaults: (value, path to blame)
-        defaults: dict[str, tuple[Any, str]] = {
-            "weights": (DEFAULT_WEIGHTS, "backbones"),
-            "image_size": (None, "backbones"),
-            "precision": (DEFAULT_PRECISION, "backbones"),
-            "resize": (DEFAULT_RESIZE, "backbones"),
-            "calibration_size": (DEFAULT_CALIBRATION_SIZE, "backbones"),
-        }
-        for key in defaults:
-            if doc.get(key) is not None:
-                defaults[key] = (doc[key], key)
-
-        specs: list[BackboneSpec] = []
-        first: dict[str, int] = {}
-        for i, item in enumerate(doc["backbones"]):
-            p = f"backbones[{i}]"
-            if isinstance(item, dict):
-                name, name_path = item["name"].strip(), f"{p}.name"
-            else:
-                name, name_path, item = item.strip(), p, {}
-            backbone = self.component("backbones", name, name_path)
-            if name in first:
-                raise self.error(p, f"backbone {name!r} is listed twice (also backbones[{first[name]}]); "
-                                    "list each backbone once")
-            first[name] = i
-
-            def option(key: str, item: dict[str, Any] = item, p: str = p) -> tuple[Any, str]:
-                if item.get(key) is not None:
-                    return item[key], f"{p}.{key}"
-                return defaults[key]
-
-            weights, wpath = option("weights")
-            size, spath = option("image_size")
-            try:
-                backbone.check_weights(weights.strip())
-            except ConfigError as exc:
-                raise self.error(wpath, str(exc)) from None
-            if size is not None:
-                try:
-                    backbone.check_image_size(size)
-                except ConfigError as exc:
-                    raise self.error(spath, str(exc)) from None
-            specs.append(BackboneSpec(name=name, weights=weights.strip(), image_size=size,
-                                      precision=option("precision")[0],
-                                      resize=option("resize")[0],
-                                      calibration_size=option("calibration_size")[0]))
-        return specs
-
-    def parse_combinations(self, raw: Any, names: list[str]) -> list[tuple[str, ...]]:
-        n = len(names)
-        if raw is None or raw == "all":
-            lo, hi = 1, n
-        elif isinstance(raw, dict):
-            lo = 1 if raw.get("min") is None else raw["min"]
-            hi = n if raw.get("max") is None else raw["max"]
-            if not 1 <= lo <= hi <= n:
-                where = ".min" if lo < 1 else ".max" if hi > n else ""
-                raise self.error(f"combinations{where}",
-                                 f"subset sizes must satisfy 1 <= min <= max <= {n} (the number of "
-                                 f"backbones), got min={lo}, max={hi}")
-        else:
-            result: list[tuple[str, ...]] = []
-            seen: dict[tuple[str, ...], int] = {}
-            order = {name: k for k, name in enumerate(names)}
-            if not raw:
-                raise self.error("combinations", "must not be empty; use 'all', {min: K, max: M} "
-                                                 "(subset sizes) or a list of lists of backbone names")
-            for i, combo in enumerate(raw):
-                p = f"combinations[{i}]"
-                members = [combo] if isinstance(combo, str) else combo
-                if not members:
-                    raise self.error(p, "must be a non-empty list of backbone names, got a list")
-                for j, member in enumerate(members):
-                    mpath = p if isinstance(combo, str) else f"{p}[{j}]"
-                    if member not in order:
-                        hint = _suggest(member, names)
-                        if member in self.registry.names("backbones"):
-                            hint += " (add it to backbones to use it in a combination)"
-                        raise self.error(mpath, f"{member!r} is not one of the listed backbones: "
-                                                f"{', '.join(names)}{hint}")
-                if len(set(members)) != len(members):
-                    dup = next(m for m in members if members.count(m) > 1)
-                    raise self.error(p, f"backbone {dup!r} appears twice in one combination")
-                key = tuple(sorted(members, key=order.__getitem__))
-                if key in seen:
-                    raise self.error(p, f"duplicate combination {list(key)} "
-                                        f"(same as combinations[{seen[key]}])")
-                seen[key] = i
-                result.append(key)
-            return result
-        return [c for size in range(lo, hi + 1) for c in itertools.combinations(names, size)]
-
-    def parse_heads(self, raw: list[Any]) -> list[HeadSpec]:
-        specs: list[HeadSpec] = []
-        for i, item in enumerate(raw):
-            p = f"heads[{i}]"
-            if isinstance(item, dict):
-                name = item["name"].strip()
-                head_cls = self.component("heads", name, f"{p}.name")
-                params = self.parse_head_params(item.get("params"), f"{p}.params", name, head_cls)
-            else:
-                name = item.strip()
-                head_cls = self.component("heads", name, p)
-                params = {}
-            spec = HeadSpec(name=name, params=params)
-            if spec in specs:
-                raise self.error(p, f"duplicate head {name!r} with the same params "
-                                    f"(same as heads[{specs.index(spec)}])")
-            specs.append(spec)
-        return specs
-
-    def parse_head_params(self, raw: Any, path: str, name: str,
-                          head_cls: Any) -> dict[str, Any]:
-        if raw is None:
-            return {}
-        valid = tuple(head_cls.param_names())
-        if not isinstance(raw, dict):  # kept by hand: the message names the head's parameters
-            raise self.error(path, f"must be a mapping of hyper-parameters "
-                                   f"({', '.join(valid) or 'none'}), got {_type_name(raw)}")
-        params: dict[str, Any] = {}
-        for key, value in raw.items():
-            if key not in valid:
-                raise self.error(f"{path}.{key}", f"head {name!r} has no parameter {key!r}"
-                                                  f"{_suggest(key, valid)}; "
-                                                  f"valid: {', '.join(valid) or '(none)'}")
-            if isinstance(value, str) and _SCI_FLOAT.match(value.strip()):
-                value = float(value)
-            if not _json_compatible(value):
-                raise self.error(f"{path}.{key}", "must be a number, string, boolean, null, list "
-                                                  f"or mapping, got {value!r}")
-            params[key] = value
-        try:
-            head_cls(**params).validate_params()
-        except (ConfigError, TypeError, ValueError) as exc:
-            raise self.error(path, f"invalid params for head {name!r}: {exc}") from None
-        return params
-
-    def parse_optimizers(self, raw: list[Any]) -> list[OptimizerSpec]:
-        specs: list[OptimizerSpec] = []
-        for i, item in enumerate(raw):
-            p = f"optimizers[{i}]"
-            lr: float | None = None
-            if isinstance(item, dict):
-                name = item["name"].strip()
-                self.component("optimizers", name, f"{p}.name")
-                if item.get("learning_rate") is not None:
-                    lr = _as_float(item["learning_rate"])
-            else:
-                name = item.strip()
-                self.component("optimizers", name, p)
-            spec = OptimizerSpec(name=name, learning_rate=lr)
-            if spec in specs:
-                raise self.error(p, f"duplicate optimizer {name!r} with the same learning rate "
-                                    f"(same as optimizers[{specs.index(spec)}])")
-            specs.append(spec)
-        return specs
-
-    def parse_validation(self, raw: str | ValidationSpec | None) -> Validation:
-        if raw is None:
-            return Validation()
-        if isinstance(raw, str):
-            return Validation(kind=raw)
-        given = raw.model_fields_set
-        if len(given) != 1:
-            raise self.error("validation", "give exactly one of holdout, kfold ({holdout: FRACTION} "
-                                           f"or {{kfold: FOLDS}}), got {len(given)} fields")
-        if raw.holdout is not None:
-            return Validation(kind="holdout", holdout=raw.holdout)
-        if raw.kfold is None:
-            raise self.error("validation", "must be {holdout: FRACTION} or {kfold: FOLDS}, got null")
-        return Validation(kind="kfold", folds=raw.kfold)
-
-    def parse_tuning(self, raw: int | TuningSpec | None, heads: list[HeadSpec]) -> Tuning | None:
-        if raw is None:
-            return None
-        if isinstance(raw, int):
-            return Tuning(budget=raw)
-        if raw.params is None:
-            return Tuning(budget=raw.budget)
-        params = [raw.params] if isinstance(raw.params, str) else raw.params
-        # the common names, then what the listed heads declare (Head.search_space)
-        tunable = dict.fromkeys(TUNABLE_PARAMS)
-        for head in heads:
-            tunable.update(dict.fromkeys(self.registry.head(head.name).tuning_space().entries))
-        choices = tuple(tunable)
-        if not params:
-            raise self.error("tuning.params", f"must be a non-empty list of: {', '.join(choices)}; "
-                                              "got a list")
-        for j, param in enumerate(params):
-            p = f"tuning.params[{j}]"
-            self.choice(param, p, choices, "tunable parameter")
-            if param in params[:j]:
-                raise self.error(p, f"{param!r} is listed twice")
-        return Tuning(budget=raw.budget, params=tuple(params))
-
-    def parse_tracking(self, raw: str | TrackingSpec | None) -> Tracking | None:
-        if raw is None:
-            return None
-        if isinstance(raw, str):
-            return Tracking(backend=raw)
-        return Tracking(backend=raw.backend, uri=raw.uri, required=raw.required)
-
-    def parse_exclude(self, raw: Any) -> tuple[list[str], Path | None, str | None]:
-        """The entries, and for an exclude file its path and SHA-256."""
-        if raw is None:
-            return [], None, None
-        entries: list[tuple[str, str]] = []  # (relative path, where it came from)
-        list_path: Path | None = None
-        digest: str | None = None
-        if isinstance(raw, str):
-            list_path = self.path(raw, "exclude", self.base_dir)
-            if not list_path.is_file():
-                raise self.error("exclude", f"exclude list {str(list_path)!r} not found (a text file "
-                                            "with one relative image path per line, or give a "
-                                            "list of paths)")
-            try:
-                content = list_path.read_bytes()
-                digest = hashlib.sha256(content).hexdigest()
-                text = content.decode("utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise self.error("exclude", f"cannot read exclude list {str(list_path)!r}: {exc}") from None
-            for k, line in enumerate(text.splitlines(), 1):
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    entries.append((line, f"{list_path}:{k}"))
-        elif isinstance(raw, list):
-            for j, item in enumerate(raw):
-                if not isinstance(item, str) or not item.strip():
-                    raise self.error(f"exclude[{j}]", "must be a relative file path (string), "
-                                                      f"got {_type_name(item)}")
-                entries.append((item.strip(), f"exclude[{j}]"))
-        else:
-            raise self.error("exclude", "must be a list of relative file paths or the path of a text "
-                                        f"file listing them, got {_type_name(raw)}")
-        result: list[str] = []
-        for entry, where in entries:
-            rel = entry.replace("\\", "/")
-            while rel.startswith("./"):
-                rel = rel[2:]
-            if rel.startswith("/") or re.match(r"^[A-Za-z]:/", rel):
-                message = (f"{entry!r} must be relative to the data directory "
-                           "(e.g. train/cat.12.jpg)")
-                if where.startswith("exclude["):
-                    raise self.error(where, message)
-                raise self.error("exclude", f"{where}: {message}")
-            if rel not in result:
-                result.append(rel)
-        return result, list_path, digest
+            experiment.backbones = [spec.model_copy(update={"weights": weights})
+                                    for spec in experiment.backbones]
+        return experiment
