@@ -47,14 +47,15 @@ from typing import Any
 import numpy as np
 
 from catsdogs._version import __version__
+from catsdogs.compute import LOCAL, Engine
 from catsdogs.dataset.images import (
     RESIZE_POLICIES,
     ImageDecodeError,
     decode_rgb,
-    load_image,
     resize,
 )
 from catsdogs.dataset.layout import Dataset, ImageRecord, digest_all, fingerprint, open_dataset
+from catsdogs.dataset.payload import payload_bytes, prefetch
 from catsdogs.errors import ConfigError, DataError
 from catsdogs.features import int8
 from catsdogs.util.fileio import atomic_write, remove_stale_temporaries, replace_path
@@ -516,17 +517,9 @@ def lower_thread_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
-def _decode(record: ImageRecord, size: int, policy: str):
-    try:
-        return load_image(record.path, size, policy)
-    except ImageDecodeError as exc:
-        return exc
-    except OSError as exc:  # unreadable file (permissions, vanished)
-        return ImageDecodeError(f"cannot read file ({exc.strerror or exc})")
-
-
 def decode_bytes(data: bytes | ImageDecodeError, size: int, policy: str):
-    """:func:`_decode` for image bytes already read (the Ray engine ships bytes to its workers)."""
+    """One image's pixels from its bytes (or its read error, passed on): what :class:`ChunkFeatures`
+    decodes, whichever engine it runs in."""
     if isinstance(data, ImageDecodeError):
         return data
     try:
@@ -559,36 +552,67 @@ def compute_chunk(model, views: Sequence[str], digests: Sequence[str], decoded: 
     return done, arrays, skipped
 
 
-def _compute(store: _Store, work: list[_Work], model_factory, *, image_size: int, resize: str,
-             chunk_size: int, workers: int, progress: bool, desc: str) -> tuple[int, float]:
+class ChunkFeatures:
+    """An engine's extraction worker: the backbone's feature model (built once per worker, by
+    the model factory) and decoding threads; called once per chunk with its views, digests and
+    payload (per image its bytes or read error, or its path: :func:`payload_bytes`). Two calls
+    may run at once (one decoding while the other computes)."""
+
+    def __init__(self, model_factory, image_size: int, resize: str, feature_dim: int,
+                 decode_threads: int):
+        self.image_size, self.resize, self.feature_dim = image_size, resize, feature_dim
+        self.pool = ThreadPoolExecutor(max_workers=max(1, decode_threads),
+                                       initializer=lower_thread_priority)
+        self.model = model_factory()
+
+    def __call__(self, views: Sequence[str], digests: Sequence[str], payload: list) -> dict[str, Any]:
+        def decode(item):
+            return decode_bytes(payload_bytes(item), self.image_size, self.resize)
+
+        decoded = list(self.pool.map(decode, prefetch(payload)))  # objects: read ahead
+        done, arrays, skipped = compute_chunk(self.model, views, digests, decoded, self.image_size,
+                                              self.feature_dim)
+        return {"digests": done, "arrays": arrays, "skipped": skipped}
+
+
+def _compute(store: _Store, work: list[_Work], model_factory, *, engine, image_size: int,
+             resize: str, chunk_size: int, workers: int, progress: bool, desc: str
+             ) -> tuple[int, float, dict[str, int]]:
+    """The missing chunks, computed by ``engine`` (:meth:`catsdogs.compute.Engine.map_chunks`)
+    and written here through ``store`` as each finishes: ``(images computed, seconds, images per
+    node)``."""
     from tqdm.auto import tqdm
 
     if not work:
-        return 0, 0.0
+        return 0, 0.0, {}
     chunks = list(_chunks(work, chunk_size))
-    index = store.next_chunk_index()
-    computed = 0
-    bar = tqdm(total=len(work), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
-    with ThreadPoolExecutor(max_workers=max(1, workers), initializer=lower_thread_priority) as pool:
-        def submit(chunk):
-            return [pool.submit(_decode, w.record, image_size, resize) for w in chunk]
+    state = {"index": store.next_chunk_index(), "computed": 0}
+    nodes: dict[str, int] = {}
+    suffix = "" if engine.name == "local" else f" ({engine.name})"
+    bar = tqdm(total=len(work), desc=desc + suffix, unit="img", disable=not progress,
+               dynamic_ncols=True)
 
-        pending = submit(chunks[0])  # decoding starts while the model is being built
-        model = model_factory()
-        start = time.perf_counter()
-        for i, chunk in enumerate(chunks):
-            futures = pending
-            pending = submit(chunks[i + 1]) if i + 1 < len(chunks) else None  # prefetch
-            digests, arrays, skipped = compute_chunk(
-                model, chunk[0].views, [w.digest for w in chunk], [f.result() for f in futures],
-                image_size, store.config.feature_dim)
-            store.write_chunk(index, digests, chunk[0].views, arrays, skipped)
-            index += 1
-            computed += len(digests)
-            bar.update(len(chunk))
-        elapsed = time.perf_counter() - start
-    bar.close()
-    return computed, elapsed
+    def args_of(chunk: list[_Work]) -> tuple:
+        return chunk[0].views, [w.digest for w in chunk], engine.payload([w.record.path for w in chunk])
+
+    def on_result(chunk: list[_Work], out: dict[str, Any], node: str, pid: int) -> None:
+        store.write_chunk(state["index"], out["digests"], chunk[0].views, out["arrays"], out["skipped"])
+        state["index"] += 1
+        state["computed"] += len(out["digests"])
+        nodes[node] = nodes.get(node, 0) + len(chunk)
+        bar.update(len(chunk))
+
+    def what(chunk: list[_Work]) -> str:
+        return f"the chunk of {len(chunk)} images {chunk[0].record.relpath} .. {chunk[-1].record.relpath}"
+
+    factory = functools.partial(ChunkFeatures, engine.portable(model_factory), image_size, resize,
+                                store.config.feature_dim, workers)
+    start = time.perf_counter()
+    try:
+        engine.map_chunks(factory, chunks, args_of, on_result, what)
+    finally:
+        bar.close()
+    return state["computed"], time.perf_counter() - start, nodes
 
 
 # --------------------------------------------------------------------------------------- assemble
@@ -708,7 +732,7 @@ def extract(
     registry=None,
     dataset: Dataset | None = None,
     digests: Sequence[str] | None = None,
-    engine=None,
+    engine: Engine = LOCAL,
     calibration_size: int = int8.DEFAULT_CALIBRATION_SIZE,
     recalibrate: bool = False,
 ) -> list[ExtractResult]:
@@ -719,8 +743,9 @@ def extract(
     pass; a call after an interruption computes only what is missing. Callers extracting several
     configurations of one data directory may pass ``dataset`` (from :func:`open_dataset`) and its
     ``digests`` (:func:`catsdogs.dataset.layout.digest_all`) so the directory is listed and hashed once.
-    ``engine`` (from :func:`catsdogs.engine.open_engine`; None: this process) computes the missing
-    chunks elsewhere, e.g. on a Ray cluster; the cache written is the same.
+    ``engine`` (a :class:`catsdogs.compute.Engine`, from :func:`catsdogs.engine.open_engine`;
+    default: this process) computes the missing chunks, e.g. on a Ray cluster; the cache written
+    is the same.
     ``precision="int8"`` quantises each backbone, calibrated on ``calibration_size`` training
     images once per backbone configuration and data set (the cached quantised model is reused,
     so added images cost one forward pass each; ``recalibrate=True`` calibrates again), and keys
@@ -749,7 +774,7 @@ def extract(
     ds = dataset
     records = ds.records
     if digests is None:
-        digests = digest_all(records)
+        digests = digest_all(records, engine=engine)  # objects: hashed where they are read
     elif len(digests) != len(records):
         raise ConfigError(f"digests has {len(digests)} entries for {len(records)} images; "
                           "pass digest_all(dataset.records)")
@@ -810,14 +835,14 @@ def extract(
                     if need:
                         work.append(_Work(dig, rec, need))
                         seen.add(dig)
-                compute = _compute if engine is None else engine.compute_features
-                computed, compute_s = compute(
+                computed, compute_s, nodes = _compute(
                     store, work,
                     _model_factory(backbone, weights, size, precision, batch_size, resize, workers,
                                    quantised.directory if quantised else None),
-                    image_size=size, resize=resize, chunk_size=chunk_size, workers=workers,
+                    engine=engine, image_size=size, resize=resize, chunk_size=chunk_size, workers=workers,
                     progress=progress, desc=f"{backbone.name} features",
                 )
+                described = engine.describe()
                 rows: dict[str, list[tuple[ImageRecord, str]]] = {s: [] for s in SPLITS}
                 skipped = []
                 for rec, dig in zip(records, digests):
@@ -841,7 +866,7 @@ def extract(
                     "skipped": skipped,
                     "versions": _versions(),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    **({} if engine is None else {"engine": engine.describe()}),
+                    **({} if described is None else {"engine": {**described, "nodes": nodes}}),
                 }
                 _assemble(store, rows, file_views, meta)
                 n = meta["n_train"] + meta["n_test"]

@@ -21,6 +21,7 @@ Output layout::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -36,6 +37,7 @@ from typing import Any, cast
 import numpy as np
 
 from catsdogs._version import __version__
+from catsdogs.compute import LOCAL_NODE
 from catsdogs.errors import ConfigError, DataError
 from catsdogs.experiment.spec import Experiment, HeadSpec, OptimizerSpec
 from catsdogs.features.fusion import Aligned, align
@@ -385,7 +387,7 @@ def _tuning_record(folds: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 # ------------------------------------------------------------------------------------ experiment
-def _extract_all(experiment: Experiment, dataset, progress: bool, engine=None):
+def _extract_all(experiment: Experiment, dataset, progress: bool, engine):
     from catsdogs.dataset.layout import digest_all
     from catsdogs.features.extraction import extract, load_features
 
@@ -545,7 +547,8 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
                    echo: Callable[[str], None] | None = None, engine=None) -> ExperimentResult:
     """Run (or resume) every run of ``experiment``; see the module docstring.
 
-    ``engine`` (a :class:`catsdogs.engine.EngineSpec`; default: the experiment's ``engine`` and
+    ``engine`` (a :class:`catsdogs.engine.EngineSpec`, opened and closed here, or an engine already
+    open, a :class:`catsdogs.compute.Engine`; default: the experiment's ``engine`` and
     ``ray_address``) says where features and runs are computed; files are written here either way.
     """
     from catsdogs.dataset.layout import open_dataset
@@ -565,7 +568,8 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
 
     dataset = open_dataset(experiment.data)
     engine = engine or EngineSpec(experiment.engine, experiment.ray_address)
-    with open_engine(engine) as compute_engine:
+    with (open_engine(engine) if isinstance(engine, EngineSpec) else contextlib.nullcontext(engine)
+          ) as compute_engine:
         feature_sets, keys = _extract_all(experiment, dataset, progress, compute_engine)
         aligned = align(feature_sets, experiment.exclude)
         if experiment.exclude:  # report entries that match no training image; record the matched
@@ -634,31 +638,25 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
 
 def _train_runs(pending: list[tuple[RunSpec, dict[str, Any]]], experiment: Experiment, aligned: Aligned,
                 splits, registry, out: Path, aligned_on: dict, progress: bool, engine) -> list[RunRecord]:
-    """Train the pending runs, in this process or (``engine``) as Ray tasks, and write each run
-    directory atomically here as soon as its run finishes."""
+    """Train the pending runs on ``engine`` (:meth:`~catsdogs.compute.Engine.map_runs`, a group
+    of runs per call, :func:`_run_groups`) and write each run directory atomically here as soon
+    as its group finishes."""
     from tqdm.auto import tqdm
 
     records: list[RunRecord] = []
     bar = tqdm(total=len(pending), desc="runs", unit="run", disable=not progress, dynamic_ncols=True)
-    if engine is None:
-        from catsdogs.runs.multifit import fit_grid
-
-        # runs that can share passes over the features are trained together first
-        fitted = fit_grid([spec for spec, _ in pending], experiment, aligned, splits, registry)
-        done = ((spec, *_run_here(spec, settings, experiment, aligned, splits, registry, out,
-                                  fitted.get(spec.run_id)))
-                for spec, settings in pending)
-    else:
-        done = ((spec, record, files, node) for (spec, _), (record, files), node in
-                engine.map_runs(run_detached, pending, (experiment, aligned, splits, registry)))
+    done = ((spec, record, files, node)
+            for group, results, node in engine.map_runs(run_group, _run_groups(pending, engine),
+                                                        (experiment, aligned, splits, registry))
+            for (spec, _), (record, files) in zip(group, results, strict=True))
     for spec, record, files, node in done:
         tmp = out / "runs" / f".{spec.run_id}.tmp-{os.getpid()}"
         try:
-            if files is not None:  # computed elsewhere: the run's files come back as bytes
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir()
-                for name, data in files.items():
-                    (tmp / name).write_bytes(data)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            for name, data in files.items():  # computed in a scratch folder, maybe elsewhere
+                (tmp / name).write_bytes(data)
+            if node != LOCAL_NODE:
                 record.engine = {"name": engine.name, "node_id": node}
             record.aligned_on = aligned_on
             record.save(tmp)
@@ -675,24 +673,43 @@ def _train_runs(pending: list[tuple[RunSpec, dict[str, Any]]], experiment: Exper
     return records
 
 
-def _run_here(spec: RunSpec, settings: dict[str, Any], experiment: Experiment, aligned: Aligned, splits,
-              registry, out: Path, fitted: list | None = None) -> tuple[RunRecord, None, None]:
-    """One run in this process, its files written straight into the temporary run directory."""
-    tmp = out / "runs" / f".{spec.run_id}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return _execute_run(spec, experiment, aligned, splits, registry, settings, tmp, fitted), None, None
+def _run_groups(pending: list[tuple[RunSpec, dict[str, Any]]], engine) -> list[list]:
+    """The runs trained together by one call of the engine (:func:`run_group`): bounded groups
+    (:func:`catsdogs.runs.multifit.plan_groups`). One process packs whole combinations into groups
+    of at most ``CATSDOGS_GROUP_RUNS`` (8) runs, written before the next group trains, so a kill
+    loses at most one group's training; an engine that runs calls at once (Ray) gets one group per
+    combination, so the groups spread over its CPUs while the runs of a group still share the
+    fused columns and dropout masks."""
+    from catsdogs.runs.multifit import plan_groups
+
+    return plan_groups(pending, lambda item: item[0].combination, parallel=engine.parallel)
 
 
-def run_detached(item: tuple[RunSpec, dict[str, Any]], shared: tuple) -> tuple[RunRecord, dict[str, bytes]]:
-    """One run in a scratch directory (a Ray task, on any node): its record and its files' bytes.
-    ``shared`` is ``(experiment, aligned, splits, registry)``, put into the object store once."""
+def run_group(group: list[tuple[RunSpec, dict[str, Any]]], shared: tuple
+              ) -> list[tuple[RunRecord, dict[str, bytes]]]:
+    """A group of runs (one engine call, in this process or a Ray task on any node): the runs
+    that can share passes over the features are trained together
+    (:func:`catsdogs.runs.multifit.fit_grid`), the others alone; each run's record and its files'
+    bytes, computed in a scratch directory. ``shared`` is ``(experiment, aligned, splits,
+    registry)``, put into the object store once on Ray."""
+    from catsdogs.runs.multifit import fit_grid
+
+    experiment, aligned, splits, registry = shared
+    fitted = fit_grid([spec for spec, _ in group], experiment, aligned, splits, registry)
+    return [run_detached(item, shared, fitted.get(item[0].run_id)) for item in group]
+
+
+def run_detached(item: tuple[RunSpec, dict[str, Any]], shared: tuple, fitted: list | None = None
+                 ) -> tuple[RunRecord, dict[str, bytes]]:
+    """One run in a scratch directory: its record and its files' bytes (``fitted``: its heads
+    trained in a group). ``shared`` is ``(experiment, aligned, splits, registry)``."""
     import tempfile
 
     spec, settings = item
     experiment, aligned, splits, registry = shared
     with tempfile.TemporaryDirectory(prefix="catsdogs-run-") as scratch:
-        record = _execute_run(spec, experiment, aligned, splits, registry, settings, Path(scratch))
+        record = _execute_run(spec, experiment, aligned, splits, registry, settings, Path(scratch),
+                              fitted)
         files = {p.name: p.read_bytes() for p in Path(scratch).iterdir() if p.is_file()}
     return record, files
 
