@@ -273,9 +273,12 @@ def export_cmd(run_dir, formats, out, coreml_precision, no_neither, as_json) -> 
         click.echo(json.dumps(manifest, indent=2))
         return
     out_dir = Path(out) if out is not None else Path(run_dir) / "export"
-    size = manifest["input"]["size"]
-    click.echo(f"{manifest['run_id']}: input image {size}x{size} RGB 0-255 "
-               f"({manifest['input']['resize']}), output P(dog)")
+    images = ", ".join(f"{i['name']} {i['size']}x{i['size']}" for i in manifest["inputs"])
+    click.echo(f"{manifest['run_id']}: input {images} RGB 0-255 ({manifest['input']['resize']}), "
+               f"output P(dog) = the run's submitted prediction ({manifest['postprocess']['describe']}"
+               f"{', TTA' if manifest['tta'] else ''}{', refitted head' if manifest['refit'] else ''}"
+               f"{', ensemble of ' + str(len(manifest['members'])) if manifest['blend'] else ''}); "
+               f"ranking validation log loss {manifest['ranking_logloss']:.5f}")
     for kind, files in manifest["models"].items():
         for fmt, entry in files.items():
             click.echo(f"  {kind:<10} {fmt:<7} {out_dir / entry['file']}  ({entry['bytes'] / 1e6:.1f} MB)")

@@ -3,8 +3,8 @@
 * ``cam``: ResNet50 (seeded random weights) at 64 px + ``softmax_cam`` -> CAM-capable (2x2 maps),
   exported to Keras, Core ML and TFLite;
 * ``stack``: the same features + ``lightgbm_stacking`` (no head.keras);
-* ``mixed``: ResNet50 at 64 px + Xception at 71 px + ``dropout_sigmoid`` -> input 71 px, ResNet50
-  resized 71 -> 64 in the graph; exported to Keras.
+* ``mixed``: ResNet50 at 64 px + Xception at 71 px + ``dropout_sigmoid`` -> two model inputs
+  (``image`` 71 px for Xception, ``image_64`` for ResNet50); exported to Keras.
 """
 
 from __future__ import annotations

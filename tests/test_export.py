@@ -9,9 +9,8 @@ import pandas as pd
 import pytest
 from conftest import run_cli
 from export_fixtures import session_runs
-from PIL import Image
 
-from catsdogs.app.export import load_head, load_run, pillow_bilinear_matrix, softmax_dense
+from catsdogs.app.export import load_head, load_run, softmax_dense
 from catsdogs.app.models import KerasModel, TFLiteModel
 from catsdogs.dataset.images import load_image
 
@@ -25,17 +24,6 @@ def _images(runs, size, n=6):
     """Prepared test photos of the run's data (the reader's decode + squash resize)."""
     files = sorted((runs["data"] / "test").glob("*.jpg"))[:n]
     return files, [load_image(f, size) for f in files]
-
-
-def test_pillow_matrix_is_pillows_resize():
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 256, (71, 71, 3), dtype=np.uint8)
-    for size in (64, 40, 71):
-        a = pillow_bilinear_matrix(71, size)
-        assert np.allclose(a.sum(axis=1), 1.0, atol=1e-6)
-        ours = np.einsum("ij,jkc,lk->ilc", a, img.astype(np.float64), a)
-        pil = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR), np.float64)
-        assert np.abs(ours - pil).max() <= 1.0  # Pillow rounds to uint8 after each pass
 
 
 @pytest.mark.slow  # uses the session's exported runs (about a minute to build)
@@ -55,9 +43,14 @@ def test_manifest_and_files(runs):
     assert neither["threshold"] > 0 and neither["centroids"] >= 1
     assert (runs["cam_export"] / "neither.npz").is_file()
     mixed = json.loads((runs["mixed_export"] / "export.json").read_text())
-    assert mixed["input"]["size"] == 71 and mixed["in_graph_resize"] == {"resnet50": [71, 64]}
-    assert mixed["parity_with_run"] is False and "mixed input sizes" in mixed["notes"][0]
+    assert mixed["input"]["size"] == 71  # one input per backbone size, each prepared by the reader
+    assert [(i["name"], i["size"], i["backbones"]) for i in mixed["inputs"]] == [
+        ("image", 71, ["xception"]), ("image_64", 64, ["resnet50"])]
+    assert mixed["parity_with_run"] is True and mixed["notes"] == []
     assert set(mixed["models"]["classifier"]) == {"keras"} and mixed["cam"] is None
+    record = load_run(runs["mixed"]).record
+    assert mixed["ranking_logloss"] == pytest.approx(record.ranking_logloss)
+    assert mixed["postprocess"]["kind"] == record.postprocess["transform"]["kind"]
 
 
 @pytest.mark.slow  # uses the session's exported runs (about a minute to build)
@@ -95,7 +88,8 @@ def test_tflite_matches_keras_and_the_run(runs):
     keras_cam, tfl_cam = KerasModel.load(exp / "cam.keras"), TFLiteModel(exp / "cam.tflite")
     files, images = _images(runs, 64)
     preds = pd.read_csv(runs["cam"] / "test_predictions.csv").set_index("file")
-    bias = softmax_dense(load_head(load_run(runs["cam"])))[1]
+    info = load_run(runs["cam"])
+    bias = softmax_dense(load_head(info))[1]
     worst = {}
     for f, img in zip(files, images):
         k, t = keras_clf(img), tfl_clf(img)
@@ -104,8 +98,11 @@ def test_tflite_matches_keras_and_the_run(runs):
                            ("neither_score", k["neither_score"], t["neither_score"]),
                            ("cam", kc["cam"], tc["cam"]),
                            ("probabilities", kc["probabilities"], tc["probabilities"]),
-                           ("run", k["prediction"][0], preds.loc[f"test/{f.name}", "p_dog"]),
-                           ("cam_vs_classifier", kc["probabilities"][1], k["prediction"][0])):
+                           # the classifier gives the run's post-processed P(dog) ...
+                           ("run", k["prediction"][0], info.transform.apply(
+                               preds.loc[f"test/{f.name}", "p_dog"])),
+                           # ... the CAM model the head's own (no post-processing)
+                           ("cam_vs_run", kc["probabilities"][1], preds.loc[f"test/{f.name}", "p_dog"])):
             worst[name] = max(worst.get(name, 0.0), float(np.max(np.abs(np.asarray(a) - b))))
         # the maps, averaged over space, plus the head's bias are the softmax logits
         logits = kc["cam"].mean(axis=(0, 1)) + bias
@@ -115,53 +112,38 @@ def test_tflite_matches_keras_and_the_run(runs):
     assert max(worst.values()) <= 1e-4, worst
 
 
-def test_in_graph_resize_converts_to_tflite(tmp_path):
-    import keras
-
-    from catsdogs.app.export import resize_in_graph, save_tflite
-
-    image = keras.Input((71, 71, 3), name="image")
-    small = resize_in_graph(image, 71, 64, "resize")
-    model = keras.Model(image, {"small": small})
-    save_tflite(model, tmp_path / "resize.tflite")
-    img = np.random.default_rng(1).integers(0, 256, (71, 71, 3)).astype(np.float32)
-    k = KerasModel(model)(img)["small"]
-    t = TFLiteModel(tmp_path / "resize.tflite")(img)["small"]
-    pil = np.asarray(Image.fromarray(img.astype(np.uint8)).resize((64, 64), Image.BILINEAR), np.float32)
-    assert k.shape == t.shape == (64, 64, 3)
-    assert np.abs(k - t).max() <= 1e-3 and np.abs(k - pil).max() <= 1.0
-
-
 @pytest.mark.slow  # uses the session's exported runs (about a minute to build)
-def test_mixed_sizes_parity_measured(runs):
-    """Mixed sizes: the equal-size block matches the cache; the resized block differs (measured)."""
+def test_mixed_sizes_each_backbone_sees_its_own_pixels(runs):
+    """Mixed sizes: each backbone gets the photo resized by the reader to its own size (one model
+    input per size), so both feature blocks equal the cached features and P(dog) the run's."""
     import keras
 
+    from catsdogs.app import graph  # noqa: F401  (the export's layers)
     from catsdogs.runs.features import find_features
 
     info = load_run(runs["mixed"])
     model = keras.saving.load_model(runs["mixed_export"] / "model.keras", compile=False)
-    features = KerasModel(keras.Model(model.input, {"f": model.get_layer("features").output}))
+    features = KerasModel(keras.Model(model.inputs, {"f": model.get_layer("features_0_orig").output}))
+    whole = KerasModel(model)
     cached = {b: find_features(runs["data"].parent / "cache", k["config_key"], None).test
               for b, k in info.record.feature_keys.items()}
-    files, images = _images(runs, 71)
+    files = sorted((runs["data"] / "test").glob("*.jpg"))[:6]
     preds = pd.read_csv(runs["mixed"] / "test_predictions.csv").set_index("file")
     rel = {"resnet50": [], "xception": []}
     p_diff = []
-    for f, img in zip(files, images):
-        got = features(img)["f"]
+    for f in files:
+        inputs = {"image": load_image(f, 71), "image_64": load_image(f, 64)}
+        got = features(inputs)["f"]
         start = 0
-        for b in info.combination:
+        for b in info.record.combination:
             ref = cached[b].X[cached[b].files.index(f"test/{f.name}")]
             block = got[start:start + len(ref)]
             start += len(ref)
             rel[b].append(float(np.abs(block - ref).max() / np.abs(ref).max()))
-        p_diff.append(abs(model(img[None])["prediction"].numpy()[0, 0] - preds.loc[f"test/{f.name}", "p_dog"]))
-    print(f"mixed sizes (71 px input; resnet50 71->64 in the graph): max relative feature difference "
-          f"resnet50 {max(rel['resnet50']):.2e}, xception {max(rel['xception']):.2e}; "
-          f"P(dog) max difference {max(p_diff):.2e} (this tiny random run's P(dog) is saturated)")
-    assert max(rel["xception"]) <= 1e-4  # same size: same pixels, same features
-    assert 1e-4 < max(rel["resnet50"]) < 0.5  # photo -> 71 -> 64 is not photo -> 64
+        expected = info.transform.apply(preds.loc[f"test/{f.name}", "p_dog"])
+        p_diff.append(abs(float(whole(inputs)["prediction"][0]) - float(expected)))
+    assert max(rel["xception"]) <= 1e-4 and max(rel["resnet50"]) <= 1e-4, rel
+    assert max(p_diff) <= 1e-4, p_diff
 
 
 @pytest.mark.slow  # uses the session's exported runs (about a minute to build)

@@ -12,6 +12,7 @@ from export_fixtures import session_runs
 from PIL import Image
 
 from catsdogs.app.cam import overlay, title
+from catsdogs.app.export import load_run
 from catsdogs.app.neither import NeitherStats, fit_stats
 from catsdogs.app.predict import open_predictor
 from catsdogs.dataset.images import load_image
@@ -41,8 +42,9 @@ def test_cli_predict_json_cam_and_unreadable_files(runs, tmp_path):
     rows = json.loads(proc.stdout)
     assert [r["error"] is None for r in rows] == [True, True, False, False, False]
     expected = pd.read_csv(runs["cam"] / "test_predictions.csv").set_index("file")["p_dog"]
+    transform = load_run(runs["cam"]).transform  # the run's post-processing, in the graph
     for row, path in zip(rows, good):
-        assert abs(row["p_dog"] - expected[f"test/{path.name}"]) <= 1e-4  # TFLite == the run
+        assert abs(row["p_dog"] - transform.apply(expected[f"test/{path.name}"])) <= 1e-4  # == the run
         assert row["label"] == ("dog" if row["p_dog"] >= 0.5 else "cat")
         assert isinstance(row["neither"], bool) and row["neither_threshold"] > 0
         assert isinstance(row["neither_score"], float)

@@ -10,14 +10,15 @@ import pytest
 import yaml
 from conftest import make_kaggle, run_cli
 
-from catsdogs.app.export import export_run
-from catsdogs.errors import ConfigError
+from catsdogs.app.export import load_run
 from catsdogs.experiment.spec import load_experiment
 from catsdogs.features.extraction import load_features
 from catsdogs.features.fusion import align
 from catsdogs.plugins import get_registry
+from catsdogs.runs.ensemble import Blend
+from catsdogs.runs.features import run_features
 from catsdogs.runs.postprocess import transform_of
-from catsdogs.runs.refit import refit_run
+from catsdogs.runs.refit import refit_batch_size, refit_run
 from catsdogs.runs.runner import load_record, run_experiment, write_run_submission
 
 BASE = {
@@ -76,8 +77,10 @@ def test_postprocess_ensemble_and_refit_in_a_run(tmp_path, data):
     ens_test = pd.read_csv(ens_dir / "test_predictions.csv").set_index("id")["p_dog"]
     np.testing.assert_allclose(pd.read_csv(tmp_path / "ens.csv").set_index("id")["label"].loc[ens_test.index],
                                transform_of(ens).apply(ens_test.to_numpy()), atol=1e-6)
-    with pytest.raises(ConfigError, match="ensemble of runs .*no single end-to-end model.*catsdogs export"):
-        export_run(out / "runs" / "ensemble-top2-stack", out=tmp_path / "export")
+    # an ensemble exports as its members' heads and its blend (tests/test_export_submission.py)
+    info = load_run(out / "runs" / "ensemble-top2-stack")
+    assert [m.run_id for m in info.members] == ens.ensemble["members"]
+    assert info.blend.to_dict() == ens.ensemble["blend"]
     # refit: the winner (or its members) retrained on all 32 training rows
     info = json.loads((out / "refit.json").read_text())
     winner = result.winner
@@ -86,10 +89,24 @@ def test_postprocess_ensemble_and_refit_in_a_run(tmp_path, data):
     assert info["members"] == members
     for m in members:
         assert (out / "refit" / m / "test_predictions.csv").is_file()
-    refit_single = pd.read_csv(out / "refit" / members[0] / "test_predictions.csv").set_index("id")
-    if not winner.ensemble:  # the submission is the refitted predictions, post-processed
-        expected = transform_of(winner).apply(refit_single["p_dog"].to_numpy())
-        np.testing.assert_allclose(_submission(out).loc[refit_single.index], expected, atol=1e-6)
+        assert (out / "refit" / m / "head.keras").is_file()  # saved for the export
+        assert info["heads"][m]["settings_hash"] == load_record(out / "runs" / m).settings_hash
+    # the submission is the refitted members' predictions, blended (an ensemble winner), then
+    # post-processed: checked whichever kind of run won
+    refits = [pd.read_csv(out / "refit" / m / "test_predictions.csv").set_index("id")["p_dog"]
+              for m in members]
+    ids = refits[0].index
+    P = np.stack([r.loc[ids].to_numpy() for r in refits], axis=1)
+    if winner.ensemble:
+        b = winner.ensemble["blend"]
+        p = Blend(b["method"], tuple(b["weights"]), b["bias"]).predict(P)
+    else:
+        p = P[:, 0]
+    np.testing.assert_allclose(_submission(out).loc[ids], transform_of(winner).apply(p), atol=1e-6)
+    # ... and not the ranked (80 %) heads' predictions
+    ranked = [pd.read_csv(out / "runs" / m / "test_predictions.csv").set_index("id")["p_dog"]
+              for m in members]
+    assert not np.allclose(np.stack([r.loc[ids].to_numpy() for r in ranked], axis=1), P)
     # a second call reuses every run and writes the same submission (the refit is deterministic)
     first = _submission(out)
     again = run_experiment(exp, progress=False)
@@ -108,8 +125,37 @@ def test_refit_is_deterministic_and_uses_the_validation_rows(tmp_path, data):
     ids1, p1 = refit_run(record, exp, aligned, reg)
     ids2, p2 = refit_run(record, exp, aligned, reg)
     assert ids1 == ids2 and np.array_equal(p1, p2)
-    holdout = pd.read_csv(result.out_dir / "runs" / record.run_id / "test_predictions.csv")
-    assert not np.allclose(holdout.set_index("id").loc[ids1, "p_dog"], p1)  # more rows, other head
+    # the refit is the run's head trained on exactly every training row (its 24 training and
+    # 8 validation rows), with the run's settings: the same head fitted here on all rows gives
+    # the same predictions, one fitted on the training part only (the ranked fit) does not
+    features = run_features(aligned, record.combination, tta=record.tta)
+    assert len(features.train.y) == 32 and record.n_train == 24 and record.n_val == 8
+
+    def fit_on(rows, batch_size):
+        head = reg.head(record.head.name)(**record.params)
+        head.fit(features.train.X[rows], features.train.y[rows], optimizer=reg.optimizer(
+            record.optimizer.name)(learning_rate=record.learning_rate), epochs=exp.epochs,
+            batch_size=batch_size, seed=exp.seed, blocks=features.train.blocks)
+        return head.predict_proba(features.test.X)
+
+    np.testing.assert_allclose(fit_on(np.arange(32), refit_batch_size(exp.batch_size, 24, 32)),
+                               p1, rtol=0, atol=1e-6)
+    val_files = set(pd.read_csv(result.out_dir / "runs" / record.run_id / "val_predictions.csv")["file"])
+    train_rows = np.array([i for i, f in enumerate(features.train.files) if f not in val_files])
+    assert len(train_rows) == 24
+    assert np.abs(fit_on(train_rows, exp.batch_size) - p1).max() > 1e-3
+
+
+def test_refit_keeps_the_ranked_fits_optimizer_steps():
+    """Refit grows the batch with the rows, so it takes the ranked fit's steps per epoch (issue 20
+    item 7: the same batch on 25 % more rows took 25 % more steps and was over-confident)."""
+    import math
+
+    for batch, n_ranked, n_all in ((32, 800, 1000), (128, 20000, 25000), (16, 24, 32), (8, 21, 28),
+                                   (128, 100, 125), (5, 7, 9)):
+        b = refit_batch_size(batch, n_ranked, n_all)
+        assert math.ceil(n_all / b) == math.ceil(n_ranked / batch), (batch, n_ranked, n_all, b)
+    assert refit_batch_size(32, 800, 1000) == 40
 
 
 @pytest.mark.slow

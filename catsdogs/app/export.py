@@ -1,39 +1,47 @@
 """Exporting a finished run as one end-to-end network: Keras, Core ML and TFLite.
 
-``export_run(run_dir, formats, out)`` rebuilds what produced the run's predictions as one graph::
+``export_run(run_dir, formats, out)`` rebuilds what produced the run's submitted P(dog) as one
+graph::
 
-    image (1, S, S, 3) raw RGB 0-255, named "image"
-      -> for each backbone of the combination, in combination order:
-           [in-graph resize S -> s when the backbone's size s < S] -> preprocessing -> conv base -> GAP
-      -> concatenation (combination order) -> the trained head (head.keras) -> "prediction" = P(dog)
-      -> "neither_score" (cosine distance of the fused features to the nearest k-means centroid
-         of the training features, :mod:`catsdogs.app.neither`), when the run's cached training
-         features are available
+    "image" (1, S, S, 3) raw RGB 0-255 [+ "image_<s>" (1, s, s, 3) per other backbone size s]
+      -> each backbone once, on the input of its own size [and on its horizontal flip, with TTA]
+         -> preprocessing -> conv base -> GAP
+      -> per single run ("member"; an ensemble has several): concatenation of its backbones'
+         features (combination order) -> each of its heads -> mean over original/flipped (TTA)
+      -> mean over the K fold heads (k-fold) -> the ensemble's blend (mean or logistic stack)
+         of its members -> the run's post-processing transform (none, clip or temperature);
+         a k-fold run whose test predictions have per-fold columns (``p_dog_foldK``) blends and
+         post-processes fold by fold, then averages, as its submission does
+      -> "prediction" = P(dog)
+      -> "neither_score" (cosine distance of the first member's fused features to the nearest
+         k-means centroid of the training features, :mod:`catsdogs.app.neither`), when the run's
+         cached training features are available
 
-**Input size.** ``S`` is the largest input size among the combination's backbones. The caller
-resizes the photo to ``S x S`` with the reader's policy (:func:`catsdogs.dataset.images.resize`: squash,
-crop or pad, Pillow's antialiased bilinear filter), exactly as feature extraction did. A backbone
-with a smaller size ``s`` gets the image resized ``S -> s`` inside the graph with the same
-triangle (antialiased bilinear) filter as Pillow, written as two fixed matrix products
-(:func:`pillow_bilinear_matrix`): Keras' ``Resizing(antialias=True)`` lowers to TensorFlow's
-``ScaleAndTranslate``, which neither TFLite nor Core ML can run.
+**The submitted model.** The heads are the ones the submission was computed with: the run's
+``head.keras``; for k-fold every fold's head (``head.keras``, ``head-fold1.keras``, ...); when the
+runner refitted this run for the submission (``refit: true``, ``<out>/refit.json`` names it), the
+refitted head(s) ``<out>/refit/<run id>/head.keras``. TTA, fold averaging, blend and
+post-processing are graph layers (:mod:`catsdogs.app.graph`). So P(dog) equals the run's
+post-processed test prediction (for the submitted run: ``submission.csv``) to float32 round-off;
+``tests/test_export_submission.py`` checks every kind of winner to 1e-3. A head that is not a
+Keras graph (the LightGBM stacker, alone or in an ensemble) cannot be exported: one error.
 
-**Parity with the run.** The end-to-end P(dog) equals the run's cached-feature prediction
-(``test_predictions.csv``) to float32 round-off when every backbone of the combination has the
-size ``S`` (one backbone, or equal sizes), the run was trained in float32, without TTA, on a
-holdout split (k-fold test predictions average k heads; ``head.keras`` is the first fold's). For
-mixed sizes, the smaller backbones see ``Pillow(photo -> S)`` then ``S -> s`` instead of
-``Pillow(photo -> s)``: a small, measured difference (``bench/predict_latency.py`` and the tests
-report it). bfloat16 runs are exported in float32.
+**Input sizes.** Each backbone sees the photo resized by the reader to its own size
+(:func:`catsdogs.dataset.images.resize`: squash, crop or pad, Pillow's antialiased bilinear
+filter), exactly as feature extraction fed it, so a run whose backbones take several sizes has one
+input per size (``image`` for the largest, ``image_<size>`` for the others; the manifest's
+``inputs``); :mod:`catsdogs.app.predict` prepares them all. bfloat16 runs are exported in float32.
 
 **CAM model** (``softmax_cam`` head on one backbone): image -> the backbone's last feature map
 (input of its ``gap`` layer) -> a bias-free 1x1 ``Conv2D`` whose kernel is the head's softmax
 Dense kernel reshaped to ``(1, 1, C, 2)`` -> ``cam`` ``(1, h, w, 2)`` (channel 0 cat, 1 dog), plus
-``probabilities`` ``(1, 2)`` = the head's softmax of the pooled features.
+``probabilities`` ``(1, 2)`` = the head's softmax of the pooled features (the first head: fold 0
+of a k-fold run, the refitted one when refitted; no TTA or post-processing: it draws the map).
 
 Files written to ``out`` (default ``<run dir>/export``): ``model.keras``, ``model.mlpackage``,
-``model.tflite``, ``cam.*`` for CAM-capable runs, and ``export.json`` (the manifest: input size,
-colour layout, scale, class labels, outputs, neither threshold, files and their sizes).
+``model.tflite``, ``cam.*`` for CAM-capable runs, and ``export.json`` (the manifest: inputs,
+colour layout, scale, class labels, outputs, the ranking validation loss, the post-processing
+transform, members and heads, neither threshold, files and their sizes).
 """
 
 from __future__ import annotations
@@ -50,7 +58,9 @@ import numpy as np
 
 from catsdogs._version import __version__
 from catsdogs.errors import ConfigError, DataError
+from catsdogs.runs.postprocess import ranking_loss
 from catsdogs.runs.record import RunRecord
+from catsdogs.util.extras import require
 from catsdogs.util.fileio import atomic_path, atomic_write, read_json, write_json
 
 logger = logging.getLogger("catsdogs")
@@ -70,16 +80,46 @@ INT8_VALIDATION = 500
 
 
 # ------------------------------------------------------------------------------------ the run
+#: ``<out>/refit.json``: what the runner refitted for the submission (:mod:`catsdogs.runs.refit`)
+REFIT_MANIFEST = "refit.json"
+
+
+@dataclass
+class Member:
+    """One single run inside the exported model, with the head files it predicts with."""
+
+    record: RunRecord
+    run_dir: Path
+    heads: list[Path]  # one head; the K fold heads of a k-fold run; the refitted head
+    refit: bool = False
+
+    @property
+    def run_id(self) -> str:
+        return self.record.run_id
+
+    @property
+    def tta(self) -> bool:
+        return bool(self.record.tta)
+
+
 @dataclass
 class RunInfo:
-    """What an export needs to know about a finished run."""
+    """What an export needs to know about a finished run: the single runs it is made of
+    (``members``: the run itself, or an ensemble's members), how their P(dog) are combined
+    (``blend``) and post-processed (``transform``)."""
 
     run_dir: Path
     record: RunRecord
     experiment: dict[str, Any]
-    backbones: list[dict[str, Any]]  # combination order: name, weights, image_size, precision, resize
+    backbones: list[dict[str, Any]]  # every member's backbones, first use first: name, weights, size...
     head: str
     cam_capable: bool
+    members: list[Member] = field(default_factory=list)
+    blend: Any = None  # catsdogs.runs.ensemble.Blend of an ensemble run, else None
+    transform: Any = None  # catsdogs.runs.postprocess.Transform
+    #: k-fold (a run or an ensemble of k-fold runs): the submission blends and post-processes
+    #: fold by fold, then averages (``p_dog_foldK`` columns, :func:`catsdogs.runs.postprocess.apply_to_test`)
+    per_fold: bool = False
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -95,37 +135,121 @@ class RunInfo:
         return max(b["image_size"] for b in self.backbones)
 
     @property
+    def sizes(self) -> list[int]:
+        """The distinct input sizes, largest first: one model input each (:func:`input_name`)."""
+        return sorted({int(b["image_size"]) for b in self.backbones}, reverse=True)
+
+    @property
     def resize(self) -> str:
         return self.backbones[0]["resize"]
 
     @property
     def same_sizes(self) -> bool:
-        return len({b["image_size"] for b in self.backbones}) == 1
+        return len(self.sizes) == 1
+
+    @property
+    def refit(self) -> bool:
+        return any(m.refit for m in self.members)
+
+    @property
+    def tta(self) -> bool:
+        return any(m.tta for m in self.members)
 
 
-def _refuse_ensemble(run_dir: Path, record: RunRecord) -> None:
-    """An ensemble of runs has no single model: say so, and how to export or use its members."""
-    ens = record.ensemble or {}
-    blend = ens.get("blend", {})
-    how = ("the mean of their P(dog)" if blend.get("method") == "mean" else
-           f"sigmoid({blend.get('bias', 0):.4g} + sum of weights {blend.get('weights')} x logit P(dog))")
-    members = " ".join(str(run_dir.parent / m) for m in ens.get("members", []))
-    raise ConfigError(
-        f"run {record.run_id!r} is an ensemble of runs {', '.join(ens.get('members', []))} "
-        f"({how}, then {record.postprocess['describe'] if record.postprocess else 'no post-processing'}); "
-        "it has no single end-to-end model to export, predict with or draw CAMs from. Export its "
-        f"members one by one (catsdogs export RUN_DIR for each of: {members}) and combine their "
-        "P(dog) as above; its test predictions and submission are in its run directory.")
+def input_name(size: int, largest: int) -> str:
+    """The model input that takes the photo prepared at ``size`` px: ``image`` for the largest
+    size (the only input when every backbone has one size), ``image_<size>`` for the others."""
+    return "image" if size == largest else f"image_{size}"
+
+
+def _refit_heads(run_dir: Path, record: RunRecord) -> dict[str, dict[str, Any]]:
+    """Run id -> refitted head entry of ``refit.json`` when ``record`` is the run the runner
+    refitted and submitted (its members' heads for an ensemble); empty otherwise."""
+    path = run_dir.parent.parent / REFIT_MANIFEST
+    if not path.is_file():
+        return {}
+    info = read_json(path, what="refit description", missing="")
+    if not info.get("refit") or info.get("winner") != record.run_id:
+        return {}
+    heads = info.get("heads")
+    if not isinstance(heads, dict):
+        raise DataError(f"{path}: run {record.run_id!r} was refitted for the submission, but the "
+                        "refitted heads were not saved (written by an older catsdogs); rerun "
+                        "`catsdogs run` on the experiment to refit and save them")
+    return heads
+
+
+def _member(run_dir: Path, record: RunRecord, refit: dict[str, dict[str, Any]]) -> Member:
+    """The head files ``record``'s run predicts the submission with."""
+    entry = refit.get(record.run_id)
+    if entry is not None:
+        head = run_dir.parent.parent / entry["dir"] / "head.keras"
+        if entry.get("settings_hash") != record.settings_hash:
+            raise DataError(f"{head}: the refitted head of {record.run_id!r} belongs to other "
+                            "settings than the run; rerun `catsdogs run` on the experiment")
+        if not head.is_file():
+            _check_keras_head(record, run_dir, head)
+        return Member(record, run_dir, [head], refit=True)
+    heads = [run_dir / "head.keras"]
+    if record.validation.kind == "kfold":
+        folds = int(record.validation.folds or 0)
+        heads += [run_dir / f"head-fold{k}.keras" for k in range(1, folds)]
+    for head in heads:
+        if not head.is_file():
+            _check_keras_head(record, run_dir, head)
+    return Member(record, run_dir, heads)
+
+
+def _fold_columns(run_dir: Path) -> bool:
+    """Whether the run's ``test_predictions.csv`` has per-fold columns (then its submission
+    post-processes each fold head's predictions before averaging them)."""
+    import pandas as pd
+
+    from catsdogs.runs.postprocess import fold_columns
+
+    path = run_dir / "test_predictions.csv"
+    return path.is_file() and bool(fold_columns(pd.read_csv(path, nrows=0)))
+
+
+def _check_keras_head(record: RunRecord, run_dir: Path, missing: Path) -> None:
+    """A head file is missing: say why (not a Keras head, an older k-fold run, deleted)."""
+    info = RunInfo(run_dir, record, {}, [], record.head.name, False)
+    head_model_path(info)  # not a Keras graph: that message
+    if missing.name.startswith("head-fold"):
+        raise ConfigError(
+            f"run {record.run_id!r} is a k-fold run whose submission averages "
+            f"{record.validation.folds} fold heads, but {missing} is missing (the run was written "
+            "before catsdogs saved every fold's head, or the file was deleted); delete "
+            f"{run_dir} and rerun its experiment (`catsdogs run EXPERIMENT.yaml` retrains only "
+            "missing runs)")
+    raise ConfigError(f"run {record.run_id!r} cannot be exported: {missing} is missing; rerun "
+                      "its experiment (`catsdogs run EXPERIMENT.yaml`)")
+
+
+def _backbone_specs(names: list[str], experiment: dict[str, Any], exp_path: Path, run_id: str,
+                    registry) -> list[dict[str, Any]]:
+    specs = {b["name"]: b for b in experiment.get("backbones", [])}
+    out = []
+    for name in names:
+        if name not in specs:
+            raise DataError(f"{exp_path} does not describe backbone {name!r} of run {run_id!r}")
+        spec = dict(specs[name])
+        spec["image_size"] = int(spec.get("image_size") or registry.backbone(name).input_size)
+        out.append(spec)
+    return out
 
 
 def load_run(run_dir: str | os.PathLike, registry=None) -> RunInfo:
-    """Read a run's record and its experiment's backbone settings (``<out>/experiment.json``)."""
+    """Read a run's record, its experiment's backbone settings (``<out>/experiment.json``) and
+    what its submitted predictions are made of: the run's head (the K fold heads of a k-fold run;
+    the refitted head when the runner refitted this run for the submission), an ensemble's members
+    and blend, and the post-processing transform."""
     from catsdogs.plugins import get_registry
+    from catsdogs.runs.ensemble import Blend
+    from catsdogs.runs.postprocess import transform_of
 
     run_dir = Path(run_dir)
     record = RunRecord.load(run_dir)
-    if record.ensemble:
-        _refuse_ensemble(run_dir, record)
     exp_path = run_dir.parent.parent / "experiment.json"
     if not exp_path.is_file():
         raise DataError(f"{exp_path} not found: {run_dir} must stay inside its experiment's output "
@@ -135,41 +259,47 @@ def load_run(run_dir: str | os.PathLike, registry=None) -> RunInfo:
     except ValueError as exc:
         raise DataError(f"{exp_path}: unreadable experiment description ({exc})") from None
     registry = registry or get_registry()
-    specs = {b["name"]: b for b in experiment.get("backbones", [])}
-    backbones = []
-    for name in record.combination:
-        if name not in specs:
-            raise DataError(f"{exp_path} does not describe backbone {name!r} of run {record.run_id!r}")
-        spec = dict(specs[name])
-        spec["image_size"] = int(spec.get("image_size") or registry.backbone(name).input_size)
-        backbones.append(spec)
+    refit = _refit_heads(run_dir, record)
+    blend = None
+    if record.ensemble:
+        ens = record.ensemble
+        member_records = []
+        for member_id in ens.get("members", []):
+            member_dir = run_dir.parent / member_id
+            if not (member_dir / "record.json").is_file():
+                raise DataError(f"ensemble {record.run_id!r}: its member run {member_dir} is "
+                                "missing; rerun the experiment")
+            member_records.append((member_dir, RunRecord.load(member_dir)))
+        b = ens["blend"]
+        blend = Blend(b["method"], tuple(float(w) for w in b["weights"]), float(b.get("bias", 0.0)))
+        members = [_member(d, r, refit) for d, r in member_records]
+    else:
+        members = [_member(run_dir, record, refit)]
+    names: list[str] = []
+    for m in members:
+        names += [b for b in m.record.combination if b not in names]
+    backbones = _backbone_specs(names, experiment, exp_path, record.run_id, registry)
     head_name = record.head.name
     try:
         cam_head = bool(getattr(registry.head(head_name), "cam_capable", False))
     except Exception:  # the head's plugin is not installed here: not needed to export head.keras
         cam_head = head_name == "softmax_cam"
     info = RunInfo(run_dir, record, experiment, backbones, head_name,
-                   cam_capable=cam_head and len(backbones) == 1)
+                   cam_capable=cam_head and len(backbones) == 1 and blend is None,
+                   members=members, blend=blend, transform=transform_of(record),
+                   per_fold=_fold_columns(run_dir))
+    if info.per_fold and len({len(m.heads) for m in members}) != 1:
+        raise DataError(f"run {record.run_id!r} blends k-fold runs fold by fold, but its members "
+                        "have different numbers of fold heads; rerun the experiment")
     if len({b["resize"] for b in backbones}) > 1:
         raise ConfigError(
             f"run {info.run_id!r}: its backbones were fed with different resize policies "
             f"({', '.join(b['name'] + ': ' + b['resize'] for b in backbones)}); an end-to-end model "
             "takes one image, so it can only be exported when they share one policy")
-    if not info.same_sizes:
-        sizes = ", ".join(f"{b['name']}: {b['image_size']}" for b in backbones)
-        info.notes.append(
-            f"mixed input sizes ({sizes}): "
-            f"smaller backbones resize {info.input_size} px -> their size in the graph, so P(dog) "
-            "differs slightly from the run's cached-feature predictions")
     if any(b["precision"] != "float32" for b in backbones):
         lower = sorted({b["precision"] for b in backbones} - {"float32"})
         info.notes.append(f"features were extracted in {' and '.join(lower)}; the export computes "
                           "in float32 (see --format tflite-int8 for an int8 model)")
-    if record.tta:
-        info.notes.append("the run averaged flipped-image predictions (TTA); the export does not")
-    if record.validation.kind == "kfold":
-        info.notes.append("k-fold run: the export holds the first fold's head; the run's test "
-                          "predictions average every fold's head")
     return info
 
 
@@ -193,6 +323,8 @@ def _head_is_keras(name: str) -> bool | None:
 
 def head_model_path(info: RunInfo) -> Path:
     """``<run>/head.keras``, or a :class:`ConfigError` saying what is missing and how to get it."""
+    if info.members:  # every member's heads were checked by load_run
+        return info.members[0].heads[0]
     path = info.run_dir / "head.keras"
     if path.is_file():
         return path
@@ -201,7 +333,7 @@ def head_model_path(info: RunInfo) -> Path:
         raise ConfigError(
             f"run {info.run_id!r} cannot be exported end to end: its head {info.head!r} is not a "
             "Keras graph (a gradient-boosting stacker cannot be converted to Core ML or TFLite), so "
-            f"the run has no head.keras. Its backbones' feature models ({', '.join(info.combination)}"
+            f"the run has no head.keras. Its backbones' feature models ({', '.join(info.record.combination)}"
             ": image -> GAP features) can still be built with "
             "catsdogs.get_registry().backbone(name).build(weights, size). To get an end-to-end "
             "model, export a run with a Keras head (e.g. dropout_sigmoid, softmax_cam).")
@@ -214,12 +346,12 @@ def head_model_path(info: RunInfo) -> Path:
         "(`catsdogs run EXPERIMENT.yaml`, which retrains only missing runs).")
 
 
-def load_head(info: RunInfo):
+def load_head_file(path: Path):
+    """A saved head (``head.keras``) loaded in safe mode, or one :class:`DataError`."""
     import keras
 
     from catsdogs import layers  # noqa: F401  (registers catsdogs layers for loading)
 
-    path = head_model_path(info)
     try:  # safe mode: a crafted file can fail in many ways, never run code
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # noqa: BLE001  (any failure means the file cannot be used)
@@ -228,49 +360,10 @@ def load_head(info: RunInfo):
                         "(delete its directory and `catsdogs run` the experiment again)") from None
 
 
-# ------------------------------------------------------------------------------------ resizing
-def pillow_bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """The ``(out_size, in_size)`` matrix of Pillow's BILINEAR resize along one axis.
-
-    Pillow's ``precompute_coeffs``: a triangle filter whose support grows with the downscaling
-    factor (that is the antialiasing), centred on ``(i + 0.5) * scale``, weights normalised per
-    output pixel. Pillow rounds to uint8 after each pass; this is the exact float version.
-    """
-    scale = in_size / out_size
-    filterscale = max(scale, 1.0)
-    support = 1.0 * filterscale
-    matrix = np.zeros((out_size, in_size), dtype=np.float64)
-    for i in range(out_size):
-        center = (i + 0.5) * scale
-        lo = max(int(center - support + 0.5), 0)
-        hi = min(int(center + support + 0.5), in_size)
-        x = np.arange(lo, hi)
-        w = np.clip(1.0 - np.abs((x - center + 0.5) / filterscale), 0.0, None)
-        if w.sum() > 0:
-            matrix[i, lo:hi] = w / w.sum()
-    return matrix.astype(np.float32)
-
-
-def resize_in_graph(x, in_size: int, out_size: int, name: str):
-    """``(b, S, S, c) -> (b, s, s, c)`` with :func:`pillow_bilinear_matrix`, as Permute + Dense.
-
-    Only built-in layers (TRANSPOSE and FULLY_CONNECTED in TFLite, transpose/linear in Core ML).
-    """
-    import keras
-
-    if in_size == out_size:
-        return x
-    a = pillow_bilinear_matrix(in_size, out_size).T  # (S, s)
-    x = keras.layers.Permute((1, 3, 2), name=f"{name}_hcw")(x)  # (b, H, C, W)
-    dense_w = keras.layers.Dense(out_size, use_bias=False, trainable=False, name=f"{name}_w")
-    x = dense_w(x)  # (b, H, C, s)
-    x = keras.layers.Permute((3, 2, 1), name=f"{name}_wch")(x)  # (b, s, C, H)
-    dense_h = keras.layers.Dense(out_size, use_bias=False, trainable=False, name=f"{name}_h")
-    x = dense_h(x)  # (b, s_w, C, s_h)
-    x = keras.layers.Permute((3, 1, 2), name=name)(x)  # (b, s_h, s_w, C)
-    dense_w.set_weights([a])
-    dense_h.set_weights([a])
-    return x
+def load_head(info: RunInfo):
+    """The (first) head the run predicts with: the refitted one when refitted, fold 0's for
+    k-fold."""
+    return load_head_file(head_model_path(info))
 
 
 # ------------------------------------------------------------------------------------ graphs
@@ -284,32 +377,97 @@ def _build_backbone(name: str, spec: dict[str, Any], registry):
 
 
 def build_app_model(info: RunInfo, neither=None, registry=None):
-    """The end-to-end Keras model: ``image`` -> ``{"prediction": P(dog), "neither_score": ...}``.
+    """The end-to-end Keras model: the prepared photo(s) -> ``{"prediction": P(dog), "neither_score": ...}``.
 
-    ``neither`` (a :class:`catsdogs.app.neither.NeitherStats`) adds the ``neither_score`` output.
+    One input per distinct backbone size (:func:`input_name`): each backbone sees the photo
+    resized to its own size by the reader, the pixels feature extraction gave it. Each backbone is
+    built once, whichever members use it; with TTA it also sees the flipped image. Per member:
+    its heads on the fused features (original and flipped averaged with TTA), then the K fold
+    heads averaged, the ensemble's blend and the run's post-processing transform -- or, when the
+    run's test predictions are post-processed fold by fold (``info.per_fold``), fold k's heads
+    blended and post-processed, then averaged over the folds. These are the numbers of the
+    run's (post-processed) test predictions, or of the refitted submission.
+    ``neither`` (a :class:`catsdogs.app.neither.NeitherStats`) adds the ``neither_score`` output,
+    computed on the first member's fused features.
     """
     import keras
 
+    from catsdogs.app.graph import BlendProbabilities, HorizontalFlip, PostProcess
     from catsdogs.plugins import get_registry
 
     registry = registry or get_registry()
-    size = info.input_size
-    head = load_head(info)
-    image = keras.Input((size, size, 3), name="image", dtype="float32")
-    features = []
-    for spec in info.backbones:
-        x = resize_in_graph(image, size, spec["image_size"], f"resize_{spec['name']}")
-        features.append(_build_backbone(spec["name"], spec, registry)(x))
-    fused = features[0] if len(features) == 1 else \
-        keras.layers.Concatenate(axis=-1, name="features")(features)
-    expected = head.inputs[0].shape[-1]
-    if expected != fused.shape[-1]:
-        raise DataError(f"run {info.run_id!r}: head.keras takes {expected} features but the rebuilt "
-                        f"backbones give {fused.shape[-1]}; the run's backbone settings changed?")
-    outputs = {"prediction": keras.layers.Identity(name="prediction")(head(fused))}
+    largest = info.input_size
+    specs = {b["name"]: b for b in info.backbones}
+    inputs = {size: keras.Input((size, size, 3), name=input_name(size, largest), dtype="float32")
+              for size in info.sizes}
+    flipped: dict[int, Any] = {}
+    networks: dict[str, Any] = {}
+    features: dict[tuple[str, str], Any] = {}
+
+    def feature(name: str, view: str):
+        if (name, view) not in features:
+            size = int(specs[name]["image_size"])
+            x = inputs[size]
+            if view == "flip":
+                if size not in flipped:
+                    flipped[size] = HorizontalFlip(name=f"flip_{size}")(x)
+                x = flipped[size]
+            if name not in networks:
+                networks[name] = _build_backbone(name, specs[name], registry)
+            features[(name, view)] = networks[name](x)
+        return features[(name, view)]
+
+    member_p = []
+    first_fused = None
+    for i, member in enumerate(info.members):
+        views = ("orig", "flip") if member.tta else ("orig",)
+        fused = {}
+        for view in views:
+            blocks = [feature(b, view) for b in member.record.combination]
+            fused[view] = blocks[0] if len(blocks) == 1 else \
+                keras.layers.Concatenate(axis=-1, name=f"features_{i}_{view}")(blocks)
+        if first_fused is None:
+            first_fused = fused["orig"]
+        per_head = []
+        for k, path in enumerate(member.heads):
+            loaded = load_head_file(path)
+            expected = loaded.inputs[0].shape[-1]
+            if expected != fused["orig"].shape[-1]:
+                raise DataError(f"run {member.run_id!r}: {path.name} takes {expected} features but "
+                                f"the rebuilt backbones give {fused['orig'].shape[-1]}; the run's "
+                                "backbone settings changed?")
+            head = keras.Model(loaded.inputs[0], loaded.outputs[0], name=f"head_{i}_{k}")
+            views_p = [head(fused[view]) for view in views]  # TTA: original and flipped
+            per_head.append(views_p[0] if len(views_p) == 1 else
+                            keras.layers.Average(name=f"tta_{i}_{k}")(views_p))
+        member_p.append(per_head)
+    t = info.transform
+
+    def post(x, name):
+        return PostProcess(t.kind, t.lo, t.hi, t.temperature, name=name)(x)
+
+    def mean(xs, name):
+        return xs[0] if len(xs) == 1 else keras.layers.Average(name=name)(xs)
+
+    def blend(ps, name):
+        if info.blend is None:
+            (single,) = ps
+            return single
+        return BlendProbabilities(info.blend.method, info.blend.weights, info.blend.bias,
+                                  name=name)(ps)
+
+    if info.per_fold:  # k-fold: fold k's heads (blended), post-processed, then averaged
+        p = mean([post(blend([heads[k] for heads in member_p], f"blend_{k}"), f"postprocess_{k}")
+                  for k in range(len(member_p[0]))], "fold_mean")
+    else:  # each member's heads averaged (TTA already), blended, post-processed
+        p = post(blend([mean(heads, f"member_{i}") for i, heads in enumerate(member_p)], "blend"),
+                 "postprocess")
+    outputs = {"prediction": keras.layers.Identity(name="prediction")(p)}
     if neither is not None:
-        outputs["neither_score"] = neither.score_layer(fused)
-    return keras.Model(image, outputs, name=_graph_name(f"catsdogs_{info.run_id}"))
+        outputs["neither_score"] = neither.score_layer(first_fused)
+    model_inputs = [inputs[s] for s in info.sizes]
+    return keras.Model(model_inputs if len(model_inputs) > 1 else model_inputs[0], outputs,
+                       name=_graph_name(f"catsdogs_{info.run_id}"))
 
 
 def softmax_dense(head) -> tuple[np.ndarray, np.ndarray]:
@@ -388,15 +546,17 @@ def save_tflite(model, path: Path) -> Path:
 def save_coreml(model, path: Path, *, size: int, precision: str, description: str,
                 output_descriptions: dict[str, str], metadata: dict[str, str]) -> Path:
     """Core ML ML Program (``.mlpackage``) with an RGB image input ``image`` (pixels 0-255)."""
-    import coremltools as ct
+    ct = require("coremltools", feature="export --format coreml")  # catsdogs[export]
 
     if precision not in COREML_PRECISIONS:
         raise ConfigError(f"Core ML precision must be one of {', '.join(COREML_PRECISIONS)}, got {precision!r}")
+    # one RGB image input per model input (a run whose backbones take several sizes has several)
+    images = [(t.name.split(":")[0], int(t.shape[1])) for t in model.inputs]
     mlmodel = ct.convert(
         model,
         source="tensorflow",
-        inputs=[ct.ImageType(name="image", shape=(1, size, size, 3), scale=1.0, bias=[0, 0, 0],
-                             color_layout=ct.colorlayout.RGB)],
+        inputs=[ct.ImageType(name=name, shape=(1, s, s, 3), scale=1.0, bias=[0, 0, 0],
+                             color_layout=ct.colorlayout.RGB) for name, s in images],
         convert_to="mlprogram",
         compute_precision=ct.precision.FLOAT16 if precision == "float16" else ct.precision.FLOAT32,
         minimum_deployment_target=ct.target.iOS15,
@@ -415,8 +575,8 @@ def save_coreml(model, path: Path, *, size: int, precision: str, description: st
     mlmodel.author = "catsdogs " + __version__
     mlmodel.license = metadata.pop("license", "MIT")
     mlmodel.version = metadata.pop("version", __version__)
-    mlmodel.input_description["image"] = (f"RGB photo resized to {size}x{size} "
-                                          f"(pixel values 0-255)")
+    for name, s in images:
+        mlmodel.input_description[name] = f"RGB photo resized to {s}x{s} (pixel values 0-255)"
     for name, text in output_descriptions.items():
         mlmodel.output_description[name] = text
     for key, value in metadata.items():
@@ -503,8 +663,12 @@ def export_run(run_dir: str | os.PathLike, formats=FORMATS, out: str | os.PathLi
         raise ConfigError(f"Core ML precision must be one of {', '.join(COREML_PRECISIONS)}, "
                           f"got {coreml_precision!r}")
     registry = registry or get_registry()
-    info = load_run(run_dir, registry)
-    head_model_path(info)  # fail early, before any network is built
+    info = load_run(run_dir, registry)  # fails early (no Keras head, ...) before any network is built
+    if "tflite-int8" in formats and not info.same_sizes:
+        raise ConfigError(
+            f"run {info.run_id!r} cannot be exported as tflite-int8: its backbones take photos of "
+            f"{len(info.sizes)} sizes ({', '.join(map(str, info.sizes))} px), one model input each, "
+            "and the full-integer export takes one image input; export keras, tflite or coreml")
     out = Path(out) if out is not None else info.run_dir / "export"
     out.mkdir(parents=True, exist_ok=True)
     size = info.input_size
@@ -513,7 +677,8 @@ def export_run(run_dir: str | os.PathLike, formats=FORMATS, out: str | os.PathLi
     neither_info: dict[str, Any] | None = None
     if neither:
         try:
-            stats = fit_neither(info.record, info.experiment, info.run_dir)
+            first = info.members[0]
+            stats = fit_neither(first.record, info.experiment, first.run_dir)
         except DataError as exc:
             logger.warning("no neither-cat-nor-dog score in the export: %s", exc)
         if stats is not None:
@@ -529,7 +694,8 @@ def export_run(run_dir: str | os.PathLike, formats=FORMATS, out: str | os.PathLi
         "head": info.head,
         "input_size": str(size),
         "resize": info.resize,
-        "val_logloss": f"{info.record.metrics.logloss:.6f}",
+        "val_logloss": f"{ranking_loss(info.record):.6f}",
+        "postprocess": info.transform.describe(),
         "license": "MIT",
         "version": __version__,
     }
@@ -553,8 +719,19 @@ def export_run(run_dir: str | os.PathLike, formats=FORMATS, out: str | os.PathLi
                   "resampling": "Pillow BILINEAR (antialiased), as catsdogs.dataset.images.resize"},
         "class_labels": list(CLASS_LABELS),
         "outputs": {"prediction": {"shape": [1, 1], "meaning": "P(dog)"}},
-        "in_graph_resize": {b["name"]: [size, b["image_size"]] for b in info.backbones
-                            if b["image_size"] != size},
+        "inputs": [{"name": input_name(s, size), "size": s,
+                    "backbones": [b["name"] for b in info.backbones if b["image_size"] == s]}
+                   for s in info.sizes],
+        "ranking_logloss": ranking_loss(info.record),
+        "postprocess": {**info.transform.to_dict(), "describe": info.transform.describe()},
+        "tta": info.tta,
+        "refit": info.refit,
+        "members": [{"run_id": m.run_id, "tta": m.tta, "refit": m.refit,
+                     "heads": [str(h.resolve()) for h in m.heads]} for m in info.members],
+        "blend": None if info.blend is None else info.blend.to_dict(),
+        "reproduces": ("the refitted submission (<out>/submission.csv)" if info.refit else
+                       "the run's post-processed test predictions (test_predictions.csv with its "
+                       "post-processing: what `catsdogs predict-test` and the submission write)"),
         "parity_with_run": not info.notes,
         "notes": info.notes,
         "coreml_precision": coreml_precision,

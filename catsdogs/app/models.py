@@ -32,22 +32,24 @@ class TFLiteModel:
         self.path = path
         self.interpreter = tflite_interpreter(path, num_threads)
         self.runner = self.interpreter.get_signature_runner()
-        detail = self.runner.get_input_details()["image"]
-        self.input_dtype = np.dtype(detail["dtype"])
-        self.input_quantization = detail.get("quantization") or (0.0, 0)
+        self.inputs = {name: (np.dtype(d["dtype"]), d.get("quantization") or (0.0, 0))
+                       for name, d in self.runner.get_input_details().items()}
 
-    def _input(self, image: np.ndarray) -> np.ndarray:
-        """The image as the model takes it: float32, or quantised for an integer input (int8)."""
+    def _input(self, name: str, image: np.ndarray) -> np.ndarray:
+        """The image as input ``name`` takes it: float32, or quantised for an integer input (int8)."""
+        dtype, (scale, zero) = self.inputs[name]
         x = np.asarray(image[None], dtype=np.float32)
-        scale, zero = self.input_quantization
-        if self.input_dtype.kind in "iu" and scale:
-            info = np.iinfo(self.input_dtype)
+        if dtype.kind in "iu" and scale:
+            info = np.iinfo(dtype)
             x = np.clip(np.round(x / scale + zero), info.min, info.max)
-        return np.ascontiguousarray(x, dtype=self.input_dtype)
+        return np.ascontiguousarray(x, dtype=dtype)
 
-    def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        """One image (S, S, 3) -> the model's named outputs, batch dimension dropped."""
-        out = self.runner(image=self._input(image))
+    def __call__(self, image) -> dict[str, np.ndarray]:
+        """One image (S, S, 3), or ``{input name: image}`` for a model with one input per size
+        (:func:`catsdogs.app.export.input_name`) -> the model's named outputs, batch dimension
+        dropped."""
+        images = image if isinstance(image, dict) else {"image": image}
+        out = self.runner(**{k: self._input(k, v) for k, v in images.items()})
         return {k: np.asarray(v)[0] for k, v in out.items()}
 
 
@@ -60,8 +62,12 @@ class KerasModel:
         self.model = model
         self._call = tf.function(lambda x: model(x, training=False))
 
-    def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        out = self._call(np.asarray(image[None], dtype=np.float32))
+    def __call__(self, image) -> dict[str, np.ndarray]:
+        """One image (S, S, 3), or ``{input name: image}`` -> the named outputs (batch dropped)."""
+        if isinstance(image, dict):
+            out = self._call({k: np.asarray(v[None], dtype=np.float32) for k, v in image.items()})
+        else:
+            out = self._call(np.asarray(image[None], dtype=np.float32))
         if not isinstance(out, dict):
             out = {"prediction": out}
         return {k: np.asarray(v)[0] for k, v in out.items()}
@@ -71,6 +77,7 @@ class KerasModel:
         import keras
 
         from catsdogs import layers  # noqa: F401  (registers catsdogs layers)
+        from catsdogs.app import graph  # noqa: F401  (registers the export's layers)
 
         try:
             model = keras.saving.load_model(path, compile=False)  # safe_mode: no code in files

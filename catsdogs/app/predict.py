@@ -2,9 +2,11 @@
 
 ``open_predictor(path)`` takes an export directory (``export.json``: TFLite when there, else the
 ``.keras`` model) or a run directory (its ``export/`` when present, else the run's Keras graphs
-rebuilt in memory, see :mod:`catsdogs.app.export`). Photos go through the reader: ``decode_rgb`` (any
-mode, EXIF orientation) and :func:`catsdogs.dataset.images.resize` to the model's input size with the
-run's policy, the same preparation feature extraction used.
+rebuilt in memory by the exporter's own :func:`~catsdogs.app.export.build_app_model`: the same
+submitted model, TTA, fold heads, refitted heads, blend and post-processing included). Photos go
+through the reader: ``decode_rgb`` (any mode, EXIF orientation) and
+:func:`catsdogs.dataset.images.resize` to each model input's size with the run's policy, the same
+preparation feature extraction used.
 
 ``predict_files(predictor, paths)`` returns one :class:`Prediction` per path; unreadable files
 carry the reader's reason (``"empty file (0 bytes)"``) instead of a probability.
@@ -69,9 +71,13 @@ class Predictor:
     """An end-to-end classifier (and CAM model when the run has one) behind the reader."""
 
     def __init__(self, source: str, size: int, policy: str, classifier, cam=None,
-                 threshold: float | None = None, backend: str = "keras"):
+                 threshold: float | None = None, backend: str = "keras",
+                 sizes: list[int] | None = None):
         self.source = source
-        self.size = size
+        self.size = size  # the largest input size (input ``image``)
+        #: every input size, largest first: one model input each (a run whose backbones take
+        #: several sizes), each prepared from the photo by the reader as extraction did
+        self.sizes = sorted(set(sizes or [size]), reverse=True)
         self.policy = policy
         self.classifier = classifier
         self.cam_model = cam
@@ -82,11 +88,17 @@ class Predictor:
     def cam_capable(self) -> bool:
         return self.cam_model is not None
 
-    def prepare(self, photo: np.ndarray) -> np.ndarray:
-        return resize(photo, self.size, self.policy)
+    def prepare(self, photo: np.ndarray):
+        """The model's input(s) from a decoded photo: the (S, S, 3) uint8 image, or for a model
+        with one input per backbone size ``{input name: image}`` (each resized from the photo)."""
+        if len(self.sizes) == 1:
+            return resize(photo, self.size, self.policy)
+        from catsdogs.app.export import input_name
 
-    def predict_image(self, image: np.ndarray, name: str = "") -> Prediction:
-        """``image``: the prepared (S, S, 3) uint8 input."""
+        return {input_name(s, self.size): resize(photo, s, self.policy) for s in self.sizes}
+
+    def predict_image(self, image, name: str = "") -> Prediction:
+        """``image``: the prepared input (:meth:`prepare`)."""
         out = self.classifier(image)
         p = float(np.asarray(out["prediction"]).reshape(-1)[0])
         label = LABELS[int(p >= 0.5)]
@@ -130,8 +142,9 @@ def _from_export(directory: Path, backend: str, num_threads: int | None) -> Pred
                 else KerasModel.load(path))
 
     neither = manifest.get("neither") or {}
+    sizes = [int(i["size"]) for i in manifest.get("inputs") or [manifest["input"]]]
     return Predictor(str(directory), int(manifest["input"]["size"]), manifest["input"]["resize"],
-                     load("classifier"), load("cam"), neither.get("threshold"), backend)
+                     load("classifier"), load("cam"), neither.get("threshold"), backend, sizes)
 
 
 def _from_run(run_dir: Path) -> Predictor:
@@ -142,13 +155,14 @@ def _from_run(run_dir: Path) -> Predictor:
     head_model_path(info)
     stats = None
     try:
-        stats = fit_neither(info.record, info.experiment, info.run_dir)
+        first = info.members[0]
+        stats = fit_neither(first.record, info.experiment, first.run_dir)
     except DataError as exc:
         logger.warning("no neither-cat-nor-dog score: %s", exc)
     classifier = KerasModel(build_app_model(info, stats))
     cam = KerasModel(build_cam_model(info)) if info.cam_capable else None
     return Predictor(str(run_dir), info.input_size, info.resize, classifier, cam,
-                     None if stats is None else stats.threshold, "keras")
+                     None if stats is None else stats.threshold, "keras", info.sizes)
 
 
 def open_predictor(path: str | os.PathLike, backend: str = "auto",

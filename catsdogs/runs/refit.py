@@ -3,9 +3,16 @@
 A holdout run trains on 80% of the training images and keeps 20% to be ranked on. Once the
 ranking is done, those 20% are no longer needed for choosing, so :func:`refit_submission`
 retrains the winner with **the same settings** -- head, its (tuned) parameters, optimizer and
-learning rate, epochs, batch size, seed, TTA -- on train + validation rows, predicts the test
-images, applies the winner's post-processing (chosen on its validation predictions) and writes
-the submission from those predictions. Training is seeded, so a refit is deterministic.
+learning rate, epochs, seed, TTA, and the same number of optimizer steps (the batch grows with
+the rows: :func:`refit_batch_size`) -- on train + validation rows, predicts the test images,
+applies the winner's post-processing (chosen on its validation predictions) and writes the
+submission from those predictions. Training is seeded, so a refit is deterministic.
+
+Whether it pays is measured, not assumed (``bench/refit_seeds.py``, README): with the ranked
+fit's batch size, 25 % more rows meant 25 % more steps and more confident predictions, whose
+post-processing had been chosen on the ranked head; keeping the steps removes that bias, but on
+the mini data a refit is no better than the ranked head on average, so ``refit`` stays off by
+default.
 
 * **Ensemble winner**: each member run is refitted the same way and the refitted members' test
   predictions are combined with the ensemble's blend (weights fitted on validation predictions).
@@ -14,13 +21,19 @@ the submission from those predictions. Training is seeded, so a refit is determi
   out-of-fold predictions of exactly those heads; that average is submitted (a bagged ensemble is
   at least as good as one head on all rows in expectation, and its calibration was measured).
 
-Outputs: ``<out>/refit/<run id>/test_predictions.csv`` per refitted run and ``<out>/refit.json``
-(what was refitted and submitted).
+Outputs: ``<out>/refit/<run id>/`` per refitted run (``test_predictions.csv`` and the refitted
+``head.keras``, written as a folder beside and renamed into place, :mod:`catsdogs.util.fileio`) and
+``<out>/refit.json`` (what was refitted and submitted; ``heads``: where each refitted Keras head
+is, with the settings hash of its run). ``catsdogs export`` of the submitted run uses those
+heads, so the exported model is the submitted one.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,13 +50,26 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger("catsdogs")
 
-__all__ = ["refit_run", "refit_submission"]
+__all__ = ["refit_batch_size", "refit_head", "refit_run", "refit_submission"]
 
 
-def refit_run(record: RunRecord, experiment: Experiment, aligned: Aligned,
-              registry) -> tuple[list[int], np.ndarray]:
-    """Retrain ``record``'s run on all training rows of ``aligned``: test ids and P(dog) (TTA as
-    the run had it)."""
+def refit_batch_size(batch_size: int, n_ranked: int, n_all: int) -> int:
+    """The batch size that gives a fit on ``n_all`` rows the optimizer steps per epoch of the
+    ranked fit on ``n_ranked`` rows at ``batch_size`` (``ceil(n_ranked / batch_size)``)."""
+    steps = max(1, math.ceil(n_ranked / batch_size))
+    return max(1, math.ceil(n_all / steps))
+
+
+def refit_head(record: RunRecord, experiment: Experiment, aligned: Aligned, registry, *,
+               batch_size: int | None = None):
+    """Retrain ``record``'s run on all training rows of ``aligned``: ``(head, test ids, P(dog))``
+    (the fitted head; test P(dog) with TTA as the run had it).
+
+    The ranked fit's epochs and optimizer steps are kept: the batch grows with the rows
+    (:func:`refit_batch_size`), so each row is seen ``epochs`` times and the weights take as many
+    steps as in the fit that was ranked and post-processed. (The same batch size on 25 % more
+    rows meant 25 % more steps, more confident predictions and a worse test log loss; README.)
+    ``batch_size`` overrides it (for measurements)."""
     from catsdogs.runs.features import run_features
 
     features = run_features(aligned, record.combination, tta=record.tta)
@@ -54,12 +80,46 @@ def refit_run(record: RunRecord, experiment: Experiment, aligned: Aligned,
     optimizer = None
     if record.optimizer is not None:
         optimizer = registry.optimizer(record.optimizer.name)(learning_rate=record.learning_rate)
+    if batch_size is None:
+        batch_size = refit_batch_size(experiment.batch_size, record.n_train, len(train.y))
     head.fit(train.X, train.y, validation=None, optimizer=optimizer, epochs=experiment.epochs,
-             batch_size=experiment.batch_size, seed=experiment.seed, blocks=train.blocks)
+             batch_size=batch_size, seed=experiment.seed, blocks=train.blocks)
     p = np.asarray(head.predict_proba(test.X), dtype=np.float64)
     if test.X_flip is not None:
         p = (p + np.asarray(head.predict_proba(test.X_flip), dtype=np.float64)) / 2
-    return [int(i) for i in test.ids], p
+    return head, [int(i) for i in test.ids], p
+
+
+def refit_run(record: RunRecord, experiment: Experiment, aligned: Aligned,
+              registry) -> tuple[list[int], np.ndarray]:
+    """Retrain ``record``'s run on all training rows of ``aligned``: test ids and P(dog) (TTA as
+    the run had it)."""
+    _, ids, p = refit_head(record, experiment, aligned, registry)
+    return ids, p
+
+
+def _write_refit_dir(directory: Path, head, test_ids: list[int], p: np.ndarray) -> bool:
+    """``<out>/refit/<run id>/`` written whole beside and renamed into place: the refitted
+    ``head.keras`` (when the head is a Keras graph) and ``test_predictions.csv``. Returns whether
+    a head was saved."""
+    import pandas as pd
+
+    from catsdogs.util.fileio import atomic_write, replace_path
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        model = head.keras_model()
+        if model is not None:
+            model.save(tmp / "head.keras")
+        csv = pd.DataFrame({"id": test_ids, "p_dog": p}).to_csv(index=False).encode()
+        atomic_write(tmp / "test_predictions.csv", lambda fh: fh.write(csv))
+        replace_path(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model is not None
 
 
 def refit_submission(winner: RunRecord, records: list[RunRecord], experiment: Experiment,
@@ -68,8 +128,6 @@ def refit_submission(winner: RunRecord, records: list[RunRecord], experiment: Ex
 
     Returns None (nothing written) for k-fold validation: the caller submits the fold average.
     """
-    import pandas as pd
-
     from catsdogs.runs.ensemble import Blend
     from catsdogs.runs.postprocess import transform_of
     from catsdogs.runs.submission import write_submission
@@ -84,12 +142,12 @@ def refit_submission(winner: RunRecord, records: list[RunRecord], experiment: Ex
     members = winner.ensemble["members"] if winner.ensemble else [winner.run_id]
     test_ids = None
     preds: list[np.ndarray] = []
+    heads: dict[str, dict[str, Any]] = {}
     for run_id in members:
         member = by_id[run_id]
-        test_ids, p = refit_run(member, experiment, aligned, registry)
-        run_dir = out / "refit" / run_id
-        run_dir.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame({"id": test_ids, "p_dog": p}).to_csv(run_dir / "test_predictions.csv", index=False)
+        head, test_ids, p = refit_head(member, experiment, aligned, registry)
+        if _write_refit_dir(out / "refit" / run_id, head, test_ids, p):
+            heads[run_id] = {"dir": f"refit/{run_id}", "settings_hash": member.settings_hash}
         preds.append(p)
     if winner.ensemble:
         b = winner.ensemble["blend"]
@@ -100,7 +158,12 @@ def refit_submission(winner: RunRecord, records: list[RunRecord], experiment: Ex
     probs = dict(zip(test_ids or [], transform.apply(p_test).tolist()))
     ids = list(expected_ids)
     info: dict[str, Any] = {"refit": True, "winner": winner.run_id, "members": members,
-                            "postprocess": transform.to_dict(), "seconds": time.perf_counter() - t0,
+                            "heads": heads, "postprocess": transform.to_dict(),
+                            "batch_size": {m: refit_batch_size(experiment.batch_size,
+                                                               by_id[m].n_train,
+                                                               int(len(aligned.train.y)))
+                                           for m in members},
+                            "seconds": time.perf_counter() - t0,
                             "n_train": int(len(aligned.train.y))}
     write_json(out / "refit.json", info)
     return write_submission(out / "submission.csv", ids, [probs.get(i, 0.5) for i in ids],

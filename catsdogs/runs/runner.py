@@ -17,6 +17,7 @@ Output layout::
 
     <out>/experiment.json  leaderboard.csv  leaderboard.png  summary.md  submission.csv
     <out>/runs/<run id>/record.json  val_predictions.csv  test_predictions.csv  curves.png  [head.keras]
+                        [head-fold1.keras ... : the other folds' heads of a k-fold run]
 """
 
 from __future__ import annotations
@@ -305,10 +306,9 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
             # what a refit on all rows must fix to reproduce this fit (e.g. the stacker's
             # early-stopped tree count); a head without it refits with its params alone
             refit_params = getattr(head, "refit_params", lambda: None)()
-        if fold == 0:
-            model = head.keras_model()
-            if model is not None:
-                model.save(run_dir / "head.keras")
+        model = head.keras_model()
+        if model is not None:  # every fold's head: a k-fold run's test predictions average them
+            model.save(run_dir / ("head.keras" if fold == 0 else f"head-fold{fold}.keras"))
 
     val_rows = np.where(~np.isnan(oof))[0]
     y_val, p_val = train.y[val_rows], oof[val_rows]

@@ -1,0 +1,110 @@
+"""Keras layers that put what a run does after its head into the exported graph.
+
+The runner turns a head's P(dog) into the submitted number with NumPy: flip test-time
+augmentation (the mean of the original and the horizontally flipped image's P(dog)), the mean of
+the K fold heads (k-fold), an ensemble's blend (:class:`catsdogs.runs.ensemble.Blend`) and the
+post-processing transform (:class:`catsdogs.runs.postprocess.Transform`). These layers compute the
+same in the graph, in float32, so an exported model gives the submitted P(dog):
+
+* :class:`HorizontalFlip` -- ``x[:, :, ::-1, :]`` of the prepared image, as extraction flips it;
+* :class:`BlendProbabilities` -- ``mean`` (weighted sum) or ``stack``
+  (``sigmoid(bias + sum_k w_k logit(p_k))``);
+* :class:`PostProcess` -- ``none``, ``clip`` or ``temperature`` (``sigmoid(logit(p) / T)``).
+
+``logit`` follows :func:`catsdogs.runs.postprocess.logit`: probabilities are clipped to
+``[1e-12, 1 - 1e-12]`` first. In float32 ``1 - 1e-12`` is 1, so ``p == 1`` (a saturated sigmoid)
+takes the float64 value ``logit(1 - 1e-12)`` explicitly. Only TFLite builtin ops are used
+(REVERSE_V2, LOG, MAXIMUM, SELECT, LOGISTIC, ...), and the layers are registered for ``.keras``
+loading in safe mode (package ``catsdogs``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+from keras import ops
+
+#: the clip of :func:`catsdogs.runs.postprocess.logit`
+_EPS = 1e-12
+#: logit(1 - 1e-12) in float64: the value NumPy gives a saturated P(dog) of 1.0
+_LOGIT_MAX = float(np.log1p(-_EPS) - np.log(_EPS))
+
+
+def logit(p):
+    """Clipped logit of float32 probabilities, as NumPy's float64 version computes it."""
+    lo = ops.maximum(p, _EPS)
+    z = ops.log(lo) - ops.log(1.0 - lo)
+    return ops.where(p >= 1.0, ops.full_like(p, _LOGIT_MAX), z)
+
+
+@keras.saving.register_keras_serializable(package="catsdogs")
+class HorizontalFlip(keras.layers.Layer):
+    """Mirror NHWC images left to right (the ``flip`` view of feature extraction)."""
+
+    def call(self, inputs):
+        return ops.flip(inputs, axis=2)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+@keras.saving.register_keras_serializable(package="catsdogs")
+class PostProcess(keras.layers.Layer):
+    """A :class:`catsdogs.runs.postprocess.Transform` on P(dog): none, clip or temperature."""
+
+    def __init__(self, kind: str = "none", lo: float = 0.0, hi: float = 1.0,
+                 temperature: float = 1.0, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        if kind not in ("none", "clip", "temperature"):
+            raise ValueError(f"unknown post-processing {kind!r}")
+        self.kind, self.lo, self.hi = kind, float(lo), float(hi)
+        self.temperature = float(temperature)
+
+    def call(self, p):
+        if self.kind == "clip":
+            return ops.minimum(ops.maximum(p, self.lo), self.hi)
+        if self.kind == "temperature":
+            return ops.sigmoid(logit(p) * (1.0 / self.temperature))
+        return p
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "kind": self.kind, "lo": self.lo, "hi": self.hi,
+                "temperature": self.temperature}
+
+
+@keras.saving.register_keras_serializable(package="catsdogs")
+class BlendProbabilities(keras.layers.Layer):
+    """An ensemble's blend of its members' P(dog) (a list of ``(batch, 1)`` tensors)."""
+
+    def __init__(self, method: str = "mean", weights: Sequence[float] = (), bias: float = 0.0,
+                 **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        if method not in ("mean", "stack"):
+            raise ValueError(f"unknown blend {method!r}")
+        self.method, self.blend_weights, self.bias = method, [float(w) for w in weights], float(bias)
+
+    def call(self, inputs):
+        if len(inputs) != len(self.blend_weights):
+            raise ValueError(f"blend of {len(self.blend_weights)} members got {len(inputs)} inputs")
+        if self.method == "mean":
+            terms = [p * w for p, w in zip(inputs, self.blend_weights)]
+        else:
+            terms = [logit(p) * w for p, w in zip(inputs, self.blend_weights)]
+        total = terms[0]
+        for t in terms[1:]:
+            total = total + t
+        return total if self.method == "mean" else ops.sigmoid(total + self.bias)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0]
+
+    def get_config(self):
+        return {**super().get_config(), "method": self.method, "weights": self.blend_weights,
+                "bias": self.bias}
