@@ -1,34 +1,30 @@
-"""Benchmark: the Ray engine against the local engine on this machine, and a projection to N nodes.
+"""Benchmark: a grid on Ray on this machine against the local engine, grouped training on both.
 
-Measured in ONE process, on the same images (symlinks to ``--limit`` train images, half cats and
-half dogs, and ``--limit // 10`` test images), alternating engines so load changes hit both:
+The grid of issue 22: 3 backbones, all 7 combinations, x 2 heads (``dropout_sigmoid``,
+``softmax_cam``) x 2 optimizers (adam 0.001, adadelta 1.0) = 28 runs, 8 epochs, batch 128, an
+80/20 holdout, over ``--rows`` cached training rows (default 19,998) and ``--test-rows`` test
+rows. Features are synthetic float32 blocks shaped like EfficientNet-Lite0/1/2's GAP features
+(1280, 1280, 1408 columns; N(0, 1) noise plus a weak class signal, as bench/grid_speed.py), so
+nothing is extracted: the runner's own training seam (``_train_runs``: groups of runs, one
+:meth:`Engine.map_runs` call each, files written by the driver) is timed on each engine.
 
-* extraction: images/s of ``extract(..., engine=None)`` vs ``extract(..., engine=<Ray>)`` over
-  the whole call (model build, chunks written, final HDF5), not counting the Ray instance's
-  start, which a job pays once. Ray "cold" includes the actor pool's start (worker process,
-  TensorFlow import); "warm" reuses the pool's processes, as a job's later backbones do.
-  ``overhead`` = 1 - ray/local (target < 15 %); per-node images/s from the recorded node ids;
-* grid: wall time of the same small grid (every combination x 2 optimizers on the cached
-  features) run locally and as Ray tasks;
-* projection: the write-up's grid (4 Keras backbones over 25,000 images, 30 runs) on N nodes like
-  this one, from per-backbone local images/s measured on ``--sample`` images, the measured Ray
-  efficiency, linear scaling over nodes (shards are independent), and the issue's measured
-  4.5 min for a 42-run grid over 25,000 rows on one machine (6.4 s per run) for the runs.
+* local: the :class:`~catsdogs.compute.LocalEngine` (bounded groups in this process);
+* ray: a private Ray instance on this machine (its start is not timed, a job pays it once),
+  one task per combination (its runs trained together); "cold" is the first grid (each worker
+  process imports TensorFlow), "warm" a second grid on the same instance.
 
-The Ray instance is local (loopback, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) with this machine's
-CPUs: one node, so one extraction actor. Other processes on the machine disturb absolute numbers;
-the ratios are measured back to back.
+Checked: the same run ids and every run's validation log loss within 1e-6 of the local one.
+Target (issue 22): ray <= 1.3x local. Other processes on the machine disturb the seconds; the
+engines are measured back to back in one process.
 
 Usage::
 
-    python bench/ray_scaling.py [--data ../shared/data/dogs-vs-cats-mini] [--limit 300]
-                                [--backbone resnet50] [--weights none] [--sample 48] [--repeat 2]
+    python bench/ray_scaling.py [--rows 19998] [--test-rows 2000] [--epochs 8] [--repeat 2]
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
 import tempfile
@@ -39,111 +35,114 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-import catsdogs  # noqa: E402
-from catsdogs.dataset.layout import open_dataset  # noqa: E402
-from catsdogs.engine import EngineSpec, open_engine  # noqa: E402
+import numpy as np  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "dogs-vs-cats-mini"
-WRITEUP_BACKBONES = ("resnet50", "inception_v3", "xception", "inception_resnet_v2")
-WRITEUP_IMAGES, WRITEUP_RUNS = 25_000, 30
-ISSUE_RUN_SECONDS = 4.5 * 60 / 42  # the issue: 42 runs over 25,000 cached rows in 4.5 minutes
+#: backbone name -> GAP width (the Lite plugin's when installed, else core backbones)
+LITE = {"efficientnet_lite0": 1280, "efficientnet_lite1": 1280, "efficientnet_lite2": 1408}
+CORE = {"resnet50": 2048, "inception_v3": 2048, "xception": 2048}
 
 
-def subset(src: Path, dst: Path, limit: int) -> Path:
-    """Symlinks to ``limit`` train images (half cats, half dogs) and ``limit // 10`` test images of ``src``."""
-    ds = open_dataset(src)
-    train = [r for r in ds.train if r.label == 0][:limit // 2] + \
-        [r for r in ds.train if r.label == 1][:limit - limit // 2]
-    for split, records in (("train", train), ("test", ds.test[:limit // 10])):
-        (dst / split).mkdir(parents=True)
-        for rec in records:
-            (dst / split / rec.path.name).symlink_to(rec.path)
-    return dst
+def make_aligned(widths: dict[str, int], rows: int, test_rows: int, signal: float, seed: int):
+    from catsdogs.features.fusion import Aligned, AlignedSplit
+
+    rng = np.random.default_rng(seed)
+
+    def split(n: int, prefix: str, labelled: bool) -> AlignedSplit:
+        y = (np.arange(n) % 2).astype(np.int64)
+        sign = np.where(y == 1, 1.0, -1.0).astype(np.float32)[:, None]
+        X = {}
+        for name, width in widths.items():
+            direction = np.random.default_rng(hash(name) % 2**32).choice(
+                np.array([-signal, signal], np.float32), size=width)
+            block = rng.standard_normal((n, width), dtype=np.float32)
+            block += sign * direction
+            X[name] = block
+        return AlignedSplit([f"{prefix}/{i}.jpg" for i in range(n)], np.arange(1, n + 1),
+                            y if labelled else np.full(n, -1), X, {name: None for name in widths})
+
+    return Aligned(tuple(widths), split(rows, "train", True), split(test_rows, "test", False))
 
 
-def extract_rate(data: Path, cache: Path, backbone: str, weights: str, engine) -> tuple[float, dict]:
-    shutil.rmtree(cache, ignore_errors=True)
-    t0 = time.perf_counter()
-    (res,) = catsdogs.extract(data, backbone, weights=weights, cache_dir=cache, progress=False,
-                              engine=engine)
-    return res.computed / (time.perf_counter() - t0), dict(engine.nodes) if engine else {}
-
-
-def grid_seconds(data: Path, cache: Path, out: Path, backbones: list[dict], engine: str) -> float:
+def experiment_file(folder: Path, backbones: list[str], epochs: int) -> Path:
     import yaml
 
-    from catsdogs.experiment.spec import load_experiment
-    from catsdogs.runs.runner import run_experiment
+    data = folder / "data"
+    for split in ("train", "test"):
+        (data / split).mkdir(parents=True, exist_ok=True)
+    doc = {"name": "ray-scaling", "data": str(data), "output": str(folder / "out"),
+           "cache_dir": str(folder / "cache"), "weights": "none",
+           "backbones": backbones, "heads": ["dropout_sigmoid", "softmax_cam"],
+           "optimizers": [{"name": "adam", "learning_rate": 0.001},
+                          {"name": "adadelta", "learning_rate": 1.0}],
+           "epochs": epochs, "batch_size": 128, "seed": 2019, "validation": {"holdout": 0.2}}
+    path = folder / "grid.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def train(engine, experiment, aligned, registry, out: Path) -> tuple[float, dict[str, float]]:
+    from catsdogs.runs.runner import _settings, _splits, _train_runs, plan_runs
 
     shutil.rmtree(out, ignore_errors=True)
-    doc = {"data": str(data), "output": str(out), "cache_dir": str(cache), "weights": "none",
-           "backbones": backbones, "heads": ["dropout_sigmoid"],
-           "optimizers": ["adam", {"name": "adadelta", "learning_rate": 1.0}],
-           "epochs": 8, "batch_size": 128, "seed": 2019, "validation": {"holdout": 0.2}}
-    path = out.with_suffix(".yaml")
-    path.write_text(yaml.safe_dump(doc))
+    (out / "runs").mkdir(parents=True)
+    splits = _splits(aligned.train.y, experiment)
+    keys = {b: {"config_key": "synthetic", "dataset_fingerprint": "synthetic"} for b in aligned.backbones}
+    pending = [(spec, _settings(spec, experiment, keys, "synthetic"))
+               for spec in plan_runs(experiment, registry)]
     t0 = time.perf_counter()
-    result = run_experiment(load_experiment(path), progress=False, submit=False,
-                            engine=EngineSpec(engine))
-    assert result.computed == len(result.records)
-    return time.perf_counter() - t0
+    records = _train_runs(pending, experiment, aligned, splits, registry, out, {}, False, engine)
+    seconds = time.perf_counter() - t0
+    return seconds, {r.run_id: r.metrics.logloss for r in records}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--limit", type=int, default=300, help="train images for the engine comparison")
-    ap.add_argument("--backbone", default="resnet50")
-    ap.add_argument("--weights", default="none")
-    ap.add_argument("--sample", type=int, default=48, help="images per backbone for the projection")
-    ap.add_argument("--repeat", type=int, default=2, help="alternating local/ray rounds")
-    ap.add_argument("--nodes", default="1,2,4,8,16")
+    ap.add_argument("--rows", type=int, default=19_998)
+    ap.add_argument("--test-rows", type=int, default=2_000)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--signal", type=float, default=0.03)
+    ap.add_argument("--repeat", type=int, default=2, help="ray rounds (the first cold), each "
+                                                          "followed by a local one")
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="catsdogs-ray-bench-"))
+
+    from catsdogs.engine import open_engine
+    from catsdogs.experiment.spec import load_experiment
+    from catsdogs.plugins import get_registry
+
+    registry = get_registry()
+    widths = LITE if set(LITE) <= set(registry.names("backbones")) else CORE
+    work = Path(tempfile.mkdtemp(prefix="catsdogs-ray-grid-"))
     try:
-        data = subset(args.data, work / "data", args.limit)
-        sample = subset(args.data, work / "sample", args.sample)
-        print(f"{args.limit} images, {args.backbone} ({args.weights}), {os.cpu_count()} CPUs")
-
-        local_rates, cold_rates, ray_rates, per_node = [], [], [], {}
-        with open_engine("ray") as engine:  # a local Ray instance, started once
-            for _ in range(args.repeat):
-                engine.release()  # cold: the pool's start (process, TF import, model) is measured
-                local_rates.append(extract_rate(data, work / "c-local", args.backbone, args.weights, None)[0])
-                cold_rates.append(extract_rate(data, work / "c-ray", args.backbone, args.weights, engine)[0])
-                rate, per_node = extract_rate(data, work / "c-ray", args.backbone, args.weights, engine)
-                ray_rates.append(rate)  # warm: the pool of a long job (model rebuilt, process kept)
-        local, cold, ray_ = max(local_rates), max(cold_rates), max(ray_rates)
-        print(f"extract local:    {', '.join(f'{r:.1f}' for r in local_rates)} images/s (best {local:.1f})")
-        print(f"extract ray cold: {', '.join(f'{r:.1f}' for r in cold_rates)} images/s (best {cold:.1f})")
-        print(f"extract ray warm: {', '.join(f'{r:.1f}' for r in ray_rates)} images/s (best {ray_:.1f})")
-        print(f"ray overhead: cold {100 * (1 - cold / local):.1f} %, warm {100 * (1 - ray_ / local):.1f} % "
-              "(target < 15 %)")
-        for node, n in per_node.items():
-            print(f"  node {node[:12]}: {n} images, {ray_ * n / max(1, sum(per_node.values())):.1f} images/s")
-
-        grid_backbones = [{"name": args.backbone}]
-        g_local = grid_seconds(data, work / "c-local", work / "g-local", grid_backbones, "local")
-        g_ray = grid_seconds(data, work / "c-local", work / "g-ray", grid_backbones, "ray")
-        print(f"grid (2 runs, {args.limit} rows): local {g_local:.1f} s, ray {g_ray:.1f} s "
-              f"(ray incl. its start), ratio {g_ray / g_local:.2f}")
-
-        rates = {}
-        for name in WRITEUP_BACKBONES:
-            rates[name] = extract_rate(sample, work / f"c-{name}", name, "none", None)[0]
-            print(f"local {name}: {rates[name]:.1f} images/s ({args.sample} images)")
-        efficiency = ray_ / local
-        one_node_extract = sum(WRITEUP_IMAGES / (r * efficiency) for r in rates.values())
-        print(f"\nprojection: {len(WRITEUP_BACKBONES)} backbones x {WRITEUP_IMAGES} images, "
-              f"{WRITEUP_RUNS} runs of {ISSUE_RUN_SECONDS:.1f} s, nodes like this one")
-        print("| nodes | extraction | grid | total |")
-        print("|---|---|---|---|")
-        cpus = os.cpu_count() or 1
-        for n in (int(x) for x in args.nodes.split(",")):
-            ext = one_node_extract / n
-            grid = math.ceil(WRITEUP_RUNS / (n * cpus)) * ISSUE_RUN_SECONDS * cpus
-            print(f"| {n} | {ext / 60:.0f} min | {grid / 60:.1f} min | {(ext + grid) / 60:.0f} min |")
+        experiment = load_experiment(experiment_file(work, list(widths), args.epochs))
+        aligned = make_aligned(widths, args.rows, args.test_rows, args.signal, 2019)
+        n_cols = sum(widths.values())
+        print(f"grid: {len(widths)} backbones ({', '.join(widths)}), all combinations x 2 heads x "
+              f"2 optimizers, {args.epochs} epochs, {args.rows} + {args.test_rows} rows x {n_cols} "
+              f"columns; {os.cpu_count()} CPUs")
+        local_s, ray_s = [], []
+        with open_engine("local") as local:
+            seconds, want = train(local, experiment, aligned, registry, work / "local")
+            local_s.append(seconds)
+            print(f"local: {len(want)} runs in {seconds:.1f} s")
+        t0 = time.perf_counter()
+        with open_engine("ray") as ray_engine:
+            print(f"ray: private instance started in {time.perf_counter() - t0:.1f} s (not timed)")
+            for round_ in range(args.repeat):
+                seconds, got = train(ray_engine, experiment, aligned, registry, work / "ray")
+                ray_s.append(seconds)
+                assert got.keys() == want.keys()
+                worst = max(abs(got[k] - want[k]) for k in want)
+                print(f"ray {'warm' if round_ else 'cold'}: {len(got)} runs in {seconds:.1f} s; "
+                      f"largest validation log loss difference to local {worst:.2e} "
+                      f"(within 1e-6: {worst <= 1e-6})")
+                with open_engine("local") as local:  # back to back: load changes hit both
+                    seconds, _ = train(local, experiment, aligned, registry, work / "local")
+                    local_s.append(seconds)
+                    print(f"local: {seconds:.1f} s")
+        base = min(local_s)
+        warm = min(ray_s[1:]) if len(ray_s) > 1 else float("nan")
+        print(f"ratio ray/local: cold {ray_s[0] / base:.2f}x, warm {warm / base:.2f}x "
+              f"(target <= 1.3x; local best of {len(local_s)}: {base:.1f} s)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
