@@ -53,6 +53,8 @@ ACTOR_CPUS = 1.0
 TRIES = 3
 #: seconds between checks that the nodes of the actors are alive (see :meth:`RayEngine.map_chunks`)
 NODE_CHECK_SECONDS = 1.0
+#: seconds between probes of an actor whose process is being restarted
+RESTART_WAIT_SECONDS = 0.5
 AUTH_HINT = (
     "if the cluster uses token authentication (the default since Ray 2.52), present its token: "
     "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the value `ray get-auth-token` prints on the "
@@ -397,9 +399,13 @@ class RayEngine:
         where = {a: self.actor_nodes[a] for a in ids if a in self.actor_nodes}
         probes = {pool[a].ready.remote(): a for a in ids if a not in where}
 
+        # actors whose process died: no job until a probe answers (Ray restarts the process;
+        # a call sent meanwhile would fail without running), re-probed every RESTART_WAIT_SECONDS
+        restarting: dict[str, float] = {}  # actor id -> when to probe it again (0: probe out)
+
         def fill() -> None:
             for a in ids:
-                while a in live and todo and busy[a] < IN_FLIGHT_PER_WORKER:
+                while a in live and a not in restarting and todo and busy[a] < IN_FLIGHT_PER_WORKER:
                     n, tries, alone = todo[0]
                     if alone and busy[a]:
                         break
@@ -407,6 +413,10 @@ class RayEngine:
                     ref = pool[a].run.remote(key, factory_ref, *args_of(jobs[n]))
                     pending[ref] = (n, tries, alone, a)
                     busy[a] += IN_FLIGHT_PER_WORKER if alone else 1
+
+        def probe(a: str) -> None:
+            probes[pool[a].ready.remote()] = a
+            restarting[a] = 0.0
 
         def drop(a: str, why: str) -> None:
             if a in live:
@@ -429,15 +439,28 @@ class RayEngine:
                     check_nodes()
                     next_check = time.monotonic() + NODE_CHECK_SECONDS
                 fill()
-                if not pending:
+                if not pending and not (todo and live):
                     break
-                done, _ = ray.wait([*pending, *probes], num_returns=1, timeout=NODE_CHECK_SECONDS)
+                now = time.monotonic()
+                for a in [a for a, t in restarting.items() if 0.0 < t <= now and a in live]:
+                    probe(a)
+                wait = min([NODE_CHECK_SECONDS, *(t - now + 0.01 for t in restarting.values() if t > now)])
+                if not pending and not probes:  # every live actor is restarting
+                    time.sleep(wait)
+                    continue
+                done = _wait([*pending, *probes], wait)
                 for ref in done:
                     if ref in probes:
                         a = probes.pop(ref)
-                        with contextlib.suppress(ray.exceptions.RayError):  # shows in its jobs
-                            where.setdefault(a, ray.get(ref)[0])
-                            self.actor_nodes.setdefault(a, where[a])
+                        try:
+                            node = ray.get(ref)[0]
+                        except ray.exceptions.RayError:  # still restarting (or gone: the node check)
+                            if a in restarting:
+                                restarting[a] = time.monotonic() + RESTART_WAIT_SECONDS
+                            continue
+                        restarting.pop(a, None)
+                        where.setdefault(a, node)
+                        self.actor_nodes.setdefault(a, node)
                         continue
                     n, tries, alone, a = pending.pop(ref)
                     busy[a] -= IN_FLIGHT_PER_WORKER if alone else 1
@@ -448,14 +471,16 @@ class RayEngine:
                         if a not in live:
                             todo.appendleft((n, tries, alone))
                             continue
+                        if a not in restarting:
+                            probe(a)
                         tries += 1
                         self.tries[n] = tries
                         if tries >= TRIES:
                             raise EngineError(
                                 f"{describe(jobs[n])} crashed its Ray worker process {tries} times "
-                                f"(the last {tries - 1} alone on it; last exit: "
-                                f"{_first_line(exc)}); the other chunks finished so far are kept: "
-                                "fix or remove what crashes it, then rerun to resume") from None
+                                f"(the last {tries - 1} alone on it; Ray: {_first_line(exc)}); the "
+                                "chunks finished so far are kept: fix or remove what crashes it, "
+                                "then rerun to resume") from None
                         todo.appendleft((n, tries, True))
                     except ray.exceptions.RayTaskError as exc:
                         raise _task_error(exc) from None
@@ -494,7 +519,7 @@ class RayEngine:
         pending = {task.remote(fn, item, shared_ref): item for item in items}
         try:
             while pending:
-                done, _ = ray.wait(list(pending), num_returns=1, timeout=NODE_CHECK_SECONDS)
+                done = _wait(list(pending), NODE_CHECK_SECONDS)
                 for ref in done:
                     item = pending.pop(ref)
                     try:
@@ -510,6 +535,21 @@ class RayEngine:
             for ref in pending:
                 with contextlib.suppress(Exception):
                     ray.cancel(ref, force=True)
+
+
+def _wait(refs: list, timeout: float) -> list:
+    """``ray.wait`` for one of ``refs``; the :class:`Terminated` our SIGTERM handler raised
+    while Ray's native code waited (Python reports it as a ``SystemError`` around it) as itself."""
+    import ray
+
+    try:
+        done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+    except SystemError as exc:
+        for inner in (exc.__cause__, exc.__context__):
+            if isinstance(inner, Terminated):
+                raise inner from None
+        raise
+    return done
 
 
 def _task_error(exc) -> BaseException:
