@@ -61,6 +61,53 @@ def test_finder_needs_both_classes():
         find_label_issues(np.zeros((5, 2)), np.array([0, 0, 0, 0, 1]), list("abcde"))
 
 
+def test_byte_identical_rows_under_both_labels_are_conflicts_not_label_issues():
+    """Issue 21 item 11: the same content filed as a cat and as a dog is reported as conflicting
+    duplicates (naming each other), left out of the fit, and flagged as no label issue."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    X = rng.normal(0, 1, (200, 8))
+    X[:, :2] += 3.0 * y[:, None]
+    X = np.vstack([X, X[[0, 0, 1]]])  # row 0 copied twice (once under the other label), row 1 once
+    y = np.concatenate([y, [1 - y[0], y[0], y[1]]])
+    files = [f"train/{i}.jpg" for i in range(len(y))]
+    digests = [f"d{i}" for i in range(200)] + ["d0", "d0", "d1"]
+    found = find_label_issues(X, y, files, digests=digests)
+    assert found.conflicts == {"train/0.jpg": ["train/200.jpg"], "train/200.jpg": ["train/0.jpg", "train/201.jpg"],
+                               "train/201.jpg": ["train/200.jpg"]}
+    for f in found.conflicts:  # not scored: neither flagged nor given a score
+        row = files.index(f)
+        assert not found.issue[row] and np.isnan(found.score[row]) and found.by_file()[f] == (False, None)
+    assert "train/1.jpg" not in found.conflicts and "train/202.jpg" not in found.conflicts  # same label
+    assert not np.isnan(found.score[[1, 202]]).any()
+    assert find_label_issues(X, y, files).conflicts == {}  # no digests, no conflicts known
+
+
+@pytest.mark.slow
+def test_audit_reports_conflicting_duplicates(tmp_path, registry):
+    """A photo copied byte for byte under the other class's name: both files are flagged
+    ``conflicting_duplicate`` (naming the other) in audit.csv and the report, not ``label_issue``."""
+    import shutil
+
+    data = tmp_path / "data"
+    _planted_dataset(data, swaps=0)
+    shutil.copy(data / "train" / "cat.5.jpg", data / "train" / "dog.99.jpg")
+    out = tmp_path / "audit"
+    result = audit(data, out, classifier="tiny_classifier", weights="none", image_size=32,
+                   batch_size=8, label_issues=True, cache_dir=tmp_path / "cache", progress=False,
+                   registry=registry)
+    by_file = {a.file: a for a in result.images}
+    for f, other in (("train/cat.5.jpg", "train/dog.99.jpg"), ("train/dog.99.jpg", "train/cat.5.jpg")):
+        assert by_file[f].conflicting_duplicate and by_file[f].duplicates == [other]
+        assert not by_file[f].label_issue and by_file[f].label_issue_score is None
+    assert result.counts["conflicting_duplicate"] == 2
+    rows = {r["file"]: r for r in csv.DictReader(open(out / "audit.csv", encoding="utf-8"))}
+    assert rows["train/cat.5.jpg"]["conflicting_duplicate"] == "True"
+    assert rows["train/cat.5.jpg"]["reason"] == "same bytes as train/dog.99.jpg"
+    assert rows["train/cat.5.jpg"]["label_issue"] == "False"
+    assert "| `conflicting_duplicate` |" in (out / "report.md").read_text()
+
+
 # --------------------------------------------------------------------------- audit on images
 def _planted_dataset(root, n=24, swaps=3):
     """n cats + n dogs of generated patterns; the first ``swaps`` of each class carry the other

@@ -24,6 +24,9 @@ in one repeatable pass over the training images of a data directory:
     confident learning (``cleanlab``) on out-of-fold predictions of a logistic-regression head on
     the cached backbone features says the label is probably wrong; the score (the out-of-fold
     probability of the other class) is kept (:mod:`catsdogs.audit.label_issues`).
+``conflicting_duplicate`` (only with ``label_issues=True``)
+    a byte-identical copy of the file (same content digest) is filed under the other label; both
+    are flagged as such (and not as label issues: no classifier can tell them apart).
 
 Each image is read and decoded **once**: the decoded pixels give the size, the colour statistic and
 the classifier's input. The classifier is a backbone's ImageNet model (its
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import logging
 import os
 import time
@@ -59,10 +63,13 @@ import numpy as np
 
 from catsdogs._version import __version__
 from catsdogs.audit.imagenet import CAT_CLASSES, DOG_CLASSES, NUM_CLASSES, short_names
+from catsdogs.compute import LOCAL, Engine
 from catsdogs.dataset.images import ImageDecodeError, decode_rgb, read_image_file, resize
-from catsdogs.dataset.layout import ImageRecord, open_dataset
+from catsdogs.dataset.layout import open_dataset
+from catsdogs.dataset.payload import payload_bytes
 from catsdogs.errors import ConfigError, PluginError
 from catsdogs.features.extraction import lower_thread_priority
+from catsdogs.util.fileio import atomic_write, write_text
 from catsdogs.validation import check_backbone_options, check_int
 
 logger = logging.getLogger("catsdogs")
@@ -74,7 +81,8 @@ MIN_IQR_IMAGES = 4
 #: IQR multiplier of the fences (Tukey's rule)
 IQR_FACTOR = 1.5
 #: the checks, in the order of the CSV columns
-CHECKS = ("tiny", "colour_outlier", "imagenet_mismatch", "unreadable", "label_issue")
+CHECKS = ("tiny", "colour_outlier", "imagenet_mismatch", "unreadable", "label_issue",
+          "conflicting_duplicate")
 LABEL_NAMES = {0: "cat", 1: "dog"}
 TOP_CSV = 3  # top classes written to the CSV
 
@@ -99,6 +107,8 @@ class ImageAudit:
     p_dog: float | None = None  # probability mass on the dog classes 151-268
     label_issue: bool = False  # confident learning says the label is probably wrong
     label_issue_score: float | None = None  # out-of-fold P(the other class) (label_issues=True)
+    conflicting_duplicate: bool = False  # byte-identical to a file of the other label
+    duplicates: list[str] = field(default_factory=list)  # those files (label_issues=True)
 
     @property
     def flagged(self) -> bool:
@@ -122,6 +132,8 @@ class ImageAudit:
             out.append(f"ImageNet: {short_names()[idx]} {prob:.0%}")
         if self.label_issue:
             out.append(f"label? P(other class) {self.label_issue_score:.2f}")
+        if self.conflicting_duplicate:
+            out.append("same bytes as " + ", ".join(f.rsplit("/", 1)[-1] for f in self.duplicates))
         return out
 
 
@@ -171,7 +183,7 @@ class AuditResult:
         ]
         for a in self.flagged:
             lines.append(a.file)
-        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        write_text(path, "\n".join(lines) + "\n")
         self.files["exclude"] = path
         return path
 
@@ -245,14 +257,6 @@ class _Decoded:
     pixels: np.ndarray | None  # classifier input, (S, S, 3) uint8; None once classified
 
 
-def _decode(record: ImageRecord, image_size: int) -> _Decoded | ImageDecodeError:
-    try:  # regular files only, size-capped; permissions, vanished files: a skip reason
-        data = read_image_file(record.path)
-    except ImageDecodeError as exc:
-        return exc
-    return _decode_bytes(data, image_size)
-
-
 def _decode_bytes(data: bytes | ImageDecodeError, image_size: int) -> _Decoded | ImageDecodeError:
     if isinstance(data, ImageDecodeError):
         return data
@@ -270,25 +274,11 @@ def _classify(model: _Classifier, decoded: list) -> tuple[np.ndarray | None, np.
     return model(np.stack(pixels)) if pixels else (None, None)
 
 
-def _local_pass(records: list[ImageRecord], chunks: list[list[int]], size: int, workers: int,
-                record_chunk, build_model) -> None:
-    """Decode in threads, one chunk ahead of the classifier, in this process."""
-    with ThreadPoolExecutor(max_workers=workers, initializer=lower_thread_priority) as pool:
-        def submit(chunk):
-            return [pool.submit(_decode, records[i], size) for i in chunk]
-
-        pending = submit(chunks[0]) if chunks else []  # decoding starts while the model is built
-        model = build_model()
-        for n, chunk in enumerate(chunks):
-            futures = pending
-            pending = submit(chunks[n + 1]) if n + 1 < len(chunks) else []
-            decoded = [fut.result() for fut in futures]
-            record_chunk(chunk, (decoded, *_classify(model, decoded)))
-
-
 class _AuditWorker:
-    """The decode + classify pass of one chunk where the classifier lives (a Ray engine worker):
-    built once per worker; takes the chunk's image bytes, returns what :func:`audit` records."""
+    """The decode + classify pass of one chunk where the classifier lives (an engine's worker:
+    this process or a Ray actor): built once per worker; takes the chunk's payload (image bytes
+    or paths, :func:`~catsdogs.dataset.payload.payload_bytes`), returns what :func:`audit`
+    records (the pixels stay in the worker)."""
 
     def __init__(self, backbone, weights: str, image_size: int, batch_size: int, workers: int):
         self.model = _Classifier(backbone, weights, image_size, batch_size)
@@ -296,8 +286,6 @@ class _AuditWorker:
         self.image_size = image_size
 
     def __call__(self, payload: list) -> tuple[list, np.ndarray | None, np.ndarray | None]:
-        from catsdogs.engine.ray import payload_bytes
-
         decoded = list(self.pool.map(lambda item: _decode_bytes(payload_bytes(item), self.image_size),
                                      payload))
         probs, feats = _classify(self.model, decoded)
@@ -341,7 +329,7 @@ def audit(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
     registry=None,
-    engine=None,
+    engine: Engine = LOCAL,
 ) -> AuditResult:
     """Run every check on the training images of ``data_dir`` (see the module docstring).
 
@@ -352,8 +340,10 @@ def audit(
     ``write_exclude`` writes the exclude list. ``label_issues`` also runs the label-issue finder
     on the cached features (``cache_dir``) of ``label_backbone`` (default: the classifier's
     backbone; same weights, and ``image_size`` if given). Nothing in ``data_dir`` is changed.
-    ``engine`` (from :func:`catsdogs.engine.open_engine`) runs the decode + classify pass in its
-    workers (image bytes shipped from here); the checks and outputs are the same.
+    ``engine`` (a :class:`catsdogs.compute.Engine`, from :func:`catsdogs.engine.open_engine`;
+    default: this process) runs the decode + classify pass in its workers (on Ray, image bytes
+    shipped from here) and computes the label-issue finder's features; the checks and outputs
+    are the same.
     """
     from tqdm.auto import tqdm
 
@@ -407,14 +397,12 @@ def audit(
 
     t_pass = time.perf_counter()
     try:
-        if engine is not None:  # decode + classify in the engine's workers, recorded here
-            engine.actor_map(
-                functools.partial(_AuditWorker, backbone, weights, size, batch_size, workers), chunks,
-                lambda chunk: (engine.payload([records[i].path for i in chunk]),),
-                lambda chunk, out, node, pid: record_chunk(chunk, out))
-        else:
-            _local_pass(records, chunks, size, workers, record_chunk,
-                        lambda: _Classifier(backbone, weights, size, batch_size))
+        engine.map_chunks(  # decode + classify in the engine's workers, recorded here
+            functools.partial(_AuditWorker, backbone, weights, size, batch_size, workers), chunks,
+            lambda chunk: (engine.payload([records[i].path for i in chunk]),),
+            lambda chunk, out, node, pid: record_chunk(chunk, out),
+            lambda chunk: f"the chunk of {len(chunk)} images {records[chunk[0]].relpath} .. "
+                          f"{records[chunk[-1]].relpath}")
     finally:
         bar.close()
     classifier_seconds = time.perf_counter() - t_pass
@@ -433,7 +421,7 @@ def audit(
 
     if label_issues:
         _mark_label_issues(audits, ds.root, label_backbone or backbone.name, weights,
-                           image_size, cache_dir, progress, registry)
+                           image_size, cache_dir, progress, registry, engine)
 
     for relpath, reason in ds.ignored:
         audits.append(ImageAudit(relpath, "", unreadable=True, reason=f"ignored by the reader: {reason}"))
@@ -459,15 +447,21 @@ def audit(
 
 
 def _mark_label_issues(audits: list[ImageAudit], data_dir: Path, backbone: str, weights: str,
-                       image_size: int | None, cache_dir, progress: bool, registry) -> None:
-    """Set ``label_issue`` and ``label_issue_score`` from :mod:`catsdogs.audit.label_issues`."""
+                       image_size: int | None, cache_dir, progress: bool, registry,
+                       engine: Engine = LOCAL) -> None:
+    """Set ``label_issue`` and ``label_issue_score``, and ``conflicting_duplicate`` with the
+    ``duplicates``, from :mod:`catsdogs.audit.label_issues`."""
     from catsdogs.audit.label_issues import label_issues_in
 
-    found = label_issues_in(data_dir, backbone, weights=weights, image_size=image_size,
-                            cache_dir=cache_dir, progress=progress, registry=registry).by_file()
+    issues = label_issues_in(data_dir, backbone, weights=weights, image_size=image_size,
+                             cache_dir=cache_dir, progress=progress, registry=registry,
+                             engine=engine)
+    found = issues.by_file()
     for a in audits:
         if a.file in found:
             a.label_issue, a.label_issue_score = found[a.file]
+        if a.file in issues.conflicts:
+            a.conflicting_duplicate, a.duplicates = True, issues.conflicts[a.file]
 
 
 def _size_stats(audits: list[ImageAudit]) -> dict[str, dict[str, float]]:
@@ -507,15 +501,27 @@ def _csv_row(a: ImageAudit) -> list:
             row += [idx, names[idx], f"{prob:.5f}"]
         else:
             row += ["", "", ""]
-    return row + [a.reason]
+    return row + [_detail(a)]
+
+
+def _detail(a: ImageAudit) -> str:
+    """The CSV's ``reason``: why unreadable, or which files a conflicting duplicate copies."""
+    duplicates = "same bytes as " + " ".join(a.duplicates) if a.conflicting_duplicate else ""
+    return "; ".join(x for x in (a.reason, duplicates) if x)
 
 
 def write_csv(images: Sequence[ImageAudit], path: Path) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(csv_columns())
-        for a in images:
-            writer.writerow(_csv_row(a))
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(csv_columns())
+    for a in images:
+        writer.writerow(_csv_row(a))
+    return write_text(path, buffer.getvalue())
+
+
+def save_figure(fig, path: Path, dpi: int) -> Path:
+    """Save a Matplotlib figure as PNG atomically (:func:`catsdogs.util.fileio.atomic_write`)."""
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=dpi))
     return path
 
 
@@ -563,7 +569,7 @@ def plot_sizes(result: AuditResult, path: Path, plt) -> Path:
     ax.legend(fontsize=8, loc="upper left")
     ax.set_title(f"training image sizes: {result.data_dir.name}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, dpi=90)
     plt.close(fig)
     return path
 
@@ -599,7 +605,7 @@ def plot_colour(result: AuditResult, path: Path, plt) -> Path:
         ax.legend(fontsize=8, loc="lower right")
     ax.set_title("colour statistic: Q1/Q3 (solid), fences Q1-1.5 IQR / Q3+1.5 IQR (dashed)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, dpi=90)
     plt.close(fig)
     return path
 
@@ -647,7 +653,7 @@ def plot_contact_sheet(result: AuditResult, path: Path, plt, max_images: int = 6
     title = f"{len(result.flagged)} flagged files" + (f" ({more} more not shown)" if more else "")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the title
-    fig.savefig(path, dpi=80)
+    save_figure(fig, path, dpi=80)
     plt.close(fig)
     return path
 
@@ -685,7 +691,10 @@ def write_report(result: AuditResult, path: Path, max_sheet: int = 64, elapsed: 
         f"| `unreadable` | does not decode, or ignored by the reader | {counts['unreadable']} |",
         *([f"| `label_issue` | cleanlab (confident learning) on out-of-fold predictions of a "
            f"logistic regression on `{result.label_backbone}` features: label probably wrong "
-           f"| {counts['label_issue']} |"] if result.label_backbone else []),
+           f"| {counts['label_issue']} |",
+           f"| `conflicting_duplicate` | a byte-identical copy is filed under the other label "
+           f"(not scored as a label issue) | {counts['conflicting_duplicate']} |"]
+          if result.label_backbone else []),
         f"| **any** | | **{counts['any']}** |",
         "",
         "Nothing was deleted or moved. `audit.csv` lists the flagged files (`audit_all.csv` every "
@@ -757,10 +766,9 @@ def write_report(result: AuditResult, path: Path, max_sheet: int = 64, elapsed: 
             size = f"{a.width}x{a.height}" if a.width is not None else ""
             colour = f"{a.colour_stat:.3f}" if a.colour_stat is not None else ""
             top = ", ".join(f"{names[c]} {p:.0%}" for c, p in a.top[:3])
-            flags = ", ".join(a.flags) + (f" ({a.reason})" if a.reason else "")
+            flags = ", ".join(a.flags) + (f" ({_detail(a)})" if _detail(a) else "")
             lines.append(f"| `{_md_escape(a.file)}` | {a.label} | {_md_escape(flags)} | {size} | {colour} | "
                          f"{_md_escape(top)} |")
         if len(result.flagged) > limit:
             lines.append(f"\n... and {len(result.flagged) - limit} more in `audit.csv`.")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return write_text(path, "\n".join(lines) + "\n")
