@@ -229,10 +229,20 @@ class _Model(BaseModel):
 
 
 # -- the parts --------------------------------------------------------------------------------------
+def _options_may_be_null(schema: dict[str, Any]) -> None:
+    """JSON Schema: a backbone's options may be null (= the file's default, as the loader reads)."""
+    for key, prop in schema["properties"].items():
+        if key != "name" and "anyOf" not in prop:
+            default = prop.pop("default", None)
+            schema["properties"][key] = {"anyOf": [prop, {"type": "null"}], "default": default}
+
+
 class BackboneSpec(_Model):
     """One backbone configuration: which cached features to use (``image_size`` None = default).
 
     In the file: a name, or a mapping whose unset (or null) options take the file's defaults."""
+
+    model_config = ConfigDict(json_schema_extra=_options_may_be_null)
 
     name: Annotated[Text, What("a backbone name")]
     weights: Annotated[Text, What("a weights name such as 'imagenet' or 'none'")] = DEFAULT_WEIGHTS
@@ -587,7 +597,9 @@ class Experiment(BaseModel):
     #: Required unless the loader's context overrides it (checked by :meth:`_resolve`).
     data: Annotated[Path, PlainValidator(_data_field, json_schema_input_type=Text | None),
                     _PATH] = None  # type: ignore[assignment]
+    #: the object store's options (may hold secrets: never in repr, to_dict or any record)
     storage_options: Annotated[dict[Text, str | int | float | bool | None] | None,
+                               Field(repr=False),
                                What("a mapping of the object store's options (e.g. "
                                     "{endpoint_url: 'http://minio:9000'})")] = None
     #: defaults for every backbone
