@@ -111,8 +111,8 @@ def find_label_issues(X, y, files: list[str], *, digests: list[str] | None = Non
 def _find(X: np.ndarray, y: np.ndarray, folds: int, seed: int, C: float
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(out-of-fold P(dog), score, flagged) of every row."""
-    from cleanlab.filter import find_label_issues as cl_find
-    from cleanlab.rank import get_label_quality_scores
+    cl_find = require("cleanlab.filter", feature="audit --label-issues").find_label_issues
+    get_label_quality_scores = require("cleanlab.rank", feature="audit --label-issues").get_label_quality_scores
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
