@@ -747,6 +747,11 @@ def test_cli_schema_prints_the_json_schema_of_experiment_files(tmp_path):
     assert schema["additionalProperties"] is False
     validator = Draft202012Validator(schema)
     assert not list(validator.iter_errors(yaml.safe_load(SEED.read_text())))
+    short_forms = yaml.safe_load(BASE.replace("[resnet50, xception]",
+                                              "[resnet50, {name: xception, weights: null}]")
+                                 + "tuning: 3\ntracking: mlflow\nvalidation: kfold\n"
+                                 "combinations: [resnet50, [resnet50, xception]]\n")
+    assert not list(validator.iter_errors(short_forms))
     bad = {**yaml.safe_load(SEED.read_text()), "epochs": 0, "optimiser": ["adam"]}
     messages = " | ".join(e.message for e in validator.iter_errors(bad))
     assert "0 is less than the minimum of 1" in messages and "'optimiser' was unexpected" in messages
