@@ -11,6 +11,8 @@ into a Kaggle layout and uploaded to a moto S3 server started here in a subproce
   so decoding is a fair share of the time): images/s local vs bucket;
 * **listing**: seconds for one listing of ``--list-objects`` tiny objects (one paginated
   ``list_objects_v2``, 1,000 keys a page), projected linearly to 100,000;
+* **layout rules**: seconds to apply the layout rules to a ``--layout-objects`` listing (no
+  server) against :func:`~catsdogs.dataset.layout.open_dataset` of the same names as empty files;
 * with ``--ray``: the same extraction on a 2-node loopback Ray cluster from the bucket, and the
   driver's photo bytes read per photo (:func:`catsdogs.dataset.storage.bytes_read`; goal 0).
 
@@ -21,7 +23,8 @@ are measured back to back.
 Usage::
 
     python bench/object_storage.py [--photos /work/data/PetImages] [--limit 400]
-                                   [--latency-ms 30] [--list-objects 5000] [--ray]
+                                   [--latency-ms 30] [--list-objects 5000]
+                                   [--layout-objects 100000] [--ray]
 """
 
 from __future__ import annotations
@@ -169,12 +172,36 @@ def set_readers(n: int) -> None:
     payload._readers = None  # a new pool of n readers
 
 
+def layout_rules(n: int, work: Path) -> None:
+    """Seconds to apply the layout rules to an n-object listing (no server: what our code adds
+    to the listing's pages) against open_dataset of the same names as empty local files."""
+    from catsdogs.dataset import layout
+
+    names = [f"train/{c}.{i}.jpg" for i in range(n * 9 // 20) for c in ("cat", "dog")]
+    names += [f"test/{i}.jpg" for i in range(n - len(names))]
+    folder = work / "names"
+    for sub in ("train", "test"):
+        (folder / sub).mkdir(parents=True)
+    for name in names:
+        (folder / name).touch()
+    t0 = time.perf_counter()
+    a = open_dataset(folder)
+    t_local = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    b = layout._scan(layout._Node(layout._tree(dict.fromkeys(names, 1)), ()), "s3://b/p")
+    t_remote = time.perf_counter() - t0
+    assert [r.relpath for r in a.records] == [r.relpath for r in b.records]
+    print(f"\nlayout rules over {n} names: listing tree {t_remote:.2f} s, the same names in a local "
+          f"folder {t_local:.2f} s (tree / folder = {t_remote / t_local:.2f})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--photos", type=Path, default=Path("/work/data/PetImages"))
     ap.add_argument("--limit", type=int, default=400)
     ap.add_argument("--latency-ms", type=float, default=30.0)
     ap.add_argument("--list-objects", type=int, default=5000)
+    ap.add_argument("--layout-objects", type=int, default=100_000)
     ap.add_argument("--ray", action="store_true")
     args = ap.parse_args()
 
@@ -242,6 +269,9 @@ def main() -> None:
             print(f"\nlisting {len(found)} objects: {dt:.2f} s; the same pages with boto3's own "
                   f"paginator: {raw} objects in {dt_raw:.2f} s (ours / boto3 = {dt / dt_raw:.2f}; "
                   "the time is the server's: moto scans its whole bucket for every page)")
+
+        if args.layout_objects:
+            layout_rules(args.layout_objects, work)
 
         if args.ray:
             import ray
