@@ -56,6 +56,7 @@ from catsdogs.dataset.images import (
 )
 from catsdogs.dataset.layout import Dataset, ImageRecord, digest_all, fingerprint, open_dataset
 from catsdogs.dataset.payload import payload_bytes, prefetch
+from catsdogs.dataset.storage import is_url
 from catsdogs.errors import ConfigError, DataError
 from catsdogs.features import int8
 from catsdogs.util.fileio import atomic_write, remove_stale_temporaries, replace_path
@@ -110,8 +111,24 @@ def default_cache_dir() -> Path:
 
 
 def dataset_cache_dir(cache_dir: Path, dataset_root: Path) -> Path:
+    """The cache folder of a data set: its name and a hash of its path (or URL: a data set in
+    object storage is cached on local disk like any other)."""
     tag = hashlib.blake2b(str(dataset_root).encode(), digest_size=4).hexdigest()
     return cache_dir / "features" / f"{dataset_root.name or 'data'}-{tag}"
+
+
+def _copy_cache(cache_dir: Path, filename: str, listing: str) -> Path | None:
+    """The finished cache file ``filename`` of another data set whose listing (relpaths and
+    content digests) is exactly ``listing``: a local folder copied to a bucket reuses it."""
+    import h5py
+
+    for path in sorted((cache_dir / "features").glob(f"*/{filename}")):
+        with contextlib.suppress(*_H5_ERRORS):
+            with h5py.File(path, "r") as h5:
+                found = h5.attrs.get("listing_fingerprint")
+            if (found.decode() if isinstance(found, bytes) else found) == listing:
+                return path
+    return None
 
 
 # --------------------------------------------------------------------------------------- results
@@ -810,6 +827,8 @@ def extract(
                 lock=_locked)
             config = dataclasses.replace(config, calibration=quantised.key)
         final = directory / config.filename
+        if is_url(ds.root) and not final.exists():  # the same photos cached from a local copy?
+            final = _copy_cache(cache_root, config.filename, listing) or final
         # a finished, verified file is used read-only: no lock, no write (read-only caches work)
         store = _Store(final, config).load_final()
         warm = _fresh(store, listing, views)
