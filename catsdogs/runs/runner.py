@@ -393,7 +393,7 @@ def _extract_all(experiment: Experiment, dataset, progress: bool, engine):
 
     for relpath, reason in dataset.ignored:
         logger.warning("ignored %s: %s", relpath, reason)
-    digests = digest_all(dataset.records)  # hashed once, shared by every backbone
+    digests = digest_all(dataset.records, engine=engine)  # once for every backbone
     feature_sets, keys = {}, {}
     for spec in experiment.backbones:
         (res,) = extract(
