@@ -22,7 +22,8 @@ class Recording(LocalEngine):
     def __init__(self, parallel: bool = False):
         self.parallel = parallel
         self.workers: list[str] = []
-        self.groups: list[list[str]] = []
+        self.groups: list = []
+        self.calls: list[str] = []
 
     def map_chunks(self, factory, jobs, args_of, on_result, what=None):
         self.workers.append(factory.func.__name__)
@@ -30,7 +31,9 @@ class Recording(LocalEngine):
 
     def map_runs(self, fn, items, shared):
         items = list(items)
-        self.groups += [[spec.run_id for spec, _ in group] for group in items]
+        self.calls.append(fn.__name__)
+        self.groups += [[spec.run_id for spec, _ in group] if isinstance(group, list) else group
+                        for group in items]
         yield from super().map_runs(fn, items, shared)
 
 
@@ -142,3 +145,22 @@ def test_parallel_engine_gets_groups_per_combination_with_the_same_records(tmp_p
     assert want.keys() == got.keys() and all(abs(want[k] - got[k]) <= 1e-6 for k in want)
     assert [r.run_id for r in local.records] == [r.run_id for r in spread.records]
     assert all(r.engine is None for r in spread.records)  # computed in this process
+
+
+@pytest.mark.slow
+def test_refit_runs_on_the_engine(tmp_path):
+    """``refit: true``: the winner is refitted by the engine the grid ran on (a map_runs call per
+    refit), and the driver writes its refit folder and the submission."""
+    from catsdogs.experiment.spec import load_experiment
+    from catsdogs.runs.runner import run_experiment
+
+    data = make_kaggle(tmp_path / "data", n_per_class=12, n_test=4)
+    doc = {**GRID, "backbones": [{"name": "resnet50", "image_size": 32}], "refit": True,
+           "data": str(data), "output": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache")}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    engine = Recording()
+    result = run_experiment(load_experiment(tmp_path / "exp.yaml"), progress=False, engine=engine)
+    assert engine.calls == ["run_group", "_refit_member"]
+    assert engine.groups[-1] == result.winner.run_id  # the refit's one item: the winner
+    assert (tmp_path / "out" / "refit" / result.winner.run_id / "test_predictions.csv").is_file()
+    assert result.submission is not None and result.submission.is_file()

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from catsdogs.compute import LOCAL, Engine
 from catsdogs.errors import DataError
 from catsdogs.util.fileio import write_json
 
@@ -98,10 +99,26 @@ def refit_run(record: RunRecord, experiment: Experiment, aligned: Aligned,
     return ids, p
 
 
-def _write_refit_dir(directory: Path, head, test_ids: list[int], p: np.ndarray) -> bool:
+def _refit_member(run_id: str, shared: tuple) -> tuple[list[int], np.ndarray, bytes | None]:
+    """One member's refit, where the engine runs it (this process or a Ray task): test ids,
+    P(dog) and the refitted ``head.keras`` as bytes (None: not a Keras graph).
+    ``shared`` is ``(experiment, aligned, registry, records by run id)``."""
+    import tempfile
+
+    experiment, aligned, registry, by_id = shared
+    head, ids, p = refit_head(by_id[run_id], experiment, aligned, registry)
+    model = head.keras_model()
+    if model is None:
+        return ids, p, None
+    with tempfile.TemporaryDirectory(prefix="catsdogs-refit-") as scratch:
+        model.save(Path(scratch) / "head.keras")
+        return ids, p, (Path(scratch) / "head.keras").read_bytes()
+
+
+def _write_refit_dir(directory: Path, model: bytes | None, test_ids: list[int], p: np.ndarray) -> bool:
     """``<out>/refit/<run id>/`` written whole beside and renamed into place: the refitted
-    ``head.keras`` (when the head is a Keras graph) and ``test_predictions.csv``. Returns whether
-    a head was saved."""
+    ``head.keras`` (``model``, when the head is a Keras graph) and ``test_predictions.csv``.
+    Returns whether a head was saved."""
     import pandas as pd
 
     from catsdogs.util.fileio import atomic_write, replace_path
@@ -111,9 +128,8 @@ def _write_refit_dir(directory: Path, head, test_ids: list[int], p: np.ndarray) 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        model = head.keras_model()
         if model is not None:
-            model.save(tmp / "head.keras")
+            atomic_write(tmp / "head.keras", lambda fh: fh.write(model))
         csv = pd.DataFrame({"id": test_ids, "p_dog": p}).to_csv(index=False).encode()
         atomic_write(tmp / "test_predictions.csv", lambda fh: fh.write(csv))
         replace_path(tmp, directory)
@@ -123,8 +139,11 @@ def _write_refit_dir(directory: Path, head, test_ids: list[int], p: np.ndarray) 
 
 
 def refit_submission(winner: RunRecord, records: list[RunRecord], experiment: Experiment,
-                     aligned: Aligned, registry, out: Path, expected_ids: list[int]) -> Path | None:
-    """Refit ``winner`` (or its ensemble members) and write ``<out>/submission.csv`` from it.
+                     aligned: Aligned, registry, out: Path, expected_ids: list[int],
+                     engine: Engine = LOCAL) -> Path | None:
+    """Refit ``winner`` (or its ensemble members) on ``engine`` (:meth:`~catsdogs.compute.Engine.
+    map_runs`: one call per member; default this process) and write ``<out>/submission.csv`` from
+    it (every file written here).
 
     Returns None (nothing written) for k-fold validation: the caller submits the fold average.
     """
@@ -143,11 +162,12 @@ def refit_submission(winner: RunRecord, records: list[RunRecord], experiment: Ex
     test_ids = None
     preds: list[np.ndarray] = []
     heads: dict[str, dict[str, Any]] = {}
+    refitted = {run_id: result for run_id, result, _node in
+                engine.map_runs(_refit_member, members, (experiment, aligned, registry, by_id))}
     for run_id in members:
-        member = by_id[run_id]
-        head, test_ids, p = refit_head(member, experiment, aligned, registry)
-        if _write_refit_dir(out / "refit" / run_id, head, test_ids, p):
-            heads[run_id] = {"dir": f"refit/{run_id}", "settings_hash": member.settings_hash}
+        test_ids, p, model = refitted[run_id]
+        if _write_refit_dir(out / "refit" / run_id, model, test_ids, p):
+            heads[run_id] = {"dir": f"refit/{run_id}", "settings_hash": by_id[run_id].settings_hash}
         preds.append(p)
     if winner.ensemble:
         b = winner.ensemble["blend"]

@@ -542,7 +542,24 @@ def _output_locked(run: Callable[..., ExperimentResult]) -> Callable[..., Experi
     return locked
 
 
+def _engine_opened(run: Callable[..., ExperimentResult]) -> Callable[..., ExperimentResult]:
+    """Open the call's engine (``engine``: an :class:`~catsdogs.engine.EngineSpec`, default the
+    experiment's) for the whole call -- extraction, the grid and the refit -- and close it after;
+    an engine passed already open is used as it is."""
+    @functools.wraps(run)
+    def opened(experiment: Experiment, **kwargs) -> ExperimentResult:
+        from catsdogs.engine import EngineSpec, open_engine
+
+        spec = kwargs.get("engine") or EngineSpec(experiment.engine, experiment.ray_address)
+        if not isinstance(spec, EngineSpec):
+            return run(experiment, **kwargs)
+        with open_engine(spec) as engine:
+            return run(experiment, **{**kwargs, "engine": engine})
+    return opened
+
+
 @_output_locked
+@_engine_opened
 def run_experiment(experiment: Experiment, *, registry=None, progress: bool = True, submit: bool = True,
                    echo: Callable[[str], None] | None = None, engine=None) -> ExperimentResult:
     """Run (or resume) every run of ``experiment``; see the module docstring.
@@ -626,7 +643,7 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
         from catsdogs.runs.refit import refit_submission
 
         result.submission = refit_submission(ranked[0], records, experiment, aligned, registry, out,
-                                             expected_test_ids)
+                                             expected_test_ids, engine=compute_engine)
     if submit and ranked[0].n_test > 0 and result.submission is None:
         result.submission = write_run_submission(out / "runs" / ranked[0].run_id, out / "submission.csv",
                                                  expected_ids=expected_test_ids)
