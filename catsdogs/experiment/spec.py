@@ -49,7 +49,7 @@ also come from the command line)::
                                    # the client's options, e.g. {endpoint_url: 'http://minio:9000'};
                                    # credentials best from the environment; never written anywhere
     engine: local                  # local | ray (run the grid on a Ray cluster)
-    ray_address: null              # Ray cluster address for engine: ray (null = start a local one)
+    ray_address: null              # Ray cluster for engine: ray (null: a private instance; auto: the running one)
     refit: false                   # refit the winner on all training images for the submission
     ensemble: null                 # optional: {top: 3, method: mean | stack} over the best runs
     tracking: null                 # optional: mlflow | {backend: mlflow, uri: URI, required: false}
