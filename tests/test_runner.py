@@ -104,27 +104,105 @@ def test_reproducible_and_resumable_in_process(tmp_path, data):
     assert changed.computed == 6  # a changed setting is never silently reused
 
 
+#: a test optimizer plugin that gates the grid DURING training: ``adam`` whose ``build()`` (called
+#: as a group's runs are compiled, before the group trains) blocks for ever, once a run directory
+#: is written, when ``CATSDOGS_TEST_GATE`` names a folder (it writes ``blocked`` there first)
+GATED_OPTIMIZER = '''
+import os
+import time
+from pathlib import Path
+
+from catsdogs.builtin.optimizers import AdamOptimizer
+from catsdogs.hookspecs import hookimpl
+
+
+class GatedAdam(AdamOptimizer):
+    name = "gated_adam"
+
+    def build(self):
+        gate = os.environ.get("CATSDOGS_TEST_GATE")
+        if gate and any(Path(gate, "runs").glob("*/record.json")):
+            Path(gate, "blocked").write_text(str(os.getpid()))
+            while True:  # until the test kills this process
+                time.sleep(3600)
+        return super().build()
+
+
+@hookimpl
+def register_optimizers(register):
+    register(GatedAdam)
+'''
+
+
 @pytest.mark.slow
-def test_kill_9_keeps_finished_runs(tmp_path, data):
-    exp = _write(tmp_path, "k", epochs=12)
-    cmd = [sys.executable, "-m", "catsdogs", "run", str(exp), "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    runs = tmp_path / "out-k" / "runs"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and len(list(runs.glob("*/record.json"))) < 2:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+def test_kill_9_keeps_finished_runs(tmp_path, data, monkeypatch):
+    """kill -9 while the grid trains (its second group, gated by the optimizer plugin above, not by
+    time) keeps the first group's runs: groups of at most CATSDOGS_GROUP_RUNS runs are written
+    before the next trains. Before, the whole grid trained as one group before any run directory
+    was written, so a kill during training lost everything (here the gate never closes then and
+    the run finishes)."""
+    from conftest import install_fake_dist
+
+    from catsdogs.plugins import Registry
+
+    site = install_fake_dist(tmp_path / "site", "catsdogs-gate", "1.0",
+                             {"catsdogs_gate": GATED_OPTIMIZER}, {"gate": "catsdogs_gate"})
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("CATSDOGS_GROUP_RUNS", "2")  # 3 combinations x 2 optimizers: 3 groups of 2
+    registry = Registry().load(strict=True)
+    optimizers = [{"name": "gated_adam", "learning_rate": 0.01}, "adadelta"]
+    exp = _write(tmp_path, "k", epochs=12, optimizers=optimizers)
+    out = tmp_path / "out-k"
+    runs = out / "runs"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get(
+        "PYTHONPATH")])), "CATSDOGS_TEST_GATE": str(out), "CATSDOGS_STRICT_PLUGINS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "catsdogs", "run", str(exp), "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        while proc.poll() is None and not (out / "blocked").exists():  # an event: the gate's file
+            time.sleep(0.05)
+        assert proc.poll() is None, (
+            "the grid finished without reaching its second group's training: "
+            + proc.stderr.read().decode()[-2000:])
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
     finished = {p.parent.name for p in runs.glob("*/record.json")}
-    assert 2 <= len(finished) < 6
-    result = run_experiment(load_experiment(exp), progress=False)
-    assert result.reused == len(finished) and result.computed == 6 - len(finished)
+    assert len(finished) == 2, finished  # exactly the first group, nothing of the second
+    result = run_experiment(load_experiment(exp, registry=registry), registry=registry,
+                            progress=False)
+    assert result.reused == 2 and result.computed == 4
     assert not list(runs.glob(".*tmp*")), "temporary run directories are cleaned up"
-    clean = run_experiment(load_experiment(_write(tmp_path, "clean", epochs=12)), progress=False)
+    clean = run_experiment(load_experiment(_write(tmp_path, "clean", epochs=12,
+                                                  optimizers=optimizers), registry=registry),
+                           registry=registry, progress=False)
     resumed, fresh = _metrics(result.out_dir), _metrics(clean.out_dir)
+    assert resumed.keys() == fresh.keys()
     for k in fresh:
         assert abs(resumed[k] - fresh[k]) < 1e-6, k
+
+
+def test_plan_groups_bounds_groups_and_keeps_combinations_together(monkeypatch):
+    from catsdogs.errors import ConfigError
+    from catsdogs.runs.multifit import GROUP_RUNS, plan_groups
+
+    runs = [(c, o) for c in ("a", "b", "ab", "c", "abc") for o in ("adam", "adadelta", "sgd")]
+    groups = plan_groups(runs, lambda r: r[0], max_runs=7)
+    assert [len(g) for g in groups] == [6, 6, 3]  # whole combinations, at most 7 runs
+    assert [r for g in groups for r in g] == runs  # plan order, every run once
+    assert all(len({r[0] for r in g}) == len(g) // 3 for g in groups)
+    split = plan_groups(runs, lambda r: r[0], max_runs=2)  # a combination larger than the bound
+    assert max(map(len, split)) == 2 and [r for g in split for r in g] == runs
+    assert [len(g) for g in plan_groups(runs, lambda r: r[0], parallel=True)] == [3] * 5
+    assert len(plan_groups(runs * 2, lambda r: r[0])[0]) <= GROUP_RUNS
+    monkeypatch.setenv("CATSDOGS_GROUP_RUNS", "4")
+    assert max(map(len, plan_groups(runs, lambda r: r[0]))) == 3
+    monkeypatch.setenv("CATSDOGS_GROUP_RUNS", "zero")
+    with pytest.raises(ConfigError, match="CATSDOGS_GROUP_RUNS must be a positive integer"):
+        plan_groups(runs, lambda r: r[0])
 
 
 def test_kfold_tta_and_more_heads(tmp_path, data):
