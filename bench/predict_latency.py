@@ -9,7 +9,7 @@ holds the export), then on one test photo of the run's data, ``--runs`` times ea
 
 and reports the median (and 90th percentile) per thread count, the file size per format, and with
 ``--parity N`` how the end-to-end model agrees with the run on N test photos: Keras end to end vs
-the run's ``test_predictions.csv`` (exact for one backbone or equal sizes, measured for mixed sizes)
+the run's ``test_predictions.csv`` post-processed as submitted (equal to float32 round-off, mixed sizes too)
 and TFLite vs Keras.
 
     python bench/predict_latency.py RUN_DIR [RUN_DIR ...] [--runs 50] [--threads 1,2]
@@ -84,7 +84,12 @@ def _parity(run_dir: Path, export_dir: Path, data: Path, n: int) -> dict:
         image = keras_p.prepare(read_photo(data / rel))
         ours.append(keras_p.predict_image(image).p_dog)
         tfl.append(tfl_p.predict_image(image).p_dog)
-    ours, tfl, theirs = np.array(ours), np.array(tfl), preds["p_dog"].to_numpy()
+    from catsdogs.runs.postprocess import apply_to_test, transform_of
+    from catsdogs.runs.record import load_record
+
+    # the export is the submitted model: the run's test predictions as post-processed
+    theirs = apply_to_test(transform_of(load_record(run_dir)), preds)
+    ours, tfl = np.array(ours), np.array(tfl)
     out = {"n": len(ours), "keras_vs_run_max": float(np.abs(ours - theirs).max()),
            "keras_vs_run_mean": float(np.abs(ours - theirs).mean()),
            "tflite_vs_keras_max": float(np.abs(ours - tfl).max()),
