@@ -237,10 +237,17 @@ class RayEngine:
                 # ray.init() would join it). Ray runs workers at nice 15 by default; on a machine
                 # shared with other work that would starve them against the local engine
                 os.environ.setdefault("RAY_worker_niceness", "0")
-                with _stderr_kept(lambda: ok["value"]):
-                    ray.init(address="local", include_dashboard=False,
-                             _node_ip_address="127.0.0.1", **options)
-                    ok["value"] = True
+                try:
+                    with _stderr_kept(lambda: ok["value"]):
+                        ray.init(address="local", include_dashboard=False,
+                                 _node_ip_address="127.0.0.1", **options)
+                        ok["value"] = True
+                except Exception as exc:  # e.g. its raylet not up in Ray's 30 s on a busy machine
+                    with contextlib.suppress(Exception):
+                        ray.shutdown()
+                    raise EngineError(f"could not start a private Ray instance: {_first_line(exc)} "
+                                      "(a machine this busy may need a retry), or use --engine "
+                                      "local or --ray-address of a running cluster") from None
                 started = True
             else:
                 _check_reachable(address)
