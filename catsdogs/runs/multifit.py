@@ -56,7 +56,7 @@ GROUPED_ENV = "CATSDOGS_GROUPED_FIT"
 #: the most runs the runner trains in one group (:func:`plan_groups`): each group's run
 #: directories are written before the next group trains, so a kill loses at most one group's
 #: training (bench/grid_speed.py --group-runs measures the cost against one group for the grid)
-GROUP_RUNS = 8
+GROUP_RUNS = 16
 
 #: environment variable overriding :data:`GROUP_RUNS` (a positive integer)
 GROUP_RUNS_ENV = "CATSDOGS_GROUP_RUNS"

@@ -693,7 +693,7 @@ def _train_runs(pending: list[tuple[RunSpec, dict[str, Any]]], experiment: Exper
 def _run_groups(pending: list[tuple[RunSpec, dict[str, Any]]], engine) -> list[list]:
     """The runs trained together by one call of the engine (:func:`run_group`): bounded groups
     (:func:`catsdogs.runs.multifit.plan_groups`). One process packs whole combinations into groups
-    of at most ``CATSDOGS_GROUP_RUNS`` (8) runs, written before the next group trains, so a kill
+    of at most ``CATSDOGS_GROUP_RUNS`` (16) runs, written before the next group trains, so a kill
     loses at most one group's training; an engine that runs calls at once (Ray) gets one group per
     combination, so the groups spread over its CPUs while the runs of a group still share the
     fused columns and dropout masks."""
