@@ -69,11 +69,13 @@ def test_model_pages_show_the_manifest(server, run_dir):
     page = httpx.get(server.url + "/model", timeout=10)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert record["run_id"] in page.text and "resnet50" in page.text
-    assert f"{record['metrics']['logloss']:.4f}" in page.text
+    # the one number the run was ranked by, not the raw validation loss
+    assert f"{record['ranking_logloss']:.4f}" in page.text
     assert "exported" in page.text and "model.tflite" in page.text
     manifest = httpx.get(server.url + "/api/model", timeout=10).json()
     assert [b["name"] for b in manifest["backbones"]] == ["resnet50"]
     assert manifest["metrics"]["logloss"] == record["metrics"]["logloss"]
+    assert manifest["ranking_logloss"] == record["ranking_logloss"]
     assert manifest["exported_at"].startswith("20")
     index = httpx.get(server.url + "/", timeout=10)
     assert index.status_code == 200 and 'id="picker"' in index.text
