@@ -436,9 +436,8 @@ def _digest_on(engine, paths: list, chunk: int = 256) -> list[str]:
         for i, dig in zip(job, digests):
             out[i] = dig
 
-    run = engine.map_chunks if hasattr(engine, "map_chunks") else engine.actor_map
-    run(functools.partial(ObjectDigests, readers()), jobs, lambda job: ([paths[i] for i in job],),
-        on_result)
+    engine.map_chunks(functools.partial(ObjectDigests, readers()), jobs,
+                      lambda job: ([paths[i] for i in job],), on_result)
     return out
 
 
