@@ -13,6 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # machine's network address, however pytest is started (tox's ray env sets it too)
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import catsdogs.testing as _testing  # noqa: E402
@@ -24,6 +25,20 @@ FAULTS = SHARED_DATA / "faults"
 
 #: the tiny real network the tests use: ResNet50 with seeded random weights at 32x32
 TINY = {"backbones": ["resnet50"], "weights": "none", "image_size": 32, "batch_size": 8}
+
+
+def assert_same_features(actual, desired) -> None:
+    """Two computations of the same photos' features agree to float32 round-off at the features'
+    scale. TensorFlow's CPU kernels (oneDNN and Eigen alike, TF 2.21) give a row results that
+    depend on its place in the batch by ~1e-5 of the largest feature (measured: a row at position 6
+    of a batch of 8 vs position 2 of another differs by 1.0e-5 with features up to ~4), so a row
+    recomputed in another chunk or with another batch size is equal only to that scale; an
+    element-wise rtol on near-zero features would fail on that round-off, not on a wrong row.
+    """
+    actual, desired = np.asarray(actual), np.asarray(desired)
+    assert actual.shape == desired.shape
+    scale = float(np.abs(desired).max()) or 1.0
+    np.testing.assert_allclose(actual, desired, rtol=1e-5, atol=1e-5 * scale)
 
 
 # the generators plugin test suites use too (catsdogs.testing): one copy

@@ -314,21 +314,24 @@ LITE = {"data": "d", "backbones": ["efficientnet_lite0"], "heads": ["dropout_sig
 
 
 def test_the_registry_comes_from_the_validation_context():
-    """Names are checked against the context's registry: a plugin's backbone is known to the full
-    registry and unknown to one with only the built-ins."""
+    """Names are checked against the context's registry, not the process's: resnet50 is known to
+    a registry with every built-in and unknown to one whose Keras-backbone plugin is switched off
+    (no installed plugin is assumed: the core env has none)."""
     from pydantic import ValidationError
 
     from catsdogs.experiment.schema import validate_document
 
-    full = Experiment.model_validate(LITE, context={"registry": get_registry()})
-    assert full.backbone_names == ["efficientnet_lite0"]
-    builtins = Registry().load(entry_points=False)
+    doc = {**LITE, "backbones": ["resnet50"]}
+    full = Experiment.model_validate(doc, context={"registry": Registry().load(entry_points=False)})
+    assert full.backbone_names == ["resnet50"]
+    without = Registry().load(entry_points=False, disabled=("catsdogs.builtin.keras_backbones",))
+    assert "resnet50" not in without.names("backbones")
     with pytest.raises(ValidationError) as info:
-        Experiment.model_validate(LITE, context={"registry": builtins})
+        Experiment.model_validate(doc, context={"registry": without})
     (error,) = info.value.errors()
     assert error["loc"] == ("backbones", 0)
-    assert error["msg"].startswith("unknown backbone 'efficientnet_lite0'")
-    model, problem = validate_document(LITE, {"registry": builtins})
+    assert error["msg"].startswith("unknown backbone 'resnet50'")
+    model, problem = validate_document(doc, {"registry": without})
     assert model is None and problem is not None
     assert problem[0] == "backbones[0]" and problem[1].startswith("unknown backbone")
 

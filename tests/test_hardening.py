@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, TINY, make_kaggle, run_cli, write_jpeg
+from conftest import REPO, TINY, assert_same_features, make_kaggle, run_cli, write_jpeg
 from PIL import Image
 
 from catsdogs.dataset.images import ImageDecodeError, decode_rgb, load_image
@@ -199,7 +199,7 @@ def test_item2_overwritten_feature_rows_are_detected_and_recomputed(kaggle_dir, 
     assert "corrupt cache file" in caplog.text and "recomputing those rows" in caplog.text
     assert (again.computed, again.reused) == (12, 4)  # the damaged block only; test rows reused
     fixed = catsdogs.load_features(again.path)
-    np.testing.assert_allclose(fixed.train.X, good.train.X, rtol=1e-5, atol=1e-6)
+    assert_same_features(fixed.train.X, good.train.X)
     np.testing.assert_array_equal(fixed.test.X, good.test.X)
 
 

@@ -57,7 +57,9 @@ def test_params_stored_only_and_describe():
     assert "logit" in info["level1"]["representation"]
     assert info["level2"]["model"] == "lightgbm.LGBMClassifier"
     assert info["level2"]["learning_rate"] == 0.05 and info["level2"]["num_leaves"] == 7
-    assert head.keras_model() is None
+    # plugin contract 2: the Head base class refuses both before fit, whatever the head returns
+    with pytest.raises(NotFittedError):
+        head.keras_model()
     with pytest.raises(NotFittedError):
         head.predict_proba(np.zeros((2, 4), np.float32))
 
@@ -89,6 +91,7 @@ def test_weak_blocks_stack_better_than_chance(informative):
 def test_fitted_state_and_history(informative):
     head, X_test, _ = informative
     assert [name for name, _ in head.blocks_] == ["resnet50", "xception"]
+    assert head.keras_model() is None  # fitted, and still no Keras graph: not exportable
     assert set(head.base_heads_) == {"resnet50", "xception"}
     assert all(isinstance(h, DropoutSigmoidHead) for h in head.base_heads_.values())
     assert head.oof_logits_.shape == (400, 2) and np.isfinite(head.oof_logits_).all()
