@@ -27,6 +27,21 @@ FAULTS = SHARED_DATA / "faults"
 TINY = {"backbones": ["resnet50"], "weights": "none", "image_size": 32, "batch_size": 8}
 
 
+def copy_int8_models(features_dir: Path, to: Path) -> None:
+    """Give the feature folder ``to`` the quantised models (and their index) of ``features_dir``.
+
+    int8 features are keyed by the quantised model's content hash, and two calibrations of one
+    configuration may differ in round-off (so in hash): a test that compares two extractions'
+    files gives the second the first's calibration, as one cache would have it.
+    """
+    import shutil
+
+    to.mkdir(parents=True, exist_ok=True)
+    for item in features_dir.iterdir():
+        if item.suffix != ".h5":
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, to / item.name)
+
+
 def assert_same_features(actual, desired) -> None:
     """Two computations of the same photos' features agree to float32 round-off at the features'
     scale. TensorFlow's CPU kernels (oneDNN and Eigen alike, TF 2.21) give a row results that

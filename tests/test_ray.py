@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_kaggle, run_cli
+from conftest import copy_int8_models, make_kaggle, run_cli
 
 pytestmark = [pytest.mark.ray]
 ray = pytest.importorskip("ray")
@@ -138,12 +137,7 @@ def test_int8_on_ray_calibrates_on_the_driver_and_ships_the_model(engine, driver
     # differ in round-off (another hash): the driver's cache gets the local run's calibrated model
     # (its one calibration per configuration), so the Ray run must compute with that very model,
     # which its workers can only get through Ray
-    features = local.path.parent
-    there = hidden / features.relative_to(tmp_path / "local")
-    there.mkdir(parents=True)
-    for item in features.iterdir():
-        if item.suffix != ".h5":
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, there / item.name)
+    copy_int8_models(local.path.parent, hidden / local.path.parent.relative_to(tmp_path / "local"))
     (res,) = catsdogs.extract(driver_data, "resnet50", cache_dir=hidden, engine=engine, **opts)
     assert res.computed == local.computed == 32
     info = _assert_same_cache(local.path, res.path)
