@@ -4,7 +4,9 @@ Everything the core relies on is declared here, nothing is duck-typed:
 
 * :class:`Backbone` – the feature model; the optional ImageNet-classifier capability the audit
   uses is the :class:`ImageNetClassifier` protocol (``has_classifier = True`` plus
-  ``build_classifier``), tested with :func:`has_imagenet_classifier`;
+  ``build_classifier``), tested with :func:`has_imagenet_classifier`; the optional split of the
+  feature model before its last blocks (fine-tuning from cached maps) is the :class:`TopSplit`
+  protocol (``has_top_split = True`` plus ``split_top``), tested with :func:`has_top_split`;
 * :class:`Head` – ``fit`` / ``predict_proba``; its hyper-parameters are its ``__init__``
   arguments (:meth:`Head.param_names`), checked by :meth:`Head.validate_params`; the tunable ones
   are declared by :meth:`Head.search_space` (keras-tuner ``HyperModel`` style) and a head is
@@ -125,6 +127,8 @@ class Backbone(abc.ABC):
     seed: int = 2019
     #: True when the backbone also builds its ImageNet classifier (see :class:`ImageNetClassifier`)
     has_classifier: bool = False
+    #: True when the backbone can cut its feature model before its last blocks (see :class:`TopSplit`)
+    has_top_split: bool = False
     #: top-level modules it needs beyond the core's dependencies (an extra's); ``catsdogs plugins``
     #: lists the component as unavailable, and why, while one is missing
     requires: tuple[str, ...] = ()
@@ -233,6 +237,44 @@ class ImageNetClassifier(Protocol):
 def has_imagenet_classifier(backbone: Any) -> bool:
     """True when ``backbone`` offers the :class:`ImageNetClassifier` capability."""
     return getattr(backbone, "has_classifier", False) is True and isinstance(backbone, ImageNetClassifier)
+
+
+@runtime_checkable
+class TopSplit(Protocol):
+    """The optional capability of a backbone to cut its feature model before its last blocks
+    (lever 4 of issue 24: fine-tuning the top of the network from cached maps).
+
+    A backbone offering it sets ``has_top_split = True`` and implements ``split_top``, which
+    returns ``(bottom, top)``: ``bottom`` takes the same raw pixels as :meth:`Backbone.build`
+    (input ``image``) and returns the feature maps entering the last ``blocks`` blocks,
+    ``(batch, h, w, c)``; ``top`` takes those maps (input ``maps``) and returns the GAP features.
+    Both carry the weights :meth:`Backbone.build` gives (``weights="none"``: the same seeded
+    network), so ``top(bottom(x))`` equals ``build(weights, image_size)(x)`` to float32 round-off.
+    """
+
+    has_top_split: bool
+
+    def split_top(self, weights: str = WEIGHTS_IMAGENET, image_size: int | None = None,
+                  blocks: int = 1) -> tuple[keras.Model, keras.Model]: ...
+
+
+def has_top_split(backbone: Any) -> bool:
+    """True when ``backbone`` offers the :class:`TopSplit` capability."""
+    return getattr(backbone, "has_top_split", False) is True and isinstance(backbone, TopSplit)
+
+
+def copy_weights_by_name(source: keras.Model, targets: Sequence[keras.Model]) -> None:
+    """Give every layer with weights of each model in ``targets`` the weights of ``source``'s
+    layer of the same name (how :class:`TopSplit` implementations carry a built network's weights
+    into its two halves); a target layer with weights that ``source`` lacks is an error."""
+    by_name = {layer.name: layer for layer in source.layers}
+    for target in targets:
+        for layer in target.layers:
+            if not layer.weights:
+                continue
+            if layer.name not in by_name:
+                raise PluginError(f"layer {layer.name!r} of {target.name!r} is not in {source.name!r}")
+            layer.set_weights(by_name[layer.name].get_weights())
 
 
 class _Params:

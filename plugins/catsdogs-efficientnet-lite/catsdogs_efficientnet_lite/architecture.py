@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["BASE_BLOCKS", "VARIANTS", "BlockSpec", "Variant", "block_specs", "build_network",
+__all__ = ["BASE_BLOCKS", "VARIANTS", "BlockSpec", "Variant", "block_specs", "build_network", "build_split",
            "round_filters", "round_repeats", "weight_plan"]
 
 STEM_FILTERS = 32
@@ -144,17 +144,9 @@ def weight_plan(variant: Variant, classifier: bool = True) -> list[tuple[str, st
     return plan
 
 
-def build_network(variant: Variant, image_size: int, outputs: str = "features"):
-    """The functional model: ``image`` (raw RGB 0-255) -> ``(x - 127) / 128`` -> ... -> ``gap``.
-
-    ``outputs``: ``"features"`` (the 1280-d GAP vector), ``"logits"`` (1000 ImageNet logits) or
-    ``"both"`` (a dict ``{"features": ..., "logits": ...}`` from one forward pass).
-    """
+def _layer_makers():
     import keras
-    from catsdogs.layers import PixelNormalization
 
-    if outputs not in ("features", "logits", "both"):
-        raise ValueError(f"outputs must be 'features', 'logits' or 'both', got {outputs!r}")
     layers = keras.layers
 
     def bn(name):
@@ -163,28 +155,62 @@ def build_network(variant: Variant, image_size: int, outputs: str = "features"):
     def relu6(name):
         return layers.ReLU(max_value=6.0, name=name)
 
-    image = keras.Input((image_size, image_size, 3), name="image", dtype="float32")
+    return layers, bn, relu6
+
+
+def _stem(image):
+    """``image`` (raw RGB 0-255) -> the maps entering block 0."""
+    from catsdogs.layers import PixelNormalization
+
+    layers, bn, relu6 = _layer_makers()
     x = PixelNormalization(mean=MEAN_RGB, std=STDDEV_RGB, name="preprocess")(image)
     x = layers.Conv2D(STEM_FILTERS, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
-    x = relu6("stem_relu")(bn("stem_bn")(x))
+    return relu6("stem_relu")(bn("stem_bn")(x))
 
-    for b in block_specs(variant):
-        name = f"block{b.index:02d}"
-        inputs = x
-        if b.expand != 1:
-            x = layers.Conv2D(b.expanded, 1, padding="same", use_bias=False, name=f"{name}_expand_conv")(x)
-            x = relu6(f"{name}_expand_relu")(bn(f"{name}_expand_bn")(x))
-        x = layers.DepthwiseConv2D(b.kernel, strides=b.stride, padding="same", use_bias=False,
-                                   name=f"{name}_dwconv")(x)
-        x = relu6(f"{name}_dw_relu")(bn(f"{name}_dw_bn")(x))
-        x = layers.Conv2D(b.out_filters, 1, padding="same", use_bias=False, name=f"{name}_project_conv")(x)
-        x = bn(f"{name}_project_bn")(x)
-        if b.residual:
-            x = layers.Add(name=f"{name}_add")([x, inputs])
 
+def _block(x, b: BlockSpec):
+    """One MBConv block (``_blocks.NN`` of the reference)."""
+    layers, bn, relu6 = _layer_makers()
+    name = f"block{b.index:02d}"
+    inputs = x
+    if b.expand != 1:
+        x = layers.Conv2D(b.expanded, 1, padding="same", use_bias=False, name=f"{name}_expand_conv")(x)
+        x = relu6(f"{name}_expand_relu")(bn(f"{name}_expand_bn")(x))
+    x = layers.DepthwiseConv2D(b.kernel, strides=b.stride, padding="same", use_bias=False,
+                               name=f"{name}_dwconv")(x)
+    x = relu6(f"{name}_dw_relu")(bn(f"{name}_dw_bn")(x))
+    x = layers.Conv2D(b.out_filters, 1, padding="same", use_bias=False, name=f"{name}_project_conv")(x)
+    x = bn(f"{name}_project_bn")(x)
+    if b.residual:
+        x = layers.Add(name=f"{name}_add")([x, inputs])
+    return x
+
+
+def _head(x):
+    """The last block's output -> head conv 1x1 (1280) -> ReLU6 -> ``gap`` (the features)."""
+    layers, bn, relu6 = _layer_makers()
     x = layers.Conv2D(HEAD_FILTERS, 1, padding="same", use_bias=False, name="head_conv")(x)
     x = relu6("head_relu")(bn("head_bn")(x))
-    features = layers.GlobalAveragePooling2D(name="gap", dtype="float32")(x)
+    return layers.GlobalAveragePooling2D(name="gap", dtype="float32")(x)
+
+
+def build_network(variant: Variant, image_size: int, outputs: str = "features"):
+    """The functional model: ``image`` (raw RGB 0-255) -> ``(x - 127) / 128`` -> ... -> ``gap``.
+
+    ``outputs``: ``"features"`` (the 1280-d GAP vector), ``"logits"`` (1000 ImageNet logits) or
+    ``"both"`` (a dict ``{"features": ..., "logits": ...}`` from one forward pass).
+    """
+    import keras
+
+    if outputs not in ("features", "logits", "both"):
+        raise ValueError(f"outputs must be 'features', 'logits' or 'both', got {outputs!r}")
+    layers = keras.layers
+
+    image = keras.Input((image_size, image_size, 3), name="image", dtype="float32")
+    x = _stem(image)
+    for b in block_specs(variant):
+        x = _block(x, b)
+    features = _head(x)
     if outputs == "features":
         return keras.Model(image, features, name=variant.name)
     y = layers.Dropout(variant.dropout, name="top_dropout")(features)
@@ -192,3 +218,29 @@ def build_network(variant: Variant, image_size: int, outputs: str = "features"):
     if outputs == "logits":
         return keras.Model(image, logits, name=f"{variant.name}_classifier")
     return keras.Model(image, {"features": features, "logits": logits}, name=f"{variant.name}_classifier")
+
+
+def build_split(variant: Variant, image_size: int, blocks: int = 1):
+    """:func:`build_network`'s feature model cut before its last ``blocks`` MBConv blocks:
+    ``(bottom, top)`` with ``bottom``: ``image`` -> the maps entering those blocks (input
+    ``image``, output ``(batch, h, w, c)``) and ``top``: those maps (input ``maps``) -> the blocks,
+    the head conv and ``gap``. ``top(bottom(x))`` is the feature model's computation, layer for
+    layer, under the same layer names (so weights are copied by name). Weights are left as built.
+    """
+    import keras
+
+    specs = block_specs(variant)
+    if not (isinstance(blocks, int) and not isinstance(blocks, bool) and 1 <= blocks <= len(specs)):
+        raise ValueError(f"blocks must be an int in 1..{len(specs)}, got {blocks!r}")
+    cut = len(specs) - blocks
+    image = keras.Input((image_size, image_size, 3), name="image", dtype="float32")
+    x = _stem(image)
+    for b in specs[:cut]:
+        x = _block(x, b)
+    bottom = keras.Model(image, x, name=f"{variant.name}_bottom{blocks}")
+    maps = keras.Input(tuple(bottom.output.shape[1:]), name="maps", dtype="float32")
+    x = maps
+    for b in specs[cut:]:
+        x = _block(x, b)
+    top = keras.Model(maps, _head(x), name=f"{variant.name}_top{blocks}")
+    return bottom, top

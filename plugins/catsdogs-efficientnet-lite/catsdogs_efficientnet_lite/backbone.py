@@ -21,6 +21,8 @@ class EfficientNetLite(Backbone):
                      "(EfficientNet-Lite's MEAN_RGB/STDDEV_RGB, inside the graph)")
     #: this backbone can also build its ImageNet classifier (:meth:`build_classifier`)
     has_classifier = True
+    #: and cut its feature model before its last MBConv blocks (:meth:`split_top`)
+    has_top_split = True
     num_classes = NUM_CLASSES
 
     def __init__(self, variant: Variant):
@@ -59,6 +61,28 @@ class EfficientNetLite(Backbone):
             with seeded_initializers(self.seed):
                 return self._build(weights, int(size), outputs)
         return self._build(weights, int(size), outputs)
+
+    def split_top(self, weights: str = WEIGHTS_IMAGENET, image_size: int | None = None,
+                  blocks: int = 1):
+        """``(bottom, top)``: the feature model of :meth:`build` cut before its last ``blocks``
+        MBConv blocks (the :class:`~catsdogs.components.TopSplit` capability). ``bottom``:
+        ``image`` -> the maps entering those blocks; ``top``: ``maps`` -> the blocks, the head
+        conv (1280) and ``gap``. Both carry :meth:`build`'s weights (``weights="none"``: the same
+        seeded network), copied by layer name, so ``top(bottom(x)) == build()(x)``."""
+        from catsdogs.components import copy_weights_by_name
+        from catsdogs.errors import ConfigError
+
+        from .architecture import block_specs, build_split
+
+        n = len(block_specs(self.variant))
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or not 1 <= blocks <= n:
+            raise ConfigError(f"backbone {self.name!r}: blocks to fine-tune must be an int in "
+                              f"1..{n}, got {blocks!r}")
+        size = self.input_size if image_size is None else image_size
+        full = self.build(weights, size)
+        bottom, top = build_split(self.variant, int(size), blocks)
+        copy_weights_by_name(full, (bottom, top))
+        return bottom, top
 
     def _build(self, weights: str, image_size: int, outputs: str):
         from .architecture import build_network

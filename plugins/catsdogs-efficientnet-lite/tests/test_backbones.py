@@ -103,3 +103,34 @@ def test_classifier_rejects_bad_arguments():
         backbone.build_classifier("bogus")
     with pytest.raises(ConfigError):
         backbone.build_classifier("none", 16)
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_split_top_composes_to_the_feature_model(blocks):
+    """bottom -> top is the feature model, with its (seeded) weights, cut before the last blocks."""
+    from catsdogs.components import has_top_split
+
+    backbone = get_backbone("efficientnet_lite0")
+    assert has_top_split(backbone)
+    bottom, top = backbone.split_top("none", 64, blocks=blocks)
+    features = backbone.build("none", 64)
+    pixels = np.random.default_rng(2).uniform(0, 255, (3, 64, 64, 3)).astype(np.float32)
+    maps = np.asarray(bottom(pixels, training=False))
+    last = block_specs(VARIANTS["efficientnet_lite0"])[-blocks]
+    assert maps.shape == (3, 2, 2, last.in_filters)
+    assert top.input.name == "maps" or top.inputs[0].name == "maps"
+    desired = np.asarray(features(pixels, training=False))
+    actual = np.asarray(top(maps, training=False))
+    scale = float(np.abs(desired).max())
+    np.testing.assert_allclose(actual, desired, rtol=1e-5, atol=1e-5 * scale)
+    assert len(bottom.layers) + len(top.layers) == len(features.layers) + 1  # + the maps input
+    assert {f"block{last.index:02d}_dwconv", "head_conv"} <= {layer.name for layer in top.layers}
+
+
+def test_split_top_rejects_bad_blocks():
+    from catsdogs.errors import ConfigError
+
+    backbone = get_backbone("efficientnet_lite0")
+    for bad in (0, 17, True, 1.0):
+        with pytest.raises(ConfigError, match="blocks"):
+            backbone.split_top("none", 64, blocks=bad)
