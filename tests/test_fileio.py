@@ -125,3 +125,61 @@ def test_folder_swap_is_one_atomic_exchange_where_the_os_has_one(tmp_path, monke
         (tmp / "Data" / "new.bin").write_bytes(b"new")
     assert moves == [] and _tree(pkg) == ["Data", "Data/new.bin"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "model.mlpackage"]
+
+
+# --- the one file lock (issue 22 §2): filelock underneath, the holder's pid in the messages -------
+def test_file_lock_refuses_a_second_holder_naming_the_first_and_is_reusable(tmp_path):
+    """Two opens exclude each other even in one process; ``timeout=0`` refuses at once with the
+    holder's pid, ``busy`` words the error; after release the lock (and its pid file) is free."""
+    from catsdogs.errors import DataError
+    from catsdogs.util.fileio import file_lock
+
+    lock = tmp_path / "x.lock"
+    with file_lock(lock):
+        assert (tmp_path / "x.lock.pid").read_text() == str(os.getpid())
+        with pytest.raises(DataError, match=rf"x.lock is held by another process \(pid {os.getpid()}\)"):
+            with file_lock(lock, timeout=0):
+                pass
+        with pytest.raises(KeyError, match=f"busy {os.getpid()}"):
+            with file_lock(lock, timeout=0, busy=lambda pid: KeyError(f"busy {pid}")):
+                pass
+    assert not (tmp_path / "x.lock.pid").exists()
+    with file_lock(lock, timeout=0):
+        pass
+
+
+def test_file_lock_waits_for_the_holder_and_says_so_once(tmp_path):
+    """Without a timeout a second taker waits (``waiting(pid)`` once) and gets the lock when the
+    first releases it; gated on events, not on time."""
+    import threading
+
+    from catsdogs.util.fileio import file_lock
+
+    lock = tmp_path / "x.lock"
+    waiting: list[str] = []
+    started, got = threading.Event(), threading.Event()
+
+    def second():
+        with file_lock(lock, waiting=lambda pid: (waiting.append(pid), started.set())):
+            got.set()
+
+    with file_lock(lock):
+        thread = threading.Thread(target=second)
+        thread.start()
+        assert started.wait(60)
+        assert not got.is_set()  # it waits for us
+    thread.join(60)
+    assert got.is_set() and waiting == [str(os.getpid())]
+
+
+def test_file_lock_that_cannot_be_created_is_worded_by_the_caller(tmp_path):
+    from catsdogs.util.fileio import file_lock
+
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    with pytest.raises(OSError):
+        with file_lock(afile / "x.lock"):
+            pass
+    with pytest.raises(ValueError, match="cannot lock"):
+        with file_lock(afile / "x.lock", unwritable=lambda exc: ValueError(f"cannot lock ({exc})")):
+            pass

@@ -325,7 +325,7 @@ def test_second_run_on_the_same_out_fails_naming_the_first(tmp_path, data):
     try:
         deadline = time.time() + 120
         while time.time() < deadline and first.poll() is None and not (
-                (out / ".lock").is_file() and (out / ".lock").read_text() == str(first.pid)):
+                (out / ".lock.pid").is_file() and (out / ".lock.pid").read_text() == str(first.pid)):
             time.sleep(0.1)
         assert first.poll() is None, first.stderr.read()
         second = run_cli("run", str(exp), "--no-progress", timeout=120)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from catsdogs.errors import CatsdogsError
+from catsdogs.util.fileio import file_lock
 
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -53,15 +54,8 @@ def store_lock(db: Path | None) -> Iterator[None]:
     if db is None:
         yield
         return
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(os.fspath(db) + ".lock", timeout=LOCK_TIMEOUT_S)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise StoreError(f"the MLflow store {db} stayed locked for {LOCK_TIMEOUT_S:g} s by another "
-                         f"process ({db}.lock)") from None
-    try:
+    with file_lock(Path(os.fspath(db) + ".lock"), timeout=LOCK_TIMEOUT_S,
+                   busy=lambda pid: StoreError(
+                       f"the MLflow store {db} stayed locked for {LOCK_TIMEOUT_S:g} s by another "
+                       f"process (pid {pid}, {db}.lock)")):
         yield
-    finally:
-        lock.release()

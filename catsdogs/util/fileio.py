@@ -147,38 +147,81 @@ def replace_path(src: Path, dst: Path) -> None:
     fsync_dir(dst.parent)
 
 
+def _holder_file(lock: Path) -> Path:
+    """Where :func:`file_lock` records the holder's pid: ``<lock>.pid``, beside the lock file (not
+    in it: a contender's open may truncate the lock file itself, depending on filelock's version)."""
+    return lock.with_name(lock.name + ".pid")
+
+
+def _read_holder(holder: Path) -> str:
+    try:
+        return holder.read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, *, timeout: float | None = None,
+              waiting: Callable[[str], None] | None = None,
+              busy: Callable[[str], BaseException] | None = None,
+              unwritable: Callable[[OSError], BaseException] | None = None) -> Iterator[None]:
+    """Hold the lock file ``path`` for the block: a :class:`filelock.FileLock` (an advisory lock
+    that the OS releases when its holder dies, even by ``kill -9``; two opens in one process
+    exclude each other too). The holder's pid is kept in ``<path>.pid`` while it holds it.
+
+    ``timeout``: seconds to wait when another process holds it (None: as long as it takes; 0: not
+    at all); ``waiting(pid)`` is called once when this one starts to wait. Failures to take it are
+    raised before the block runs, worded by the caller: ``busy(pid)`` when the time is up
+    (default: :class:`DataError` naming the lock and the holder's pid), ``unwritable(error)``
+    when the lock file cannot be created (default: the :class:`OSError` itself)."""
+    from filelock import FileLock, Timeout
+
+    path = Path(path)
+    holder = _holder_file(path)
+    lock = FileLock(os.fspath(path), timeout=0)
+
+    def give_up(pid: str) -> BaseException:
+        return busy(pid) if busy else DataError(f"{path} is held by another process (pid {pid})")
+
+    try:
+        try:
+            lock.acquire()
+        except Timeout:
+            pid = _read_holder(holder)
+            if timeout == 0:
+                raise give_up(pid) from None
+            if waiting is not None:
+                waiting(pid)
+            try:
+                lock.acquire(timeout=-1 if timeout is None else timeout)
+            except Timeout:
+                raise give_up(_read_holder(holder)) from None
+    except OSError as exc:
+        if unwritable is None:
+            raise
+        raise unwritable(exc) from None
+    try:
+        with contextlib.suppress(OSError):  # the pid is for messages only
+            write_text(holder, str(os.getpid()))
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            holder.unlink()
+        lock.release()
+
+
 @contextlib.contextmanager
 def locked_dir(directory: Path, purpose: str) -> Iterator[None]:
-    """Hold ``directory``'s ``.lock`` (an advisory lock holding the owner's pid) for ``purpose``;
-    a second process gets one :class:`DataError` naming the holder's pid instead of both doing
-    the same work and racing on the same files. Released when the block ends or the process dies."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
+    """Hold ``directory``'s ``.lock`` (:func:`file_lock`) for ``purpose``; a second process gets one
+    :class:`DataError` naming the holder's pid at once instead of both doing the same work and
+    racing on the same files. Released when the block ends or the process dies."""
+    with file_lock(
+        Path(directory) / ".lock", timeout=0,
+        busy=lambda pid: DataError(f"{directory} is in use by another {purpose} (pid {pid}); wait "
+                                   "for it to finish or choose another output directory"),
+        unwritable=lambda exc: DataError(f"cannot write to {directory} ({exc.strerror or exc}); "
+                                         "make it writable or choose another output directory")):
         yield
-        return
-    lock = Path(directory) / ".lock"
-    try:
-        fh = open(lock, "a+")
-    except OSError as exc:
-        raise DataError(f"cannot write to {directory} ({exc.strerror or exc}); make it writable "
-                        "or choose another output directory") from None
-    with fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "unknown"
-            raise DataError(f"{directory} is in use by another {purpose} (pid {holder}); wait for it "
-                            "to finish or choose another output directory") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _json_default(obj: Any):
