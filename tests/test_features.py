@@ -19,6 +19,7 @@ from conftest import TINY, assert_same_features, make_kaggle, run_cli, write_jpe
 import catsdogs
 from catsdogs.dataset.images import load_image
 from catsdogs.errors import ConfigError, PluginError
+from catsdogs.features import cache as cache_mod
 from catsdogs.features import extraction as features_mod
 from catsdogs.plugins import get_registry
 
@@ -239,7 +240,7 @@ def test_damaged_chunk_is_recomputed(kaggle_dir, tmp_path, caplog):
     good = catsdogs.load_features(res.path)
     res.path.unlink()
     partial.mkdir()
-    store = features_mod._Store(res.path, res.config)
+    store = cache_mod.Store(res.path, res.config)
     store.write_chunk(0, good.train.digests[:4], ["orig"], {"orig": good.train.X[:4]}, {})
     store.write_chunk(1, good.train.digests[4:8], ["orig"], {"orig": good.train.X[4:8]}, {})
     (partial / "chunk-000001.orig.npy").write_bytes(b"garbage")

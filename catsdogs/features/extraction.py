@@ -1,28 +1,16 @@
-"""GAP feature extraction with a content-addressed, resumable HDF5 cache.
+"""Feature extraction: decode each photo once, run the backbone, write the cache in chunks.
 
-One HDF5 file per (data directory, backbone configuration)::
+:func:`extract` computes (or reuses) the global-average-pooled features of every train and test
+image for each backbone configuration; the file format, its key, checksums and
+:func:`load_features` are :mod:`catsdogs.features.cache` (re-exported here). Views: ``features``
+(always) and ``features_flip`` (horizontally flipped input, with ``flip=True``).
 
-    $CACHE/features/<data dir name>-<hash of its path>/<backbone>-<size>-<weights>-<precision>-<resize>-<key>.h5
-
-The configuration key covers the backbone name, weights id, input size, resize policy, precision
-and cache format. Inside, every row carries the BLAKE2b digest of its image file, so a row's
-features are reused only for byte-identical content: added, removed or changed files are detected
-and only they are computed. Views: ``features`` (always) and ``features_flip`` (horizontally
-flipped input, with ``flip=True``).
-
-Durability: features are computed in chunks; each finished chunk is written atomically into
-``<file>.partial/`` (``.npy`` arrays, then a ``.json`` marker, each via rename). After a crash or
-``kill -9``, the next call reuses every finished chunk. The final ``.h5`` is written to a temporary
-name and renamed into place, so a half-written file is never taken for a finished one.
-
-Integrity (format 2): every dataset of the ``.h5`` carries BLAKE2b checksums of its rows in blocks
-of :data:`CHECKSUM_ROWS` (attributes ``checksums`` and ``checksum_rows``), and every chunk marker
-the checksums of its arrays. :func:`extract` verifies them before reusing anything: rows of a
-corrupt block are recomputed with a warning (a corrupt label/id/file/digest column, or unreadable
-HDF5 metadata, makes the whole file recomputed); :func:`load_features` refuses a corrupt file with
-a :class:`~catsdogs.errors.DataError` naming it. Caches of format 1 (no checksums) have another
-configuration key, so they are recomputed, never trusted. A finished, verified file is read
-without taking the lock or writing anything, so a read-only cache works.
+Work is done in chunks of whole batches (:class:`ChunkFeatures`: decoding threads feed one
+compiled call of the network, :class:`FeatureModel`, or its int8 model); an engine
+(:class:`catsdogs.compute.Engine`) runs them here or on a Ray cluster, and each finished chunk is
+written at once (:meth:`catsdogs.features.cache.Store.write_chunk`). After a crash or ``kill -9``,
+the next call reuses every finished chunk. A finished, verified file is read without taking the
+lock or writing anything, so a read-only cache works.
 """
 
 from __future__ import annotations
@@ -30,12 +18,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
-import json
 import logging
 import os
 import platform
-import shutil
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -59,77 +44,30 @@ from catsdogs.dataset.payload import payload_bytes, prefetch
 from catsdogs.dataset.storage import is_url
 from catsdogs.errors import ConfigError, DataError
 from catsdogs.features import int8
-from catsdogs.util.fileio import atomic_write, remove_stale_temporaries, replace_path
+from catsdogs.features.cache import (  # noqa: F401  (re-exported: the public API imports them from here)
+    CHECKSUM_ROWS,
+    FORMAT_VERSION,
+    PRECISIONS,
+    SPLITS,
+    VIEW_DATASET,
+    VIEWS,
+    FeatureConfig,
+    FeatureSet,
+    FeatureSplit,
+    Store,
+    assemble,
+    dataset_cache_dir,
+    default_cache_dir,
+    find_copy,
+    is_fresh,
+    load_features,
+)
+from catsdogs.util.fileio import remove_stale_temporaries
 
 logger = logging.getLogger("catsdogs")
 
-FORMAT_VERSION = 2  # 2: row-block checksums in the .h5 and the chunk markers
-#: rows per checksum block of a feature dataset
-CHECKSUM_ROWS = 256
-PRECISIONS = ("float32", "bfloat16", "int8")
-VIEWS = ("orig", "flip")
-VIEW_DATASET = {"orig": "features", "flip": "features_flip"}
-SPLITS = ("train", "test")
-
-
-# --------------------------------------------------------------------------------------- config
-@dataclass(frozen=True)
-class FeatureConfig:
-    """Everything that determines a feature vector apart from the image bytes."""
-
-    backbone: str
-    weights: str
-    weights_id: str
-    image_size: int
-    resize: str
-    precision: str
-    preprocessing: str
-    feature_dim: int
-    calibration: str = ""  # int8 only: the quantised model's key (QuantisedModel.key, its content hash)
-
-    @property
-    def key(self) -> str:
-        fields = asdict(self)
-        if not fields["calibration"]:  # float keys stay what they were before int8 existed
-            del fields["calibration"]
-        blob = json.dumps({**fields, "format": FORMAT_VERSION}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    @property
-    def filename(self) -> str:
-        return (f"{self.backbone}-{self.image_size}-{self.weights}-{self.precision}-"
-                f"{self.resize}-{self.key[:10]}.h5")
-
-
-def default_cache_dir() -> Path:
-    """``$CATSDOGS_CACHE_DIR``, else ``$XDG_CACHE_HOME/catsdogs``, else ``~/.cache/catsdogs``."""
-    env = os.environ.get("CATSDOGS_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "catsdogs"
-
-
-def dataset_cache_dir(cache_dir: Path, dataset_root: Path) -> Path:
-    """The cache folder of a data set: its name and a hash of its path (or URL: a data set in
-    object storage is cached on local disk like any other)."""
-    tag = hashlib.blake2b(str(dataset_root).encode(), digest_size=4).hexdigest()
-    return cache_dir / "features" / f"{dataset_root.name or 'data'}-{tag}"
-
-
-def _copy_cache(cache_dir: Path, filename: str, listing: str) -> Path | None:
-    """The finished cache file ``filename`` of another data set whose listing (relpaths and
-    content digests) is exactly ``listing``: a local folder copied to a bucket reuses it."""
-    import h5py
-
-    for path in sorted((cache_dir / "features").glob(f"*/{filename}")):
-        with contextlib.suppress(*_H5_ERRORS):
-            with h5py.File(path, "r") as h5:
-                found = h5.attrs.get("listing_fingerprint")
-            if (found.decode() if isinstance(found, bytes) else found) == listing:
-                return path
-    return None
-
+#: the store's former name here (tests of the Ray engine and of hardening patch it)
+_Store = Store
 
 # --------------------------------------------------------------------------------------- results
 @dataclass
@@ -150,149 +88,6 @@ class ExtractResult:
     @property
     def images_per_second(self) -> float | None:
         return self.computed / self.compute_seconds if self.computed and self.compute_seconds else None
-
-
-@dataclass
-class FeatureSplit:
-    X: np.ndarray
-    X_flip: np.ndarray | None
-    y: np.ndarray
-    ids: np.ndarray
-    files: list[str]
-    digests: list[str]
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-
-@dataclass
-class FeatureSet:
-    """A finished feature file, loaded into memory."""
-
-    path: Path
-    meta: dict[str, Any]
-    train: FeatureSplit
-    test: FeatureSplit
-
-    @property
-    def backbone(self) -> str:
-        return self.meta["backbone"]
-
-
-def _read_split(h5, split: str) -> FeatureSplit:
-    g = h5[split]
-    return FeatureSplit(
-        X=g["features"][...],
-        X_flip=g["features_flip"][...] if "features_flip" in g else None,
-        y=g["labels"][...].astype(np.int64),
-        ids=g["ids"][...].astype(np.int64),
-        files=[f.decode() if isinstance(f, bytes) else f for f in g["files"][...]],
-        digests=[d.decode() if isinstance(d, bytes) else d for d in g["digests"][...]],
-    )
-
-
-def _read_meta(h5) -> dict[str, Any]:
-    meta = {}
-    for key, value in h5.attrs.items():
-        if isinstance(value, bytes):
-            value = value.decode()
-        if isinstance(value, str) and key.endswith("_json"):
-            meta[key[: -len("_json")]] = json.loads(value)
-        elif isinstance(value, np.generic):
-            meta[key] = value.item()
-        else:
-            meta[key] = value
-    return meta
-
-
-#: what h5py raises for damaged files (HDF5 metadata errors surface as RuntimeError, KeyError ...)
-_H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError)
-
-
-def _checksum(values) -> str:
-    """BLAKE2b-128 of a block of rows: numbers by their bytes, strings joined by NUL."""
-    h = hashlib.blake2b(digest_size=16)
-    arr = np.asarray(values)
-    if arr.dtype.kind in "OU":
-        h.update(b"\0".join(v if isinstance(v, bytes) else str(v).encode() for v in arr.tolist()))
-    else:
-        h.update(f"{arr.dtype.str}{arr.shape}".encode())
-        h.update(np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()
-
-
-def _block_checksums(values, rows: int) -> list[str]:
-    return [_checksum(values[start:start + rows]) for start in range(0, len(values), rows)]
-
-
-def _set_checksums(ds, sums: list[str], rows: int) -> None:
-    ds.attrs["checksum_rows"] = rows
-    ds.attrs["checksums"] = np.array(sums, dtype="S32")
-
-
-def _bad_rows(ds) -> list[tuple[int, int]]:
-    """Row ranges ``[start, stop)`` of ``ds`` whose checksum does not match (all rows when the
-    checksums are missing or malformed)."""
-    n = ds.shape[0]
-    if n == 0:  # an empty split (a data set without test photos): no rows to damage
-        return []
-    try:
-        rows = int(ds.attrs["checksum_rows"])
-        sums = [x.decode() if isinstance(x, bytes) else str(x) for x in ds.attrs["checksums"]]
-    except _H5_ERRORS:
-        return [(0, n)]
-    if rows < 1 or len(sums) != -(-n // rows):
-        return [(0, n)]
-    return [(start, min(n, start + rows)) for i, start in enumerate(range(0, n, rows))
-            if _checksum(ds[start:start + rows]) != sums[i]]
-
-
-def _verify(h5, views: Sequence[str]) -> tuple[list[str], dict[str, list[tuple[int, int]]]]:
-    """Check every checksum: (damaged index columns ``split/name``, bad feature rows per
-    ``split/view``)."""
-    index_bad, feature_bad = [], {}
-    for split in SPLITS:
-        for name in ("labels", "ids", "files", "digests"):
-            if _bad_rows(h5[split][name]):
-                index_bad.append(f"{split}/{name}")
-        for view in views:
-            bad = _bad_rows(h5[split][VIEW_DATASET[view]])
-            if bad:
-                feature_bad[f"{split}/{VIEW_DATASET[view]}"] = bad
-    return index_bad, feature_bad
-
-
-def _describe_damage(index_bad: list[str], feature_bad: dict[str, list[tuple[int, int]]]) -> str:
-    parts = [f"{name} (whole column)" for name in index_bad]
-    parts += [f"{name} rows " + ", ".join(f"{a}-{b - 1}" for a, b in ranges)
-              for name, ranges in feature_bad.items()]
-    return "checksum mismatch in " + "; ".join(parts)
-
-
-def load_features(path: str | os.PathLike) -> FeatureSet:
-    """Load a finished feature file (as returned in :attr:`ExtractResult.path`), verifying its
-    checksums; a corrupt or unreadable file raises :class:`DataError` naming it."""
-    import h5py
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"feature file {str(path)!r} does not exist; run `catsdogs extract` first")
-    again = "run `catsdogs extract` (or `catsdogs run`) again to recompute it"
-    try:
-        with h5py.File(path, "r") as h5:
-            meta = _read_meta(h5)
-            if meta.get("format_version") != FORMAT_VERSION:
-                raise DataError(f"{path}: unsupported feature file format "
-                                f"{meta.get('format_version')!r} (this version reads format "
-                                f"{FORMAT_VERSION}); {again}")
-            index_bad, feature_bad = _verify(h5, meta["views"])
-            if index_bad or feature_bad:
-                raise DataError(f"{path}: corrupt feature file, "
-                                f"{_describe_damage(index_bad, feature_bad)}; {again}")
-            return FeatureSet(path, meta, _read_split(h5, "train"), _read_split(h5, "test"))
-    except _H5_ERRORS as exc:
-        raise DataError(f"{path}: not a readable feature file ({type(exc).__name__}: {exc}); "
-                        f"{again}") from None
 
 
 # --------------------------------------------------------------------------------------- files
@@ -323,116 +118,6 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-# --------------------------------------------------------------------------------------- store
-@dataclass
-class _Source:
-    """Where the features of one digest live: a row of the old .h5 or of a chunk file."""
-
-    kind: str  # "h5" or "chunk"
-    ref: Any  # (split, row) for h5; chunk stem for chunk
-    row: int
-
-
-class _Store:
-    """Index of everything already computed for one configuration: digest -> view -> source."""
-
-    def __init__(self, final: Path, config: FeatureConfig):
-        self.final = final
-        self.partial = final.with_name(final.name + ".partial")
-        self.config = config
-        self.sources: dict[str, dict[str, _Source]] = {}
-        self.skipped: dict[str, str] = {}
-        self.final_meta: dict[str, Any] | None = None
-        self.intact = False  # set by load_final: the finished file verified, all rows usable
-
-    def load(self) -> _Store:
-        self.load_final()
-        self._load_chunks()
-        return self
-
-    def load_final(self) -> _Store:
-        """Index the finished file's verified rows (reads only; see :attr:`intact`)."""
-        import h5py
-
-        if not self.final.exists():
-            return self
-        try:
-            with h5py.File(self.final, "r") as h5:
-                meta = _read_meta(h5)
-                if meta.get("format_version") != FORMAT_VERSION or meta.get("config_key") != self.config.key:
-                    logger.warning("%s belongs to another configuration; recomputing", self.final)
-                    return self
-                index_bad, feature_bad = _verify(h5, meta["views"])
-                if index_bad:
-                    logger.warning("corrupt cache file %s (%s); recomputing all of it", self.final,
-                                   _describe_damage(index_bad, feature_bad))
-                    return self
-                if feature_bad:
-                    logger.warning("corrupt cache file %s (%s); recomputing those rows", self.final,
-                                   _describe_damage(index_bad, feature_bad))
-                for split in SPLITS:
-                    digests = [d.decode() for d in h5[split]["digests"][...]]
-                    for view in meta["views"]:
-                        bad = feature_bad.get(f"{split}/{VIEW_DATASET[view]}", [])
-                        for row, dig in enumerate(digests):
-                            if not any(a <= row < b for a, b in bad):
-                                self.sources.setdefault(dig, {})[view] = _Source("h5", split, row)
-                for item in meta.get("skipped", []):
-                    self.skipped[item["digest"]] = item["reason"]
-                self.final_meta = meta
-                self.intact = not feature_bad
-        except _H5_ERRORS as exc:
-            self.sources.clear()
-            self.skipped.clear()
-            self.final_meta = None
-            logger.warning("ignoring unreadable cache file %s (%s: %s); recomputing", self.final,
-                           type(exc).__name__, exc)
-        return self
-
-    def _load_chunks(self) -> None:
-        if not self.partial.is_dir():
-            return
-        for marker in sorted(self.partial.glob("chunk-*.json")):
-            try:
-                info = json.loads(marker.read_text())
-                if info.get("config_key") != self.config.key:
-                    continue
-                digests = info["digests"]
-                for view in info["views"]:
-                    arr = np.load(marker.with_suffix(f".{view}.npy"), allow_pickle=False)
-                    if arr.shape != (len(digests), self.config.feature_dim):
-                        raise ValueError(f"shape {arr.shape}")
-                    if _checksum(arr) != info["checksums"][view]:
-                        raise ValueError(f"checksum mismatch in its {view} features")
-                for view in info["views"]:
-                    for row, dig in enumerate(digests):
-                        self.sources.setdefault(dig, {})[view] = _Source("chunk", marker.stem, row)
-                self.skipped.update(info.get("skipped", {}))
-            except (OSError, ValueError, KeyError) as exc:
-                logger.warning("ignoring damaged chunk %s (%s)", marker.name, exc)
-
-    def next_chunk_index(self) -> int:
-        if not self.partial.is_dir():
-            return 0
-        indices = [int(p.stem[6:]) for p in self.partial.glob("chunk-*.json")
-                   if p.stem[6:].isascii() and p.stem[6:].isdigit()]
-        return max(indices, default=-1) + 1
-
-    def write_chunk(self, index: int, digests: list[str], views: Sequence[str],
-                    arrays: dict[str, np.ndarray], skipped: dict[str, str]) -> None:
-        self.partial.mkdir(parents=True, exist_ok=True)
-        stem = f"chunk-{index:06d}"
-        for view in views:
-            atomic_write(self.partial / f"{stem}.{view}.npy", functools.partial(np.save, arr=arrays[view]))
-        info = {"config_key": self.config.key, "digests": digests, "views": list(views), "skipped": skipped,
-                "checksums": {view: _checksum(np.asarray(arrays[view])) for view in views}}
-        atomic_write(self.partial / f"{stem}.json", lambda fh: fh.write(json.dumps(info).encode()))
-        for view in views:
-            for row, dig in enumerate(digests):
-                self.sources.setdefault(dig, {})[view] = _Source("chunk", stem, row)
-        self.skipped.update(skipped)
 
 
 # --------------------------------------------------------------------------------------- compute
@@ -551,7 +236,7 @@ def compute_chunk(model, views: Sequence[str], digests: Sequence[str], decoded: 
     """One chunk's features from its decoded images (an array or an ``ImageDecodeError`` each).
 
     Returns the digests computed, one ``(n, feature_dim)`` array per view and the skipped digests
-    with their reasons: what :meth:`_Store.write_chunk` takes. The local engine calls it in this
+    with their reasons: what :meth:`~catsdogs.features.cache.Store.write_chunk` takes. The local engine calls it in this
     process, the Ray engine (:mod:`catsdogs.engine.ray`) in its long-lived workers.
     """
     images, done, skipped = [], [], {}
@@ -592,7 +277,7 @@ class ChunkFeatures:
         return {"digests": done, "arrays": arrays, "skipped": skipped}
 
 
-def _compute(store: _Store, work: list[_Work], model_factory, *, engine, image_size: int,
+def _compute(store: Store, work: list[_Work], model_factory, *, engine, image_size: int,
              resize: str, chunk_size: int, workers: int, progress: bool, desc: str
              ) -> tuple[int, float, dict[str, int]]:
     """The missing chunks, computed by ``engine`` (:meth:`catsdogs.compute.Engine.map_chunks`)
@@ -643,81 +328,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _gather(store: _Store, digests: list[str], view: str, h5_old, chunk_cache: dict) -> np.ndarray:
-    out = np.empty((len(digests), store.config.feature_dim), np.float32)
-    for i, dig in enumerate(digests):
-        src = store.sources[dig][view]
-        if src.kind == "h5":
-            out[i] = h5_old[src.ref][VIEW_DATASET[view]][src.row]
-        else:
-            key = (src.ref, view)
-            if key not in chunk_cache:
-                if len(chunk_cache) > 8:
-                    chunk_cache.clear()
-                chunk_cache[key] = np.load(store.partial / f"{src.ref}.{view}.npy", mmap_mode="r")
-            out[i] = chunk_cache[key][src.row]
-    return out
-
-
-def _assemble(store: _Store, rows: dict[str, list[tuple[ImageRecord, str]]], views: list[str],
-              meta: dict[str, Any], block: int = 8 * CHECKSUM_ROWS) -> None:
-    import h5py
-
-    final = store.final
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    h5_old = h5py.File(final, "r") if store.final_meta is not None else None
-    chunk_cache: dict = {}
-    try:
-        with h5py.File(tmp, "w") as h5:
-            for key, value in meta.items():
-                h5.attrs[key + "_json" if isinstance(value, (list, dict)) else key] = (
-                    json.dumps(value) if isinstance(value, (list, dict)) else value
-                )
-            for split in SPLITS:
-                items = rows[split]
-                g = h5.create_group(split)
-                n, d = len(items), store.config.feature_dim
-                columns = {
-                    "labels": np.array([r.label for r, _ in items], np.int8),
-                    "ids": np.array([r.id for r, _ in items], np.int64),
-                    "files": [r.relpath for r, _ in items],
-                    "digests": np.array([dg for _, dg in items], dtype="S32"),
-                }
-                for name, values in columns.items():
-                    ds = g.create_dataset(name, data=values, **(
-                        {"dtype": h5py.string_dtype()} if name == "files" else {}))
-                    _set_checksums(ds, [_checksum(values)], max(1, n))
-                for view in views:
-                    ds = g.create_dataset(VIEW_DATASET[view], shape=(n, d), dtype=np.float32)
-                    sums = []
-                    for start in range(0, n, block):
-                        part = [dg for _, dg in items[start:start + block]]
-                        values = _gather(store, part, view, h5_old, chunk_cache)
-                        ds[start:start + len(part)] = values
-                        sums += _block_checksums(values, CHECKSUM_ROWS)
-                    _set_checksums(ds, sums, CHECKSUM_ROWS)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        if h5_old is not None:
-            h5_old.close()
-            h5_old = None
-        replace_path(tmp, final)
-    finally:
-        if h5_old is not None:
-            h5_old.close()
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    shutil.rmtree(store.partial, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------------------- API
-def _fresh(store: _Store, listing: str, views: Sequence[str]) -> bool:
-    """The finished file verified intact and made from exactly this listing, with these views."""
-    old = store.final_meta
-    return (store.intact and old is not None and old.get("listing_fingerprint") == listing
-            and set(views) <= set(old["views"]))
-
-
 def _check_options(backbones, weights, image_size, batch_size, precision, resize, chunk_size, workers):
     if not backbones:
         raise ConfigError("no backbone given; name at least one (e.g. --backbone resnet50)")
@@ -828,17 +439,17 @@ def extract(
             config = dataclasses.replace(config, calibration=quantised.key)
         final = directory / config.filename
         if is_url(ds.root) and not final.exists():  # the same photos cached from a local copy?
-            final = _copy_cache(cache_root, config.filename, listing) or final
+            final = find_copy(cache_root, config.filename, listing) or final
         # a finished, verified file is used read-only: no lock, no write (read-only caches work)
-        store = _Store(final, config).load_final()
-        warm = _fresh(store, listing, views)
+        store = Store(final, config).load_final()
+        warm = is_fresh(store, listing, views)
         with contextlib.nullcontext() if warm else _locked(final):
             if not warm:
                 remove_stale_temporaries(directory)  # e.g. an .h5 being assembled when killed
                 remove_stale_temporaries(final.with_name(final.name + ".partial"))
-                store = _Store(final, config).load()
+                store = Store(final, config).load()
             old = store.final_meta
-            if old is not None and _fresh(store, listing, views):
+            if old is not None and is_fresh(store, listing, views):
                 result = ExtractResult(backbone.name, final, config, old["n_train"], old["n_test"],
                                        computed=0, reused=old["n_train"] + old["n_test"],
                                        skipped=[(s["file"], s["reason"]) for s in old.get("skipped", [])])
@@ -887,7 +498,7 @@ def extract(
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     **({} if described is None else {"engine": {**described, "nodes": nodes}}),
                 }
-                _assemble(store, rows, file_views, meta)
+                assemble(store, rows, file_views, meta)
                 n = meta["n_train"] + meta["n_test"]
                 result = ExtractResult(backbone.name, final, config, meta["n_train"], meta["n_test"],
                                        computed=computed, reused=n - computed,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from catsdogs.errors import DataError
-from catsdogs.features.extraction import FeatureSet, FeatureSplit
+from catsdogs.features.cache import FeatureSet, FeatureSplit
 
 logger = logging.getLogger("catsdogs")
 
