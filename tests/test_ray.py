@@ -590,3 +590,99 @@ def test_sigterm_of_the_driver_is_one_line(tmp_path):
     assert lines == ["Error: terminated (SIGTERM): everything finished so far is kept; rerun the "
                      "same command to resume"], text
     assert list(cache.rglob("chunk-*.json"))
+
+
+TOKEN = "catsdogs-test-token-7f3a9c"
+AUTH_VARS = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def _auth_env(home: Path, **changes: str) -> dict:
+    """The environment of a process talking to the token cluster: no Ray auth setting inherited
+    (the module's cluster sets RAY_AUTH_MODE=disabled), a HOME of its own (no ~/.ray/auth_token)."""
+    env = {k: v for k, v in os.environ.items() if k not in AUTH_VARS}
+    return {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HOME": str(home), **changes}
+
+
+@pytest.fixture()
+def token_cluster(tmp_path):
+    """A one-node Ray cluster on loopback that requires TOKEN (``ray start --head --block`` in its
+    own session, with its own temp dir and HOME); yields its address. Ready when ``ray start``
+    says so on its output (read line by line, no polling); stopped by SIGTERM to that process,
+    which drains and stops the node's processes."""
+    import tempfile
+
+    temp = Path(tempfile.mkdtemp(prefix="rtok"))  # short: Ray's socket paths live under it
+    home = tmp_path / "head-home"
+    home.mkdir()
+    port = _free_loopback_port()
+    env = _auth_env(home, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+         "--num-cpus", "1", "--include-dashboard", "false", "--disable-usage-stats",
+         "--temp-dir", str(temp)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # blocks until the next line or the end (if it dies)
+            seen.append(line)
+            if "Ray runtime started" in line:
+                break
+        else:
+            pytest.fail("ray start --head failed:\n" + "".join(seen[-30:]))
+        threading.Thread(target=proc.stdout.read, daemon=True).start()  # never block its writes
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what it started
+            proc.wait(30)
+        import shutil
+
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _free_loopback_port() -> int:
+    """A port number that was free on 127.0.0.1 a moment ago."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_refused_or_missing_token_is_one_line_naming_what_to_set(token_cluster, driver_data, tmp_path):
+    """A token-auth cluster: the right token connects (the control), a wrong one, none and
+    RAY_AUTH_MODE=token without a token are each one Error: line saying which and what to set
+    (Ray alone says "Failed to connect" after ~20 lines of native warnings)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    control = subprocess.run(
+        [sys.executable, "-c", f"import ray; ray.init(address={token_cluster!r}, "
+         "log_to_driver=False); print(int(ray.cluster_resources()['CPU']))"],
+        env=_auth_env(home, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN),
+        capture_output=True, text=True, timeout=180)
+    assert control.returncode == 0 and control.stdout.split()[-1] == "1", control.stderr[-3000:]
+
+    def extract(**auth: str) -> list[str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "catsdogs", "extract", str(driver_data), "-b", "resnet50",
+             "--weights", "none", "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+             "--engine", "ray", "--ray-address", token_cluster],
+            env=_auth_env(home, **auth), capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        return proc.stderr.strip().splitlines()
+
+    where = f"the Ray cluster at {token_cluster!r}"
+    todo = "the value `ray get-auth-token` prints on the head node"
+    assert extract(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="not-the-token") == [
+        f"Error: {where} refused the authentication token from RAY_AUTH_TOKEN: set it to {todo}"]
+    assert extract() == [
+        f"Error: {where} requires an authentication token and this process sent none: set "
+        f"RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to {todo}"]
+    assert extract(RAY_AUTH_MODE="token") == [
+        f"Error: RAY_AUTH_MODE=token but no authentication token was found for {where}: set "
+        f"RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to {todo}"]

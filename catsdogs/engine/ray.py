@@ -57,9 +57,12 @@ NODE_CHECK_SECONDS = 1.0
 RESTART_WAIT_SECONDS = 0.5
 AUTH_HINT = (
     "if the cluster uses token authentication (the default since Ray 2.52), present its token: "
-    "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the value `ray get-auth-token` prints on the "
-    "head node; throwaway local clusters may be started with RAY_AUTH_MODE=disabled"
+    "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the value "
+    "`ray get-auth-token` prints on the head node; throwaway local clusters may be started with "
+    "RAY_AUTH_MODE=disabled"
 )
+#: what Ray's native client logs when the cluster refuses its token (missing or wrong)
+AUTH_REFUSED_MARKS = (b"InvalidAuthToken", b"Unauthenticated")
 
 
 class Terminated(EngineError):
@@ -103,28 +106,62 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 @contextlib.contextmanager
-def _stderr_kept(keep: Callable[[], bool]) -> Iterator[None]:
+def _stderr_kept(keep: Callable[[], bool]) -> Iterator[list[bytes]]:
     """Hold what is written to file descriptor 2 meanwhile (Ray's C++ core logs there, ~20 lines
     of warnings before an authentication error); write it out afterwards only when ``keep()``
-    (the call succeeded), else log it at debug level: our own one-line error says what to do."""
+    (the call succeeded), else log it at debug level: our own one-line error says what to do.
+    The held bytes are appended to the list yielded (for :func:`_connect_error` to read)."""
+    held_text: list[bytes] = []
     try:
         saved = os.dup(2)
     except OSError:  # no stderr at all
-        yield
+        yield held_text
         return
     with tempfile.TemporaryFile() as held:
         os.dup2(held.fileno(), 2)
         try:
-            yield
+            yield held_text
         finally:
             os.dup2(saved, 2)
             os.close(saved)
             held.seek(0)
             text = held.read()
+            held_text.append(text)
             if text and keep():
                 os.write(2, text)
             elif text:
                 logger.debug("Ray's output while connecting:\n%s", text.decode(errors="replace"))
+
+
+def _token_source() -> str | None:
+    """Where Ray's client takes its authentication token from (its own order), None if nowhere."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        return f"RAY_AUTH_TOKEN_PATH ({path})"
+    default = Path.home() / ".ray" / "auth_token"
+    return str(default) if default.is_file() else None
+
+
+def _connect_error(address: str, exc: BaseException, native: bytes) -> str:
+    """One line for a failed ``ray.init(address=...)``: a refused or missing authentication
+    token said as such (Ray itself says only "Failed to connect"), with what to set."""
+    ray_auth_error = type(exc).__name__ == "AuthenticationError"
+    if not ray_auth_error and not any(mark in native for mark in AUTH_REFUSED_MARKS):
+        return f"cannot connect to the Ray cluster at {address!r}: {_first_line(exc)}; {AUTH_HINT}"
+    todo = "the value `ray get-auth-token` prints on the head node"
+    source = _token_source()
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        unused = f" ({source} is used only then)" if source else ""
+        return (f"the Ray cluster at {address!r} requires an authentication token and this "
+                f"process sent none: set RAY_AUTH_MODE=token{unused} and RAY_AUTH_TOKEN (or "
+                f"RAY_AUTH_TOKEN_PATH) to {todo}")
+    if source is None:
+        return (f"RAY_AUTH_MODE=token but no authentication token was found for the Ray cluster "
+                f"at {address!r}: set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to {todo}")
+    return (f"the Ray cluster at {address!r} refused the authentication token from {source}: "
+            f"set it to {todo}")
 
 
 def _node_id() -> str:
@@ -251,13 +288,13 @@ class RayEngine:
                 started = True
             else:
                 _check_reachable(address)
+                native: list[bytes] = []
                 try:
-                    with _stderr_kept(lambda: ok["value"]):
+                    with _stderr_kept(lambda: ok["value"]) as native:
                         ray.init(address=address, **options)
                         ok["value"] = True
                 except Exception as exc:  # auth, version mismatch, a dead head: say what to do
-                    raise EngineError(f"cannot connect to the Ray cluster at {address!r}: "
-                                      f"{_first_line(exc)}; {AUTH_HINT}") from None
+                    raise EngineError(_connect_error(address, exc, b"".join(native))) from None
         engine = cls(spec, started, _gcs_address(ray))
         try:
             engine._check_cpus()
