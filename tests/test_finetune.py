@@ -1,0 +1,208 @@
+"""Issue 24 lever 4: the ``finetune`` head trains a backbone's top block(s) on cached maps.
+
+Real tiny networks: a seeded conv net with the :class:`~catsdogs.components.TopSplit`
+capability, installed as a plugin distribution (EfficientNet-Lite0's seeded random network at
+64 px has maps of ~1e-9, which float16 flushes to zero, so it only serves the weight checks).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from conftest import install_fake_dist
+
+from catsdogs.builtin.finetune import FineTuneHead, inner_split
+from catsdogs.errors import ConfigError
+
+SIZE = 24
+PARAMS = {"backbone": "tiny_split", "weights": "none", "image_size": SIZE, "patience": 1}
+
+TINY_SPLIT = '''
+from catsdogs.components import Backbone, copy_weights_by_name
+from catsdogs.hookspecs import hookimpl
+
+
+def _bottom(image):
+    import keras
+
+    x = keras.layers.Rescaling(1 / 255, name="scale")(image)
+    return keras.layers.Conv2D(6, 5, strides=2, activation="tanh", name="conv")(x)
+
+
+def _top(x):
+    import keras
+
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="top_conv")(x)
+    x = keras.layers.BatchNormalization(name="top_bn")(x)
+    return keras.layers.GlobalAveragePooling2D(name="gap")(x)
+
+
+class TinySplit(Backbone):
+    name = "tiny_split"
+    input_size = 24
+    min_input_size = 8
+    feature_dim = 8
+    preprocessing = "x / 255"
+    weights_options = ("none",)
+    has_top_split = True
+
+    def build_model(self, weights, image_size):
+        import keras
+
+        image = keras.Input((image_size, image_size, 3), name="image")
+        return keras.Model(image, _top(_bottom(image)), name=self.name)
+
+    def split_top(self, weights="none", image_size=None, blocks=1):
+        import keras
+
+        size = image_size or self.input_size
+        full = self.build(weights, size)
+        image = keras.Input((size, size, 3), name="image")
+        bottom = keras.Model(image, _bottom(image), name="tiny_bottom")
+        maps = keras.Input(tuple(bottom.output.shape[1:]), name="maps")
+        top = keras.Model(maps, _top(maps), name="tiny_top")
+        copy_weights_by_name(full, (bottom, top))
+        return bottom, top
+
+
+@hookimpl
+def register_backbones(register):
+    register(TinySplit())
+'''
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The plugin on ``sys.path`` and a fresh registry that sees it; undone afterwards."""
+    from catsdogs.plugins import get_registry, reset_registry
+
+    root = tmp_path_factory.mktemp("finetune")
+    site = install_fake_dist(root / "site", "catsdogs-tiny-split", "0.1",
+                             {"catsdogs_tiny_split": TINY_SPLIT}, {"tiny_split": "catsdogs_tiny_split"})
+    sys.path.insert(0, str(site))
+    reset_registry()
+    try:
+        yield get_registry().backbone("tiny_split")
+    finally:
+        sys.path.remove(str(site))
+        reset_registry()
+
+
+@pytest.fixture(scope="module")
+def maps_data(tiny):
+    """Flattened float16 maps of 48 generated photos (dogs brighter on the left) and labels."""
+    rng = np.random.default_rng(0)
+    y = np.tile([0, 1], 24)
+    pixels = rng.uniform(0, 120, (48, SIZE, SIZE, 3)).astype(np.float32)
+    pixels[y == 1, :, : SIZE // 2] += 120
+    pixels[y == 0, : SIZE // 2] += 100
+    bottom, _ = tiny.split_top("none", SIZE)
+    maps = np.asarray(bottom(pixels, training=False)).reshape(48, -1).astype(np.float16)
+    return maps, y
+
+
+def _weights(model):
+    return {w.path: np.asarray(w) for w in model.weights}
+
+
+def test_the_top_starts_from_the_backbone_weights(tiny):
+    head = FineTuneHead(**PARAMS)
+    top = head.build_top()
+    bottom, reference = tiny.split_top("none", SIZE)
+    for layer, ref in zip(top.layers, reference.layers):
+        for a, b in zip(layer.get_weights(), ref.get_weights()):
+            np.testing.assert_array_equal(a, b)
+    # the cached maps through the top are the backbone's own GAP features
+    pixels = np.random.default_rng(3).uniform(0, 255, (4, SIZE, SIZE, 3)).astype(np.float32)
+    got = np.asarray(top(bottom(pixels, training=False), training=False))
+    want = np.asarray(tiny.build("none", SIZE)(pixels, training=False))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_lite0_top_is_the_imagenet_top_of_the_plugin():
+    """For EfficientNet-Lite0 the head's top is the plugin's split_top top, weight for weight."""
+    lite = pytest.importorskip("catsdogs_efficientnet_lite")
+    head = FineTuneHead(backbone="efficientnet_lite0", weights="none", image_size=64)
+    top = head.build_top()
+    _, reference = lite.get_backbone("efficientnet_lite0").split_top("none", 64)
+    ref = {layer.name: layer.get_weights() for layer in reference.layers}
+    assert {layer.name for layer in top.layers} == set(ref)
+    for layer in top.layers:
+        for a, b in zip(layer.get_weights(), ref[layer.name]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_fit_trains_the_top_and_keeps_batchnorm(maps_data):
+    maps, y = maps_data
+    head = FineTuneHead(**PARAMS, learning_rate=1e-2).fit(maps, y, epochs=3, batch_size=8, seed=1)
+    initial = {layer.name: layer.get_weights() for layer in head.build_top().layers}
+    top = head.model_.get_layer("tiny_top")
+    changed = []
+    for layer in top.layers:
+        if not layer.get_weights():
+            continue
+        same = all(np.array_equal(a, b) for a, b in zip(layer.get_weights(), initial[layer.name]))
+        if type(layer).__name__ == "BatchNormalization":
+            assert same, f"{layer.name}: BatchNormalization must stay as in the backbone"
+        elif not same:
+            changed.append(layer.name)
+    assert changed == ["top_conv"]
+    p = head.predict_proba(maps)
+    assert p.shape == (48,) and np.all((p > 0) & (p < 1))
+    assert set(head.history_) >= {"unit_loss", "unit_inner_loss", "loss", "inner_loss"}
+    assert head.inner_rows_ == 10  # 20 % of each class of 48 rows
+
+
+def test_early_stopping_never_sees_the_validation_rows(maps_data):
+    """Flipping the validation labels changes nothing; the inner rows are the training rows'."""
+    maps, y = maps_data
+    X, X_val, y_fit, y_val = maps[:36], maps[36:], y[:36], y[36:]
+    kw = {"epochs": 4, "batch_size": 8, "seed": 5}
+    a = FineTuneHead(**PARAMS).fit(X, y_fit, validation=(X_val, y_val), **kw)
+    b = FineTuneHead(**PARAMS).fit(X, y_fit, validation=(X_val, 1 - y_val), **kw)
+    assert a.stopped_epochs_ == b.stopped_epochs_
+    for (name, wa), wb in zip(_weights(a.model_).items(), _weights(b.model_).values()):
+        np.testing.assert_array_equal(wa, wb, err_msg=name)
+    np.testing.assert_array_equal(a.predict_proba(X_val), b.predict_proba(X_val))
+    assert a.history_["val_loss"] != b.history_["val_loss"]  # the flip was seen, and only reported
+
+
+def test_inner_split_is_stratified_and_seeded():
+    y = np.array([0] * 10 + [1] * 20)
+    fit, stop = inner_split(y, 0.2, 7)
+    assert sorted(np.concatenate([fit, stop]).tolist()) == list(range(30))
+    assert np.bincount(y[stop]).tolist() == [2, 4]
+    np.testing.assert_array_equal(stop, inner_split(y, 0.2, 7)[1])
+    with pytest.raises(ConfigError, match="at least 2 of each class"):
+        inner_split(np.array([0, 1, 1]), 0.2, 0)
+
+
+def test_saved_model_rounds_like_the_cache_and_round_trips(tmp_path, maps_data):
+    from catsdogs.app.export import load_head_file
+
+    maps, y = maps_data
+    head = FineTuneHead(**PARAMS).fit(maps, y, epochs=1, batch_size=16, seed=0)
+    model = head.keras_model()
+    path = tmp_path / "head.keras"
+    model.save(path)
+    loaded = load_head_file(path)
+    # float32 maps a quarter float16 step off the cached ones round back to them in the model
+    x32 = maps.astype(np.float32) * np.float32(1 + 2**-12)
+    assert not np.array_equal(x32, maps.astype(np.float32))
+    want = head.predict_proba(maps)
+    got = np.asarray(loaded.predict(x32, batch_size=256, verbose=0)).reshape(-1)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_wrong_maps_are_one_clear_error(maps_data):
+    maps, y = maps_data
+    with pytest.raises(ConfigError, match="takes maps of shape"):
+        FineTuneHead(**PARAMS).fit(maps[:, :100], y, epochs=1)
+    with pytest.raises(ConfigError, match="does not offer split_top|cannot be cut"):
+        FineTuneHead(backbone="resnet50", weights="none").fit(maps, y, epochs=1)
+    with pytest.raises(ConfigError, match="which backbone"):
+        FineTuneHead(weights="none").fit(maps, y, epochs=1, blocks=[("a", 1), ("b", 2)])
+    with pytest.raises(ConfigError, match="top_blocks"):
+        FineTuneHead(**{**PARAMS, "top_blocks": 0}).fit(maps, y, epochs=1)
