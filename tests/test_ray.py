@@ -414,7 +414,7 @@ GRID = {
 }
 
 
-def _experiment(tmp_path, data: Path, name: str, **changes):
+def _experiment(tmp_path, data: Path, name: str, registry=None, **changes):
     import yaml
 
     from catsdogs.experiment.spec import load_experiment
@@ -423,39 +423,104 @@ def _experiment(tmp_path, data: Path, name: str, **changes):
            **changes}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return load_experiment(path)
+    return load_experiment(path, registry=registry)
 
 
-def _kill_first_running_task(name: str, timeout: float = 120) -> int | None:
-    """SIGKILL the first process whose title is Ray's ``ray::<name>`` (a worker running it)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for proc in Path("/proc").iterdir():
-            try:
-                title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            except (OSError, ValueError):
-                continue
-            if proc.name.isdigit() and title.strip() == f"ray::{name}":
-                os.kill(int(proc.name), signal.SIGKILL)
-                return int(proc.name)
-        time.sleep(0.05)
-    return None
+#: a test optimizer plugin that gates a grid task on a Ray worker: ``adam`` whose ``build()``
+#: (called as the task's runs are compiled, before they train), when ``GatedAdam.gate`` names a
+#: folder without a ``blocked`` file, writes its process id there and waits for ``release``; a
+#: retried task finds ``blocked`` and trains. The module is pickled by value (the workers cannot
+#: import it), so the class and its ``gate`` reach them inside the registry the grid ships.
+GATED_OPTIMIZER = """
+import os
+import time
+from pathlib import Path
+
+from catsdogs.builtin.optimizers import AdamOptimizer
+from catsdogs.hookspecs import hookimpl
+
+
+class GatedAdam(AdamOptimizer):
+    name = "gated_adam"
+    gate = None
+
+    def build(self):
+        if self.gate:
+            with open(Path(self.gate, "builds"), "a") as fh:
+                fh.write(f"{os.getpid()}\\n")
+        if self.gate and not Path(self.gate, "blocked").exists():
+            Path(self.gate, "blocked.tmp").write_text(str(os.getpid()))
+            Path(self.gate, "blocked.tmp").rename(Path(self.gate, "blocked"))
+            for _ in range(6000):  # until the test kills this process (or releases it)
+                if Path(self.gate, "release").exists():
+                    break
+                time.sleep(0.05)
+        return super().build()
+
+
+@hookimpl
+def register_optimizers(register):
+    register(GatedAdam)
+"""
 
 
 @pytest.mark.slow
-def test_grid_on_ray_equals_local_survives_a_killed_task_and_is_reused(engine, driver_data, tmp_path):
+def test_grid_on_ray_equals_local_survives_a_killed_task_and_is_reused(engine, driver_data, tmp_path,
+                                                                       monkeypatch):
+    """kill -9 of the worker process running a grid task, while it is in the task (held there by
+    the gated optimizer, not found by time): Ray retries the task, and the grid equals local."""
+    import importlib
+
+    from conftest import install_fake_dist
+
+    from catsdogs.plugins import Registry
     from catsdogs.runs.runner import load_record, run_experiment
 
+    site = install_fake_dist(tmp_path / "site", "catsdogs-raygate", "1.0",
+                             {"catsdogs_raygate": GATED_OPTIMIZER}, {"raygate": "catsdogs_raygate"})
+    monkeypatch.syspath_prepend(str(site))
+    registry = Registry().load(strict=True)
+    gated = importlib.import_module("catsdogs_raygate")
+    ray.cloudpickle.register_pickle_by_value(gated)
+    optimizers = [{"name": "gated_adam", "learning_rate": 0.01}, "adadelta"]
+    gate = tmp_path / "gate"
+    gate.mkdir()
     engine.release()
-    local = run_experiment(_experiment(tmp_path, driver_data, "local"), progress=False)
-    box: dict = {}
-    thread = threading.Thread(target=lambda: box.setdefault("result", run_experiment(
-        _experiment(tmp_path, driver_data, "ray", engine="ray"), progress=False)))
-    thread.start()
-    killed = _kill_first_running_task("_run_task")  # a worker process mid-run: Ray retries the run
-    thread.join(300)
-    on_ray = box["result"]
-    assert killed is not None, "no grid task seen running"
+    try:
+        local = run_experiment(_experiment(tmp_path, driver_data, "local", registry,
+                                           optimizers=optimizers), registry=registry, progress=False)
+        gated.GatedAdam.gate = str(gate)  # from here on (the Ray grid's registry is pickled after)
+        box: dict = {}
+
+        def grid() -> None:
+            try:
+                box["result"] = run_experiment(
+                    _experiment(tmp_path, driver_data, "ray", registry, engine="ray",
+                                optimizers=optimizers), registry=registry, progress=False)
+            except BaseException as exc:  # reported by the assertions below
+                box["error"] = exc
+
+        thread = threading.Thread(target=grid)
+        thread.start()
+        try:
+            while thread.is_alive() and not (gate / "blocked").exists():  # the gate's file
+                time.sleep(0.05)
+            assert (gate / "blocked").exists(), box.get("error", "the grid never reached the gate")
+            killed = int((gate / "blocked").read_text())
+            assert killed != os.getpid()  # a Ray worker process, in the grid task
+            os.kill(killed, signal.SIGKILL)
+        finally:
+            (gate / "release").touch()
+            thread.join(300)
+        assert not thread.is_alive() and "error" not in box, box.get("error")
+        on_ray = box["result"]
+        again = run_experiment(_experiment(tmp_path, driver_data, "ray", registry, engine="ray",
+                                           optimizers=optimizers), registry=registry, progress=False)
+    finally:
+        gated.GatedAdam.gate = None
+        ray.cloudpickle.unregister_pickle_by_value(gated)
+    builds = [int(pid) for pid in (gate / "builds").read_text().split()]
+    assert builds[0] == killed and set(builds) - {killed}, builds  # the task ran again elsewhere
     assert on_ray.computed == local.computed == 2 and on_ray.reused == 0
     want = {r.run_id: r.metrics.logloss for r in local.records}
     got = {r.run_id: r.metrics.logloss for r in on_ray.records}
@@ -469,7 +534,6 @@ def test_grid_on_ray_equals_local_survives_a_killed_task_and_is_reused(engine, d
         assert saved.engine["name"] == "ray" and saved.engine["node_id"] in _node_ids()
         assert (tmp_path / "ray" / "runs" / run_id / "val_predictions.csv").is_file()
     assert (tmp_path / "ray" / "leaderboard.csv").is_file() and (tmp_path / "ray" / "submission.csv").is_file()
-    again = run_experiment(_experiment(tmp_path, driver_data, "ray", engine="ray"), progress=False)
     assert (again.computed, again.reused) == (0, 2)
 
 
