@@ -453,3 +453,67 @@ def test_the_demo_grid_needs_only_the_core(tmp_path, kaggle_dir, cache_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "out" / "submission.csv").is_file()
     assert len(list((tmp_path / "out" / "runs").glob("*/record.json"))) == 3 * 2 * 2
+
+
+# --- issue 22 §4: every optional extra's import site goes through util.extras.require -----------
+def _missing(monkeypatch, module: str, call) -> str:
+    """The one line ``call()`` raises when ``module`` cannot be imported (hidden: set to None in
+    ``sys.modules``, as if it were not installed)."""
+    from catsdogs.util.extras import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(MissingExtraError) as info:
+        call()
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_ray_import_site_names_the_engine_and_the_extra(monkeypatch):
+    from catsdogs.engine.ray import import_ray
+
+    assert _missing(monkeypatch, "ray", import_ray) == (
+        "--engine ray needs ray, which is not installed: pip install 'catsdogs[ray]'")
+
+
+@pytest.mark.parametrize("module, dist", [("fastapi", "fastapi"), ("uvicorn", "uvicorn"),
+                                          ("python_multipart", "python-multipart")])
+def test_serve_import_site_names_the_command_and_the_extra(monkeypatch, tmp_path, module, dist):
+    from catsdogs.app.serve import serve
+
+    assert _missing(monkeypatch, module, lambda: serve(tmp_path / "no-model")) == (
+        f"catsdogs serve needs {dist}, which is not installed: pip install 'catsdogs[serve]'")
+
+
+def test_tracking_import_site_names_tracking_and_the_extra(monkeypatch, tmp_path):
+    from catsdogs.experiment.spec import Tracking
+    from catsdogs.tracking import TrackingError, open_tracker
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    with pytest.raises(TrackingError) as info:  # required: the one line is the error
+        open_tracker(Tracking(required=True), None, tmp_path, print)
+    assert str(info.value) == ("tracking needs mlflow, which is not installed: "
+                               "pip install 'catsdogs[tracking]'")
+
+
+@pytest.mark.parametrize("url, module, extra", [
+    ("s3://bucket/cats", "s3fs", "s3"), ("s3://bucket/cats", "fsspec", "s3"),
+    ("gs://bucket/cats", "gcsfs", "gcs"), ("az://container/cats", "adlfs", "azure")])
+def test_object_storage_import_site_names_the_scheme_and_the_extra(monkeypatch, url, module, extra):
+    import uuid
+
+    from catsdogs.dataset.storage import ObjectStore, data_location
+
+    location = data_location(url, {"catsdogs_test": uuid.uuid4().hex})  # no file system cached
+    scheme = url.split("://")[0]
+    assert _missing(monkeypatch, module, lambda: ObjectStore(location)) == (
+        f"{scheme}:// data needs {module}, which is not installed: pip install 'catsdogs[{extra}]'")
+
+
+def test_object_storage_without_its_client_is_one_error_line_in_the_cli(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(HIDE_MODULES)
+    proc = run_cli("extract", "s3://bucket/cats", "-b", "resnet50", "--weights", "none",
+                   "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+                   env={"PYTHONPATH": str(tmp_path), "CATSDOGS_TEST_HIDE": "s3fs"})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "Error: s3:// data needs s3fs, which is not installed: pip install 'catsdogs[s3]'")

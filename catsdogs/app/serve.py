@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from catsdogs.errors import ConfigError, DataError
+from catsdogs.util.extras import require
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -482,13 +483,9 @@ def create_app(export_dir: str | os.PathLike, concurrency: int = 2, limits: Limi
 def serve(model: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
           concurrency: int = 2, limits: Limits | None = None, echo=print) -> None:
     """Load the model and run the app with uvicorn until interrupted."""
-    try:
-        import fastapi  # noqa: F401
-        import python_multipart  # noqa: F401
-        import uvicorn
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ConfigError(f"catsdogs serve needs FastAPI, uvicorn and python-multipart ({exc}); "
-                          "install them with `pip install 'catsdogs[serve]'`") from None
+    for module in ("fastapi", "python_multipart"):
+        require(module, feature="catsdogs serve")
+    uvicorn = require("uvicorn", feature="catsdogs serve")
     sock = listen_socket(host, port)  # before the model loads: a port in use is found at once
     try:
         export_dir = resolve_model(model, echo)

@@ -12,8 +12,9 @@ audits) stays on local disk. The pieces:
   than the listed size -- on top of what the client library (s3fs, gcsfs, adlfs) already retries.
   A missing object or one that cannot be read is an :class:`ObjectError`, which the reader
   reports as an unreadable image (skipped with one warning line, like a bad local file); a store that cannot be opened or listed
-  (no credentials, a wrong bucket, no client library) is one :class:`~catsdogs.errors.DataError`
-  before any work;
+  (no credentials, a wrong bucket) is one :class:`~catsdogs.errors.DataError` before any work, a
+  missing client library one line naming the extra to install
+  (:class:`~catsdogs.util.extras.MissingExtraError`);
 * :class:`ObjectPath` is an image record's path for such a data set: the object's URL plus the
   options to open its store. It is small and picklable, so the Ray engine sends it, not the bytes,
   and each worker reads its own objects (:mod:`catsdogs.engine.ray`).
@@ -36,6 +37,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from catsdogs.errors import DataError
+from catsdogs.util.extras import MissingExtraError, require
 
 logger = logging.getLogger("catsdogs")
 
@@ -214,22 +216,17 @@ _filesystems: dict[tuple[str, str], Any] = {}
 
 def _filesystem(scheme: str, options: dict[str, Any]):
     """The fsspec file system of ``scheme`` (one per process and options); a missing client
-    library is a :class:`DataError` naming the extra to install."""
+    library is one :class:`~catsdogs.util.extras.MissingExtraError` line naming the extra to
+    install (:func:`~catsdogs.util.extras.require`)."""
     key = (scheme, json.dumps(options, sort_keys=True, default=str))
     with _fs_lock:
         if key in _filesystems:
             return _filesystems[key]
         extra, package = SCHEMES.get(scheme, ("s3", "fsspec"))
-        try:
-            import fsspec
-        except ImportError:
-            raise DataError(f"{scheme}:// data needs fsspec and {package}: "
-                            f"pip install 'catsdogs[{extra}]'") from None
+        fsspec = require("fsspec", extra, feature=f"{scheme}:// data")
+        require(package, extra, feature=f"{scheme}:// data")
         try:
             fs = fsspec.filesystem(scheme, **options)
-        except ImportError:
-            raise DataError(f"{scheme}:// data needs {package}: pip install 'catsdogs[{extra}]'"
-                            ) from None
         except (TypeError, ValueError) as exc:
             raise DataError(f"{scheme}:// storage options not accepted by {package} "
                             f"({type(exc).__name__}: {_first_line(exc)}); options given: "
@@ -323,7 +320,7 @@ def read_object(obj: ObjectPath, cap: int) -> bytes:
     scheme, path = obj.url.split("://", 1)
     try:
         fs = _filesystem(scheme, obj.storage_options)
-    except DataError as exc:
+    except (DataError, MissingExtraError) as exc:
         raise ObjectError(f"cannot read object ({exc})") from None
     error = ""
     for attempt in range(READ_TRIES):

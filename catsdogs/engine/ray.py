@@ -44,6 +44,7 @@ from typing import Any
 from catsdogs.compute import IN_FLIGHT_PER_WORKER
 from catsdogs.dataset.payload import read_payload
 from catsdogs.engine.spec import EngineError, EngineSpec
+from catsdogs.util.extras import require
 
 logger = logging.getLogger("catsdogs")
 
@@ -70,13 +71,9 @@ class Terminated(EngineError):
 
 
 def import_ray():
-    """The ``ray`` module, or an :class:`EngineError` saying how to install it."""
-    try:
-        import ray
-    except ImportError as exc:
-        raise EngineError("--engine ray needs Ray, which is not installed here: "
-                          "pip install 'catsdogs[ray]' (or use --engine local)") from exc
-    return ray
+    """The ``ray`` module, or one :class:`~catsdogs.util.extras.MissingExtraError` line naming
+    ``--engine ray`` and the extra that installs it (:func:`~catsdogs.util.extras.require`)."""
+    return require("ray", feature="--engine ray")
 
 
 def check_address(address: str) -> tuple[str, int] | None:

@@ -27,7 +27,6 @@ is not used (documented for Keras <= 3.13 only): everything goes through the tra
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from catsdogs.errors import CatsdogsError
 from catsdogs.tracking.store import ARTIFACTS_DIR, STORE_FILE  # noqa: F401  (public here)
+from catsdogs.util.extras import MissingExtraError, require
 
 if TYPE_CHECKING:  # pragma: no cover
     from catsdogs.experiment.spec import Experiment, Tracking
@@ -67,8 +67,10 @@ def open_tracker(tracking: Tracking | None, experiment: Experiment, out: Path,
     if tracking is None:
         return None
     uri = tracking.uri or default_uri(out)
-    if importlib.util.find_spec("mlflow") is None:
-        _unavailable(tracking, "tracking needs MLflow: pip install 'catsdogs[tracking]'")
+    try:
+        require("mlflow", feature="tracking")
+    except MissingExtraError as exc:
+        _unavailable(tracking, str(exc))
         return None
     try:
         from catsdogs.tracking.mlflow_tracker import MlflowTracker

@@ -32,6 +32,12 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "mlflow": ("mlflow", "tracking"),
     "fastapi": ("fastapi", "serve"),
     "uvicorn": ("uvicorn", "serve"),
+    "python_multipart": ("python-multipart", "serve"),
+    # object storage: fsspec and one client library per cloud (fsspec is in all three extras:
+    # its import site names the extra of the URL's scheme)
+    "s3fs": ("s3fs", "s3"),
+    "gcsfs": ("gcsfs", "gcs"),
+    "adlfs": ("adlfs", "azure"),
 }
 
 
@@ -46,6 +52,9 @@ ENABLES: dict[str, str] = {
     "int8": "--precision int8, tflite-int8 export",
     "tracking": "MLflow tracking (run --track)",
     "serve": "the web app (serve)",
+    "s3": "data sets in S3 (DATA_DIR s3://)",
+    "gcs": "data sets in Google Cloud Storage (DATA_DIR gs://)",
+    "azure": "data sets in Azure storage (DATA_DIR az://)",
 }
 
 
