@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import functools
 import inspect
 import math
@@ -54,6 +55,28 @@ class PluginContractWarning(FutureWarning):
 #: initialisation (offline, for tests); ``imagenet`` means pretrained ImageNet weights.
 WEIGHTS_NONE = "none"
 WEIGHTS_IMAGENET = "imagenet"
+
+#: input views of a photo that a backbone configuration's features may merge (``views:``): the
+#: prepared image and its left-right mirror, computed from one decode
+FEATURE_VIEWS = ("orig", "flip")
+#: how several views' features are merged: averaged, or concatenated in :data:`FEATURE_VIEWS` order
+VIEW_MERGES = ("mean", "concat")
+
+
+def check_views(views: Sequence[str], merge: str = "mean") -> tuple[str, ...]:
+    """``views`` in canonical (:data:`FEATURE_VIEWS`) order, or a :class:`ConfigError`: unknown or
+    repeated views, none, or an unknown ``merge``."""
+    views = list(views)
+    for view in views:
+        if view not in FEATURE_VIEWS:
+            raise ConfigError(f"unknown view {view!r}; choose from: {', '.join(FEATURE_VIEWS)}")
+        if views.count(view) > 1:
+            raise ConfigError(f"view {view!r} is listed twice; list each view once")
+    if not views:
+        raise ConfigError(f"no view given; list at least one of: {', '.join(FEATURE_VIEWS)}")
+    if merge not in VIEW_MERGES:
+        raise ConfigError(f"unknown view merge {merge!r}; choose one of: {', '.join(VIEW_MERGES)}")
+    return tuple(v for v in FEATURE_VIEWS if v in views)
 
 #: the default search ranges of the common hyper-parameters: name -> (low, high, sampling);
 #: ``learning_rate`` is the optimizer's (tuned for every head with ``uses_optimizer``)
@@ -101,6 +124,16 @@ def seeded_initializers(seed: int) -> Iterator[None]:
             module.make_default_seed = original
 
 
+@dataclasses.dataclass(frozen=True)
+class FeatureLayer:
+    """An earlier output a backbone offers for ``layers:`` (:meth:`Backbone.feature_layers`)."""
+
+    #: the Keras layer of the backbone's model whose (NHWC) output is pooled
+    layer: str
+    #: its channels: what the pooled features add to the vector
+    channels: int
+
+
 class Backbone(abc.ABC):
     """A convolutional base that maps a raw RGB image to a global-average-pooled feature vector.
 
@@ -133,6 +166,31 @@ class Backbone(abc.ABC):
     #: lists the component as unavailable, and why, while one is missing
     requires: tuple[str, ...] = ()
 
+    def feature_layers(self) -> Mapping[str, FeatureLayer]:
+        """Earlier outputs whose global-average-pooled features ``layers:`` may add, by name, in
+        network order (optional capability; default: none). Each names the Keras layer of
+        :meth:`build_model`'s graph whose output is pooled, and its channels."""
+        return {}
+
+    def check_layers(self, layers: Sequence[str]) -> tuple[str, ...]:
+        """``layers`` in network order, or a :class:`ConfigError` naming what this backbone offers."""
+        offered = self.feature_layers()
+        layers = list(layers)
+        for name in layers:
+            if name not in offered:
+                available = ", ".join(offered) or "none"
+                raise ConfigError(f"backbone {self.name!r} has no feature layer {name!r}; "
+                                  f"available: {available}")
+            if layers.count(name) > 1:
+                raise ConfigError(f"feature layer {name!r} of backbone {self.name!r} is listed "
+                                  "twice; list each layer once")
+        return tuple(name for name in offered if name in layers)
+
+    def features_dim(self, layers: Sequence[str] = ()) -> int:
+        """Length of the feature vector :meth:`build` gives with these ``layers``."""
+        offered = self.feature_layers()
+        return self.feature_dim + sum(offered[name].channels for name in self.check_layers(layers))
+
     def weights_id(self, weights: str) -> str:
         """A string that changes whenever the weights do; part of every feature-cache key."""
         self.check_weights(weights)
@@ -157,16 +215,40 @@ class Backbone(abc.ABC):
                 f"(minimum {self.min_input_size}, default {self.input_size})"
             )
 
-    def build(self, weights: str = WEIGHTS_IMAGENET, image_size: int | None = None) -> keras.Model:
-        """Build the feature model. ``weights="none"`` gives the same network in every process."""
+    def build(self, weights: str = WEIGHTS_IMAGENET, image_size: int | None = None,
+              layers: Sequence[str] = ()) -> keras.Model:
+        """Build the feature model. ``weights="none"`` gives the same network in every process.
+
+        ``layers`` (names from :meth:`feature_layers`): the model's output is the usual features
+        followed by each layer's global-average-pooled output, in network order, concatenated
+        (one forward pass; a single-output model, so it saves, exports and quantises as usual)."""
         self.check_weights(weights)
         size = self.input_size if image_size is None else image_size
         self.check_image_size(size)
         size = int(size)
+        layers = self.check_layers(layers)
         if weights != WEIGHTS_NONE:
-            return self.build_model(weights, size)
-        with seeded_initializers(self.seed):
-            return self.build_model(weights, size)
+            model = self.build_model(weights, size)
+        else:
+            with seeded_initializers(self.seed):
+                model = self.build_model(weights, size)
+        return self._with_layers(model, layers) if layers else model
+
+    def _with_layers(self, model: keras.Model, layers: Sequence[str]) -> keras.Model:
+        import keras
+
+        offered = self.feature_layers()
+        pooled = [model.output]
+        for name in layers:
+            try:
+                out = model.get_layer(offered[name].layer).output
+            except ValueError:
+                raise PluginError(f"backbone {self.name!r} offers feature layer {name!r} as Keras "
+                                  f"layer {offered[name].layer!r}, which its model does not "
+                                  "have") from None
+            pooled.append(keras.layers.GlobalAveragePooling2D(name=f"gap_{name}", dtype="float32")(out))
+        features = keras.layers.Concatenate(axis=-1, name="features", dtype="float32")(pooled)
+        return keras.Model(model.inputs, features, name=f"{model.name}_layers")
 
     @abc.abstractmethod
     def build_model(self, weights: str, image_size: int) -> keras.Model:
@@ -178,6 +260,7 @@ class Backbone(abc.ABC):
             "input_size": self.input_size,
             "min_input_size": self.min_input_size,
             "feature_dim": self.feature_dim,
+            "feature_layers": {name: fl.channels for name, fl in self.feature_layers().items()},
             "preprocessing": self.preprocessing,
             "weights": list(self.weights_options),
         }

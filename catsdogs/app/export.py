@@ -285,7 +285,8 @@ def load_run(run_dir: str | os.PathLike, registry=None) -> RunInfo:
     except Exception:  # the head's plugin is not installed here: not needed to export head.keras
         cam_head = head_name == "softmax_cam"
     info = RunInfo(run_dir, record, experiment, backbones, head_name,
-                   cam_capable=cam_head and len(backbones) == 1 and blend is None,
+                   cam_capable=cam_head and len(backbones) == 1 and blend is None
+                   and _plain_features(backbones[0]),
                    members=members, blend=blend, transform=transform_of(record),
                    per_fold=_fold_columns(run_dir))
     if info.per_fold and len({len(m.heads) for m in members}) != 1:
@@ -373,7 +374,18 @@ def _graph_name(text: str) -> str:
 
 
 def _build_backbone(name: str, spec: dict[str, Any], registry):
-    return registry.backbone(name).build(spec["weights"], int(spec["image_size"]))
+    """The backbone's feature model as extraction built it (with its ``layers:``, when any)."""
+    layers = tuple(spec.get("layers") or ())
+    backbone = registry.backbone(name)
+    if layers:
+        return backbone.build(spec["weights"], int(spec["image_size"]), layers=layers)
+    return backbone.build(spec["weights"], int(spec["image_size"]))
+
+
+def _plain_features(spec: dict[str, Any]) -> bool:
+    """The backbone's features are its last layer's of the photo as it is (no ``layers:``, one
+    view): what a class activation map explains."""
+    return not spec.get("layers") and list(spec.get("views") or ["orig"]) == ["orig"]
 
 
 def build_app_model(info: RunInfo, neither=None, registry=None):
@@ -404,17 +416,31 @@ def build_app_model(info: RunInfo, neither=None, registry=None):
     networks: dict[str, Any] = {}
     features: dict[tuple[str, str], Any] = {}
 
+    def image(size: int, mirrored: bool):
+        if not mirrored:
+            return inputs[size]
+        if size not in flipped:
+            flipped[size] = HorizontalFlip(name=f"flip_{size}")(inputs[size])
+        return flipped[size]
+
     def feature(name: str, view: str):
+        """The backbone's features of the photo (``orig``) or its mirror (``flip``, TTA), as
+        extraction computed them: its own views of that image (``views:``; the mirror of the
+        mirror is the photo) merged by ``merge:``."""
         if (name, view) not in features:
-            size = int(specs[name]["image_size"])
-            x = inputs[size]
-            if view == "flip":
-                if size not in flipped:
-                    flipped[size] = HorizontalFlip(name=f"flip_{size}")(x)
-                x = flipped[size]
+            spec = specs[name]
+            size = int(spec["image_size"])
             if name not in networks:
-                networks[name] = _build_backbone(name, specs[name], registry)
-            features[(name, view)] = networks[name](x)
+                networks[name] = _build_backbone(name, spec, registry)
+            outs = [networks[name](image(size, (view == "flip") != (own == "flip")))
+                    for own in spec.get("views") or ["orig"]]
+            if len(outs) == 1:
+                features[(name, view)] = outs[0]
+            elif spec.get("merge", "mean") == "concat":
+                features[(name, view)] = keras.layers.Concatenate(
+                    axis=-1, name=f"views_{name}_{view}")(outs)
+            else:
+                features[(name, view)] = keras.layers.Average(name=f"views_{name}_{view}")(outs)
         return features[(name, view)]
 
     member_p = []

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TypedDict
 
-from catsdogs.components import WEIGHTS_NONE, Backbone
+from catsdogs.components import WEIGHTS_NONE, Backbone, FeatureLayer
 from catsdogs.errors import CatsdogsError
 from catsdogs.hookspecs import hookimpl
 
@@ -29,8 +29,9 @@ class KerasApplicationBackbone(Backbone):
     """
 
     def __init__(self, name: str, application: str, input_size: int, min_input_size: int,
-                 feature_dim: int, mode: str):
+                 feature_dim: int, mode: str, layers: Mapping[str, FeatureLayer] | None = None):
         self.name = name
+        self._layers = dict(layers or {})
         self.application = application
         self.input_size = input_size
         self.min_input_size = min_input_size
@@ -42,6 +43,11 @@ class KerasApplicationBackbone(Backbone):
             )
         else:
             self.preprocessing = "tf: x / 127.5 - 1 (scaled to [-1, 1])"
+
+    def feature_layers(self) -> Mapping[str, FeatureLayer]:
+        """Stage outputs of the conv base (``layers:``): ResNet50's ``conv2``-``conv4``,
+        InceptionV3's ``mixed0``-``mixed9``."""
+        return self._layers
 
     def _normalization_args(self) -> _NormalizationArgs:
         if self.mode == "caffe":
@@ -77,8 +83,12 @@ class KerasApplicationBackbone(Backbone):
 
 
 BACKBONES = (
-    KerasApplicationBackbone("resnet50", "ResNet50", 224, 32, 2048, "caffe"),
-    KerasApplicationBackbone("inception_v3", "InceptionV3", 299, 75, 2048, "tf"),
+    KerasApplicationBackbone("resnet50", "ResNet50", 224, 32, 2048, "caffe", {
+        f"conv{stage}": FeatureLayer(f"conv{stage}_block{blocks}_out", channels)
+        for stage, blocks, channels in ((2, 3, 256), (3, 4, 512), (4, 6, 1024))}),
+    KerasApplicationBackbone("inception_v3", "InceptionV3", 299, 75, 2048, "tf", {
+        f"mixed{i}": FeatureLayer(f"mixed{i}", channels) for i, channels in enumerate(
+            (256, 288, 288, 768, 768, 768, 768, 768, 1280, 2048))}),
     KerasApplicationBackbone("xception", "Xception", 299, 71, 2048, "tf"),
     KerasApplicationBackbone("inception_resnet_v2", "InceptionResNetV2", 299, 75, 1536, "tf"),
 )

@@ -50,6 +50,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict
 
+from catsdogs.components import FEATURE_VIEWS, VIEW_MERGES, check_views
 from catsdogs.dataset.storage import data_location, is_url
 from catsdogs.errors import ConfigError, DataError, PluginError
 from catsdogs.validation import SEED_MAX
@@ -252,6 +253,23 @@ class BackboneSpec(_Model):
     #: int8 only: calibration images
     calibration_size: Annotated[int, Field(ge=1, le=MAX_CALIBRATION_SIZE),
                                 What("an integer")] = DEFAULT_CALIBRATION_SIZE
+    #: earlier layers whose global-average-pooled features follow the last (the backbone's
+    #: ``feature_layers``, listed by ``catsdogs plugins --json``); kept in network order
+    layers: Annotated[list[Text], What("a list of the backbone's feature layer names")] = Field(
+        default_factory=list)
+    #: views of each photo whose features are merged into one vector, and how
+    views: Annotated[list[Literal[FEATURE_VIEWS]], Field(min_length=1),  # type: ignore[valid-type]
+                     What("a non-empty list of views (orig, flip)")] = Field(
+        default_factory=lambda: ["orig"])
+    merge: Annotated[Literal[VIEW_MERGES], What("view merge")] = "mean"  # type: ignore[valid-type]
+
+    @field_validator("views")
+    @classmethod
+    def _canonical_views(cls, views: list[str]) -> list[str]:
+        try:
+            return list(check_views(views))
+        except ConfigError as exc:
+            raise problem(str(exc)) from None
 
     @model_validator(mode="before")
     @classmethod
@@ -718,6 +736,11 @@ class Experiment(BaseModel):
                     backbone.check_image_size(spec.image_size)
                 except ConfigError as exc:
                     raise problem(str(exc), at("image_size")) from None
+            if spec.layers:
+                try:
+                    spec = spec.model_copy(update={"layers": list(backbone.check_layers(spec.layers))})
+                except ConfigError as exc:
+                    raise problem(str(exc), f"backbones[{i}].layers") from None
             result.append(spec)
         return result
 

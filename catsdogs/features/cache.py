@@ -62,6 +62,10 @@ SPLITS = ("train", "test")
 
 
 # --------------------------------------------------------------------------------------- config
+#: FeatureConfig fields left out of the key at these (default) values
+_OPTIONAL: dict[str, Any] = {"calibration": "", "layers": (), "input_views": ("orig",), "merge": "mean"}
+
+
 @dataclass(frozen=True)
 class FeatureConfig:
     """Everything that determines a feature vector apart from the image bytes."""
@@ -75,13 +79,23 @@ class FeatureConfig:
     preprocessing: str
     feature_dim: int
     calibration: str = ""  # int8 only: the quantised model's key (QuantisedModel.key, its content hash)
+    #: earlier layers whose pooled features follow the last (``layers:``), in network order
+    layers: tuple[str, ...] = ()
+    #: input views whose features are merged into one vector (``views:``), and how (``merge:``)
+    input_views: tuple[str, ...] = ("orig",)
+    merge: str = "mean"
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that make the key: options at their defaults are left out, so a key stays
+        what it was before the option existed (int8's ``calibration``, ``layers``, ``views``)."""
+        fields = asdict(self)
+        if len(self.input_views) == 1:  # one view: nothing is merged
+            fields["merge"] = _OPTIONAL["merge"]
+        return {k: v for k, v in fields.items() if k not in _OPTIONAL or v != _OPTIONAL[k]}
 
     @property
     def key(self) -> str:
-        fields = asdict(self)
-        if not fields["calibration"]:  # float keys stay what they were before int8 existed
-            del fields["calibration"]
-        blob = json.dumps({**fields, "format": FORMAT_VERSION}, sort_keys=True)
+        blob = json.dumps({**self.identity(), "format": FORMAT_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property

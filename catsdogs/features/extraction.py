@@ -62,7 +62,7 @@ from catsdogs.features.cache import (  # noqa: F401  (re-exported: the public AP
     is_fresh,
     load_features,
 )
-from catsdogs.util.fileio import remove_stale_temporaries
+from catsdogs.util.fileio import file_lock, remove_stale_temporaries
 
 logger = logging.getLogger("catsdogs")
 
@@ -93,31 +93,22 @@ class ExtractResult:
 # --------------------------------------------------------------------------------------- files
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    """An advisory lock so that two processes never extract the same file at once."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    lock = path.with_name(path.name + ".lock")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(lock, "w")
-    except OSError as exc:
-        raise DataError(
+    """An advisory lock (:func:`catsdogs.util.fileio.file_lock`) so that two processes never
+    extract the same file at once; the second one waits."""
+    def unwritable(exc: OSError) -> DataError:
+        return DataError(
             f"cannot write to the feature cache {str(path.parent)!r} ({exc.strerror or exc}): the "
             f"features of {path.name} are not all cached yet; make it writable or choose another "
-            "cache with --cache-dir or CATSDOGS_CACHE_DIR") from None
-    with fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.warning("waiting for another process extracting %s", path.name)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            "cache with --cache-dir or CATSDOGS_CACHE_DIR")
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise unwritable(exc) from None
+    with file_lock(path.with_name(path.name + ".lock"), unwritable=unwritable,
+                   waiting=lambda pid: logger.warning("waiting for another process (pid %s) "
+                                                      "extracting %s", pid, path.name)):
+        yield
 
 
 # --------------------------------------------------------------------------------------- compute
@@ -147,7 +138,8 @@ class FeatureModel:
     measured about twice as fast as Keras 3's ``Model.predict`` on CPU.
     """
 
-    def __init__(self, backbone, weights: str, image_size: int, precision: str, batch_size: int):
+    def __init__(self, backbone, weights: str, image_size: int, precision: str, batch_size: int,
+                 layers: Sequence[str] = ()):
         import keras
         import tensorflow as tf
 
@@ -155,7 +147,7 @@ class FeatureModel:
         if precision == "bfloat16":
             keras.config.set_dtype_policy("mixed_bfloat16")
         try:
-            self.model = backbone.build(weights, image_size)
+            self.model = self.build_network(backbone, weights, image_size, layers)
         finally:
             keras.config.set_dtype_policy(previous)
         self.batch_size = batch_size
@@ -170,6 +162,14 @@ class FeatureModel:
 
         self._call = _call
 
+    @staticmethod
+    def build_network(backbone, weights: str, image_size: int, layers: Sequence[str] = ()):
+        """The backbone's Keras feature model, with ``layers`` (passed only when there are some:
+        a plugin that overrides ``build`` may not take them)."""
+        if layers:
+            return backbone.build(weights, image_size, layers=tuple(layers))
+        return backbone.build(weights, image_size)
+
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Features for ``(n, S, S, 3)`` uint8 images, any ``n``, in batches of ``batch_size``."""
         out = [self._call(images[start:start + self.batch_size]).numpy()
@@ -177,15 +177,46 @@ class FeatureModel:
         return np.concatenate(out) if out else np.zeros((0, self.model.output_shape[-1]), np.float32)
 
 
+def view_images(images: np.ndarray, view: str) -> np.ndarray:
+    """``(n, S, S, 3)`` prepared images as ``view`` shows them: ``orig`` as they are, ``flip``
+    mirrored left to right (:data:`catsdogs.components.FEATURE_VIEWS`)."""
+    return images if view == "orig" else np.ascontiguousarray(images[:, :, ::-1, :])
+
+
+class MergedViews:
+    """A feature model over several views of each (already decoded) image, merged into one vector:
+    the mean of the views' features, or their concatenation in view order (``views:`` and
+    ``merge:`` of a backbone configuration)."""
+
+    def __init__(self, model, views: Sequence[str], merge: str):
+        self.model, self.views, self.merge = model, tuple(views), merge
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        outs = [np.asarray(self.model(view_images(images, v)), np.float32) for v in self.views]
+        if self.merge == "concat":
+            return np.concatenate(outs, axis=1)
+        total = outs[0]
+        for out in outs[1:]:
+            total = total + out
+        return total * np.float32(1.0 / len(outs))
+
+
+def _with_views(model, views: Sequence[str], merge: str):
+    return model if tuple(views) == ("orig",) else MergedViews(model, views, merge)
+
+
 def _model_factory(backbone, weights: str, size: int, precision: str, batch_size: int, resize: str,
-                   workers: int, model_dir: Path | None):
+                   workers: int, model_dir: Path | None, config: FeatureConfig):
     """What builds the feature model when there is work: float32/bfloat16 Keras, or int8 OpenVINO
     (the quantised model in ``model_dir``, resolved by :func:`catsdogs.features.int8.quantised_model`
-    before the features were keyed by it)."""
+    before the features were keyed by it); over the configuration's views and layers."""
+    layers, views, merge = config.layers, config.input_views, config.merge
     if precision != "int8":
-        return lambda: FeatureModel(backbone, weights, size, precision, batch_size)
+        return lambda: _with_views(FeatureModel(backbone, weights, size, precision, batch_size, layers),
+                                   views, merge)
     assert model_dir is not None
-    return Int8ModelFactory(backbone, weights, size, batch_size, model_dir, [], resize, workers)
+    return Int8ModelFactory(backbone, weights, size, batch_size, model_dir, [], resize, workers,
+                            views, merge)
 
 
 @dataclass
@@ -204,9 +235,13 @@ class Int8ModelFactory:
     calibration_paths: list[Path]
     resize: str
     workers: int
+    #: the configuration's views and their merge (the quantised model computes each view)
+    views: tuple[str, ...] = ("orig",)
+    merge: str = "mean"
 
-    def __call__(self) -> int8.Int8FeatureModel:
-        return int8.Int8FeatureModel(self.backbone, self.size, self.batch_size, self.model_dir)
+    def __call__(self):
+        return _with_views(int8.Int8FeatureModel(self.backbone, self.size, self.batch_size,
+                                                 self.model_dir), self.views, self.merge)
 
 
 def lower_thread_priority() -> None:
@@ -249,7 +284,7 @@ def compute_chunk(model, views: Sequence[str], digests: Sequence[str], decoded: 
     batch = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
     arrays = {}
     for view in views:
-        x = batch if view == "orig" else np.ascontiguousarray(batch[:, :, ::-1, :])
+        x = view_images(batch, view)
         arrays[view] = model(x) if len(x) else np.zeros((0, feature_dim), np.float32)
     return done, arrays, skipped
 
@@ -363,6 +398,9 @@ def extract(
     engine: Engine = LOCAL,
     calibration_size: int = int8.DEFAULT_CALIBRATION_SIZE,
     recalibrate: bool = False,
+    layers: Sequence[str] = (),
+    views: Sequence[str] = ("orig",),
+    merge: str = "mean",
 ) -> list[ExtractResult]:
     """Compute (or reuse) GAP features of every train and test image for each backbone.
 
@@ -378,11 +416,21 @@ def extract(
     images once per backbone configuration and data set (the cached quantised model is reused,
     so added images cost one forward pass each; ``recalibrate=True`` calibrates again), and keys
     the features by the quantised model (:mod:`catsdogs.features.int8`; needs ``catsdogs[int8]``).
+
+    Feature views (each a configuration of its own, with its own cache key; the defaults keep the
+    keys of before they existed): ``layers`` appends the global-average-pooled outputs of earlier
+    layers (:meth:`catsdogs.components.Backbone.feature_layers`) to the features, from the same
+    forward pass; ``views`` (``orig``, ``flip``) computes the features of each view of the decoded
+    image and ``merge`` averages (``mean``) or concatenates (``concat``) them. Each photo is
+    decoded once per backbone configuration, whatever the views; the flipped TTA dataset
+    (``flip=True``) is the same features of the mirrored image.
     """
+    from catsdogs.components import check_views
     from catsdogs.plugins import get_registry
 
     names = [backbones] if isinstance(backbones, str) else list(backbones)
     _check_options(names, weights, image_size, batch_size, precision, resize, chunk_size, workers)
+    views = check_views(views, merge)
     if precision == "int8":
         int8.check_calibration_size(calibration_size)
         int8.require_engine()
@@ -393,7 +441,7 @@ def extract(
         backbone.check_weights(weights)
         size = backbone.input_size if image_size is None else image_size
         backbone.check_image_size(size)
-        specs.append((backbone, size))
+        specs.append((backbone, size, backbone.check_layers(layers)))
 
     if dataset is None:  # a caller passing the dataset reports its ignored files itself
         dataset = open_dataset(data_dir)
@@ -410,12 +458,12 @@ def extract(
     listing = fingerprint(records, digests)
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     directory = dataset_cache_dir(cache_root, ds.root)
-    views = ["orig", "flip"] if flip else ["orig"]
+    tta_views = ["orig", "flip"] if flip else ["orig"]
     chunk_size = -(-chunk_size // batch_size) * batch_size  # whole batches per chunk
 
     results: list[ExtractResult] = []
     unreadable: dict[str, str] = {}
-    for backbone, size in specs:
+    for backbone, size, own_layers in specs:
         t0 = time.perf_counter()
         config = FeatureConfig(
             backbone=backbone.name,
@@ -425,15 +473,21 @@ def extract(
             resize=resize,
             precision=precision,
             preprocessing=backbone.preprocessing,
-            feature_dim=backbone.feature_dim,
+            feature_dim=backbone.features_dim(own_layers) * (len(views) if merge == "concat" else 1),
+            layers=own_layers,
+            input_views=views,
+            merge=merge if len(views) > 1 else "mean",
         )
         quantised = None
         if precision == "int8":  # int8 features are keyed by the quantised model's content hash
             quantised = int8.quantised_model(
-                directory, backbone, slot=int8.slot_key({k: v for k, v in asdict(config).items()
-                                                         if k not in ("precision", "calibration")}),
+                # the quantised network is the same whatever the views: one calibration for them
+                directory, backbone, slot=int8.slot_key({
+                    k: v for k, v in config.identity().items()
+                    if k not in ("precision", "calibration", "input_views", "merge")}),
                 records=records, digests=digests, requested=calibration_size,
-                build=functools.partial(backbone.build, weights, size), image_size=size,
+                build=functools.partial(FeatureModel.build_network, backbone, weights, size, own_layers),
+                image_size=size,
                 resize=resize, workers=workers, recalibrate=recalibrate, progress=progress,
                 lock=_locked)
             config = dataclasses.replace(config, calibration=quantised.key)
@@ -442,20 +496,20 @@ def extract(
             final = find_copy(cache_root, config.filename, listing) or final
         # a finished, verified file is used read-only: no lock, no write (read-only caches work)
         store = Store(final, config).load_final()
-        warm = is_fresh(store, listing, views)
+        warm = is_fresh(store, listing, tta_views)
         with contextlib.nullcontext() if warm else _locked(final):
             if not warm:
                 remove_stale_temporaries(directory)  # e.g. an .h5 being assembled when killed
                 remove_stale_temporaries(final.with_name(final.name + ".partial"))
                 store = Store(final, config).load()
             old = store.final_meta
-            if old is not None and is_fresh(store, listing, views):
+            if old is not None and is_fresh(store, listing, tta_views):
                 result = ExtractResult(backbone.name, final, config, old["n_train"], old["n_test"],
                                        computed=0, reused=old["n_train"] + old["n_test"],
                                        skipped=[(s["file"], s["reason"]) for s in old.get("skipped", [])])
             else:
                 # keep every view the old file had, so a later call without --flip loses nothing
-                file_views = [v for v in VIEWS if v in views or (old and v in old["views"])]
+                file_views = [v for v in VIEWS if v in tta_views or (old and v in old["views"])]
                 work, seen = [], set()
                 for rec, dig in zip(records, digests):
                     if dig in store.skipped or dig in seen:
@@ -468,7 +522,7 @@ def extract(
                 computed, compute_s, nodes = _compute(
                     store, work,
                     _model_factory(backbone, weights, size, precision, batch_size, resize, workers,
-                                   quantised.directory if quantised else None),
+                                   quantised.directory if quantised else None, config),
                     engine=engine, image_size=size, resize=resize, chunk_size=chunk_size, workers=workers,
                     progress=progress, desc=f"{backbone.name} features",
                 )
@@ -481,10 +535,10 @@ def extract(
                                         "reason": store.skipped[dig]})
                     else:
                         rows[rec.split].append((rec, dig))
-                meta = {
+                meta: dict[str, Any] = {
                     "format_version": FORMAT_VERSION,
                     "config_key": config.key,
-                    **{k: v for k, v in asdict(config).items()},
+                    **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
                     "views": file_views,
                     "dataset_root": str(ds.root),
                     "dataset_layout": ds.layout,

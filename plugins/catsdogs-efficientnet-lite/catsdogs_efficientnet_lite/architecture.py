@@ -123,6 +123,22 @@ def block_specs(variant: Variant) -> list[BlockSpec]:
     return specs
 
 
+def stage_outputs(variant: Variant) -> dict[str, tuple[str, int]]:
+    """``stage1``..``stage7`` (the MBConv stages of :data:`BASE_BLOCKS`): the Keras layer whose
+    output ends each stage (its last block's residual ``Add``, else its projection's batch norm)
+    and its channels, in network order."""
+    out: dict[str, tuple[str, int]] = {}
+    blocks = block_specs(variant)
+    start = 0  # a stage's first block: the repeats of the stages before it (as block_specs counts)
+    for stage, (repeats, *_rest) in enumerate(BASE_BLOCKS):
+        n = repeats if stage in (0, len(BASE_BLOCKS) - 1) else round_repeats(repeats, variant.depth)
+        last = blocks[start + n - 1]
+        layer = f"block{last.index:02d}_add" if last.residual else f"block{last.index:02d}_project_bn"
+        out[f"stage{stage + 1}"] = (layer, last.out_filters)
+        start += n
+    return out
+
+
 def weight_plan(variant: Variant, classifier: bool = True) -> list[tuple[str, str, str]]:
     """``(keras layer name, kind, torch state-dict prefix)`` for every layer with weights.
 

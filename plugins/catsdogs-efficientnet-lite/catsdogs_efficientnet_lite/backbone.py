@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from catsdogs.components import WEIGHTS_IMAGENET, WEIGHTS_NONE, Backbone, seeded_initializers
+from catsdogs.components import (
+    WEIGHTS_IMAGENET,
+    WEIGHTS_NONE,
+    Backbone,
+    FeatureLayer,
+    seeded_initializers,
+)
 
 from .architecture import MEAN_RGB, NUM_CLASSES, STDDEV_RGB, VARIANTS, Variant
 
@@ -32,6 +38,14 @@ class EfficientNetLite(Backbone):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
+
+    def feature_layers(self) -> dict[str, FeatureLayer]:
+        """``stage1``..``stage7``: the output of each MBConv stage (``layers: [stage6, stage7]``
+        adds their pooled features to the 1280 of the head)."""
+        from .architecture import stage_outputs
+
+        return {name: FeatureLayer(layer, channels)
+                for name, (layer, channels) in stage_outputs(self.variant).items()}
 
     def weights_id(self, weights: str) -> str:
         self.check_weights(weights)

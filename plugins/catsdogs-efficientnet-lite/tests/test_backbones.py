@@ -134,3 +134,36 @@ def test_split_top_rejects_bad_blocks():
     for bad in (0, 17, True, 1.0):
         with pytest.raises(ConfigError, match="blocks"):
             backbone.split_top("none", 64, blocks=bad)
+
+
+@pytest.mark.parametrize("name", VARIANT_NAMES)
+def test_feature_layers_are_the_stage_outputs(name):
+    """``stage1``..``stage7`` name each MBConv stage's last block output, with its width."""
+    backbone = get_backbone(name)
+    layers = backbone.feature_layers()
+    assert list(layers) == [f"stage{i}" for i in range(1, 8)]
+    model = backbone.build("none", 64)
+    for layer in layers.values():
+        assert model.get_layer(layer.layer).output.shape[-1] == layer.channels
+    assert layers["stage7"].channels == EXPECTED[name][2]
+
+
+def test_layers_append_the_pooled_stage_outputs_by_hand():
+    """``build(..., layers=[stage6, stage7])`` (listed out of order) is one model whose output is
+    the 1280 features, then stage6's and stage7's outputs averaged over space, computed by hand
+    from the plain model's intermediate outputs; it keeps the seeded weights."""
+    import keras
+
+    backbone = get_backbone("efficientnet_lite0")
+    plain = backbone.build("none", 64)
+    stages = backbone.feature_layers()
+    with_layers = backbone.build("none", 64, layers=["stage7", "stage6"])
+    assert with_layers.output.shape[-1] == backbone.features_dim(["stage6", "stage7"]) == 1280 + 192 + 320
+    probe = keras.Model(plain.inputs, [plain.output, plain.get_layer(stages["stage6"].layer).output,
+                                       plain.get_layer(stages["stage7"].layer).output])
+    pixels = np.random.default_rng(3).uniform(0, 255, (3, 64, 64, 3)).astype(np.float32)
+    last, s6, s7 = (np.asarray(t) for t in probe(pixels, training=False))
+    desired = np.concatenate([last, s6.mean(axis=(1, 2)), s7.mean(axis=(1, 2))], axis=1)
+    actual = np.asarray(with_layers(pixels, training=False))
+    scale = float(np.abs(desired).max())
+    np.testing.assert_allclose(actual, desired, rtol=1e-5, atol=1e-5 * scale)

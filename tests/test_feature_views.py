@@ -1,0 +1,257 @@
+"""Feature views per backbone configuration (issue 24 lever 1): ``layers:`` (pooled earlier
+layers after the last) and ``views:`` / ``merge:`` (orig and flip features merged), each cached
+under its own key, one decode per photo, int8 included, and exported as the submission computes
+them.
+
+A tiny seeded backbone plugin (two convolutions, ``conv1`` offered as a feature layer) is installed
+as a real distribution; features are checked against the same network's outputs computed by hand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import assert_same_features, install_fake_dist, make_kaggle
+
+from catsdogs.errors import ConfigError
+
+PLUGIN = '''
+from catsdogs.components import Backbone, FeatureLayer
+from catsdogs.hookspecs import hookimpl
+
+
+class TinyLayers(Backbone):
+    name = "tiny_layers"
+    input_size = 32
+    min_input_size = 8
+    feature_dim = 8
+    preprocessing = "x / 255"
+    weights_options = ("none",)
+
+    def feature_layers(self):
+        return {"conv1": FeatureLayer("conv1", 4)}
+
+    def build_model(self, weights, image_size):
+        import keras
+
+        image = keras.Input((image_size, image_size, 3), name="image")
+        x = keras.layers.Rescaling(1 / 255)(image)
+        x = keras.layers.Conv2D(4, 3, strides=2, activation="tanh", name="conv1")(x)
+        x = keras.layers.Conv2D(8, 3, strides=2, activation="tanh", name="conv2")(x)
+        return keras.Model(image, keras.layers.GlobalAveragePooling2D(name="gap")(x))
+
+
+@hookimpl
+def register_backbones(register):
+    register(TinyLayers())
+'''
+
+NAME = "tiny_layers"
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The plugin on ``sys.path`` (and ``PYTHONPATH``), a data set with test photos, a fresh
+    registry that sees the plugin; undone afterwards."""
+    from catsdogs.plugins import reset_registry
+
+    root = tmp_path_factory.mktemp("feature-views")
+    site = install_fake_dist(root / "site", "catsdogs-tiny-layers", "0.1",
+                             {"catsdogs_tiny_layers": PLUGIN}, {"tiny_layers": "catsdogs_tiny_layers"})
+    data = make_kaggle(root / "data", n_per_class=10, n_test=6)
+    sys.path.insert(0, str(site))
+    old_pythonpath = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), old_pythonpath]))
+    reset_registry()
+    try:
+        yield {"root": root, "data": data}
+    finally:
+        sys.path.remove(str(site))
+        if old_pythonpath is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old_pythonpath
+        reset_registry()
+
+
+def _extract(tiny, cache, **kw):
+    import catsdogs
+
+    (res,) = catsdogs.extract(tiny["data"], [NAME], weights="none", batch_size=8, cache_dir=cache,
+                              progress=False, **kw)
+    return res, catsdogs.load_features(res.path)
+
+
+def _images(tiny, files):
+    from catsdogs.dataset.images import load_image
+
+    return np.stack([load_image(tiny["data"] / f, SIZE, "squash") for f in files])
+
+
+def _by_hand(images):
+    """The plain network's last features and conv1's output, pooled with NumPy."""
+    import keras
+
+    from catsdogs.plugins import get_registry
+
+    model = get_registry().backbone(NAME).build("none", SIZE)
+    both = keras.Model(model.inputs, [model.output, model.get_layer("conv1").output])
+    last, conv1 = both.predict(images.astype(np.float32), verbose=0)
+    return np.asarray(last), np.asarray(conv1).mean(axis=(1, 2))
+
+
+def test_layers_are_the_last_features_then_the_pooled_earlier_layers(tiny, tmp_path):
+    res, fs = _extract(tiny, tmp_path / "cache", layers=["conv1"])
+    assert res.config.feature_dim == 8 + 4 and fs.train.X.shape[1] == 12
+    last, conv1 = _by_hand(_images(tiny, fs.train.files))
+    assert_same_features(fs.train.X, np.concatenate([last, conv1], axis=1))
+    # the first columns are the configuration without layers, row for row
+    _, plain = _extract(tiny, tmp_path / "cache")
+    assert plain.train.files == fs.train.files
+    assert_same_features(fs.train.X[:, :8], plain.train.X)
+
+
+def test_flip_views_are_merged_by_mean_or_concat(tiny, tmp_path):
+    _, mean = _extract(tiny, tmp_path / "cache", views=["flip", "orig"], flip=True)
+    _, concat = _extract(tiny, tmp_path / "cache", views=["orig", "flip"], merge="concat")
+    images = _images(tiny, mean.train.files)
+    orig, _ = _by_hand(images)
+    flipped, _ = _by_hand(images[:, :, ::-1, :])
+    assert_same_features(mean.train.X, (orig + flipped) / 2)
+    assert_same_features(concat.train.X, np.concatenate([orig, flipped], axis=1))
+    # the TTA dataset is the same features of the mirrored photo: orig+flip is mirror-invariant
+    assert_same_features(mean.train.X_flip, mean.train.X)
+
+
+def test_each_option_has_its_own_cache_key_and_the_defaults_keep_the_old_one(tiny, tmp_path):
+    from catsdogs.features.cache import FORMAT_VERSION, FeatureConfig
+
+    base = FeatureConfig(backbone=NAME, weights="none", weights_id="w", image_size=SIZE,
+                         resize="squash", precision="float32", preprocessing="x / 255", feature_dim=8)
+    # the key as it was computed before these options existed (the fields of that FeatureConfig)
+    old_fields = {k: v for k, v in asdict(base).items()
+                  if k not in ("calibration", "layers", "input_views", "merge")}
+    old_key = hashlib.sha256(json.dumps({**old_fields, "format": FORMAT_VERSION},
+                                        sort_keys=True).encode()).hexdigest()[:16]
+    assert base.key == old_key
+    keys = {base.key,
+            FeatureConfig(**{**asdict(base), "layers": ("conv1",)}).key,
+            FeatureConfig(**{**asdict(base), "input_views": ("orig", "flip")}).key,
+            FeatureConfig(**{**asdict(base), "input_views": ("orig", "flip"), "merge": "concat"}).key}
+    assert len(keys) == 4
+    # one view merges nothing: its merge is not part of the key
+    assert FeatureConfig(**{**asdict(base), "merge": "concat"}).key == base.key
+    # extraction: the default call has that key; each option a file of its own
+    paths = {_extract(tiny, tmp_path / "cache", **kw)[0].path for kw in
+             ({}, {"layers": ["conv1"]}, {"views": ["orig", "flip"]})}
+    assert len(paths) == 3
+
+
+def test_one_decode_per_photo_whatever_the_views(tiny, tmp_path, monkeypatch):
+    from catsdogs.features import extraction
+
+    decoded = []
+    real = extraction.decode_rgb
+
+    def counting(data, *args, **kwargs):
+        decoded.append(hashlib.blake2b(data, digest_size=8).hexdigest())
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(extraction, "decode_rgb", counting)
+    res, fs = _extract(tiny, tmp_path / "cache", layers=["conv1"], views=["orig", "flip"], flip=True)
+    assert res.computed == len(fs.train) + len(fs.test) > 0
+    assert len(decoded) == len(set(decoded)) == res.computed
+
+
+def test_bad_view_options_are_one_clear_error(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="has no feature layer 'conv9'; available: conv1"):
+        _extract(tiny, tmp_path / "cache", layers=["conv9"])
+    with pytest.raises(ConfigError, match="view 'orig' is listed twice"):
+        _extract(tiny, tmp_path / "cache", views=["orig", "orig"])
+    with pytest.raises(ConfigError, match="unknown view merge 'max'"):
+        _extract(tiny, tmp_path / "cache", views=["orig", "flip"], merge="max")
+
+
+def _doc(tiny, name, **backbone):
+    return {"data": str(tiny["data"]), "output": str(tiny["root"] / name),
+            "cache_dir": str(tiny["root"] / "cache"), "weights": "none",
+            "backbones": [{"name": NAME, **backbone}], "heads": ["dropout_sigmoid"],
+            "optimizers": [{"name": "adam", "learning_rate": 0.05}], "epochs": 3, "batch_size": 8,
+            "seed": 3}
+
+
+def test_experiment_file_checks_and_orders_the_view_options(tiny):
+    from catsdogs.experiment.spec import parse_experiment
+
+    exp = parse_experiment(yaml.safe_dump(_doc(tiny, "x", layers=["conv1"], views=["flip", "orig"])))
+    spec = exp.backbone(NAME)
+    assert (spec.layers, spec.views, spec.merge) == (["conv1"], ["orig", "flip"], "mean")
+    plain = parse_experiment(yaml.safe_dump(_doc(tiny, "x"))).backbone(NAME)
+    assert (plain.layers, plain.views, plain.merge) == ([], ["orig"], "mean")
+    with pytest.raises(ConfigError, match=r"backbones\[0\]\.layers.*no feature layer 'stage9'"):
+        parse_experiment(yaml.safe_dump(_doc(tiny, "x", layers=["stage9"])))
+    with pytest.raises(ConfigError, match="views"):
+        parse_experiment(yaml.safe_dump(_doc(tiny, "x", views=["orig", "mirror"])))
+
+
+@pytest.mark.slow
+def test_layers_and_flip_views_run_exports_its_submission(tiny):
+    """A run on ``layers: [conv1]`` with orig+flip views averaged (and flip TTA): the exported
+    model (Keras and float TFLite) gives the P(dog) of ``submission.csv``."""
+    from catsdogs.app.export import export_run
+    from catsdogs.app.predict import open_predictor, predict_files
+    from catsdogs.experiment.spec import parse_experiment
+    from catsdogs.runs.runner import run_experiment
+
+    doc = {**_doc(tiny, "run", layers=["conv1"], views=["orig", "flip"]), "tta": True}
+    result = run_experiment(parse_experiment(yaml.safe_dump(doc)), progress=False)
+    (record,) = result.records
+    assert record.tta
+    expected = pd.read_csv(result.out_dir / "submission.csv").set_index("id")["label"]
+    photos = sorted((tiny["data"] / "test").glob("*.jpg"))
+    out = result.out_dir / "export"
+    export_run(result.out_dir / "runs" / record.run_id, ["keras", "tflite"], out, neither=False)
+    for backend in ("keras", "tflite"):
+        preds = predict_files(open_predictor(out, backend), photos)
+        got = pd.Series({int(p.file.rsplit("/", 1)[-1].split(".")[0]): p.p_dog for p in preds})
+        diff = np.abs(got.sort_index().to_numpy() - expected.sort_index().to_numpy())
+        assert sorted(got.index) == sorted(expected.index) and diff.max() <= 1e-3, (backend, diff)
+
+
+@pytest.mark.slow
+def test_int8_quantises_the_layers_model(tiny, tmp_path):
+    """int8 quantises the model ``build(..., layers=...)`` returns (one output: the concatenation)
+    and computes every view with it; the features stay close to float32's."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    _, f32 = _extract(tiny, tmp_path / "cache", layers=["conv1"], views=["orig", "flip"])
+    res, q = _extract(tiny, tmp_path / "cache", layers=["conv1"], views=["orig", "flip"],
+                      precision="int8", calibration_size=8)
+    assert res.config.calibration and q.train.X.shape == f32.train.X.shape == (len(q.train), 12)
+    scale = float(np.abs(f32.train.X).max())
+    assert float(np.abs(q.train.X - f32.train.X).max()) < 0.1 * scale
+
+
+@pytest.mark.parametrize("name,layers", [("resnet50", ["conv4", "conv2"]), ("inception_v3", ["mixed9"])])
+def test_keras_backbones_offer_their_stage_outputs(name, layers):
+    """The built-in Keras Applications backbones: the named layers exist with the declared
+    widths, and ``build(..., layers=...)`` is one model of ``features_dim`` outputs."""
+    from catsdogs.plugins import get_registry
+
+    backbone = get_registry().backbone(name)
+    size = backbone.min_input_size
+    plain = backbone.build("none", size)
+    for layer in backbone.feature_layers().values():
+        assert plain.get_layer(layer.layer).output.shape[-1] == layer.channels
+    model = backbone.build("none", size, layers=layers)
+    assert backbone.check_layers(layers) == tuple(sorted(layers, key=list(backbone.feature_layers()).index))
+    assert len(model.outputs) == 1 and model.output.shape[-1] == backbone.features_dim(layers)
