@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from catsdogs.errors import ConfigError, DataError
+from catsdogs.evaluation.metrics import log_loss, sigmoid
 from catsdogs.runs.ensemble import fit_blend, fit_ensemble
-from catsdogs.runs.metrics import log_loss
-from catsdogs.runs.postprocess import sigmoid
 
 
 def _members(n: int, noise: list[float], seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Log loss, accuracy, clipping and the choice of clip bounds."""
+"""Log loss, accuracy, clipping, the choice of clip bounds, logit / sigmoid (catsdogs.evaluation.metrics)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,20 @@ import pytest
 from sklearn.metrics import log_loss as sk_log_loss
 
 from catsdogs.errors import ConfigError, DataError
-from catsdogs.runs.metrics import DEFAULT_CLIP_GRID, accuracy, best_clip, clip, log_loss, summarize
+from catsdogs.evaluation.metrics import (
+    DEFAULT_CLIP_GRID,
+    LOGIT_EPS,
+    accuracy,
+    best_clip,
+    clip,
+    cross_entropy,
+    log_loss,
+    logit,
+    logit_cross_entropy,
+    row_log_losses,
+    sigmoid,
+    summarize,
+)
 
 
 def test_log_loss_hand_computed():
@@ -131,7 +144,7 @@ def test_summarize():
 
 # ------------------------------------------------------------------------------------ item 8
 def test_paired_bootstrap_is_deterministic_and_matches_the_textbook_standard_error():
-    from catsdogs.runs.metrics import paired_bootstrap
+    from catsdogs.evaluation.metrics import paired_bootstrap
 
     rng = np.random.default_rng(0)
     base = rng.exponential(0.1, 2000)  # per-photo losses of the leader
@@ -150,7 +163,58 @@ def test_paired_bootstrap_is_deterministic_and_matches_the_textbook_standard_err
 
 
 def test_paired_bootstrap_refuses_non_finite_losses():
-    from catsdogs.runs.metrics import paired_bootstrap
+    from catsdogs.evaluation.metrics import paired_bootstrap
 
     with pytest.raises(DataError, match="paired_bootstrap"):
         paired_bootstrap(np.array([[0.1, np.inf]]))
+
+
+# ------------------------------------------------------------------ one log loss, one logit
+def test_row_log_losses_average_to_the_log_loss_and_check_their_input():
+    y, p = [1, 0, 1, 0], [0.9, 0.2, 0.0, 1.0]
+    rows = row_log_losses(y, p)
+    assert rows.tolist() == pytest.approx([-math.log(0.9), -math.log(0.8), -math.log(1e-15),
+                                           -math.log(1e-15)], rel=1e-3)
+    assert float(rows.mean()) == log_loss(y, p)
+    with pytest.raises(DataError, match="labels must be 0 or 1"):
+        row_log_losses([0.5], [0.5])
+    with pytest.raises(ConfigError, match="eps"):
+        row_log_losses([1], [0.5], eps=0.5)
+
+
+def test_cross_entropy_takes_soft_targets_and_any_shape():
+    t = np.array([0.9, 0.1, 0.5])
+    p = np.array([[0.8, 0.3], [0.0, 0.6], [1.0, 0.5]])
+    expected = -(t[:, None] * np.log(np.clip(p, 1e-15, 1 - 1e-15))
+                 + (1 - t[:, None]) * np.log(1 - np.clip(p, 1e-15, 1 - 1e-15)))
+    np.testing.assert_allclose(cross_entropy(t[:, None], p), expected, rtol=1e-12)
+    # 0 * log 0 is 0: hard targets met with certainty cost nothing without clipping
+    assert cross_entropy(np.array([1.0, 0.0]), np.array([1.0, 0.0]), eps=0.0).tolist() == [0.0, 0.0]
+
+
+def test_logit_cross_entropy_is_the_cross_entropy_of_the_sigmoid_without_saturating():
+    t = np.array([1.0, 0.0, 0.7, 1.0])
+    z = np.array([2.0, -3.0, 0.4, -50.0])
+    np.testing.assert_allclose(logit_cross_entropy(t[:3], z[:3]), cross_entropy(t[:3], sigmoid(z[:3])),
+                               rtol=1e-12)
+    assert logit_cross_entropy(t, z)[3] == pytest.approx(50.0)  # sigmoid(-50) would be clipped
+
+
+def test_logit_and_sigmoid_invert_each_other_and_clip():
+    p = np.array([0.5, 0.1, 0.9, 1e-6])
+    np.testing.assert_allclose(sigmoid(logit(p)), p, rtol=1e-12)
+    np.testing.assert_allclose(logit(p), np.log(p / (1 - p)), rtol=1e-12)
+    hi = 1.0 - LOGIT_EPS  # in float64, 1 - 1e-12 is 1 - 1.000089e-12
+    assert logit([0.0, 1.0]).tolist() == pytest.approx(
+        [math.log(LOGIT_EPS / (1 - LOGIT_EPS)), math.log(hi / (1 - hi))], rel=1e-12)
+    assert logit([0.0], eps=1e-7)[0] == pytest.approx(math.log(1e-7), rel=1e-6)
+    with np.errstate(all="raise"):  # no overflow on large logits
+        assert sigmoid([-800.0, 800.0]).tolist() == [0.0, 1.0]
+
+
+def test_the_old_import_path_re_exports_the_same_functions():
+    import catsdogs.evaluation.metrics as new
+    import catsdogs.runs.metrics as old
+
+    assert old.__all__ == new.__all__
+    assert all(getattr(old, name) is getattr(new, name) for name in new.__all__)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from catsdogs.errors import ConfigError
-from catsdogs.runs.metrics import log_loss
-from catsdogs.runs.postprocess import Transform, choose, fit, logit, sigmoid
+from catsdogs.evaluation.metrics import log_loss, logit, sigmoid
+from catsdogs.runs.postprocess import Transform, choose, fit
 
 
 def _draw(n: int, scale: float, seed: int, spread: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
@@ -162,3 +162,21 @@ def test_too_few_rows_of_a_class_learns_nothing():
     p = np.array([0.01, 0.99, 0.99, 0.99, 0.99, 0.2])
     assert choose(y, p).transform.kind == "none"
     assert choose(y, p, "temperature").transform.kind == "none"
+
+
+def test_the_exported_graph_takes_the_same_logit_as_numpy():
+    """The export's logit clips with the same constant and gives a saturated P(dog) of 1.0
+    NumPy's float64 logit (it took logit(1 - 1e-12) in exact arithmetic before, 2e-5 off)."""
+    pytest.importorskip("keras")
+    from keras import ops
+
+    from catsdogs.app.graph import PostProcess
+    from catsdogs.app.graph import logit as graph_logit
+
+    p = np.array([1.0, 0.0, 0.5, 0.9, 1e-13], dtype=np.float32)
+    z = np.asarray(ops.convert_to_numpy(graph_logit(ops.convert_to_tensor(p))))
+    assert z[0] == np.float32(logit(1.0))  # the float64 value, rounded once
+    np.testing.assert_allclose(z[1:], logit(p[1:].astype(np.float64)), rtol=1e-6)
+    t = Transform("temperature", temperature=1.7)
+    out = ops.convert_to_numpy(PostProcess("temperature", temperature=1.7)(p[:, None]))[:, 0]
+    np.testing.assert_allclose(out, t.apply(p.astype(np.float64)), rtol=1e-6)

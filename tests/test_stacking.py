@@ -11,8 +11,9 @@ from sklearn.metrics import log_loss, roc_auc_score  # noqa: E402
 
 from catsdogs.builtin.heads import DropoutSigmoidHead, NotFittedError  # noqa: E402
 from catsdogs.builtin.optimizers import AdamOptimizer  # noqa: E402
-from catsdogs.builtin.stacking import LightGBMStackingHead, check_blocks, to_logit  # noqa: E402
+from catsdogs.builtin.stacking import EPS, LightGBMStackingHead, check_blocks  # noqa: E402
 from catsdogs.errors import ConfigError  # noqa: E402
+from catsdogs.evaluation.metrics import logit  # noqa: E402
 from catsdogs.plugins import DEFAULT_PLUGINS, get_registry  # noqa: E402
 from catsdogs.testing import check_head  # noqa: E402
 
@@ -217,7 +218,7 @@ def test_bad_blocks_are_config_errors(blocks, message):
 def test_check_blocks_and_logits():
     assert check_blocks(None, 7) == [("features", 7)]
     assert check_blocks((("a", 3), ["b", np.int64(4)]), 7) == [("a", 3), ("b", 4)]
-    np.testing.assert_allclose(to_logit(np.array([0.5, 0.0, 1.0])), [0.0, -16.118, 16.118], atol=1e-3)
+    np.testing.assert_allclose(logit(np.array([0.5, 0.0, 1.0]), EPS), [0.0, -16.118, 16.118], atol=1e-3)
 
 
 @pytest.mark.parametrize(

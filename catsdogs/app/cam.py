@@ -77,7 +77,7 @@ def sample_photos(data_dir: str | os.PathLike, n: int, seed: int = 2019) -> list
 
 def cam_grid(predictor: Predictor, paths, out: str | os.PathLike) -> tuple[Path, list[str]]:
     """A grid of CAM overlays titled like ``dog 98.20%``; returns the PNG and skipped messages."""
-    from catsdogs.runs.plots import _pyplot, save_png
+    from catsdogs.evaluation.plots import pyplot, save_png
 
     tiles, skipped = [], []
     for path in paths:
@@ -92,7 +92,7 @@ def cam_grid(predictor: Predictor, paths, out: str | os.PathLike) -> tuple[Path,
         raise DataError("none of the sampled images could be read")
     cols = math.ceil(math.sqrt(len(tiles)))
     rows = math.ceil(len(tiles) / cols)
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")

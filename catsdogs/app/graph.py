@@ -11,9 +11,9 @@ same in the graph, in float32, so an exported model gives the submitted P(dog):
   (``sigmoid(bias + sum_k w_k logit(p_k))``);
 * :class:`PostProcess` -- ``none``, ``clip`` or ``temperature`` (``sigmoid(logit(p) / T)``).
 
-``logit`` follows :func:`catsdogs.runs.postprocess.logit`: probabilities are clipped to
-``[1e-12, 1 - 1e-12]`` first. In float32 ``1 - 1e-12`` is 1, so ``p == 1`` (a saturated sigmoid)
-takes the float64 value ``logit(1 - 1e-12)`` explicitly. Only TFLite builtin ops are used
+``logit`` follows :func:`catsdogs.evaluation.metrics.logit`: probabilities are clipped to
+``[LOGIT_EPS, 1 - LOGIT_EPS]`` first (the same constant, 1e-12). In float32 ``1 - 1e-12`` is 1,
+so ``p == 1`` (a saturated sigmoid) takes NumPy's float64 value of ``logit(1.0)`` explicitly. Only TFLite builtin ops are used
 (REVERSE_V2, LOG, MAXIMUM, SELECT, LOGISTIC, ...), and the layers are registered for ``.keras``
 loading in safe mode (package ``catsdogs``).
 """
@@ -23,18 +23,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import keras
-import numpy as np
 from keras import ops
 
-#: the clip of :func:`catsdogs.runs.postprocess.logit`
-_EPS = 1e-12
-#: logit(1 - 1e-12) in float64: the value NumPy gives a saturated P(dog) of 1.0
-_LOGIT_MAX = float(np.log1p(-_EPS) - np.log(_EPS))
+from catsdogs.evaluation import metrics
+
+#: the float64 logit of a saturated P(dog) of 1.0 (clipped to 1 - LOGIT_EPS), as NumPy computes it
+_LOGIT_MAX = float(metrics.logit(1.0))
 
 
 def logit(p):
     """Clipped logit of float32 probabilities, as NumPy's float64 version computes it."""
-    lo = ops.maximum(p, _EPS)
+    lo = ops.maximum(p, metrics.LOGIT_EPS)
     z = ops.log(lo) - ops.log(1.0 - lo)
     return ops.where(p >= 1.0, ops.full_like(p, _LOGIT_MAX), z)
 

@@ -528,12 +528,12 @@ def save_figure(fig, path: Path, dpi: int) -> Path:
 def write_outputs(result: AuditResult, out: str | os.PathLike, *, max_sheet: int = 64,
                   elapsed: float | None = None) -> dict[str, Path]:
     """Write the CSVs, plots and ``report.md`` of ``result`` into ``out``."""
-    from catsdogs.runs.plots import _pyplot
+    from catsdogs.evaluation.plots import pyplot
 
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     result.out_dir = out
-    plt = _pyplot()
+    plt = pyplot()
     files = result.files
     files["csv"] = write_csv(result.flagged, out / "audit.csv")
     files["csv_all"] = write_csv(result.images, out / "audit_all.csv")

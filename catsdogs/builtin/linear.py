@@ -32,7 +32,7 @@ import numpy as np
 
 from catsdogs.components import Head, Optimizer
 from catsdogs.errors import ConfigError
-from catsdogs.runs.metrics import log_loss
+from catsdogs.evaluation.metrics import log_loss, sigmoid
 from catsdogs.validation import (
     SEED_MAX,
     NotFittedError,
@@ -161,11 +161,9 @@ class LogisticHead(Head):
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """P(dog) for each row of ``X``: ``sigmoid(((X - mean) / scale) @ coef + intercept)``,
         float64 of shape ``(n,)``."""
-        from scipy.special import expit
-
         self._fitted()
         X = check_features(X, "X", n_features=self.n_features_in_, allow_empty=True)
-        return expit(((X - self.mean_) / self.scale_) @ self.coef_ + self.intercept_)
+        return sigmoid(((X - self.mean_) / self.scale_) @ self.coef_ + self.intercept_)
 
     def keras_model(self) -> keras.Model:
         """The fitted head as ``features (batch, d) -> Normalization -> Dense(1, sigmoid,

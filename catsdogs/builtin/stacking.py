@@ -43,8 +43,8 @@ import numpy as np
 
 from catsdogs.components import Head, Optimizer
 from catsdogs.errors import ConfigError
+from catsdogs.evaluation.metrics import log_loss, logit
 from catsdogs.hookspecs import hookimpl
-from catsdogs.runs.metrics import log_loss
 from catsdogs.util.extras import require
 from catsdogs.validation import (
     SEED_MAX,
@@ -65,12 +65,6 @@ EPS = 1e-7
 INNER_HOLDOUT = 0.2
 #: block name used when ``fit`` gets no ``blocks``
 WHOLE_BLOCK = "features"
-
-
-def to_logit(p: np.ndarray) -> np.ndarray:
-    """``log(p / (1 - p))`` of probabilities clipped to ``[EPS, 1 - EPS]``, as float64."""
-    p = np.clip(np.asarray(p, dtype=np.float64), EPS, 1.0 - EPS)
-    return np.log(p) - np.log1p(-p)
 
 
 def check_blocks(blocks: Any, n_features: int) -> list[tuple[str, int]]:
@@ -335,11 +329,11 @@ class LightGBMStackingHead(Head):
         for (block_name, _), sl in zip(block_list, slices):
             oof = self._level1_training_inputs(base_cls, X[:, sl], y, fit_kwargs, seed)
             oof_losses[block_name] = log_loss(y, oof, eps=EPS)
-            oof_cols.append(to_logit(oof))
+            oof_cols.append(logit(oof, EPS))
             head = self._fit_base(base_cls, X[:, sl], y, fit_kwargs)
             base_heads[block_name] = head
             if val is not None:
-                val_cols.append(to_logit(head.predict_proba(val[0][:, sl])))
+                val_cols.append(logit(head.predict_proba(val[0][:, sl]), EPS))
             if verbose:
                 logger.info("%s: block %r out-of-fold log loss %.4f",
                             self.name, block_name, oof_losses[block_name])
@@ -405,7 +399,7 @@ class LightGBMStackingHead(Head):
             raise NotFittedError(f"{self.name}: head not fitted; call fit() first")
         X = check_features(X, "X", n_features=self.n_features_in_, allow_empty=True)
         cols = [
-            to_logit(self.base_heads_[name].predict_proba(X[:, sl])) if len(X) else np.zeros(0)
+            logit(self.base_heads_[name].predict_proba(X[:, sl]), EPS) if len(X) else np.zeros(0)
             for (name, _), sl in zip(self.blocks_, _slices(self.blocks_))
         ]
         return np.column_stack(cols) if cols else np.zeros((len(X), 0))

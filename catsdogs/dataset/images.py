@@ -82,7 +82,8 @@ def max_file_bytes() -> int:
     return _limit("CATSDOGS_MAX_FILE_BYTES", DEFAULT_MAX_FILE_BYTES)
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, from its ``st_mode`` ("a named pipe", ...)."""
     for test, name in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
                        (stat.S_ISDIR, "a directory")):
@@ -124,7 +125,7 @@ def read_image_file(path: str | os.PathLike) -> bytes:
     with os.fdopen(fd, "rb") as fh:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ImageDecodeError(f"{_kind(st.st_mode)}, not a regular file: only regular files "
+            raise ImageDecodeError(f"{file_kind(st.st_mode)}, not a regular file: only regular files "
                                    "are read")
         if st.st_size > cap:
             raise ImageDecodeError(f"file too large ({st.st_size / 2**20:.1f} MiB > the cap of "

@@ -93,9 +93,9 @@ def _unusable(path: Path) -> str | None:
     except OSError as exc:
         return f"cannot stat ({exc.strerror or exc})"
     if not stat.S_ISREG(st.st_mode):
-        from catsdogs.dataset.images import _kind
+        from catsdogs.dataset.images import file_kind
 
-        return f"{_kind(st.st_mode)}, not a regular file: only regular files are read"
+        return f"{file_kind(st.st_mode)}, not a regular file: only regular files are read"
     if not os.access(path, os.R_OK):
         return "no read permission"
     return None

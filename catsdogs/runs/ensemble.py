@@ -43,8 +43,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from catsdogs.errors import ConfigError, DataError
-from catsdogs.runs.metrics import log_loss
-from catsdogs.runs.postprocess import FOLD_PREFIX, logit, sigmoid
+from catsdogs.evaluation.metrics import (
+    cross_entropy,
+    log_loss,
+    logit,
+    logit_cross_entropy,
+    sigmoid,
+    summarize,
+)
+from catsdogs.runs.postprocess import FOLD_PREFIX
 
 if TYPE_CHECKING:  # pragma: no cover
     from catsdogs.experiment.spec import Experiment
@@ -95,7 +102,7 @@ def fit_blend(method: str, y: np.ndarray, P: np.ndarray) -> Blend:
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
         w, b = theta[:k], theta[k]
         s = b + Z @ w
-        loss = np.logaddexp(0.0, -s) * y + np.logaddexp(0.0, s) * (1.0 - y)
+        loss = logit_cross_entropy(y, s)
         r = sigmoid(s) - y  # d loss / d s
         grad = np.concatenate([Z.T @ r / len(y) + 2 * L2 * w, [r.mean()]])
         return float(loss.mean() + L2 * w @ w), grad
@@ -131,8 +138,8 @@ class EnsembleFit:
 
 
 def _losses(y: np.ndarray, P: np.ndarray) -> np.ndarray:
-    Pc = np.clip(P, 1e-15, 1 - 1e-15)
-    return -(y[:, None] * np.log(Pc) + (1 - y[:, None]) * np.log1p(-Pc)).mean(axis=0)
+    """Each member's (column's) mean log loss."""
+    return cross_entropy(y[:, None], P).mean(axis=0)
 
 
 def _select(y: np.ndarray, P: np.ndarray, top: int) -> np.ndarray:
@@ -218,7 +225,6 @@ def ensemble_record(records: list[RunRecord], out: Path, experiment: Experiment)
     import pandas as pd
 
     from catsdogs._version import __version__
-    from catsdogs.runs.metrics import summarize
     from catsdogs.runs.record import HeadRef, Metrics, RunRecord
     from catsdogs.util.fileio import replace_path
 

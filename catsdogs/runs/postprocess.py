@@ -7,7 +7,7 @@ post-processed before they are scored or submitted. The candidates:
     the head's probabilities as they are.
 ``clip``
     ``clip(p, eps, 1 - eps)`` with ``eps`` learned on the validation predictions
-    (:func:`catsdogs.runs.metrics.best_clip`); or, when the experiment gives ``clip: [lo, hi]``
+    (:func:`catsdogs.evaluation.metrics.best_clip`); or, when the experiment gives ``clip: [lo, hi]``
     explicitly, exactly those bounds (nothing learned).
 ``temperature``
     ``sigmoid(logit(p) / T)`` with one scalar ``T`` fitted by minimising the validation log loss;
@@ -54,11 +54,19 @@ from typing import Any
 import numpy as np
 
 from catsdogs.errors import ConfigError
-from catsdogs.runs.metrics import DEFAULT_CLIP_GRID, log_loss
+from catsdogs.evaluation.metrics import (
+    DEFAULT_CLIP_GRID,
+    check_clip_bounds,
+    cross_entropy,
+    log_loss,
+    logit,
+    logit_cross_entropy,
+    sigmoid,
+)
 
 __all__ = ["METHODS", "MIN_Z", "POST_COLUMN", "Choice", "Transform", "apply_to_test", "choose",
-           "fit", "fold_columns", "logit", "platt_targets", "postprocess_record", "ranking_loss",
-           "sigmoid", "transform_of"]
+           "fit", "fold_columns", "platt_targets", "postprocess_record", "ranking_loss",
+           "transform_of"]
 
 #: the values of the experiment's ``postprocess`` field
 METHODS = ("auto", "none", "clip", "temperature")
@@ -66,8 +74,6 @@ METHODS = ("auto", "none", "clip", "temperature")
 MIN_Z = 1.0
 #: folds of the cross-validated choice (fewer when a class has fewer validation rows)
 FOLDS = 5
-#: probabilities are kept this far from 0 and 1 before taking the logit
-_EPS = 1e-12
 #: column of ``val_predictions.csv`` holding the cross-fitted post-processed predictions (the
 #: rows behind the ranking number: their mean log loss is ``logloss_post``)
 POST_COLUMN = "p_dog_post"
@@ -75,16 +81,6 @@ POST_COLUMN = "p_dog_post"
 FOLD_PREFIX = "p_dog_fold"
 #: bounds of log(T) searched by the temperature fit
 _LOG_T_BOUNDS = (-4.0, 4.0)
-
-
-def logit(p) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1.0 - _EPS)
-    return np.log(p) - np.log1p(-p)
-
-
-def sigmoid(z) -> np.ndarray:
-    z = np.asarray(z, dtype=np.float64)
-    return np.exp(-np.logaddexp(0.0, -z))
 
 
 @dataclass(frozen=True)
@@ -152,13 +148,11 @@ def fit(kind: str, y, p, clip_bounds: tuple[float, float] | None = None) -> Tran
         return Transform("none")
     if kind == "clip":
         if clip_bounds is not None:
-            lo, hi = float(clip_bounds[0]), float(clip_bounds[1])
-            if not 0.0 <= lo < hi <= 1.0:
-                raise ConfigError(f"clip bounds must satisfy 0 <= lo < hi <= 1, got {[lo, hi]}")
+            lo, hi = check_clip_bounds(*clip_bounds)
             return Transform("clip", lo=lo, hi=hi)
         t, p = platt_targets(y), np.asarray(p, dtype=np.float64).ravel()
         eps = min(np.unique(np.concatenate([[0.0], DEFAULT_CLIP_GRID])),
-                  key=lambda e: float(_row_losses(t, np.clip(p, e, 1.0 - e)).mean()))
+                  key=lambda e: float(cross_entropy(t, np.clip(p, e, 1.0 - e)).mean()))
         return Transform("clip", lo=float(eps), hi=1.0 - float(eps), learned=True)
     if kind == "temperature":
         return Transform("temperature", temperature=_fit_temperature(y, p), learned=True)
@@ -172,18 +166,10 @@ def _fit_temperature(y, p) -> float:
     z = logit(p).ravel()
 
     def loss(log_t: float) -> float:
-        s = z / np.exp(log_t)
-        # -[y log sigmoid(s) + (1-y) log sigmoid(-s)], written stably
-        return float(np.mean(np.logaddexp(0.0, -s) * y + np.logaddexp(0.0, s) * (1.0 - y)))
+        return float(np.mean(logit_cross_entropy(y, z / np.exp(log_t))))
 
     res = minimize_scalar(loss, bounds=_LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-6})
     return float(np.exp(res.x))
-
-
-def _row_losses(y: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """Per-row cross-entropy of ``p`` against (possibly soft) targets ``y``."""
-    p = np.clip(p, 1e-15, 1.0 - 1e-15)
-    return -(y * np.log(p) + (1.0 - y) * np.log1p(-p))
 
 
 @dataclass
@@ -260,13 +246,13 @@ def choose(y, p, method: str = "auto", *, clip_bounds: tuple[float, float] | Non
     if fold_ids is None and method in ("clip", "temperature") and not (
             method == "clip" and clip_bounds is not None):
         candidates = ["none"]  # too few rows of a class to cross-fit: nothing learned
-    base = _row_losses(y, p)  # the real per-row log loss of ``none``
+    base = cross_entropy(y, p)  # the real per-row log loss of ``none``
     cv: dict[str, dict[str, float]] = {}
     preds: dict[str, np.ndarray] = {}
     best, best_gain = candidates[0], 0.0
     for kind in candidates:
         q = preds[kind] = cv_predictions(kind)
-        gain = base - _row_losses(y, q)  # > 0: the transform helps that held-out row (real labels)
+        gain = base - cross_entropy(y, q)  # > 0: the transform helps that held-out row (real labels)
         se = float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else 0.0
         z = float(gain.mean() / se) if se > 0 else 0.0
         cv[kind] = {"logloss": log_loss(y, q), "gain": float(gain.mean()), "z": z}

@@ -40,11 +40,11 @@ import numpy as np
 from catsdogs._version import __version__
 from catsdogs.compute import LOCAL_NODE
 from catsdogs.errors import ConfigError, DataError
+from catsdogs.evaluation.metrics import BOOTSTRAP, TIE_SE, PairedStats
 from catsdogs.experiment.spec import Experiment, HeadSpec, OptimizerSpec
 from catsdogs.features.fusion import Aligned, align
 from catsdogs.runs.ensemble import ensemble_record
 from catsdogs.runs.features import run_features
-from catsdogs.runs.metrics import BOOTSTRAP, TIE_SE, PairedStats
 from catsdogs.runs.postprocess import (
     FOLD_PREFIX,
     POST_COLUMN,
@@ -184,12 +184,12 @@ def rank_records(records: list[RunRecord]) -> list[RunRecord]:
 
 def rank_stats(ranked: list[RunRecord], out: Path, seed: int) -> dict[str, PairedStats]:
     """Each ranked run's bootstrap standard error and paired difference to the leader
-    (:func:`catsdogs.runs.metrics.paired_bootstrap`, seeded with the experiment's seed) over the
-    per-photo losses behind its ranking number (the ``p_dog_post`` column of its
+    (:func:`catsdogs.evaluation.metrics.paired_bootstrap`, seeded with the experiment's seed)
+    over the per-photo losses behind its ranking number (the ``p_dog_post`` column of its
     ``val_predictions.csv``; every run predicts the same validation photos)."""
     import pandas as pd
 
-    from catsdogs.runs.metrics import paired_bootstrap, row_log_losses
+    from catsdogs.evaluation.metrics import paired_bootstrap, row_log_losses
 
     frames = [pd.read_csv(out / "runs" / r.run_id / "val_predictions.csv").set_index("file")
               for r in ranked]
@@ -253,8 +253,8 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
     :func:`catsdogs.runs.multifit.fit_grid`), predict, score and write its files to ``run_dir``."""
     import pandas as pd
 
-    from catsdogs.runs.metrics import summarize
-    from catsdogs.runs.plots import plot_history
+    from catsdogs.evaluation.metrics import summarize
+    from catsdogs.evaluation.plots import plot_history
 
     t0 = time.perf_counter()
     # grouped runs come with their predictions: no need to fuse (copy) the combination's columns
@@ -570,8 +570,8 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
     """
     from catsdogs.dataset.layout import open_dataset
     from catsdogs.engine import EngineSpec, open_engine
+    from catsdogs.evaluation.plots import plot_leaderboard
     from catsdogs.plugins import get_registry
-    from catsdogs.runs.plots import plot_leaderboard
 
     registry = registry or get_registry()
     echo = echo or (lambda s: None)
@@ -748,7 +748,7 @@ def _attach_test_metrics(records: list[RunRecord], out: Path, labels_file: Path,
     """Score every run's test predictions, as they would be submitted, against known labels."""
     import pandas as pd
 
-    from catsdogs.runs.metrics import accuracy, log_loss
+    from catsdogs.evaluation.metrics import accuracy, log_loss
     from catsdogs.runs.submission import read_labels
 
     labels = read_labels(labels_file)

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from catsdogs.errors import DataError
-from catsdogs.runs.metrics import _check_bounds, accuracy, log_loss
+from catsdogs.evaluation.metrics import accuracy, check_clip_bounds, log_loss
 from catsdogs.util.fileio import atomic_write
 from catsdogs.validation import is_int
 
@@ -158,7 +158,7 @@ def _check(df: pd.DataFrame, *, expected_ids, clip_bounds, source: str,
         raise DataError(f"{source}: header must be 'id,label', got '{','.join(header)}'")
     expected = None if expected_ids is None else _expected_array(expected_ids)
     if clip_bounds is not None:
-        clip_bounds = _check_bounds(*clip_bounds)
+        clip_bounds = check_clip_bounds(*clip_bounds)
     if len(df) == 0:
         wanted = "" if expected is None else f" (expected {_plural(expected.size, 'test id')})"
         raise DataError(f"{source}: no rows{wanted}")
@@ -266,7 +266,7 @@ def write_submission(path: str | os.PathLike, ids, probabilities, *,
     if probs.size != id_arr.size:
         raise DataError(f"{source}: {_plural(id_arr.size, 'id')} but "
                         f"{_plural(probs.size, 'probability', 'probabilities')}")
-    bounds = None if clip_bounds is None else _check_bounds(*clip_bounds)
+    bounds = None if clip_bounds is None else check_clip_bounds(*clip_bounds)
     # check before clipping: clipping would hide NaN-free garbage such as inf or logits
     _check_values(id_arr, probs, source, "probability")
     if bounds is not None:

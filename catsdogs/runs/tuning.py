@@ -25,7 +25,7 @@ import numpy as np
 
 from catsdogs.components import DEFAULT_SEARCH_SPACE, Head, Optimizer, SearchSpace
 from catsdogs.errors import ConfigError
-from catsdogs.runs import metrics
+from catsdogs.evaluation.metrics import log_loss
 from catsdogs.util.extras import require
 from catsdogs.validation import SEED_MAX, check_features, check_int, check_labels
 
@@ -52,14 +52,6 @@ class TuningResult:
     best_score: float
     trials: list[dict[str, Any]] = field(default_factory=list)
     tuned: tuple[str, ...] = ()
-
-
-def log_loss(y: np.ndarray, p: np.ndarray) -> float:
-    """Mean binary cross-entropy of P(dog) ``p`` against 0/1 labels ``y`` (inf when ``p`` has NaN)."""
-    p = np.asarray(p, dtype=np.float64)
-    if not np.isfinite(p).all():  # a diverged trial scores worst instead of stopping the search
-        return math.inf
-    return metrics.log_loss(y, p, eps=EPS)
 
 
 def known_tunable_names(head_classes: Iterable[type[Head]] | None = None) -> tuple[str, ...]:
@@ -187,7 +179,9 @@ def tune_head(
         opt = optimizer_cls(learning_rate=lr) if optimizer is not None else None
         head.fit(X_fit, y_fit, optimizer=opt, epochs=epochs, batch_size=batch_size,
                  seed=seed, verbose=0, blocks=blocks)
-        score = log_loss(y_hold, head.predict_proba(X_hold))
+        p = np.asarray(head.predict_proba(X_hold), dtype=np.float64)
+        # a diverged trial scores worst instead of stopping the search
+        score = log_loss(y_hold, p, eps=EPS) if np.isfinite(p).all() else math.inf
         trials.append({"trial_id": trial_id, "params": head_params,
                        "learning_rate": None if lr is None else float(lr), "score": score})
         return score

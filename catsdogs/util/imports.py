@@ -14,11 +14,12 @@ from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
-#: pipeline stages in data-path order; ``api`` is the package facade (``catsdogs``), ``__main__``
-#: and the CLI; the other modules outside a sub-package (contracts, plugin loading, validation,
-#: errors, layers, conformance checks) form the ``core``
+#: pipeline stages in data-path order, then the shared layers (``util``; ``evaluation``: metrics
+#: and plots, below the runs, the app and the audit); ``api`` is the package facade
+#: (``catsdogs``), ``__main__`` and the CLI; the other modules outside a sub-package (contracts,
+#: plugin loading, validation, errors, layers, conformance checks) form the ``core``
 STAGES = ("core", "dataset", "features", "experiment", "runs", "engine", "tracking", "app",
-          "audit", "builtin", "util", "api")
+          "audit", "builtin", "util", "evaluation", "api")
 API_MODULES = ("catsdogs", "catsdogs.__main__", "catsdogs.cli")
 
 

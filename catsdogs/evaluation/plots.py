@@ -1,4 +1,7 @@
-"""PNG plots: training curves per run and the leaderboard against the target."""
+"""PNG plots: training curves per run and the leaderboard against the target, and the two helpers
+every picture of the package uses (the runs' plots, the audit's, the CAM grid): :func:`pyplot`
+(matplotlib on the ``Agg`` backend unless ``MPLBACKEND`` says otherwise) and :func:`save_png`
+(atomic)."""
 
 from __future__ import annotations
 
@@ -6,8 +9,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+__all__ = ["plot_history", "plot_leaderboard", "pyplot", "save_png"]
 
-def _pyplot():
+
+def pyplot():
+    """``matplotlib.pyplot``, on the non-interactive ``Agg`` backend unless ``MPLBACKEND`` is set."""
     import matplotlib
 
     if os.environ.get("MPLBACKEND") is None:
@@ -34,7 +40,7 @@ def plot_history(history: dict[str, list[float]], path: Path, title: str) -> Pat
     pairs = [(k, f"val_{k}") for k in ("loss", "accuracy") if history.get(k) or history.get(f"val_{k}")]
     if not pairs:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(pairs), figsize=(5.5 * len(pairs), 3.8), squeeze=False)
@@ -60,7 +66,7 @@ def plot_leaderboard(names: Sequence[str], losses: Sequence[float], target: floa
     """Horizontal bars of each run's ranking number (:attr:`RunRecord.ranking_logloss`), best at
     the top, green under the target, with the target as a line and ``errors`` (standard errors)
     as error bars."""
-    plt = _pyplot()
+    plt = pyplot()
     order = sorted(range(len(names)), key=lambda i: losses[i])
     names = [names[i] for i in order]
     losses = [losses[i] for i in order]
