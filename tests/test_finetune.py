@@ -206,3 +206,66 @@ def test_wrong_maps_are_one_clear_error(maps_data):
         FineTuneHead(weights="none").fit(maps, y, epochs=1, blocks=[("a", 1), ("b", 2)])
     with pytest.raises(ConfigError, match="top_blocks"):
         FineTuneHead(**{**PARAMS, "top_blocks": 0}).fit(maps, y, epochs=1)
+
+
+# -- the maps cache ------------------------------------------------------------------------------
+def _bottom_maps(tiny, paths) -> np.ndarray:
+    from catsdogs.dataset.images import decode_rgb, read_image_file, resize
+
+    bottom, _ = tiny.split_top("none", SIZE)
+    pixels = np.stack([resize(decode_rgb(read_image_file(p)), SIZE, "squash") for p in paths])
+    return np.asarray(bottom(pixels.astype(np.float32), training=False)).reshape(len(paths), -1)
+
+
+def test_maps_are_cached_in_float16_and_reused(tiny, tmp_path):
+    from conftest import make_kaggle, write_jpeg
+
+    from catsdogs.features.maps import cache_maps
+
+    data = make_kaggle(tmp_path / "data", n_per_class=4, n_test=3)
+    kw = {"weights": "none", "cache_dir": tmp_path / "cache", "chunk_size": 3}
+    first = cache_maps(data, "tiny_split", **kw)
+    assert first.computed == 11 and first.train.X.dtype == np.float16
+    assert first.train.X.shape == (8, first.config.width) and len(first.test) == 3
+    want = _bottom_maps(tiny, [data / f for f in first.train.files])
+    np.testing.assert_allclose(first.train.X.astype(np.float32), want, rtol=2**-10, atol=1e-6)
+    assert sorted(first.train.y.tolist()) == [0] * 4 + [1] * 4
+
+    again = cache_maps(data, "tiny_split", **kw)
+    assert again.computed == 0
+    np.testing.assert_array_equal(again.train.X, first.train.X)
+    np.testing.assert_array_equal(again.test.X, first.test.X)
+
+    write_jpeg(data / "train" / "dog.2.jpg", 999, label=1)  # new content: one forward pass
+    changed = cache_maps(data, "tiny_split", **kw)
+    assert changed.computed == 1
+    row = changed.train.files.index("train/dog.2.jpg")
+    np.testing.assert_allclose(changed.train.X[row].astype(np.float32),
+                               _bottom_maps(tiny, [data / "train/dog.2.jpg"])[0], rtol=2**-10, atol=1e-6)
+
+    other = cache_maps(data, "tiny_split", **{**kw, "image_size": 32})  # another configuration
+    assert other.computed == 11 and other.path != first.path
+
+
+def test_a_damaged_maps_chunk_is_recomputed(tiny, tmp_path, caplog):
+    from conftest import make_kaggle
+
+    from catsdogs.features.maps import cache_maps
+
+    data = make_kaggle(tmp_path / "data", n_per_class=3, n_test=0)
+    kw = {"weights": "none", "cache_dir": tmp_path / "cache", "chunk_size": 4}
+    first = cache_maps(data, "tiny_split", **kw)
+    npz = sorted(first.path.glob("chunk-*.npz"))
+    assert len(npz) == 2
+    rows = len(json_digests(npz[0]))
+    npz[0].write_bytes(npz[0].read_bytes()[:-40] + b"x" * 40)
+    again = cache_maps(data, "tiny_split", **kw)
+    assert again.computed == rows
+    assert "damaged maps chunk" in caplog.text
+    np.testing.assert_array_equal(again.train.X, first.train.X)
+
+
+def json_digests(npz_path) -> list:
+    import json
+
+    return json.loads(npz_path.with_suffix(".json").read_text())["digests"]

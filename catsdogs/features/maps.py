@@ -1,0 +1,261 @@
+"""Cached feature maps entering a backbone's last block(s), in float16 (issue 24, lever 4).
+
+The ``finetune`` head (:mod:`catsdogs.builtin.finetune`) trains a backbone's top block(s) on the
+maps that enter them. Those come from one forward pass per photo through the backbone's bottom
+(:meth:`~catsdogs.components.TopSplit.split_top`) and are cached like every feature set:
+
+* keyed by everything that determines them: backbone, weights id, input size, resize policy, the
+  number of top blocks and the maps' shape (:class:`MapsConfig`), in the data set's feature-cache
+  folder (:func:`catsdogs.features.cache.dataset_cache_dir`)::
+
+      <cache>/features/<data dir>-<hash>/<backbone>-<size>-<weights>-<resize>-maps<blocks>-<key>/
+
+* content-addressed: every row is stored under the BLAKE2b digest of its photo's bytes, so an
+  added or changed photo costs one forward pass and a row never belongs to other bytes;
+* in chunks (``chunk-<hash of its digests>.npz``: the flattened float16 maps and their digests,
+  then ``.json``: the key, digests, skipped photos and a checksum of the maps, written last; both
+  through :func:`catsdogs.util.fileio.atomic_write`): after ``kill -9`` every finished chunk is
+  reused; a damaged chunk is ignored with a warning and its photos recomputed;
+* computed by the engine's :meth:`~catsdogs.compute.Engine.map_chunks` with extraction's worker
+  (:class:`catsdogs.features.extraction.ChunkFeatures`: decoding threads, one compiled call).
+
+float16 halves the cache and the memory of the maps (Lite0 at 224 px: 7 x 7 x 192 = 9,408 values,
+18.8 kB a photo, 376 MB for 20,000 photos); the head rounds its input to float16 too, so the
+export, which computes the maps in float32, predicts what training saw.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import zipfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from catsdogs.compute import LOCAL, Engine
+from catsdogs.errors import ConfigError
+from catsdogs.features.cache import SPLITS, dataset_cache_dir, default_cache_dir
+from catsdogs.util.fileio import atomic_write
+
+logger = logging.getLogger("catsdogs")
+
+#: the maps cache's format; part of every key
+MAPS_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class MapsConfig:
+    """Everything that determines a photo's cached maps apart from its bytes."""
+
+    backbone: str
+    weights: str
+    weights_id: str
+    image_size: int
+    resize: str
+    blocks: int
+    shape: tuple[int, ...]  # (h, w, c) of the maps entering the top block(s)
+
+    @property
+    def width(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def key(self) -> str:
+        blob = json.dumps({**asdict(self), "kind": "maps", "dtype": "float16",
+                           "format": MAPS_FORMAT}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def dirname(self) -> str:
+        return (f"{self.backbone}-{self.image_size}-{self.weights}-{self.resize}-maps{self.blocks}-"
+                f"{self.key[:10]}")
+
+
+@dataclass
+class MapsSplit:
+    """One split's rows: ``X`` is ``(n, h*w*c)`` float16 (row-major flattened maps)."""
+
+    X: np.ndarray
+    y: np.ndarray
+    ids: np.ndarray
+    files: list[str]
+    digests: list[str]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+@dataclass
+class MapsSet:
+    config: MapsConfig
+    path: Path
+    train: MapsSplit
+    test: MapsSplit
+    computed: int = 0  # photos whose maps this call computed
+    skipped: dict[str, str] = field(default_factory=dict)  # relpath -> reason
+
+
+class MapsModel:
+    """The bottom model behind one compiled call on uint8 batches: flattened float16 maps."""
+
+    def __init__(self, backbone, weights: str, image_size: int, blocks: int, batch_size: int):
+        import tensorflow as tf
+
+        bottom, _ = backbone.split_top(weights, image_size, blocks=blocks)
+        self.batch_size = batch_size
+        spec = tf.TensorSpec([None, image_size, image_size, 3], tf.uint8)
+
+        @tf.function(input_signature=[spec])
+        def _call(x):
+            maps = bottom(tf.cast(x, tf.float32), training=False)
+            return tf.cast(tf.reshape(maps, [tf.shape(maps)[0], -1]), tf.float16)
+
+        self._call = _call
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        out = [self._call(images[s:s + self.batch_size]).numpy()
+               for s in range(0, len(images), self.batch_size)]
+        return np.concatenate(out)
+
+
+@dataclass
+class MapsModelFactory:
+    """Builds :class:`MapsModel` in a worker (picklable for engines that ship it)."""
+
+    backbone: Any
+    weights: str
+    image_size: int
+    blocks: int
+    batch_size: int
+
+    def __call__(self) -> MapsModel:
+        return MapsModel(self.backbone, self.weights, self.image_size, self.blocks, self.batch_size)
+
+
+def maps_config(backbone, weights: str, image_size: int | None, blocks: int,
+                resize: str = "squash") -> MapsConfig:
+    """The configuration of ``backbone``'s maps entering its last ``blocks`` block(s)."""
+    from catsdogs.components import has_top_split
+
+    if not has_top_split(backbone):
+        raise ConfigError(f"backbone {backbone.name!r} cannot be cut before its last blocks (it "
+                          "does not offer split_top), so it has no maps to fine-tune on")
+    size = int(image_size or backbone.input_size)
+    _, top = backbone.split_top(weights, size, blocks=blocks)
+    shape = tuple(int(s) for s in top.input.shape[1:])
+    return MapsConfig(backbone.name, weights, backbone.weights_id(weights), size, resize,
+                      int(blocks), shape)
+
+
+def _checksum(arr: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(arr).tobytes(), digest_size=16).hexdigest()
+
+
+def _load_chunks(folder: Path, config: MapsConfig) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Every finished, intact chunk's rows: digest -> maps row, and the skipped digests."""
+    rows: dict[str, np.ndarray] = {}
+    skipped: dict[str, str] = {}
+    if not folder.is_dir():
+        return rows, skipped
+    for marker in sorted(folder.glob("chunk-*.json")):
+        try:
+            info = json.loads(marker.read_text())
+            if info.get("key") != config.key:
+                continue
+            with np.load(marker.with_suffix(".npz"), allow_pickle=False) as npz:
+                maps = npz["maps"]
+            if maps.dtype != np.float16 or maps.shape != (len(info["digests"]), config.width):
+                raise ValueError(f"maps of {maps.dtype} {maps.shape}")
+            if _checksum(maps) != info["checksum"]:
+                raise ValueError("checksum mismatch")
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            logger.warning("ignoring damaged maps chunk %s (%s); its photos are recomputed",
+                           marker, exc)
+            continue
+        rows.update(zip(info["digests"], maps))
+        skipped.update(info.get("skipped", {}))
+    return rows, skipped
+
+
+def _write_chunk(folder: Path, config: MapsConfig, digests: list[str], maps: np.ndarray,
+                 skipped: dict[str, str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    maps = np.ascontiguousarray(maps, dtype=np.float16).reshape(len(digests), config.width)
+    stem = "chunk-" + hashlib.blake2b("\n".join(digests + sorted(skipped)).encode(),
+                                      digest_size=8).hexdigest()
+    atomic_write(folder / f"{stem}.npz", functools.partial(np.savez, maps=maps))
+    info = {"key": config.key, "digests": digests, "skipped": skipped, "checksum": _checksum(maps)}
+    atomic_write(folder / f"{stem}.json", lambda fh: fh.write(json.dumps(info).encode()))
+
+
+def cache_maps(data_dir: str | os.PathLike, backbone: str, *, weights: str = "imagenet",
+               image_size: int | None = None, blocks: int = 1, resize: str = "squash",
+               cache_dir: str | os.PathLike | None = None, chunk_size: int = 256,
+               batch_size: int = 32, workers: int = 2, registry=None, dataset=None,
+               digests: Sequence[str] | None = None, engine: Engine = LOCAL) -> MapsSet:
+    """The float16 maps entering ``backbone``'s last ``blocks`` block(s) for every photo of
+    ``data_dir`` (computed once per photo content and configuration, see the module docstring)."""
+    from catsdogs.dataset.layout import digest_all, open_dataset
+    from catsdogs.features.extraction import ChunkFeatures
+
+    if registry is None:
+        from catsdogs.plugins import get_registry
+
+        registry = get_registry()
+    bb = registry.backbone(backbone)
+    bb.check_weights(weights)
+    config = maps_config(bb, weights, image_size, blocks, resize)
+    ds = dataset if dataset is not None else open_dataset(data_dir)
+    records = ds.records
+    digs = list(digests) if digests is not None else digest_all(records, engine=engine)
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    folder = dataset_cache_dir(root, Path(ds.root)) / config.dirname
+
+    rows, skipped = _load_chunks(folder, config)
+    todo: dict[str, Any] = {}
+    for rec, dig in zip(records, digs):
+        if dig not in rows and dig not in skipped and dig not in todo:
+            todo[dig] = rec
+    computed = 0
+    if todo:
+        items = list(todo.items())
+        chunks = [items[i:i + chunk_size] for i in range(0, len(items), chunk_size)]
+        factory = functools.partial(
+            ChunkFeatures,
+            engine.portable(MapsModelFactory(bb, weights, config.image_size, config.blocks, batch_size)),
+            config.image_size, resize, config.width, workers)
+
+        def args_of(chunk):
+            return ("orig",), [d for d, _ in chunk], engine.payload([r.path for _, r in chunk])
+
+        def on_result(chunk, out, node, pid):
+            nonlocal computed
+            maps = out["arrays"]["orig"]
+            _write_chunk(folder, config, list(out["digests"]), maps, dict(out["skipped"]))
+            rows.update(zip(out["digests"], np.asarray(maps, np.float16)))
+            skipped.update(out["skipped"])
+            computed += len(out["digests"])
+
+        def what(chunk):
+            return f"the maps of {len(chunk)} photos {chunk[0][1].relpath} .. {chunk[-1][1].relpath}"
+
+        engine.map_chunks(factory, chunks, args_of, on_result, what)
+
+    splits = {}
+    for split in SPLITS:
+        recs = [(r, d) for r, d in zip(records, digs) if r.split == split and d in rows]
+        X = (np.stack([rows[d] for _, d in recs]) if recs
+             else np.zeros((0, config.width), np.float16))
+        splits[split] = MapsSplit(X, np.array([r.label for r, _ in recs], np.int8),
+                                  np.array([r.id for r, _ in recs], np.int64),
+                                  [r.relpath for r, _ in recs], [d for _, d in recs])
+    reasons = {r.relpath: skipped[d] for r, d in zip(records, digs) if d in skipped}
+    return MapsSet(config, folder, splits["train"], splits["test"], computed, reasons)
