@@ -229,7 +229,7 @@ def run(experiment_file, data, cache_dir, out, weights, no_submit, no_progress, 
                    "recorded with the run (learned clip, temperature, none, or the fixed clip)].")
 def predict_test(run_dir, out_file, clip) -> None:
     """Write Kaggle's submission.csv (id,label) from a finished run's test predictions."""
-    from catsdogs.runs.runner import write_run_submission
+    from catsdogs.runs.submission import write_run_submission
 
     path = write_run_submission(run_dir, out_file, clip=clip)
     click.echo(f"wrote {path}")

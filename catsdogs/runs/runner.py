@@ -31,16 +31,16 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
 from catsdogs._version import __version__
 from catsdogs.compute import LOCAL_NODE
-from catsdogs.errors import ConfigError, DataError
-from catsdogs.evaluation.metrics import BOOTSTRAP, TIE_SE, PairedStats
+from catsdogs.errors import DataError
+from catsdogs.evaluation.metrics import PairedStats
 from catsdogs.experiment.spec import Experiment, HeadSpec, OptimizerSpec
 from catsdogs.features.fusion import Aligned, align
 from catsdogs.runs.ensemble import ensemble_record
@@ -63,6 +63,9 @@ from catsdogs.runs.record import (
     ValidationRef,
     load_record,
 )
+from catsdogs.runs.report import format_leaderboard, write_summary
+from catsdogs.runs.result import ExperimentResult
+from catsdogs.runs.submission import write_run_submission
 from catsdogs.tracking import log_result, open_tracker
 from catsdogs.util.fileio import (
     atomic_write,
@@ -123,60 +126,7 @@ def plan_runs(experiment: Experiment, registry=None) -> list[RunSpec]:
     ]
 
 
-# ------------------------------------------------------------------------------------ results
-@dataclass
-class ExperimentResult:
-    experiment: Experiment
-    out_dir: Path
-    records: list[RunRecord]  # ranked, best first
-    computed: int  # runs trained in this call
-    reused: int  # runs taken from earlier calls
-    submission: Path | None = None
-    feature_files: dict[str, str] = field(default_factory=dict)
-    #: run id -> standard error and paired difference to the leader (:func:`rank_stats`)
-    stats: dict[str, PairedStats] = field(default_factory=dict)
-
-    @property
-    def winner(self) -> RunRecord:
-        return self.records[0]
-
-    def leaderboard(self):
-        import pandas as pd
-
-        return pd.DataFrame([_leaderboard_row(i + 1, r, self.stats.get(r.run_id))
-                             for i, r in enumerate(self.records)])
-
-
-def _leaderboard_row(rank: int, record: RunRecord, stat: PairedStats | None) -> dict[str, Any]:
-    """One leaderboard row. ``val_logloss`` is THE number (:attr:`RunRecord.ranking_logloss`);
-    ``val_logloss_raw`` / ``val_logloss_clipped`` (the experiment's fixed clip) are for reference,
-    ``val_logloss_post`` is the same number as ``val_logloss`` under its older name."""
-    m, t = record.metrics, record.test_metrics
-    return {
-        "rank": rank,
-        "run_id": record.run_id,
-        "combination": "+".join(record.combination),
-        "n_backbones": len(record.combination),
-        "head": record.head.name,
-        "optimizer": record.optimizer.name if record.optimizer else "",
-        "learning_rate": record.learning_rate,
-        "val_logloss": record.ranking_logloss,
-        "val_logloss_se": None if stat is None else stat.se,
-        "diff_to_leader": None if stat is None else stat.diff,
-        "diff_to_leader_se": None if stat is None else stat.diff_se,
-        "tied_with_leader": None if stat is None else stat.tied,
-        "postprocess": transform_of(record).describe(),
-        "val_accuracy": m.accuracy,
-        "under_target": record.under_target,
-        "val_logloss_raw": m.logloss,
-        "val_logloss_clipped": m.logloss_clipped,
-        "val_logloss_post": record.ranking_logloss,
-        **({"test_logloss": t.logloss, "test_logloss_raw": t.extra.get("logloss_raw"),
-            "test_accuracy": t.accuracy} if t else {}),
-        "seconds": round(record.seconds, 2),
-    }
-
-
+# ------------------------------------------------------------------------------------ ranking
 def rank_records(records: list[RunRecord]) -> list[RunRecord]:
     """Best first, by :attr:`RunRecord.ranking_logloss` (the cross-fitted post-processed loss)."""
     return sorted(records, key=lambda r: (r.ranking_logloss, r.metrics.logloss, r.run_id))
@@ -402,7 +352,6 @@ def _extract_all(experiment: Experiment, dataset, progress: bool, engine):
             cache_dir=experiment.cache_dir, progress=progress, dataset=dataset, digests=digests,
             engine=engine,
             calibration_size=spec.calibration_size,
-            layers=spec.layers, views=spec.views, merge=spec.merge,
         )
         fs = load_features(res.path)
         feature_sets[spec.name] = fs
@@ -426,107 +375,6 @@ def _settings(spec: RunSpec, experiment: Experiment, keys: dict, split_hash: str
         "clip": list(experiment.clip),
         "record_version": RECORD_VERSION,
     }
-
-
-def format_leaderboard(records: list[RunRecord], target: float, limit: int | None = None,
-                       stats: dict[str, PairedStats] | None = None) -> str:
-    """The console leaderboard: each run's ranking number, its standard error and paired
-    difference to the leader (``stats``: :func:`rank_stats`; ``=`` marks a statistical tie)."""
-    rows = records if limit is None else records[:limit]
-    width = max([len(r.run_id) for r in rows] + [3])
-    has_test = any(r.test_metrics for r in rows)
-    test_head = f"  {'test logloss':>12}  {'test acc':>8}" if has_test else ""
-    stats = stats or {}
-    lines = [f"{'#':>3}  {'run':<{width}}  {'val logloss':>11}  {'± se':>7}  {'Δ leader':>16}  "
-             f"{'acc':>6}{test_head}  target",
-             "-" * (width + 66 + (24 if has_test else 0))]
-    for i, r in enumerate(rows, 1):
-        m, t, s = r.metrics, r.test_metrics, stats.get(r.run_id)
-        mark = "  ✓" if r.under_target else ""
-        test_cols = (f"  {t.logloss:>12.5f}  {t.accuracy:>8.3f}" if t else f"  {'':>12}  {'':>8}") \
-            if has_test else ""
-        se = f"{s.se:>7.5f}" if s else f"{'':>7}"
-        diff = _diff_text(s, i == 1)
-        lines.append(f"{i:>3}  {r.run_id:<{width}}  {r.ranking_logloss:>11.5f}  {se}  {diff:>16}  "
-                     f"{m.accuracy:>6.3f}{test_cols}{mark}")
-    under = sum(r.under_target for r in records)
-    lines.append(f"{under} of {len(records)} runs under the target {target:g} (✓, by validation log loss)")
-    if has_test:
-        lines.append("test columns: the submitted (post-processed) test predictions scored against the "
-                     "data's test_labels.csv; never used for ranking")
-    lines.append("val logloss: each run's ranking number (post-processed, cross-fitted); "
-                 "± se and Δ leader: " + TIE_RULE)
-    tied = [r.run_id for r in records[1:] if (s := stats.get(r.run_id)) is not None and s.tied]
-    if stats:
-        lines.append(f"tied with the winner: {', '.join(tied) if tied else 'none'}")
-    return "\n".join(lines)
-
-
-#: how ties with the winner are decided, in words (console, summary.md)
-TIE_RULE = (f"bootstrap over the validation photos ({BOOTSTRAP} resamples, seeded); a run is "
-            f"statistically tied with the winner when its paired difference is below {TIE_SE:g} "
-            "standard errors of that difference")
-
-
-def _diff_text(stat: PairedStats | None, leader: bool) -> str:
-    if stat is None:
-        return ""
-    if leader:
-        return "leader"
-    return f"+{stat.diff:.5f}±{stat.diff_se:.5f}" + (" =" if stat.tied else "")
-
-
-def _write_summary(out: Path, experiment: Experiment, records: list[RunRecord],
-                   submission: Path | None, stats: dict[str, PairedStats] | None = None) -> None:
-    target = experiment.target
-    stats = stats or {}
-    lines = [
-        f"# Experiment `{experiment.name}`",
-        "",
-        f"- data: `{experiment.data}`",
-        f"- runs: {len(records)} (combinations × heads × optimizers); validation: "
-        f"{experiment.validation.kind} "
-        f"{experiment.validation.holdout if experiment.validation.kind == 'holdout' else experiment.validation.folds}"
-        f"; seed {experiment.seed}; {experiment.epochs} epochs, batch {experiment.batch_size}; "
-        f"clip {list(experiment.clip)}; TTA {'on' if experiment.tta else 'off'}",
-        f"- target: **{target:g}** (Kaggle public LB top 10%); "
-        f"{sum(r.under_target for r in records)} runs under it",
-        f"- winner: **{records[0].run_id}** — validation log loss "
-        f"{records[0].ranking_logloss:.5f}"
-        + (f" ± {stats[records[0].run_id].se:.5f}" if records[0].run_id in stats else "")
-        + f" (post-processed: {transform_of(records[0]).describe()}), "
-        f"accuracy {records[0].metrics.accuracy:.4f}",
-    ]
-    if stats:
-        tied = [r.run_id for r in records[1:] if r.run_id in stats and stats[r.run_id].tied]
-        lines.append(f"- statistically tied with the winner: "
-                     f"{', '.join(f'`{t}`' for t in tied) if tied else 'none'} ({TIE_RULE}; "
-                     "a tie means the validation photos cannot tell these runs apart)")
-    if submission is not None:
-        refit = (out / "refit.json").is_file() and json.loads((out / "refit.json").read_text()).get("refit")
-        lines.append(f"- submission: `{submission.name}` (the winner's "
-                     f"{'refitted (all training rows) ' if refit else ''}test predictions, post-processed)")
-    lines += ["", "![validation log loss per run](leaderboard.png)", "",
-              "| # | run | val log loss | ± se | Δ to winner (± se) | tied | post-processing | accuracy | "
-              "under target | raw val log loss | test log loss | test accuracy |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for i, r in enumerate(records, 1):
-        m, t, s = r.metrics, r.test_metrics, stats.get(r.run_id)
-        test_cols = f"{t.logloss:.5f} | {t.accuracy:.4f}" if t else " | "
-        se = f"{s.se:.5f}" if s else ""
-        diff = "winner" if i == 1 else (f"+{s.diff:.5f} (± {s.diff_se:.5f})" if s else "")
-        tie = "=" if s and s.tied and i > 1 else ""
-        lines.append(f"| {i} | `{r.run_id}` | {r.ranking_logloss:.5f} | {se} | {diff} | {tie} | "
-                     f"{transform_of(r).describe()} | {m.accuracy:.4f} | "
-                     f"{'✓' if r.under_target else ''} | {m.logloss:.5f} | {test_cols} |")
-    lines += ["", "val log loss: the number each run is ranked by, everywhere (its validation "
-                  "predictions post-processed, cross-fitted: no photo is scored by a transform "
-                  "fitted on it). raw val log loss: before post-processing, for reference."]
-    if any(r.test_metrics for r in records):
-        lines += ["", "Test columns: each run's submitted (post-processed) test predictions scored against "
-                      "`test_labels.csv` of the data directory. They are never used for ranking."]
-    lines += ["", "Training curves per run: `runs/<run id>/curves.png`.", ""]
-    atomic_write(out / "summary.md", lambda fh: fh.write("\n".join(lines).encode()))
 
 
 def _output_locked(run: Callable[..., ExperimentResult]) -> Callable[..., ExperimentResult]:
@@ -648,7 +496,7 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
     if submit and ranked[0].n_test > 0 and result.submission is None:
         result.submission = write_run_submission(out / "runs" / ranked[0].run_id, out / "submission.csv",
                                                  expected_ids=expected_test_ids)
-    _write_summary(out, experiment, ranked, result.submission, result.stats)
+    write_summary(out, experiment, ranked, result.submission, result.stats)
     echo(format_leaderboard(ranked, experiment.target, stats=result.stats))
     log_result(tracker, experiment.tracking, result, echo)  # after every local file is written
     return result
@@ -768,43 +616,3 @@ def _attach_test_metrics(records: list[RunRecord], out: Path, labels_file: Path,
         y = labels.loc[ids].to_numpy()
         record.test_metrics = TestMetrics(log_loss(y, p), accuracy(y, p), len(ids),
                                           extra={"logloss_raw": log_loss(y, raw)})
-
-
-# ------------------------------------------------------------------------------------ submission
-def write_run_submission(run_dir: str | os.PathLike, path: str | os.PathLike, *,
-                         clip: tuple[float, float] | None = None,
-                         expected_ids: list[int] | None = None) -> Path:
-    """Write Kaggle's ``submission.csv`` from a finished run's test predictions.
-
-    Test images that could not be read have no prediction; they get 0.5 (with a warning), since
-    Kaggle needs every id. ``expected_ids`` defaults to the experiment's ``test_ids.json``.
-    """
-    import pandas as pd
-
-    from catsdogs.runs.submission import write_submission
-
-    run_dir = Path(run_dir)
-    record = load_record(run_dir)
-    preds_path = run_dir / "test_predictions.csv"
-    if not preds_path.is_file():
-        raise DataError(f"run {record.run_id!r} has no test predictions (the data had no test/ images)")
-    preds = pd.read_csv(preds_path)
-    if expected_ids is None:
-        ids_file = run_dir.parent.parent / "test_ids.json"
-        expected_ids = json.loads(ids_file.read_text()) if ids_file.is_file() else preds["id"].tolist()
-    probs = dict(zip(preds["id"].astype(int).tolist(), preds["p_dog"].astype(float).tolist()))
-    missing = [i for i in expected_ids if i not in probs]
-    if missing:
-        logger.warning("%d test images had no prediction (unreadable); submitting 0.5 for ids %s",
-                       len(missing), ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else ""))
-    ids = list(expected_ids)
-    values = [probs.get(i, 0.5) for i in ids]
-    if clip is None:  # the run's chosen post-processing (a fixed clip for older records), applied
-        # as it was chosen: to each fold head's predictions of a k-fold run, then averaged
-        post = dict(zip(preds["id"].astype(int).tolist(), apply_to_test(transform_of(record), preds).tolist()))
-        return write_submission(Path(path), ids, [post.get(i, 0.5) for i in ids],
-                                clip_bounds=None, expected_ids=ids)
-    bounds = cast("tuple[float, float]", tuple(clip))  # the pair; tuple() widens it to tuple[float, ...]
-    if not (0 <= bounds[0] < bounds[1] <= 1):
-        raise ConfigError(f"clip bounds must satisfy 0 <= lo < hi <= 1, got {list(bounds)}")
-    return write_submission(Path(path), ids, values, clip_bounds=bounds, expected_ids=ids)

@@ -13,16 +13,21 @@ the ``source`` given) and shows example ids, e.g.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
 
-from catsdogs.errors import DataError
+from catsdogs.errors import ConfigError, DataError
 from catsdogs.evaluation.metrics import accuracy, check_clip_bounds, log_loss
+from catsdogs.runs.postprocess import apply_to_test, transform_of
+from catsdogs.runs.record import load_record
 from catsdogs.util.fileio import atomic_write
 from catsdogs.validation import is_int
 
@@ -31,8 +36,11 @@ __all__ = [
     "read_submission",
     "score_submission",
     "validate_submission",
+    "write_run_submission",
     "write_submission",
 ]
+
+logger = logging.getLogger("catsdogs")
 
 HEADER = ("id", "label")
 #: how many example ids an error message shows
@@ -337,3 +345,39 @@ def score_submission(submission_path: str | os.PathLike,
     p = pd.Series(labels, index=ids).reindex(truth.index).to_numpy()
     y = truth.to_numpy()
     return {"logloss": log_loss(y, p, eps=1e-15), "accuracy": accuracy(y, p), "n": int(y.size)}
+
+
+def write_run_submission(run_dir: str | os.PathLike, path: str | os.PathLike, *,
+                         clip: tuple[float, float] | None = None,
+                         expected_ids: list[int] | None = None) -> Path:
+    """Write Kaggle's ``submission.csv`` from a finished run's test predictions (its
+    ``test_predictions.csv``), post-processed as the run chose, or clipped to ``clip``.
+
+    Test images that could not be read have no prediction; they get 0.5 (with a warning), since
+    Kaggle needs every id. ``expected_ids`` defaults to the experiment's ``test_ids.json``.
+    """
+    run_dir = Path(run_dir)
+    record = load_record(run_dir)
+    preds_path = run_dir / "test_predictions.csv"
+    if not preds_path.is_file():
+        raise DataError(f"run {record.run_id!r} has no test predictions (the data had no test/ images)")
+    preds = pd.read_csv(preds_path)
+    if expected_ids is None:
+        ids_file = run_dir.parent.parent / "test_ids.json"
+        expected_ids = json.loads(ids_file.read_text()) if ids_file.is_file() else preds["id"].tolist()
+    probs = dict(zip(preds["id"].astype(int).tolist(), preds["p_dog"].astype(float).tolist()))
+    missing = [i for i in expected_ids if i not in probs]
+    if missing:
+        logger.warning("%d test images had no prediction (unreadable); submitting 0.5 for ids %s",
+                       len(missing), ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else ""))
+    ids = list(expected_ids)
+    values = [probs.get(i, 0.5) for i in ids]
+    if clip is None:  # the run's chosen post-processing (a fixed clip for older records), applied
+        # as it was chosen: to each fold head's predictions of a k-fold run, then averaged
+        post = dict(zip(preds["id"].astype(int).tolist(), apply_to_test(transform_of(record), preds).tolist()))
+        return write_submission(Path(path), ids, [post.get(i, 0.5) for i in ids],
+                                clip_bounds=None, expected_ids=ids)
+    bounds = cast("tuple[float, float]", tuple(clip))  # the pair; tuple() widens it to tuple[float, ...]
+    if not (0 <= bounds[0] < bounds[1] <= 1):
+        raise ConfigError(f"clip bounds must satisfy 0 <= lo < hi <= 1, got {list(bounds)}")
+    return write_submission(Path(path), ids, values, clip_bounds=bounds, expected_ids=ids)

@@ -38,7 +38,7 @@ from catsdogs.util.extras import MissingExtraError, require
 
 if TYPE_CHECKING:  # pragma: no cover
     from catsdogs.experiment.spec import Experiment, Tracking
-    from catsdogs.runs.runner import ExperimentResult
+    from catsdogs.runs.result import ExperimentResult
     from catsdogs.tracking.mlflow_tracker import MlflowTracker
 
 logger = logging.getLogger("catsdogs")

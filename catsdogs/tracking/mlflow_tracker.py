@@ -31,7 +31,7 @@ from catsdogs.tracking.store import ARTIFACTS_DIR, check_writable, sqlite_path, 
 if TYPE_CHECKING:  # pragma: no cover
     from catsdogs.experiment.spec import Experiment
     from catsdogs.runs.record import RunRecord
-    from catsdogs.runs.runner import ExperimentResult
+    from catsdogs.runs.result import ExperimentResult
 
 TAG_KIND = "catsdogs.kind"
 TAG_OUTPUT = "catsdogs.output"
