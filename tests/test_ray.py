@@ -750,3 +750,32 @@ def test_refused_or_missing_token_is_one_line_naming_what_to_set(token_cluster, 
     assert extract(RAY_AUTH_MODE="token") == [
         f"Error: RAY_AUTH_MODE=token but no authentication token was found for {where}: set "
         f"RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to {todo}"]
+
+
+def test_loopback_only_cluster_reached_through_the_network_address_is_one_line(cluster, driver_data,
+                                                                               tmp_path):
+    """The module's cluster listens on 127.0.0.1 only. Without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+    Ray connects to ``127.0.0.1:PORT`` through this machine's network address instead (and
+    retried for minutes, then named that address): one line at once, saying what to do."""
+    env = {k: v for k, v in os.environ.items() if k not in AUTH_VARS}
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    env["RAY_AUTH_MODE"] = "disabled"
+    probe = subprocess.run([sys.executable, "-c", "from ray.util import get_node_ip_address; "
+                            "print(get_node_ip_address())"], env=env, capture_output=True,
+                           text=True, timeout=120)
+    node_ip = probe.stdout.strip()
+    if probe.returncode != 0 or not node_ip or node_ip.startswith("127."):
+        pytest.skip(f"this machine has no network address for Ray to use ({probe.stdout!r})")
+    port = cluster.address.rsplit(":", 1)[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "catsdogs", "extract", str(driver_data), "-b", "resnet50",
+         "--weights", "none", "--cache-dir", str(tmp_path), "--no-progress", "--engine", "ray",
+         "--ray-address", f"127.0.0.1:{port}"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"Error: the Ray cluster at '127.0.0.1:{port}' listens on loopback only, but Ray connects "
+        f"to a loopback address through this machine's address {node_ip}, where port {port} is "
+        "closed: start the head without --node-ip-address 127.0.0.1 (or give --ray-address "
+        f"{node_ip}:{port} once it listens there), or set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 for "
+        "the head and for this command"]

@@ -4,7 +4,9 @@ long-lived actors, grid runs as Ray tasks.
 * **Connection**: with an address (``--ray-address``, else ``$RAY_ADDRESS``) the engine joins that
   cluster and says so; with neither it starts a **private** instance for the call
   (``address="local"``, loopback) and never joins a cluster another process left running
-  (``--ray-address auto`` joins the running one on purpose).
+  (``--ray-address auto`` joins the running one on purpose). A refused or missing
+  authentication token, and a loopback-only head that Ray would reach through this machine's
+  network address, are one line each (:func:`_connect_error`, :func:`_check_not_rewritten`).
 * **Chunks** (:meth:`RayEngine.map_chunks`: feature extraction, the audit's classifier pass):
   one :class:`_Worker` actor per node with a free CPU builds what the factory makes once (the
   local engine's own worker classes and model factories, shipped with cloudpickle) and applies it
@@ -100,6 +102,36 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
         raise EngineError(
             f"cannot reach the Ray cluster at {address!r} ({exc.strerror or exc}); start one with "
             "`ray start --head` or fix --ray-address / RAY_ADDRESS (or use --engine local)") from exc
+
+
+#: hosts Ray replaces by this machine's address before it connects (its ``is_localhost``)
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _check_not_rewritten(address: str, timeout: float = 5.0) -> None:
+    """Ray connects to a loopback address through this machine's network address (unless
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``): a head listening on loopback only is then never
+    reached (Ray retries for minutes and names the other address). Say so at once, in one line."""
+    where = check_address(address)
+    if where is None or where[0] not in LOOPBACK_HOSTS:
+        return
+    try:
+        from ray.util import get_node_ip_address
+
+        node_ip = get_node_ip_address()
+    except Exception:  # Ray finds out for itself below
+        return
+    if node_ip in LOOPBACK_HOSTS or node_ip.startswith("127."):
+        return
+    try:
+        socket.create_connection((node_ip, where[1]), timeout=timeout).close()
+    except OSError:
+        raise EngineError(
+            f"the Ray cluster at {address!r} listens on loopback only, but Ray connects to a "
+            f"loopback address through this machine's address {node_ip}, where port {where[1]} is "
+            "closed: start the head without --node-ip-address 127.0.0.1 (or give --ray-address "
+            f"{node_ip}:{where[1]} once it listens there), or set "
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 for the head and for this command") from None
 
 
 @contextlib.contextmanager
@@ -285,6 +317,7 @@ class RayEngine:
                 started = True
             else:
                 _check_reachable(address)
+                _check_not_rewritten(address)
                 native: list[bytes] = []
                 try:
                     with _stderr_kept(lambda: ok["value"]) as native:
