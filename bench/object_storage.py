@@ -30,17 +30,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import http.client
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -56,6 +53,7 @@ from catsdogs.dataset import storage  # noqa: E402
 from catsdogs.dataset.images import ImageDecodeError, decode_rgb, resize  # noqa: E402
 from catsdogs.dataset.layout import open_dataset  # noqa: E402
 from catsdogs.dataset.payload import payload_bytes, prefetch  # noqa: E402
+from catsdogs.testing import ObjectStoreProxy, ProxyHandler  # noqa: E402
 
 BUCKET = "bench"
 
@@ -79,52 +77,16 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-class LatencyProxy(ThreadingHTTPServer):
+class LatencyProxy(ObjectStoreProxy):
     """Forwards to the server, sleeping ``latency`` seconds before each object GET."""
 
-    daemon_threads = True
-
     def __init__(self, upstream: str, latency: float):
-        self.upstream, self.latency = upstream.split("://", 1)[1], latency
-        super().__init__(("127.0.0.1", 0), _Handler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
+        self.latency = latency
+        super().__init__(upstream)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: LatencyProxy
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        if "list-type" not in self.path:
-            time.sleep(self.server.latency)
-        self._forward()
-
-    def _forward(self) -> None:
-        n = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(n) if n else None
-        conn = http.client.HTTPConnection(self.server.upstream, timeout=60)
-        conn.request(self.command, self.path, body=body,
-                     headers={k: v for k, v in self.headers.items() if k.lower() != "connection"})
-        resp = conn.getresponse()
-        data = resp.read()
-        conn.close()
-        self.send_response(resp.status)
-        for k, v in resp.getheaders():
-            if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    do_HEAD = do_PUT = do_POST = _forward
+    def object_get(self, handler: ProxyHandler, key: str) -> None:
+        time.sleep(self.latency)
+        handler.answer(*handler.forward())
 
 
 def make_data(photos: Path, dst: Path, limit: int) -> Path:

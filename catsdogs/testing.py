@@ -27,9 +27,12 @@ kind; fixtures for plugin test suites ship as a pytest plugin (:mod:`catsdogs.py
 from __future__ import annotations
 
 import functools
+import http.client
 import inspect
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -760,3 +763,93 @@ __all__ += [
     "check_head_keras_model", "check_optimizer_attributes", "check_optimizer_params",
     "check_optimizer_build", "check_optimizer_trains",
 ]
+
+
+# ------------------------------------------------------------------------------ an S3 proxy
+class ObjectStoreProxy(ThreadingHTTPServer):
+    """An HTTP proxy on 127.0.0.1 in front of an S3-compatible server (``upstream``, e.g. a moto
+    server) for tests and benchmarks of data sets in object storage: pass its :attr:`url` as the
+    ``endpoint_url``. Every request is forwarded as it is; a subclass changes what object GETs
+    (not listings) get by overriding :meth:`object_get` (e.g. adding latency or faults), using the
+    handler's :meth:`~ProxyHandler.forward` and :meth:`~ProxyHandler.answer`. Serves from a daemon
+    thread from the start; :meth:`shutdown` stops it."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream.split("://", 1)[1]
+        super().__init__(("127.0.0.1", 0), ProxyHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def object_get(self, handler: ProxyHandler, key: str) -> None:
+        """Answer ``handler``'s GET of the object ``key`` (default: forwarded as it is)."""
+        handler.answer(*handler.forward())
+
+
+class ProxyHandler(BaseHTTPRequestHandler):
+    """A request to an :class:`ObjectStoreProxy`: object GETs go to its
+    :meth:`~ObjectStoreProxy.object_get`, everything else is forwarded."""
+
+    protocol_version = "HTTP/1.1"
+    server: ObjectStoreProxy
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def forward(self) -> tuple[int, list[tuple[str, str]], bytes]:
+        """This request sent upstream: the answer's status, headers (not the hop-by-hop ones nor
+        its length) and body."""
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        conn = http.client.HTTPConnection(self.server.upstream, timeout=60)
+        headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+        conn.request(self.command, self.path, body=body, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        return resp.status, [(k, v) for k, v in resp.getheaders()
+                             if k.lower() not in ("transfer-encoding", "connection", "content-length")], data
+
+    def answer(self, status: int, headers: list[tuple[str, str]], data: bytes, cut: bool = False) -> None:
+        """Send an answer; ``cut``: only the first half of the body, then the connection is closed
+        (a connection dropped in the middle of a body)."""
+        self.send_response(status)
+        for k, v in headers:
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if cut:
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def object_key(self) -> str | None:
+        """The key of an object GET (``/bucket/key``, not a listing), else None."""
+        path, _, query = self.path.partition("?")
+        parts = path.strip("/").split("/", 1)
+        if self.command == "GET" and len(parts) == 2 and parts[1] and "list-type" not in query:
+            return parts[1]
+        return None
+
+    def do_GET(self) -> None:
+        key = self.object_key()
+        if key is None:
+            self.answer(*self.forward())
+        else:
+            self.server.object_get(self, key)
+
+    def _forwarded(self) -> None:
+        self.answer(*self.forward())
+
+    do_HEAD = do_PUT = do_POST = do_DELETE = _forwarded
+
+
+__all__ += ["ObjectStoreProxy", "ProxyHandler"]

@@ -82,21 +82,32 @@ FAST = {"classifier": "tiny_classifier", "weights": "none", "image_size": 32, "b
         "progress": False}
 
 
-@pytest.fixture(scope="module")
-def tiny_site(tmp_path_factory):
-    site = tmp_path_factory.mktemp("site")
+def install_tiny_classifier(site):
+    """Install :data:`TINY_CLASSIFIER` as the fake distribution ``catsdogs-tiny-classifier`` in
+    the folder ``site`` (for ``PYTHONPATH`` or :func:`tiny_classifier_registry`); returns ``site``."""
     install_fake_dist(site, "catsdogs-tiny-classifier", "0.1", {"catsdogs_tiny_classifier": TINY_CLASSIFIER},
                       {"tiny_classifier": "catsdogs_tiny_classifier"})
     return site
 
 
-@pytest.fixture(scope="module")
-def registry(tiny_site):
+def tiny_classifier_registry(site) -> Registry:
+    """The built-ins and the tiny classifier installed in ``site`` (:func:`install_tiny_classifier`),
+    loaded with ``site`` on ``sys.path`` (restored afterwards)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(tiny_site))
+        mp.syspath_prepend(str(site))
         reg = Registry().load()
     assert "tiny_classifier" in reg.names("backbones"), reg.failures
     return reg
+
+
+@pytest.fixture(scope="module")
+def tiny_site(tmp_path_factory):
+    return install_tiny_classifier(tmp_path_factory.mktemp("site"))
+
+
+@pytest.fixture(scope="module")
+def registry(tiny_site):
+    return tiny_classifier_registry(tiny_site)
 
 
 def make_audit_data(root):

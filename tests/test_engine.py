@@ -76,20 +76,12 @@ def test_extraction_and_label_issue_finder_go_through_the_engine(tmp_path):
     """The audit's classifier pass and the label-issue finder's features are both computed by
     the engine given to ``audit`` (the finder used to extract in this process whatever
     ``--engine`` said)."""
-    from test_label_issues import TINY_CLASSIFIER, _planted_dataset
+    from test_audit import install_tiny_classifier, tiny_classifier_registry
+    from test_label_issues import _planted_dataset
 
     from catsdogs.audit.checks import audit
-    from catsdogs.plugins import Registry
 
-    site = tmp_path / "site"
-    from conftest import install_fake_dist
-
-    install_fake_dist(site, "catsdogs-tiny-classifier", "0.1",
-                      {"catsdogs_tiny_classifier": TINY_CLASSIFIER},
-                      {"tiny_classifier": "catsdogs_tiny_classifier"})
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(site))
-        registry = Registry().load()
+    registry = tiny_classifier_registry(install_tiny_classifier(tmp_path / "site"))
     data = tmp_path / "data"
     _planted_dataset(data, n=8, swaps=1)
     engine = Recording()

@@ -12,7 +12,6 @@ printed is searched for them.
 
 from __future__ import annotations
 
-import http.client
 import os
 import shutil
 import signal
@@ -20,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +32,7 @@ moto_server = pytest.importorskip("moto.server")
 import catsdogs  # noqa: E402
 from catsdogs.dataset.layout import digest_all, open_dataset  # noqa: E402
 from catsdogs.dataset.storage import bytes_read, data_location  # noqa: E402
-from catsdogs.testing import make_kaggle_dataset, write_jpeg  # noqa: E402
+from catsdogs.testing import ObjectStoreProxy, ProxyHandler, make_kaggle_dataset, write_jpeg  # noqa: E402
 
 KEY_ID = "AKIACATSDOGSTESTKEY1"
 SECRET = "s3cr3t-Catsdogs-Never-Written-0123456789"
@@ -117,7 +115,7 @@ def _assert_no_secret(*texts: str, folders: tuple[Path, ...] = ()) -> None:
 
 
 # ------------------------------------------------------------------------------------ proxy
-class FaultProxy(ThreadingHTTPServer):
+class FaultProxy(ObjectStoreProxy):
     """An HTTP proxy on 127.0.0.1 in front of the S3 server. For object GETs (not listings):
 
     * ``faults``: for every object, its reads cycle through a 503 SlowDown answer, a body cut
@@ -127,10 +125,7 @@ class FaultProxy(ThreadingHTTPServer):
 
     ``good`` counts the full bodies served per key; ``injected`` the faults."""
 
-    daemon_threads = True
-
     def __init__(self, upstream: str, faults: bool = False, hold_after: int | None = None):
-        self.upstream = upstream.split("://", 1)[1]
         self.faults, self.hold_after = faults, hold_after
         self.release = threading.Event()
         self.lock = threading.Lock()
@@ -138,87 +133,33 @@ class FaultProxy(ThreadingHTTPServer):
         self.seen: dict[str, int] = {}
         self.good: dict[str, int] = {}
         self.injected = 0
-        super().__init__(("127.0.0.1", 0), _ProxyHandler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
+        super().__init__(upstream)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _ProxyHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: FaultProxy
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def _forward(self) -> tuple[int, list[tuple[str, str]], bytes]:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else None
-        conn = http.client.HTTPConnection(self.server.upstream, timeout=60)
-        headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
-        conn.request(self.command, self.path, body=body, headers=headers)
-        resp = conn.getresponse()
-        data = resp.read()
-        conn.close()
-        return resp.status, [(k, v) for k, v in resp.getheaders()
-                             if k.lower() not in ("transfer-encoding", "connection", "content-length")], data
-
-    def _answer(self, status, headers, data, cut: bool = False) -> None:
-        self.send_response(status)
-        for k, v in headers:
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if cut:
-            self.wfile.write(data[: len(data) // 2])
-            self.wfile.flush()
-            self.close_connection = True
-            self.connection.shutdown(2)
-            return
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def _object_get(self) -> str | None:
-        path, _, query = self.path.partition("?")
-        parts = path.strip("/").split("/", 1)
-        if self.command == "GET" and len(parts) == 2 and parts[1] and "list-type" not in query:
-            return parts[1]
-        return None
-
-    def do_GET(self) -> None:
-        key = self._object_get()
-        proxy = self.server
-        if key is None:
-            self._answer(*self._forward())
-            return
-        with proxy.lock:
-            proxy.gets += 1
-            nth = proxy.seen[key] = proxy.seen.get(key, 0) + 1
-            held = proxy.hold_after is not None and proxy.gets > proxy.hold_after
+    def object_get(self, handler: ProxyHandler, key: str) -> None:
+        with self.lock:
+            self.gets += 1
+            nth = self.seen[key] = self.seen.get(key, 0) + 1
+            held = self.hold_after is not None and self.gets > self.hold_after
         if held:
-            proxy.release.wait()
-        fault = (nth - 1) % 3 if proxy.faults else 2
+            self.release.wait()
+        fault = (nth - 1) % 3 if self.faults else 2
         if fault == 0:
-            with proxy.lock:
-                proxy.injected += 1
+            with self.lock:
+                self.injected += 1
             body = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
                     b"<Message>Please reduce your request rate.</Message></Error>")
-            self._answer(503, [("Content-Type", "application/xml")], body)
+            handler.answer(503, [("Content-Type", "application/xml")], body)
             return
-        status, headers, data = self._forward()
+        status, headers, data = handler.forward()
         if fault == 1 and status == 200 and len(data) > 1:
-            with proxy.lock:
-                proxy.injected += 1
-            self._answer(status, headers, data, cut=True)
+            with self.lock:
+                self.injected += 1
+            handler.answer(status, headers, data, cut=True)
             return
         if status == 200:
-            with proxy.lock:
-                proxy.good[key] = proxy.good.get(key, 0) + 1
-        self._answer(status, headers, data)
-
-    do_HEAD = do_PUT = do_POST = do_DELETE = lambda self: self._answer(*self._forward())  # noqa: E731
+            with self.lock:
+                self.good[key] = self.good.get(key, 0) + 1
+        handler.answer(status, headers, data)
 
 
 # ------------------------------------------------------------------------------------ tests
@@ -501,25 +442,17 @@ def test_audit_with_label_issues_reads_the_bucket_like_the_folder(s3, tmp_path):
     (which reads them again, by URL) equal the same audit of the local folder."""
     import dataclasses
 
-    from conftest import install_fake_dist
-    from test_audit import FAST, TINY_CLASSIFIER, make_audit_data
+    from test_audit import FAST, install_tiny_classifier, make_audit_data, tiny_classifier_registry
 
     from catsdogs.audit.checks import audit
-    from catsdogs.plugins import Registry
 
-    site = tmp_path / "site"
-    install_fake_dist(site, "catsdogs-tiny-classifier", "0.1",
-                      {"catsdogs_tiny_classifier": TINY_CLASSIFIER},
-                      {"tiny_classifier": "catsdogs_tiny_classifier"})
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(site))
-        registry = Registry().load()
-        root = make_audit_data(tmp_path / "audit-data")
-        _upload(s3, root, "audit")
-        kw = {**FAST, "registry": registry, "label_issues": True}
-        local = audit(root, tmp_path / "out-local", cache_dir=tmp_path / "c1", **kw)
-        remote = audit(_url(f"s3://{BUCKET}/audit", s3), tmp_path / "out-s3",
-                       cache_dir=tmp_path / "c2", **kw)
+    registry = tiny_classifier_registry(install_tiny_classifier(tmp_path / "site"))
+    root = make_audit_data(tmp_path / "audit-data")
+    _upload(s3, root, "audit")
+    kw = {**FAST, "registry": registry, "label_issues": True}
+    local = audit(root, tmp_path / "out-local", cache_dir=tmp_path / "c1", **kw)
+    remote = audit(_url(f"s3://{BUCKET}/audit", s3), tmp_path / "out-s3",
+                   cache_dir=tmp_path / "c2", **kw)
 
     def rows(result):
         return sorted((dataclasses.replace(a, label_issue_score=None) for a in result.images),
