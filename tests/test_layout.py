@@ -33,6 +33,21 @@ def test_cycle_finder_finds_a_planted_cycle(tmp_path):
     assert cycles(import_graph(pkg, module_level_only=True)) == []
 
 
+def test_no_import_cycles_even_through_type_checking_imports(tmp_path):
+    """Issue 22 §2: imports under ``if TYPE_CHECKING:`` count too (a type-only cycle still ties the
+    modules together: ``runs.runner`` <-> ``tracking`` <-> ``tracking.mlflow_tracker`` was one).
+    The finder follows them when asked: the planted ``b`` <-> ``c`` type-only cycle is found."""
+    assert cycles(import_graph(skip_type_checking=False)) == []
+    pkg = tmp_path / "catsdogs"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                              "    from catsdogs.c import C\n")
+    (pkg / "c.py").write_text("import catsdogs.b\n")
+    assert cycles(import_graph(pkg)) == []
+    assert cycles(import_graph(pkg, skip_type_checking=False)) == [["catsdogs.b", "catsdogs.c"]]
+
+
 def test_core_modules_import_no_stage_and_no_builtin_plugin():
     graph = import_graph()
     core = [m for m in graph if stage(m) == "core"]
