@@ -275,31 +275,70 @@ def test_extract_int8_json_stdout_is_only_json(plugin_site, kaggle_dir, tmp_path
     assert "Statistics collection" in chatty.stderr
 
 
+#: run in a subprocess: the CLI, with the int8 model's forward pass gated: once
+#: ``CATSDOGS_TEST_CACHE`` holds 5 finished chunks, the next call writes ``CATSDOGS_TEST_GATE`` and
+#: blocks until the test kills the process (an event, not a time)
+GATED_INT8 = '''
+import os
+import sys
+import time
+from pathlib import Path
+
+from catsdogs.features import int8
+
+cache, gate = Path(os.environ["CATSDOGS_TEST_CACHE"]), Path(os.environ["CATSDOGS_TEST_GATE"])
+forward = int8.Int8FeatureModel.__call__
+
+
+def gated(self, images):
+    if len(list(cache.rglob("chunk-*.json"))) >= 5:
+        gate.write_text(str(os.getpid()))
+        while True:
+            time.sleep(3600)
+    return forward(self, images)
+
+
+int8.Int8FeatureModel.__call__ = gated
+from catsdogs.cli import main
+sys.argv = ["catsdogs", *sys.argv[1:]]
+main()
+'''
+
+
 @pytest.mark.slow
 def test_kill_9_then_resume(plugin_site, tmp_path):
+    """kill -9 during int8 extraction, once 5 chunks are written (gated, see GATED_INT8), then a
+    resume: the finished chunks and the calibrated model are reused, the features equal a clean
+    run's."""
     _engine()
-    root = make_kaggle(tmp_path / "d", n_per_class=100, n_test=60)  # 260 images
-    cache = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "catsdogs", "extract", str(root), "-b", "tiny_int8", "--weights",
-           "none", "--precision", "int8", "--calibration-size", "16", "--batch-size", "1",
-           "--chunk-size", "1", "--cache-dir", str(cache), "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, **_env(plugin_site)})
-    deadline = time.time() + 240
-    while len(list(cache.rglob("chunk-*.json"))) < 5 and time.time() < deadline \
-            and proc.poll() is None:
-        time.sleep(0.02)
-    assert proc.poll() is None, "extraction finished before it could be killed; make it bigger"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    root = make_kaggle(tmp_path / "d", n_per_class=20, n_test=20)  # 60 images
+    cache, gate = tmp_path / "killed", tmp_path / "blocked"
+    args = ["extract", str(root), "-b", "tiny_int8", "--weights", "none", "--precision", "int8",
+            "--calibration-size", "16", "--batch-size", "1", "--chunk-size", "1", "--cache-dir",
+            str(cache), "--no-progress"]
+    log = tmp_path / "stderr.txt"
+    with open(log, "wb") as stderr:  # a file, not a pipe: a full pipe would block before the gate
+        proc = subprocess.Popen([sys.executable, "-c", GATED_INT8, *args], stdout=subprocess.DEVNULL,
+                                stderr=stderr, env={**os.environ, **_env(plugin_site),
+                                                    "CATSDOGS_TEST_CACHE": str(cache),
+                                                    "CATSDOGS_TEST_GATE": str(gate)})
+    try:
+        while proc.poll() is None and not gate.exists():  # an event: the gate's file
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the extraction ended before its gate: {log.read_text()[-2000:]}"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
     done = len(list(cache.rglob("chunk-*.json")))
-    assert 5 <= done < 260 and not list(cache.rglob("*.h5"))
+    assert 5 <= done < 60 and not list(cache.rglob("*.h5"))
     (ir,) = cache.rglob("*.openvino")
     stamp = (ir / "model.bin").stat().st_mtime_ns
 
     (resumed,) = catsdogs.extract(root, "tiny_int8", precision="int8", calibration_size=16,
                                   chunk_size=1, cache_dir=cache, **{**TINY, "batch_size": 1})
-    assert resumed.reused >= done and resumed.computed <= 260 - done
+    assert resumed.reused >= done and resumed.computed <= 60 - done
     assert (ir / "model.bin").stat().st_mtime_ns == stamp, "the killed run's model is reused"
     assert not list(cache.rglob("chunk-*")) and not list(cache.rglob("*.tmp-*"))
     # a clean run with the same calibration (a fresh one may differ in round-off, so in its key)
