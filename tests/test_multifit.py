@@ -223,6 +223,24 @@ def test_bad_input_is_one_clear_error(blocks):
                   dict(X, b=X["b"].astype(np.float64)), y, train_rows=tr)
 
 
+def test_tta_is_one_average_of_the_two_views():
+    """runs.features.tta_average: what the runner, grouped runs and refits all average with."""
+    from catsdogs.runs.features import predict_tta, tta_average
+
+    plain, flipped = np.array([0.2, 0.9], np.float32), np.array([0.4, 0.5], np.float32)
+    out = tta_average(plain, flipped)
+    assert out.dtype == np.float64 and out.tolist() == pytest.approx([0.3, 0.7], rel=1e-7)
+    assert tta_average(plain, None) is plain and tta_average(None, flipped) is None
+
+    class Head:  # predicts its rows' first column
+        def predict_proba(self, X):
+            return X[:, 0]
+
+    X = np.array([[0.2], [0.9]], np.float32)
+    np.testing.assert_array_equal(predict_tta(Head(), X), X[:, 0].astype(np.float64))
+    np.testing.assert_array_equal(predict_tta(Head(), X, X[::-1]), tta_average(X[:, 0], X[::-1, 0]))
+
+
 # -- the runner ------------------------------------------------------------------------------------
 def _experiment(tmp_path, name, **changes):
     from catsdogs.experiment.spec import load_experiment
@@ -241,16 +259,19 @@ def _experiment(tmp_path, name, **changes):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("validation", [{"holdout": 0.25}, {"kfold": 2}], ids=["holdout", "kfold"])
-def test_runner_leaderboard_is_the_same_grouped_or_not(tmp_path, monkeypatch, validation):
+@pytest.mark.parametrize("changes", [{"validation": {"holdout": 0.25}},
+                                     {"validation": {"kfold": 2}},
+                                     {"validation": {"holdout": 0.25}, "tta": True}],
+                         ids=["holdout", "kfold", "holdout-tta"])
+def test_runner_leaderboard_is_the_same_grouped_or_not(tmp_path, monkeypatch, changes):
     from catsdogs.runs.runner import run_experiment
 
     make_kaggle(tmp_path / "data", n_per_class=14, n_test=4)
     monkeypatch.setenv(GROUPED_ENV, "0")
-    alone = run_experiment(_experiment(tmp_path, "alone", validation=validation), progress=False)
+    alone = run_experiment(_experiment(tmp_path, "alone", **changes), progress=False)
     monkeypatch.delenv(GROUPED_ENV)
-    grouped = run_experiment(_experiment(tmp_path, "grouped", validation=validation),
-                             progress=False)
+    grouped = run_experiment(_experiment(tmp_path, "grouped", **changes), progress=False)
+    assert all(r.tta == bool(changes.get("tta")) for r in alone.records + grouped.records)
     a, g = (pd.read_csv(r.out_dir / "leaderboard.csv") for r in (alone, grouped))
     assert len(a) == 12 and a["run_id"].tolist() == g["run_id"].tolist()  # same ranking
     for column in ("val_logloss", "val_logloss_clipped", "val_accuracy"):

@@ -5,6 +5,11 @@ and fuses each run's combination with :func:`run_features`. Readers of a finishe
 neither-cat-nor-dog score of an export, predictions from a run directory) rebuild exactly those
 rows with :func:`rebuild_run_features`: the cached feature files are found by the keys stored in
 the run's record, aligned on the same backbones and exclusions, and fused the same way.
+
+Flip test-time augmentation (``tta``) is one average, :func:`tta_average`, whoever predicts: the
+runner (:func:`predict_tta` on fused columns, or block by block), grouped runs
+(:func:`catsdogs.runs.multifit.fit_grid`) and refits. The exported graph computes the same with a
+Keras ``Average`` layer (:mod:`catsdogs.app.export`).
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
+
+import numpy as np
 
 from catsdogs.errors import DataError
 from catsdogs.features.fusion import Aligned, Fused, align, fuse
@@ -42,6 +49,26 @@ def run_features(aligned: Aligned, combination: Sequence[str], *, tta: bool,
     train = fuse(aligned.train, combination, flip=tta, columns=columns)
     test = fuse(aligned.test, combination, flip=tta, columns=columns) if len(aligned.test) else None
     return RunFeatures(train, test, tta)
+
+
+@overload
+def tta_average(plain: np.ndarray, flipped: np.ndarray | None) -> np.ndarray: ...
+@overload
+def tta_average(plain: None, flipped: np.ndarray | None) -> None: ...
+def tta_average(plain, flipped):
+    """P(dog) with flip test-time augmentation: the mean of the original and the horizontally
+    flipped views' predictions, as float64; ``plain`` itself when there is no flipped prediction
+    (``flipped`` None: the run does not use TTA) and None when there is no plain one."""
+    if plain is None or flipped is None:
+        return plain
+    return (np.asarray(plain, dtype=np.float64) + np.asarray(flipped, dtype=np.float64)) / 2
+
+
+def predict_tta(head: Any, X: np.ndarray, X_flip: np.ndarray | None = None) -> np.ndarray:
+    """``head.predict_proba`` of the fused rows ``X`` as float64, averaged with its prediction
+    of their flipped features ``X_flip`` (:func:`tta_average`) when given."""
+    p = np.asarray(head.predict_proba(X), dtype=np.float64)
+    return tta_average(p, None if X_flip is None else head.predict_proba(X_flip))
 
 
 def find_features(cache_root: Path, config_key: str, fingerprint: str | None) -> FeatureSet:

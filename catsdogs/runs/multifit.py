@@ -481,14 +481,6 @@ class GroupFit:
     test: np.ndarray | None = None
 
 
-def _tta_average(plain: list[np.ndarray | None], flipped: list[np.ndarray | None] | None,
-                 uses_flip: list[bool]) -> list[np.ndarray | None]:
-    if flipped is None:
-        return plain
-    return [p if (not f or p is None or q is None) else (p + q) / 2
-            for p, q, f in zip(plain, flipped, uses_flip, strict=True)]
-
-
 def fit_grid(specs: Sequence[Any], experiment: Any, aligned: Any, splits: Sequence[tuple],
              registry: Any) -> dict[str, list[GroupFit]]:
     """The runner's seam: fit the planned runs ``specs`` (:class:`catsdogs.runs.runner.RunSpec`)
@@ -500,6 +492,7 @@ def fit_grid(specs: Sequence[Any], experiment: Any, aligned: Any, splits: Sequen
     run when grouping is switched off (:func:`grouping_enabled`), when fewer than two runs remain,
     or when a backbone's features are not float32.
     """
+    from catsdogs.runs.features import tta_average
     from catsdogs.runs.tuning import tunable_names
 
     if not grouping_enabled():
@@ -526,17 +519,16 @@ def fit_grid(specs: Sequence[Any], experiment: Any, aligned: Any, splits: Sequen
         heads = fit_group(members, blocks, aligned.train.y, train_rows=tr, val_rows=va,
                           epochs=experiment.epochs, batch_size=experiment.batch_size,
                           seed=experiment.seed)
-        val = _tta_average(
-            predict_group(heads, combinations, blocks, va),
-            predict_group(heads, combinations, aligned.train.X_flip, va, uses_flip) if flip else None,
-            uses_flip)
+        val = predict_group(heads, combinations, blocks, va)
         test: list[np.ndarray | None] = [None] * len(heads)
         if len(aligned.test):
-            test = _tta_average(
-                predict_group(heads, combinations, aligned.test.X),
-                predict_group(heads, combinations, aligned.test.X_flip, None, uses_flip)
-                if flip else None,
-                uses_flip)
+            test = predict_group(heads, combinations, aligned.test.X)
+        if flip:  # flip TTA for the runs that use it (the others' flipped prediction is None)
+            val = [tta_average(p, q) for p, q in zip(val, predict_group(
+                heads, combinations, aligned.train.X_flip, va, uses_flip), strict=True)]
+            if len(aligned.test):
+                test = [tta_average(p, q) for p, q in zip(test, predict_group(
+                    heads, combinations, aligned.test.X_flip, None, uses_flip), strict=True)]
         for spec, head, v, t in zip(chosen, heads, val, test, strict=True):
             fitted[spec.run_id].append(GroupFit(head, v, t))
     return fitted

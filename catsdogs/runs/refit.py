@@ -71,7 +71,7 @@ def refit_head(record: RunRecord, experiment: Experiment, aligned: Aligned, regi
     steps as in the fit that was ranked and post-processed. (The same batch size on 25 % more
     rows meant 25 % more steps, more confident predictions and a worse test log loss; README.)
     ``batch_size`` overrides it (for measurements)."""
-    from catsdogs.runs.features import run_features
+    from catsdogs.runs.features import predict_tta, run_features
 
     features = run_features(aligned, record.combination, tta=record.tta)
     train, test = features.train, features.test
@@ -85,10 +85,7 @@ def refit_head(record: RunRecord, experiment: Experiment, aligned: Aligned, regi
         batch_size = refit_batch_size(experiment.batch_size, record.n_train, len(train.y))
     head.fit(train.X, train.y, validation=None, optimizer=optimizer, epochs=experiment.epochs,
              batch_size=batch_size, seed=experiment.seed, blocks=train.blocks)
-    p = np.asarray(head.predict_proba(test.X), dtype=np.float64)
-    if test.X_flip is not None:
-        p = (p + np.asarray(head.predict_proba(test.X_flip), dtype=np.float64)) / 2
-    return head, [int(i) for i in test.ids], p
+    return head, [int(i) for i in test.ids], predict_tta(head, test.X, test.X_flip)
 
 
 def refit_run(record: RunRecord, experiment: Experiment, aligned: Aligned,
