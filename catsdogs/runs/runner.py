@@ -44,7 +44,7 @@ from catsdogs.evaluation.metrics import PairedStats
 from catsdogs.experiment.spec import Experiment, HeadSpec, OptimizerSpec
 from catsdogs.features.fusion import Aligned, align
 from catsdogs.runs.ensemble import ensemble_record
-from catsdogs.runs.features import run_features
+from catsdogs.runs.features import predict_tta, run_features, tta_average
 from catsdogs.runs.postprocess import (
     FOLD_PREFIX,
     POST_COLUMN,
@@ -171,13 +171,6 @@ def _splits(y: np.ndarray, experiment: Experiment) -> list[tuple[np.ndarray, np.
     return [(np.sort(tr), np.sort(va))]
 
 
-def _predict(head, X: np.ndarray, X_flip: np.ndarray | None) -> np.ndarray:
-    p = np.asarray(head.predict_proba(X), dtype=np.float64)
-    if X_flip is not None:
-        p = (p + np.asarray(head.predict_proba(X_flip), dtype=np.float64)) / 2
-    return p
-
-
 def _predict_run(head, combination, split, rows, tta: bool, otherwise) -> np.ndarray:
     """P(dog) of a fitted head on ``rows`` of an aligned split: block by block
     (:func:`catsdogs.runs.multifit.predict_group`, the way grouped runs are predicted, so a run
@@ -190,7 +183,7 @@ def _predict_run(head, combination, split, rows, tta: bool, otherwise) -> np.nda
         if p is not None:
             if tta:
                 (q,) = predict_group([head], [combination], split.X_flip, rows)
-                p = (p + q) / 2 if q is not None else None
+                p = tta_average(p, q) if q is not None else None
             if p is not None:
                 return p
     return otherwise()
@@ -247,10 +240,10 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
         else:
             flip_va = train.X_flip[va] if train.X_flip is not None else None
             oof[va] = _predict_run(head, spec.combination, aligned.train, va, tta,
-                                   lambda h=head, r=va, f=flip_va: _predict(h, train.X[r], f))
+                                   lambda h=head, r=va, f=flip_va: predict_tta(h, train.X[r], f))
             if test is not None:
                 test_preds.append(_predict_run(head, spec.combination, aligned.test, None, tta,
-                                               lambda h=head: _predict(h, test.X, test.X_flip)))
+                                               lambda h=head: predict_tta(h, test.X, test.X_flip)))
         histories.append(dict(getattr(head, "history_", {}) or {}))
         if fold == 0:
             # what a refit on all rows must fix to reproduce this fit (e.g. the stacker's
