@@ -29,7 +29,7 @@ calibrate again: an added image costs one forward pass.
 images, another OpenVINO) its own.
 
 The engine is the optional extra ``catsdogs[int8]``; without it, :func:`require_engine` raises one
-:class:`~catsdogs.errors.ConfigError` saying how to install it.
+:class:`~catsdogs.util.extras.MissingExtraError` saying how to install it.
 """
 
 from __future__ import annotations
@@ -58,7 +58,6 @@ logger = logging.getLogger("catsdogs")
 DEFAULT_CALIBRATION_SIZE = 300
 CALIBRATION_SEED = 0
 ENGINE_PACKAGES = ("openvino", "nncf")
-INSTALL_HINT = "pip install 'catsdogs[int8]'"
 IR_SUFFIX = ".openvino"
 IR_FILES = ("model.xml", "model.bin")
 #: images per calibration forward pass: NNCF's statistics are collected per image either way
@@ -67,14 +66,12 @@ CALIBRATION_BATCH = 32
 
 
 def require_engine() -> None:
-    """Raise one clear :class:`ConfigError` when OpenVINO + NNCF cannot be imported."""
-    try:
-        import nncf  # noqa: F401
-        import openvino  # noqa: F401
-    except ImportError as exc:
-        raise ConfigError(
-            f"--precision int8 needs the int8 engine (OpenVINO + NNCF), which is not installed "
-            f"({exc.name or exc}); install it with: {INSTALL_HINT}") from None
+    """Raise one clear :class:`~catsdogs.util.extras.MissingExtraError` (:func:`catsdogs.util.extras.require`)
+    when OpenVINO or NNCF cannot be imported."""
+    from catsdogs.util.extras import require
+
+    for module in ENGINE_PACKAGES:
+        require(module, "int8", feature="--precision int8 (the OpenVINO + NNCF engine)")
 
 
 def engine_versions() -> dict[str, str]:
