@@ -255,3 +255,25 @@ def test_keras_backbones_offer_their_stage_outputs(name, layers):
     model = backbone.build("none", size, layers=layers)
     assert backbone.check_layers(layers) == tuple(sorted(layers, key=list(backbone.feature_layers()).index))
     assert len(model.outputs) == 1 and model.output.shape[-1] == backbone.features_dim(layers)
+
+
+def test_plugins_listing_shows_each_backbones_feature_layers(tiny):
+    """What ``catsdogs plugins --json`` prints (``Registry.to_dict``) names the feature layers."""
+    from catsdogs.plugins import get_registry
+
+    listing = json.dumps(get_registry().to_dict())
+    entries = {}
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "feature_layers" in node:
+                entries[node["name"]] = node["feature_layers"]
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(json.loads(listing))
+    assert entries[NAME] == {"conv1": 4}
+    assert list(entries["resnet50"]) == ["conv2", "conv3", "conv4"]

@@ -1,2 +1,3 @@
-"""Stage 2, the features: backbone forward passes into the content-addressed HDF5 cache
-(``extraction``) and the alignment / concatenation of backbones into combinations (``fusion``)."""
+"""Stage 2, the features: the content-addressed HDF5 cache's format (``cache``), backbone forward
+passes into it (``extraction``; int8 in ``int8``) and the alignment / concatenation of backbones
+into combinations (``fusion``)."""

@@ -5,7 +5,9 @@ One HDF5 file per (data directory, backbone configuration)::
     $CACHE/features/<data dir name>-<hash of its path>/<backbone>-<size>-<weights>-<precision>-<resize>-<key>.h5
 
 The configuration key (:attr:`FeatureConfig.key`) covers the backbone name, weights id, input size,
-resize policy, precision and cache format. Inside, every row carries the BLAKE2b digest of its
+resize policy, precision (int8: the quantised model's hash), the feature views (``layers``, input
+``views`` and their ``merge``; left out at their defaults, so older keys stay valid) and the cache
+format. Inside, every row carries the BLAKE2b digest of its
 image file, so a row's features are reused only for byte-identical content. Datasets: ``features``
 (always) and ``features_flip`` (horizontally flipped input, for test-time augmentation).
 
