@@ -328,6 +328,22 @@ def test_worker_node_dying_mid_extraction_is_retried_on_the_others(cluster, engi
     assert res.computed == 80 and not res.path.with_name(res.path.name + ".partial").exists()
 
 
+#: ``python -c GATED_DRIVER GATE ARGS...``: the CLI (``catsdogs ARGS...``) whose driver, once it
+#: has written its first chunk, writes GATE and waits there until the test kills it
+GATED_DRIVER = (
+    "import os, sys, time, pathlib\n"
+    "from catsdogs.features import extraction\n"
+    "gate, write_chunk = pathlib.Path(sys.argv[1]), extraction._Store.write_chunk\n"
+    "def gated(self, *args, **kwargs):\n"
+    "    write_chunk(self, *args, **kwargs)\n"
+    "    gate.write_text(str(os.getpid()))\n"
+    "    while True:\n"
+    "        time.sleep(3600)\n"
+    "extraction._Store.write_chunk = gated\n"
+    "from catsdogs.cli import main\n"
+    "main(sys.argv[2:])\n")
+
+
 @pytest.mark.slow
 def test_driver_killed_mid_extraction_rerun_resumes_from_the_finished_chunks(cluster, engine, tmp_path):
     """``kill -9`` of the CLI driver mid-extraction: Ray ends the job's workers (the cluster's CPUs
@@ -342,18 +358,20 @@ def test_driver_killed_mid_extraction_rerun_resumes_from_the_finished_chunks(clu
             "--batch-size", "2", "--chunk-size", "2", "--cache-dir", str(cache), "--no-progress",
             "--json", "--engine", "ray", "--ray-address", cluster.address]
     env = {**os.environ, **RAY_ENV, "RAY_ADDRESS": ""}
+    gate = tmp_path / "first-chunk-written"
     with open(tmp_path / "killed.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "catsdogs", *args], env=env,
+        # the CLI, its driver held after it wrote the first chunk (the kill lands mid-extraction
+        # by construction, not by how fast the workers are)
+        proc = subprocess.Popen([sys.executable, "-c", GATED_DRIVER, str(gate), *args], env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
         try:
-            _wait_for(lambda: proc.poll() is not None or any(cache.rglob("chunk-*.json")), 180,
-                      "a finished chunk")
+            _wait_for(lambda: proc.poll() is not None or gate.exists(), 180, "a finished chunk")
         finally:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(30)
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
     finished = len(list(cache.rglob("chunk-*.json")))
-    assert 0 < finished < 20 and not list(cache.rglob("*.h5"))  # killed mid-extraction
+    assert finished == 1 and not list(cache.rglob("*.h5"))  # killed mid-extraction
     # the killed job's actors are ended by Ray: both CPUs free again (the next job can run)
     _wait_for(lambda: ray.available_resources().get("CPU", 0) >= 2, 60,
               "the killed driver's workers to exit")
