@@ -32,9 +32,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -53,28 +50,9 @@ from catsdogs.dataset import storage  # noqa: E402
 from catsdogs.dataset.images import ImageDecodeError, decode_rgb, resize  # noqa: E402
 from catsdogs.dataset.layout import open_dataset  # noqa: E402
 from catsdogs.dataset.payload import payload_bytes, prefetch  # noqa: E402
-from catsdogs.testing import ObjectStoreProxy, ProxyHandler  # noqa: E402
+from catsdogs.testing import ObjectStoreProxy, ProxyHandler, start_s3_server  # noqa: E402
 
 BUCKET = "bench"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_moto() -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(300):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    return proc, f"http://127.0.0.1:{port}"
 
 
 class LatencyProxy(ObjectStoreProxy):
@@ -168,7 +146,7 @@ def main() -> None:
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="catsdogs-bench-s3-"))
-    server, endpoint = start_moto()
+    server, endpoint = start_s3_server()
     proxy = None
     try:
         import boto3

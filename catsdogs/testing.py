@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import http.client
 import inspect
+import subprocess
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -766,6 +767,34 @@ __all__ += [
 
 
 # ------------------------------------------------------------------------------ an S3 proxy
+def start_s3_server(env: dict[str, str] | None = None, timeout: float = 60.0
+                    ) -> tuple[subprocess.Popen, str]:
+    """A moto S3 server (``python -m moto.server``, from ``moto[server]``) in a subprocess on a
+    free 127.0.0.1 port, answering: the process (the caller terminates it) and its endpoint URL.
+    ``env``: its environment (default: this one's)."""
+    import socket
+    import sys
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise RuntimeError(f"the moto S3 server did not start on 127.0.0.1:{port} "
+                                   f"(exit code {proc.returncode})") from None
+            time.sleep(0.1)
+
+
 class ObjectStoreProxy(ThreadingHTTPServer):
     """An HTTP proxy on 127.0.0.1 in front of an S3-compatible server (``upstream``, e.g. a moto
     server) for tests and benchmarks of data sets in object storage: pass its :attr:`url` as the
@@ -852,4 +881,4 @@ class ProxyHandler(BaseHTTPRequestHandler):
     do_HEAD = do_PUT = do_POST = do_DELETE = _forwarded
 
 
-__all__ += ["ObjectStoreProxy", "ProxyHandler"]
+__all__ += ["ObjectStoreProxy", "ProxyHandler", "start_s3_server"]

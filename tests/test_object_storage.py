@@ -32,7 +32,13 @@ moto_server = pytest.importorskip("moto.server")
 import catsdogs  # noqa: E402
 from catsdogs.dataset.layout import digest_all, open_dataset  # noqa: E402
 from catsdogs.dataset.storage import bytes_read, data_location  # noqa: E402
-from catsdogs.testing import ObjectStoreProxy, ProxyHandler, make_kaggle_dataset, write_jpeg  # noqa: E402
+from catsdogs.testing import (  # noqa: E402
+    ObjectStoreProxy,
+    ProxyHandler,
+    make_kaggle_dataset,
+    start_s3_server,
+    write_jpeg,
+)
 
 KEY_ID = "AKIACATSDOGSTESTKEY1"
 SECRET = "s3cr3t-Catsdogs-Never-Written-0123456789"
@@ -333,22 +339,9 @@ def test_file_url_is_a_local_folder(photos, tmp_path):
 def strict_s3():
     """A second S3 server that checks credentials (moto_server with IAM auth enforced from the
     first request), in a subprocess on a free 127.0.0.1 port; yields its endpoint."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server, endpoint = start_s3_server(env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"})
     try:
-        for _ in range(300):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
+        yield endpoint
     finally:
         server.terminate()
         server.wait()
