@@ -345,6 +345,7 @@ def _extract_all(experiment: Experiment, dataset, progress: bool, engine):
             cache_dir=experiment.cache_dir, progress=progress, dataset=dataset, digests=digests,
             engine=engine,
             calibration_size=spec.calibration_size,
+            layers=spec.layers, views=spec.views, merge=spec.merge,
         )
         fs = load_features(res.path)
         feature_sets[spec.name] = fs
