@@ -10,7 +10,9 @@ On a Kaggle-layout data set with labelled test photos (default: the shared mini 
 2. baseline: ``dropout_sigmoid`` (adam, ``--epochs`` at ``--batch-size``) on the GAP features of
    all training photos;
 3. lever 4: the ``finetune`` head on the maps of the same photos (its early stopping on an inner
-   20 % of them);
+   20 % of them), and ``finetune_frozen``, the same head whose stage 2 cannot move (learning
+   rate 1e-12): its early-stopped unit on the frozen features, to tell what fine-tuning adds
+   from what early stopping adds;
 4. test log loss of both (clipped as the demo clips, 0.005/0.995, and raw), the paired bootstrap
    standard error of the difference over the test photos, and the CPU seconds (process time) of
    each step, per photo and extrapolated to ``--extrapolate`` training photos.
@@ -18,7 +20,7 @@ On a Kaggle-layout data set with labelled test photos (default: the shared mini 
 Usage::
 
     python bench/finetune_gain.py [--data DIR] [--backbone efficientnet_lite0] [--blocks 1]
-        [--epochs 30] [--batch-size 32] [--lr 1e-4] [--limit N] [--json]
+        [--epochs 30] [--batch-size 32] [--lr 1e-4] [--seeds 2019,2020] [--limit N] [--json]
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--seed", type=int, default=2019)
+    ap.add_argument("--seeds", default="2019", help="comma-separated seeds of the heads' fits")
     ap.add_argument("--limit", type=int, default=None, help="use N train photos (a seeded sample)")
     ap.add_argument("--extrapolate", type=int, default=20000)
     ap.add_argument("--json", action="store_true")
@@ -80,7 +82,7 @@ def main() -> None:
     ds = open_dataset(args.data)
     train = ds.train
     if args.limit:  # a seeded sample (the listing is sorted by class)
-        keep = np.random.default_rng(args.seed).permutation(len(train))[: args.limit]
+        keep = np.random.default_rng(2019).permutation(len(train))[: args.limit]
         train = [train[i] for i in sorted(keep)]
     labels = pd.read_csv(args.data / "test_labels.csv").set_index("id")["label"]
     test = [r for r in ds.test if r.id in labels.index]
@@ -107,38 +109,46 @@ def main() -> None:
     cpu["forward (maps + GAP)"] = time.process_time() - t
     n_photos = len(train) + len(test)
 
-    t = time.process_time()
-    base = DropoutSigmoidHead().fit(gap_train, y_train, optimizer=AdamOptimizer(), epochs=args.epochs,
-                                    batch_size=args.batch_size, seed=args.seed)
-    p_base = base.predict_proba(gap_test)
-    cpu["dropout_sigmoid fit+predict"] = time.process_time() - t
-
-    t = time.process_time()
-    head = FineTuneHead(backbone=args.backbone, weights=args.weights, image_size=size,
-                        top_blocks=args.blocks, learning_rate=args.lr)
-    head.fit(maps_train, y_train, optimizer=AdamOptimizer(), epochs=args.epochs,
-             batch_size=args.batch_size, seed=args.seed)
-    p_ft = head.predict_proba(maps_test)
-    cpu["finetune fit+predict"] = time.process_time() - t
-
     result: dict = {"data": str(args.data), "backbone": args.backbone, "weights": args.weights,
                     "image_size": size, "blocks": args.blocks, "train": len(train), "test": len(test),
                     "maps_shape": list(top.input.shape[1:]), "epochs_max": args.epochs,
-                    "stopped_epochs": head.stopped_epochs_, "cpu_s": cpu,
-                    "load_avg": os.getloadavg(), "cores": os.cpu_count()}
-    for name, clip in (("raw", None), ("clip 0.005", (0.005, 0.995))):
-        lb, lf = _row_losses(y_test, p_base, clip), _row_losses(y_test, p_ft, clip)
-        result[name] = {"dropout_sigmoid": float(lb.mean()), "finetune": float(lf.mean()),
-                        "finetune - dropout_sigmoid": float((lf - lb).mean()),
-                        "paired_se": _bootstrap_diff(lf, lb)}
+                    "lr": args.lr, "cores": os.cpu_count(), "seeds": {}}
     fit_rows = len(train)
-    per_row_epoch = cpu["finetune fit+predict"] / (fit_rows * max(1, sum(head.stopped_epochs_)))
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        preds, cpu_s, stopped = {}, {}, {}
+        t = time.process_time()
+        base = DropoutSigmoidHead().fit(gap_train, y_train, optimizer=AdamOptimizer(),
+                                        epochs=args.epochs, batch_size=args.batch_size, seed=seed)
+        preds["dropout_sigmoid"] = base.predict_proba(gap_test)
+        cpu_s["dropout_sigmoid"] = time.process_time() - t
+        # finetune_frozen: the same head with a learning rate that moves nothing in stage 2,
+        # i.e. its early-stopped unit on the frozen features (what fine-tuning adds is the rest)
+        for name, lr in (("finetune", args.lr), ("finetune_frozen", 1e-12)):
+            t = time.process_time()
+            head = FineTuneHead(backbone=args.backbone, weights=args.weights, image_size=size,
+                                top_blocks=args.blocks, learning_rate=lr)
+            head.fit(maps_train, y_train, optimizer=AdamOptimizer(), epochs=args.epochs,
+                     batch_size=args.batch_size, seed=seed)
+            preds[name] = head.predict_proba(maps_test)
+            cpu_s[name] = time.process_time() - t
+            stopped[name] = head.stopped_epochs_
+        out: dict = {"cpu_s": cpu_s, "stopped_epochs": stopped}
+        for label, clip in (("raw", None), ("clip 0.005", (0.005, 0.995))):
+            losses = {k: _row_losses(y_test, p, clip) for k, p in preds.items()}
+            out[label] = {k: float(v.mean()) for k, v in losses.items()}
+            for other in ("dropout_sigmoid", "finetune_frozen"):
+                diff = losses["finetune"] - losses[other]
+                out[label][f"finetune - {other}"] = float(diff.mean())
+                out[label][f"paired_se vs {other}"] = _bootstrap_diff(losses["finetune"], losses[other])
+        result["seeds"][seed] = out
+    cpu_ft = float(np.mean([o["cpu_s"]["finetune"] for o in result["seeds"].values()]))
+    cpu_ds = float(np.mean([o["cpu_s"]["dropout_sigmoid"] for o in result["seeds"].values()]))
+    result["cpu_s"] = cpu
+    result["load_avg"] = os.getloadavg()
     result["extrapolated_cpu_s"] = {
         "forward per photo": cpu["forward (maps + GAP)"] / n_photos,
-        f"finetune fit on {args.extrapolate}": cpu["finetune fit+predict"] * args.extrapolate / fit_rows,
-        f"dropout_sigmoid fit on {args.extrapolate}":
-            cpu["dropout_sigmoid fit+predict"] * args.extrapolate / fit_rows,
-        "finetune per row-epoch": per_row_epoch,
+        f"finetune fit on {args.extrapolate}": cpu_ft * args.extrapolate / fit_rows,
+        f"dropout_sigmoid fit on {args.extrapolate}": cpu_ds * args.extrapolate / fit_rows,
         "maps float16 MB per 1000 photos": maps_train[:1].nbytes * 1000 / 1e6,
     }
     if args.json:
