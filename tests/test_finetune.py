@@ -269,3 +269,24 @@ def json_digests(npz_path) -> list:
     import json
 
     return json.loads(npz_path.with_suffix(".json").read_text())["digests"]
+
+
+def test_end_to_end_model_predicts_what_the_cached_maps_give(tiny, tmp_path):
+    """Export parity: photos -> bottom (float32) -> fine-tuned top equals the head's P(dog) on
+    the cached float16 maps of the same photos."""
+    from conftest import make_kaggle
+
+    from catsdogs.dataset.images import decode_rgb, read_image_file, resize
+    from catsdogs.features.maps import cache_maps
+
+    data = make_kaggle(tmp_path / "data", n_per_class=8, n_test=6)
+    ms = cache_maps(data, "tiny_split", weights="none", cache_dir=tmp_path / "cache")
+    head = FineTuneHead(**PARAMS, learning_rate=1e-2).fit(ms.train.X, ms.train.y, epochs=3,
+                                                        batch_size=4, seed=2)
+    model = head.end_to_end()
+    pixels = np.stack([resize(decode_rgb(read_image_file(data / f)), SIZE, "squash")
+                       for f in ms.test.files]).astype(np.float32)
+    got = np.asarray(model.predict(pixels, verbose=0)).reshape(-1)
+    want = head.predict_proba(ms.test.X)
+    assert np.ptp(want) > 1e-4  # the photos get different answers
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)

@@ -237,3 +237,19 @@ class FineTuneHead(Head):
     def keras_model(self) -> keras.Model:
         return self.model_
 
+    def end_to_end(self, blocks: Sequence[tuple[str, int]] | None = None) -> keras.Model:
+        """``image`` (raw RGB 0-255) -> P(dog): the backbone's bottom (the maps in float32),
+        flattened, then :meth:`keras_model` (which rounds them to float16 as the cache did and
+        runs the fine-tuned top and the unit). What an export of the run is."""
+        import keras
+
+        from catsdogs.plugins import get_registry
+
+        name = self._backbone_name(blocks)
+        backbone = get_registry().backbone(name)
+        assert isinstance(backbone, TopSplit)
+        bottom, _ = backbone.split_top(self.weights, self.image_size, blocks=int(self.top_blocks))
+        image = keras.Input(tuple(bottom.input.shape[1:]), name="image")
+        maps = keras.layers.Flatten(name="flatten_maps")(bottom(image))
+        return keras.Model(image, self.keras_model()(maps), name=f"finetune_{name}")
+
