@@ -132,7 +132,7 @@ DATA_DIR = click.STRING
               show_default=True,
               help="Compute precision, cached under its own key; int8 (post-training quantised, "
                    "needs `pip install 'catsdogs[int8]'`).")
-@click.option("--calibration-size", type=click.IntRange(min=1), default=300, show_default=True,
+@click.option("--calibration-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="int8: training images (a fixed seeded sample) the quantisation is calibrated on; "
                    "once per backbone configuration and data set (the quantised model is cached).")
 @click.option("--recalibrate", is_flag=True,

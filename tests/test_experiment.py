@@ -163,7 +163,7 @@ def test_run_settings_fields_default(tmp_path):
     exp = load_experiment(write(tmp_path, BASE))
     assert (exp.engine, exp.ray_address, exp.postprocess, exp.refit) == ("local", None, "auto", False)
     assert exp.ensemble is None and exp.tracking is None
-    assert [b.calibration_size for b in exp.backbones] == [300, 300]
+    assert [b.calibration_size for b in exp.backbones] == [64, 64]
 
 
 def test_run_settings_fields(tmp_path):

@@ -80,7 +80,7 @@ TUNABLE_PARAMS: tuple[str, ...] = ("dropout", "learning_rate", "l2")
 DEFAULT_WEIGHTS = "imagenet"
 DEFAULT_PRECISION = "float32"
 DEFAULT_RESIZE = "squash"
-DEFAULT_CALIBRATION_SIZE = 300
+DEFAULT_CALIBRATION_SIZE = 64
 
 #: sane upper bounds: a typo such as ``epochs: 1000000000000`` is an error, not a week of work
 MAX_EPOCHS = 10_000

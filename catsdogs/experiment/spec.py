@@ -15,7 +15,7 @@ also come from the command line)::
     data: ../../shared/data/dogs-vs-cats-mini    # relative paths are relative to the YAML file's folder
     weights: imagenet              # default for all backbones (imagenet | none)
     precision: float32             # default for all backbones (float32 | bfloat16 | int8)
-    calibration_size: 300          # default for all backbones: int8 calibration images (1..100000)
+    calibration_size: 64           # default for all backbones: int8 calibration images (1..100000)
     resize: squash                 # default for all backbones (squash | crop | pad)
     image_size: null               # default for all backbones (null = each backbone's own size)
     backbones:                     # names, or mappings with per-backbone options

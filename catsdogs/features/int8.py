@@ -55,7 +55,7 @@ from catsdogs.util.fileio import replace_path, staging_dir, write_json
 
 logger = logging.getLogger("catsdogs")
 
-DEFAULT_CALIBRATION_SIZE = 300
+DEFAULT_CALIBRATION_SIZE = 64
 CALIBRATION_SEED = 0
 ENGINE_PACKAGES = ("openvino", "nncf")
 IR_SUFFIX = ".openvino"
