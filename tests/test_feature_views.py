@@ -239,6 +239,13 @@ def test_int8_quantises_the_layers_model(tiny, tmp_path):
     assert res.config.calibration and q.train.X.shape == f32.train.X.shape == (len(q.train), 12)
     scale = float(np.abs(f32.train.X).max())
     assert float(np.abs(q.train.X - f32.train.X).max()) < 0.1 * scale
+    # the runtime model knows its own width, also for an empty batch
+    from catsdogs.features import int8
+    from catsdogs.plugins import get_registry
+
+    (model_dir,) = (tmp_path / "cache").glob(f"features/*/{NAME}-int8-*.openvino")
+    runtime = int8.Int8FeatureModel(get_registry().backbone(NAME), SIZE, 8, model_dir)
+    assert runtime(np.zeros((0, SIZE, SIZE, 3), np.uint8)).shape == (0, 12)
 
 
 @pytest.mark.parametrize("name,layers", [("resnet50", ["conv4", "conv2"]), ("inception_v3", ["mixed9"])])

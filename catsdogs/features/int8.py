@@ -327,7 +327,6 @@ class Int8FeatureModel:
 
         self.batch_size = batch_size
         self.image_size = image_size
-        self.feature_dim = backbone.feature_dim
         core = ov.Core()
         xml = Path(model_dir) / "model.xml"
         try:
@@ -336,6 +335,9 @@ class Int8FeatureModel:
             raise DataError(f"cannot read the int8 model {xml} ({exc}); run the command again "
                             "with --recalibrate") from None
         self.compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+        # the model's own width: with ``layers:`` it is more than the backbone's ``feature_dim``
+        width = self.compiled.output(0).get_partial_shape()[-1]
+        self.feature_dim = width.get_length() if width.is_static else backbone.feature_dim
         # calling a compiled model uses its one default infer request, which is not thread-safe
         # (a Ray actor overlaps chunks); the model's own threads use every core anyway
         self._lock = threading.Lock()
