@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -102,6 +104,27 @@ def install_fake_dist(site: Path, dist: str, version: str, modules: dict[str, st
     eps = "".join(f"{k} = {v}\n" for k, v in entry_points.items())
     (info / "entry_points.txt").write_text(f"[catsdogs]\n{eps}")
     return site
+
+
+@contextlib.contextmanager
+def plugin_on_path(site: Path) -> Iterator[None]:
+    """Make the fake dists in ``site`` importable here (``sys.path``) and in CLI subprocesses
+    (``PYTHONPATH``), with a fresh registry that sees them; all undone on exit."""
+    from catsdogs.plugins import reset_registry
+
+    sys.path.insert(0, str(site))
+    old_pythonpath = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), old_pythonpath]))
+    reset_registry()
+    try:
+        yield
+    finally:
+        sys.path.remove(str(site))
+        if old_pythonpath is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old_pythonpath
+        reset_registry()
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300, check: bool = False):

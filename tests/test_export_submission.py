@@ -12,13 +12,12 @@ the P(dog) of ``submission.csv`` (or of the run's post-processed test prediction
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import install_fake_dist, make_kaggle, run_cli
+from conftest import install_fake_dist, make_kaggle, plugin_on_path, run_cli
 
 TOL = 1e-3
 
@@ -74,28 +73,13 @@ COMMON = {
 def tiny(tmp_path_factory):
     """The plugin installed on ``sys.path`` (and ``PYTHONPATH`` for the CLI), a data set with
     test photos, and a fresh registry that sees the plugin; undone afterwards."""
-    import os
-
-    from catsdogs.plugins import reset_registry
-
     root = tmp_path_factory.mktemp("export-submission")
     site = install_fake_dist(root / "site", "catsdogs-tiny-export", "0.1",
                              {"catsdogs_tiny_export": TINY_BACKBONES},
                              {"tiny_export": "catsdogs_tiny_export"})
     data = make_kaggle(root / "data", n_per_class=14, n_test=8)
-    sys.path.insert(0, str(site))
-    old_pythonpath = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), old_pythonpath]))
-    reset_registry()
-    try:
+    with plugin_on_path(site):
         yield {"root": root, "data": data}
-    finally:
-        sys.path.remove(str(site))
-        if old_pythonpath is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old_pythonpath
-        reset_registry()
 
 
 def _run(tiny, name: str, **fields):

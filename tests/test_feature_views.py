@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import sys
 from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import assert_same_features, install_fake_dist, make_kaggle
+from conftest import assert_same_features, install_fake_dist, make_kaggle, plugin_on_path
 
 from catsdogs.errors import ConfigError
 
@@ -62,25 +60,12 @@ SIZE = 32
 def tiny(tmp_path_factory):
     """The plugin on ``sys.path`` (and ``PYTHONPATH``), a data set with test photos, a fresh
     registry that sees the plugin; undone afterwards."""
-    from catsdogs.plugins import reset_registry
-
     root = tmp_path_factory.mktemp("feature-views")
     site = install_fake_dist(root / "site", "catsdogs-tiny-layers", "0.1",
                              {"catsdogs_tiny_layers": PLUGIN}, {"tiny_layers": "catsdogs_tiny_layers"})
     data = make_kaggle(root / "data", n_per_class=10, n_test=6)
-    sys.path.insert(0, str(site))
-    old_pythonpath = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), old_pythonpath]))
-    reset_registry()
-    try:
+    with plugin_on_path(site):
         yield {"root": root, "data": data}
-    finally:
-        sys.path.remove(str(site))
-        if old_pythonpath is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old_pythonpath
-        reset_registry()
 
 
 def _extract(tiny, cache, **kw):
