@@ -210,13 +210,13 @@ def run(experiment_file: Path, data: Path, work: Path, cache_dir: Path, top: int
             sys.exit(f"Error: --only-backbones: {', '.join(sorted(unknown))} not in {experiment_file}")
         experiment.backbones = [b for b in experiment.backbones if b.name in only]
         experiment.combinations = [c for c in experiment.combinations if set(c) <= set(only)]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     import contextlib
 
     with contextlib.redirect_stdout(sys.stderr):  # the run's own report: stdout stays this one's
         result = catsdogs.run_experiment(experiment, progress=sys.stderr.isatty(),
                                          echo=lambda s: print(s, file=sys.stderr, flush=True))
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     if result.submission is None:
         sys.exit(f"Error: {experiment_file}: the run wrote no submission")
     board = result.leaderboard()
@@ -232,6 +232,7 @@ def run(experiment_file: Path, data: Path, work: Path, cache_dir: Path, top: int
             "by_head_optimizer": groups,
             "winner": result.winner.run_id, "runs": len(result.records),
             "trained_now": result.computed, "seconds": round(seconds, 1),
+            "cpu_seconds": round(cpu_seconds, 1),  # this process, all its threads
             "training_seconds": round(sum(r.seconds for r in result.records), 1),
             "features": result.feature_files,
             "top": board[cols].head(top).to_dict(orient="records")}
@@ -294,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     r = report["run"]
     print(f"{args.experiment}: winner {r['winner']} ({r['runs']} runs, {r['trained_now']} trained now, "
-          f"{r['seconds']:.0f} s)")
+          f"{r['seconds']:.0f} s, {r['cpu_seconds']:.0f} CPU s)")
     print(f"  submitted test log loss {r['test_logloss']:.5f} ± {r['test_logloss_se']:.5f} "
           f"(bootstrap SE), accuracy {r['test_accuracy']:.4f}, {y.size} photos")
     for group, g in r["by_head_optimizer"].items():
