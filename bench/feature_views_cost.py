@@ -6,7 +6,10 @@ features of the same in-memory uint8 batch with:
 * plain:  the backbone's feature model (:class:`catsdogs.features.extraction.FeatureModel`);
 * layers: the same with ``layers`` (pooled earlier outputs appended, one forward pass);
 * views:  ``views: [orig, flip]`` merged by mean (:class:`~catsdogs.features.extraction.MergedViews`),
-          i.e. two forward passes per photo.
+          i.e. two forward passes per photo;
+* crops:  ``views: [orig, center, top_left, top_right, bottom_left, bottom_right]`` merged by mean
+          (``crop_fraction``, default 0.875): six forward passes per photo plus the five crops
+          and resizes (:func:`catsdogs.features.views.crop_images`).
 
 Printed as medians and ratios to plain. Decoding is not included (one decode per photo in every
 case). Weights ``none`` cost what ImageNet weights cost; the machine's load moves the absolute
@@ -16,6 +19,7 @@ Usage::
 
     python bench/feature_views_cost.py [--backbone efficientnet_lite0] [--layers stage5,stage6,stage7]
                                        [--images 96] [--batch-size 32] [--repeats 3]
+                                       [--crop-fraction 0.875]
 """
 
 from __future__ import annotations
@@ -36,10 +40,12 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--crop-fraction", type=float, default=None)
     args = ap.parse_args()
 
     import numpy as np
 
+    from catsdogs.components import CROP_REGIONS, DEFAULT_CROP_FRACTION
     from catsdogs.features.extraction import FeatureModel, MergedViews
     from catsdogs.plugins import get_registry
 
@@ -53,6 +59,8 @@ def main() -> None:
         f"layers {','.join(layers)}": FeatureModel(backbone, args.weights, size, "float32",
                                                   args.batch_size, layers),
         "views orig+flip (mean)": MergedViews(plain, ("orig", "flip"), "mean"),
+        "views orig+5 crops (mean)": MergedViews(plain, ("orig", *CROP_REGIONS), "mean",
+                                                 args.crop_fraction or DEFAULT_CROP_FRACTION),
     }
     dims = {name: model(images[: args.batch_size]).shape[1] for name, model in models.items()}  # traced
     seconds: dict[str, list[float]] = {name: [] for name in models}

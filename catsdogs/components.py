@@ -56,20 +56,31 @@ class PluginContractWarning(FutureWarning):
 WEIGHTS_NONE = "none"
 WEIGHTS_IMAGENET = "imagenet"
 
-#: input views of a photo that a backbone configuration's features may merge (``views:``): the
-#: prepared image and its left-right mirror, computed from one decode
-FEATURE_VIEWS = ("orig", "flip")
+#: the square crops a crop view takes of the prepared ``S x S`` image (a side of
+#: ``crop_fraction * S``, resized back to ``S x S``): the classic five test-time crops
+CROP_REGIONS = ("center", "top_left", "top_right", "bottom_left", "bottom_right")
+#: input views of a photo that a backbone configuration's features may merge (``views:``), all
+#: computed from one decode: the prepared image, its left-right mirror, its five crops and the
+#: crops' mirrors (``flip_<crop>``: the crop, then mirrored; with the crops themselves, the classic
+#: ten crops)
+FEATURE_VIEWS = ("orig", "flip", *CROP_REGIONS, *(f"flip_{region}" for region in CROP_REGIONS))
 #: how several views' features are merged: averaged, or concatenated in :data:`FEATURE_VIEWS` order
 VIEW_MERGES = ("mean", "concat")
+#: the side of a crop view's square as a fraction of the prepared image's (224 of 256)
+DEFAULT_CROP_FRACTION = 0.875
 
 
 def check_views(views: Sequence[str], merge: str = "mean") -> tuple[str, ...]:
     """``views`` in canonical (:data:`FEATURE_VIEWS`) order, or a :class:`ConfigError`: unknown or
     repeated views, none, or an unknown ``merge``."""
+    import difflib
+
     views = list(views)
     for view in views:
         if view not in FEATURE_VIEWS:
-            raise ConfigError(f"unknown view {view!r}; choose from: {', '.join(FEATURE_VIEWS)}")
+            close = difflib.get_close_matches(str(view), FEATURE_VIEWS, n=1, cutoff=0.75)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown view {view!r}{hint}; choose from: {', '.join(FEATURE_VIEWS)}")
         if views.count(view) > 1:
             raise ConfigError(f"view {view!r} is listed twice; list each view once")
     if not views:
@@ -77,6 +88,43 @@ def check_views(views: Sequence[str], merge: str = "mean") -> tuple[str, ...]:
     if merge not in VIEW_MERGES:
         raise ConfigError(f"unknown view merge {merge!r}; choose one of: {', '.join(VIEW_MERGES)}")
     return tuple(v for v in FEATURE_VIEWS if v in views)
+
+
+def view_parts(view: str) -> tuple[str | None, bool]:
+    """A view as ``(crop region or None for the whole image, mirrored)``: ``flip_top_left`` is
+    ``("top_left", True)`` (the top-left crop, mirrored), ``orig`` ``(None, False)``."""
+    if view not in FEATURE_VIEWS:
+        raise ConfigError(f"unknown view {view!r}; choose from: {', '.join(FEATURE_VIEWS)}")
+    mirrored = view == "flip" or view.startswith("flip_")
+    region = view.removeprefix("flip_") if view.startswith("flip_") else view
+    return (None if region in ("orig", "flip") else region), mirrored
+
+
+def has_crop_views(views: Sequence[str]) -> bool:
+    """Whether any of ``views`` crops the image (so that ``crop_fraction`` matters)."""
+    return any(view_parts(v)[0] is not None for v in views)
+
+
+def check_crop_fraction(fraction: Any) -> float:
+    """``crop_fraction`` as a float, or a :class:`ConfigError` naming it: a number in (0, 1)."""
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or \
+            not math.isfinite(float(fraction)) or not 0 < float(fraction) < 1:
+        raise ConfigError(f"crop_fraction must be a number in (0, 1) (the crop's side as a "
+                          f"fraction of the image's, e.g. {DEFAULT_CROP_FRACTION}), got {fraction!r}")
+    return float(fraction)
+
+
+def crop_box(region: str, size: int, fraction: float) -> tuple[int, int, int]:
+    """``(top, left, side)`` of the square crop ``region`` (:data:`CROP_REGIONS`) of an ``size x
+    size`` image: a side of ``floor(fraction * size + 0.5)`` pixels (at least 1), in a corner or
+    centred (the centre's offset rounded down)."""
+    if region not in CROP_REGIONS:
+        raise ConfigError(f"unknown crop {region!r}; choose from: {', '.join(CROP_REGIONS)}")
+    side = min(size, max(1, math.floor(check_crop_fraction(fraction) * size + 0.5)))
+    margin = size - side
+    top = {"center": margin // 2, "top_left": 0, "top_right": 0}.get(region, margin)
+    left = {"center": margin // 2, "top_left": 0, "bottom_left": 0}.get(region, margin)
+    return top, left, side
 
 #: the default search ranges of the common hyper-parameters: name -> (low, high, sampling);
 #: ``learning_rate`` is the optimizer's (tuned for every head with ``uses_optimizer``)

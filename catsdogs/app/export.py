@@ -404,7 +404,8 @@ def build_app_model(info: RunInfo, neither=None, registry=None):
     """
     import keras
 
-    from catsdogs.app.graph import BlendProbabilities, HorizontalFlip, PostProcess
+    from catsdogs.app.graph import BlendProbabilities, CropView, HorizontalFlip, PostProcess
+    from catsdogs.components import DEFAULT_CROP_FRACTION, view_parts
     from catsdogs.plugins import get_registry
 
     registry = registry or get_registry()
@@ -413,6 +414,7 @@ def build_app_model(info: RunInfo, neither=None, registry=None):
     inputs = {size: keras.Input((size, size, 3), name=input_name(size, largest), dtype="float32")
               for size in info.sizes}
     flipped: dict[int, Any] = {}
+    cropped: dict[tuple[int, bool, str, float, bool], Any] = {}
     networks: dict[str, Any] = {}
     features: dict[tuple[str, str], Any] = {}
 
@@ -423,16 +425,34 @@ def build_app_model(info: RunInfo, neither=None, registry=None):
             flipped[size] = HorizontalFlip(name=f"flip_{size}")(inputs[size])
         return flipped[size]
 
+    def view_image(size: int, tta_mirrored: bool, own: str, fraction: float):
+        """View ``own`` (:func:`catsdogs.components.view_parts`) of the photo or of its mirror
+        (TTA), as extraction's :func:`~catsdogs.features.extraction.view_images` made it: a crop
+        view is :class:`CropView` of that image, then mirrored for ``flip_<crop>``."""
+        region, mirrored = view_parts(own)
+        if region is None:  # orig / flip: the mirror of the mirror is the photo
+            return image(size, tta_mirrored != mirrored)
+        key = (size, tta_mirrored, region, fraction, mirrored)
+        if key not in cropped:
+            tag = f"{region}_{size}_{fraction:g}{'_tta' if tta_mirrored else ''}".replace(".", "p")
+            crop = cropped.get(key[:4] + (False,))
+            if crop is None:
+                crop = CropView(region, fraction, name=f"crop_{tag}")(image(size, tta_mirrored))
+                cropped[key[:4] + (False,)] = crop
+            cropped[key] = HorizontalFlip(name=f"flip_crop_{tag}")(crop) if mirrored else crop
+        return cropped[key]
+
     def feature(name: str, view: str):
         """The backbone's features of the photo (``orig``) or its mirror (``flip``, TTA), as
-        extraction computed them: its own views of that image (``views:``; the mirror of the
-        mirror is the photo) merged by ``merge:``."""
+        extraction computed them: its own views of that image (``views:``; crop views of
+        ``crop_fraction``) merged by ``merge:``."""
         if (name, view) not in features:
             spec = specs[name]
             size = int(spec["image_size"])
             if name not in networks:
                 networks[name] = _build_backbone(name, spec, registry)
-            outs = [networks[name](image(size, (view == "flip") != (own == "flip")))
+            fraction = float(spec.get("crop_fraction") or DEFAULT_CROP_FRACTION)
+            outs = [networks[name](view_image(size, view == "flip", own, fraction))
                     for own in spec.get("views") or ["orig"]]
             if len(outs) == 1:
                 features[(name, view)] = outs[0]

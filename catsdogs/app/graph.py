@@ -7,6 +7,9 @@ post-processing transform (:class:`catsdogs.runs.postprocess.Transform`). These 
 same in the graph, in float32, so an exported model gives the submitted P(dog):
 
 * :class:`HorizontalFlip` -- ``x[:, :, ::-1, :]`` of the prepared image, as extraction flips it;
+* :class:`~catsdogs.features.views.CropView` -- a crop view (``views: [center, ...]``): the layer
+  extraction itself computes the crops with (defined in :mod:`catsdogs.features.views`, which
+  extraction may import; imported here so that loading an exported model registers it);
 * :class:`BlendProbabilities` -- ``mean`` (weighted sum) or ``stack``
   (``sigmoid(bias + sum_k w_k logit(p_k))``);
 * :class:`PostProcess` -- ``none``, ``clip`` or ``temperature`` (``sigmoid(logit(p) / T)``).
@@ -26,6 +29,9 @@ import keras
 from keras import ops
 
 from catsdogs.evaluation import metrics
+from catsdogs.features.views import CropView
+
+__all__ = ["BlendProbabilities", "CropView", "HorizontalFlip", "PostProcess", "logit"]
 
 #: the float64 logit of a saturated P(dog) of 1.0 (clipped to 1 - LOGIT_EPS), as NumPy computes it
 _LOGIT_MAX = float(metrics.logit(1.0))

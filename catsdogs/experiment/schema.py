@@ -50,7 +50,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict
 
-from catsdogs.components import FEATURE_VIEWS, VIEW_MERGES, check_views
+from catsdogs.components import DEFAULT_CROP_FRACTION, FEATURE_VIEWS, VIEW_MERGES, check_views
 from catsdogs.dataset.storage import data_location, is_url
 from catsdogs.errors import ConfigError, DataError, PluginError
 from catsdogs.validation import SEED_MAX
@@ -259,13 +259,25 @@ class BackboneSpec(_Model):
         default_factory=list)
     #: views of each photo whose features are merged into one vector, and how
     views: Annotated[list[Literal[FEATURE_VIEWS]], Field(min_length=1),  # type: ignore[valid-type]
-                     What("a non-empty list of views (orig, flip)")] = Field(
+                     What(f"a non-empty list of views ({', '.join(FEATURE_VIEWS)})")] = Field(
         default_factory=lambda: ["orig"])
     merge: Annotated[Literal[VIEW_MERGES], What("view merge")] = "mean"  # type: ignore[valid-type]
+    #: the crop views' side as a fraction of the prepared image's (used only by crop views)
+    crop_fraction: Annotated[SciFloat, Field(gt=0, lt=1, allow_inf_nan=False),
+                             What("a number in (0, 1)")] = DEFAULT_CROP_FRACTION
 
-    @field_validator("views")
+    @field_validator("views", mode="before")
     @classmethod
-    def _canonical_views(cls, views: list[str]) -> list[str]:
+    def _canonical_views(cls, views: Any) -> Any:
+        """Known, unrepeated names in canonical order (one message: the unknown or repeated view,
+        a close match, the choices); anything but a non-empty list is left to the type's own
+        message."""
+        if not isinstance(views, list) or not views:
+            return views
+        for i, view in enumerate(views):
+            if not isinstance(view, str):
+                raise problem(f"must be a view name ({', '.join(FEATURE_VIEWS)}), got "
+                              f"{type_name(view)}", sub=f"[{i}]")
         try:
             return list(check_views(views))
         except ConfigError as exc:

@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from catsdogs.components import DEFAULT_CROP_FRACTION, has_crop_views
 from catsdogs.dataset.layout import ImageRecord
 from catsdogs.errors import DataError
 from catsdogs.util.fileio import atomic_write, replace_path
@@ -86,13 +87,19 @@ class FeatureConfig:
     #: input views whose features are merged into one vector (``views:``), and how (``merge:``)
     input_views: tuple[str, ...] = ("orig",)
     merge: str = "mean"
+    #: the crop views' side as a fraction of the image's (``crop_fraction:``); in the key only
+    #: when a crop view is among ``input_views``
+    crop_fraction: float = DEFAULT_CROP_FRACTION
 
     def identity(self) -> dict[str, Any]:
         """The fields that make the key: options at their defaults are left out, so a key stays
-        what it was before the option existed (int8's ``calibration``, ``layers``, ``views``)."""
+        what it was before the option existed (int8's ``calibration``, ``layers``, ``views``);
+        ``crop_fraction`` is in it only when some view crops."""
         fields = asdict(self)
         if len(self.input_views) == 1:  # one view: nothing is merged
             fields["merge"] = _OPTIONAL["merge"]
+        if not has_crop_views(self.input_views):  # no crop: the fraction changes nothing
+            del fields["crop_fraction"]
         return {k: v for k, v in fields.items() if k not in _OPTIONAL or v != _OPTIONAL[k]}
 
     @property

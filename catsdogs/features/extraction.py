@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from catsdogs._version import __version__
+from catsdogs.components import DEFAULT_CROP_FRACTION, view_parts
 from catsdogs.compute import LOCAL, Engine
 from catsdogs.dataset.images import (
     RESIZE_POLICIES,
@@ -177,22 +178,36 @@ class FeatureModel:
         return np.concatenate(out) if out else np.zeros((0, self.model.output_shape[-1]), np.float32)
 
 
-def view_images(images: np.ndarray, view: str) -> np.ndarray:
-    """``(n, S, S, 3)`` prepared images as ``view`` shows them: ``orig`` as they are, ``flip``
-    mirrored left to right (:data:`catsdogs.components.FEATURE_VIEWS`)."""
-    return images if view == "orig" else np.ascontiguousarray(images[:, :, ::-1, :])
+def view_images(images: np.ndarray, view: str, crop_fraction: float = DEFAULT_CROP_FRACTION
+                ) -> np.ndarray:
+    """``(n, S, S, 3)`` prepared images as ``view`` shows them (:data:`catsdogs.components.FEATURE_VIEWS`):
+    ``orig`` as they are, ``flip`` mirrored left to right, a crop view (``center``, ``top_left``,
+    ...) cropped to ``crop_fraction`` of the side and resized back
+    (:func:`catsdogs.features.views.crop_images`, the export's :class:`~catsdogs.features.views.CropView`),
+    ``flip_<crop>`` that crop mirrored."""
+    if view == "orig":
+        return images
+    region, mirrored = view_parts(view)
+    if region is not None:
+        from catsdogs.features.views import crop_images
+
+        images = crop_images(images, region, crop_fraction)
+    return np.ascontiguousarray(images[:, :, ::-1, :]) if mirrored else images
 
 
 class MergedViews:
     """A feature model over several views of each (already decoded) image, merged into one vector:
     the mean of the views' features, or their concatenation in view order (``views:`` and
-    ``merge:`` of a backbone configuration)."""
+    ``merge:`` of a backbone configuration; crop views take ``crop_fraction`` of the side)."""
 
-    def __init__(self, model, views: Sequence[str], merge: str):
+    def __init__(self, model, views: Sequence[str], merge: str,
+                 crop_fraction: float = DEFAULT_CROP_FRACTION):
         self.model, self.views, self.merge = model, tuple(views), merge
+        self.crop_fraction = crop_fraction
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        outs = [np.asarray(self.model(view_images(images, v)), np.float32) for v in self.views]
+        outs = [np.asarray(self.model(view_images(images, v, self.crop_fraction)), np.float32)
+                for v in self.views]
         if self.merge == "concat":
             return np.concatenate(outs, axis=1)
         total = outs[0]
@@ -201,8 +216,8 @@ class MergedViews:
         return total * np.float32(1.0 / len(outs))
 
 
-def _with_views(model, views: Sequence[str], merge: str):
-    return model if tuple(views) == ("orig",) else MergedViews(model, views, merge)
+def _with_views(model, views: Sequence[str], merge: str, crop_fraction: float = DEFAULT_CROP_FRACTION):
+    return model if tuple(views) == ("orig",) else MergedViews(model, views, merge, crop_fraction)
 
 
 def _model_factory(backbone, weights: str, size: int, precision: str, batch_size: int, resize: str,
@@ -210,13 +225,13 @@ def _model_factory(backbone, weights: str, size: int, precision: str, batch_size
     """What builds the feature model when there is work: float32/bfloat16 Keras, or int8 OpenVINO
     (the quantised model in ``model_dir``, resolved by :func:`catsdogs.features.int8.quantised_model`
     before the features were keyed by it); over the configuration's views and layers."""
-    layers, views, merge = config.layers, config.input_views, config.merge
+    layers, views, merge, crop = config.layers, config.input_views, config.merge, config.crop_fraction
     if precision != "int8":
         return lambda: _with_views(FeatureModel(backbone, weights, size, precision, batch_size, layers),
-                                   views, merge)
+                                   views, merge, crop)
     assert model_dir is not None
     return Int8ModelFactory(backbone, weights, size, batch_size, model_dir, [], resize, workers,
-                            views, merge)
+                            views, merge, crop)
 
 
 @dataclass
@@ -238,10 +253,13 @@ class Int8ModelFactory:
     #: the configuration's views and their merge (the quantised model computes each view)
     views: tuple[str, ...] = ("orig",)
     merge: str = "mean"
+    #: the crop views' side, as a fraction of the image's
+    crop_fraction: float = DEFAULT_CROP_FRACTION
 
     def __call__(self):
         return _with_views(int8.Int8FeatureModel(self.backbone, self.size, self.batch_size,
-                                                 self.model_dir), self.views, self.merge)
+                                                 self.model_dir), self.views, self.merge,
+                           self.crop_fraction)
 
 
 def lower_thread_priority() -> None:
@@ -401,6 +419,7 @@ def extract(
     layers: Sequence[str] = (),
     views: Sequence[str] = ("orig",),
     merge: str = "mean",
+    crop_fraction: float = DEFAULT_CROP_FRACTION,
 ) -> list[ExtractResult]:
     """Compute (or reuse) GAP features of every train and test image for each backbone.
 
@@ -420,17 +439,21 @@ def extract(
     Feature views (each a configuration of its own, with its own cache key; the defaults keep the
     keys of before they existed): ``layers`` appends the global-average-pooled outputs of earlier
     layers (:meth:`catsdogs.components.Backbone.feature_layers`) to the features, from the same
-    forward pass; ``views`` (``orig``, ``flip``) computes the features of each view of the decoded
-    image and ``merge`` averages (``mean``) or concatenates (``concat``) them. Each photo is
-    decoded once per backbone configuration, whatever the views; the flipped TTA dataset
-    (``flip=True``) is the same features of the mirrored image.
+    forward pass; ``views`` (``orig``, ``flip``, the crops ``center``, ``top_left``, ``top_right``,
+    ``bottom_left``, ``bottom_right`` and their mirrors ``flip_<crop>``) computes the features of
+    each view of the decoded image and ``merge`` averages (``mean``) or concatenates (``concat``)
+    them; a crop view is the square of ``crop_fraction`` of the side (in the key only when a crop
+    view is used), resized back to the image size. Each photo is decoded once per backbone
+    configuration, whatever the views; the flipped TTA dataset (``flip=True``) is the same
+    features of the mirrored image.
     """
-    from catsdogs.components import check_views
+    from catsdogs.components import check_crop_fraction, check_views
     from catsdogs.plugins import get_registry
 
     names = [backbones] if isinstance(backbones, str) else list(backbones)
     _check_options(names, weights, image_size, batch_size, precision, resize, chunk_size, workers)
     views = check_views(views, merge)
+    crop_fraction = check_crop_fraction(crop_fraction)
     if precision == "int8":
         int8.check_calibration_size(calibration_size)
         int8.require_engine()
@@ -477,6 +500,7 @@ def extract(
             layers=own_layers,
             input_views=views,
             merge=merge if len(views) > 1 else "mean",
+            crop_fraction=crop_fraction,
         )
         quantised = None
         if precision == "int8":  # int8 features are keyed by the quantised model's content hash
@@ -484,7 +508,8 @@ def extract(
                 # the quantised network is the same whatever the views: one calibration for them
                 directory, backbone, slot=int8.slot_key({
                     k: v for k, v in config.identity().items()
-                    if k not in ("precision", "calibration", "input_views", "merge")}),
+                    if k not in ("precision", "calibration", "input_views", "merge",
+                                 "crop_fraction")}),
                 records=records, digests=digests, requested=calibration_size,
                 build=functools.partial(FeatureModel.build_network, backbone, weights, size, own_layers),
                 image_size=size,

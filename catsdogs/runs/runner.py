@@ -346,6 +346,7 @@ def _extract_all(experiment: Experiment, dataset, progress: bool, engine):
             engine=engine,
             calibration_size=spec.calibration_size,
             layers=spec.layers, views=spec.views, merge=spec.merge,
+            crop_fraction=spec.crop_fraction,
         )
         fs = load_features(res.path)
         feature_sets[spec.name] = fs
