@@ -163,6 +163,50 @@ def _losses(y: np.ndarray, p: np.ndarray) -> np.ndarray:
     return -(y * np.log(p) + (1 - y) * np.log1p(-p))
 
 
+def worst_photos(y: np.ndarray, p: np.ndarray, ids: np.ndarray, data: Path, k: int) -> dict:
+    """The ``k`` test photos with the largest log loss: what share of the total they carry, the
+    mean over the others, and each one's id, label, P(dog), loss and source photo (from
+    ``split.json``), so a reader can look at what the number is made of (label noise, placeholder
+    images) instead of trusting the mean."""
+    losses = _losses(y, p)
+    order = np.argsort(-losses, kind="stable")[:k]
+    sources = json.loads((data / "split.json").read_text()).get("test_sources", [])
+    rows = [{"id": int(ids[i]), "label": int(y[i]), "p_dog": float(p[i]), "loss": float(losses[i]),
+             "source": sources[int(ids[i]) - 1] if 0 < int(ids[i]) <= len(sources) else None}
+            for i in order]
+    rest = np.delete(losses, order)
+    return {"k": int(order.size), "share": float(losses[order].sum() / losses.sum()),
+            "mean_without": float(rest.mean()) if rest.size else float("nan"), "photos": rows}
+
+
+def plot_worst(worst: dict, path: Path, thumb: int = 160) -> Path:
+    """A contact sheet (PNG) of :func:`worst_photos`, each captioned with label, P(dog), loss."""
+    from PIL import Image
+
+    from catsdogs.dataset.images import decode_rgb, read_image_file
+    from catsdogs.evaluation.plots import pyplot, save_png
+
+    plt = pyplot()
+    photos = worst["photos"]
+    cols = min(5, max(1, len(photos)))
+    rows = -(-len(photos) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 3.1 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, ph in zip(axes.flat, photos):
+        im = Image.fromarray(decode_rgb(read_image_file(ph["source"])))
+        im.thumbnail((thumb, thumb))
+        ax.imshow(np.asarray(im))
+        name = "/".join(Path(ph["source"]).parts[-2:])
+        ax.set_title(f"{name}\nlabel {'dog' if ph['label'] else 'cat'}, P(dog) {ph['p_dog']:.4f}\n"
+                     f"loss {ph['loss']:.2f}", fontsize=7, loc="left")
+    fig.suptitle(f"the {worst['k']} worst test photos: {100 * worst['share']:.0f}% of the total loss "
+                 f"(mean without them {worst['mean_without']:.4f})", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
+    save_png(fig, path, dpi=90)
+    return path
+
+
 def read_predictions(path: Path, ids: np.ndarray) -> np.ndarray:
     """P(dog) of ``path`` (a submission CSV ``id,label``) for ``ids``, in that order."""
     import pandas as pd
@@ -256,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=5, help="leaderboard rows to report")
     ap.add_argument("--only-backbones", default=None,
                     help="comma-separated: run the experiments' grids on these backbones only")
+    ap.add_argument("--worst", type=int, default=10,
+                    help="report the K test photos with the largest loss and draw them in "
+                         "OUT/worst-test-photos.png (0: neither)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--prepare-only", action="store_true")
     args = ap.parse_args(argv)
@@ -280,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     report["run"].update(test_logloss=float(losses.mean()),
                          test_logloss_se=bootstrap_se(losses, args.bootstrap, args.seed),
                          test_accuracy=float(np.mean((p > 0.5) == (y == 1))))
+    if args.worst > 0:
+        worst = worst_photos(y, p, ids, data, args.worst)
+        worst["png"] = str(plot_worst(worst, Path(report["run"]["out"]) / "worst-test-photos.png"))
+        report["run"]["worst"] = worst
     base_path = args.baseline_predictions
     if args.baseline is not None:
         report["baseline"] = run(args.baseline.resolve(), data, work, cache, args.top, only)
@@ -298,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['seconds']:.0f} s, {r['cpu_seconds']:.0f} CPU s)")
     print(f"  submitted test log loss {r['test_logloss']:.5f} ± {r['test_logloss_se']:.5f} "
           f"(bootstrap SE), accuracy {r['test_accuracy']:.4f}, {y.size} photos")
+    if "worst" in r:
+        w = r["worst"]
+        print(f"  the {w['k']} worst photos carry {100 * w['share']:.0f}% of it (mean without them "
+              f"{w['mean_without']:.5f}); see {w['png']}")
     for group, g in r["by_head_optimizer"].items():
         print(f"    {group}: {g['runs']} runs, raw test log loss mean {g['mean']:.5f}, best {g['best']:.5f}")
     for row in r["top"]:
