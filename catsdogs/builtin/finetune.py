@@ -1,5 +1,6 @@
 """The ``finetune`` head: the top block(s) of a backbone fine-tuned, with a sigmoid unit, on
-cached feature maps (issue 24, lever 4; built-in plugin, registered by :mod:`catsdogs.builtin.heads`).
+cached feature maps (issue 24, lever 4). Not registered as a head: measured on the benchmark it
+does not pay (README, "Lever 4"), so no experiment file reaches it; ``bench/finetune_gain.py`` does.
 
 The write-up froze every backbone weight. This head trains the backbone's last ``top_blocks``
 blocks (and its head conv) too, without running the rest of the network again: its input is the
