@@ -158,9 +158,11 @@ def prepare(photos: Path, work: Path, seed: int, n_test: int, n_train: int | Non
 
 # ------------------------------------------------------------------------------------ scoring
 def _losses(y: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """Per-photo log loss, clipped at 1e-15 as ``catsdogs score`` (and Kaggle) does."""
-    p = np.clip(p, 1e-15, 1 - 1e-15)
-    return -(y * np.log(p) + (1 - y) * np.log1p(-p))
+    """Per-photo log loss, clipped at 1e-15 as ``catsdogs score`` (and Kaggle) does: the
+    package's one per-row log loss."""
+    from catsdogs.evaluation.metrics import row_log_losses
+
+    return row_log_losses(y, p)
 
 
 def worst_photos(y: np.ndarray, p: np.ndarray, ids: np.ndarray, data: Path, k: int) -> dict:

@@ -93,8 +93,7 @@ def check_views(views: Sequence[str], merge: str = "mean") -> tuple[str, ...]:
 def view_parts(view: str) -> tuple[str | None, bool]:
     """A view as ``(crop region or None for the whole image, mirrored)``: ``flip_top_left`` is
     ``("top_left", True)`` (the top-left crop, mirrored), ``orig`` ``(None, False)``."""
-    if view not in FEATURE_VIEWS:
-        raise ConfigError(f"unknown view {view!r}; choose from: {', '.join(FEATURE_VIEWS)}")
+    check_views((view,))  # an unknown view: the one message, with its close match
     mirrored = view == "flip" or view.startswith("flip_")
     region = view.removeprefix("flip_") if view.startswith("flip_") else view
     return (None if region in ("orig", "flip") else region), mirrored
