@@ -57,6 +57,29 @@ def register_backbones(register):
     register(TinyB())
 '''
 
+#: an over-confident head: dropout_sigmoid trained as usual, then its logit scaled by 10,000 (the
+#: tiny backbones' logits are of order 0.01), so most P(dog) are exactly 1.0 or below 2^-24 (what
+#: a confident real head does beyond a logit of about 17)
+SHARP_HEAD = '''
+from catsdogs.builtin.heads import DropoutSigmoidHead
+from catsdogs.hookspecs import hookimpl
+
+
+class SharpSigmoidHead(DropoutSigmoidHead):
+    name = "sharp_sigmoid"
+
+    def fit(self, X, y, **kwargs):
+        super().fit(X, y, **kwargs)
+        dense = self.model_.get_layer("prediction")
+        dense.set_weights([w * 1e4 for w in dense.get_weights()])
+        return self
+
+
+@hookimpl
+def register_heads(register):
+    register(SharpSigmoidHead)
+'''
+
 COMMON = {
     "weights": "none",
     "backbones": ["tiny_a", "tiny_b"],
@@ -75,8 +98,10 @@ def tiny(tmp_path_factory):
     test photos, and a fresh registry that sees the plugin; undone afterwards."""
     root = tmp_path_factory.mktemp("export-submission")
     site = install_fake_dist(root / "site", "catsdogs-tiny-export", "0.1",
-                             {"catsdogs_tiny_export": TINY_BACKBONES},
-                             {"tiny_export": "catsdogs_tiny_export"})
+                             {"catsdogs_tiny_export": TINY_BACKBONES,
+                              "catsdogs_sharp_head": SHARP_HEAD},
+                             {"tiny_export": "catsdogs_tiny_export",
+                              "sharp_head": "catsdogs_sharp_head"})
     data = make_kaggle(root / "data", n_per_class=14, n_test=8)
     with plugin_on_path(site):
         yield {"root": root, "data": data}
@@ -261,3 +286,35 @@ def test_ensemble_export_blends_its_members(tiny):
     networks = [layer for layer in model.layers if isinstance(layer, keras.Model)
                 and any(sub.name == "conv" for sub in layer.layers)]
     assert len(networks) == 2  # tiny_a and tiny_b once each, shared by the three members
+
+
+@pytest.mark.slow
+def test_a_saturated_head_is_ranked_submitted_and_exported_at_one_bound(tiny):
+    """A head whose float32 P(dog) is exactly 0.0 or 1.0: the ranking number, submission.csv and
+    the exported TFLite model all keep P(dog) in [2^-24, 1 - 2^-24], the very same numbers (before
+    the bound the submission held 1.0, which a log loss clipped at 1e-15 scores at 34.5 nats on a
+    cat, and the ranking number counted it so)."""
+    from catsdogs.app.export import export_run
+    from catsdogs.evaluation.metrics import PROB_EPS, log_loss
+
+    result = _run(tiny, "sharp", combinations=[["tiny_a"]], heads=["sharp_sigmoid"],
+                  postprocess="none", epochs=6, tta=False)
+    out, (record,) = result.out_dir, result.records
+    run_dir = out / "runs" / record.run_id
+    val = pd.read_csv(run_dir / "val_predictions.csv")
+    raw = val["p_dog"].to_numpy()
+    beyond = (raw < PROB_EPS) | (raw > 1.0 - PROB_EPS)
+    assert beyond.mean() >= 0.5 and (raw == 1.0).any(), raw  # the head saturates, at 1.0 too
+    bounded = np.clip(raw, PROB_EPS, 1.0 - PROB_EPS)
+    assert record.ranking_logloss == pytest.approx(log_loss(val["label"], bounded), rel=1e-9)
+    assert record.ranking_logloss <= 24 * np.log(2.0)
+    submitted = _submission(out / "submission.csv")
+    assert submitted.min() >= PROB_EPS and submitted.max() <= 1.0 - PROB_EPS
+    test_raw = pd.read_csv(run_dir / "test_predictions.csv").set_index("id")["p_dog"]
+    saturated = test_raw.index[(test_raw < PROB_EPS) | (test_raw > 1.0 - PROB_EPS)]
+    assert len(saturated) >= len(test_raw) // 2
+    assert set(submitted[saturated]) <= {PROB_EPS, 1.0 - PROB_EPS}
+    export_run(run_dir, ["tflite"], out / "export", neither=False)
+    exported = _predict(out / "export", _photos(tiny), "tflite")
+    assert exported[saturated].tolist() == submitted[saturated].tolist()
+    assert _max_diff(exported, submitted) <= TOL

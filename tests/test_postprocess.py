@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from catsdogs.errors import ConfigError
-from catsdogs.evaluation.metrics import log_loss, logit, sigmoid
+from catsdogs.evaluation.metrics import PROB_EPS, log_loss, logit, sigmoid
 from catsdogs.runs.postprocess import Transform, choose, fit
 
 
@@ -180,3 +180,90 @@ def test_the_exported_graph_takes_the_same_logit_as_numpy():
     t = Transform("temperature", temperature=1.7)
     out = ops.convert_to_numpy(PostProcess("temperature", temperature=1.7)(p[:, None]))[:, 0]
     np.testing.assert_allclose(out, t.apply(p.astype(np.float64)), rtol=1e-6)
+
+
+#: float32 P(dog) of a saturated head: exactly 1.0 and 0.0, a float32 denormal-free tiny value,
+#: values a float32 sigmoid does give, and the largest float32 below 1
+SATURATED = np.array([1.0, 0.0, 1e-30, 0.5, 0.9, 1e-6, np.float32(1.0 - 2.0 ** -24)],
+                     dtype=np.float32)
+
+
+def _transforms() -> list[Transform]:
+    return [Transform("none"), Transform("clip", lo=0.0, hi=1.0, learned=True),
+            Transform("clip", lo=0.005, hi=0.995),
+            Transform("temperature", temperature=1.37, learned=True),
+            Transform("temperature", temperature=0.5, learned=True)]
+
+
+def test_every_transform_keeps_p_within_float32_resolution_of_0_and_1():
+    """A float32 sigmoid is exactly 1.0 above a logit of about 17, and a log loss clipped at 1e-15
+    scores that 1.0 on a cat at 34.5 nats, while a dog's P can go down to 1e-30 (69 nats) or stop
+    anywhere: every transform, none included, bounds its output to [2^-24, 1 - 2^-24], so one
+    confident mistake costs at most 24 ln 2 = 16.6 nats on either side."""
+    p = SATURATED.astype(np.float64)
+    cat_at_one = log_loss([0.0], [1.0])
+    assert cat_at_one == pytest.approx(-np.log(1e-15), rel=1e-4)
+    for t in _transforms():
+        out = t.apply(p)
+        assert out.min() >= PROB_EPS and out.max() <= 1.0 - PROB_EPS, t
+        assert log_loss([0.0], t.apply([1.0])) <= 24 * np.log(2.0) + 1e-9 < cat_at_one / 2, t
+        assert log_loss([1.0], t.apply([0.0])) <= 24 * np.log(2.0) + 1e-9, t
+    none = Transform("none").apply(p)
+    assert none[0] == 1.0 - 2.0 ** -24 and none[1] == none[2] == 2.0 ** -24
+    np.testing.assert_array_equal(none[3:], p[3:])  # inside the bound: unchanged
+
+
+def test_the_bound_is_recorded_and_old_records_keep_their_unbounded_transform():
+    """A transform recorded before the bound existed (no ``bound`` key) applies none, so an old
+    run's export still gives its old submission; new ones record and reload theirs."""
+    for t in _transforms():
+        d = t.to_dict()
+        assert d["bound"] == PROB_EPS and Transform.from_dict(d) == t
+        old = Transform.from_dict({k: v for k, v in d.items() if k != "bound"})
+        assert old.bound == 0.0
+        if t.kind == "none" or t.learned and t.kind == "clip":
+            assert old.apply([1.0, 0.0]).tolist() == [1.0, 0.0]
+    assert Transform.from_dict({"kind": "none"}).apply([1.0, 0.0]).tolist() == [1.0, 0.0]
+    with pytest.raises(ConfigError, match="bound"):
+        Transform.from_dict({"kind": "none", "bound": 0.5})
+
+
+def test_auto_and_the_ranking_number_see_the_bounded_none():
+    """The ranking number of ``none`` is the loss of the bounded predictions (a saturated cat
+    scores 16.6 nats, not 34.5), and a learned transform is judged against that, not the raw."""
+    y, p = _draw(400, 4.0, seed=21)
+    p = p.astype(np.float32).astype(np.float64)
+    p[0], y[0] = 1.0, 0.0  # one saturated mistake
+    choice = choose(y, p, "none")
+    assert choice.logloss_post == pytest.approx(log_loss(y, np.clip(p, PROB_EPS, 1 - PROB_EPS)))
+    assert choice.logloss_raw == pytest.approx(log_loss(y, p))
+    assert choice.logloss_raw - choice.logloss_post == pytest.approx(
+        (log_loss([0.0], [1.0]) - 24 * np.log(2.0)) / len(y), rel=1e-3)
+    auto = choose(y, p)
+    assert auto.cv["none"]["logloss"] == pytest.approx(choice.logloss_post)
+    assert auto.cv["none"]["gain"] == 0.0
+
+
+def test_the_exported_layer_bounds_exactly_as_the_runner_does():
+    """PostProcess in float32 gives the bounded numbers NumPy gives in float64, bit for bit at the
+    bound (2^-24 and 1 - 2^-24 are float32 numbers); a layer saved before the bound loads
+    without one."""
+    pytest.importorskip("keras")
+    from keras import ops
+
+    from catsdogs.app.graph import PostProcess
+
+    for t in _transforms():
+        layer = PostProcess(t.kind, t.lo, t.hi, t.temperature, t.bound)
+        out = ops.convert_to_numpy(layer(SATURATED[:, None]))[:, 0].astype(np.float64)
+        expected = t.apply(SATURATED.astype(np.float64))
+        at_bound = (expected == PROB_EPS) | (expected == 1.0 - PROB_EPS)
+        assert at_bound.any() or t.lo == 0.005, t
+        np.testing.assert_array_equal(out[at_bound], expected[at_bound])
+        np.testing.assert_allclose(out, expected, rtol=1e-6)
+        config = layer.get_config()
+        assert PostProcess.from_config(config).bound == PROB_EPS
+    old = PostProcess.from_config({k: v for k, v in PostProcess("none").get_config().items()
+                                   if k != "bound"})
+    assert old.bound == 0.0
+    assert ops.convert_to_numpy(old(SATURATED[:2, None]))[:, 0].tolist() == [1.0, 0.0]

@@ -166,7 +166,8 @@ def test_explicit_clip_is_exactly_that_clip_and_auto_never_submits_it_blindly(tm
     assert sub.min() >= 0.2 and sub.max() <= 0.8
     rec = load_record(tmp_path / "clip" / "runs" / pd.read_csv(tmp_path / "clip" / "leaderboard.csv")
                       ["run_id"][0])
-    assert rec.postprocess["transform"] == {"kind": "clip", "learned": False, "clip": [0.2, 0.8]}
+    assert rec.postprocess["transform"] == {"kind": "clip", "learned": False, "clip": [0.2, 0.8],
+                                            "bound": 2.0 ** -24}
     run_experiment(load_experiment(_experiment(tmp_path, data, "none", postprocess="none")),
                    progress=False)
     winner = pd.read_csv(tmp_path / "none" / "leaderboard.csv")["run_id"][0]

@@ -490,7 +490,7 @@ def build_app_model(info: RunInfo, neither=None, registry=None):
     t = info.transform
 
     def post(x, name):
-        return PostProcess(t.kind, t.lo, t.hi, t.temperature, name=name)(x)
+        return PostProcess(t.kind, t.lo, t.hi, t.temperature, t.bound, name=name)(x)
 
     def mean(xs, name):
         return xs[0] if len(xs) == 1 else keras.layers.Average(name=name)(xs)

@@ -12,7 +12,9 @@ same in the graph, in float32, so an exported model gives the submitted P(dog):
   extraction may import; imported here so that loading an exported model registers it);
 * :class:`BlendProbabilities` -- ``mean`` (weighted sum) or ``stack``
   (``sigmoid(bias + sum_k w_k logit(p_k))``);
-* :class:`PostProcess` -- ``none``, ``clip`` or ``temperature`` (``sigmoid(logit(p) / T)``).
+* :class:`PostProcess` -- ``none``, ``clip`` or ``temperature`` (``sigmoid(logit(p) / T)``),
+  then kept in ``[bound, 1 - bound]`` (:data:`catsdogs.evaluation.metrics.PROB_EPS`, 2^-24, which
+  float32 holds exactly on both sides, so the graph's bounded numbers equal the runner's).
 
 ``logit`` follows :func:`catsdogs.evaluation.metrics.logit`: probabilities are clipped to
 ``[LOGIT_EPS, 1 - LOGIT_EPS]`` first (the same constant, 1e-12). In float32 ``1 - 1e-12`` is 1,
@@ -57,22 +59,29 @@ class HorizontalFlip(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="catsdogs")
 class PostProcess(keras.layers.Layer):
-    """A :class:`catsdogs.runs.postprocess.Transform` on P(dog): none, clip or temperature."""
+    """A :class:`catsdogs.runs.postprocess.Transform` on P(dog): none, clip or temperature, then
+    kept in ``[bound, 1 - bound]`` (``bound`` 0, the default of models exported before it existed:
+    no bound)."""
 
     def __init__(self, kind: str = "none", lo: float = 0.0, hi: float = 1.0,
-                 temperature: float = 1.0, **kwargs):
+                 temperature: float = 1.0, bound: float = 0.0, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         if kind not in ("none", "clip", "temperature"):
             raise ValueError(f"unknown post-processing {kind!r}")
         self.kind, self.lo, self.hi = kind, float(lo), float(hi)
         self.temperature = float(temperature)
+        self.bound = float(bound)
+        if not 0.0 <= self.bound < 0.5:
+            raise ValueError(f"post-processing bound must lie in [0, 0.5), got {bound!r}")
 
     def call(self, p):
         if self.kind == "clip":
-            return ops.minimum(ops.maximum(p, self.lo), self.hi)
-        if self.kind == "temperature":
-            return ops.sigmoid(logit(p) * (1.0 / self.temperature))
+            p = ops.minimum(ops.maximum(p, self.lo), self.hi)
+        elif self.kind == "temperature":
+            p = ops.sigmoid(logit(p) * (1.0 / self.temperature))
+        if self.bound > 0.0:
+            p = ops.minimum(ops.maximum(p, self.bound), 1.0 - self.bound)
         return p
 
     def compute_output_shape(self, input_shape):
@@ -80,7 +89,7 @@ class PostProcess(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "kind": self.kind, "lo": self.lo, "hi": self.hi,
-                "temperature": self.temperature}
+                "temperature": self.temperature, "bound": self.bound}
 
 
 @keras.saving.register_keras_serializable(package="catsdogs")

@@ -31,8 +31,8 @@ import numpy as np
 
 from catsdogs.errors import ConfigError, DataError
 
-__all__ = ["BOOTSTRAP", "DEFAULT_CLIP_GRID", "LOGIT_EPS", "LOG_LOSS_EPS", "TIE_SE", "PairedStats",
-           "accuracy", "best_clip", "check_clip_bounds", "clip", "cross_entropy", "log_loss",
+__all__ = ["BOOTSTRAP", "DEFAULT_CLIP_GRID", "LOGIT_EPS", "LOG_LOSS_EPS", "PROB_EPS", "TIE_SE",
+           "PairedStats", "accuracy", "best_clip", "bound_probabilities", "check_clip_bounds", "clip", "cross_entropy", "log_loss",
            "logit", "logit_cross_entropy", "paired_bootstrap", "row_log_losses", "sigmoid",
            "summarize"]
 
@@ -49,6 +49,15 @@ LOG_LOSS_EPS = 1e-15
 #: :func:`logit` keeps probabilities this far from 0 and 1 (post-processing, ensembles and the
 #: exported graph's logit, :func:`catsdogs.app.graph.logit`)
 LOGIT_EPS = 1e-12
+#: every P(dog) the package submits, ranks a run by or exports lies in ``[PROB_EPS, 1 - PROB_EPS]``
+#: (:func:`bound_probabilities`, applied by every post-processing transform, ``none`` included, and
+#: by the exported graph). 2^-24 is float32's resolution next to 1: the largest float32 below 1 is
+#: ``1 - 2^-24``, and a head's float32 sigmoid is exactly 1.0 above a logit of about 17, which a log
+#: loss clipped at 1e-15 scores at 34.5 nats on a photo of a cat, while the same head's P(dog) for
+#: a dog can go down to 1e-38 and cost the logit itself. The bound makes the two sides symmetric
+#: (at most ``24 ln 2`` = 16.6 nats per photo) and is exact in float32, so the exported graph
+#: computes the same numbers.
+PROB_EPS = 2.0 ** -24
 
 
 def _labels(y) -> np.ndarray:
@@ -88,6 +97,13 @@ def check_clip_bounds(lo: float, hi: float) -> tuple[float, float]:
     if not (0.0 <= lo < hi <= 1.0):
         raise ConfigError(f"clip bounds must satisfy 0 <= lo < hi <= 1, got ({lo!r}, {hi!r})")
     return lo, hi
+
+
+def bound_probabilities(p, eps: float = PROB_EPS) -> np.ndarray:
+    """``p`` as float64 clipped to ``[eps, 1 - eps]`` (:data:`PROB_EPS`: what float32 resolves next
+    to 1); ``eps = 0`` returns ``p`` unchanged."""
+    p = np.asarray(p, dtype=np.float64)
+    return np.clip(p, eps, 1.0 - eps) if eps > 0 else p
 
 
 def logit(p, eps: float = LOGIT_EPS) -> np.ndarray:

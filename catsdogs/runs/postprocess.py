@@ -13,6 +13,17 @@ post-processed before they are scored or submitted. The candidates:
     ``sigmoid(logit(p) / T)`` with one scalar ``T`` fitted by minimising the validation log loss;
     ``T > 1`` softens an over-confident head, ``T < 1`` sharpens an under-confident one.
 
+**Every transform keeps its output in** ``[PROB_EPS, 1 - PROB_EPS]`` (``none`` too;
+:data:`catsdogs.evaluation.metrics.PROB_EPS` = 2^-24, float32's resolution next to 1): a head's
+float32 sigmoid saturates at exactly 1.0, which a log loss clipped at 1e-15 scores at 34.5 nats on
+a photo of a cat, against at most the logit on a photo of a dog. The bound is applied after the
+transform, so the ranking number, the leaderboard's test loss, ``submission.csv`` and the exported
+graph (:class:`catsdogs.app.graph.PostProcess`, where the bound is exact in float32) all see the
+same numbers. A transform recorded before the bound existed (its ``to_dict`` has no ``bound``)
+keeps applying none, so an old run's export still gives its old submission; rerunning the
+experiment re-chooses every run's post-processing from its stored validation predictions (no
+head is retrained) and so bounds it.
+
 ``auto`` (the default) chooses among the three **on the real log loss of held-out predictions**
 (cross-fitted over K folds of the validation predictions): each candidate is fitted on K-1 folds
 and applied to the held-out fold, so every validation row gets a prediction from a transform that
@@ -56,6 +67,8 @@ import numpy as np
 from catsdogs.errors import ConfigError
 from catsdogs.evaluation.metrics import (
     DEFAULT_CLIP_GRID,
+    PROB_EPS,
+    bound_probabilities,
     check_clip_bounds,
     cross_entropy,
     log_loss,
@@ -92,17 +105,19 @@ class Transform:
     hi: float = 1.0
     temperature: float = 1.0  # kind == "temperature"
     learned: bool = False  # fitted on validation predictions (False: fixed by the experiment)
+    #: the output is kept in ``[bound, 1 - bound]`` (0: a transform recorded before the bound)
+    bound: float = PROB_EPS
 
     def apply(self, p) -> np.ndarray:
         p = np.asarray(p, dtype=np.float64)
         if self.kind == "clip":
-            return np.clip(p, self.lo, self.hi)
-        if self.kind == "temperature":
-            return sigmoid(logit(p) / self.temperature)
-        return p
+            p = np.clip(p, self.lo, self.hi)
+        elif self.kind == "temperature":
+            p = sigmoid(logit(p) / self.temperature)
+        return bound_probabilities(p, self.bound)
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"kind": self.kind, "learned": self.learned}
+        out: dict[str, Any] = {"kind": self.kind, "learned": self.learned, "bound": self.bound}
         if self.kind == "clip":
             out["clip"] = [self.lo, self.hi]
         if self.kind == "temperature":
@@ -112,15 +127,20 @@ class Transform:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Transform:
         kind = d.get("kind", "none")
+        bound = float(d.get("bound", 0.0))  # recorded before the bound existed: none
+        if not 0.0 <= bound < 0.5:
+            raise ConfigError(f"post-processing bound must lie in [0, 0.5), got {bound!r}")
         if kind == "clip":
             lo, hi = d["clip"]
-            return cls("clip", lo=float(lo), hi=float(hi), learned=bool(d.get("learned")))
+            return cls("clip", lo=float(lo), hi=float(hi), learned=bool(d.get("learned")),
+                       bound=bound)
         if kind == "temperature":
-            return cls("temperature", temperature=float(d["temperature"]), learned=True)
+            return cls("temperature", temperature=float(d["temperature"]), learned=True,
+                       bound=bound)
         if kind != "none":
             raise ConfigError(f"unknown post-processing transform {kind!r}; "
                               f"expected one of none, clip, temperature")
-        return cls("none")
+        return cls("none", bound=bound)
 
     def describe(self) -> str:
         if self.kind == "clip":
@@ -246,7 +266,7 @@ def choose(y, p, method: str = "auto", *, clip_bounds: tuple[float, float] | Non
     if fold_ids is None and method in ("clip", "temperature") and not (
             method == "clip" and clip_bounds is not None):
         candidates = ["none"]  # too few rows of a class to cross-fit: nothing learned
-    base = cross_entropy(y, p)  # the real per-row log loss of ``none``
+    base = cross_entropy(y, fit("none", y, p).apply(p))  # the real per-row log loss of ``none``
     cv: dict[str, dict[str, float]] = {}
     preds: dict[str, np.ndarray] = {}
     best, best_gain = candidates[0], 0.0
@@ -273,7 +293,7 @@ def transform_of(record) -> Transform:
     if chosen:
         return Transform.from_dict(chosen["transform"])
     lo, hi = record.clip
-    return Transform("clip", lo=float(lo), hi=float(hi))
+    return Transform("clip", lo=float(lo), hi=float(hi), bound=0.0)
 
 
 def ranking_loss(record) -> float:
