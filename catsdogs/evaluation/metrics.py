@@ -32,9 +32,9 @@ import numpy as np
 from catsdogs.errors import ConfigError, DataError
 
 __all__ = ["BOOTSTRAP", "DEFAULT_CLIP_GRID", "LOGIT_EPS", "LOG_LOSS_EPS", "PROB_EPS", "TIE_SE",
-           "PairedStats", "accuracy", "best_clip", "bound_probabilities", "check_clip_bounds", "clip", "cross_entropy", "log_loss",
-           "logit", "logit_cross_entropy", "paired_bootstrap", "row_log_losses", "sigmoid",
-           "summarize"]
+           "PairedStats", "accuracy", "best_clip", "bound_probabilities", "check_clip_bounds",
+           "clip", "cross_entropy", "log_loss", "logit", "logit_cross_entropy", "paired_bootstrap",
+           "row_log_losses", "sigmoid", "summarize"]
 
 #: bootstrap resamples of the validation photos behind the leaderboard's standard errors
 BOOTSTRAP = 1000

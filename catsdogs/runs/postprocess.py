@@ -266,7 +266,7 @@ def choose(y, p, method: str = "auto", *, clip_bounds: tuple[float, float] | Non
     if fold_ids is None and method in ("clip", "temperature") and not (
             method == "clip" and clip_bounds is not None):
         candidates = ["none"]  # too few rows of a class to cross-fit: nothing learned
-    base = cross_entropy(y, fit("none", y, p).apply(p))  # the real per-row log loss of ``none``
+    base = cross_entropy(y, Transform("none").apply(p))  # the real per-row log loss of ``none``
     cv: dict[str, dict[str, float]] = {}
     preds: dict[str, np.ndarray] = {}
     best, best_gain = candidates[0], 0.0
