@@ -13,14 +13,21 @@ On a Kaggle-layout data set with labelled test photos (default: the shared mini 
    20 % of them), and ``finetune_frozen``, the same head whose stage 2 cannot move (learning
    rate 1e-12): its early-stopped unit on the frozen features, to tell what fine-tuning adds
    from what early stopping adds;
-4. test log loss of both (clipped as the demo clips, 0.005/0.995, and raw), the paired bootstrap
+4. test log loss of both (clipped as the demo clips, 0.005/0.995, and ``bounded``: at the float32
+   bound ``PROB_EPS`` that the runner's post-processing, the submission and the export apply
+   to every probability, so a saturated mistake costs 16.6 nats, not 34.5), the paired bootstrap
    standard error of the difference over the test photos, and the CPU seconds (process time) of
    each step, per photo and extrapolated to ``--extrapolate`` training photos.
 
 Usage::
 
     python bench/finetune_gain.py [--data DIR] [--backbone efficientnet_lite0] [--blocks 1]
-        [--epochs 30] [--batch-size 32] [--lr 1e-4] [--seeds 2019,2020] [--limit N] [--json]
+        [--epochs 30] [--batch-size 32] [--lr 1e-4] [--seeds 2019,2020] [--limit N]
+        [--maps-cache DIR] [--no-frozen] [--save-predictions DIR] [--json]
+
+``--maps-cache`` keeps step 1's arrays, so further seeds cost only the fits; the predictions
+saved by ``--save-predictions`` are submissions that ``bench/quality.py --baseline-predictions``
+and a paired comparison with any benchmark run can read.
 """
 
 from __future__ import annotations
@@ -49,7 +56,9 @@ def _bootstrap_diff(a: np.ndarray, b: np.ndarray, n: int = 2000, seed: int = 0) 
 
 
 def _row_losses(y: np.ndarray, p: np.ndarray, clip: tuple[float, float] | None) -> np.ndarray:
-    p = np.clip(p, *(clip or (1e-15, 1 - 1e-15)))
+    from catsdogs.evaluation.metrics import bound_probabilities
+
+    p = np.clip(p, *clip) if clip else bound_probabilities(p)
     return -(y * np.log(p) + (1 - y) * np.log(1 - p))
 
 
@@ -66,6 +75,14 @@ def main() -> None:
     ap.add_argument("--seeds", default="2019", help="comma-separated seeds of the heads' fits")
     ap.add_argument("--limit", type=int, default=None, help="use N train photos (a seeded sample)")
     ap.add_argument("--extrapolate", type=int, default=20000)
+    ap.add_argument("--maps-cache", type=Path, default=None,
+                    help="keep the forward pass's maps and GAP features in this folder (.npy) and "
+                         "reuse them on a rerun with the same data, backbone, size and blocks")
+    ap.add_argument("--no-frozen", action="store_true",
+                    help="skip finetune_frozen (it costs as much as finetune's second stage)")
+    ap.add_argument("--save-predictions", type=Path, default=None,
+                    help="write each model's test predictions to DIR/<model>-s<seed>.csv (id,label: "
+                         "a submission, for bench/quality.py --baseline-predictions)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -98,15 +115,34 @@ def main() -> None:
         maps, gap = [], []
         for start in range(0, len(records), 64):
             px = _load_pixels(records[start:start + 64], size).astype(np.float32)
-            m = np.asarray(bottom(px, training=False))
+            # predict (a compiled graph, batches of 16), not an eager call: an eager functional
+            # call keeps every layer's activations of the whole chunk (17.6 GB for 64 photos
+            # through Lite1 at 360 px)
+            m = bottom.predict(px, batch_size=16, verbose=0)
             maps.append(m.reshape(len(m), -1).astype(np.float16))
-            gap.append(np.asarray(top(m, training=False)))
+            gap.append(top.predict(m, batch_size=16, verbose=0))
         return np.concatenate(maps), np.concatenate(gap)
 
     t = time.process_time()
-    maps_train, gap_train = forward(train)
-    maps_test, gap_test = forward(test)
-    cpu["forward (maps + GAP)"] = time.process_time() - t
+    cache = None
+    if args.maps_cache:
+        key = f"{args.data.resolve().name}-{args.backbone}-{args.weights}-s{size}-b{args.blocks}-n{len(train)}"
+        cache = args.maps_cache / key
+    names = ("maps_train", "gap_train", "maps_test", "gap_test")
+    if cache is not None and all((cache / f"{n}.npy").exists() for n in names):
+        maps_train, gap_train, maps_test, gap_test = (np.load(cache / f"{n}.npy") for n in names)
+        cpu["forward (maps + GAP)"] = json.loads((cache / "cpu.json").read_text())["forward"]
+    else:
+        maps_train, gap_train = forward(train)
+        maps_test, gap_test = forward(test)
+        cpu["forward (maps + GAP)"] = time.process_time() - t
+        if cache is not None:
+            cache.mkdir(parents=True, exist_ok=True)
+            for n, a in zip(names, (maps_train, gap_train, maps_test, gap_test)):
+                tmp = cache / f"{n}.tmp.npy"
+                np.save(tmp, a)
+                os.replace(tmp, cache / f"{n}.npy")
+            (cache / "cpu.json").write_text(json.dumps({"forward": cpu["forward (maps + GAP)"]}))
     n_photos = len(train) + len(test)
 
     result: dict = {"data": str(args.data), "backbone": args.backbone, "weights": args.weights,
@@ -123,7 +159,8 @@ def main() -> None:
         cpu_s["dropout_sigmoid"] = time.process_time() - t
         # finetune_frozen: the same head with a learning rate that moves nothing in stage 2,
         # i.e. its early-stopped unit on the frozen features (what fine-tuning adds is the rest)
-        for name, lr in (("finetune", args.lr), ("finetune_frozen", 1e-12)):
+        variants = [("finetune", args.lr)] + ([] if args.no_frozen else [("finetune_frozen", 1e-12)])
+        for name, lr in variants:
             t = time.process_time()
             head = FineTuneHead(backbone=args.backbone, weights=args.weights, image_size=size,
                                 top_blocks=args.blocks, learning_rate=lr)
@@ -133,10 +170,16 @@ def main() -> None:
             cpu_s[name] = time.process_time() - t
             stopped[name] = head.stopped_epochs_
         out: dict = {"cpu_s": cpu_s, "stopped_epochs": stopped}
-        for label, clip in (("raw", None), ("clip 0.005", (0.005, 0.995))):
+        if args.save_predictions:
+            args.save_predictions.mkdir(parents=True, exist_ok=True)
+            ids = [r.id for r in test]
+            for name, p in preds.items():
+                pd.DataFrame({"id": ids, "label": p}).to_csv(
+                    args.save_predictions / f"{name}-s{seed}.csv", index=False)
+        for label, clip in (("bounded", None), ("clip 0.005", (0.005, 0.995))):
             losses = {k: _row_losses(y_test, p, clip) for k, p in preds.items()}
             out[label] = {k: float(v.mean()) for k, v in losses.items()}
-            for other in ("dropout_sigmoid", "finetune_frozen"):
+            for other in [k for k in ("dropout_sigmoid", "finetune_frozen") if k in losses]:
                 diff = losses["finetune"] - losses[other]
                 out[label][f"finetune - {other}"] = float(diff.mean())
                 out[label][f"paired_se vs {other}"] = _bootstrap_diff(losses["finetune"], losses[other])
