@@ -55,13 +55,6 @@ def _bootstrap_diff(a: np.ndarray, b: np.ndarray, n: int = 2000, seed: int = 0) 
     return float((a[idx].mean(1) - b[idx].mean(1)).std(ddof=1))
 
 
-def _row_losses(y: np.ndarray, p: np.ndarray, clip: tuple[float, float] | None) -> np.ndarray:
-    from catsdogs.evaluation.metrics import bound_probabilities
-
-    p = np.clip(p, *clip) if clip else bound_probabilities(p)
-    return -(y * np.log(p) + (1 - y) * np.log(1 - p))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -92,7 +85,9 @@ def main() -> None:
     from catsdogs.builtin.heads import DropoutSigmoidHead
     from catsdogs.builtin.optimizers import AdamOptimizer
     from catsdogs.dataset.layout import open_dataset
+    from catsdogs.evaluation.metrics import PROB_EPS, row_log_losses
     from catsdogs.plugins import get_registry
+    from catsdogs.util.fileio import atomic_write
 
     backbone = get_registry().backbone(args.backbone)
     size = args.image_size or backbone.input_size
@@ -129,7 +124,8 @@ def main() -> None:
         key = f"{args.data.resolve().name}-{args.backbone}-{args.weights}-s{size}-b{args.blocks}-n{len(train)}"
         cache = args.maps_cache / key
     names = ("maps_train", "gap_train", "maps_test", "gap_test")
-    if cache is not None and all((cache / f"{n}.npy").exists() for n in names):
+    # cpu.json is written last: its presence means every array before it is complete
+    if cache is not None and (cache / "cpu.json").exists():
         maps_train, gap_train, maps_test, gap_test = (np.load(cache / f"{n}.npy") for n in names)
         cpu["forward (maps + GAP)"] = json.loads((cache / "cpu.json").read_text())["forward"]
     else:
@@ -139,10 +135,9 @@ def main() -> None:
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)
             for n, a in zip(names, (maps_train, gap_train, maps_test, gap_test)):
-                tmp = cache / f"{n}.tmp.npy"
-                np.save(tmp, a)
-                os.replace(tmp, cache / f"{n}.npy")
-            (cache / "cpu.json").write_text(json.dumps({"forward": cpu["forward (maps + GAP)"]}))
+                atomic_write(cache / f"{n}.npy", lambda fh, a=a: np.save(fh, a))
+            forward_s = json.dumps({"forward": cpu["forward (maps + GAP)"]}).encode()
+            atomic_write(cache / "cpu.json", lambda fh: fh.write(forward_s))
     n_photos = len(train) + len(test)
 
     result: dict = {"data": str(args.data), "backbone": args.backbone, "weights": args.weights,
@@ -176,8 +171,8 @@ def main() -> None:
             for name, p in preds.items():
                 pd.DataFrame({"id": ids, "label": p}).to_csv(
                     args.save_predictions / f"{name}-s{seed}.csv", index=False)
-        for label, clip in (("bounded", None), ("clip 0.005", (0.005, 0.995))):
-            losses = {k: _row_losses(y_test, p, clip) for k, p in preds.items()}
+        for label, eps in (("bounded", PROB_EPS), ("clip 0.005", 0.005)):
+            losses = {k: row_log_losses(y_test, p, eps) for k, p in preds.items()}
             out[label] = {k: float(v.mean()) for k, v in losses.items()}
             for other in [k for k in ("dropout_sigmoid", "finetune_frozen") if k in losses]:
                 diff = losses["finetune"] - losses[other]
