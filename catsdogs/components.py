@@ -493,6 +493,11 @@ class Head(_Params, abc.ABC):
     uses_optimizer: ClassVar[bool] = True
     #: True when the head's weights can form a class activation map (a 2-unit softmax Dense layer)
     cam_capable: ClassVar[bool] = False
+    #: what the head is trained on: ``"features"`` (the fused GAP features of a combination) or
+    #: ``"maps"`` (one :class:`TopSplit` backbone's flattened feature maps entering its last
+    #: ``top_blocks`` block(s), :mod:`catsdogs.features.maps`; the runner plans such a head on
+    #: single-backbone combinations only and gives it ``backbone``, ``weights`` and ``image_size``)
+    input: ClassVar[str] = "features"
     #: top-level modules it needs beyond the core's dependencies (see :attr:`Backbone.requires`)
     requires: ClassVar[tuple[str, ...]] = ()
 

@@ -45,6 +45,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "catsdogs.builtin.heads",
     "catsdogs.builtin.optimizers",
     "catsdogs.builtin.stacking",
+    "catsdogs.builtin.finetune",
 )
 KINDS: tuple[str, ...] = ("backbones", "heads", "optimizers")
 _HOOKS = {kind: f"register_{kind}" for kind in KINDS}
@@ -125,6 +126,23 @@ class Registry:
 
     def optimizer(self, name: str) -> type[Optimizer]:
         return self.get("optimizers", name)
+
+    @contextlib.contextmanager
+    def temporarily(self, kind: str, obj: Any, plugin: str) -> Iterator[None]:
+        """``obj`` registered as a component of ``kind`` by ``plugin`` for the ``with`` block
+        (e.g. :mod:`catsdogs.testing`'s tiny backbone while a head check runs); a name already
+        registered is a :class:`PluginError`."""
+        problem = _problem(kind, obj)
+        if problem is not None:
+            raise PluginError(f"{plugin}: {problem}")
+        name = component_name(obj)
+        if name in self._components[kind] or name in self._conflicts[kind]:
+            raise PluginError(f"{plugin}: {kind[:-1]} {name!r} is already registered")
+        self._components[kind][name] = Component(kind, name, plugin, obj)
+        try:
+            yield
+        finally:
+            self._components[kind].pop(name, None)
 
     @property
     def failures(self) -> list[PluginInfo]:

@@ -56,6 +56,8 @@ __all__ = [
     "checks_for",
     "parametrize_with_checks",
     "make_separable_features",
+    "make_maps",
+    "TinyTopSplit",
     "make_kaggle_dataset",
     "write_jpeg",
 ]
@@ -381,14 +383,92 @@ def make_kaggle_dataset(root: Path, n_per_class: int = 6, n_test: int = 4, seed:
     return root
 
 
+class TinyTopSplit(Backbone):
+    """A seeded tiny conv net with the :class:`~catsdogs.components.TopSplit` capability: its
+    bottom (rescale, strided conv) gives the maps, its top (conv, BatchNormalization, GAP) the
+    features. The data the head checks train ``input = "maps"`` heads on (:func:`make_maps`)."""
+
+    name = "catsdogs_testing_split"
+    input_size = 24
+    min_input_size = 8
+    feature_dim = 8
+    preprocessing = "x / 255"
+    weights_options = (WEIGHTS_NONE,)
+    has_top_split = True
+
+    @staticmethod
+    def _bottom(image):
+        import keras
+
+        x = keras.layers.Rescaling(1 / 255, name="scale")(image)
+        return keras.layers.Conv2D(6, 5, strides=2, activation="tanh", name="conv")(x)
+
+    @staticmethod
+    def _top(x):
+        import keras
+
+        x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="top_conv")(x)
+        x = keras.layers.BatchNormalization(name="top_bn")(x)
+        return keras.layers.GlobalAveragePooling2D(name="gap")(x)
+
+    def build_model(self, weights: str, image_size: int) -> keras.Model:
+        import keras
+
+        image = keras.Input((image_size, image_size, 3), name="image")
+        return keras.Model(image, self._top(self._bottom(image)), name=self.name)
+
+    def split_top(self, weights: str = WEIGHTS_NONE, image_size: int | None = None,
+                  blocks: int = 1) -> tuple[keras.Model, keras.Model]:
+        import keras
+
+        from catsdogs.components import copy_weights_by_name
+
+        if blocks != 1:
+            raise ConfigError(f"{self.name} has one top block, got blocks={blocks}")
+        size = image_size or self.input_size
+        full = self.build(weights, size)
+        image = keras.Input((size, size, 3), name="image")
+        bottom = keras.Model(image, self._bottom(image), name=f"{self.name}_bottom")
+        maps = keras.Input(tuple(bottom.output.shape[1:]), name="maps")
+        top = keras.Model(maps, self._top(maps), name=f"{self.name}_top")
+        copy_weights_by_name(full, (bottom, top))
+        return bottom, top
+
+
+#: what the head checks give an ``input = "maps"`` head besides its own defaults
+MAPS_HEAD_PARAMS = {"backbone": TinyTopSplit.name, "weights": WEIGHTS_NONE,
+                    "image_size": TinyTopSplit.input_size}
+
+
+def make_maps(n: int = 200, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Flattened float16 maps of :class:`TinyTopSplit`'s bottom for ``n`` generated photos and
+    their 0/1 labels: dogs redder, cats bluer (a difference the top's global average pooling
+    keeps, so even the frozen top separates them)."""
+    rng = np.random.default_rng(seed)
+    size = TinyTopSplit.input_size
+    y = rng.permutation(np.arange(n) % 2).astype(np.int64)
+    pixels = rng.uniform(0, 120, (n, size, size, 3)).astype(np.float32)
+    pixels[y == 1, ..., 0] += 120
+    pixels[y == 0, ..., 2] += 120
+    bottom, _ = TinyTopSplit().split_top(WEIGHTS_NONE, size)
+    maps = np.asarray(bottom(pixels, training=False))
+    return maps.reshape(n, -1).astype(np.float16), y
+
+
 class _HeadRun:
-    """The shared setup of the head checks: data, fit arguments, fit and predict with checks."""
+    """The shared setup of the head checks: data, fit arguments, fit and predict with checks.
+    A head whose ``input`` is ``"maps"`` gets :func:`make_maps`'s rows and
+    :data:`MAPS_HEAD_PARAMS` (the checks run with :class:`TinyTopSplit` registered)."""
 
     def __init__(self, head_cls: type[Head], optimizer: Optimizer | None, epochs: int,
                  batch_size: int, seed: int):
         self.c = _Checker("head", head_cls)
         self.head_cls = head_cls
-        self.X, self.y = make_separable_features(seed=seed)
+        self.maps = getattr(head_cls, "input", "features") == "maps"
+        self.defaults = dict(MAPS_HEAD_PARAMS) if self.maps else {}
+        data = make_maps(seed=seed) if self.maps else make_separable_features(seed=seed)
+        self.X: np.ndarray = data[0]
+        self.y: np.ndarray = data[1]
         if head_cls.uses_optimizer and optimizer is None:
             from catsdogs.plugins import get_registry
 
@@ -399,7 +479,7 @@ class _HeadRun:
 
     def new(self, **params: Any) -> Head:
         try:
-            return self.head_cls(**params)
+            return self.head_cls(**{**self.defaults, **params})
         except Exception as exc:
             self.c.fail(f"cannot be constructed with default arguments: {type(exc).__name__}: {exc}")
 
@@ -455,9 +535,18 @@ def _head_check(func: Callable[[_HeadRun], None]) -> Callable[..., None]:
     @functools.wraps(func)
     def check(head_cls: type[Head], optimizer: Optimizer | None = None, epochs: int = 30,
               batch_size: int = 128, seed: int = 7) -> None:
-        _Checker("head", head_cls).check(isinstance(head_cls, type) and issubclass(head_cls, Head),
-                                         "must be a subclass of catsdogs.components.Head")
-        func(_HeadRun(head_cls, optimizer, epochs, batch_size, seed))
+        c = _Checker("head", head_cls)
+        c.check(isinstance(head_cls, type) and issubclass(head_cls, Head),
+                "must be a subclass of catsdogs.components.Head")
+        kind = getattr(head_cls, "input", "features")
+        c.check(kind in ("features", "maps"), f"input must be 'features' or 'maps', got {kind!r}")
+        if kind != "maps":
+            func(_HeadRun(head_cls, optimizer, epochs, batch_size, seed))
+            return
+        from catsdogs.plugins import get_registry
+
+        with get_registry().temporarily("backbones", TinyTopSplit(), "catsdogs.testing"):
+            func(_HeadRun(head_cls, optimizer, epochs, batch_size, seed))
 
     return check
 
@@ -476,7 +565,7 @@ def check_head_params(run: _HeadRun) -> None:
     """scikit-learn parameters: ``__init__`` stores its arguments; get/set_params, clone; the
     defaults pass ``validate_params``."""
     head = run.new()
-    _check_params(run.c, head, run.head_cls)
+    _check_params(run.c, head, run.head_cls, run.defaults)
     try:
         head.validate_params()
     except Exception as exc:

@@ -290,3 +290,20 @@ def test_end_to_end_model_predicts_what_the_cached_maps_give(tiny, tmp_path):
     want = head.predict_proba(ms.test.X)
     assert np.ptp(want) > 1e-4  # the photos get different answers
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_refit_params_fix_each_stage_at_its_best_inner_epoch(maps_data):
+    """``refit_params`` gives the epochs whose weights early stopping kept; a head built with them
+    (as a refit is) trains every row for exactly those epochs, holding nothing out."""
+    maps, y = maps_data
+    ranked = FineTuneHead(**PARAMS).fit(maps, y, epochs=5, batch_size=8, seed=2)
+    fixed = ranked.refit_params()["fixed_epochs"]
+    best = [int(np.argmin(ranked.history_[k])) + 1 for k in ("unit_inner_loss", "inner_loss")]
+    assert fixed == best and all(1 <= e <= 5 for e in fixed)
+    refit = FineTuneHead(**PARAMS, **ranked.refit_params()).fit(maps, y, epochs=5, batch_size=8,
+                                                                 seed=2)
+    assert refit.inner_rows_ == 0 and refit.stopped_epochs_ == fixed
+    assert "inner_loss" not in refit.history_
+    assert refit.refit_params() == {"fixed_epochs": fixed}
+    with pytest.raises(ConfigError, match="fixed_epochs must be two epoch counts"):
+        FineTuneHead(**PARAMS, fixed_epochs=[3]).validate_params()

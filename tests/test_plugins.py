@@ -89,6 +89,24 @@ def test_registry_is_loaded_once():
     assert get_registry() is get_registry()
 
 
+def test_a_component_registered_temporarily_is_gone_afterwards():
+    from catsdogs.testing import TinyTopSplit
+
+    reg = Registry().load(entry_points=False)
+    with reg.temporarily("backbones", TinyTopSplit(), "tests"):
+        assert reg.backbone(TinyTopSplit.name).has_top_split
+        with pytest.raises(PluginError, match="already registered"):
+            with reg.temporarily("backbones", TinyTopSplit(), "again"):
+                pass
+    assert TinyTopSplit.name not in reg.names("backbones")
+    with pytest.raises(PluginError, match="expected a Head subclass"):
+        with reg.temporarily("heads", TinyTopSplit(), "tests"):
+            pass
+    with pytest.raises(PluginError, match="already registered"):
+        with reg.temporarily("heads", reg.head("finetune"), "tests"):
+            pass
+
+
 def test_unknown_component_names_available():
     with pytest.raises(PluginError, match="unknown backbone 'nope'.*resnet50"):
         get_registry().backbone("nope")

@@ -463,9 +463,37 @@ def build_app_model(info: RunInfo, neither=None, registry=None):
                 features[(name, view)] = keras.layers.Average(name=f"views_{name}_{view}")(outs)
         return features[(name, view)]
 
+    bottoms: dict[tuple[str, int], Any] = {}
+
+    def maps(name: str, blocks: int):
+        """The photo's flattened maps entering ``name``'s last ``blocks`` block(s), computed in
+        float32 by the backbone's bottom (a head trained on maps rounds them as the cache did)."""
+        if (name, blocks) not in bottoms:
+            spec = specs[name]
+            bottom, _ = registry.backbone(name).split_top(spec["weights"], int(spec["image_size"]),
+                                                          blocks=blocks)
+            bottoms[(name, blocks)] = keras.layers.Flatten(name=f"maps_{_graph_name(name)}_{blocks}")(
+                bottom(image(int(spec["image_size"]), False)))
+        return bottoms[(name, blocks)]
+
     member_p = []
     first_fused = None
     for i, member in enumerate(info.members):
+        top_blocks = _maps_blocks(member.record, registry)
+        if top_blocks is not None:  # trained on maps (finetune): the bottom, flattened, the head
+            (name,) = member.record.combination
+            x = maps(name, top_blocks)
+            per_head = []
+            for k, path in enumerate(member.heads):
+                loaded = load_head_file(path)
+                if loaded.inputs[0].shape[-1] != x.shape[-1]:
+                    raise DataError(f"run {member.run_id!r}: {path.name} takes maps of "
+                                    f"{loaded.inputs[0].shape[-1]} values but {name!r}'s bottom "
+                                    f"gives {x.shape[-1]}; the run's backbone settings changed?")
+                per_head.append(keras.Model(loaded.inputs[0], loaded.outputs[0],
+                                            name=f"head_{i}_{k}")(x))
+            member_p.append(per_head)
+            continue
         views = ("orig", "flip") if member.tta else ("orig",)
         fused = {}
         for view in views:
@@ -510,10 +538,25 @@ def build_app_model(info: RunInfo, neither=None, registry=None):
                  "postprocess")
     outputs = {"prediction": keras.layers.Identity(name="prediction")(p)}
     if neither is not None:
+        if first_fused is None:  # the first member is trained on maps: its backbones' features
+            first = [feature(b, "orig") for b in info.members[0].record.combination]
+            first_fused = first[0] if len(first) == 1 else \
+                keras.layers.Concatenate(axis=-1, name="features_neither")(first)
         outputs["neither_score"] = neither.score_layer(first_fused)
     model_inputs = [inputs[s] for s in info.sizes]
     return keras.Model(model_inputs if len(model_inputs) > 1 else model_inputs[0], outputs,
                        name=_graph_name(f"catsdogs_{info.run_id}"))
+
+
+def _maps_blocks(record: RunRecord, registry) -> int | None:
+    """How many top blocks' maps ``record``'s head was trained on (None: on features)."""
+    from catsdogs.runs.runner import maps_blocks
+
+    try:
+        head_cls = registry.head(record.head.name)
+    except Exception:  # noqa: BLE001 - the head's plugin is not installed: a features head
+        return None
+    return maps_blocks(head_cls, record.params)
 
 
 def softmax_dense(head) -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,8 @@
 """The ``finetune`` head: the top block(s) of a backbone fine-tuned, with a sigmoid unit, on
-cached feature maps (issue 24, lever 4). Not registered as a head: measured on the benchmark it
-does not pay (README, "Lever 4"), so no experiment file reaches it; ``bench/finetune_gain.py`` does.
+cached feature maps (issue 24, lever 4). A built-in head whose ``input`` is ``"maps"``: the runner
+plans it on the single-backbone combinations of backbones that offer ``split_top``, caches their
+maps (:func:`catsdogs.features.maps.cache_maps`) and gives it the backbone's name, weights and
+image size (README, "Lever 4"; ``bench/finetune_gain.py`` measures it outside the runner).
 
 The write-up froze every backbone weight. This head trains the backbone's last ``top_blocks``
 blocks (and its head conv) too, without running the rest of the network again: its input is the
@@ -14,12 +16,16 @@ is ranked on, which only get a per-epoch ``val_loss`` curve):
 
 1. a stratified, seeded inner split (``inner``, default 20 %) of the training rows;
 2. ``Dropout(dropout) -> Dense(1, sigmoid)`` trained on the frozen top's GAP features with the
-   experiment's optimizer, early-stopped on the inner rows (``patience`` epochs, best weights kept);
+   head's ``optimizer`` (a registered optimizer's name, default ``adam``, at its default learning
+   rate), early-stopped on the inner rows (``patience`` epochs, best weights kept);
 3. the top block(s) and that unit trained together with the same optimizer class at the head's
    ``learning_rate`` (default 1e-4), BatchNormalization kept in inference mode (its statistics and
    scale stay the ImageNet ones), early-stopped on the inner rows the same way.
 
-``epochs`` bounds each stage. The trained model (:meth:`FineTuneHead.keras_model`) takes the
+``epochs`` bounds each stage. The head chooses its own optimizer (``uses_optimizer`` is False), so
+an experiment's grid does not fine-tune it once per optimizer of ``optimizers:``. A refit
+(``refit: true``) trains each stage on every row for the epochs at which the ranked fit's inner
+loss was lowest (:meth:`FineTuneHead.refit_params`: ``fixed_epochs``), with no inner split. The trained model (:meth:`FineTuneHead.keras_model`) takes the
 flattened maps, rounds them to float16 as the cache did (so the export, which computes the maps in
 float32, sees what training saw), reshapes them and runs the fine-tuned top and the unit: appended
 to the backbone's bottom (maps) model it is the end-to-end network.
@@ -35,6 +41,7 @@ import numpy as np
 
 from catsdogs.components import Head, Optimizer, TopSplit, has_top_split, seeded_initializers
 from catsdogs.errors import ConfigError
+from catsdogs.hookspecs import hookimpl
 from catsdogs.validation import SEED_MAX, check_int, check_labels, check_real
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -81,11 +88,13 @@ class FineTuneHead(Head):
     flattened cached maps (see the module docstring)."""
 
     name: ClassVar[str] = "finetune"
-    uses_optimizer: ClassVar[bool] = True
+    uses_optimizer: ClassVar[bool] = False
+    input: ClassVar[str] = "maps"
 
     def __init__(self, backbone: str | None = None, weights: str = "imagenet",
                  image_size: int | None = None, top_blocks: int = 1, dropout: float = 0.5,
-                 learning_rate: float = 1e-4, patience: int = 2, inner: float = 0.2):
+                 learning_rate: float = 1e-4, patience: int = 2, inner: float = 0.2,
+                 optimizer: str = "adam", fixed_epochs: list[int] | None = None):
         self.backbone = backbone
         self.weights = weights
         self.image_size = image_size
@@ -94,6 +103,8 @@ class FineTuneHead(Head):
         self.learning_rate = learning_rate
         self.patience = patience
         self.inner = inner
+        self.optimizer = optimizer
+        self.fixed_epochs = fixed_epochs
 
     def validate_params(self) -> None:
         if self.backbone is not None and not isinstance(self.backbone, str):
@@ -107,6 +118,15 @@ class FineTuneHead(Head):
         check_real(self.learning_rate, "finetune: learning_rate", 1e-12)
         check_int(self.patience, "finetune: patience")
         check_real(self.inner, "finetune: inner", 0.01, 0.9, high_inclusive=True)
+        if not isinstance(self.optimizer, str):
+            raise ConfigError(f"finetune: optimizer must be an optimizer's name (e.g. adam), got "
+                              f"{self.optimizer!r}")
+        if self.fixed_epochs is not None:
+            if not isinstance(self.fixed_epochs, (list, tuple)) or len(self.fixed_epochs) != 2:
+                raise ConfigError("finetune: fixed_epochs must be two epoch counts [unit, top] "
+                                  f"(what a refit trains for), got {self.fixed_epochs!r}")
+            for k, value in enumerate(self.fixed_epochs):
+                check_int(value, f"finetune: fixed_epochs[{k}]")
 
     # -- the model ------------------------------------------------------------------------------
     def _backbone_name(self, blocks: Sequence[tuple[str, int]] | None) -> str:
@@ -158,12 +178,23 @@ class FineTuneHead(Head):
                 layer.trainable = False  # inference mode: ImageNet statistics, scale and shift
 
     def _optimizer(self, optimizer: Optimizer | None, learning_rate: float | None):
-        from catsdogs.builtin.optimizers import AdamOptimizer
+        """A Keras optimizer: ``optimizer`` (given to :meth:`fit`) or else the head's
+        ``optimizer`` plugin, at ``learning_rate`` (None: its own)."""
+        if optimizer is None:
+            from catsdogs.plugins import get_registry
 
-        cls = type(optimizer) if optimizer is not None else AdamOptimizer
+            optimizer = get_registry().optimizer(str(self.optimizer))()
         if learning_rate is None:
-            return (optimizer or AdamOptimizer()).build()
-        return cls(learning_rate=learning_rate).build()
+            return optimizer.build()
+        return type(optimizer)(learning_rate=learning_rate).build()
+
+    def refit_params(self) -> dict[str, Any]:
+        """What a refit on every row must fix to reproduce this fit: each stage's epochs at its
+        lowest inner loss (the weights early stopping kept)."""
+        if self.fixed_epochs is not None:
+            return {"fixed_epochs": list(self.fixed_epochs)}
+        best = [int(np.argmin(self.history_[key])) + 1 for key in ("unit_inner_loss", "inner_loss")]
+        return {"fixed_epochs": best}
 
     # -- the contract ---------------------------------------------------------------------------
     def fit(self, X: np.ndarray, y: np.ndarray, *,
@@ -191,38 +222,44 @@ class FineTuneHead(Head):
                               f"{self._backbone_name(blocks)!r} ({self.top_blocks} block(s), image "
                               f"size {self.image_size or 'default'}) takes maps of shape {shape} "
                               f"= {math.prod(shape)}; train it on that backbone's cached maps")
-        fit_rows, stop_rows = inner_split(y.astype(np.int64), float(self.inner), seed)
+        fixed = None if self.fixed_epochs is None else [int(e) for e in self.fixed_epochs]
+        if fixed is None:
+            fit_rows, stop_rows = inner_split(y.astype(np.int64), float(self.inner), seed)
+        else:  # a refit: every row, each stage for its given epochs, nothing held out
+            fit_rows, stop_rows = np.arange(len(y)), np.arange(0)
         keras.utils.set_random_seed(seed)
         full, unit = self._assemble(top, seed)
         self._freeze_batchnorm(top)
 
-        def stopper():
-            return keras.callbacks.EarlyStopping(monitor="val_loss", patience=int(self.patience),
-                                                 restore_best_weights=True)
+        def train(model, inputs, stage: int):
+            if fixed is not None:
+                return model.fit(inputs[fit_rows], y[fit_rows], epochs=fixed[stage],
+                                 batch_size=batch_size, shuffle=True, verbose=verbose)
+            stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=int(self.patience),
+                                                    restore_best_weights=True)
+            return model.fit(inputs[fit_rows], y[fit_rows],
+                             validation_data=(inputs[stop_rows], y[stop_rows]), epochs=epochs,
+                             batch_size=batch_size, shuffle=True, verbose=verbose,
+                             callbacks=[stopper])
 
         # stage 1: the unit on the frozen top's GAP features (the top runs once per row)
         frozen = keras.Model(full.input, top(full.get_layer("unflatten").output))
         gap = frozen.predict(X, batch_size=PREDICT_BATCH_SIZE, verbose=0)
         unit.compile(optimizer=self._optimizer(optimizer, None), loss="binary_crossentropy")
-        h1 = unit.fit(gap[fit_rows], y[fit_rows], validation_data=(gap[stop_rows], y[stop_rows]),
-                      epochs=epochs, batch_size=batch_size, shuffle=True, verbose=verbose,
-                      callbacks=[stopper()])
+        h1 = train(unit, gap, 0)
         # stage 2: the top block(s) and the unit together, at the fine-tuning learning rate
         full.compile(optimizer=self._optimizer(optimizer, float(self.learning_rate)),
                      loss="binary_crossentropy")
-        h2 = full.fit(X[fit_rows], y[fit_rows], validation_data=(X[stop_rows], y[stop_rows]),
-                      epochs=epochs, batch_size=batch_size, shuffle=True, verbose=verbose,
-                      callbacks=[stopper()])
+        h2 = train(full, X, 1)
         self.model_ = full
         self.n_features_in_ = int(X.shape[1])
         self.inner_rows_ = int(len(stop_rows))
         self.stopped_epochs_ = [len(h1.history["loss"]), len(h2.history["loss"])]
-        self.history_ = {
-            "unit_loss": [float(v) for v in h1.history["loss"]],
-            "unit_inner_loss": [float(v) for v in h1.history["val_loss"]],
-            "loss": [float(v) for v in h2.history["loss"]],
-            "inner_loss": [float(v) for v in h2.history["val_loss"]],
-        }
+        self.history_ = {"unit_loss": [float(v) for v in h1.history["loss"]],
+                         "loss": [float(v) for v in h2.history["loss"]]}
+        if fixed is None:
+            self.history_["unit_inner_loss"] = [float(v) for v in h1.history["val_loss"]]
+            self.history_["inner_loss"] = [float(v) for v in h2.history["val_loss"]]
         if val is not None:  # reported only: never used to stop or choose anything
             from sklearn.metrics import log_loss
 
@@ -254,3 +291,8 @@ class FineTuneHead(Head):
         maps = keras.layers.Flatten(name="flatten_maps")(bottom(image))
         return keras.Model(image, self.keras_model()(maps), name=f"finetune_{name}")
 
+
+
+@hookimpl
+def register_heads(register):
+    register(FineTuneHead)

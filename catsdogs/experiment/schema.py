@@ -72,6 +72,8 @@ RESIZE_POLICIES = ("squash", "crop", "pad")
 ENGINES = ("local", "ray")
 POSTPROCESSES = ("auto", "none", "clip", "temperature")
 ENSEMBLE_METHODS = ("mean", "stack")
+#: parameters of a head trained on maps that the runner sets from the run's backbone
+MAPS_HEAD_INJECTED = ("weights", "image_size")
 TRACKING_BACKENDS = ("mlflow",)
 VALIDATION_KINDS = ("holdout", "kfold")
 #: hyper-parameters the tuner can search (heads declare more: Head.search_space)
@@ -802,9 +804,37 @@ class Experiment(BaseModel):
             self.exclude = ExcludeList(self.exclude)
         if self.tuning is not None and "params" in self.tuning.model_fields_set:
             self._check_tuning(self.tuning, _registry(info))
+        self._check_maps_heads(_registry(info))
         source = ctx.get("source_path")
         self._source = None if source is None else Path(source)
         return self
+
+    def _check_maps_heads(self, registry: Registry) -> None:
+        """A head trained on maps (``input = "maps"``, e.g. ``finetune``) gets at least one
+        single-backbone combination whose backbone offers ``split_top``, and none of the
+        parameters the runner sets from the run's backbone (:data:`MAPS_HEAD_INJECTED`)."""
+        from catsdogs.components import has_top_split
+
+        for i, head in enumerate(self.heads):
+            if getattr(registry.head(head.name), "input", "features") != "maps":
+                continue
+            for key in MAPS_HEAD_INJECTED:
+                if key in head.params:
+                    raise problem(f"do not set {key!r} for head {head.name!r}: it is the {key} of "
+                                  "the run's backbone (set it under backbones:)",
+                                  f"heads[{i}].params.{key}")
+            wanted = head.params.get("backbone")
+            usable = [c for c in self.combinations if len(c) == 1 and wanted in (None, c[0])
+                      and has_top_split(registry.backbone(c[0]))]
+            if not usable:
+                split = [b for b in self.backbone_names if has_top_split(registry.backbone(b))]
+                raise problem(
+                    f"head {head.name!r} is trained on one backbone's feature maps, but no "
+                    "combination of the experiment is a single backbone that offers split_top"
+                    + (f" and is {wanted!r}" if wanted else "")
+                    + f" (backbones that do: {', '.join(split) or 'none'}); add such a backbone "
+                    "alone to combinations (e.g. combinations: all), or remove the head",
+                    f"heads[{i}]")
 
     def _check_tuning(self, tuning: Tuning, registry: Registry) -> None:
         # the common names, then what the listed heads declare (Head.search_space)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,6 +26,9 @@ class AlignedSplit:
     y: np.ndarray
     X: dict[str, np.ndarray]  # backbone -> (n, d)
     X_flip: dict[str, np.ndarray | None]
+    #: flattened float16 feature maps on the same rows (:func:`maps_key` -> (n, h*w*c)), for
+    #: heads trained on maps (:mod:`catsdogs.features.maps`); attached by the runner
+    maps: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -41,6 +44,11 @@ class Aligned:
 
     def has_flip(self, combination: Sequence[str]) -> bool:
         return all(self.train.X_flip[b] is not None for b in combination)
+
+
+def maps_key(backbone: str, blocks: int) -> str:
+    """The key of ``backbone``'s maps entering its last ``blocks`` block(s) in :attr:`AlignedSplit.maps`."""
+    return f"{backbone}/maps{int(blocks)}"
 
 
 @dataclass

@@ -200,9 +200,13 @@ def cache_maps(data_dir: str | os.PathLike, backbone: str, *, weights: str = "im
                image_size: int | None = None, blocks: int = 1, resize: str = "squash",
                cache_dir: str | os.PathLike | None = None, chunk_size: int = 256,
                batch_size: int = 32, workers: int = 2, registry=None, dataset=None,
-               digests: Sequence[str] | None = None, engine: Engine = LOCAL) -> MapsSet:
+               digests: Sequence[str] | None = None, engine: Engine = LOCAL,
+               progress: bool = False) -> MapsSet:
     """The float16 maps entering ``backbone``'s last ``blocks`` block(s) for every photo of
-    ``data_dir`` (computed once per photo content and configuration, see the module docstring)."""
+    ``data_dir`` (computed once per photo content and configuration, see the module docstring).
+    ``progress``: a bar on stderr while maps are computed."""
+    from tqdm.auto import tqdm
+
     from catsdogs.dataset.layout import digest_all, open_dataset
     from catsdogs.features.extraction import ChunkFeatures
 
@@ -247,7 +251,17 @@ def cache_maps(data_dir: str | os.PathLike, backbone: str, *, weights: str = "im
         def what(chunk):
             return f"the maps of {len(chunk)} photos {chunk[0][1].relpath} .. {chunk[-1][1].relpath}"
 
-        engine.map_chunks(factory, chunks, args_of, on_result, what)
+        bar = tqdm(total=len(items), desc=f"{backbone} maps", unit="img", disable=not progress,
+                   dynamic_ncols=True)
+
+        def on_result_shown(chunk, out, node, pid) -> None:
+            on_result(chunk, out, node, pid)
+            bar.update(len(chunk))
+
+        try:
+            engine.map_chunks(factory, chunks, args_of, on_result_shown, what)
+        finally:
+            bar.close()
 
     splits = {}
     for split in SPLITS:

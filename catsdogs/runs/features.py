@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, overload
 import numpy as np
 
 from catsdogs.errors import DataError
-from catsdogs.features.fusion import Aligned, Fused, align, fuse
+from catsdogs.features.fusion import Aligned, Fused, align, fuse, maps_key
 
 if TYPE_CHECKING:  # pragma: no cover
     from catsdogs.features.extraction import FeatureSet
@@ -41,14 +41,33 @@ class RunFeatures:
 
 
 def run_features(aligned: Aligned, combination: Sequence[str], *, tta: bool,
-                 columns: bool = True) -> RunFeatures:
+                 columns: bool = True, maps_blocks: int | None = None) -> RunFeatures:
     """Fuse ``combination`` from the experiment's aligned features, as the runner trains it.
     ``columns=False``: rows only (labels, ids, files, blocks), ``X`` with no columns and no
-    ``X_flip``, for a run whose predictions were computed block by block."""
+    ``X_flip``, for a run whose predictions were computed block by block. ``maps_blocks``: the
+    run's head is trained on maps (``input = "maps"``): ``X`` is the single backbone's flattened
+    maps entering its last ``maps_blocks`` block(s) (:attr:`AlignedSplit.maps`), without TTA."""
+    if maps_blocks is not None:
+        return _maps_features(aligned, combination, maps_blocks)
     tta = tta and aligned.has_flip(combination)
     train = fuse(aligned.train, combination, flip=tta, columns=columns)
     test = fuse(aligned.test, combination, flip=tta, columns=columns) if len(aligned.test) else None
     return RunFeatures(train, test, tta)
+
+
+def _maps_features(aligned: Aligned, combination: Sequence[str], blocks: int) -> RunFeatures:
+    (name,) = combination
+    key = maps_key(name, blocks)
+    if key not in aligned.train.maps:
+        raise DataError(f"the maps of {name!r} entering its last {blocks} block(s) were not "
+                        "cached for this experiment; run it with `catsdogs run`")
+
+    def split(part) -> Fused:
+        X = part.maps[key]
+        return Fused((name,), [(name, int(X.shape[1]))], X, None, part.y, part.ids, part.files)
+
+    return RunFeatures(split(aligned.train), split(aligned.test) if len(aligned.test) else None,
+                       False)
 
 
 @overload

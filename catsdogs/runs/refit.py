@@ -72,12 +72,15 @@ def refit_head(record: RunRecord, experiment: Experiment, aligned: Aligned, regi
     rows meant 25 % more steps, more confident predictions and a worse test log loss; README.)
     ``batch_size`` overrides it (for measurements)."""
     from catsdogs.runs.features import predict_tta, run_features
+    from catsdogs.runs.runner import maps_blocks
 
-    features = run_features(aligned, record.combination, tta=record.tta)
+    head_cls = registry.head(record.head.name)
+    features = run_features(aligned, record.combination, tta=record.tta,
+                            maps_blocks=maps_blocks(head_cls, record.params))
     train, test = features.train, features.test
     if test is None:
         raise DataError("refit: the data has no test images to predict")
-    head = registry.head(record.head.name)(**{**record.params, **(record.refit_params or {})})  # as ranked
+    head = head_cls(**{**record.params, **(record.refit_params or {})})  # as ranked
     optimizer = None
     if record.optimizer is not None:
         optimizer = registry.optimizer(record.optimizer.name)(learning_rate=record.learning_rate)

@@ -103,8 +103,12 @@ def _short_hash(obj: Any, n: int = 6) -> str:
 def plan_runs(experiment: Experiment, registry=None) -> list[RunSpec]:
     """Every (combination × head × optimizer) run, in a fixed order, with unique readable ids.
 
-    Heads that do not use an optimizer run once per combination.
+    Heads that do not use an optimizer run once per combination. A head trained on maps
+    (``input = "maps"``, e.g. ``finetune``) runs on the single-backbone combinations whose backbone
+    offers ``split_top`` (and only its ``backbone`` parameter's, when given; the experiment's
+    validation made sure it gets one).
     """
+    from catsdogs.components import has_top_split
     from catsdogs.plugins import get_registry
 
     registry = registry or get_registry()
@@ -112,6 +116,10 @@ def plan_runs(experiment: Experiment, registry=None) -> list[RunSpec]:
     for combination in experiment.combinations:
         for head in experiment.heads:
             head_cls = registry.head(head.name)
+            if getattr(head_cls, "input", "features") == "maps" and not (
+                    len(combination) == 1 and has_top_split(registry.backbone(combination[0]))
+                    and head.params.get("backbone") in (None, combination[0])):
+                continue
             optimizers = experiment.optimizers if head_cls.uses_optimizer else [None]
             for opt in optimizers:
                 parts = ["+".join(combination), head.name] + ([opt.name] if opt else [])
@@ -124,6 +132,60 @@ def plan_runs(experiment: Experiment, registry=None) -> list[RunSpec]:
         if counts[r.run_id] > 1 else r
         for r in runs
     ]
+
+
+def maps_blocks(head_cls, params: dict[str, Any]) -> int | None:
+    """How many top blocks' maps a head trained on maps takes (its ``top_blocks``, default 1);
+    None for a head trained on features."""
+    if getattr(head_cls, "input", "features") != "maps":
+        return None
+    return int(params.get("top_blocks", getattr(head_cls(), "top_blocks", 1)))
+
+
+def run_head_params(spec: RunSpec, experiment: Experiment, registry) -> dict[str, Any]:
+    """The head's parameters for ``spec``: the experiment's, and for a head trained on maps the
+    run's backbone, its weights and image size
+    (:data:`catsdogs.experiment.schema.MAPS_HEAD_INJECTED`)."""
+    params = dict(spec.head.params)
+    if getattr(registry.head(spec.head.name), "input", "features") == "maps":
+        (name,) = spec.combination
+        backbone = experiment.backbone(name)
+        params.update(backbone=name, weights=backbone.weights,
+                      image_size=int(backbone.image_size or registry.backbone(name).input_size))
+    return params
+
+
+def attach_maps(experiment: Experiment, plan: list[RunSpec], aligned: Aligned, registry,
+                dataset, digests, engine, progress: bool) -> dict[str, str]:
+    """Cache the maps every run of ``plan`` whose head is trained on maps needs
+    (:func:`catsdogs.features.maps.cache_maps`, content-addressed like the features) and attach
+    them to ``aligned`` on its rows (:attr:`~catsdogs.features.fusion.AlignedSplit.maps`).
+    Returns each maps key's configuration key (part of those runs' settings)."""
+    from catsdogs.features.fusion import maps_key
+    from catsdogs.features.maps import cache_maps
+
+    wanted: dict[str, tuple[str, int]] = {}
+    for spec in plan:
+        blocks = maps_blocks(registry.head(spec.head.name), dict(spec.head.params))
+        if blocks is not None:
+            wanted[maps_key(spec.combination[0], blocks)] = (spec.combination[0], blocks)
+    keys = {}
+    for key, (name, blocks) in wanted.items():
+        backbone = experiment.backbone(name)
+        maps = cache_maps(experiment.data, name, weights=backbone.weights,
+                          image_size=backbone.image_size, blocks=blocks, resize=backbone.resize,
+                          cache_dir=experiment.cache_dir, registry=registry, dataset=dataset,
+                          digests=digests, engine=engine, progress=progress)
+        for part, rows in ((aligned.train, maps.train), (aligned.test, maps.test)):
+            index = {f: i for i, f in enumerate(rows.files)}
+            missing = [f for f in part.files if f not in index]
+            if missing:
+                reasons = [f"{f} ({maps.skipped.get(f, 'no maps')})" for f in missing[:5]]
+                raise DataError(f"{len(missing)} photo(s) have features but no maps of {name!r}: "
+                                f"{', '.join(reasons)}; remove or exclude them (exclude:)")
+            part.maps[key] = rows.X[[index[f] for f in part.files]]
+        keys[key] = maps.config.key
+    return keys
 
 
 # ------------------------------------------------------------------------------------ ranking
@@ -202,11 +264,12 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
     t0 = time.perf_counter()
     # grouped runs come with their predictions: no need to fuse (copy) the combination's columns
     predicted = bool(fitted) and all(f.val is not None for f in fitted)  # type: ignore[union-attr]
-    features = run_features(aligned, spec.combination, tta=experiment.tta, columns=not predicted)
-    train, test, tta = features.train, features.test, features.tta
     head_cls = registry.head(spec.head.name)
+    params = run_head_params(spec, experiment, registry)
+    features = run_features(aligned, spec.combination, tta=experiment.tta, columns=not predicted,
+                            maps_blocks=maps_blocks(head_cls, params))
+    train, test, tta = features.train, features.test, features.tta
     opt_cls = registry.optimizer(spec.optimizer.name) if spec.optimizer else None
-    params = dict(spec.head.params)
     learning_rate = spec.optimizer.learning_rate if spec.optimizer else None
     fold_tuning: list[dict[str, Any]] = []
 
@@ -352,14 +415,27 @@ def _extract_all(experiment: Experiment, dataset, progress: bool, engine):
         feature_sets[spec.name] = fs
         keys[spec.name] = {"file": str(res.path), "config_key": fs.meta["config_key"],
                            "dataset_fingerprint": fs.meta["dataset_fingerprint"]}
-    return feature_sets, keys
+    return feature_sets, keys, digests
 
 
-def _settings(spec: RunSpec, experiment: Experiment, keys: dict, split_hash: str) -> dict[str, Any]:
+def _run_maps(spec: RunSpec, maps: dict[str, str], registry) -> dict[str, str] | None:
+    """The maps a run's head is trained on (maps key -> configuration key), None for features."""
+    from catsdogs.features.fusion import maps_key
+
+    blocks = maps_blocks(registry.head(spec.head.name), dict(spec.head.params))
+    if blocks is None:
+        return None
+    key = maps_key(spec.combination[0], blocks)
+    return {key: maps[key]}
+
+
+def _settings(spec: RunSpec, experiment: Experiment, keys: dict, split_hash: str,
+              maps: dict[str, str] | None = None) -> dict[str, Any]:
     return {
         **spec.describe(),
         "features": {b: {k: keys[b][k] for k in ("config_key", "dataset_fingerprint")}
                      for b in spec.combination},
+        **({"maps": maps} if maps else {}),
         "epochs": experiment.epochs,
         "batch_size": experiment.batch_size,
         "seed": experiment.seed,
@@ -431,8 +507,10 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
     engine = engine or EngineSpec(experiment.engine, experiment.ray_address)
     with (open_engine(engine) if isinstance(engine, EngineSpec) else contextlib.nullcontext(engine)
           ) as compute_engine:
-        feature_sets, keys = _extract_all(experiment, dataset, progress, compute_engine)
+        feature_sets, keys, digests = _extract_all(experiment, dataset, progress, compute_engine)
         aligned = align(feature_sets, experiment.exclude)
+        maps = attach_maps(experiment, plan, aligned, registry, dataset, digests, compute_engine,
+                           progress)
         if experiment.exclude:  # report entries that match no training image; record the matched
             train_files = next(iter(feature_sets.values())).train.files
             matched, unmatched = experiment.match_exclude(train_files)
@@ -450,7 +528,8 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
 
         records, pending = [], []
         for spec in plan:
-            settings = _settings(spec, experiment, keys, split_hash)
+            settings = _settings(spec, experiment, keys, split_hash,
+                                 _run_maps(spec, maps, registry))
             old = _reusable(out / "runs" / spec.run_id, _short_hash(settings, 16))
             if old is None:
                 pending.append((spec, settings))

@@ -1,0 +1,149 @@
+"""Issue 24 lever 4 wired: the ``finetune`` head in experiments, from plan to export.
+
+A real tiny network with ``split_top`` (:class:`catsdogs.testing.TinyTopSplit`, registered for
+the module) and one without it feed real experiments on generated JPEGs. The runner plans the
+head on single split-capable backbones only, caches their maps, ranks the head on validation
+rows it was not fitted on, refits it for the submission, and the exported model (Keras and
+float TFLite: the backbone's bottom, flattened, then the fine-tuned top) predicts the submitted
+P(dog) photo by photo.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import make_kaggle
+
+from catsdogs.errors import ConfigError
+from catsdogs.testing import TinyTopSplit
+
+TOL = 1e-3
+SPLIT = TinyTopSplit.name
+
+
+class TinyNoSplit(TinyTopSplit):
+    """The same network without the capability: a features-only backbone."""
+
+    name = "catsdogs_testing_nosplit"
+    has_top_split = False
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from catsdogs.plugins import get_registry
+
+    root = tmp_path_factory.mktemp("finetune-runner")
+    data = make_kaggle(root / "data", n_per_class=16, n_test=8)
+    registry = get_registry()
+    with registry.temporarily("backbones", TinyTopSplit(), "tests"), \
+            registry.temporarily("backbones", TinyNoSplit(), "tests"):
+        yield {"root": root, "data": data, "registry": registry}
+
+
+def _experiment(env, name: str, **fields):
+    from catsdogs.experiment.spec import load_experiment
+
+    doc = {"data": str(env["data"]), "output": str(env["root"] / name),
+           "cache_dir": str(env["root"] / "cache"), "weights": "none",
+           "backbones": [SPLIT], "heads": ["finetune"], "optimizers": ["adam"],
+           "epochs": 6, "batch_size": 8, "seed": 4, "validation": {"holdout": 0.25}, **fields}
+    path = env["root"] / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return load_experiment(path)
+
+
+def _run(env, name: str, **fields):
+    from catsdogs.runs.runner import run_experiment
+
+    return run_experiment(_experiment(env, name, **fields), progress=False)
+
+
+def test_plan_gives_finetune_only_single_split_backbones_once(env):
+    from catsdogs.runs.runner import plan_runs
+
+    exp = _experiment(env, "plan", backbones=[SPLIT, TinyNoSplit.name],
+                      heads=["dropout_sigmoid", "finetune"],
+                      optimizers=["adam", {"name": "adadelta", "learning_rate": 1.0}])
+    runs = plan_runs(exp)
+    tuned = [(list(r.combination), r.optimizer) for r in runs if r.head.name == "finetune"]
+    assert tuned == [([SPLIT], None)]  # not per optimizer, not on the other combinations
+    assert sum(r.head.name == "dropout_sigmoid" for r in runs) == 6
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"backbones": [TinyNoSplit.name]}, "no combination of the experiment is a single backbone "
+                                        "that offers split_top"),
+    ({"backbones": [SPLIT, TinyNoSplit.name], "combinations": [[SPLIT, TinyNoSplit.name]]},
+     "no combination"),
+    ({"heads": [{"name": "finetune", "params": {"image_size": 24}}]}, "do not set 'image_size'"),
+    ({"heads": [{"name": "finetune", "params": {"backbone": TinyNoSplit.name}}],
+      "backbones": [SPLIT, TinyNoSplit.name]}, f"and is '{TinyNoSplit.name}'"),
+])
+def test_a_finetune_head_that_cannot_run_is_one_clear_error_on_load(env, fields, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        _experiment(env, "bad", **fields)
+    assert "bad.yaml" in str(info.value) and "heads[0]" in str(info.value)
+
+
+@pytest.mark.slow
+def test_finetune_run_is_ranked_honestly_and_reused(env):
+    from catsdogs.app.export import load_head_file
+    from catsdogs.features.maps import cache_maps
+
+    result = _run(env, "grid", heads=["dropout_sigmoid", "finetune"], refit=False)
+    out = result.out_dir
+    (ft,) = [r for r in result.records if r.head.name == "finetune"]
+    assert ft.params["backbone"] == SPLIT and ft.params["weights"] == "none"
+    assert ft.params["image_size"] == TinyTopSplit.input_size
+    assert ft.n_train == 24 and ft.n_val == 8 and not ft.tta
+    assert ft.refit_params["fixed_epochs"][0] >= 1
+    assert list(ft.settings["maps"]) == [f"{SPLIT}/maps1"]
+    # its validation predictions are its saved head on the cached maps of validation photos:
+    # the head that is ranked was fitted on the other 24 rows only
+    maps = cache_maps(env["data"], SPLIT, weights="none", cache_dir=env["root"] / "cache")
+    val = pd.read_csv(out / "runs" / ft.run_id / "val_predictions.csv")
+    index = {f: i for i, f in enumerate(maps.train.files)}
+    rows = maps.train.X[[index[f] for f in val["file"]]]
+    head = load_head_file(out / "runs" / ft.run_id / "head.keras")
+    np.testing.assert_allclose(head.predict(rows, verbose=0).reshape(-1), val["p_dog"], atol=1e-6)
+    frozen = [r for r in result.records if r.head.name == "dropout_sigmoid"]
+    assert set(pd.read_csv(out / "runs" / frozen[0].run_id / "val_predictions.csv")["file"]) == \
+        set(val["file"])  # the same validation photos as every run
+    again = _run(env, "grid", heads=["dropout_sigmoid", "finetune"], refit=False)
+    assert again.computed == 0 and again.reused == len(result.records)
+
+
+def _predict(model, photos, backend="auto") -> pd.Series:
+    from catsdogs.app.predict import open_predictor, predict_files
+
+    preds = predict_files(open_predictor(model, backend), photos)
+    assert all(p.error is None for p in preds), [p.error for p in preds]
+    return pd.Series({int(p.file.rsplit("/", 1)[-1].split(".")[0]): p.p_dog for p in preds})
+
+
+@pytest.mark.slow
+def test_refitted_finetune_export_predicts_the_submission(env):
+    """``refit: true``: the winner is refitted for its stopped epochs on every row; the export
+    (the bottom's maps, flattened, then the refitted fine-tuned top) is the submission."""
+    from catsdogs.app.export import export_run
+    from catsdogs.runs.submission import write_run_submission
+
+    result = _run(env, "refit", refit=True, postprocess="temperature")
+    out = result.out_dir
+    (record,) = result.records
+    assert (out / "refit" / record.run_id / "head.keras").is_file()
+    submitted = pd.read_csv(out / "submission.csv").set_index("id")["label"]
+    write_run_submission(out / "runs" / record.run_id, out / "ranked.csv")
+    ranked = pd.read_csv(out / "ranked.csv").set_index("id")["label"]
+    assert np.abs(submitted.sort_index() - ranked.sort_index()).max() > 10 * TOL  # refitted
+    photos = sorted((env["data"] / "test").glob("*.jpg"))
+    manifest = export_run(out / "runs" / record.run_id, ["keras", "tflite"], out / "export",
+                          neither=True)
+    assert manifest["refit"]
+    for model, backend in ((out / "runs" / record.run_id, "auto"), (out / "export", "keras"),
+                           (out / "export", "tflite")):
+        got = _predict(model, photos, backend)
+        diff = np.abs(got.sort_index().to_numpy() - submitted.sort_index().to_numpy()).max()
+        assert diff <= TOL, (model, backend, diff)
