@@ -147,3 +147,31 @@ def test_refitted_finetune_export_predicts_the_submission(env):
         got = _predict(model, photos, backend)
         diff = np.abs(got.sort_index().to_numpy() - submitted.sort_index().to_numpy()).max()
         assert diff <= TOL, (model, backend, diff)
+
+
+@pytest.mark.slow
+def test_kfold_ensemble_with_a_finetune_member_exports_what_it_submits(env):
+    """k-fold: a fine-tuned top per fold, saved and averaged; an ensemble blending it with a
+    features run (flip TTA) fold by fold exports as one graph that predicts its submission."""
+    from catsdogs.app.export import export_run
+    from catsdogs.runs.submission import write_run_submission
+
+    result = _run(env, "kfold", heads=["dropout_sigmoid", "finetune"], tta=True,
+                  validation={"kfold": 3}, ensemble={"top": 2, "method": "stack"},
+                  postprocess="temperature")
+    out, photos = result.out_dir, sorted((env["data"] / "test").glob("*.jpg"))
+    (ft,) = [r for r in result.records if r.head.name == "finetune"]
+    assert sorted(p.name for p in (out / "runs" / ft.run_id).glob("head*.keras")) == [
+        "head-fold1.keras", "head-fold2.keras", "head.keras"]
+    assert ft.n_val == 32  # every training row, each predicted by the fold top not fitted on it
+    (ens,) = [r for r in result.records if r.ensemble]
+    assert ft.run_id in ens.ensemble["members"]
+    for record in (ft, ens):
+        run_dir = out / "runs" / record.run_id
+        write_run_submission(run_dir, out / f"{record.run_id}.csv")
+        expected = pd.read_csv(out / f"{record.run_id}.csv").set_index("id")["label"]
+        manifest = export_run(run_dir, ["tflite"], out / f"export-{record.run_id}", neither=False)
+        assert [len(m["heads"]) for m in manifest["members"]] == [3] * len(manifest["members"])
+        got = _predict(out / f"export-{record.run_id}", photos, "tflite")
+        diff = np.abs(got.sort_index().to_numpy() - expected.sort_index().to_numpy()).max()
+        assert diff <= TOL, (record.run_id, diff)
