@@ -550,7 +550,7 @@ def build_app_model(info: RunInfo, neither=None, registry=None):
 
 def _maps_blocks(record: RunRecord, registry) -> int | None:
     """How many top blocks' maps ``record``'s head was trained on (None: on features)."""
-    from catsdogs.runs.runner import maps_blocks
+    from catsdogs.runs.features import maps_blocks
 
     try:
         head_cls = registry.head(record.head.name)

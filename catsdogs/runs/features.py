@@ -55,6 +55,14 @@ def run_features(aligned: Aligned, combination: Sequence[str], *, tta: bool,
     return RunFeatures(train, test, tta)
 
 
+def maps_blocks(head_cls, params: dict[str, Any]) -> int | None:
+    """How many top blocks' maps a head trained on maps takes (its ``top_blocks``, default 1);
+    None for a head trained on features."""
+    if getattr(head_cls, "input", "features") != "maps":
+        return None
+    return int(params.get("top_blocks", getattr(head_cls(), "top_blocks", 1)))
+
+
 def _maps_features(aligned: Aligned, combination: Sequence[str], blocks: int) -> RunFeatures:
     (name,) = combination
     key = maps_key(name, blocks)

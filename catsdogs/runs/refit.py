@@ -71,8 +71,7 @@ def refit_head(record: RunRecord, experiment: Experiment, aligned: Aligned, regi
     steps as in the fit that was ranked and post-processed. (The same batch size on 25 % more
     rows meant 25 % more steps, more confident predictions and a worse test log loss; README.)
     ``batch_size`` overrides it (for measurements)."""
-    from catsdogs.runs.features import predict_tta, run_features
-    from catsdogs.runs.runner import maps_blocks
+    from catsdogs.runs.features import maps_blocks, predict_tta, run_features
 
     head_cls = registry.head(record.head.name)
     features = run_features(aligned, record.combination, tta=record.tta,

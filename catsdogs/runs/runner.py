@@ -44,7 +44,7 @@ from catsdogs.evaluation.metrics import PairedStats
 from catsdogs.experiment.spec import Experiment, HeadSpec, OptimizerSpec
 from catsdogs.features.fusion import Aligned, align
 from catsdogs.runs.ensemble import ensemble_record
-from catsdogs.runs.features import predict_tta, run_features, tta_average
+from catsdogs.runs.features import maps_blocks, predict_tta, run_features, tta_average
 from catsdogs.runs.postprocess import (
     FOLD_PREFIX,
     POST_COLUMN,
@@ -132,14 +132,6 @@ def plan_runs(experiment: Experiment, registry=None) -> list[RunSpec]:
         if counts[r.run_id] > 1 else r
         for r in runs
     ]
-
-
-def maps_blocks(head_cls, params: dict[str, Any]) -> int | None:
-    """How many top blocks' maps a head trained on maps takes (its ``top_blocks``, default 1);
-    None for a head trained on features."""
-    if getattr(head_cls, "input", "features") != "maps":
-        return None
-    return int(params.get("top_blocks", getattr(head_cls(), "top_blocks", 1)))
 
 
 def run_head_params(spec: RunSpec, experiment: Experiment, registry) -> dict[str, Any]:
