@@ -70,6 +70,13 @@ def test_plan_gives_finetune_only_single_split_backbones_once(env):
     tuned = [(list(r.combination), r.optimizer) for r in runs if r.head.name == "finetune"]
     assert tuned == [([SPLIT], None)]  # not per optimizer, not on the other combinations
     assert sum(r.head.name == "dropout_sigmoid" for r in runs) == 6
+    # trained for long and sharing nothing: its own group, written as soon as it is trained
+    from catsdogs.compute import LOCAL
+    from catsdogs.runs.runner import _run_groups
+
+    groups = _run_groups([(r, {}) for r in runs], LOCAL, env["registry"])
+    assert [[spec.head.name for spec, _ in g] for g in groups][-1] == ["finetune"]
+    assert all("finetune" not in [spec.head.name for spec, _ in g] for g in groups[:-1])
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -198,6 +198,10 @@ def test_plan_groups_bounds_groups_and_keeps_combinations_together(monkeypatch):
     assert max(map(len, split)) == 2 and [r for g in split for r in g] == runs
     assert [len(g) for g in plan_groups(runs, lambda r: r[0], parallel=True)] == [3] * 5
     assert len(plan_groups(runs * 2, lambda r: r[0])[0]) <= GROUP_RUNS
+    alone = plan_groups(runs, lambda r: r[0], max_runs=7, alone=lambda r: r[1] == "sgd")
+    assert [len(g) for g in alone] == [6, 4] + [1] * 5  # each long run written on its own
+    assert [g[0][1] for g in alone[2:]] == ["sgd"] * 5
+    assert sorted(r for g in alone for r in g) == sorted(runs)
     monkeypatch.setenv("CATSDOGS_GROUP_RUNS", "4")
     assert max(map(len, plan_groups(runs, lambda r: r[0]))) == 3
     monkeypatch.setenv("CATSDOGS_GROUP_RUNS", "zero")

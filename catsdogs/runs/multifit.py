@@ -384,7 +384,7 @@ def group_runs() -> int:
 
 
 def plan_groups(items: Sequence[Any], combination_of: Any, *, parallel: bool = False,
-                max_runs: int | None = None) -> list[list[Any]]:
+                max_runs: int | None = None, alone: Any = None) -> list[list[Any]]:
     """The runs trained together, one :func:`fit_grid` call per group, in plan order; the runner
     writes a group's run directories before the next group trains.
 
@@ -393,11 +393,18 @@ def plan_groups(items: Sequence[Any], combination_of: Any, *, parallel: bool = F
     (default :func:`group_runs`), a combination with more runs than that being split. A
     ``parallel`` engine (Ray) gets one group per combination (still bounded by ``max_runs``), so
     the groups spread over its CPUs. ``combination_of(item)`` gives an item's combination.
+    Items for which ``alone(item)`` is true (runs that share nothing with the others and train
+    for long, e.g. a head fine-tuned on maps) get a group each, after the others, so each is
+    written as soon as it is trained.
     """
     limit = group_runs() if max_runs is None else max_runs
     by_combination: dict[tuple[str, ...], list[Any]] = {}
+    singles: list[list[Any]] = []
     for item in items:
-        by_combination.setdefault(tuple(combination_of(item)), []).append(item)
+        if alone is not None and alone(item):
+            singles.append([item])
+        else:
+            by_combination.setdefault(tuple(combination_of(item)), []).append(item)
     groups: list[list[Any]] = []
     current: list[Any] = []
     for runs in by_combination.values():
@@ -409,7 +416,7 @@ def plan_groups(items: Sequence[Any], combination_of: Any, *, parallel: bool = F
             current = current + chunk
     if current:
         groups.append(current)
-    return groups
+    return groups + singles
 
 
 def grouping_enabled() -> bool:

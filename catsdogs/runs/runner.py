@@ -578,7 +578,8 @@ def _train_runs(pending: list[tuple[RunSpec, dict[str, Any]]], experiment: Exper
     records: list[RunRecord] = []
     bar = tqdm(total=len(pending), desc="runs", unit="run", disable=not progress, dynamic_ncols=True)
     done = ((spec, record, files, node)
-            for group, results, node in engine.map_runs(run_group, _run_groups(pending, engine),
+            for group, results, node in engine.map_runs(run_group,
+                                                        _run_groups(pending, engine, registry),
                                                         (experiment, aligned, splits, registry))
             for (spec, _), (record, files) in zip(group, results, strict=True))
     for spec, record, files, node in done:
@@ -605,16 +606,22 @@ def _train_runs(pending: list[tuple[RunSpec, dict[str, Any]]], experiment: Exper
     return records
 
 
-def _run_groups(pending: list[tuple[RunSpec, dict[str, Any]]], engine) -> list[list]:
+def _run_groups(pending: list[tuple[RunSpec, dict[str, Any]]], engine, registry) -> list[list]:
     """The runs trained together by one call of the engine (:func:`run_group`): bounded groups
     (:func:`catsdogs.runs.multifit.plan_groups`). One process packs whole combinations into groups
     of at most ``CATSDOGS_GROUP_RUNS`` (16) runs, written before the next group trains, so a kill
     loses at most one group's training; an engine that runs calls at once (Ray) gets one group per
     combination, so the groups spread over its CPUs while the runs of a group still share the
-    fused columns and dropout masks."""
+    fused columns and dropout masks. A run whose head is trained on maps (``finetune``) is a
+    group of its own: it shares nothing with the others and trains for long, so it is written
+    as soon as it is trained."""
     from catsdogs.runs.multifit import plan_groups
 
-    return plan_groups(pending, lambda item: item[0].combination, parallel=engine.parallel)
+    def on_maps(item) -> bool:
+        return getattr(registry.head(item[0].head.name), "input", "features") == "maps"
+
+    return plan_groups(pending, lambda item: item[0].combination, parallel=engine.parallel,
+                       alone=on_maps)
 
 
 def run_group(group: list[tuple[RunSpec, dict[str, Any]]], shared: tuple
