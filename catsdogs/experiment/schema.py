@@ -74,6 +74,16 @@ POSTPROCESSES = ("auto", "none", "clip", "temperature")
 ENSEMBLE_METHODS = ("mean", "stack")
 #: parameters of a head trained on maps that the runner sets from the run's backbone
 MAPS_HEAD_INJECTED = ("weights", "image_size")
+
+
+def maps_combination(head: Any, combination: tuple[str, ...] | list[str], registry: Any) -> bool:
+    """Whether a head trained on maps (``input = "maps"``) runs on ``combination``: a single
+    backbone that offers ``split_top``, and the head's ``backbone`` parameter's when it is set.
+    The loader (every such head gets one) and :func:`catsdogs.runs.runner.plan_runs` ask this."""
+    from catsdogs.components import has_top_split
+
+    return (len(combination) == 1 and head.params.get("backbone") in (None, combination[0])
+            and has_top_split(registry.backbone(combination[0])))
 TRACKING_BACKENDS = ("mlflow",)
 VALIDATION_KINDS = ("holdout", "kfold")
 #: hyper-parameters the tuner can search (heads declare more: Head.search_space)
@@ -816,7 +826,7 @@ class Experiment(BaseModel):
         from catsdogs.components import has_top_split
 
         for i, head in enumerate(self.heads):
-            if getattr(registry.head(head.name), "input", "features") != "maps":
+            if registry.head(head.name).input != "maps":
                 continue
             for key in MAPS_HEAD_INJECTED:
                 if key in head.params:
@@ -824,9 +834,7 @@ class Experiment(BaseModel):
                                   "the run's backbone (set it under backbones:)",
                                   f"heads[{i}].params.{key}")
             wanted = head.params.get("backbone")
-            usable = [c for c in self.combinations if len(c) == 1 and wanted in (None, c[0])
-                      and has_top_split(registry.backbone(c[0]))]
-            if not usable:
+            if not any(maps_combination(head, c, registry) for c in self.combinations):
                 split = [b for b in self.backbone_names if has_top_split(registry.backbone(b))]
                 raise problem(
                     f"head {head.name!r} is trained on one backbone's feature maps, but no "

@@ -108,7 +108,7 @@ def plan_runs(experiment: Experiment, registry=None) -> list[RunSpec]:
     offers ``split_top`` (and only its ``backbone`` parameter's, when given; the experiment's
     validation made sure it gets one).
     """
-    from catsdogs.components import has_top_split
+    from catsdogs.experiment.schema import maps_combination
     from catsdogs.plugins import get_registry
 
     registry = registry or get_registry()
@@ -116,9 +116,7 @@ def plan_runs(experiment: Experiment, registry=None) -> list[RunSpec]:
     for combination in experiment.combinations:
         for head in experiment.heads:
             head_cls = registry.head(head.name)
-            if getattr(head_cls, "input", "features") == "maps" and not (
-                    len(combination) == 1 and has_top_split(registry.backbone(combination[0]))
-                    and head.params.get("backbone") in (None, combination[0])):
+            if head_cls.input == "maps" and not maps_combination(head, combination, registry):
                 continue
             optimizers = experiment.optimizers if head_cls.uses_optimizer else [None]
             for opt in optimizers:
