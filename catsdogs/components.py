@@ -393,6 +393,12 @@ def has_top_split(backbone: Any) -> bool:
     return getattr(backbone, "has_top_split", False) is True and isinstance(backbone, TopSplit)
 
 
+def trains_on_maps(head_cls: Any) -> bool:
+    """True when the head class ``head_cls`` is trained on cached feature maps
+    (:attr:`Head.input` ``"maps"``) rather than on feature vectors."""
+    return getattr(head_cls, "input", "features") == "maps"
+
+
 def copy_weights_by_name(source: keras.Model, targets: Sequence[keras.Model]) -> None:
     """Give every layer with weights of each model in ``targets`` the weights of ``source``'s
     layer of the same name (how :class:`TopSplit` implementations carry a built network's weights

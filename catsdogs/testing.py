@@ -39,7 +39,14 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
-from catsdogs.components import WEIGHTS_NONE, Backbone, Head, Optimizer, component_name
+from catsdogs.components import (
+    WEIGHTS_NONE,
+    Backbone,
+    Head,
+    Optimizer,
+    component_name,
+    trains_on_maps,
+)
 from catsdogs.errors import ConfigError, PluginError
 from catsdogs.validation import NotFittedError, is_int
 
@@ -464,7 +471,7 @@ class _HeadRun:
                  batch_size: int, seed: int):
         self.c = _Checker("head", head_cls)
         self.head_cls = head_cls
-        self.maps = getattr(head_cls, "input", "features") == "maps"
+        self.maps = trains_on_maps(head_cls)
         self.defaults = dict(MAPS_HEAD_PARAMS) if self.maps else {}
         data = make_maps(seed=seed) if self.maps else make_separable_features(seed=seed)
         self.X: np.ndarray = data[0]

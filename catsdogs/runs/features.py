@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
+from catsdogs.components import trains_on_maps
 from catsdogs.errors import DataError
 from catsdogs.features.fusion import Aligned, Fused, align, fuse, maps_key
 
@@ -58,7 +59,7 @@ def run_features(aligned: Aligned, combination: Sequence[str], *, tta: bool,
 def maps_blocks(head_cls, params: dict[str, Any]) -> int | None:
     """How many top blocks' maps a head trained on maps takes (its ``top_blocks``, default 1);
     None for a head trained on features."""
-    if getattr(head_cls, "input", "features") != "maps":
+    if not trains_on_maps(head_cls):
         return None
     return int(params.get("top_blocks", getattr(head_cls(), "top_blocks", 1)))
 

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from catsdogs._version import __version__
+from catsdogs.components import trains_on_maps
 from catsdogs.compute import LOCAL_NODE
 from catsdogs.errors import DataError
 from catsdogs.evaluation.metrics import PairedStats
@@ -137,7 +138,7 @@ def run_head_params(spec: RunSpec, experiment: Experiment, registry) -> dict[str
     run's backbone, its weights and image size
     (:data:`catsdogs.experiment.schema.MAPS_HEAD_INJECTED`)."""
     params = dict(spec.head.params)
-    if getattr(registry.head(spec.head.name), "input", "features") == "maps":
+    if trains_on_maps(registry.head(spec.head.name)):
         (name,) = spec.combination
         backbone = experiment.backbone(name)
         params.update(backbone=name, weights=backbone.weights,
@@ -616,7 +617,7 @@ def _run_groups(pending: list[tuple[RunSpec, dict[str, Any]]], engine, registry)
     from catsdogs.runs.multifit import plan_groups
 
     def on_maps(item) -> bool:
-        return getattr(registry.head(item[0].head.name), "input", "features") == "maps"
+        return trains_on_maps(registry.head(item[0].head.name))
 
     return plan_groups(pending, lambda item: item[0].combination, parallel=engine.parallel,
                        alone=on_maps)
