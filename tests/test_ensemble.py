@@ -37,8 +37,8 @@ def test_stack_ignores_members_whose_predictions_are_shuffled():
     noise = np.stack([rng.permutation(P[:, 0]), rng.permutation(P[:, 0])], axis=1)
     P = np.concatenate([noise[:, :1], P, noise[:, 1:]], axis=1)  # the good member in the middle
     fit = fit_ensemble(y, P, ["x", "good", "z"], method="stack", top=3)
-    w = dict(zip(fit.members, fit.blend.weights))
-    assert w["x"] < 0.05 * w["good"] and w["z"] < 0.05 * w["good"]
+    w = dict(zip(fit.members, fit.blend.weights))  # a member given no weight is dropped
+    assert w.get("x", 0.0) < 0.05 * w["good"] and w.get("z", 0.0) < 0.05 * w["good"]
     good = log_loss(y, P[:, 1])
     assert abs(fit.logloss - good) < 0.03  # no gain and no real loss from the noise members
 
@@ -93,3 +93,21 @@ def test_bad_inputs_are_clear_errors():
         fit_ensemble(y, P, IDS[:2], method="median", top=2)
     with pytest.raises(DataError, match="shape"):
         fit_ensemble(y, P, IDS[:3], top=2)
+
+
+def test_stack_drops_the_members_it_gives_no_weight():
+    """A stack's weights are bounded at zero: a member it does not use (here one that predicts
+    backwards) is dropped from ``members`` and listed under ``unused``, so the refit, the export
+    and ``serve`` carry only what the submission depends on; the predictions are those of the
+    blend over every chosen member."""
+    y, P = _members(1000, [0.5, 0.8, 0.5], seed=8)
+    P[:, 1] = 1 - P[:, 1]  # b predicts backwards
+    fit = fit_ensemble(y[:600], P[:600], IDS[:3], method="stack", top=3, P_test=P[600:])
+    assert sorted(fit.members) == ["a", "c"] and fit.unused == ["b"]
+    assert len(fit.blend.weights) == 2 and min(fit.blend.weights) > 0
+    assert fit.to_dict()["unused"] == ["b"]
+    cols = [IDS.index(m) for m in fit.members + fit.unused]  # every chosen member, as chosen
+    full = fit_blend("stack", y[:600], P[:600, cols])
+    assert full.weights[2] == 0.0 and full.weights[:2] == fit.blend.weights
+    np.testing.assert_allclose(fit.test, full.predict(P[600:, cols]), rtol=0, atol=1e-12)
+    assert fit_ensemble(y[:600], P[:600], IDS[:3], method="mean", top=3).unused == []

@@ -11,6 +11,7 @@ import yaml
 from conftest import make_kaggle, run_cli
 
 from catsdogs.app.export import load_run
+from catsdogs.compute import LOCAL_NODE, LocalEngine
 from catsdogs.experiment.spec import load_experiment
 from catsdogs.features.extraction import load_features
 from catsdogs.features.fusion import align
@@ -18,7 +19,7 @@ from catsdogs.plugins import get_registry
 from catsdogs.runs.ensemble import Blend
 from catsdogs.runs.features import run_features
 from catsdogs.runs.postprocess import transform_of
-from catsdogs.runs.refit import refit_batch_size, refit_run
+from catsdogs.runs.refit import refit_batch_size, refit_run, refit_submission
 from catsdogs.runs.runner import load_record, run_experiment, write_run_submission
 
 BASE = {
@@ -173,3 +174,64 @@ def test_explicit_clip_is_exactly_that_clip_and_auto_never_submits_it_blindly(tm
     winner = pd.read_csv(tmp_path / "none" / "leaderboard.csv")["run_id"][0]
     raw = pd.read_csv(tmp_path / "none" / "runs" / winner / "test_predictions.csv").set_index("id")
     np.testing.assert_allclose(_submission(tmp_path / "none").loc[raw.index], raw["p_dog"], atol=1e-6)
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _Engine(LocalEngine):
+    """This process, recording which runs each call refits; ``stop_at``: the call stops (as a
+    kill would) before computing its item at that position."""
+
+    def __init__(self, stop_at: int | None = None):
+        self.stop_at, self.calls = stop_at, []
+
+    def map_runs(self, fn, items, shared):
+        items = list(items)
+        self.calls.append(items)
+        for position, item in enumerate(items):
+            if position == self.stop_at:
+                raise _Stopped(item)
+            yield item, fn(item, shared), LOCAL_NODE
+
+
+@pytest.mark.slow
+def test_a_refit_stopped_half_way_resumes_where_it_stopped(tmp_path, data):
+    """Each member's refit is written as soon as it is done and reused by the next call (a refit
+    of a stack of every run took 1,750 CPU s on the benchmark; a kill used to lose all of it), and
+    the submission it resumes to is the one an uninterrupted refit writes."""
+    exp = load_experiment(_experiment(tmp_path, data, "resume", ensemble={"top": 2, "method": "mean"},
+                                      refit=True))
+    result = run_experiment(exp, progress=False, submit=False)
+    (ens,) = [r for r in result.records if r.ensemble]
+    first, second = ens.ensemble["members"]
+    fs = load_features(result.feature_files["resnet50"])
+    aligned = align({"resnet50": fs}, exp.exclude)
+    out, reg, ids = result.out_dir, get_registry(), list(range(1, 7))
+
+    stopped = _Engine(stop_at=1)
+    with pytest.raises(_Stopped):
+        refit_submission(ens, result.records, exp, aligned, reg, out, ids, engine=stopped)
+    assert stopped.calls == [[first, second]]
+    assert (out / "refit" / first / "head.keras").is_file()  # kept: written when it was done
+    assert not (out / "refit" / second).exists() and not (out / "submission.csv").exists()
+
+    resumed = _Engine()
+    refit_submission(ens, result.records, exp, aligned, reg, out, ids, engine=resumed)
+    assert resumed.calls == [[second]]  # the first member is not refitted again
+    info = json.loads((out / "refit.json").read_text())
+    assert info["reused"] == [first] and sorted(info["heads"]) == sorted([first, second])
+
+    fresh = tmp_path / "fresh"  # the same refit, uninterrupted, in another folder
+    (fresh / "runs").mkdir(parents=True)
+    refit_submission(ens, result.records, exp, aligned, reg, fresh, ids, engine=_Engine())
+    pd.testing.assert_series_equal(_submission(out), _submission(fresh))
+
+    # a member refitted under other settings (here: another batch size) is refitted again
+    key = out / "refit" / first / "refit_key.json"
+    key.write_text(key.read_text().replace('"batch_size": ', '"batch_size": 1'))
+    again = _Engine()
+    refit_submission(ens, result.records, exp, aligned, reg, out, ids, engine=again)
+    assert again.calls == [[first]]
+    pd.testing.assert_series_equal(_submission(out), _submission(fresh))

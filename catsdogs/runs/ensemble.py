@@ -19,6 +19,12 @@ validation predictions -- and so its leaderboard row -- therefore never come fro
 a fit that saw their labels. The test predictions use the members chosen and the blend fitted on
 all validation rows.
 
+**Only weighted members are kept.** The stack's weights are bounded at zero, so members the blend
+on all validation rows does not use get a weight of exactly 0. They are dropped from ``members``
+(listed under ``unused``): the test predictions are the same without them, and the refit, the
+export and ``serve`` then carry only the members the submission depends on (a stack of every run
+used 8 of its 31 members on the benchmark; the refit had refitted all 31).
+
 Members are ranked by their raw validation log loss on the rows at hand (inside each fold: the
 other folds' rows), so the selection is part of what is cross-fitted.
 
@@ -128,13 +134,14 @@ class EnsembleFit:
     best_member_logloss: float
     folds: int
     fold_members: list[list[str]] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)  # chosen, but weight 0 in ``blend``: dropped
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "top": self.top, "members": self.members,
                 "blend": self.blend.to_dict(), "logloss": self.logloss,
                 "logloss_insample": self.logloss_insample,
                 "best_member_logloss": self.best_member_logloss, "folds": self.folds,
-                "fold_members": self.fold_members}
+                "fold_members": self.fold_members, "unused": self.unused}
 
 
 def _losses(y: np.ndarray, P: np.ndarray) -> np.ndarray:
@@ -145,6 +152,17 @@ def _losses(y: np.ndarray, P: np.ndarray) -> np.ndarray:
 def _select(y: np.ndarray, P: np.ndarray, top: int) -> np.ndarray:
     """Column indices of the ``top`` lowest-loss members (ties: the earlier column)."""
     return np.argsort(_losses(y, P), kind="stable")[:top]
+
+
+def _weighted(cols: np.ndarray, blend: Blend) -> tuple[np.ndarray, Blend, np.ndarray]:
+    """``(kept columns, their blend, dropped columns)``: the members of ``blend`` with a weight
+    above zero (all of them for ``mean``; at least the first, should a stack weight none)."""
+    w = np.asarray(blend.weights)
+    keep = np.flatnonzero(w > 0) if blend.method == "stack" else np.arange(len(w))
+    if len(keep) == 0:
+        keep = np.arange(1)
+    drop = np.setdiff1d(np.arange(len(w)), keep)
+    return cols[keep], Blend(blend.method, tuple(float(v) for v in w[keep]), blend.bias), cols[drop]
 
 
 def fit_ensemble(y, P_val, run_ids: list[str], *, method: str = "mean", top: int = 3,
@@ -177,12 +195,13 @@ def fit_ensemble(y, P_val, run_ids: list[str], *, method: str = "mean", top: int
         val[held] = blend.predict(P_val[np.ix_(held, cols)])
         fold_members.append([run_ids[c] for c in cols])
     cols = _select(y, P_val, top)
-    blend = fit_blend(method, y, P_val[:, cols])
+    cols, blend, unused = _weighted(cols, fit_blend(method, y, P_val[:, cols]))
     test = None if P_test is None else blend.predict(np.asarray(P_test, dtype=np.float64)[:, cols])
     return EnsembleFit(
         method=method, top=top, members=[run_ids[c] for c in cols], blend=blend, val=val, test=test,
         logloss=log_loss(y, val), logloss_insample=log_loss(y, blend.predict(P_val[:, cols])),
         best_member_logloss=float(_losses(y, P_val).min()), folds=k, fold_members=fold_members,
+        unused=[run_ids[c] for c in unused],
     )
 
 

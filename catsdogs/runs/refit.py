@@ -114,10 +114,26 @@ def _refit_member(run_id: str, shared: tuple) -> tuple[list[int], np.ndarray, by
         return ids, p, (Path(scratch) / "head.keras").read_bytes()
 
 
-def _write_refit_dir(directory: Path, model: bytes | None, test_ids: list[int], p: np.ndarray) -> bool:
+#: bumped when the refit procedure changes, so refits written before are recomputed
+REFIT_VERSION = 1
+#: what ``<out>/refit/<run id>/`` records of its refit (reused when it equals :func:`_refit_key`)
+REFIT_KEY = "refit_key.json"
+
+
+def _refit_key(record: RunRecord, experiment: Experiment, n_all: int) -> dict[str, Any]:
+    """What a member's refit depends on beyond its code: the run's settings (features, data
+    fingerprint, split, head, optimizer, epochs, seed, TTA: its settings hash), its kept epochs,
+    the rows it is refitted on and their batch size."""
+    return {"refit_version": REFIT_VERSION, "settings_hash": record.settings_hash,
+            "refit_params": record.refit_params or {}, "n_train": n_all,
+            "batch_size": refit_batch_size(experiment.batch_size, record.n_train, n_all)}
+
+
+def _write_refit_dir(directory: Path, model: bytes | None, test_ids: list[int], p: np.ndarray,
+                     key: dict[str, Any]) -> bool:
     """``<out>/refit/<run id>/`` written whole beside and renamed into place: the refitted
-    ``head.keras`` (``model``, when the head is a Keras graph) and ``test_predictions.csv``.
-    Returns whether a head was saved."""
+    ``head.keras`` (``model``, when the head is a Keras graph), ``test_predictions.csv`` and
+    :data:`REFIT_KEY` (``key``). Returns whether a head was saved."""
     import pandas as pd
 
     from catsdogs.util.fileio import atomic_write, replace_path
@@ -131,18 +147,41 @@ def _write_refit_dir(directory: Path, model: bytes | None, test_ids: list[int], 
             atomic_write(tmp / "head.keras", lambda fh: fh.write(model))
         csv = pd.DataFrame({"id": test_ids, "p_dog": p}).to_csv(index=False).encode()
         atomic_write(tmp / "test_predictions.csv", lambda fh: fh.write(csv))
+        write_json(tmp / REFIT_KEY, {**key, "head": model is not None})
         replace_path(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return model is not None
 
 
+def _reusable_refit(directory: Path, key: dict[str, Any]) -> tuple[list[int], np.ndarray, bool] | None:
+    """A member's refit written before with the same :func:`_refit_key`: ``(test ids, P(dog),
+    whether its head was saved)``; None when there is none (or it is damaged: recomputed)."""
+    import json
+
+    import pandas as pd
+
+    try:
+        written = json.loads((directory / REFIT_KEY).read_text())
+        has_head = bool(written.pop("head"))
+        if written != key or (has_head and not (directory / "head.keras").is_file()):
+            return None
+        table = pd.read_csv(directory / "test_predictions.csv")
+        return ([int(i) for i in table["id"]], table["p_dog"].to_numpy(dtype=np.float64), has_head)
+    except (OSError, ValueError, KeyError) as exc:
+        if (directory / REFIT_KEY).exists():
+            logger.warning("refit: recomputing %s (%s)", directory.name, exc)
+        return None
+
+
 def refit_submission(winner: RunRecord, records: list[RunRecord], experiment: Experiment,
                      aligned: Aligned, registry, out: Path, expected_ids: list[int],
-                     engine: Engine = LOCAL) -> Path | None:
+                     engine: Engine = LOCAL, progress: bool = False) -> Path | None:
     """Refit ``winner`` (or its ensemble members) on ``engine`` (:meth:`~catsdogs.compute.Engine.
     map_runs`: one call per member; default this process) and write ``<out>/submission.csv`` from
-    it (every file written here).
+    it (every file written here). Each member's refit is written as soon as it is done and reused
+    by a later call with the same :func:`_refit_key` (``<out>/refit/<run id>/``), so a refit
+    stopped half way resumes; ``progress``: a bar on stderr.
 
     Returns None (nothing written) for k-fold validation: the caller submits the fold average.
     """
@@ -155,17 +194,40 @@ def refit_submission(winner: RunRecord, records: list[RunRecord], experiment: Ex
         write_json(out / "refit.json", {"refit": False, "reason": "k-fold: the fold heads' average "
                                         "is submitted", "winner": winner.run_id})
         return None
+    from tqdm.auto import tqdm
+
     t0 = time.perf_counter()
     by_id = {r.run_id: r for r in records}
     members = winner.ensemble["members"] if winner.ensemble else [winner.run_id]
-    test_ids = None
+    n_all = int(len(aligned.train.y))
+    keys = {m: _refit_key(by_id[m], experiment, n_all) for m in members}
+    # each member is written as soon as it is refitted, and one refitted before with the same
+    # key is reused: a refit stopped half way keeps what it had computed
+    done = {m: _reusable_refit(out / "refit" / m, keys[m]) for m in members}
+    todo = [m for m in members if done[m] is None]
+    if len(todo) < len(members):
+        logger.info("refit: %d of %d member(s) reused from %s", len(members) - len(todo),
+                    len(members), out / "refit")
+    bar = tqdm(total=len(todo), desc="refit", unit="run", disable=not progress or not todo,
+               dynamic_ncols=True)
+    for run_id, (ids, p, model), _node in engine.map_runs(_refit_member, todo,
+                                                          (experiment, aligned, registry, by_id)):
+        done[run_id] = (ids, p, _write_refit_dir(out / "refit" / run_id, model, ids, p,
+                                                 keys[run_id]))
+        bar.update()
+    bar.close()
+    test_ids: list[int] | None = None
     preds: list[np.ndarray] = []
     heads: dict[str, dict[str, Any]] = {}
-    refitted = {run_id: result for run_id, result, _node in
-                engine.map_runs(_refit_member, members, (experiment, aligned, registry, by_id))}
     for run_id in members:
-        test_ids, p, model = refitted[run_id]
-        if _write_refit_dir(out / "refit" / run_id, model, test_ids, p):
+        refitted = done[run_id]
+        assert refitted is not None  # every member is reused or refitted above
+        ids, p, has_head = refitted
+        if test_ids is not None and ids != test_ids:
+            raise DataError(f"refit: member {run_id!r} predicted other test images than "
+                            f"{members[0]!r}; delete {out / 'refit'} and rerun")
+        test_ids = ids
+        if has_head:
             heads[run_id] = {"dir": f"refit/{run_id}", "settings_hash": by_id[run_id].settings_hash}
         preds.append(p)
     if winner.ensemble:
@@ -178,12 +240,10 @@ def refit_submission(winner: RunRecord, records: list[RunRecord], experiment: Ex
     ids = list(expected_ids)
     info: dict[str, Any] = {"refit": True, "winner": winner.run_id, "members": members,
                             "heads": heads, "postprocess": transform.to_dict(),
-                            "batch_size": {m: refit_batch_size(experiment.batch_size,
-                                                               by_id[m].n_train,
-                                                               int(len(aligned.train.y)))
-                                           for m in members},
+                            "batch_size": {m: keys[m]["batch_size"] for m in members},
+                            "reused": [m for m in members if m not in todo],
                             "seconds": time.perf_counter() - t0,
-                            "n_train": int(len(aligned.train.y))}
+                            "n_train": n_all}
     write_json(out / "refit.json", info)
     return write_submission(out / "submission.csv", ids, [probs.get(i, 0.5) for i in ids],
                             clip_bounds=None, expected_ids=ids)

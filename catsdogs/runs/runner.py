@@ -557,7 +557,8 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
         from catsdogs.runs.refit import refit_submission
 
         result.submission = refit_submission(ranked[0], records, experiment, aligned, registry, out,
-                                             expected_test_ids, engine=compute_engine)
+                                             expected_test_ids, engine=compute_engine,
+                                             progress=progress)
     if submit and ranked[0].n_test > 0 and result.submission is None:
         result.submission = write_run_submission(out / "runs" / ranked[0].run_id, out / "submission.csv",
                                                  expected_ids=expected_test_ids)
