@@ -319,3 +319,23 @@ def test_a_saturated_head_is_ranked_submitted_and_exported_at_one_bound(tiny):
     exported = _predict(out / "export", _photos(tiny), "tflite")
     assert exported[saturated].tolist() == submitted[saturated].tolist()
     assert _max_diff(exported, submitted) <= TOL
+
+
+@pytest.mark.slow
+def test_a_head_of_another_width_is_one_clear_error(tiny):
+    """A run directory whose head takes another number of values than its backbones give (here:
+    the head of the tiny_a + tiny_b run copied into the tiny_a run) is not exported: one error
+    naming the run, the head file and both widths."""
+    import shutil
+
+    from catsdogs.app.export import export_run
+    from catsdogs.errors import DataError
+
+    result = _run(tiny, "swapped", combinations=[["tiny_a"], ["tiny_a", "tiny_b"]])
+    by_combination = {tuple(r.combination): r for r in result.records}
+    one, two = by_combination[("tiny_a",)], by_combination[("tiny_a", "tiny_b")]
+    runs = result.out_dir / "runs"
+    shutil.copyfile(runs / two.run_id / "head.keras", runs / one.run_id / "head.keras")
+    with pytest.raises(DataError, match=rf"run '{one.run_id}': head.keras takes \d+ values but "
+                                        r"the rebuilt backbones give \d+"):
+        export_run(runs / one.run_id, ["keras"], result.out_dir / "export-swapped", neither=False)

@@ -476,45 +476,40 @@ def build_app_model(info: RunInfo, neither=None, registry=None):
                 bottom(image(int(spec["image_size"]), False)))
         return bottoms[(name, blocks)]
 
+    def member_heads(i: int, member: Member, x: dict[str, Any], source: str) -> list:
+        """``member``'s heads, each on its input ``x`` (by view: ``orig``, and ``flip`` with TTA,
+        averaged), checked against the width ``source`` (what gives it, and the verb) gives."""
+        width = x["orig"].shape[-1]
+        per_head = []
+        for k, path in enumerate(member.heads):
+            loaded = load_head_file(path)
+            expected = loaded.inputs[0].shape[-1]
+            if expected != width:
+                raise DataError(f"run {member.run_id!r}: {path.name} takes {expected} values but "
+                                f"{source} {width}; the run's backbone settings changed?")
+            head = keras.Model(loaded.inputs[0], loaded.outputs[0], name=f"head_{i}_{k}")
+            views_p = [head(x[view]) for view in x]  # TTA: original and flipped
+            per_head.append(views_p[0] if len(views_p) == 1 else
+                            keras.layers.Average(name=f"tta_{i}_{k}")(views_p))
+        return per_head
+
     member_p = []
     first_fused = None
     for i, member in enumerate(info.members):
         top_blocks = _maps_blocks(member.record, registry)
         if top_blocks is not None:  # trained on maps (finetune): the bottom, flattened, the head
             (name,) = member.record.combination
-            x = maps(name, top_blocks)
-            per_head = []
-            for k, path in enumerate(member.heads):
-                loaded = load_head_file(path)
-                if loaded.inputs[0].shape[-1] != x.shape[-1]:
-                    raise DataError(f"run {member.run_id!r}: {path.name} takes maps of "
-                                    f"{loaded.inputs[0].shape[-1]} values but {name!r}'s bottom "
-                                    f"gives {x.shape[-1]}; the run's backbone settings changed?")
-                per_head.append(keras.Model(loaded.inputs[0], loaded.outputs[0],
-                                            name=f"head_{i}_{k}")(x))
-            member_p.append(per_head)
+            member_p.append(member_heads(i, member, {"orig": maps(name, top_blocks)},
+                                         f"{name!r}'s bottom (flattened maps) gives"))
             continue
-        views = ("orig", "flip") if member.tta else ("orig",)
         fused = {}
-        for view in views:
+        for view in ("orig", "flip") if member.tta else ("orig",):
             blocks = [feature(b, view) for b in member.record.combination]
             fused[view] = blocks[0] if len(blocks) == 1 else \
                 keras.layers.Concatenate(axis=-1, name=f"features_{i}_{view}")(blocks)
         if first_fused is None:
             first_fused = fused["orig"]
-        per_head = []
-        for k, path in enumerate(member.heads):
-            loaded = load_head_file(path)
-            expected = loaded.inputs[0].shape[-1]
-            if expected != fused["orig"].shape[-1]:
-                raise DataError(f"run {member.run_id!r}: {path.name} takes {expected} features but "
-                                f"the rebuilt backbones give {fused['orig'].shape[-1]}; the run's "
-                                "backbone settings changed?")
-            head = keras.Model(loaded.inputs[0], loaded.outputs[0], name=f"head_{i}_{k}")
-            views_p = [head(fused[view]) for view in views]  # TTA: original and flipped
-            per_head.append(views_p[0] if len(views_p) == 1 else
-                            keras.layers.Average(name=f"tta_{i}_{k}")(views_p))
-        member_p.append(per_head)
+        member_p.append(member_heads(i, member, fused, "the rebuilt backbones give"))
     t = info.transform
 
     def post(x, name):
