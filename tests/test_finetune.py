@@ -265,6 +265,28 @@ def test_a_damaged_maps_chunk_is_recomputed(tiny, tmp_path, caplog):
     np.testing.assert_array_equal(again.train.X, first.train.X)
 
 
+def test_maps_come_in_the_order_asked_for(tiny, tmp_path):
+    """``order`` (what the runner passes: the rows of the features the maps join) returns those
+    photos' rows in that order, read straight from the cache (equal to the default rows,
+    permuted); a photo with no maps is left out, for the caller to name."""
+    from conftest import make_kaggle
+
+    from catsdogs.features.maps import cache_maps
+
+    data = make_kaggle(tmp_path / "data", n_per_class=4, n_test=3)
+    kw = {"weights": "none", "cache_dir": tmp_path / "cache", "chunk_size": 3}
+    every = cache_maps(data, "tiny_split", **kw)
+    train = list(reversed(every.train.files))[:5] + ["train/cat.99.jpg"]  # the last: no such photo
+    test = [every.test.files[2], every.test.files[0]]
+    ordered = cache_maps(data, "tiny_split", **kw, order={"train": train, "test": test})
+    assert ordered.computed == 0 and ordered.train.files == train[:5] and ordered.test.files == test
+    rows = [every.train.files.index(f) for f in train[:5]]
+    np.testing.assert_array_equal(ordered.train.X, every.train.X[rows])
+    np.testing.assert_array_equal(ordered.train.y, every.train.y[rows])
+    np.testing.assert_array_equal(ordered.test.X, every.test.X[[2, 0]])
+    assert ordered.train.X.flags.owndata  # one array read from the chunks, not a view of another
+
+
 def json_digests(npz_path) -> list:
     import json
 

@@ -33,7 +33,7 @@ import logging
 import math
 import os
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,34 +159,60 @@ def _checksum(arr: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(arr).tobytes(), digest_size=16).hexdigest()
 
 
-def _load_chunks(folder: Path, config: MapsConfig) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Every finished, intact chunk's rows: digest -> maps row, and the skipped digests."""
-    rows: dict[str, np.ndarray] = {}
+def _scan_chunks(folder: Path, config: MapsConfig) -> tuple[dict[str, tuple[Path, int]], dict[str, str]]:
+    """Every finished, intact chunk's rows, without keeping them: digest -> (its chunk's ``.npz``,
+    row in it), and the skipped digests. Each chunk is read and its checksum verified; a damaged
+    one is left out (its photos are recomputed)."""
+    where: dict[str, tuple[Path, int]] = {}
     skipped: dict[str, str] = {}
     if not folder.is_dir():
-        return rows, skipped
+        return where, skipped
     for marker in sorted(folder.glob("chunk-*.json")):
         try:
             info = json.loads(marker.read_text())
             if info.get("key") != config.key:
                 continue
-            with np.load(marker.with_suffix(".npz"), allow_pickle=False) as npz:
-                maps = npz["maps"]
-            if maps.dtype != np.float16 or maps.shape != (len(info["digests"]), config.width):
-                raise ValueError(f"maps of {maps.dtype} {maps.shape}")
+            maps = _read_chunk(marker.with_suffix(".npz"), config, len(info["digests"]))
             if _checksum(maps) != info["checksum"]:
                 raise ValueError("checksum mismatch")
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             logger.warning("ignoring damaged maps chunk %s (%s); its photos are recomputed",
                            marker, exc)
             continue
-        rows.update(zip(info["digests"], maps))
+        del maps
+        npz = marker.with_suffix(".npz")
+        where.update((d, (npz, i)) for i, d in enumerate(info["digests"]))
         skipped.update(info.get("skipped", {}))
-    return rows, skipped
+    return where, skipped
+
+
+def _read_chunk(npz: Path, config: MapsConfig, n: int) -> np.ndarray:
+    """A chunk's ``(n, width)`` float16 maps (ValueError: another dtype or shape)."""
+    with np.load(npz, allow_pickle=False) as arrays:
+        maps = arrays["maps"]
+    if maps.dtype != np.float16 or maps.shape != (n, config.width):
+        raise ValueError(f"maps of {maps.dtype} {maps.shape}")
+    return maps
+
+
+def _gather(where: dict[str, tuple[Path, int]], digests: list[str], config: MapsConfig) -> np.ndarray:
+    """The rows of ``digests`` (each in ``where``), in that order, read chunk by chunk into one
+    array: the maps are held once, never a second time while they are put in order."""
+    X = np.empty((len(digests), config.width), np.float16)
+    by_chunk: dict[Path, list[tuple[int, int]]] = {}
+    for out_row, digest in enumerate(digests):
+        npz, row = where[digest]
+        by_chunk.setdefault(npz, []).append((out_row, row))
+    for npz, pairs in by_chunk.items():
+        with np.load(npz, allow_pickle=False) as arrays:
+            maps = arrays["maps"]
+        out_rows, rows = (np.array(v) for v in zip(*pairs))
+        X[out_rows] = maps[rows]
+    return X
 
 
 def _write_chunk(folder: Path, config: MapsConfig, digests: list[str], maps: np.ndarray,
-                 skipped: dict[str, str]) -> None:
+                 skipped: dict[str, str]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     maps = np.ascontiguousarray(maps, dtype=np.float16).reshape(len(digests), config.width)
     stem = "chunk-" + hashlib.blake2b("\n".join(digests + sorted(skipped)).encode(),
@@ -194,6 +220,7 @@ def _write_chunk(folder: Path, config: MapsConfig, digests: list[str], maps: np.
     atomic_write(folder / f"{stem}.npz", functools.partial(np.savez, maps=maps))
     info = {"key": config.key, "digests": digests, "skipped": skipped, "checksum": _checksum(maps)}
     atomic_write(folder / f"{stem}.json", lambda fh: fh.write(json.dumps(info).encode()))
+    return folder / f"{stem}.npz"
 
 
 def cache_maps(data_dir: str | os.PathLike, backbone: str, *, weights: str = "imagenet",
@@ -201,10 +228,13 @@ def cache_maps(data_dir: str | os.PathLike, backbone: str, *, weights: str = "im
                cache_dir: str | os.PathLike | None = None, chunk_size: int = 256,
                batch_size: int = 32, workers: int = 2, registry=None, dataset=None,
                digests: Sequence[str] | None = None, engine: Engine = LOCAL,
-               progress: bool = False) -> MapsSet:
+               progress: bool = False, order: Mapping[str, Sequence[str]] | None = None) -> MapsSet:
     """The float16 maps entering ``backbone``'s last ``blocks`` block(s) for every photo of
     ``data_dir`` (computed once per photo content and configuration, see the module docstring).
-    ``progress``: a bar on stderr while maps are computed."""
+    ``progress``: a bar on stderr while maps are computed. ``order``: per split, the photos
+    (relative paths) to return, in that order (e.g. the rows of the features they join; one
+    without maps is left out); default every photo, in the data set's order. The rows are read
+    from the cache chunk by chunk into one array per split, so the maps are held once."""
     from tqdm.auto import tqdm
 
     from catsdogs.dataset.layout import digest_all, open_dataset
@@ -223,10 +253,10 @@ def cache_maps(data_dir: str | os.PathLike, backbone: str, *, weights: str = "im
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     folder = dataset_cache_dir(root, Path(ds.root)) / config.dirname
 
-    rows, skipped = _load_chunks(folder, config)
+    where, skipped = _scan_chunks(folder, config)
     todo: dict[str, Any] = {}
     for rec, dig in zip(records, digs):
-        if dig not in rows and dig not in skipped and dig not in todo:
+        if dig not in where and dig not in skipped and dig not in todo:
             todo[dig] = rec
     computed = 0
     if todo:
@@ -242,9 +272,9 @@ def cache_maps(data_dir: str | os.PathLike, backbone: str, *, weights: str = "im
 
         def on_result(chunk, out, node, pid):
             nonlocal computed
-            maps = out["arrays"]["orig"]
-            _write_chunk(folder, config, list(out["digests"]), maps, dict(out["skipped"]))
-            rows.update(zip(out["digests"], np.asarray(maps, np.float16)))
+            npz = _write_chunk(folder, config, list(out["digests"]), out["arrays"]["orig"],
+                               dict(out["skipped"]))
+            where.update((d, (npz, i)) for i, d in enumerate(out["digests"]))
             skipped.update(out["skipped"])
             computed += len(out["digests"])
 
@@ -265,10 +295,12 @@ def cache_maps(data_dir: str | os.PathLike, backbone: str, *, weights: str = "im
 
     splits = {}
     for split in SPLITS:
-        recs = [(r, d) for r, d in zip(records, digs) if r.split == split and d in rows]
-        X = (np.stack([rows[d] for _, d in recs]) if recs
-             else np.zeros((0, config.width), np.float16))
-        splits[split] = MapsSplit(X, np.array([r.label for r, _ in recs], np.int8),
+        recs = [(r, d) for r, d in zip(records, digs) if r.split == split and d in where]
+        if order is not None:  # the caller's rows, in its order (those that have maps)
+            by_path = {r.relpath: (r, d) for r, d in recs}
+            recs = [by_path[f] for f in order.get(split, ()) if f in by_path]
+        splits[split] = MapsSplit(_gather(where, [d for _, d in recs], config),
+                                  np.array([r.label for r, _ in recs], np.int8),
                                   np.array([r.id for r, _ in recs], np.int64),
                                   [r.relpath for r, _ in recs], [d for _, d in recs])
     reasons = {r.relpath: skipped[d] for r, d in zip(records, digs) if d in skipped}

@@ -166,15 +166,16 @@ def attach_maps(experiment: Experiment, plan: list[RunSpec], aligned: Aligned, r
         maps = cache_maps(experiment.data, name, weights=backbone.weights,
                           image_size=backbone.image_size, blocks=blocks, resize=backbone.resize,
                           cache_dir=experiment.cache_dir, registry=registry, dataset=dataset,
-                          digests=digests, engine=engine, progress=progress)
+                          digests=digests, engine=engine, progress=progress,
+                          order={"train": aligned.train.files, "test": aligned.test.files})
         for part, rows in ((aligned.train, maps.train), (aligned.test, maps.test)):
-            index = {f: i for i, f in enumerate(rows.files)}
-            missing = [f for f in part.files if f not in index]
-            if missing:
+            if rows.files != part.files:
+                have = set(rows.files)
+                missing = [f for f in part.files if f not in have]
                 reasons = [f"{f} ({maps.skipped.get(f, 'no maps')})" for f in missing[:5]]
                 raise DataError(f"{len(missing)} photo(s) have features but no maps of {name!r}: "
                                 f"{', '.join(reasons)}; remove or exclude them (exclude:)")
-            part.maps[key] = rows.X[[index[f] for f in part.files]]
+            part.maps[key] = rows.X  # already in the features' row order: no second copy
         keys[key] = maps.config.key
     return keys
 
