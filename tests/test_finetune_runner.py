@@ -182,3 +182,27 @@ def test_kfold_ensemble_with_a_finetune_member_exports_what_it_submits(env):
         got = _predict(out / f"export-{record.run_id}", photos, "tflite")
         diff = np.abs(got.sort_index().to_numpy() - expected.sort_index().to_numpy()).max()
         assert diff <= TOL, (record.run_id, diff)
+
+
+@pytest.mark.slow
+def test_a_tuned_finetune_run_is_tuned_on_its_training_rows_and_refitted_as_tuned(env):
+    """``tuning:`` searches the ``finetune`` head's own space (its dropout) on the run's training
+    rows only; the ranked head and the refit for the submission both use the parameters it
+    chose, and the injected backbone settings stay the run's."""
+    import keras
+
+    from catsdogs.app.export import load_head_file
+
+    result = _run(env, "tuned", tuning={"budget": 2}, refit=True)
+    (ft,) = result.records
+    tuning = ft.tuning
+    assert tuning is not None and len(tuning["trials"]) == 2
+    assert tuning["n_rows"] == ft.n_train == 24  # never the 8 validation rows
+    best = tuning["best_params"]
+    assert ft.params["dropout"] == best["dropout"] and 0.0 <= best["dropout"] <= 1.0
+    assert ft.params["backbone"] == SPLIT and ft.params["image_size"] == TinyTopSplit.input_size
+    for path in (result.out_dir / "runs" / ft.run_id / "head.keras",
+                 result.out_dir / "refit" / ft.run_id / "head.keras"):
+        rates = [layer.rate for layer in load_head_file(path).layers
+                 if isinstance(layer, keras.layers.Dropout)]
+        assert rates == [pytest.approx(best["dropout"])], path
