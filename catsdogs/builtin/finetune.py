@@ -66,6 +66,35 @@ def _check_maps(X: Any, what: str, n_features: int | None = None) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def _rows(X: np.ndarray, y: np.ndarray | None, rows: np.ndarray, batch_size: int,
+          seed: int | None = None):
+    """A ``keras.utils.PyDataset`` of batches of ``X[rows]`` (and ``y[rows]``), gathered batch by
+    batch from the one array: ``fit`` and ``predict`` never hold a copy of the maps (given as
+    arrays, Keras copied them whole, in float32 -- a fit took about 6.5x its float16 maps).
+    ``seed``: the rows are shuffled, by a generator of that seed, before each epoch."""
+    import keras
+
+    class Rows(keras.utils.PyDataset):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rng = None if seed is None else np.random.default_rng(seed)
+            self.order = np.asarray(rows)
+            self.on_epoch_end()
+
+        def __len__(self) -> int:
+            return max(1, math.ceil(len(self.order) / batch_size))
+
+        def __getitem__(self, i: int):
+            idx = self.order[i * batch_size:(i + 1) * batch_size]
+            return X[idx] if y is None else (X[idx], y[idx])
+
+        def on_epoch_end(self) -> None:
+            if self.rng is not None:
+                self.order = self.rng.permutation(np.asarray(rows))
+
+    return Rows()
+
+
 def inner_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A stratified, seeded split of row indices ``(fit, stop)``: ``stop`` is ``fraction`` of
     each class (at least one row of each), the rows early stopping is judged on."""
@@ -232,19 +261,17 @@ class FineTuneHead(Head):
         self._freeze_batchnorm(top)
 
         def train(model, inputs, stage: int):
+            batches = _rows(inputs, y, fit_rows, batch_size, seed=seed + stage)
             if fixed is not None:
-                return model.fit(inputs[fit_rows], y[fit_rows], epochs=fixed[stage],
-                                 batch_size=batch_size, shuffle=True, verbose=verbose)
+                return model.fit(batches, epochs=fixed[stage], verbose=verbose)
             stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=int(self.patience),
                                                     restore_best_weights=True)
-            return model.fit(inputs[fit_rows], y[fit_rows],
-                             validation_data=(inputs[stop_rows], y[stop_rows]), epochs=epochs,
-                             batch_size=batch_size, shuffle=True, verbose=verbose,
-                             callbacks=[stopper])
+            return model.fit(batches, validation_data=_rows(inputs, y, stop_rows, PREDICT_BATCH_SIZE),
+                             epochs=epochs, verbose=verbose, callbacks=[stopper])
 
         # stage 1: the unit on the frozen top's GAP features (the top runs once per row)
         frozen = keras.Model(full.input, top(full.get_layer("unflatten").output))
-        gap = frozen.predict(X, batch_size=PREDICT_BATCH_SIZE, verbose=0)
+        gap = frozen.predict(_rows(X, None, np.arange(len(X)), PREDICT_BATCH_SIZE), verbose=0)
         unit.compile(optimizer=self._optimizer(optimizer, None), loss="binary_crossentropy")
         h1 = train(unit, gap, 0)
         # stage 2: the top block(s) and the unit together, at the fine-tuning learning rate
@@ -269,7 +296,9 @@ class FineTuneHead(Head):
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         X = _check_maps(X, "X", self.n_features_in_)
-        out = self.model_.predict(X, batch_size=PREDICT_BATCH_SIZE, verbose=0)
+        if len(X) == 0:
+            return np.zeros(0)
+        out = self.model_.predict(_rows(X, None, np.arange(len(X)), PREDICT_BATCH_SIZE), verbose=0)
         return np.asarray(out, dtype=np.float64).reshape(-1)
 
     def keras_model(self) -> keras.Model:
