@@ -66,11 +66,12 @@ def _check_maps(X: Any, what: str, n_features: int | None = None) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def _rows(X: np.ndarray, y: np.ndarray | None, rows: np.ndarray, batch_size: int,
+def _rows(X: np.ndarray, y: np.ndarray | None, rows: np.ndarray | None, batch_size: int,
           seed: int | None = None):
-    """A ``keras.utils.PyDataset`` of batches of ``X[rows]`` (and ``y[rows]``), gathered batch by
-    batch from the one array: ``fit`` and ``predict`` never hold a copy of the maps (given as
-    arrays, Keras copied them whole, in float32 -- a fit took about 6.5x its float16 maps).
+    """A ``keras.utils.PyDataset`` of batches of ``X[rows]`` (and ``y[rows]``; ``rows`` None:
+    every row, in order), gathered batch by batch from the one array: ``fit`` and ``predict``
+    never hold a copy of the maps (given as arrays, Keras copied them whole, in float32 -- a fit
+    took about 6.5x its float16 maps).
     ``seed``: the rows are shuffled, by a generator of that seed, before each epoch."""
     import keras
 
@@ -78,7 +79,8 @@ def _rows(X: np.ndarray, y: np.ndarray | None, rows: np.ndarray, batch_size: int
         def __init__(self) -> None:
             super().__init__()
             self.rng = None if seed is None else np.random.default_rng(seed)
-            self.order = np.asarray(rows)
+            self.rows = np.arange(len(X)) if rows is None else np.asarray(rows)
+            self.order = self.rows
             self.on_epoch_end()
 
         def __len__(self) -> int:
@@ -90,7 +92,7 @@ def _rows(X: np.ndarray, y: np.ndarray | None, rows: np.ndarray, batch_size: int
 
         def on_epoch_end(self) -> None:
             if self.rng is not None:
-                self.order = self.rng.permutation(np.asarray(rows))
+                self.order = self.rng.permutation(self.rows)
 
     return Rows()
 
@@ -271,7 +273,7 @@ class FineTuneHead(Head):
 
         # stage 1: the unit on the frozen top's GAP features (the top runs once per row)
         frozen = keras.Model(full.input, top(full.get_layer("unflatten").output))
-        gap = frozen.predict(_rows(X, None, np.arange(len(X)), PREDICT_BATCH_SIZE), verbose=0)
+        gap = frozen.predict(_rows(X, None, None, PREDICT_BATCH_SIZE), verbose=0)
         unit.compile(optimizer=self._optimizer(optimizer, None), loss="binary_crossentropy")
         h1 = train(unit, gap, 0)
         # stage 2: the top block(s) and the unit together, at the fine-tuning learning rate
@@ -298,7 +300,7 @@ class FineTuneHead(Head):
         X = _check_maps(X, "X", self.n_features_in_)
         if len(X) == 0:
             return np.zeros(0)
-        out = self.model_.predict(_rows(X, None, np.arange(len(X)), PREDICT_BATCH_SIZE), verbose=0)
+        out = self.model_.predict(_rows(X, None, None, PREDICT_BATCH_SIZE), verbose=0)
         return np.asarray(out, dtype=np.float64).reshape(-1)
 
     def keras_model(self) -> keras.Model:

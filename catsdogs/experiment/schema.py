@@ -74,16 +74,6 @@ POSTPROCESSES = ("auto", "none", "clip", "temperature")
 ENSEMBLE_METHODS = ("mean", "stack")
 #: parameters of a head trained on maps that the runner sets from the run's backbone
 MAPS_HEAD_INJECTED = ("weights", "image_size")
-
-
-def maps_combination(head: Any, combination: tuple[str, ...] | list[str], registry: Any) -> bool:
-    """Whether a head trained on maps (``input = "maps"``) runs on ``combination``: a single
-    backbone that offers ``split_top``, and the head's ``backbone`` parameter's when it is set.
-    The loader (every such head gets one) and :func:`catsdogs.runs.runner.plan_runs` ask this."""
-    from catsdogs.components import has_top_split
-
-    return (len(combination) == 1 and head.params.get("backbone") in (None, combination[0])
-            and has_top_split(registry.backbone(combination[0])))
 TRACKING_BACKENDS = ("mlflow",)
 VALIDATION_KINDS = ("holdout", "kfold")
 #: hyper-parameters the tuner can search (heads declare more: Head.search_space)
@@ -103,6 +93,17 @@ MAX_ENSEMBLE = 1_000
 MAX_IMAGE_SIZE = 4_096
 MAX_CALIBRATION_SIZE = 100_000
 MAX_LEARNING_RATE = 1_000.0
+
+
+def maps_combination(head: Any, combination: tuple[str, ...] | list[str], registry: Any) -> bool:
+    """Whether a head trained on maps (``input = "maps"``) runs on ``combination``: a single
+    backbone that offers ``split_top``, and the head's ``backbone`` parameter's when it is set.
+    The loader (every such head gets one) and :func:`catsdogs.runs.runner.plan_runs` ask this."""
+    from catsdogs.components import has_top_split
+
+    return (len(combination) == 1 and head.params.get("backbone") in (None, combination[0])
+            and has_top_split(registry.backbone(combination[0])))
+
 
 _SCI_FLOAT = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+$")
 
@@ -823,10 +824,10 @@ class Experiment(BaseModel):
         """A head trained on maps (``input = "maps"``, e.g. ``finetune``) gets at least one
         single-backbone combination whose backbone offers ``split_top``, and none of the
         parameters the runner sets from the run's backbone (:data:`MAPS_HEAD_INJECTED`)."""
-        from catsdogs.components import has_top_split
+        from catsdogs.components import has_top_split, trains_on_maps
 
         for i, head in enumerate(self.heads):
-            if registry.head(head.name).input != "maps":
+            if not trains_on_maps(registry.head(head.name)):
                 continue
             for key in MAPS_HEAD_INJECTED:
                 if key in head.params:

@@ -186,11 +186,13 @@ def _scan_chunks(folder: Path, config: MapsConfig) -> tuple[dict[str, tuple[Path
     return where, skipped
 
 
-def _read_chunk(npz: Path, config: MapsConfig, n: int) -> np.ndarray:
-    """A chunk's ``(n, width)`` float16 maps (ValueError: another dtype or shape)."""
+def _read_chunk(npz: Path, config: MapsConfig, n: int | None = None) -> np.ndarray:
+    """A chunk's ``(n, width)`` float16 maps (``n`` None: any number of rows; ValueError:
+    another dtype or shape)."""
     with np.load(npz, allow_pickle=False) as arrays:
         maps = arrays["maps"]
-    if maps.dtype != np.float16 or maps.shape != (n, config.width):
+    if maps.dtype != np.float16 or maps.ndim != 2 or maps.shape[1] != config.width \
+            or (n is not None and maps.shape[0] != n):
         raise ValueError(f"maps of {maps.dtype} {maps.shape}")
     return maps
 
@@ -204,10 +206,8 @@ def _gather(where: dict[str, tuple[Path, int]], digests: list[str], config: Maps
         npz, row = where[digest]
         by_chunk.setdefault(npz, []).append((out_row, row))
     for npz, pairs in by_chunk.items():
-        with np.load(npz, allow_pickle=False) as arrays:
-            maps = arrays["maps"]
         out_rows, rows = (np.array(v) for v in zip(*pairs))
-        X[out_rows] = maps[rows]
+        X[out_rows] = _read_chunk(npz, config)[rows]
     return X
 
 

@@ -117,7 +117,7 @@ def plan_runs(experiment: Experiment, registry=None) -> list[RunSpec]:
     for combination in experiment.combinations:
         for head in experiment.heads:
             head_cls = registry.head(head.name)
-            if head_cls.input == "maps" and not maps_combination(head, combination, registry):
+            if trains_on_maps(head_cls) and not maps_combination(head, combination, registry):
                 continue
             optimizers = experiment.optimizers if head_cls.uses_optimizer else [None]
             for opt in optimizers:
