@@ -185,7 +185,7 @@ tracking: {backend: mlflow, uri: http://127.0.0.1:5000, required: true}
     assert exp.ensemble == Ensemble(top=3, method="stack")
     assert exp.tracking == Tracking(backend="mlflow", uri="http://127.0.0.1:5000", required=True)
     d = json.loads(json.dumps(exp.to_dict()))
-    assert d["ensemble"] == {"top": 3, "method": "stack"}
+    assert d["ensemble"] == {"top": 3, "method": "stack", "submit": "best"}
     assert d["tracking"] == {"backend": "mlflow", "uri": "http://127.0.0.1:5000", "required": True}
     assert load_experiment(write(tmp_path, BASE + "tracking: mlflow\n")).tracking == Tracking()
 
@@ -535,6 +535,8 @@ heads:
     ("ensemble top", BASE + "ensemble: {top: 1}  #!\n", "ensemble.top", "must be an integer >= 2"),
     ("ensemble method", BASE + "ensemble: {top: 2, method: stak}  #!\n", "ensemble.method",
      "unknown ensemble method 'stak' (did you mean 'stack'?)"),
+    ("ensemble submit", BASE + "ensemble: {top: 2, submit: allways}  #!\n", "ensemble.submit",
+     "unknown ensemble submit rule 'allways' (did you mean 'always'?)"),
     ("ensemble key", BASE + "ensemble: {tops: 2}  #!\n", "ensemble.tops",
      "unknown field (did you mean 'top'?)"),
     ("tracking backend", BASE + "tracking: mlflw  #!\n", "tracking",

@@ -162,6 +162,20 @@ def test_paired_bootstrap_is_deterministic_and_matches_the_textbook_standard_err
     assert stats[2].diff == pytest.approx(losses[2].mean() - base.mean())
 
 
+def test_a_run_clearly_better_than_the_leader_is_not_tied_with_it():
+    """The leader is the submitted run, not always the lowest (``ensemble: {submit: always}``): a
+    run below it by many standard errors is not "tied", one below it within noise is."""
+    from catsdogs.evaluation.metrics import paired_bootstrap
+
+    rng = np.random.default_rng(1)
+    leader = rng.exponential(0.1, 2000) + 0.05
+    losses = np.stack([leader, leader - 0.05 + rng.normal(0, 0.01, 2000),
+                       leader - 0.0001 + rng.normal(0, 0.01, 2000)])
+    stats = paired_bootstrap(losses, leader=0, seed=3)
+    assert stats[1].diff < -0.04 and not stats[1].tied
+    assert stats[2].diff < 0 and stats[2].tied
+
+
 def test_paired_bootstrap_refuses_non_finite_losses():
     from catsdogs.evaluation.metrics import paired_bootstrap
 

@@ -235,3 +235,43 @@ def test_a_refit_stopped_half_way_resumes_where_it_stopped(tmp_path, data):
     refit_submission(ens, result.records, exp, aligned, reg, out, ids, engine=again)
     assert again.calls == [[first]]
     pd.testing.assert_series_equal(_submission(out), _submission(fresh))
+
+
+@pytest.mark.slow
+def test_submit_always_submits_the_ensemble_whatever_its_rank(tmp_path, data):
+    """``ensemble: {submit: always}`` submits (refits, writes, reports) the ensemble even where a
+    single run ranks above it; the others keep their ranking order and nothing is retrained."""
+    grid = {"optimizers": [{"name": "adam", "learning_rate": 0.01},
+                           {"name": "adadelta", "learning_rate": 1e-6}],  # learns ~nothing
+            "ensemble": {"top": 2, "method": "mean"}}
+    best = run_experiment(load_experiment(_experiment(tmp_path, data, "best", **grid)), progress=False)
+    ids = [r.run_id for r in best.records]
+    assert ids[0] != "ensemble-top2-mean" and "ensemble-top2-mean" in ids  # premise: it ranks lower
+    assert (np.diff([r.ranking_logloss for r in best.records]) >= 0).all()
+
+    lines: list[str] = []
+    path = _experiment(tmp_path, data, "best", **{**grid, "ensemble": {**grid["ensemble"], "submit": "always"},
+                                                   "refit": True})
+    always = run_experiment(load_experiment(path), progress=False, echo=lines.append)
+    assert always.computed == 0  # the same runs, reused: submit only changes what is submitted
+    ens = always.winner
+    assert ens.run_id == "ensemble-top2-mean"
+    assert [r.run_id for r in always.records[1:]] == [i for i in ids if i != ens.run_id]
+    out = always.out_dir
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert board["run_id"].tolist() == [r.run_id for r in always.records] and board["rank"].tolist()[0] == 1
+    lowest = board.iloc[1]  # the best single run, shown after the submitted one
+    assert lowest["val_logloss"] < board.iloc[0]["val_logloss"] and lowest["diff_to_leader"] < 0
+    assert "submitted whatever its rank" in (out / "summary.md").read_text()
+    assert f"the lowest validation log loss is {lowest['run_id']}'s" in "\n".join(lines)
+    # the refit and the submission are the ensemble's: each member refitted, blended, post-processed
+    info = json.loads((out / "refit.json").read_text())
+    assert info["winner"] == ens.run_id and info["members"] == ens.ensemble["members"]
+    refits = [pd.read_csv(out / "refit" / m / "test_predictions.csv").set_index("id")["p_dog"]
+              for m in ens.ensemble["members"]]
+    b = ens.ensemble["blend"]
+    p = Blend(b["method"], tuple(b["weights"]), b["bias"]).predict(
+        np.stack([r.sort_index().to_numpy() for r in refits], axis=1))
+    np.testing.assert_allclose(_submission(out).sort_index(), transform_of(ens).apply(p), atol=1e-6)
+    # the choice is recorded with the experiment's settings
+    assert json.loads((out / "experiment.json").read_text())["ensemble"]["submit"] == "always"

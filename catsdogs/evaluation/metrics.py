@@ -241,7 +241,9 @@ def paired_bootstrap(losses, leader: int = 0, *, n_boot: int = BOOTSTRAP, seed: 
                      tie_se: float = TIE_SE) -> list[PairedStats]:
     """Standard errors and paired differences to ``leader`` of the mean per-row losses
     ``losses`` (runs x photos), by a seeded bootstrap over the photos: every resample draws the
-    same photos for every run, so differences are paired. Deterministic for a given ``seed``."""
+    same photos for every run, so differences are paired. Deterministic for a given ``seed``.
+    A run is tied with the leader when its difference, either way, is below ``tie_se`` of its
+    standard errors (the leader is not always the lowest: ``ensemble: {submit: always}``)."""
     L = np.asarray(losses, dtype=np.float64)
     if L.ndim != 2 or L.shape[1] == 0 or not np.isfinite(L).all():
         raise DataError(f"paired_bootstrap: expected finite per-row losses (runs x photos), got shape {L.shape}")
@@ -260,5 +262,5 @@ def paired_bootstrap(losses, leader: int = 0, *, n_boot: int = BOOTSTRAP, seed: 
     for i in range(L.shape[0]):
         d = float(mean[i] - mean[leader])
         out.append(PairedStats(float(mean[i]), float(se[i]), d, float(diff_se[i]),
-                               bool(i == leader or d <= 0 or d < tie_se * diff_se[i])))
+                               bool(i == leader or d == 0 or abs(d) < tie_se * diff_se[i])))
     return out

@@ -72,6 +72,8 @@ RESIZE_POLICIES = ("squash", "crop", "pad")
 ENGINES = ("local", "ray")
 POSTPROCESSES = ("auto", "none", "clip", "temperature")
 ENSEMBLE_METHODS = ("mean", "stack")
+#: which run is submitted when an ensemble is formed: the best-ranked run, or the ensemble always
+ENSEMBLE_SUBMIT = ("best", "always")
 #: parameters of a head trained on maps that the runner sets from the run's backbone
 MAPS_HEAD_INJECTED = ("weights", "image_size")
 TRACKING_BACKENDS = ("mlflow",)
@@ -411,10 +413,15 @@ class Tuning(_Model):
 
 
 class Ensemble(_Model):
-    """Combine the ``top`` best runs: ``mean`` of their probabilities or a ``stack`` model."""
+    """Combine the ``top`` best runs: ``mean`` of their probabilities or a ``stack`` model.
+
+    ``submit``: ``best`` submits whichever run ranks first (the ensemble only when its ranking
+    number is the lowest); ``always`` submits the ensemble whatever its rank, a choice made before
+    seeing any number, for grids whose top runs are statistically tied."""
 
     top: Annotated[int, Field(ge=2, le=MAX_ENSEMBLE), What("an integer")] = 3
     method: Annotated[Literal[ENSEMBLE_METHODS], What("ensemble method")] = "mean"  # type: ignore[valid-type]
+    submit: Annotated[Literal[ENSEMBLE_SUBMIT], What("ensemble submit rule")] = "best"  # type: ignore[valid-type]
 
 
 class Tracking(_Model):

@@ -51,7 +51,8 @@ also come from the command line)::
     engine: local                  # local | ray (run the grid on a Ray cluster)
     ray_address: null              # Ray cluster for engine: ray (null: a private instance; auto: the running one)
     refit: false                   # refit the winner on all training images for the submission
-    ensemble: null                 # optional: {top: 3, method: mean | stack} over the best runs
+    ensemble: null                 # optional: {top: 3, method: mean | stack, submit: best | always}
+                                   # over the best runs; always: submit the ensemble whatever its rank
     tracking: null                 # optional: mlflow | {backend: mlflow, uri: URI, required: false}
 
 Details:
@@ -100,6 +101,7 @@ from catsdogs.experiment.schema import (  # noqa: F401  (the model, bounds and c
     DEFAULT_WEIGHTS,
     ENGINES,
     ENSEMBLE_METHODS,
+    ENSEMBLE_SUBMIT,
     MAX_BATCH_SIZE,
     MAX_BUDGET,
     MAX_CALIBRATION_SIZE,

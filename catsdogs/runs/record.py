@@ -211,6 +211,11 @@ class RunRecord(_Part):
         return float(self.metrics.logloss_clipped)
 
     @property
+    def rank_key(self) -> tuple[float, float, str]:
+        """The order runs are ranked in: :attr:`ranking_logloss`, then the raw loss, then the id."""
+        return self.ranking_logloss, float(self.metrics.logloss), self.run_id
+
+    @property
     def under_target(self) -> bool:
         """Whether :attr:`ranking_logloss` beats ``target`` (the current target: readers set
         :attr:`target` to their experiment's before reporting)."""

@@ -98,7 +98,17 @@ def format_leaderboard(records: list[RunRecord], target: float, limit: int | Non
     tied = [r.run_id for r in records[1:] if (s := stats.get(r.run_id)) is not None and s.tied]
     if stats:
         lines.append(f"tied with the winner: {', '.join(tied) if tied else 'none'}")
+    best = _lowest(records)
+    if best is not records[0]:
+        lines.append(f"winner: {records[0].run_id}, submitted whatever its rank (ensemble: "
+                     f"{{submit: always}}); the lowest validation log loss is {best.run_id}'s")
     return "\n".join(lines)
+
+
+def _lowest(records: list[RunRecord]) -> RunRecord:
+    """The run with the lowest ranking number (:func:`catsdogs.runs.runner.rank_records`' order);
+    the winner unless ``ensemble: {submit: always}`` put the ensemble first."""
+    return min(records, key=lambda r: r.rank_key)
 
 
 def _diff_text(stat: PairedStats | None, leader: bool) -> str:
@@ -106,7 +116,7 @@ def _diff_text(stat: PairedStats | None, leader: bool) -> str:
         return ""
     if leader:
         return "leader"
-    return f"+{stat.diff:.5f}±{stat.diff_se:.5f}" + (" =" if stat.tied else "")
+    return f"{stat.diff:+.5f}±{stat.diff_se:.5f}" + (" =" if stat.tied else "")
 
 
 def write_summary(out: Path, experiment: Experiment, records: list[RunRecord],
@@ -131,6 +141,10 @@ def write_summary(out: Path, experiment: Experiment, records: list[RunRecord],
         + f" (post-processed: {transform_of(records[0]).describe()}), "
         f"accuracy {records[0].metrics.accuracy:.4f}",
     ]
+    best = _lowest(records)
+    if best is not records[0]:  # ensemble: {submit: always}
+        lines.append(f"- submitted whatever its rank (`ensemble: {{submit: always}}`); the lowest "
+                     f"validation log loss is **{best.run_id}**'s, {best.ranking_logloss:.5f}")
     if stats:
         tied = [r.run_id for r in records[1:] if r.run_id in stats and stats[r.run_id].tied]
         lines.append(f"- statistically tied with the winner: "
@@ -148,7 +162,7 @@ def write_summary(out: Path, experiment: Experiment, records: list[RunRecord],
         m, t, s = r.metrics, r.test_metrics, stats.get(r.run_id)
         test_cols = f"{t.logloss:.5f} | {t.accuracy:.4f}" if t else " | "
         se = f"{s.se:.5f}" if s else ""
-        diff = "winner" if i == 1 else (f"+{s.diff:.5f} (± {s.diff_se:.5f})" if s else "")
+        diff = "winner" if i == 1 else (f"{s.diff:+.5f} (± {s.diff_se:.5f})" if s else "")
         tie = "=" if s and s.tied and i > 1 else ""
         lines.append(f"| {i} | `{r.run_id}` | {r.ranking_logloss:.5f} | {se} | {diff} | {tie} | "
                      f"{transform_of(r).describe()} | {m.accuracy:.4f} | "

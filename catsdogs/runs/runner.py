@@ -181,9 +181,14 @@ def attach_maps(experiment: Experiment, plan: list[RunSpec], aligned: Aligned, r
 
 
 # ------------------------------------------------------------------------------------ ranking
-def rank_records(records: list[RunRecord]) -> list[RunRecord]:
-    """Best first, by :attr:`RunRecord.ranking_logloss` (the cross-fitted post-processed loss)."""
-    return sorted(records, key=lambda r: (r.ranking_logloss, r.metrics.logloss, r.run_id))
+def rank_records(records: list[RunRecord], first: str | None = None) -> list[RunRecord]:
+    """Best first, by :attr:`RunRecord.ranking_logloss` (the cross-fitted post-processed loss);
+    ``first``: the run submitted whatever its rank (``ensemble: {submit: always}``), put before
+    the others, which keep their order."""
+    ranked = sorted(records, key=lambda r: r.rank_key)
+    if first is not None:
+        ranked.sort(key=lambda r: r.run_id != first)  # stable: the rest stay in ranking order
+    return ranked
 
 
 def rank_stats(ranked: list[RunRecord], out: Path, seed: int) -> dict[str, PairedStats]:
@@ -535,16 +540,19 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
 
     for record in records:  # learned on validation predictions; finished runs are not retrained
         postprocess_record(record, out / "runs" / record.run_id, experiment)
+    submit_first = None  # the ensemble, when the file says to submit it whatever its rank
     if experiment.ensemble is not None:
         ensemble = ensemble_record(records, out, experiment)
         if ensemble is not None:
             postprocess_record(ensemble, out / "runs" / ensemble.run_id, experiment)
             records.append(ensemble)
+            if experiment.ensemble.submit == "always":
+                submit_first = ensemble.run_id
 
     labels_file = Path(experiment.data) / "test_labels.csv"
     if labels_file.is_file():
         _attach_test_metrics(records, out, labels_file, expected_test_ids)
-    ranked = rank_records(records)
+    ranked = rank_records(records, first=submit_first)
     result = ExperimentResult(experiment, out, ranked, computed, reused,
                               feature_files={b: k["file"] for b, k in keys.items()},
                               stats=rank_stats(ranked, out, experiment.seed))
