@@ -265,6 +265,47 @@ def test_a_damaged_maps_chunk_is_recomputed(tiny, tmp_path, caplog):
     np.testing.assert_array_equal(again.train.X, first.train.X)
 
 
+def test_each_maps_chunk_is_read_once(tiny, tmp_path, monkeypatch):
+    """A call that finds everything cached reads each chunk's rows once (checked against its
+    marker's checksum as they are read), not once to verify and again to gather."""
+    from conftest import make_kaggle
+
+    import catsdogs.features.maps as maps_mod
+
+    data = make_kaggle(tmp_path / "data", n_per_class=4, n_test=3)
+    kw = {"weights": "none", "cache_dir": tmp_path / "cache", "chunk_size": 3}
+    first = maps_mod.cache_maps(data, "tiny_split", **kw)
+    reads: list = []
+    read = maps_mod._read_chunk
+    monkeypatch.setattr(maps_mod, "_read_chunk", lambda npz, *a: reads.append(npz) or read(npz, *a))
+    again = maps_mod.cache_maps(data, "tiny_split", **kw)
+    assert again.computed == 0
+    np.testing.assert_array_equal(again.train.X, first.train.X)
+    chunks = sorted(first.path.glob("chunk-*.npz"))
+    assert len(chunks) == 4 and sorted(reads) == chunks  # 11 photos in chunks of 3: each read once
+
+
+def test_a_maps_chunk_damaged_again_after_its_recompute_is_one_clear_error(tiny, tmp_path, monkeypatch):
+    from conftest import make_kaggle
+
+    import catsdogs.features.maps as maps_mod
+
+    data = make_kaggle(tmp_path / "data", n_per_class=2, n_test=0)
+    kw = {"weights": "none", "cache_dir": tmp_path / "cache", "chunk_size": 4}
+    (npz,) = maps_mod.cache_maps(data, "tiny_split", **kw).path.glob("chunk-*.npz")
+    read = maps_mod._read_chunk
+
+    def unreadable(path, *a):  # a disk that damages this chunk every time it is written
+        if path == npz:
+            raise ValueError("bad sector")
+        return read(path, *a)
+
+    monkeypatch.setattr(maps_mod, "_read_chunk", unreadable)
+    with pytest.raises(OSError, match=r"chunk-.*npz is damaged again after it was recomputed "
+                                      r"\(bad sector\); check the disk"):
+        maps_mod.cache_maps(data, "tiny_split", **kw)
+
+
 def test_maps_come_in_the_order_asked_for(tiny, tmp_path):
     """``order`` (what the runner passes: the rows of the features the maps join) returns those
     photos' rows in that order, read straight from the cache (equal to the default rows,

@@ -15,7 +15,8 @@ maps that enter them. Those come from one forward pass per photo through the bac
 * in chunks (``chunk-<hash of its digests>.npz``: the flattened float16 maps and their digests,
   then ``.json``: the key, digests, skipped photos and a checksum of the maps, written last; both
   through :func:`catsdogs.util.fileio.atomic_write`): after ``kill -9`` every finished chunk is
-  reused; a damaged chunk is ignored with a warning and its photos recomputed;
+  reused; a damaged chunk (found when its rows are read, each chunk once, checked against its
+  marker's checksum) is ignored with a warning and its photos recomputed;
 * computed by the engine's :meth:`~catsdogs.compute.Engine.map_chunks` with extraction's worker
   (:class:`catsdogs.features.extraction.ChunkFeatures`: decoding threads, one compiled call).
 
@@ -159,31 +160,53 @@ def _checksum(arr: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(arr).tobytes(), digest_size=16).hexdigest()
 
 
-def _scan_chunks(folder: Path, config: MapsConfig) -> tuple[dict[str, tuple[Path, int]], dict[str, str]]:
-    """Every finished, intact chunk's rows, without keeping them: digest -> (its chunk's ``.npz``,
-    row in it), and the skipped digests. Each chunk is read and its checksum verified; a damaged
-    one is left out (its photos are recomputed)."""
-    where: dict[str, tuple[Path, int]] = {}
-    skipped: dict[str, str] = {}
+@dataclass
+class _Chunks:
+    """The finished chunks of a maps cache folder, from their ``.json`` markers alone: where each
+    digest's row is, the skipped photos, and each chunk's row count and checksum (its rows are
+    read, and checked against that checksum, once: by :func:`_gather`)."""
+
+    where: dict[str, tuple[Path, int]] = field(default_factory=dict)  # digest -> (.npz, row)
+    skipped: dict[str, str] = field(default_factory=dict)
+    sums: dict[Path, tuple[int, str]] = field(default_factory=dict)  # .npz -> (rows, checksum)
+
+    def add(self, npz: Path, digests: list[str], skipped: Mapping[str, str], checksum: str) -> None:
+        self.where.update((d, (npz, i)) for i, d in enumerate(digests))
+        self.skipped.update(skipped)
+        self.sums[npz] = (len(digests), checksum)
+
+
+class _DamagedChunk(Exception):
+    """A chunk whose rows cannot be read or do not match its marker's checksum."""
+
+    def __init__(self, npz: Path, reason: Exception):
+        super().__init__(f"{npz}: {reason}")
+        self.npz, self.reason = npz, reason
+
+
+def _scan_chunks(folder: Path, config: MapsConfig, damaged: set[Path]) -> _Chunks:
+    """Every finished chunk of ``config`` in ``folder`` but the ``damaged`` ones, each from its
+    marker (nothing of its maps is read here); an unreadable marker is left out with a warning
+    (its photos are recomputed)."""
+    chunks = _Chunks()
     if not folder.is_dir():
-        return where, skipped
+        return chunks
     for marker in sorted(folder.glob("chunk-*.json")):
+        npz = marker.with_suffix(".npz")
+        if npz in damaged:
+            continue
         try:
             info = json.loads(marker.read_text())
             if info.get("key") != config.key:
                 continue
-            maps = _read_chunk(marker.with_suffix(".npz"), config, len(info["digests"]))
-            if _checksum(maps) != info["checksum"]:
-                raise ValueError("checksum mismatch")
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            digests, checksum = [str(d) for d in info["digests"]], str(info["checksum"])
+            skipped = {str(k): str(v) for k, v in info.get("skipped", {}).items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             logger.warning("ignoring damaged maps chunk %s (%s); its photos are recomputed",
                            marker, exc)
             continue
-        del maps
-        npz = marker.with_suffix(".npz")
-        where.update((d, (npz, i)) for i, d in enumerate(info["digests"]))
-        skipped.update(info.get("skipped", {}))
-    return where, skipped
+        chunks.add(npz, digests, skipped, checksum)
+    return chunks
 
 
 def _read_chunk(npz: Path, config: MapsConfig, n: int | None = None) -> np.ndarray:
@@ -197,30 +220,46 @@ def _read_chunk(npz: Path, config: MapsConfig, n: int | None = None) -> np.ndarr
     return maps
 
 
-def _gather(where: dict[str, tuple[Path, int]], digests: list[str], config: MapsConfig) -> np.ndarray:
-    """The rows of ``digests`` (each in ``where``), in that order, read chunk by chunk into one
-    array: the maps are held once, never a second time while they are put in order."""
-    X = np.empty((len(digests), config.width), np.float16)
-    by_chunk: dict[Path, list[tuple[int, int]]] = {}
-    for out_row, digest in enumerate(digests):
-        npz, row = where[digest]
-        by_chunk.setdefault(npz, []).append((out_row, row))
-    for npz, pairs in by_chunk.items():
-        out_rows, rows = (np.array(v) for v in zip(*pairs))
-        X[out_rows] = _read_chunk(npz, config)[rows]
+def _gather(chunks: _Chunks, digests: Mapping[str, list[str]], config: MapsConfig) -> dict[str, np.ndarray]:
+    """Per split, the rows of its ``digests`` (each in ``chunks.where``), in that order, read
+    chunk by chunk into one array per split: the maps are held once, never a second time while
+    they are put in order, and each chunk is read once (a chunk may hold rows of both splits) and
+    checked against its marker's checksum as it is read (:class:`_DamagedChunk` when it does not
+    match)."""
+    X = {split: np.empty((len(d), config.width), np.float16) for split, d in digests.items()}
+    by_chunk: dict[Path, list[tuple[str, int, int]]] = {}
+    for split, digs in digests.items():
+        for out_row, digest in enumerate(digs):
+            npz, row = chunks.where[digest]
+            by_chunk.setdefault(npz, []).append((split, out_row, row))
+    for npz, places in by_chunk.items():
+        rows, checksum = chunks.sums[npz]
+        try:
+            maps = _read_chunk(npz, config, rows)
+            if _checksum(maps) != checksum:
+                raise ValueError("checksum mismatch")
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise _DamagedChunk(npz, exc) from exc
+        for split in digests:
+            pairs = [(o, r) for s, o, r in places if s == split]
+            if pairs:
+                out_rows, in_rows = (np.array(v) for v in zip(*pairs))
+                X[split][out_rows] = maps[in_rows]
+        del maps
     return X
 
 
 def _write_chunk(folder: Path, config: MapsConfig, digests: list[str], maps: np.ndarray,
-                 skipped: dict[str, str]) -> Path:
+                 skipped: dict[str, str]) -> tuple[Path, str]:
     folder.mkdir(parents=True, exist_ok=True)
     maps = np.ascontiguousarray(maps, dtype=np.float16).reshape(len(digests), config.width)
     stem = "chunk-" + hashlib.blake2b("\n".join(digests + sorted(skipped)).encode(),
                                       digest_size=8).hexdigest()
     atomic_write(folder / f"{stem}.npz", functools.partial(np.savez, maps=maps))
-    info = {"key": config.key, "digests": digests, "skipped": skipped, "checksum": _checksum(maps)}
+    checksum = _checksum(maps)
+    info = {"key": config.key, "digests": digests, "skipped": skipped, "checksum": checksum}
     atomic_write(folder / f"{stem}.json", lambda fh: fh.write(json.dumps(info).encode()))
-    return folder / f"{stem}.npz"
+    return folder / f"{stem}.npz", checksum
 
 
 def cache_maps(data_dir: str | os.PathLike, backbone: str, *, weights: str = "imagenet",
@@ -253,55 +292,73 @@ def cache_maps(data_dir: str | os.PathLike, backbone: str, *, weights: str = "im
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     folder = dataset_cache_dir(root, Path(ds.root)) / config.dirname
 
-    where, skipped = _scan_chunks(folder, config)
-    todo: dict[str, Any] = {}
-    for rec, dig in zip(records, digs):
-        if dig not in where and dig not in skipped and dig not in todo:
-            todo[dig] = rec
     computed = 0
-    if todo:
+    excluded: set[Path] = set()  # chunks found damaged while read and not rewritten since
+    times: dict[Path, int] = {}  # how often each chunk was found damaged
+
+    def compute(chunks: _Chunks) -> None:
+        """The maps of every photo that no intact chunk holds, written chunk by chunk."""
+        nonlocal computed
+        todo: dict[str, Any] = {}
+        for rec, dig in zip(records, digs):
+            if dig not in chunks.where and dig not in chunks.skipped and dig not in todo:
+                todo[dig] = rec
+        if not todo:
+            return
         items = list(todo.items())
-        chunks = [items[i:i + chunk_size] for i in range(0, len(items), chunk_size)]
+        parts = [items[i:i + chunk_size] for i in range(0, len(items), chunk_size)]
         factory = functools.partial(
             ChunkFeatures,
             engine.portable(MapsModelFactory(bb, weights, config.image_size, config.blocks, batch_size)),
             config.image_size, resize, config.width, workers)
 
-        def args_of(chunk):
-            return ("orig",), [d for d, _ in chunk], engine.payload([r.path for _, r in chunk])
-
-        def on_result(chunk, out, node, pid):
-            nonlocal computed
-            npz = _write_chunk(folder, config, list(out["digests"]), out["arrays"]["orig"],
-                               dict(out["skipped"]))
-            where.update((d, (npz, i)) for i, d in enumerate(out["digests"]))
-            skipped.update(out["skipped"])
-            computed += len(out["digests"])
-
-        def what(chunk):
-            return f"the maps of {len(chunk)} photos {chunk[0][1].relpath} .. {chunk[-1][1].relpath}"
+        def args_of(part):
+            return ("orig",), [d for d, _ in part], engine.payload([r.path for _, r in part])
 
         bar = tqdm(total=len(items), desc=f"{backbone} maps", unit="img", disable=not progress,
                    dynamic_ncols=True)
 
-        def on_result_shown(chunk, out, node, pid) -> None:
-            on_result(chunk, out, node, pid)
-            bar.update(len(chunk))
+        def on_result(part, out, node, pid) -> None:
+            nonlocal computed
+            digests, skipped = list(out["digests"]), dict(out["skipped"])
+            npz, checksum = _write_chunk(folder, config, digests, out["arrays"]["orig"], skipped)
+            excluded.discard(npz)  # rewritten (the same photos give the same name): read it again
+            chunks.add(npz, digests, skipped, checksum)
+            computed += len(digests)
+            bar.update(len(part))
+
+        def what(part):
+            return f"the maps of {len(part)} photos {part[0][1].relpath} .. {part[-1][1].relpath}"
 
         try:
-            engine.map_chunks(factory, chunks, args_of, on_result_shown, what)
+            engine.map_chunks(factory, parts, args_of, on_result, what)
         finally:
             bar.close()
 
-    splits = {}
-    for split in SPLITS:
-        recs = [(r, d) for r, d in zip(records, digs) if r.split == split and d in where]
-        if order is not None:  # the caller's rows, in its order (those that have maps)
-            by_path = {r.relpath: (r, d) for r, d in recs}
-            recs = [by_path[f] for f in order.get(split, ()) if f in by_path]
-        splits[split] = MapsSplit(_gather(where, [d for _, d in recs], config),
-                                  np.array([r.label for r, _ in recs], np.int8),
-                                  np.array([r.id for r, _ in recs], np.int64),
-                                  [r.relpath for r, _ in recs], [d for _, d in recs])
-    reasons = {r.relpath: skipped[d] for r, d in zip(records, digs) if d in skipped}
+    while True:  # a chunk found damaged while read is left out and its photos recomputed
+        chunks = _scan_chunks(folder, config, excluded)
+        compute(chunks)
+        rows = {}
+        for split in SPLITS:
+            recs = [(r, d) for r, d in zip(records, digs) if r.split == split and d in chunks.where]
+            if order is not None:  # the caller's rows, in its order (those that have maps)
+                by_path = {r.relpath: (r, d) for r, d in recs}
+                recs = [by_path[f] for f in order.get(split, ()) if f in by_path]
+            rows[split] = recs
+        try:
+            X = _gather(chunks, {split: [d for _, d in recs] for split, recs in rows.items()}, config)
+            break
+        except _DamagedChunk as bad:
+            times[bad.npz] = times.get(bad.npz, 0) + 1
+            if times[bad.npz] >= 2:
+                raise OSError(f"the maps cache chunk {bad.npz} is damaged again after it was "
+                              f"recomputed ({bad.reason}); check the disk under {folder}") from bad
+            logger.warning("ignoring damaged maps chunk %s (%s); its photos are recomputed",
+                           bad.npz, bad.reason)
+            excluded.add(bad.npz)
+    splits = {split: MapsSplit(X[split], np.array([r.label for r, _ in recs], np.int8),
+                               np.array([r.id for r, _ in recs], np.int64),
+                               [r.relpath for r, _ in recs], [d for _, d in recs])
+              for split, recs in rows.items()}
+    reasons = {r.relpath: chunks.skipped[d] for r, d in zip(records, digs) if d in chunks.skipped}
     return MapsSet(config, folder, splits["train"], splits["test"], computed, reasons)
