@@ -198,9 +198,13 @@ def extract(data_dir, backbones, weights, image_size, batch_size, cache_dir, fli
                    "SQLite store next to the output directory.")
 @click.option("--track-required", is_flag=True,
               help="Fail when MLflow cannot be used (default: warn and run untracked).")
+@click.option("--reuse-from", "reuse_from", multiple=True, metavar="OUT_DIR",
+              type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="Another experiment's output folder (repeatable): a run finished there with the "
+                   "same settings is copied, not trained again.")
 @engine_options
 def run(experiment_file, data, cache_dir, out, weights, no_submit, no_progress, track, track_required,
-        engine, ray_address, ray_shared_data) -> None:
+        reuse_from, engine, ray_address, ray_shared_data) -> None:
     """Run (or resume) every run of an experiment grid and rank them by validation log loss."""
     from catsdogs.engine import engine_spec
     from catsdogs.experiment.spec import load_experiment
@@ -213,7 +217,7 @@ def run(experiment_file, data, cache_dir, out, weights, no_submit, no_progress, 
     compute = engine_spec(engine, ray_address, ray_shared_data, experiment.engine,
                           experiment.ray_address)
     result = run_experiment(experiment, progress=not no_progress, submit=not no_submit, echo=click.echo,
-                            engine=compute)
+                            engine=compute, reuse_from=reuse_from)
     click.echo(f"{result.computed} runs trained, {result.reused} reused -> {result.out_dir}")
     click.echo(f"leaderboard: {result.out_dir / 'leaderboard.csv'}, summary: {result.out_dir / 'summary.md'}")
     if result.submission is not None:

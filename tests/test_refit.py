@@ -275,3 +275,27 @@ def test_submit_always_submits_the_ensemble_whatever_its_rank(tmp_path, data):
     np.testing.assert_allclose(_submission(out).sort_index(), transform_of(ens).apply(p), atol=1e-6)
     # the choice is recorded with the experiment's settings
     assert json.loads((out / "experiment.json").read_text())["ensemble"]["submit"] == "always"
+
+
+@pytest.mark.slow
+def test_runs_finished_in_another_output_are_copied_not_trained(tmp_path, data):
+    """``catsdogs run --reuse-from OTHER_OUT``: a planned run finished there with the same
+    settings hash is copied (its files byte for byte) and not trained; one whose settings differ
+    (here: more epochs) is trained; a run the other output lacks is trained."""
+    first = run_experiment(load_experiment(_experiment(tmp_path, data, "first")), progress=False)
+    assert first.computed == 2
+    wider = {"optimizers": [*BASE["optimizers"], {"name": "radam", "learning_rate": 0.01}],
+             "ensemble": {"top": 2, "method": "mean", "submit": "always"}}
+    path = _experiment(tmp_path, data, "second", **wider)
+    proc = run_cli("run", str(path), "--reuse-from", str(first.out_dir), "--no-progress", check=True)
+    assert "2 finished runs copied from" in proc.stdout and "1 runs trained, 2 reused" in proc.stdout
+    second = tmp_path / "second"
+    for r in first.records:
+        for name in ("record.json", "val_predictions.csv", "test_predictions.csv", "head.keras"):
+            assert (second / "runs" / r.run_id / name).read_bytes() == \
+                (first.out_dir / "runs" / r.run_id / name).read_bytes()
+    assert len(pd.read_csv(second / "leaderboard.csv")) == 4  # 3 runs and the ensemble
+
+    longer = load_experiment(_experiment(tmp_path, data, "third", epochs=BASE["epochs"] + 1))
+    third = run_experiment(longer, progress=False, reuse_from=[first.out_dir])
+    assert third.computed == 2 and third.reused == 0  # other settings: trained, not copied

@@ -30,7 +30,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -478,12 +478,16 @@ def _engine_opened(run: Callable[..., ExperimentResult]) -> Callable[..., Experi
 @_output_locked
 @_engine_opened
 def run_experiment(experiment: Experiment, *, registry=None, progress: bool = True, submit: bool = True,
-                   echo: Callable[[str], None] | None = None, engine=None) -> ExperimentResult:
+                   echo: Callable[[str], None] | None = None, engine=None,
+                   reuse_from: Sequence[str | os.PathLike] = ()) -> ExperimentResult:
     """Run (or resume) every run of ``experiment``; see the module docstring.
 
     ``engine`` (a :class:`catsdogs.engine.EngineSpec`, opened and closed here, or an engine already
     open, a :class:`catsdogs.compute.Engine`; default: the experiment's ``engine`` and
     ``ray_address``) says where features and runs are computed; files are written here either way.
+    ``reuse_from``: other experiments' output folders; a planned run that this output lacks is
+    copied from the first of them that has it finished with the same settings hash (the hash
+    covers everything the run's result depends on), instead of being trained.
     """
     from catsdogs.dataset.layout import open_dataset
     from catsdogs.engine import EngineSpec, open_engine
@@ -523,17 +527,22 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
         expected_test_ids = [r.id for r in dataset.test]
         write_json(out / "test_ids.json", expected_test_ids)
 
-        records, pending = [], []
+        records, pending, adopted = [], [], 0
         for spec in plan:
             settings = _settings(spec, experiment, keys, split_hash,
                                  _run_maps(spec, maps, registry))
             old = _reusable(out / "runs" / spec.run_id, _short_hash(settings, 16))
+            if old is None and reuse_from:
+                old = _adopt(spec.run_id, _short_hash(settings, 16), reuse_from, out)
+                adopted += old is not None
             if old is None:
                 pending.append((spec, settings))
             else:
                 old.target = experiment.target  # the current target, not the one of the earlier call
                 records.append(old)
         reused = len(records)
+        if adopted:
+            echo(f"{adopted} finished runs copied from {', '.join(str(p) for p in reuse_from)}")
         records += _train_runs(pending, experiment, aligned, splits, registry, out, aligned_on,
                                progress, compute_engine)
         computed = len(records) - reused
@@ -672,6 +681,28 @@ def _reusable(run_dir: Path, settings_hash: str) -> RunRecord | None:
         logger.warning("recomputing run %s: %s", run_dir.name, exc)
         return None
     return old if old.settings_hash == settings_hash else None
+
+
+def _adopt(run_id: str, settings_hash: str, sources: Sequence[str | os.PathLike],
+           out: Path) -> RunRecord | None:
+    """Copy ``run_id``'s folder from the first output folder in ``sources`` where it is finished
+    with ``settings_hash`` into ``out/runs`` (atomically); its record, or None."""
+    for source in sources:
+        run_dir = Path(source) / "runs" / run_id
+        if run_dir.resolve() == (out / "runs" / run_id).resolve():
+            continue
+        record = _reusable(run_dir, settings_hash)
+        if record is None:
+            continue
+        tmp = out / "runs" / f".{run_id}.tmp-{os.getpid()}"
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(run_dir, tmp)
+            replace_path(tmp, out / "runs" / run_id)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return record
+    return None
 
 
 def _attach_test_metrics(records: list[RunRecord], out: Path, labels_file: Path,
