@@ -54,8 +54,9 @@ def main() -> None:
     t0 = time.process_time()
     maps = cache_maps(args.data, args.backbone, weights="imagenet", image_size=args.image_size,
                       cache_dir=args.cache_dir, progress=not args.json)
-    X = np.ascontiguousarray(maps.train.X[:args.rows])
-    y = maps.train.y[:args.rows]
+    # a seeded sample of the rows (in the cache's order the classes come one after the other)
+    rows = np.sort(np.random.default_rng(args.seed).permutation(len(maps.train.y))[:args.rows])
+    X, y = maps.train.X[rows], maps.train.y[rows]
     del maps
     maps_cpu = time.process_time() - t0
     before = peak_gb()

@@ -26,12 +26,24 @@ way, or ``--baseline-predictions submission.csv``), the paired difference with i
 standard error over the test photos (``--bootstrap`` resamples of the photos; both submissions are
 scored on the same resampled photos). Test labels are used for these report numbers only.
 
+Finished runs are shared between the experiment files measured on a split: a file's planned run
+that another output folder of the split has finished with the same settings hash is copied from
+there, not trained (``run_experiment(reuse_from=...)``, ``catsdogs run --reuse-from``;
+``--no-share-runs``: none). The hash covers everything a run's result depends on, so sharing
+changes no number: a variant that only adds an ensemble or post-processing to a measured grid
+costs seconds, not the grid.
+
+``--seed 2019,2020,2021`` measures on several splits, one after the other, and adds the mean of
+the paired differences over the splits (its standard error combines the splits' as if they were
+independent; they share photos, so it is a lower bound). Decide on a lever by a rule written down
+before the splits are measured.
+
 Usage::
 
     python bench/quality.py EXPERIMENT.yaml [--baseline BASE.yaml | --baseline-predictions CSV]
         [--work ~/.cache/catsdogs-bench] [--cache-dir DIR] [--photos /work/data/PetImages]
-        [--seed 2019] [--n-test 5000] [--n-train N] [--bootstrap 2000] [--top 5] [--json]
-        [--only-backbones A,B] [--prepare-only]
+        [--seed 2019[,2020,...]] [--n-test 5000] [--n-train N] [--bootstrap 2000] [--top 5] [--json]
+        [--only-backbones A,B] [--no-share-runs] [--prepare-only]
 
 The experiment file's ``data:`` is ignored (any valid directory will do); use ``precision:
 int8`` for the backbones on a CPU machine (it costs no accuracy here, see the README).
@@ -245,10 +257,12 @@ def output_dir(work: Path, data: Path, experiment_file: Path, only: list[str] | 
 
 
 def run(experiment_file: Path, data: Path, work: Path, cache_dir: Path, top: int,
-        only: list[str] | None = None) -> dict:
+        only: list[str] | None = None, share: bool = True) -> dict:
     import catsdogs
 
     out = output_dir(work, data, experiment_file, only)
+    others = sorted(p for p in out.parent.iterdir() if p.is_dir() and p != out) \
+        if share and out.parent.is_dir() else []
     experiment = catsdogs.load_experiment(experiment_file, data=data, output=out, cache_dir=cache_dir)
     if only:  # the experiment's grid restricted to these backbones
         unknown = set(only) - set(experiment.backbone_names)
@@ -260,7 +274,7 @@ def run(experiment_file: Path, data: Path, work: Path, cache_dir: Path, top: int
     import contextlib
 
     with contextlib.redirect_stdout(sys.stderr):  # the run's own report: stdout stays this one's
-        result = catsdogs.run_experiment(experiment, progress=sys.stderr.isatty(),
+        result = catsdogs.run_experiment(experiment, progress=sys.stderr.isatty(), reuse_from=others,
                                          echo=lambda s: print(s, file=sys.stderr, flush=True))
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     if result.submission is None:
@@ -277,7 +291,7 @@ def run(experiment_file: Path, data: Path, work: Path, cache_dir: Path, top: int
     return {"experiment": str(experiment_file), "out": str(out), "submission": str(result.submission),
             "by_head_optimizer": groups,
             "winner": result.winner.run_id, "runs": len(result.records),
-            "trained_now": result.computed, "seconds": round(seconds, 1),
+            "trained_now": result.computed, "reused": result.reused, "seconds": round(seconds, 1),
             "cpu_seconds": round(cpu_seconds, 1),  # this process, all its threads
             "training_seconds": round(sum(r.seconds for r in result.records), 1),
             "features": result.feature_files,
@@ -294,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default WORK/cache)")
     ap.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS)
-    ap.add_argument("--seed", type=int, default=2019)
+    ap.add_argument("--seed", default="2019",
+                    help="the split's seed, or several, comma-separated (each split measured)")
     ap.add_argument("--n-test", type=int, default=5000)
     ap.add_argument("--n-train", type=int, default=None,
                     help="training photos (default: all the others, ~20,000)")
@@ -307,27 +322,67 @@ def main(argv: list[str] | None = None) -> int:
                          "OUT/worst-test-photos.png (0: neither)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--prepare-only", action="store_true")
+    ap.add_argument("--no-share-runs", action="store_true",
+                    help="train every run here, copying none from the split's other outputs")
     args = ap.parse_args(argv)
+    try:
+        seeds = [int(v) for v in str(args.seed).split(",") if v.strip()]
+    except ValueError:
+        ap.error(f"--seed: comma-separated integers, got {args.seed!r}")
+    if not seeds:
+        ap.error("--seed: at least one seed")
 
     work = args.work.expanduser().resolve()
     cache = (args.cache_dir or work / "cache").expanduser().resolve()
-    data = prepare(args.photos.expanduser(), work, args.seed, args.n_test, args.n_train)
+    splits = [prepare(args.photos.expanduser(), work, seed, args.n_test, args.n_train) for seed in seeds]
     if args.prepare_only:
         return 0
     if args.experiment is None:
         ap.error("EXPERIMENT.yaml is required (or --prepare-only)")
+    if args.baseline_predictions is not None and len(seeds) > 1:
+        ap.error("--baseline-predictions: one split's submission; with several --seed values "
+                 "use --baseline")
+    reports = [measure(args, seed, data, work, cache) for seed, data in zip(seeds, splits)]
+    if len(reports) == 1:
+        report = reports[0]
+    else:
+        report = {"splits": reports, "seeds": seeds}
+        if all("paired" in r for r in reports):
+            diffs = [r["paired"]["diff"] for r in reports]
+            report["pooled"] = {"diff": float(np.mean(diffs)),
+                                "se": float(np.sqrt(sum(r["paired"]["se"] ** 2 for r in reports))
+                                            / len(reports)),
+                                "note": "mean of the splits' paired differences; its SE treats "
+                                        "the splits as independent (they share photos: a lower "
+                                        "bound)"}
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    for seed, r in zip(seeds, reports):
+        if len(reports) > 1:
+            print(f"split seed {seed}: {r['data']}")
+        print_report(args, r)
+    if "pooled" in report:
+        d = report["pooled"]
+        print(f"over the {len(seeds)} splits: mean paired difference {d['diff']:+.5f} ± {d['se']:.5f} "
+              "(SE as if the splits were independent: a lower bound)")
+    return 0
 
+
+def measure(args, seed: int, data: Path, work: Path, cache: Path) -> dict:
+    """The report of one split: the experiment's submission scored, and the baseline's."""
     import pandas as pd
 
     truth = pd.read_csv(data / "test_labels.csv")
     ids, y = truth["id"].to_numpy(np.int64), truth["label"].to_numpy(float)
-    report: dict = {"data": str(data), "n_test": int(y.size), "cache": str(cache)}
+    report: dict = {"data": str(data), "seed": seed, "n_test": int(y.size), "cache": str(cache)}
     only = args.only_backbones.split(",") if args.only_backbones else None
-    report["run"] = run(args.experiment.resolve(), data, work, cache, args.top, only)
+    share = not args.no_share_runs
+    report["run"] = run(args.experiment.resolve(), data, work, cache, args.top, only, share)
     p = read_predictions(Path(report["run"]["submission"]), ids)
     losses = _losses(y, p)
     report["run"].update(test_logloss=float(losses.mean()),
-                         test_logloss_se=bootstrap_se(losses, args.bootstrap, args.seed),
+                         test_logloss_se=bootstrap_se(losses, args.bootstrap, seed),
                          test_accuracy=float(np.mean((p > 0.5) == (y == 1))))
     if args.worst > 0:
         worst = worst_photos(y, p, ids, data, args.worst)
@@ -335,22 +390,22 @@ def main(argv: list[str] | None = None) -> int:
         report["run"]["worst"] = worst
     base_path = args.baseline_predictions
     if args.baseline is not None:
-        report["baseline"] = run(args.baseline.resolve(), data, work, cache, args.top, only)
+        report["baseline"] = run(args.baseline.resolve(), data, work, cache, args.top, only, share)
         base_path = Path(report["baseline"]["submission"])
     if base_path is not None:
         pb = read_predictions(base_path, ids)
         report.setdefault("baseline", {"submission": str(base_path)})
         report["baseline"]["test_logloss"] = float(_losses(y, pb).mean())
-        report["paired"] = paired(y, p, pb, args.bootstrap, args.seed)
+        report["paired"] = paired(y, p, pb, args.bootstrap, seed)
+    return report
 
-    if args.json:
-        print(json.dumps(report, indent=1))
-        return 0
-    r = report["run"]
+
+def print_report(args, report: dict) -> None:
+    r, n = report["run"], report["n_test"]
     print(f"{args.experiment}: winner {r['winner']} ({r['runs']} runs, {r['trained_now']} trained now, "
           f"{r['seconds']:.0f} s, {r['cpu_seconds']:.0f} CPU s)")
     print(f"  submitted test log loss {r['test_logloss']:.5f} ± {r['test_logloss_se']:.5f} "
-          f"(bootstrap SE), accuracy {r['test_accuracy']:.4f}, {y.size} photos")
+          f"(bootstrap SE), accuracy {r['test_accuracy']:.4f}, {n} photos")
     if "worst" in r:
         w = r["worst"]
         print(f"  the {w['k']} worst photos carry {100 * w['share']:.0f}% of it (mean without them "
@@ -362,10 +417,9 @@ def main(argv: list[str] | None = None) -> int:
                               for k, v in row.items()))
     if "paired" in report:
         d = report["paired"]
-        print(f"  baseline {base_path}: {report['baseline']['test_logloss']:.5f}; "
+        print(f"  baseline {report['baseline']['submission']}: {report['baseline']['test_logloss']:.5f}; "
               f"difference {d['diff']:+.5f} ± {d['se']:.5f} (paired bootstrap SE, "
               f"95% [{d['ci95'][0]:+.5f}, {d['ci95'][1]:+.5f}])")
-    return 0
 
 
 if __name__ == "__main__":
