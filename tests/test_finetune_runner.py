@@ -10,6 +10,8 @@ P(dog) photo by photo.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -120,6 +122,28 @@ def test_finetune_run_is_ranked_honestly_and_reused(env):
         set(val["file"])  # the same validation photos as every run
     again = _run(env, "grid", heads=["dropout_sigmoid", "finetune"], refit=False)
     assert again.computed == 0 and again.reused == len(result.records)
+
+
+@pytest.mark.slow
+def test_maps_are_read_only_for_the_runs_trained_or_refitted_now(env, monkeypatch):
+    """A resumed experiment whose maps runs are all finished reads no maps (on the benchmark
+    that is about 4.5 GB and 90 s for three backbones); a refit of a finetune winner reads its
+    maps once, and a refit reused reads none."""
+    import catsdogs.features.maps as maps_mod
+
+    first = _run(env, "lazy", refit=False)
+    calls: list[str] = []
+    real = maps_mod.cache_maps
+    monkeypatch.setattr(maps_mod, "cache_maps", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    again = _run(env, "lazy", refit=False)
+    assert again.computed == 0 and calls == []
+    refitted = _run(env, "lazy", refit=True)
+    assert refitted.computed == 0 and calls == [SPLIT]
+    assert refitted.winner.run_id == first.winner.run_id
+    assert (refitted.out_dir / "refit" / first.winner.run_id / "head.keras").is_file()
+    assert json.loads((refitted.out_dir / "refit.json").read_text())["reused"] == []
+    _run(env, "lazy", refit=True)
+    assert calls == [SPLIT]  # the refit reused: nothing read
 
 
 def _predict(model, photos, backend="auto") -> pd.Series:

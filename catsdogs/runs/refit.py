@@ -35,6 +35,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -176,12 +177,14 @@ def _reusable_refit(directory: Path, key: dict[str, Any]) -> tuple[list[int], np
 
 def refit_submission(winner: RunRecord, records: list[RunRecord], experiment: Experiment,
                      aligned: Aligned, registry, out: Path, expected_ids: list[int],
-                     engine: Engine = LOCAL, progress: bool = False) -> Path | None:
+                     engine: Engine = LOCAL, progress: bool = False,
+                     before_refit: Callable[[list[RunRecord]], None] | None = None) -> Path | None:
     """Refit ``winner`` (or its ensemble members) on ``engine`` (:meth:`~catsdogs.compute.Engine.
     map_runs`: one call per member; default this process) and write ``<out>/submission.csv`` from
     it (every file written here). Each member's refit is written as soon as it is done and reused
     by a later call with the same :func:`_refit_key` (``<out>/refit/<run id>/``), so a refit
-    stopped half way resumes; ``progress``: a bar on stderr.
+    stopped half way resumes; ``progress``: a bar on stderr. ``before_refit``: called with the
+    members about to be refitted (none reused), before any is (the runner attaches their maps).
 
     Returns None (nothing written) for k-fold validation: the caller submits the fold average.
     """
@@ -208,6 +211,8 @@ def refit_submission(winner: RunRecord, records: list[RunRecord], experiment: Ex
     if len(todo) < len(members):
         logger.info("refit: %d of %d member(s) reused from %s", len(members) - len(todo),
                     len(members), out / "refit")
+    if todo and before_refit is not None:
+        before_refit([by_id[m] for m in todo])
     bar = tqdm(total=len(todo), desc="refit", unit="run", disable=not progress or not todo,
                dynamic_ncols=True)
     for run_id, (ids, p, model), _node in engine.map_runs(_refit_member, todo,

@@ -146,22 +146,46 @@ def run_head_params(spec: RunSpec, experiment: Experiment, registry) -> dict[str
     return params
 
 
-def attach_maps(experiment: Experiment, plan: list[RunSpec], aligned: Aligned, registry,
-                dataset, digests, engine, progress: bool) -> dict[str, str]:
-    """Cache the maps every run of ``plan`` whose head is trained on maps needs
-    (:func:`catsdogs.features.maps.cache_maps`, content-addressed like the features) and attach
-    them to ``aligned`` on its rows (:attr:`~catsdogs.features.fusion.AlignedSplit.maps`).
-    Returns each maps key's configuration key (part of those runs' settings)."""
+def wanted_maps(specs, registry) -> dict[str, tuple[str, int]]:
+    """Each maps key (:func:`catsdogs.features.fusion.maps_key`) that a run of ``specs`` (run specs
+    or records) whose head is trained on maps needs -> (its backbone, the number of top blocks)."""
     from catsdogs.features.fusion import maps_key
-    from catsdogs.features.maps import cache_maps
 
     wanted: dict[str, tuple[str, int]] = {}
-    for spec in plan:
-        blocks = maps_blocks(registry.head(spec.head.name), dict(spec.head.params))
+    for spec in specs:
+        head, params = (spec.head.name, dict(spec.head.params)) if isinstance(spec, RunSpec) \
+            else (spec.head.name, dict(spec.params))
+        blocks = maps_blocks(registry.head(head), params)
         if blocks is not None:
             wanted[maps_key(spec.combination[0], blocks)] = (spec.combination[0], blocks)
+    return wanted
+
+
+def maps_settings(experiment: Experiment, wanted: dict[str, tuple[str, int]], registry) -> dict[str, str]:
+    """Each wanted maps key's configuration key (part of its runs' settings), from the backbones
+    alone: nothing is read from the maps cache, so a resumed experiment whose maps runs are all
+    finished never loads their maps."""
+    from catsdogs.features.maps import maps_config
+
     keys = {}
     for key, (name, blocks) in wanted.items():
+        backbone, bb = experiment.backbone(name), registry.backbone(name)
+        bb.check_weights(backbone.weights)
+        keys[key] = maps_config(bb, backbone.weights, backbone.image_size, blocks, backbone.resize).key
+    return keys
+
+
+def attach_maps(experiment: Experiment, wanted: dict[str, tuple[str, int]], aligned: Aligned,
+                registry, dataset, digests, engine, progress: bool) -> None:
+    """Cache the ``wanted`` maps (:func:`wanted_maps`; :func:`catsdogs.features.maps.cache_maps`,
+    content-addressed like the features) and attach them to ``aligned`` on its rows
+    (:attr:`~catsdogs.features.fusion.AlignedSplit.maps`); those attached before are kept. Called
+    only for the runs that are trained or refitted in this call."""
+    from catsdogs.features.maps import cache_maps
+
+    for key, (name, blocks) in wanted.items():
+        if key in aligned.train.maps:
+            continue
         backbone = experiment.backbone(name)
         maps = cache_maps(experiment.data, name, weights=backbone.weights,
                           image_size=backbone.image_size, blocks=blocks, resize=backbone.resize,
@@ -176,8 +200,6 @@ def attach_maps(experiment: Experiment, plan: list[RunSpec], aligned: Aligned, r
                 raise DataError(f"{len(missing)} photo(s) have features but no maps of {name!r}: "
                                 f"{', '.join(reasons)}; remove or exclude them (exclude:)")
             part.maps[key] = rows.X  # already in the features' row order: no second copy
-        keys[key] = maps.config.key
-    return keys
 
 
 # ------------------------------------------------------------------------------------ ranking
@@ -510,8 +532,7 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
           ) as compute_engine:
         feature_sets, keys, digests = _extract_all(experiment, dataset, progress, compute_engine)
         aligned = align(feature_sets, experiment.exclude)
-        maps = attach_maps(experiment, plan, aligned, registry, dataset, digests, compute_engine,
-                           progress)
+        maps = maps_settings(experiment, wanted_maps(plan, registry), registry)
         if experiment.exclude:  # report entries that match no training image; record the matched
             train_files = next(iter(feature_sets.values())).train.files
             matched, unmatched = experiment.match_exclude(train_files)
@@ -543,6 +564,9 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
         reused = len(records)
         if adopted:
             echo(f"{adopted} finished runs copied from {', '.join(str(p) for p in reuse_from)}")
+        # the maps are read only for the maps runs trained now (a resumed run needs none)
+        attach_maps(experiment, wanted_maps([spec for spec, _ in pending], registry), aligned,
+                    registry, dataset, digests, compute_engine, progress)
         records += _train_runs(pending, experiment, aligned, splits, registry, out, aligned_on,
                                progress, compute_engine)
         computed = len(records) - reused
@@ -574,9 +598,13 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
     if submit and ranked[0].n_test > 0 and experiment.refit:
         from catsdogs.runs.refit import refit_submission
 
+        def before_refit(members: list[RunRecord]) -> None:  # the maps of the members refitted now
+            attach_maps(experiment, wanted_maps(members, registry), aligned, registry, dataset,
+                        digests, compute_engine, progress)
+
         result.submission = refit_submission(ranked[0], records, experiment, aligned, registry, out,
                                              expected_test_ids, engine=compute_engine,
-                                             progress=progress)
+                                             progress=progress, before_refit=before_refit)
     if submit and ranked[0].n_test > 0 and result.submission is None:
         result.submission = write_run_submission(out / "runs" / ranked[0].run_id, out / "submission.csv",
                                                  expected_ids=expected_test_ids)
