@@ -69,10 +69,10 @@ from catsdogs.runs.result import ExperimentResult
 from catsdogs.runs.submission import write_run_submission
 from catsdogs.tracking import log_result, open_tracker
 from catsdogs.util.fileio import (
+    atomic_path,
     atomic_write,
     locked_dir,
     remove_stale_temporaries,
-    replace_path,
     write_json,
 )
 
@@ -439,13 +439,7 @@ def _extract_all(experiment: Experiment, dataset, progress: bool, engine):
 
 def _run_maps(spec: RunSpec, maps: dict[str, str], registry) -> dict[str, str] | None:
     """The maps a run's head is trained on (maps key -> configuration key), None for features."""
-    from catsdogs.features.fusion import maps_key
-
-    blocks = maps_blocks(registry.head(spec.head.name), dict(spec.head.params))
-    if blocks is None:
-        return None
-    key = maps_key(spec.combination[0], blocks)
-    return {key: maps[key]}
+    return {key: maps[key] for key in wanted_maps([spec], registry)} or None
 
 
 def _settings(spec: RunSpec, experiment: Experiment, keys: dict, split_hash: str,
@@ -629,9 +623,7 @@ def _train_runs(pending: list[tuple[RunSpec, dict[str, Any]]], experiment: Exper
                                                         (experiment, aligned, splits, registry))
             for (spec, _), (record, files) in zip(group, results, strict=True))
     for spec, record, files, node in done:
-        tmp = out / "runs" / f".{spec.run_id}.tmp-{os.getpid()}"
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_path(out / "runs" / spec.run_id) as tmp:
             tmp.mkdir()
             for name, data in files.items():  # computed in a scratch folder, maybe elsewhere
                 (tmp / name).write_bytes(data)
@@ -639,9 +631,6 @@ def _train_runs(pending: list[tuple[RunSpec, dict[str, Any]]], experiment: Exper
                 record.engine = {"name": engine.name, "node_id": node}
             record.aligned_on = aligned_on
             record.save(tmp)
-            replace_path(tmp, out / "runs" / spec.run_id)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         records.append(record)
         bar.update()
         if progress:
@@ -722,13 +711,8 @@ def _adopt(run_id: str, settings_hash: str, sources: Sequence[str | os.PathLike]
         record = _reusable(run_dir, settings_hash)
         if record is None:
             continue
-        tmp = out / "runs" / f".{run_id}.tmp-{os.getpid()}"
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_path(out / "runs" / run_id) as tmp:
             shutil.copytree(run_dir, tmp)
-            replace_path(tmp, out / "runs" / run_id)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return record
     return None
 
