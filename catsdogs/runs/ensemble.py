@@ -39,8 +39,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,7 +243,7 @@ def ensemble_record(records: list[RunRecord], out: Path, experiment: Experiment)
 
     from catsdogs._version import __version__
     from catsdogs.runs.record import HeadRef, Metrics, RunRecord
-    from catsdogs.util.fileio import replace_path
+    from catsdogs.util.fileio import atomic_path
 
     cfg = experiment.ensemble
     runs = sorted(records, key=lambda r: r.run_id)
@@ -293,16 +291,13 @@ def ensemble_record(records: list[RunRecord], out: Path, experiment: Experiment)
         catsdogs_version=__version__,
         ensemble=fit.to_dict(),
     )
-    tmp = out / "runs" / f".{run_id}.tmp-{os.getpid()}"
-    tmp.mkdir(parents=True, exist_ok=True)
-    try:
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "runs" / run_id) as tmp:  # the run folder appears whole or not at all
+        tmp.mkdir()
         pd.DataFrame({**{c: base[c] for c in base.columns}, "p_dog": fit.val}).to_csv(
             tmp / "val_predictions.csv", index=False)
         if test_columns:
             pd.DataFrame({"id": test_ids, **test_columns}).to_csv(tmp / "test_predictions.csv",
                                                                   index=False)
         record.save(tmp)
-        replace_path(tmp, out / "runs" / run_id)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return record

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -137,21 +135,16 @@ def _write_refit_dir(directory: Path, model: bytes | None, test_ids: list[int], 
     :data:`REFIT_KEY` (``key``). Returns whether a head was saved."""
     import pandas as pd
 
-    from catsdogs.util.fileio import atomic_write, replace_path
+    from catsdogs.util.fileio import atomic_path, atomic_write
 
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_path(directory) as tmp:
+        tmp.mkdir()
         if model is not None:
             atomic_write(tmp / "head.keras", lambda fh: fh.write(model))
         csv = pd.DataFrame({"id": test_ids, "p_dog": p}).to_csv(index=False).encode()
         atomic_write(tmp / "test_predictions.csv", lambda fh: fh.write(csv))
         write_json(tmp / REFIT_KEY, {**key, "head": model is not None})
-        replace_path(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return model is not None
 
 
