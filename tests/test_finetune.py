@@ -247,6 +247,23 @@ def test_maps_are_cached_in_float16_and_reused(tiny, tmp_path):
     assert other.computed == 11 and other.path != first.path
 
 
+def test_the_maps_configuration_builds_the_split_network_once(tiny, monkeypatch):
+    """The runner asks for a backbone's maps configuration more than once per call (its runs'
+    settings, then the cache): the split network, seconds to build for a real backbone, is built
+    once per backbone, weights, size and blocks."""
+    from catsdogs.features import maps
+
+    monkeypatch.setattr(maps, "_MAPS_SHAPES", {}, raising=False)
+    built = []
+    split_top = type(tiny).split_top
+    monkeypatch.setattr(type(tiny), "split_top",
+                        lambda self, *a, **k: built.append(a) or split_top(self, *a, **k))
+    first = maps.maps_config(tiny, "none", SIZE, 1)
+    assert maps.maps_config(tiny, "none", SIZE, 1) == first and len(built) == 1
+    other = maps.maps_config(tiny, "none", 32, 1)
+    assert len(built) == 2 and other.shape != first.shape and other.key != first.key
+
+
 def test_a_damaged_maps_chunk_is_recomputed(tiny, tmp_path, caplog):
     from conftest import make_kaggle
 

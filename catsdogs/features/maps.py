@@ -150,10 +150,19 @@ def maps_config(backbone, weights: str, image_size: int | None, blocks: int,
         raise ConfigError(f"backbone {backbone.name!r} cannot be cut before its last blocks (it "
                           "does not offer split_top), so it has no maps to fine-tune on")
     size = int(image_size or backbone.input_size)
-    _, top = backbone.split_top(weights, size, blocks=blocks)
-    shape = tuple(int(s) for s in top.input.shape[1:])
-    return MapsConfig(backbone.name, weights, backbone.weights_id(weights), size, resize,
-                      int(blocks), shape)
+    weights_id = backbone.weights_id(weights)
+    # the shape needs the split network built (seconds for a real backbone): once per process
+    memo = (type(backbone).__module__, type(backbone).__qualname__, backbone.name, weights_id,
+            size, int(blocks))
+    if memo not in _MAPS_SHAPES:
+        _, top = backbone.split_top(weights, size, blocks=blocks)
+        _MAPS_SHAPES[memo] = tuple(int(s) for s in top.input.shape[1:])
+    return MapsConfig(backbone.name, weights, weights_id, size, resize, int(blocks),
+                      _MAPS_SHAPES[memo])
+
+
+#: :func:`maps_config`'s maps shapes, per backbone class, weights, input size and top blocks
+_MAPS_SHAPES: dict[tuple[Any, ...], tuple[int, ...]] = {}
 
 
 def _checksum(arr: np.ndarray) -> str:
