@@ -393,6 +393,13 @@ def has_top_split(backbone: Any) -> bool:
     return getattr(backbone, "has_top_split", False) is True and isinstance(backbone, TopSplit)
 
 
+def uses_classifier(head_cls: Any) -> bool:
+    """True when the head class ``head_cls`` reads its combination's backbones' own ImageNet
+    classifiers (``uses_classifier = True``, e.g. ``imagenet_prior``): the runner plans it only
+    where every backbone offers :class:`ImageNetClassifier` and gives it ``weights``."""
+    return getattr(head_cls, "uses_classifier", False) is True
+
+
 def trains_on_maps(head_cls: Any) -> bool:
     """True when the head class ``head_cls`` is trained on cached feature maps
     (:attr:`Head.input` ``"maps"``) rather than on feature vectors."""

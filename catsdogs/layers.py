@@ -37,3 +37,40 @@ class PixelNormalization(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "mean": self.mean, "std": self.std, "bgr": self.bgr}
+
+
+@keras.saving.register_keras_serializable(package="catsdogs")
+class SpeciesLogOdds(keras.layers.Layer):
+    """A backbone's own ImageNet classifier read as a dog-vs-cat prior: on the columns
+    ``[start, stop)`` of the features (one backbone's GAP features in a fused row), the logits of
+    its frozen classifier for the ``n_dog`` dog classes and the ``n_cat`` cat classes (``kernel``
+    ``(stop - start, n_dog + n_cat)``, dog columns first, and ``bias``), and out
+    ``logsumexp(dog logits) - logsumexp(cat logits)``, shape ``(batch, 1)``: the log of the
+    classifier's probability mass on dogs over its mass on cats (the softmax's normaliser
+    cancels). Its weights are not trained (``trainable=False``); they are set after the layer is
+    built (``set_weights``) and saved with the model."""
+
+    def __init__(self, start: int, stop: int, n_dog: int, n_cat: int, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        kwargs.setdefault("trainable", False)
+        super().__init__(**kwargs)
+        self.start, self.stop, self.n_dog, self.n_cat = int(start), int(stop), int(n_dog), int(n_cat)
+
+    def build(self, input_shape):
+        units = self.n_dog + self.n_cat
+        self.kernel = self.add_weight(shape=(self.stop - self.start, units), initializer="zeros",
+                                      trainable=False, name="kernel")
+        self.bias = self.add_weight(shape=(units,), initializer="zeros", trainable=False, name="bias")
+
+    def call(self, inputs):
+        z = ops.matmul(inputs[:, self.start:self.stop], self.kernel) + self.bias
+        dog = ops.logsumexp(z[:, :self.n_dog], axis=-1, keepdims=True)
+        cat = ops.logsumexp(z[:, self.n_dog:], axis=-1, keepdims=True)
+        return dog - cat
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], 1)
+
+    def get_config(self):
+        return {**super().get_config(), "start": self.start, "stop": self.stop,
+                "n_dog": self.n_dog, "n_cat": self.n_cat}

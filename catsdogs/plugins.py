@@ -46,6 +46,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "catsdogs.builtin.optimizers",
     "catsdogs.builtin.stacking",
     "catsdogs.builtin.finetune",
+    "catsdogs.builtin.prior",
 )
 KINDS: tuple[str, ...] = ("backbones", "heads", "optimizers")
 _HOOKS = {kind: f"register_{kind}" for kind in KINDS}

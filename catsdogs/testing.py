@@ -46,6 +46,7 @@ from catsdogs.components import (
     Optimizer,
     component_name,
     trains_on_maps,
+    uses_classifier,
 )
 from catsdogs.errors import ConfigError, PluginError
 from catsdogs.validation import NotFittedError, is_int
@@ -65,6 +66,7 @@ __all__ = [
     "make_separable_features",
     "make_maps",
     "TinyTopSplit",
+    "TinyClassifier",
     "make_kaggle_dataset",
     "write_jpeg",
 ]
@@ -442,6 +444,49 @@ class TinyTopSplit(Backbone):
         return bottom, top
 
 
+class TinyClassifier(Backbone):
+    """A seeded 32 px conv net with a 1000-way ImageNet-style head (the
+    :class:`~catsdogs.components.ImageNetClassifier` capability: ``Dense(1000, name="logits")``
+    on the GAP features): the shape of an ImageNet classifier, nothing more. The head checks
+    train ``uses_classifier`` heads (``imagenet_prior``) with it registered."""
+
+    name = "catsdogs_testing_classifier"
+    input_size = 32
+    min_input_size = 8
+    feature_dim = 8
+    preprocessing = "x / 255"
+    weights_options = (WEIGHTS_NONE,)
+    has_classifier = True
+
+    def build_model(self, weights: str, image_size: int) -> keras.Model:
+        return self._build(image_size, False, features_only=True)
+
+    def build_classifier(self, weights: str = WEIGHTS_NONE, image_size: int | None = None,
+                         with_features: bool = False) -> keras.Model:
+        from catsdogs.components import seeded_initializers
+
+        self.check_weights(weights)
+        size = self.input_size if image_size is None else image_size
+        self.check_image_size(size)
+        with seeded_initializers(self.seed):
+            return self._build(int(size), with_features)
+
+    def _build(self, size: int, with_features: bool, features_only: bool = False) -> keras.Model:
+        import keras
+
+        from catsdogs.layers import PixelNormalization
+
+        image = keras.Input((size, size, 3), name="image")
+        x = PixelNormalization(mean=0.0, std=255.0)(image)
+        x = keras.layers.Conv2D(8, 3, activation="relu")(x)
+        gap = keras.layers.GlobalAveragePooling2D(name="gap", dtype="float32")(x)
+        if features_only:
+            return keras.Model(image, gap)
+        logits = keras.layers.Dense(1000, name="logits", dtype="float32")(gap)
+        outputs = {"features": gap, "logits": logits} if with_features else logits
+        return keras.Model(image, outputs)
+
+
 #: what the head checks give an ``input = "maps"`` head besides its own defaults
 MAPS_HEAD_PARAMS = {"backbone": TinyTopSplit.name, "weights": WEIGHTS_NONE,
                     "image_size": TinyTopSplit.input_size}
@@ -472,8 +517,11 @@ class _HeadRun:
         self.c = _Checker("head", head_cls)
         self.head_cls = head_cls
         self.maps = trains_on_maps(head_cls)
-        self.defaults = dict(MAPS_HEAD_PARAMS) if self.maps else {}
-        data = make_maps(seed=seed) if self.maps else make_separable_features(seed=seed)
+        classifier = uses_classifier(head_cls)
+        self.defaults = dict(MAPS_HEAD_PARAMS) if self.maps else (
+            {"weights": WEIGHTS_NONE} if classifier else {})
+        data = make_maps(seed=seed) if self.maps else make_separable_features(
+            d=TinyClassifier.feature_dim if classifier else 16, seed=seed)
         self.X: np.ndarray = data[0]
         self.y: np.ndarray = data[1]
         if head_cls.uses_optimizer and optimizer is None:
@@ -483,6 +531,8 @@ class _HeadRun:
         self.fit_kwargs: dict[str, Any] = dict(
             optimizer=optimizer if head_cls.uses_optimizer else None,
             epochs=epochs, batch_size=batch_size, seed=seed)
+        if classifier:  # its columns are TinyClassifier's GAP features
+            self.fit_kwargs["blocks"] = [(TinyClassifier.name, self.X.shape[1])]
 
     def new(self, **params: Any) -> Head:
         try:
@@ -547,12 +597,15 @@ def _head_check(func: Callable[[_HeadRun], None]) -> Callable[..., None]:
                 "must be a subclass of catsdogs.components.Head")
         kind = getattr(head_cls, "input", "features")
         c.check(kind in ("features", "maps"), f"input must be 'features' or 'maps', got {kind!r}")
-        if kind != "maps":
-            func(_HeadRun(head_cls, optimizer, epochs, batch_size, seed))
-            return
         from catsdogs.plugins import get_registry
 
-        with get_registry().temporarily("backbones", TinyTopSplit(), "catsdogs.testing"):
+        if kind == "maps":
+            with get_registry().temporarily("backbones", TinyTopSplit(), "catsdogs.testing"):
+                func(_HeadRun(head_cls, optimizer, epochs, batch_size, seed))
+        elif uses_classifier(head_cls):
+            with get_registry().temporarily("backbones", TinyClassifier(), "catsdogs.testing"):
+                func(_HeadRun(head_cls, optimizer, epochs, batch_size, seed))
+        else:
             func(_HeadRun(head_cls, optimizer, epochs, batch_size, seed))
 
     return check

@@ -33,44 +33,14 @@ from catsdogs.errors import ConfigError, DataError, PluginError
 from catsdogs.plugins import Registry
 
 TINY_CLASSIFIER = '''
-from catsdogs.components import Backbone, seeded_initializers
 from catsdogs.hookspecs import hookimpl
+from catsdogs.testing import TinyClassifier as _Tiny
 
 
-class TinyClassifier(Backbone):
-    """A 32 px conv net with a 1000-way head: the shape of an ImageNet classifier, nothing more."""
+class TinyClassifier(_Tiny):
+    """catsdogs.testing's 32 px conv net with a 1000-way head, as an installed plugin."""
 
     name = "tiny_classifier"
-    input_size = 32
-    min_input_size = 8
-    feature_dim = 8
-    preprocessing = "x / 255"
-    weights_options = ("none",)
-    has_classifier = True
-
-    def build_model(self, weights, image_size):
-        return self._build(image_size, False, features_only=True)
-
-    def build_classifier(self, weights="none", image_size=None, with_features=False):
-        self.check_weights(weights)
-        size = self.input_size if image_size is None else image_size
-        self.check_image_size(size)
-        with seeded_initializers(self.seed):
-            return self._build(int(size), with_features)
-
-    def _build(self, size, with_features, features_only=False):
-        import keras
-        from catsdogs.layers import PixelNormalization
-
-        image = keras.Input((size, size, 3), name="image")
-        x = PixelNormalization(mean=0.0, std=255.0)(image)
-        x = keras.layers.Conv2D(8, 3, activation="relu")(x)
-        gap = keras.layers.GlobalAveragePooling2D(name="gap", dtype="float32")(x)
-        if features_only:
-            return keras.Model(image, gap)
-        logits = keras.layers.Dense(1000, name="logits", dtype="float32")(gap)
-        outputs = {"features": gap, "logits": logits} if with_features else logits
-        return keras.Model(image, outputs)
 
 
 @hookimpl

@@ -107,6 +107,33 @@ def maps_combination(head: Any, combination: tuple[str, ...] | list[str], regist
             and has_top_split(registry.backbone(combination[0])))
 
 
+def classifier_combination(combination: tuple[str, ...] | list[str], backbones: Any,
+                           registry: Any) -> bool:
+    """Whether a head that reads the backbones' own ImageNet classifiers (``uses_classifier``,
+    e.g. ``imagenet_prior``) runs on ``combination``: every backbone offers the classifier and
+    gives its plain GAP features (no ``layers:``, views merged by ``mean``), the columns the
+    classifier reads. ``backbones``: the experiment's backbone entries by name."""
+    from catsdogs.components import has_imagenet_classifier
+
+    return all(has_imagenet_classifier(registry.backbone(name)) and not backbones[name].layers
+               and backbones[name].merge == "mean" for name in combination)
+
+
+def head_runs_on(head: Any, combination: tuple[str, ...] | list[str], backbones: Any,
+                 registry: Any) -> bool:
+    """Whether the experiment's ``head`` entry runs on ``combination`` (:func:`maps_combination`
+    for a head trained on maps, :func:`classifier_combination` for one that reads the ImageNet
+    classifiers, every combination otherwise)."""
+    from catsdogs.components import trains_on_maps, uses_classifier
+
+    head_cls = registry.head(head.name)
+    if trains_on_maps(head_cls):
+        return maps_combination(head, combination, registry)
+    if uses_classifier(head_cls):
+        return classifier_combination(combination, backbones, registry)
+    return True
+
+
 _SCI_FLOAT = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+$")
 
 
@@ -823,6 +850,7 @@ class Experiment(BaseModel):
         if self.tuning is not None and "params" in self.tuning.model_fields_set:
             self._check_tuning(self.tuning, _registry(info))
         self._check_maps_heads(_registry(info))
+        self._check_classifier_heads(_registry(info))
         source = ctx.get("source_path")
         self._source = None if source is None else Path(source)
         return self
@@ -850,6 +878,29 @@ class Experiment(BaseModel):
                     + (f" and is {wanted!r}" if wanted else "")
                     + f" (backbones that do: {', '.join(split) or 'none'}); add such a backbone "
                     "alone to combinations (e.g. combinations: all), or remove the head",
+                    f"heads[{i}]")
+
+    def _check_classifier_heads(self, registry: Registry) -> None:
+        """A head that reads the backbones' ImageNet classifiers (``uses_classifier``, e.g.
+        ``imagenet_prior``) gets at least one combination where it can (see
+        :func:`classifier_combination`), and no ``weights`` (the runner sets the backbones')."""
+        from catsdogs.components import has_imagenet_classifier, uses_classifier
+
+        backbones = {b.name: b for b in self.backbones}
+        for i, head in enumerate(self.heads):
+            if not uses_classifier(registry.head(head.name)):
+                continue
+            if "weights" in head.params:
+                raise problem(f"do not set 'weights' for head {head.name!r}: it is the weights "
+                              "of the run's backbones (set it under backbones:)",
+                              f"heads[{i}].params.weights")
+            if not any(classifier_combination(c, backbones, registry) for c in self.combinations):
+                able = [b for b in self.backbone_names if has_imagenet_classifier(registry.backbone(b))]
+                raise problem(
+                    f"head {head.name!r} reads the backbones' own ImageNet classifiers, but no "
+                    "combination of the experiment has only backbones that offer one, with their "
+                    f"plain features (no layers:, merge: mean) (backbones that offer one: "
+                    f"{', '.join(able) or 'none'}); use such backbones, or remove the head",
                     f"heads[{i}]")
 
     def _check_tuning(self, tuning: Tuning, registry: Registry) -> None:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from catsdogs._version import __version__
-from catsdogs.components import trains_on_maps
+from catsdogs.components import trains_on_maps, uses_classifier
 from catsdogs.compute import LOCAL_NODE
 from catsdogs.errors import DataError
 from catsdogs.evaluation.metrics import PairedStats
@@ -107,17 +107,20 @@ def plan_runs(experiment: Experiment, registry=None) -> list[RunSpec]:
     Heads that do not use an optimizer run once per combination. A head trained on maps
     (``input = "maps"``, e.g. ``finetune``) runs on the single-backbone combinations whose backbone
     offers ``split_top`` (and only its ``backbone`` parameter's, when given; the experiment's
-    validation made sure it gets one).
+    validation made sure it gets one); a head that reads the backbones' ImageNet classifiers
+    (``uses_classifier``, e.g. ``imagenet_prior``) on the combinations whose every backbone has
+    one (:func:`catsdogs.experiment.schema.head_runs_on`).
     """
-    from catsdogs.experiment.schema import maps_combination
+    from catsdogs.experiment.schema import head_runs_on
     from catsdogs.plugins import get_registry
 
     registry = registry or get_registry()
+    backbones = {b.name: b for b in experiment.backbones}
     runs: list[RunSpec] = []
     for combination in experiment.combinations:
         for head in experiment.heads:
             head_cls = registry.head(head.name)
-            if trains_on_maps(head_cls) and not maps_combination(head, combination, registry):
+            if not head_runs_on(head, combination, backbones, registry):
                 continue
             optimizers = experiment.optimizers if head_cls.uses_optimizer else [None]
             for opt in optimizers:
@@ -136,9 +139,16 @@ def plan_runs(experiment: Experiment, registry=None) -> list[RunSpec]:
 def run_head_params(spec: RunSpec, experiment: Experiment, registry) -> dict[str, Any]:
     """The head's parameters for ``spec``: the experiment's, and for a head trained on maps the
     run's backbone, its weights and image size
-    (:data:`catsdogs.experiment.schema.MAPS_HEAD_INJECTED`)."""
+    (:data:`catsdogs.experiment.schema.MAPS_HEAD_INJECTED`); for a head that reads the backbones'
+    ImageNet classifiers, their ``weights`` (one name, or ``{backbone: weights}`` when they
+    differ)."""
     params = dict(spec.head.params)
-    if trains_on_maps(registry.head(spec.head.name)):
+    head_cls = registry.head(spec.head.name)
+    if uses_classifier(head_cls):
+        weights = {name: experiment.backbone(name).weights for name in spec.combination}
+        params["weights"] = next(iter(weights.values())) if len(set(weights.values())) == 1 \
+            else weights
+    if trains_on_maps(head_cls):
         (name,) = spec.combination
         backbone = experiment.backbone(name)
         params.update(backbone=name, weights=backbone.weights,

@@ -1,0 +1,218 @@
+"""The ``imagenet_prior`` head: dropout_sigmoid plus each backbone's own ImageNet classifier's
+dog-vs-cat log-odds, read from the cached GAP features.
+
+A real tiny network with an ImageNet-style 1000-way classifier (:class:`catsdogs.testing.
+TinyClassifier`, seeded random weights) and one without a classifier feed real experiments on
+generated JPEGs: the prior the head computes is the classifier's own, frozen; the runner plans
+the head where every backbone has a classifier and gives it their weights; the ranked run is
+refitted, and its export (Keras and TFLite) predicts the submission photo by photo.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import make_kaggle
+
+from catsdogs.audit.imagenet import CAT_CLASSES, DOG_CLASSES
+from catsdogs.errors import ConfigError
+from catsdogs.testing import TinyClassifier, TinyTopSplit
+
+TOL = 1e-3
+CLS = TinyClassifier.name
+
+
+class OtherClassifier(TinyClassifier):
+    """A second classifier backbone: the same network, other seeded weights."""
+
+    name = "catsdogs_testing_classifier2"
+    seed = 7
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from catsdogs.plugins import get_registry
+
+    root = tmp_path_factory.mktemp("prior")
+    data = make_kaggle(root / "data", n_per_class=16, n_test=8)
+    registry = get_registry()
+    with registry.temporarily("backbones", TinyClassifier(), "tests"), \
+            registry.temporarily("backbones", OtherClassifier(), "tests"), \
+            registry.temporarily("backbones", TinyTopSplit(), "tests"):
+        yield {"root": root, "data": data, "registry": registry}
+
+
+def _pixels(n=24, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(0, 255, (n, 32, 32, 3)).astype(np.float32)
+
+
+def _features_and_log_odds(backbone, pixels):
+    """The backbone's GAP features and its classifier's log(dog mass / cat mass), by the full
+    classifier network on the photos (not by the head's own code)."""
+    out = backbone.build_classifier("none", with_features=True)(pixels)
+    logits = np.asarray(out["logits"], np.float64)
+    softmax = np.exp(logits - logits.max(axis=1, keepdims=True))
+    softmax /= softmax.sum(axis=1, keepdims=True)
+    dog = softmax[:, list(DOG_CLASSES)].sum(axis=1)
+    cat = softmax[:, list(CAT_CLASSES)].sum(axis=1)
+    return np.asarray(out["features"], np.float32), np.log(dog / cat)
+
+
+def test_the_prior_is_each_classifiers_own_frozen_dog_vs_cat_log_odds(env):
+    """Two backbones fused: each prior reads its own columns with its own classifier (the
+    classifier network's softmax, summed over the 118 dog and the 5 cat classes), before and
+    after training; only the first Dense, the prior weights and the bias are trained."""
+    import keras
+
+    from catsdogs.builtin.prior import ImageNetPriorHead
+
+    registry = env["registry"]
+    pixels = _pixels()
+    Xa, la = _features_and_log_odds(registry.backbone(CLS), pixels)
+    Xb, lb = _features_and_log_odds(registry.backbone(OtherClassifier.name), pixels)
+    assert np.abs(la - lb).max() > 1e-3  # two different classifiers
+    X, y = np.hstack([Xa, Xb]), np.tile([0, 1], 12)
+    head = ImageNetPriorHead(weights="none").fit(
+        X, y, epochs=5, batch_size=8, blocks=[(CLS, 8), (OtherClassifier.name, 8)])
+    model = head.keras_model()
+    for i, want in enumerate((la, lb)):
+        prior = keras.Model(model.input, model.get_layer(f"prior_{i}").output)
+        np.testing.assert_allclose(np.asarray(prior(X)).reshape(-1), want, rtol=1e-4, atol=1e-4)
+    trained = sorted(w.path.split("/")[0] for w in model.trainable_weights)
+    assert trained == ["logit", "logit", "prior_weight", "prior_weight"]
+    assert head.predict_proba(X).shape == (24,)
+
+
+def test_the_prior_term_starts_centred_with_weight_one_over_the_backbones(env):
+    """Before training, the prior term is the backbones' mean log-odds minus its mean over the
+    training rows (the constant of 118 dog classes against 5 cat ones is not learned first)."""
+    from catsdogs.builtin.prior import ImageNetPriorHead
+
+    registry = env["registry"]
+    Xa, la = _features_and_log_odds(registry.backbone(CLS), _pixels())
+    still = registry.optimizer("adam")(learning_rate=1e-9)  # one epoch that moves nothing
+    head = ImageNetPriorHead(weights="none").fit(Xa, np.tile([0, 1], 12), epochs=1,
+                                                 optimizer=still, blocks=[(CLS, 8)])
+    kernel, bias = head.keras_model().get_layer("prior_weight").get_weights()
+    assert kernel.reshape(-1) == pytest.approx([1.0], abs=1e-6)
+    assert bias[0] == pytest.approx(-la.mean(), abs=1e-4) and abs(la.mean()) > 1  # log(118 / 5) ~ 3
+
+
+@pytest.mark.parametrize("blocks, message", [
+    (None, "fit needs blocks"),
+    ([(TinyTopSplit.name, 8)], "has no ImageNet classifier"),
+    ([(CLS, 4), (OtherClassifier.name, 4)], "classifier reads 8"),
+])
+def test_features_it_cannot_read_are_one_clear_error(env, blocks, message):
+    from catsdogs.builtin.prior import ImageNetPriorHead
+
+    with pytest.raises(ConfigError, match=message):
+        ImageNetPriorHead(weights="none").fit(np.zeros((4, 8), np.float32), np.array([0, 1, 0, 1]),
+                                              epochs=1, blocks=blocks)
+
+
+def _experiment(env, name: str, **fields):
+    from catsdogs.experiment.spec import load_experiment
+
+    doc = {"data": str(env["data"]), "output": str(env["root"] / name),
+           "cache_dir": str(env["root"] / "cache"), "weights": "none",
+           "backbones": [CLS], "heads": ["imagenet_prior"], "optimizers": ["adam"],
+           "epochs": 6, "batch_size": 8, "seed": 4, "validation": {"holdout": 0.25}, **fields}
+    path = env["root"] / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return load_experiment(path)
+
+
+def test_plan_gives_the_head_the_combinations_with_classifiers_and_their_weights(env):
+    from catsdogs.runs.runner import plan_runs, run_head_params
+
+    exp = _experiment(env, "plan", backbones=[CLS, OtherClassifier.name, TinyTopSplit.name],
+                      heads=["dropout_sigmoid", "imagenet_prior"])
+    runs = plan_runs(exp)
+    prior = [list(r.combination) for r in runs if r.head.name == "imagenet_prior"]
+    assert prior == [[CLS], [OtherClassifier.name], [CLS, OtherClassifier.name]]
+    assert sum(r.head.name == "dropout_sigmoid" for r in runs) == 7
+    for spec in runs:
+        if spec.head.name == "imagenet_prior":
+            assert run_head_params(spec, exp, env["registry"]) == {"weights": "none"}
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"backbones": [TinyTopSplit.name]}, "no combination of the experiment has only backbones "
+                                         "that offer one"),
+    ({"heads": [{"name": "imagenet_prior", "params": {"weights": "none"}}]},
+     "do not set 'weights'"),
+    ({"backbones": [{"name": CLS, "views": ["orig", "flip"], "merge": "concat"}]},
+     "no combination"),
+])
+def test_a_prior_head_that_cannot_run_is_one_clear_error_on_load(env, fields, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        _experiment(env, "bad", **fields)
+    assert "bad.yaml" in str(info.value) and "heads[0]" in str(info.value)
+
+
+def _predict(model, photos, backend="auto") -> pd.Series:
+    from catsdogs.app.predict import open_predictor, predict_files
+
+    preds = predict_files(open_predictor(model, backend), photos)
+    assert all(p.error is None for p in preds), [p.error for p in preds]
+    return pd.Series({int(p.file.rsplit("/", 1)[-1].split(".")[0]): p.p_dog for p in preds})
+
+
+@pytest.mark.slow
+def test_kfold_prior_run_is_ranked_out_of_fold_and_exports_its_submission(env):
+    """k-fold on two classifier backbones fused: the prior run is ranked on every training row
+    out of fold, and its three fold heads, each carrying both classifiers' columns, export
+    (Keras, TFLite) to the submitted P(dog), post-processing included."""
+    from catsdogs.app.export import export_run, load_head_file
+
+    result = _run(env, "kfold", backbones=[CLS, OtherClassifier.name],
+                  combinations=[[CLS, OtherClassifier.name]], validation={"kfold": 3},
+                  postprocess="temperature")
+    out = result.out_dir
+    (record,) = result.records
+    assert record.head.name == "imagenet_prior" and record.params["weights"] == "none"
+    assert record.n_val == 32  # every training row, out of fold
+    run_dir = out / "runs" / record.run_id
+    assert sorted(p.name for p in run_dir.glob("head*.keras")) == [
+        "head-fold1.keras", "head-fold2.keras", "head.keras"]
+    fold = load_head_file(run_dir / "head-fold1.keras")
+    assert [layer.name for layer in fold.layers if layer.name.startswith("prior_")] == [
+        "prior_0", "prior_1", "prior_weight"]
+    submitted = pd.read_csv(out / "submission.csv").set_index("id")["label"]
+    photos = sorted((env["data"] / "test").glob("*.jpg"))
+    export_run(run_dir, ["keras", "tflite"], out / "export", neither=False)
+    for model, backend in ((out / "export", "keras"), (out / "export", "tflite")):
+        got = _predict(model, photos, backend)
+        diff = np.abs(got.sort_index().to_numpy() - submitted.sort_index().to_numpy()).max()
+        assert diff <= TOL, (backend, diff)
+
+
+@pytest.mark.slow
+def test_refitted_prior_run_exports_the_submission(env):
+    """Holdout with ``refit: true``: the winner is retrained on every row, and the export is the
+    refitted head, not the ranked one."""
+    from catsdogs.app.export import export_run
+    from catsdogs.runs.submission import write_run_submission
+
+    result = _run(env, "refit", refit=True, optimizers=[{"name": "adam", "learning_rate": 0.01}])
+    out = result.out_dir
+    (record,) = result.records
+    assert (out / "refit" / record.run_id / "head.keras").is_file()
+    submitted = pd.read_csv(out / "submission.csv").set_index("id")["label"]
+    write_run_submission(out / "runs" / record.run_id, out / "ranked.csv")
+    ranked = pd.read_csv(out / "ranked.csv").set_index("id")["label"]
+    assert np.abs(submitted.sort_index() - ranked.sort_index()).max() > 2 * TOL  # refitted
+    manifest = export_run(out / "runs" / record.run_id, ["tflite"], out / "export", neither=False)
+    assert manifest["refit"]
+    got = _predict(out / "export", sorted((env["data"] / "test").glob("*.jpg")), "tflite")
+    assert np.abs(got.sort_index().to_numpy() - submitted.sort_index().to_numpy()).max() <= TOL
+
+
+def _run(env, name: str, **fields):
+    from catsdogs.runs.runner import run_experiment
+
+    return run_experiment(_experiment(env, name, **fields), progress=False)
