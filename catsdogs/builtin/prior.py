@@ -4,9 +4,11 @@ An ImageNet backbone comes with the classifier it was trained with: 1000 logits,
 the very GAP features the cache stores. 118 of its classes are dog breeds and 5 are domestic
 cats, so ``logsumexp(dog logits) - logsumexp(cat logits)`` is a dog-vs-cat log-odds learned from
 1.28 million photos. It is not a linear function of the features, so the linear heads
-(``dropout_sigmoid``, ``softmax_cam``, ``logistic``) cannot learn it from 20,000 photos; on the
-PetImages benchmark a logistic stack of Lite0's probe and that log-odds beat the probe alone by
-0.0075 test log loss (README, "The backbones' own ImageNet classifiers").
+(``dropout_sigmoid``, ``softmax_cam``, ``logistic``) cannot learn it from 20,000 photos. On the
+PetImages benchmark (README, "The backbones' own ImageNet classifiers") the head beats
+``dropout_sigmoid`` on the same features in 28 of 28 runs on validation and 27 of 28 on test, by
+most for one backbone alone (Lite0: about -0.0015 test log loss); for the three backbones fused,
+the grid's winner, the gain is within noise.
 
 The head's graph::
 
