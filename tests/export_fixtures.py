@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -88,3 +89,64 @@ def build_runs(root: Path) -> dict[str, Path]:
     export_run(out["mixed"], ["keras"], out["mixed_export"])
     done.write_text(json.dumps({k: str(v) for k, v in out.items()}))
     return out
+
+
+# --- shared by the tests of heads wired into experiments (test_finetune_runner, test_prior) ---
+
+@contextlib.contextmanager
+def tiny_env(tmp_path_factory, name: str, backbones):
+    """A folder with a generated Kaggle-layout data set (16 photos a class, 8 test photos) and
+    ``backbones`` registered for the block: ``{"root", "data", "registry"}``."""
+    from catsdogs.plugins import get_registry
+
+    root = tmp_path_factory.mktemp(name)
+    data = make_kaggle(root / "data", n_per_class=16, n_test=8)
+    registry = get_registry()
+    with contextlib.ExitStack() as stack:
+        for backbone in backbones:
+            stack.enter_context(registry.temporarily("backbones", backbone, "tests"))
+        yield {"root": root, "data": data, "registry": registry}
+
+
+def tiny_experiment(root: Path, data: Path, name: str, **fields):
+    """``root/NAME.yaml`` written and loaded: ``data``, output ``root/NAME``, cache ``root/cache``,
+    weights none, adam, 6 epochs at batch 8, seed 4, a 0.25 holdout; ``fields`` override."""
+    from catsdogs.experiment.spec import load_experiment
+
+    doc = {"data": str(data), "output": str(root / name), "cache_dir": str(root / "cache"),
+           "weights": "none", "optimizers": ["adam"], "epochs": 6, "batch_size": 8, "seed": 4,
+           "validation": {"holdout": 0.25}, **fields}
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return load_experiment(path)
+
+
+def predict_photos(model, photos, backend: str = "auto"):
+    """P(dog) per test id (a pandas Series) from ``open_predictor(model, backend)``: an export
+    directory or a run directory."""
+    import pandas as pd
+
+    from catsdogs.app.predict import open_predictor, predict_files
+
+    preds = predict_files(open_predictor(model, backend), photos)
+    assert all(p.error is None for p in preds), [p.error for p in preds]
+    return pd.Series({int(p.file.rsplit("/", 1)[-1].split(".")[0]): p.p_dog for p in preds})
+
+
+def submitted_vs_ranked(result, record, margin: float):
+    """A refitted holdout winner's ``submission.csv`` (a Series by id, sorted), after checking
+    that it differs from the ranked head's own predictions by more than ``margin`` somewhere
+    (it was refitted)."""
+    import numpy as np
+    import pandas as pd
+
+    from catsdogs.runs.submission import write_run_submission
+
+    out = result.out_dir
+    assert (out / "refit" / record.run_id / "head.keras").is_file()
+    submitted = pd.read_csv(out / "submission.csv").set_index("id")["label"].sort_index()
+    write_run_submission(out / "runs" / record.run_id, out / "ranked.csv")
+    ranked = pd.read_csv(out / "ranked.csv").set_index("id")["label"].sort_index()
+    assert np.abs(submitted - ranked).max() > margin  # refitted
+    return submitted
+

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import install_fake_dist, make_kaggle, plugin_on_path, run_cli
+from export_fixtures import predict_photos
 
 TOL = 1e-3
 
@@ -127,15 +128,6 @@ def _submission(path) -> pd.Series:
     return pd.read_csv(path).set_index("id")["label"]
 
 
-def _predict(model, photos, backend="auto") -> pd.Series:
-    """P(dog) per test id from ``open_predictor(model)`` (export directory or run directory)."""
-    from catsdogs.app.predict import open_predictor, predict_files
-
-    preds = predict_files(open_predictor(model, backend), photos)
-    assert all(p.error is None for p in preds), [p.error for p in preds]
-    return pd.Series({int(p.file.rsplit("/", 1)[-1].split(".")[0]): p.p_dog for p in preds})
-
-
 def _posted(run_dir, out) -> pd.Series:
     """What ``predict-test RUN_DIR`` submits for a run: its post-processed test predictions."""
     from catsdogs.runs.runner import write_run_submission
@@ -153,10 +145,10 @@ def _export_and_compare(run_dir, out, expected, photos, formats=("keras", "tflit
     from catsdogs.app.export import export_run
 
     manifest = export_run(run_dir, list(formats), out, neither=False)
-    diffs = {"run_dir": _max_diff(_predict(run_dir, photos), expected)}
+    diffs = {"run_dir": _max_diff(predict_photos(run_dir, photos), expected)}
     for fmt in formats:
         if fmt != "coreml":  # converted from the same graph; Core ML cannot run on Linux
-            diffs[fmt] = _max_diff(_predict(out, photos, fmt), expected)
+            diffs[fmt] = _max_diff(predict_photos(out, photos, fmt), expected)
     assert max(diffs.values()) <= TOL, diffs
     return manifest, diffs
 
@@ -316,7 +308,7 @@ def test_a_saturated_head_is_ranked_submitted_and_exported_at_one_bound(tiny):
     assert len(saturated) >= len(test_raw) // 2
     assert set(submitted[saturated]) <= {PROB_EPS, 1.0 - PROB_EPS}
     export_run(run_dir, ["tflite"], out / "export", neither=False)
-    exported = _predict(out / "export", _photos(tiny), "tflite")
+    exported = predict_photos(out / "export", _photos(tiny), "tflite")
     assert exported[saturated].tolist() == submitted[saturated].tolist()
     assert _max_diff(exported, submitted) <= TOL
 

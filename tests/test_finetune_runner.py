@@ -15,8 +15,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
-from conftest import make_kaggle
+from export_fixtures import predict_photos, submitted_vs_ranked, tiny_env, tiny_experiment
 
 from catsdogs.errors import ConfigError
 from catsdogs.testing import TinyTopSplit
@@ -34,26 +33,13 @@ class TinyNoSplit(TinyTopSplit):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from catsdogs.plugins import get_registry
-
-    root = tmp_path_factory.mktemp("finetune-runner")
-    data = make_kaggle(root / "data", n_per_class=16, n_test=8)
-    registry = get_registry()
-    with registry.temporarily("backbones", TinyTopSplit(), "tests"), \
-            registry.temporarily("backbones", TinyNoSplit(), "tests"):
-        yield {"root": root, "data": data, "registry": registry}
+    with tiny_env(tmp_path_factory, "finetune-runner", [TinyTopSplit(), TinyNoSplit()]) as env:
+        yield env
 
 
 def _experiment(env, name: str, **fields):
-    from catsdogs.experiment.spec import load_experiment
-
-    doc = {"data": str(env["data"]), "output": str(env["root"] / name),
-           "cache_dir": str(env["root"] / "cache"), "weights": "none",
-           "backbones": [SPLIT], "heads": ["finetune"], "optimizers": ["adam"],
-           "epochs": 6, "batch_size": 8, "seed": 4, "validation": {"holdout": 0.25}, **fields}
-    path = env["root"] / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return load_experiment(path)
+    return tiny_experiment(env["root"], env["data"], name, **{
+        "backbones": [SPLIT], "heads": ["finetune"], **fields})
 
 
 def _run(env, name: str, **fields):
@@ -146,36 +132,23 @@ def test_maps_are_read_only_for_the_runs_trained_or_refitted_now(env, monkeypatc
     assert calls == [SPLIT]  # the refit reused: nothing read
 
 
-def _predict(model, photos, backend="auto") -> pd.Series:
-    from catsdogs.app.predict import open_predictor, predict_files
-
-    preds = predict_files(open_predictor(model, backend), photos)
-    assert all(p.error is None for p in preds), [p.error for p in preds]
-    return pd.Series({int(p.file.rsplit("/", 1)[-1].split(".")[0]): p.p_dog for p in preds})
-
-
 @pytest.mark.slow
 def test_refitted_finetune_export_predicts_the_submission(env):
     """``refit: true``: the winner is refitted for its stopped epochs on every row; the export
     (the bottom's maps, flattened, then the refitted fine-tuned top) is the submission."""
     from catsdogs.app.export import export_run
-    from catsdogs.runs.submission import write_run_submission
 
     result = _run(env, "refit", refit=True, postprocess="temperature")
     out = result.out_dir
     (record,) = result.records
-    assert (out / "refit" / record.run_id / "head.keras").is_file()
-    submitted = pd.read_csv(out / "submission.csv").set_index("id")["label"]
-    write_run_submission(out / "runs" / record.run_id, out / "ranked.csv")
-    ranked = pd.read_csv(out / "ranked.csv").set_index("id")["label"]
-    assert np.abs(submitted.sort_index() - ranked.sort_index()).max() > 10 * TOL  # refitted
+    submitted = submitted_vs_ranked(result, record, 10 * TOL)
     photos = sorted((env["data"] / "test").glob("*.jpg"))
     manifest = export_run(out / "runs" / record.run_id, ["keras", "tflite"], out / "export",
                           neither=True)
     assert manifest["refit"]
     for model, backend in ((out / "runs" / record.run_id, "auto"), (out / "export", "keras"),
                            (out / "export", "tflite")):
-        got = _predict(model, photos, backend)
+        got = predict_photos(model, photos, backend)
         diff = np.abs(got.sort_index().to_numpy() - submitted.sort_index().to_numpy()).max()
         assert diff <= TOL, (model, backend, diff)
 
@@ -203,7 +176,7 @@ def test_kfold_ensemble_with_a_finetune_member_exports_what_it_submits(env):
         expected = pd.read_csv(out / f"{record.run_id}.csv").set_index("id")["label"]
         manifest = export_run(run_dir, ["tflite"], out / f"export-{record.run_id}", neither=False)
         assert [len(m["heads"]) for m in manifest["members"]] == [3] * len(manifest["members"])
-        got = _predict(out / f"export-{record.run_id}", photos, "tflite")
+        got = predict_photos(out / f"export-{record.run_id}", photos, "tflite")
         diff = np.abs(got.sort_index().to_numpy() - expected.sort_index().to_numpy()).max()
         assert diff <= TOL, (record.run_id, diff)
 

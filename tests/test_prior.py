@@ -13,8 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
-from conftest import make_kaggle
+from export_fixtures import predict_photos, submitted_vs_ranked, tiny_env, tiny_experiment
 
 from catsdogs.audit.imagenet import CAT_CLASSES, DOG_CLASSES
 from catsdogs.errors import ConfigError
@@ -33,15 +32,8 @@ class OtherClassifier(TinyClassifier):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from catsdogs.plugins import get_registry
-
-    root = tmp_path_factory.mktemp("prior")
-    data = make_kaggle(root / "data", n_per_class=16, n_test=8)
-    registry = get_registry()
-    with registry.temporarily("backbones", TinyClassifier(), "tests"), \
-            registry.temporarily("backbones", OtherClassifier(), "tests"), \
-            registry.temporarily("backbones", TinyTopSplit(), "tests"):
-        yield {"root": root, "data": data, "registry": registry}
+    with tiny_env(tmp_path_factory, "prior", [TinyClassifier(), OtherClassifier(), TinyTopSplit()]) as env:
+        yield env
 
 
 def _pixels(n=24, seed=0):
@@ -115,15 +107,8 @@ def test_features_it_cannot_read_are_one_clear_error(env, blocks, message):
 
 
 def _experiment(env, name: str, **fields):
-    from catsdogs.experiment.spec import load_experiment
-
-    doc = {"data": str(env["data"]), "output": str(env["root"] / name),
-           "cache_dir": str(env["root"] / "cache"), "weights": "none",
-           "backbones": [CLS], "heads": ["imagenet_prior"], "optimizers": ["adam"],
-           "epochs": 6, "batch_size": 8, "seed": 4, "validation": {"holdout": 0.25}, **fields}
-    path = env["root"] / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return load_experiment(path)
+    return tiny_experiment(env["root"], env["data"], name, **{
+        "backbones": [CLS], "heads": ["imagenet_prior"], **fields})
 
 
 def test_plan_gives_the_head_the_combinations_with_classifiers_and_their_weights(env):
@@ -154,14 +139,6 @@ def test_a_prior_head_that_cannot_run_is_one_clear_error_on_load(env, fields, me
     assert "bad.yaml" in str(info.value) and "heads[0]" in str(info.value)
 
 
-def _predict(model, photos, backend="auto") -> pd.Series:
-    from catsdogs.app.predict import open_predictor, predict_files
-
-    preds = predict_files(open_predictor(model, backend), photos)
-    assert all(p.error is None for p in preds), [p.error for p in preds]
-    return pd.Series({int(p.file.rsplit("/", 1)[-1].split(".")[0]): p.p_dog for p in preds})
-
-
 @pytest.mark.slow
 def test_kfold_prior_run_is_ranked_out_of_fold_and_exports_its_submission(env):
     """k-fold on two classifier backbones fused: the prior run is ranked on every training row
@@ -186,7 +163,7 @@ def test_kfold_prior_run_is_ranked_out_of_fold_and_exports_its_submission(env):
     photos = sorted((env["data"] / "test").glob("*.jpg"))
     export_run(run_dir, ["keras", "tflite"], out / "export", neither=False)
     for model, backend in ((out / "export", "keras"), (out / "export", "tflite")):
-        got = _predict(model, photos, backend)
+        got = predict_photos(model, photos, backend)
         diff = np.abs(got.sort_index().to_numpy() - submitted.sort_index().to_numpy()).max()
         assert diff <= TOL, (backend, diff)
 
@@ -196,20 +173,15 @@ def test_refitted_prior_run_exports_the_submission(env):
     """Holdout with ``refit: true``: the winner is retrained on every row, and the export is the
     refitted head, not the ranked one."""
     from catsdogs.app.export import export_run
-    from catsdogs.runs.submission import write_run_submission
 
     result = _run(env, "refit", refit=True, optimizers=[{"name": "adam", "learning_rate": 0.01}])
     out = result.out_dir
     (record,) = result.records
-    assert (out / "refit" / record.run_id / "head.keras").is_file()
-    submitted = pd.read_csv(out / "submission.csv").set_index("id")["label"]
-    write_run_submission(out / "runs" / record.run_id, out / "ranked.csv")
-    ranked = pd.read_csv(out / "ranked.csv").set_index("id")["label"]
-    assert np.abs(submitted.sort_index() - ranked.sort_index()).max() > 2 * TOL  # refitted
+    submitted = submitted_vs_ranked(result, record, 2 * TOL)
     manifest = export_run(out / "runs" / record.run_id, ["tflite"], out / "export", neither=False)
     assert manifest["refit"]
-    got = _predict(out / "export", sorted((env["data"] / "test").glob("*.jpg")), "tflite")
-    assert np.abs(got.sort_index().to_numpy() - submitted.sort_index().to_numpy()).max() <= TOL
+    got = predict_photos(out / "export", sorted((env["data"] / "test").glob("*.jpg")), "tflite")
+    assert np.abs(got.sort_index().to_numpy() - submitted.to_numpy()).max() <= TOL
 
 
 def _run(env, name: str, **fields):
