@@ -78,6 +78,24 @@ def test_the_prior_is_each_classifiers_own_frozen_dog_vs_cat_log_odds(env):
     assert head.predict_proba(X).shape == (24,)
 
 
+def test_lite0_prior_is_its_imagenet_classifiers_own():
+    """EfficientNet-Lite0 (seeded weights, 64 px): the prior read from its cached-feature model's
+    output is its classifier network's own dog/cat mass ratio (the classifier is a Dense layer on
+    exactly those features; its dropout is off at inference)."""
+    lite = pytest.importorskip("catsdogs_efficientnet_lite")
+    from catsdogs.builtin.prior import log_odds, species_weights
+
+    backbone = lite.get_backbone("efficientnet_lite0")
+    pixels = _pixels(4)[:, :, :, :].repeat(2, axis=1).repeat(2, axis=2)  # 64 px
+    features = np.asarray(backbone.build("none", 64)(pixels))
+    kernel, bias = species_weights(backbone, "none")
+    logits = np.asarray(backbone.build_classifier("none", 64)(pixels), np.float64)
+    softmax = np.exp(logits - logits.max(axis=1, keepdims=True))
+    want = np.log(softmax[:, list(DOG_CLASSES)].sum(axis=1) / softmax[:, list(CAT_CLASSES)].sum(axis=1))
+    np.testing.assert_allclose(log_odds(features, kernel, bias, len(CAT_CLASSES)), want,
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_the_prior_term_starts_centred_with_weight_one_over_the_backbones(env):
     """Before training, the prior term is the backbones' mean log-odds minus its mean over the
     training rows (the constant of 118 dog classes against 5 cat ones is not learned first)."""
