@@ -259,8 +259,10 @@ def score(submission, labels, as_json) -> None:
 # ------------------------------------------------------------------------------------ export / predict
 @cli.command("export")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--format", "formats", default="keras,coreml,tflite", show_default=True,
-              help="Comma-separated formats: keras, coreml, tflite, tflite-int8 (full-integer).")
+@click.option("--format", "formats", default=None,
+              help="Comma-separated formats: keras, coreml, tflite, tflite-int8 (full-integer), "
+                   "openvino (an int8 run's own quantised networks + its heads: what it submitted) "
+                   "[default: keras,coreml,tflite, and openvino for a run extracted in int8].")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output directory [default: RUN_DIR/export].")
 @click.option("--coreml-precision", type=click.Choice(["float16", "float32"]), default="float16",
@@ -290,6 +292,11 @@ def export_cmd(run_dir, formats, out, coreml_precision, no_neither, as_json) -> 
         click.echo(f"  neither-cat-nor-dog threshold {manifest['neither']['threshold']:.4f}")
     for note in manifest["notes"]:
         click.echo(f"  note: {note}")
+    vs = manifest.get("float32_vs_run") or {}
+    if vs.get("n"):
+        click.echo(f"  float32 graph vs the run on {vs['n']} validation photos: max |dP(dog)| "
+                   f"{vs['max_abs_dp']:.4f}, mean {vs['mean_abs_dp']:.4f}, labels agree "
+                   f"{100 * vs['label_agreement']:.1f} %")
     click.echo(f"manifest: {out_dir / 'export.json'}")
 
 
@@ -299,8 +306,9 @@ def export_cmd(run_dir, formats, out, coreml_precision, no_neither, as_json) -> 
               help="An export directory or a finished run directory.")
 @click.option("--cam", "cam_out", type=click.Path(path_type=Path), default=None,
               help="Write the CAM overlay PNG here (several images: OUT-<image name>.png).")
-@click.option("--backend", type=click.Choice(["auto", "tflite", "tflite-int8", "keras"]), default="auto",
-              show_default=True, help="auto: TFLite when exported, else Keras.")
+@click.option("--backend", type=click.Choice(["auto", "openvino", "tflite", "tflite-int8", "keras"]), default="auto", show_default=True,
+              help="auto: openvino when exported (an int8 run's own networks), else TFLite when "
+                   "exported, else Keras (a run directory of an int8 run: its own networks).")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 def predict_cmd(images, model_path, cam_out, backend, as_json) -> None:
     """Print P(dog), the label and the neither-cat-nor-dog flag for each IMAGE."""
@@ -346,8 +354,7 @@ def predict_cmd(images, model_path, cam_out, backend, as_json) -> None:
               help="Number of random test images.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("cam_grid.png"), show_default=True)
 @click.option("--seed", type=int, default=2019, show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "tflite", "tflite-int8", "keras"]), default="auto",
-              show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "openvino", "tflite", "tflite-int8", "keras"]), default="auto", show_default=True)
 def cam_cmd(run_dir, grid, out, seed, backend) -> None:
     """Draw a grid of CAM overlays on random test images of RUN_DIR's data, titled 'dog 98.20%'."""
     from catsdogs.app.cam import cam_grid, sample_photos
@@ -385,7 +392,7 @@ def cam_cmd(run_dir, grid, out, seed, backend) -> None:
                                       "process).")
 def serve_cmd(model, host, port, max_upload_mb, max_files, concurrency) -> None:
     """Serve RUN_OR_EXPORT as a web page and an HTTP API (needs catsdogs[serve]). A run directory
-    without an export is exported to RUN/export (TFLite) first."""
+    without an export is exported to RUN/export first (TFLite; and openvino for an int8 run)."""
     from catsdogs.app.serve import Limits, serve
 
     limits = Limits.from_mb(max_upload_mb, max_files)

@@ -33,6 +33,7 @@ def test_manifest_and_files(runs):
                                  "color_layout": "RGB", "scale": 1.0, "resize": "squash"}
     assert manifest["class_labels"] == ["cat", "dog"]
     assert manifest["parity_with_run"] is True and manifest["notes"] == []
+    assert all(entry["reproduces_run"] for entry in manifest["models"]["classifier"].values())
     assert manifest["cam"]["shape"] == [1, 2, 2, 2]
     for kind in ("classifier", "cam"):
         for fmt, entry in manifest["models"][kind].items():

@@ -413,3 +413,76 @@ def test_export_tflite_int8_and_predict(plugin_site, tmp_path):
     want = [float(np.asarray(model(load_image(p, 32)[None].astype(np.float32))["prediction"])[0, 0])
             for p in photos]
     np.testing.assert_allclose(got, want, atol=0.1)
+
+
+@pytest.mark.slow
+def test_an_int8_run_predicts_and_exports_what_it_submitted(plugin_site, tmp_path):
+    """An int8 run's submission came from the quantised networks' features. Predicting the run
+    directory and its default export (format ``openvino``: those networks + the heads graph)
+    give the submission itself; the float32 graph (keras) computes other features."""
+    _engine()
+    import pandas as pd
+    from export_fixtures import predict_photos
+
+    from catsdogs.experiment.spec import load_experiment
+    from catsdogs.runs.runner import run_experiment
+
+    make_kaggle(tmp_path / "data", n_per_class=16, n_test=6)
+    doc = {"data": str(tmp_path / "data"), "output": str(tmp_path / "out"),
+           "cache_dir": str(tmp_path / "cache"), "weights": "none",
+           "backbones": [{"name": "tiny_int8", "precision": "int8", "calibration_size": 10,
+                          "views": ["orig", "center"]}],
+           "heads": ["dropout_sigmoid"], "optimizers": [{"name": "adam", "learning_rate": 0.01}],
+           "epochs": 3, "batch_size": 16, "seed": 7, "tta": True, "validation": {"kfold": 3}}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(doc))
+    result = run_experiment(load_experiment(tmp_path / "exp.yaml"), progress=False)
+    run_dir = result.out_dir / "runs" / result.records[0].run_id
+    submitted = pd.read_csv(result.out_dir / "submission.csv").set_index("id")["label"].sort_index()
+    photos = sorted((tmp_path / "data" / "test").glob("*.jpg"))
+
+    # the run directory, unexported: its own quantised networks
+    from catsdogs.app.predict import open_predictor
+
+    assert open_predictor(run_dir).backend == "openvino"
+    np.testing.assert_allclose(predict_photos(run_dir, photos).sort_index(), submitted, atol=1e-5)
+
+    # the default export of an int8 run adds the openvino format, which the CLI predicts with
+    export = tmp_path / "export"
+    proc = run_cli("export", str(run_dir), "--format", "keras,openvino", "--out", str(export),
+                   "--json", env=_env(plugin_site), check=True)
+    manifest = json.loads(proc.stdout)
+    models = manifest["models"]["classifier"]
+    assert models["openvino"]["reproduces_run"] is True and models["keras"]["reproduces_run"] is False
+    assert manifest["parity_with_run"] is True
+    vs = manifest["float32_vs_run"]  # measured on the run's validation photos (k-fold: all 32)
+    assert vs["n"] == 32 and 1e-4 < vs["max_abs_dp"] < 0.5 and 0 < vs["mean_abs_dp"] <= vs["max_abs_dp"]
+    assert {"pipeline.json", "heads.keras", "ir"} <= {p.name for p in (export / "model.openvino").iterdir()}
+    proc = run_cli("predict", *map(str, photos), "--model", str(export), "--json",
+                   env=_env(plugin_site), check=True)
+    preds = json.loads(proc.stdout)
+    preds = preds if isinstance(preds, list) else preds["predictions"]
+    got = pd.Series({int(p["file"].rsplit("/", 1)[-1].split(".")[0]): p["p_dog"] for p in preds})
+    np.testing.assert_allclose(got.sort_index(), submitted, atol=1e-5)
+
+    # the float32 graph of the same run is not the submission
+    floats = predict_photos(export, photos, backend="keras").sort_index()
+    assert np.abs(floats - submitted).max() > 1e-4
+
+
+def test_only_an_int8_run_has_the_openvino_format(plugin_site, tmp_path):
+    from catsdogs.app.export import export_run
+    from catsdogs.errors import ConfigError
+    from catsdogs.experiment.spec import load_experiment
+    from catsdogs.runs.runner import run_experiment
+
+    make_kaggle(tmp_path / "data", n_per_class=8, n_test=2)
+    doc = {"data": str(tmp_path / "data"), "output": str(tmp_path / "out"),
+           "cache_dir": str(tmp_path / "cache"), "weights": "none", "backbones": ["tiny_int8"],
+           "heads": ["dropout_sigmoid"], "optimizers": ["adam"], "epochs": 1, "batch_size": 8}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(doc))
+    result = run_experiment(load_experiment(tmp_path / "exp.yaml"), progress=False, submit=False)
+    run_dir = result.out_dir / "runs" / result.records[0].run_id
+    with pytest.raises(ConfigError, match="cannot be exported as openvino: its features were not "
+                                          "extracted in int8"):
+        export_run(run_dir, "openvino", tmp_path / "x")
+    assert not (tmp_path / "x" / "model.openvino").exists()

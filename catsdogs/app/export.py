@@ -32,6 +32,12 @@ filter), exactly as feature extraction fed it, so a run whose backbones take sev
 input per size (``image`` for the largest, ``image_<size>`` for the others; the manifest's
 ``inputs``); :mod:`catsdogs.app.predict` prepares them all. bfloat16 runs are exported in float32.
 
+**int8 runs.** A run whose features were extracted in int8 was submitted on its quantised
+networks' features; the graph above computes the backbones in float32, so its formats do not
+reproduce the run (``"reproduces_run": false`` per format, a note in the manifest). For such a run
+the format ``openvino`` (written by default) is :mod:`catsdogs.app.pipeline`: those quantised
+networks and this graph's heads part (:func:`build_graph` with ``feature_inputs``), which does.
+
 **CAM model** (``softmax_cam`` head on one backbone): image -> the backbone's last feature map
 (input of its ``gap`` layer) -> a bias-free 1x1 ``Conv2D`` whose kernel is the head's softmax
 Dense kernel reshaped to ``(1, 1, C, 2)`` -> ``cam`` ``(1, h, w, 2)`` (channel 0 cat, 1 dog), plus
@@ -39,7 +45,8 @@ Dense kernel reshaped to ``(1, 1, C, 2)`` -> ``cam`` ``(1, h, w, 2)`` (channel 0
 of a k-fold run, the refitted one when refitted; no TTA or post-processing: it draws the map).
 
 Files written to ``out`` (default ``<run dir>/export``): ``model.keras``, ``model.mlpackage``,
-``model.tflite``, ``cam.*`` for CAM-capable runs, and ``export.json`` (the manifest: inputs,
+``model.tflite``, ``model.openvino/`` for int8 runs, ``cam.*`` for CAM-capable runs, and
+``export.json`` (the manifest: inputs,
 colour layout, scale, class labels, outputs, the ranking validation loss, the post-processing
 transform, members and heads, neither threshold, files and their sizes).
 """
@@ -70,10 +77,11 @@ COREML_PRECISIONS = ("float16", "float32")
 CLASS_LABELS = ("cat", "dog")
 MANIFEST = "export.json"
 MANIFEST_VERSION = 1
-#: formats an export writes only when asked for (not part of the default FORMATS)
-EXTRA_FORMATS = ("tflite-int8",)
+#: formats an export writes only when asked for (not part of the default FORMATS); ``openvino``
+#: is also written by default for a run whose features were extracted in int8
+EXTRA_FORMATS = ("tflite-int8", "openvino")
 SUFFIX = {"keras": ".keras", "coreml": ".mlpackage", "tflite": ".tflite",
-          "tflite-int8": ".int8.tflite"}
+          "tflite-int8": ".int8.tflite", "openvino": ".openvino"}
 #: tflite-int8: representative training photos / validation photos compared with the float model
 INT8_REPRESENTATIVE = 300
 INT8_VALIDATION = 500
@@ -154,6 +162,17 @@ class RunInfo:
     @property
     def tta(self) -> bool:
         return any(m.tta for m in self.members)
+
+
+@dataclass(frozen=True)
+class FeatureTap:
+    """An input of a graph built with ``feature_inputs`` (:func:`build_graph`): ``backbone``'s
+    features of the photo (``view`` ``orig``) or of its mirror (``flip``, TTA), as extraction
+    computed them (its own ``views:`` merged)."""
+
+    input: str
+    backbone: str
+    view: str
 
 
 def input_name(size: int, largest: int) -> str:
@@ -299,8 +318,10 @@ def load_run(run_dir: str | os.PathLike, registry=None) -> RunInfo:
             "takes one image, so it can only be exported when they share one policy")
     if any(b["precision"] != "float32" for b in backbones):
         lower = sorted({b["precision"] for b in backbones} - {"float32"})
-        info.notes.append(f"features were extracted in {' and '.join(lower)}; the export computes "
-                          "in float32 (see --format tflite-int8 for an int8 model)")
+        openvino = ("; the openvino format computes them with the quantised networks extraction "
+                    "used and reproduces the run" if "int8" in lower else "")
+        info.notes.append(f"features were extracted in {' and '.join(lower)}; the keras, tflite "
+                          f"and coreml formats compute them in float32{openvino}")
     return info
 
 
@@ -389,6 +410,11 @@ def _plain_features(spec: dict[str, Any]) -> bool:
 
 
 def build_app_model(info: RunInfo, neither=None, registry=None):
+    """The end-to-end Keras model (see :func:`build_graph`)."""
+    return build_graph(info, neither, registry)[0]
+
+
+def build_graph(info: RunInfo, neither=None, registry=None, *, feature_inputs: bool = False):
     """The end-to-end Keras model: the prepared photo(s) -> ``{"prediction": P(dog), "neither_score": ...}``.
 
     One input per distinct backbone size (:func:`input_name`): each backbone sees the photo
@@ -401,6 +427,13 @@ def build_app_model(info: RunInfo, neither=None, registry=None):
     run's (post-processed) test predictions, or of the refitted submission.
     ``neither`` (a :class:`catsdogs.app.neither.NeitherStats`) adds the ``neither_score`` output,
     computed on the first member's fused features.
+
+    Returns ``(model, taps)``. With ``feature_inputs`` the backbones are not in the graph: each
+    backbone's features of the photo (``orig``) or of its mirror (``flip``, TTA) are an input of
+    their own, and ``taps`` lists them (:class:`FeatureTap`: input name, backbone, view), for
+    :mod:`catsdogs.app.pipeline` to compute with the network extraction used (int8: the quantised
+    model). The model's inputs are then a dict by name: those features, and the photo(s) only
+    where a head trained on maps needs the bottom. Without it ``taps`` is empty.
     """
     import keras
 
@@ -417,8 +450,11 @@ def build_app_model(info: RunInfo, neither=None, registry=None):
     cropped: dict[tuple[int, bool, str, float, bool], Any] = {}
     networks: dict[str, Any] = {}
     features: dict[tuple[str, str], Any] = {}
+    taps: list[FeatureTap] = []
+    used_sizes: set[int] = set()
 
     def image(size: int, mirrored: bool):
+        used_sizes.add(size)
         if not mirrored:
             return inputs[size]
         if size not in flipped:
@@ -446,6 +482,14 @@ def build_app_model(info: RunInfo, neither=None, registry=None):
         """The backbone's features of the photo (``orig``) or its mirror (``flip``, TTA), as
         extraction computed them: its own views of that image (``views:``; crop views of
         ``crop_fraction``) merged by ``merge:``."""
+        if (name, view) not in features and feature_inputs:
+            spec = specs[name]
+            width = registry.backbone(name).features_dim(tuple(spec.get("layers") or ()))
+            if spec.get("merge", "mean") == "concat":
+                width *= len(spec.get("views") or ["orig"])
+            tap = FeatureTap(f"features_{_graph_name(name)}_{view}", name, view)
+            taps.append(tap)
+            features[(name, view)] = keras.Input((width,), name=tap.input, dtype="float32")
         if (name, view) not in features:
             spec = specs[name]
             size = int(spec["image_size"])
@@ -538,9 +582,14 @@ def build_app_model(info: RunInfo, neither=None, registry=None):
             first_fused = first[0] if len(first) == 1 else \
                 keras.layers.Concatenate(axis=-1, name="features_neither")(first)
         outputs["neither_score"] = neither.score_layer(first_fused)
+    name = _graph_name(f"catsdogs_{info.run_id}")
+    if feature_inputs:  # a list (named), as the converters take it; called with a dict by name
+        listed = [features[(tap.backbone, tap.view)] for tap in taps]
+        listed += [inputs[s] for s in info.sizes if s in used_sizes]
+        return keras.Model(listed, outputs, name=name), taps
     model_inputs = [inputs[s] for s in info.sizes]
     return keras.Model(model_inputs if len(model_inputs) > 1 else model_inputs[0], outputs,
-                       name=_graph_name(f"catsdogs_{info.run_id}"))
+                       name=name), taps
 
 
 def _maps_blocks(record: RunRecord, registry) -> int | None:
@@ -735,19 +784,28 @@ def _export_one(model, stem: str, out: Path, formats: list[str], *, size: int, p
     return files
 
 
-def export_run(run_dir: str | os.PathLike, formats=FORMATS, out: str | os.PathLike | None = None, *,
+def export_run(run_dir: str | os.PathLike, formats=None, out: str | os.PathLike | None = None, *,
                coreml_precision: str = "float16", neither: bool = True, registry=None) -> dict[str, Any]:
     """Export a finished run (see the module docstring); returns the manifest written to
-    ``<out>/export.json``. ``neither=False`` leaves out the neither-cat-nor-dog score."""
+    ``<out>/export.json``. ``formats`` default: :data:`FORMATS`, and ``openvino`` for a run whose
+    features were extracted in int8 (:mod:`catsdogs.app.pipeline`: the one format that computes
+    them as the run did). ``neither=False`` leaves out the neither-cat-nor-dog score."""
     from catsdogs.app.neither import NeitherStats, fit_neither
+    from catsdogs.app.pipeline import is_int8
     from catsdogs.plugins import get_registry
 
-    formats = parse_formats(formats)
     if coreml_precision not in COREML_PRECISIONS:
         raise ConfigError(f"Core ML precision must be one of {', '.join(COREML_PRECISIONS)}, "
                           f"got {coreml_precision!r}")
     registry = registry or get_registry()
     info = load_run(run_dir, registry)  # fails early (no Keras head, ...) before any network is built
+    int8_run = is_int8(info)
+    formats = parse_formats(formats if formats is not None else
+                            FORMATS + (("openvino",) if int8_run else ()))
+    if "openvino" in formats and not int8_run:
+        raise ConfigError(f"run {info.run_id!r} cannot be exported as openvino: its features were "
+                          "not extracted in int8 (the keras and tflite formats compute them as the "
+                          "run did)")
     if "tflite-int8" in formats and not info.same_sizes:
         raise ConfigError(
             f"run {info.run_id!r} cannot be exported as tflite-int8: its backbones take photos of "
@@ -826,12 +884,26 @@ def export_run(run_dir: str | os.PathLike, formats=FORMATS, out: str | os.PathLi
     if stats is not None:
         manifest["outputs"]["neither_score"] = {"shape": [1, 1], "threshold": stats.threshold}
 
-    model = build_app_model(info, stats, registry)
     description = (f"Cat or dog? P(dog) from {'+'.join(info.combination)} features and a "
                    f"{info.head} head (catsdogs run {info.run_id})")
-    manifest["models"]["classifier"] = _export_one(
-        model, "model", out, formats, size=size, precision=coreml_precision,
+    graphs = [f for f in formats if f != "openvino"]
+    model = build_app_model(info, stats, registry) if graphs else None
+    models = manifest["models"]["classifier"] = _export_one(
+        model, "model", out, graphs, size=size, precision=coreml_precision,
         description=description, outputs=outputs, metadata=metadata, info=info)
+    for fmt in graphs:
+        models[fmt]["reproduces_run"] = not info.notes
+    if "openvino" in formats:
+        from catsdogs.app.pipeline import float_vs_run, open_run_pipeline, save_pipeline
+
+        path = out / f"model{SUFFIX['openvino']}"
+        logger.info("writing %s", path)
+        pipeline = open_run_pipeline(info, stats, registry)
+        save_pipeline(pipeline, path)
+        models["openvino"] = {"file": path.name, "bytes": file_size(path), "reproduces_run": True}
+        manifest["parity_with_run"] = True
+        if model is not None:  # how far the phone formats' float32 graph is from the run
+            manifest["float32_vs_run"] = float_vs_run(info, pipeline, model)
     formats = [f for f in formats if f not in EXTRA_FORMATS]  # no int8 CAM model
 
     if info.cam_capable:

@@ -1,9 +1,13 @@
 """Predicting photos with an exported (or freshly rebuilt) end-to-end model.
 
-``open_predictor(path)`` takes an export directory (``export.json``: TFLite when there, else the
-``.keras`` model) or a run directory (its ``export/`` when present, else the run's Keras graphs
-rebuilt in memory by the exporter's own :func:`~catsdogs.app.export.build_app_model`: the same
-submitted model, TTA, fold heads, refitted heads, blend and post-processing included). Photos go
+``open_predictor(path)`` takes an export directory (``export.json``: the ``openvino`` model when
+there, else TFLite when there, else the ``.keras`` model) or a run directory (its ``export/`` when
+present, else the run's Keras graphs rebuilt in memory by the exporter's own
+:func:`~catsdogs.app.export.build_app_model`: the same submitted model, TTA, fold heads, refitted
+heads, blend and post-processing included; for a run whose features were extracted in int8, the
+quantised networks extraction used and those heads, :mod:`catsdogs.app.pipeline`). A model whose
+manifest says it does not reproduce the run (a float32 graph of an int8 run) is used with a
+warning saying so. Photos go
 through the reader: ``decode_rgb`` (any mode, EXIF orientation) and
 :func:`catsdogs.dataset.images.resize` to each model input's size with the run's policy, the same
 preparation feature extraction used.
@@ -28,7 +32,7 @@ from catsdogs.errors import ConfigError, DataError
 
 logger = logging.getLogger("catsdogs")
 
-BACKENDS = ("auto", "tflite", "tflite-int8", "keras")
+BACKENDS = ("auto", "openvino", "tflite", "tflite-int8", "keras")
 LABELS = ("cat", "dog")
 
 
@@ -124,12 +128,15 @@ def _from_export(directory: Path, backend: str, num_threads: int | None) -> Pred
     manifest = load_manifest(directory)
     models = manifest.get("models", {})
     formats = models.get("classifier", {})
-    if backend == "auto":
-        backend = next((b for b in ("tflite", "tflite-int8") if b in formats), "keras")
+    if backend == "auto":  # openvino when there: only it computes an int8 run's own features
+        backend = next((b for b in ("openvino", "tflite", "tflite-int8") if b in formats), "keras")
     if backend not in formats:
         have = ", ".join(formats) or "none"
         raise DataError(f"{directory} has no {backend} model (exported formats: {have}); "
                         f"export it with `catsdogs export RUN_DIR --format {backend}`")
+    if formats[backend].get("reproduces_run") is False:  # say it: these are not the run's numbers
+        logger.warning("%s: the %s model does not compute what the run submitted (%s)", directory,
+                       backend, "; ".join(manifest.get("notes") or []) or "see export.json")
 
     def load(kind: str):
         entry = models.get(kind, {}).get(backend)
@@ -138,6 +145,10 @@ def _from_export(directory: Path, backend: str, num_threads: int | None) -> Pred
         path = directory / entry["file"]
         if not path.exists():
             raise DataError(f"{path} is listed in {directory / 'export.json'} but missing")
+        if backend == "openvino":
+            from catsdogs.app.pipeline import load_pipeline
+
+            return load_pipeline(path, num_threads=num_threads)
         return (TFLiteModel(path, num_threads) if backend.startswith("tflite")
                 else KerasModel.load(path))
 
@@ -150,6 +161,7 @@ def _from_export(directory: Path, backend: str, num_threads: int | None) -> Pred
 def _from_run(run_dir: Path) -> Predictor:
     from catsdogs.app.export import build_app_model, build_cam_model, head_model_path, load_run
     from catsdogs.app.neither import fit_neither
+    from catsdogs.app.pipeline import is_int8
 
     info = load_run(run_dir)
     head_model_path(info)
@@ -159,10 +171,16 @@ def _from_run(run_dir: Path) -> Predictor:
         stats = fit_neither(first.record, info.experiment, first.run_dir)
     except DataError as exc:
         logger.warning("no neither-cat-nor-dog score: %s", exc)
-    classifier = KerasModel(build_app_model(info, stats))
+    classifier: Any
+    if is_int8(info):  # the quantised networks the submission's features came from
+        from catsdogs.app.pipeline import open_run_pipeline
+
+        classifier, backend = open_run_pipeline(info, stats), "openvino"
+    else:
+        classifier, backend = KerasModel(build_app_model(info, stats)), "keras"
     cam = KerasModel(build_cam_model(info)) if info.cam_capable else None
     return Predictor(str(run_dir), info.input_size, info.resize, classifier, cam,
-                     None if stats is None else stats.threshold, "keras", info.sizes)
+                     None if stats is None else stats.threshold, backend, info.sizes)
 
 
 def open_predictor(path: str | os.PathLike, backend: str = "auto",
@@ -176,7 +194,7 @@ def open_predictor(path: str | os.PathLike, backend: str = "auto",
     if (path / "record.json").is_file():
         if (path / "export" / "export.json").is_file():
             return _from_export(path / "export", backend, num_threads)
-        if backend.startswith("tflite"):
+        if backend.startswith("tflite") or backend == "openvino":
             raise DataError(f"run {path} has not been exported; run `catsdogs export {path}` first")
         return _from_run(path)
     raise DataError(f"{path} is neither an export directory (export.json) nor a finished run "

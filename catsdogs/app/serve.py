@@ -10,8 +10,10 @@
 * ``GET /model`` (HTML) and ``GET /api/model`` (JSON) — the export manifest.
 
 **Model.** ``serve`` takes an export directory (``export.json``) or a finished run directory: its
-``export/`` when present, else the run is exported there first (TFLite only) by ``catsdogs export``
-in a child process, so the server process itself never imports TensorFlow. The model is loaded
+``export/`` when present, else the run is exported there first (TFLite; for a run extracted in
+int8 also ``openvino``, which is then served: its own quantised networks, heads on TFLite,
+:mod:`catsdogs.app.pipeline`) by ``catsdogs export`` in a child process, so the server process
+itself never imports TensorFlow. The model is loaded
 once, at start, into ``concurrency`` TFLite (LiteRT) interpreters — an interpreter is not
 thread-safe, so each request takes one from a pool; a Keras-only export shares one model (and then
 TensorFlow is loaded). At most ``concurrency`` photos are decoded and predicted at once (a thread
@@ -193,14 +195,19 @@ def resolve_model(path: str | os.PathLike, echo=print) -> Path:
     export = path / "export"
     if (export / "export.json").is_file():
         return export
-    echo(f"{path} has no export yet: exporting it (TFLite) to {export} ...")
-    cmd = [sys.executable, "-m", "catsdogs", "export", str(path), "--format", "tflite",
+    from catsdogs.app.export import load_run
+    from catsdogs.app.pipeline import is_int8
+
+    # an int8 run also gets its own quantised networks (openvino), which the server then uses
+    formats = "tflite,openvino" if is_int8(load_run(path)) else "tflite"
+    echo(f"{path} has no export yet: exporting it ({formats}) to {export} ...")
+    cmd = [sys.executable, "-m", "catsdogs", "export", str(path), "--format", formats,
            "--out", str(export)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
         raise DataError(f"exporting {path} failed ({last}); export it with `catsdogs export {path} "
-                        "--format tflite --out DIR` and serve DIR")
+                        f"--format {formats} --out DIR` and serve DIR")
     return export
 
 

@@ -1,0 +1,250 @@
+"""The submitted model of a run whose features were extracted in int8 (``precision: int8``).
+
+Such a run was ranked and submitted on features computed by the quantised OpenVINO network of
+each backbone (:mod:`catsdogs.features.int8`). A float32 graph of the same backbone (the Keras,
+TFLite and Core ML exports) computes other features: on the bundled sample its P(dog) differs from
+the submission by up to a few hundredths. This module computes what was submitted instead:
+
+    photo(s), prepared by the reader as extraction prepared them
+      -> per backbone: the **same quantised network extraction used** (its IR, read from the
+         feature cache next to the run's feature file), over the same views, merged the same way
+         (:class:`catsdogs.features.extraction.Int8ModelFactory`, the extraction's own code)
+      -> the run's heads graph (:func:`catsdogs.app.export.build_graph` with ``feature_inputs``:
+         fold heads, TTA, blend, post-processing and neither score, as the float graph has them)
+
+:func:`open_run_pipeline` builds it from a run directory (what ``catsdogs predict --model RUN`` and
+``catsdogs serve RUN`` use for an int8 run); :func:`save_pipeline` writes it as the export format
+``openvino`` (a folder: ``pipeline.json``, ``heads.keras``, ``heads.tflite`` and each backbone's IR
+under ``ir/``), and :func:`load_pipeline` reads it back (heads on TFLite: a server needs OpenVINO
+and LiteRT, not TensorFlow). It needs the ``int8`` extra (OpenVINO) to run; it runs on servers,
+not phones.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import types
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from catsdogs.errors import DataError
+
+PIPELINE_FILE = "pipeline.json"
+HEADS_FILE = "heads.keras"
+HEADS_TFLITE = "heads.tflite"
+PIPELINE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Source:
+    """How extraction computed one backbone's features: its quantised network and views."""
+
+    backbone: str
+    image_size: int
+    views: tuple[str, ...]
+    merge: str
+    crop_fraction: float
+    feature_dim: int
+    ir: Path  # the OpenVINO IR folder (model.xml + model.bin)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "views": list(self.views), "ir": self.ir.name}
+
+
+def is_int8(info) -> bool:
+    """Whether any backbone of the run (:class:`catsdogs.app.export.RunInfo`) was extracted in int8."""
+    return any(b.get("precision") == "int8" for b in info.backbones)
+
+
+def _source(meta: dict[str, Any], ir: Path) -> Source:
+    from catsdogs.components import DEFAULT_CROP_FRACTION
+
+    return Source(str(meta["backbone"]), int(meta["image_size"]),
+                  tuple(meta.get("input_views") or ("orig",)), str(meta.get("merge") or "mean"),
+                  float(meta.get("crop_fraction") or DEFAULT_CROP_FRACTION),
+                  int(meta["feature_dim"]), ir)
+
+
+def run_sources(info, cache_dir=None) -> dict[str, Source]:
+    """Each backbone's :class:`Source`, from the feature files the run's members were trained on
+    (their records' feature keys; ``cache_dir`` overrides the experiment's feature cache)."""
+    from catsdogs.features import int8
+    from catsdogs.features.extraction import default_cache_dir
+    from catsdogs.runs.features import find_features
+
+    root = Path(cache_dir or info.experiment.get("cache_dir") or default_cache_dir()).expanduser()
+    out: dict[str, Source] = {}
+    for member in info.members:
+        keys = member.record.feature_keys
+        for name in member.record.combination:
+            if name in out:
+                continue
+            if name not in keys:
+                raise DataError(f"run {member.run_id!r} records no feature key for {name!r}")
+            fs = find_features(root, keys[name]["config_key"], keys[name].get("dataset_fingerprint"))
+            if fs.meta.get("precision") != "int8":
+                raise DataError(f"{fs.path}: the features of {name!r} were not extracted in int8")
+            ir = int8.ir_dir(fs.path)
+            if not (ir / "model.xml").is_file():
+                raise DataError(f"{ir}: the quantised network {name!r}'s features were extracted "
+                                "with is missing from the feature cache; run the experiment again "
+                                "to recompute it")
+            out[name] = _source(fs.meta, ir)
+    return out
+
+
+class Pipeline:
+    """Prepared photo(s) -> the run's submitted outputs, as :class:`catsdogs.app.models.KerasModel`
+    takes and gives them (``{"prediction": ..., "neither_score": ...}``, batch dropped).
+
+    ``heads`` runs the heads graph (a :class:`~catsdogs.app.models.KerasModel` or
+    :class:`~catsdogs.app.models.TFLiteModel`) whose inputs are ``inputs``: the ``taps``' features
+    and, for a head trained on maps, the photo(s). ``model`` is the Keras heads graph, when built
+    here (what :func:`save_pipeline` writes)."""
+
+    def __init__(self, heads, inputs, taps, sources: dict[str, Source], largest: int, model=None):
+        from catsdogs.features.extraction import Int8ModelFactory
+
+        self.heads = heads
+        self.model = model
+        self.taps = list(taps)
+        self.sources = sources
+        self.largest = largest
+        self.image_inputs = [k for k in inputs if k not in {t.input for t in self.taps}]
+        self.networks = {}
+        for name, src in sources.items():
+            self.networks[name] = Int8ModelFactory(
+                types.SimpleNamespace(name=name, feature_dim=src.feature_dim), "", src.image_size,
+                1, src.ir, [], "", 1, src.views, src.merge, src.crop_fraction)()
+
+    def features(self, image) -> dict[str, np.ndarray]:
+        """The heads graph's feature inputs of one prepared photo: ``(1, width)`` each."""
+        from catsdogs.app.export import input_name
+        from catsdogs.features.extraction import view_images
+
+        images = image if isinstance(image, dict) else {input_name(self.largest, self.largest): image}
+        out = {}
+        for tap in self.taps:
+            src = self.sources[tap.backbone]
+            pixels = np.asarray(images[input_name(src.image_size, self.largest)], np.uint8)[None]
+            out[tap.input] = np.asarray(self.networks[tap.backbone](view_images(pixels, tap.view)),
+                                        np.float32)
+        return out
+
+    def __call__(self, image) -> dict[str, np.ndarray]:
+        feeds = {k: v[0] for k, v in self.features(image).items()}  # the runner adds the batch
+        for name in self.image_inputs:
+            feeds[name] = image[name] if isinstance(image, dict) else image
+        return self.heads(feeds)
+
+
+def open_run_pipeline(info, neither=None, registry=None, cache_dir=None) -> Pipeline:
+    """The :class:`Pipeline` of an int8 run (:class:`catsdogs.app.export.RunInfo`)."""
+    from catsdogs.app.export import build_graph
+    from catsdogs.app.models import KerasModel
+    from catsdogs.features.int8 import require_engine
+
+    require_engine()
+    sources = run_sources(info, cache_dir)
+    heads, taps = build_graph(info, neither, registry, feature_inputs=True)
+    inputs = [t.name.split(":")[0] for t in heads.inputs]
+    return Pipeline(KerasModel(heads), inputs, taps, sources, info.input_size, heads)
+
+
+def save_pipeline(pipeline: Pipeline, path: Path) -> Path:
+    """Write ``pipeline`` as the folder ``path`` (the export format ``openvino``), atomically: the
+    heads graph as ``heads.keras`` and as float32 ``heads.tflite`` (what :func:`load_pipeline`
+    runs, so a server needs no TensorFlow), each backbone's IR under ``ir/``."""
+    from catsdogs.app.export import save_tflite
+    from catsdogs.util.fileio import atomic_path
+
+    if pipeline.model is None:
+        raise ValueError("only a pipeline built from a run (open_run_pipeline) can be saved")
+    with atomic_path(Path(path)) as tmp:
+        tmp.mkdir(parents=True, exist_ok=True)
+        pipeline.model.save(tmp / HEADS_FILE)
+        save_tflite(pipeline.model, tmp / HEADS_TFLITE)
+        for name, src in pipeline.sources.items():
+            target = tmp / "ir" / name
+            target.mkdir(parents=True)
+            for file in ("model.xml", "model.bin"):
+                shutil.copyfile(src.ir / file, target / file)
+        manifest = {"pipeline_version": PIPELINE_VERSION, "largest": pipeline.largest,
+                    "heads": HEADS_FILE, "heads_tflite": HEADS_TFLITE,
+                    "taps": [asdict(t) for t in pipeline.taps],
+                    "image_inputs": pipeline.image_inputs,
+                    "sources": {n: {**s.to_dict(), "ir": f"ir/{n}"}
+                                for n, s in pipeline.sources.items()}}
+        (tmp / PIPELINE_FILE).write_text(json.dumps(manifest, indent=2))
+    return Path(path)
+
+
+def load_pipeline(path: str | Path, backend: str = "tflite", num_threads: int | None = None
+                  ) -> Pipeline:
+    """Read a folder :func:`save_pipeline` wrote; its heads run as TFLite (``backend``
+    ``"keras"``: the Keras file)."""
+    from catsdogs.app.export import FeatureTap
+    from catsdogs.app.models import KerasModel, TFLiteModel
+    from catsdogs.features.int8 import require_engine
+
+    require_engine()
+    path = Path(path)
+    try:
+        manifest = json.loads((path / PIPELINE_FILE).read_text())
+        version = manifest["pipeline_version"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"{path}: not an exported int8 pipeline ({exc}); export the run again with "
+                        "`catsdogs export RUN_DIR --format openvino`") from None
+    if version != PIPELINE_VERSION:
+        raise DataError(f"{path}: pipeline version {version!r} is not {PIPELINE_VERSION}; export "
+                        "the run again with this catsdogs")
+    sources = {n: Source(s["backbone"], int(s["image_size"]), tuple(s["views"]), s["merge"],
+                         float(s["crop_fraction"]), int(s["feature_dim"]), path / s["ir"])
+               for n, s in manifest["sources"].items()}
+    taps = [FeatureTap(**t) for t in manifest["taps"]]
+    inputs = [t.input for t in taps] + list(manifest.get("image_inputs") or [])
+    if backend == "tflite":
+        heads: Any = TFLiteModel(path / manifest["heads_tflite"], num_threads)
+    else:
+        heads = KerasModel.load(path / manifest["heads"])
+    return Pipeline(heads, inputs, taps, sources, int(manifest["largest"]))
+
+
+#: validation photos on which an int8 run's export measures its float32 graph against the run
+FLOAT_CHECK_PHOTOS = 64
+
+
+def float_vs_run(info, pipeline: Pipeline, float_model, n: int = FLOAT_CHECK_PHOTOS) -> dict:
+    """How far the float32 graph (what the keras, tflite and coreml formats compute) is from the
+    run's own P(dog) (``pipeline``), on a seeded sample of ``n`` of the run's validation photos:
+    label agreement and max / mean |dP(dog)| (``n`` 0 when the photos cannot be read here)."""
+    from catsdogs.app.export import input_name
+    from catsdogs.app.models import KerasModel
+    from catsdogs.app.tflite_int8 import representative_sample, run_photos
+    from catsdogs.dataset.images import ImageDecodeError, decode_rgb, read_image_file, resize
+
+    try:
+        _, val = run_photos(Path(info.experiment["data"]), info.run_dir)
+    except (OSError, DataError):  # data in object storage or gone: nothing measured
+        val = []
+    keras_model = KerasModel(float_model)
+    ours, theirs = [], []
+    for path in representative_sample(val, n):
+        try:
+            photo = decode_rgb(read_image_file(path))
+        except (ImageDecodeError, OSError):
+            continue
+        sized = {input_name(s, info.input_size): resize(photo, s, info.resize) for s in info.sizes}
+        image: Any = sized if len(sized) > 1 else next(iter(sized.values()))
+        ours.append(float(np.asarray(pipeline(image)["prediction"]).reshape(-1)[0]))
+        theirs.append(float(np.asarray(keras_model(image)["prediction"]).reshape(-1)[0]))
+    a, b = np.array(ours), np.array(theirs)
+    if not len(a):
+        return {"n": 0}
+    delta = np.abs(a - b)
+    return {"n": int(len(a)), "label_agreement": float(np.mean((a >= 0.5) == (b >= 0.5))),
+            "max_abs_dp": float(delta.max()), "mean_abs_dp": float(delta.mean())}
