@@ -224,7 +224,7 @@ def float_vs_run(info, pipeline: Pipeline, float_model, n: int = FLOAT_CHECK_PHO
     label agreement and max / mean |dP(dog)| (``n`` 0 when the photos cannot be read here)."""
     from catsdogs.app.export import input_name
     from catsdogs.app.models import KerasModel
-    from catsdogs.app.tflite_int8 import representative_sample, run_photos
+    from catsdogs.app.tflite_int8 import prediction_gap, representative_sample, run_photos
     from catsdogs.dataset.images import ImageDecodeError, decode_rgb, read_image_file, resize
 
     try:
@@ -242,9 +242,4 @@ def float_vs_run(info, pipeline: Pipeline, float_model, n: int = FLOAT_CHECK_PHO
         image: Any = sized if len(sized) > 1 else next(iter(sized.values()))
         ours.append(float(np.asarray(pipeline(image)["prediction"]).reshape(-1)[0]))
         theirs.append(float(np.asarray(keras_model(image)["prediction"]).reshape(-1)[0]))
-    a, b = np.array(ours), np.array(theirs)
-    if not len(a):
-        return {"n": 0}
-    delta = np.abs(a - b)
-    return {"n": int(len(a)), "label_agreement": float(np.mean((a >= 0.5) == (b >= 0.5))),
-            "max_abs_dp": float(delta.max()), "mean_abs_dp": float(delta.mean())}
+    return prediction_gap(ours, theirs)

@@ -82,9 +82,15 @@ def compare_with_float(model, tflite_path: Path, images: np.ndarray) -> dict:
         out = out["prediction"] if isinstance(out, dict) else out
         p_float.append(float(np.asarray(out).reshape(-1)[0]))
         p_int8.append(float(np.asarray(lite(image)["prediction"]).reshape(-1)[0]))
-    a, b = np.array(p_float), np.array(p_int8)
-    if not len(a):
+    return prediction_gap(p_float, p_int8)
+
+
+def prediction_gap(a: Sequence[float], b: Sequence[float]) -> dict:
+    """Two models' P(dog) on the same photos: ``n``, label agreement and max / mean |dP(dog)|
+    (``{"n": 0}`` for no photo)."""
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if not len(x):
         return {"n": 0}
-    delta = np.abs(a - b)
-    return {"n": int(len(a)), "label_agreement": float(np.mean((a >= 0.5) == (b >= 0.5))),
+    delta = np.abs(x - y)
+    return {"n": int(len(x)), "label_agreement": float(np.mean((x >= 0.5) == (y >= 0.5))),
             "max_abs_dp": float(delta.max()), "mean_abs_dp": float(delta.mean())}
