@@ -64,6 +64,7 @@ from typing import Any
 import numpy as np
 
 from catsdogs._version import __version__
+from catsdogs.app.pipeline import FeatureTap, input_name  # noqa: F401  (re-exported)
 from catsdogs.errors import ConfigError, DataError
 from catsdogs.runs.postprocess import ranking_loss
 from catsdogs.runs.record import RunRecord
@@ -162,23 +163,6 @@ class RunInfo:
     @property
     def tta(self) -> bool:
         return any(m.tta for m in self.members)
-
-
-@dataclass(frozen=True)
-class FeatureTap:
-    """An input of a graph built with ``feature_inputs`` (:func:`build_graph`): ``backbone``'s
-    features of the photo (``view`` ``orig``) or of its mirror (``flip``, TTA), as extraction
-    computed them (its own ``views:`` merged)."""
-
-    input: str
-    backbone: str
-    view: str
-
-
-def input_name(size: int, largest: int) -> str:
-    """The model input that takes the photo prepared at ``size`` px: ``image`` for the largest
-    size (the only input when every backbone has one size), ``image_<size>`` for the others."""
-    return "image" if size == largest else f"image_{size}"
 
 
 def _refit_heads(run_dir: Path, record: RunRecord) -> dict[str, dict[str, Any]]:
@@ -894,7 +878,7 @@ def export_run(run_dir: str | os.PathLike, formats=None, out: str | os.PathLike 
     for fmt in graphs:
         models[fmt]["reproduces_run"] = not info.notes
     if "openvino" in formats:
-        from catsdogs.app.pipeline import float_vs_run, open_run_pipeline, save_pipeline
+        from catsdogs.app.pipeline import float_vs_run
 
         path = out / f"model{SUFFIX['openvino']}"
         logger.info("writing %s", path)
@@ -921,6 +905,53 @@ def export_run(run_dir: str | os.PathLike, formats=None, out: str | os.PathLike 
 
     write_json(out / MANIFEST, manifest)
     return manifest
+
+
+# ------------------------------------------------------------------- int8 runs (openvino)
+def open_run_pipeline(info: RunInfo, neither=None, registry=None, cache_dir=None):
+    """The :class:`catsdogs.app.pipeline.Pipeline` of an int8 run: its backbones' quantised
+    networks (:func:`catsdogs.app.pipeline.run_sources`) and :func:`build_graph`'s heads part."""
+    from catsdogs.app.models import KerasModel
+    from catsdogs.app.pipeline import Pipeline, run_sources
+    from catsdogs.features.int8 import require_engine
+
+    require_engine()
+    sources = run_sources(info, cache_dir)
+    heads, taps = build_graph(info, neither, registry, feature_inputs=True)
+    inputs = [t.name.split(":")[0] for t in heads.inputs]
+    return Pipeline(KerasModel(heads), inputs, taps, sources, info.input_size, heads)
+
+
+def save_pipeline(pipeline, path: Path) -> Path:
+    """Write ``pipeline`` (:class:`catsdogs.app.pipeline.Pipeline`, from :func:`open_run_pipeline`)
+    as the folder ``path`` (the export format ``openvino``), atomically: the heads graph as
+    ``heads.keras`` and as float32 ``heads.tflite`` (what
+    :func:`catsdogs.app.pipeline.load_pipeline` runs, so a server needs no TensorFlow), each
+    backbone's IR under ``ir/``."""
+    import shutil
+    from dataclasses import asdict
+
+    from catsdogs.app.pipeline import HEADS_FILE, HEADS_TFLITE, PIPELINE_FILE, PIPELINE_VERSION
+
+    if pipeline.model is None:
+        raise ValueError("only a pipeline built from a run (open_run_pipeline) can be saved")
+    with atomic_path(Path(path)) as tmp:
+        tmp.mkdir(parents=True, exist_ok=True)
+        pipeline.model.save(tmp / HEADS_FILE)
+        save_tflite(pipeline.model, tmp / HEADS_TFLITE)
+        for name, src in pipeline.sources.items():
+            target = tmp / "ir" / name
+            target.mkdir(parents=True)
+            for file in ("model.xml", "model.bin"):
+                shutil.copyfile(src.ir / file, target / file)
+        manifest = {"pipeline_version": PIPELINE_VERSION, "largest": pipeline.largest,
+                    "heads": HEADS_FILE, "heads_tflite": HEADS_TFLITE,
+                    "taps": [asdict(t) for t in pipeline.taps],
+                    "image_inputs": pipeline.image_inputs,
+                    "sources": {n: {**s.to_dict(), "ir": f"ir/{n}"}
+                                for n, s in pipeline.sources.items()}}
+        (tmp / PIPELINE_FILE).write_text(json.dumps(manifest, indent=2))
+    return Path(path)
 
 
 def load_manifest(export_dir: str | os.PathLike) -> dict[str, Any]:

@@ -12,8 +12,8 @@ the submission by up to a few hundredths. This module computes what was submitte
       -> the run's heads graph (:func:`catsdogs.app.export.build_graph` with ``feature_inputs``:
          fold heads, TTA, blend, post-processing and neither score, as the float graph has them)
 
-:func:`open_run_pipeline` builds it from a run directory (what ``catsdogs predict --model RUN`` and
-``catsdogs serve RUN`` use for an int8 run); :func:`save_pipeline` writes it as the export format
+:func:`catsdogs.app.export.open_run_pipeline` builds it from a run directory (what ``catsdogs predict --model RUN`` and
+``catsdogs serve RUN`` use for an int8 run); :func:`catsdogs.app.export.save_pipeline` writes it as the export format
 ``openvino`` (a folder: ``pipeline.json``, ``heads.keras``, ``heads.tflite`` and each backbone's IR
 under ``ir/``), and :func:`load_pipeline` reads it back (heads on TFLite: a server needs OpenVINO
 and LiteRT, not TensorFlow). It needs the ``int8`` extra (OpenVINO) to run; it runs on servers,
@@ -23,7 +23,6 @@ not phones.
 from __future__ import annotations
 
 import json
-import shutil
 import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -97,6 +96,23 @@ def run_sources(info, cache_dir=None) -> dict[str, Source]:
     return out
 
 
+@dataclass(frozen=True)
+class FeatureTap:
+    """An input of a graph built with ``feature_inputs`` (:func:`build_graph`): ``backbone``'s
+    features of the photo (``view`` ``orig``) or of its mirror (``flip``, TTA), as extraction
+    computed them (its own ``views:`` merged)."""
+
+    input: str
+    backbone: str
+    view: str
+
+
+def input_name(size: int, largest: int) -> str:
+    """The model input that takes the photo prepared at ``size`` px: ``image`` for the largest
+    size (the only input when every backbone has one size), ``image_<size>`` for the others."""
+    return "image" if size == largest else f"image_{size}"
+
+
 class Pipeline:
     """Prepared photo(s) -> the run's submitted outputs, as :class:`catsdogs.app.models.KerasModel`
     takes and gives them (``{"prediction": ..., "neither_score": ...}``, batch dropped).
@@ -104,7 +120,7 @@ class Pipeline:
     ``heads`` runs the heads graph (a :class:`~catsdogs.app.models.KerasModel` or
     :class:`~catsdogs.app.models.TFLiteModel`) whose inputs are ``inputs``: the ``taps``' features
     and, for a head trained on maps, the photo(s). ``model`` is the Keras heads graph, when built
-    here (what :func:`save_pipeline` writes)."""
+    here (what :func:`catsdogs.app.export.save_pipeline` writes)."""
 
     def __init__(self, heads, inputs, taps, sources: dict[str, Source], largest: int, model=None):
         from catsdogs.features.extraction import Int8ModelFactory
@@ -123,7 +139,6 @@ class Pipeline:
 
     def features(self, image) -> dict[str, np.ndarray]:
         """The heads graph's feature inputs of one prepared photo: ``(1, width)`` each."""
-        from catsdogs.app.export import input_name
         from catsdogs.features.extraction import view_images
 
         images = image if isinstance(image, dict) else {input_name(self.largest, self.largest): image}
@@ -142,52 +157,10 @@ class Pipeline:
         return self.heads(feeds)
 
 
-def open_run_pipeline(info, neither=None, registry=None, cache_dir=None) -> Pipeline:
-    """The :class:`Pipeline` of an int8 run (:class:`catsdogs.app.export.RunInfo`)."""
-    from catsdogs.app.export import build_graph
-    from catsdogs.app.models import KerasModel
-    from catsdogs.features.int8 import require_engine
-
-    require_engine()
-    sources = run_sources(info, cache_dir)
-    heads, taps = build_graph(info, neither, registry, feature_inputs=True)
-    inputs = [t.name.split(":")[0] for t in heads.inputs]
-    return Pipeline(KerasModel(heads), inputs, taps, sources, info.input_size, heads)
-
-
-def save_pipeline(pipeline: Pipeline, path: Path) -> Path:
-    """Write ``pipeline`` as the folder ``path`` (the export format ``openvino``), atomically: the
-    heads graph as ``heads.keras`` and as float32 ``heads.tflite`` (what :func:`load_pipeline`
-    runs, so a server needs no TensorFlow), each backbone's IR under ``ir/``."""
-    from catsdogs.app.export import save_tflite
-    from catsdogs.util.fileio import atomic_path
-
-    if pipeline.model is None:
-        raise ValueError("only a pipeline built from a run (open_run_pipeline) can be saved")
-    with atomic_path(Path(path)) as tmp:
-        tmp.mkdir(parents=True, exist_ok=True)
-        pipeline.model.save(tmp / HEADS_FILE)
-        save_tflite(pipeline.model, tmp / HEADS_TFLITE)
-        for name, src in pipeline.sources.items():
-            target = tmp / "ir" / name
-            target.mkdir(parents=True)
-            for file in ("model.xml", "model.bin"):
-                shutil.copyfile(src.ir / file, target / file)
-        manifest = {"pipeline_version": PIPELINE_VERSION, "largest": pipeline.largest,
-                    "heads": HEADS_FILE, "heads_tflite": HEADS_TFLITE,
-                    "taps": [asdict(t) for t in pipeline.taps],
-                    "image_inputs": pipeline.image_inputs,
-                    "sources": {n: {**s.to_dict(), "ir": f"ir/{n}"}
-                                for n, s in pipeline.sources.items()}}
-        (tmp / PIPELINE_FILE).write_text(json.dumps(manifest, indent=2))
-    return Path(path)
-
-
 def load_pipeline(path: str | Path, backend: str = "tflite", num_threads: int | None = None
                   ) -> Pipeline:
-    """Read a folder :func:`save_pipeline` wrote; its heads run as TFLite (``backend``
+    """Read a folder :func:`catsdogs.app.export.save_pipeline` wrote; its heads run as TFLite (``backend``
     ``"keras"``: the Keras file)."""
-    from catsdogs.app.export import FeatureTap
     from catsdogs.app.models import KerasModel, TFLiteModel
     from catsdogs.features.int8 import require_engine
 
@@ -222,7 +195,6 @@ def float_vs_run(info, pipeline: Pipeline, float_model, n: int = FLOAT_CHECK_PHO
     """How far the float32 graph (what the keras, tflite and coreml formats compute) is from the
     run's own P(dog) (``pipeline``), on a seeded sample of ``n`` of the run's validation photos:
     label agreement and max / mean |dP(dog)| (``n`` 0 when the photos cannot be read here)."""
-    from catsdogs.app.export import input_name
     from catsdogs.app.models import KerasModel
     from catsdogs.app.tflite_int8 import prediction_gap, representative_sample, run_photos
     from catsdogs.dataset.images import ImageDecodeError, decode_rgb, read_image_file, resize

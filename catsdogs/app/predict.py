@@ -173,7 +173,7 @@ def _from_run(run_dir: Path) -> Predictor:
         logger.warning("no neither-cat-nor-dog score: %s", exc)
     classifier: Any
     if is_int8(info):  # the quantised networks the submission's features came from
-        from catsdogs.app.pipeline import open_run_pipeline
+        from catsdogs.app.export import open_run_pipeline
 
         classifier, backend = open_run_pipeline(info, stats), "openvino"
     else:
