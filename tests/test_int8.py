@@ -415,38 +415,47 @@ def test_export_tflite_int8_and_predict(plugin_site, tmp_path):
     np.testing.assert_allclose(got, want, atol=0.1)
 
 
-@pytest.mark.slow
-def test_an_int8_run_predicts_and_exports_what_it_submitted(plugin_site, tmp_path):
-    """An int8 run's submission came from the quantised networks' features. Predicting the run
-    directory and its default export (format ``openvino``: those networks + the heads graph)
-    give the submission itself; the float32 graph (keras) computes other features."""
+@pytest.fixture(scope="module")
+def int8_run(plugin_site, tmp_path_factory):
+    """A finished int8 run (k-fold 3, flip TTA, two views merged): ``{"run", "submitted", "photos"}``,
+    ``submitted`` its ``submission.csv`` P(dog) by test id."""
     _engine()
     import pandas as pd
-    from export_fixtures import predict_photos
 
     from catsdogs.experiment.spec import load_experiment
     from catsdogs.runs.runner import run_experiment
 
-    make_kaggle(tmp_path / "data", n_per_class=16, n_test=6)
-    doc = {"data": str(tmp_path / "data"), "output": str(tmp_path / "out"),
-           "cache_dir": str(tmp_path / "cache"), "weights": "none",
+    root = tmp_path_factory.mktemp("int8-run")
+    make_kaggle(root / "data", n_per_class=16, n_test=6)
+    doc = {"data": str(root / "data"), "output": str(root / "out"),
+           "cache_dir": str(root / "cache"), "weights": "none",
            "backbones": [{"name": "tiny_int8", "precision": "int8", "calibration_size": 10,
                           "views": ["orig", "center"]}],
            "heads": ["dropout_sigmoid"], "optimizers": [{"name": "adam", "learning_rate": 0.01}],
            "epochs": 3, "batch_size": 16, "seed": 7, "tta": True, "validation": {"kfold": 3}}
-    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(doc))
-    result = run_experiment(load_experiment(tmp_path / "exp.yaml"), progress=False)
-    run_dir = result.out_dir / "runs" / result.records[0].run_id
+    (root / "exp.yaml").write_text(yaml.safe_dump(doc))
+    result = run_experiment(load_experiment(root / "exp.yaml"), progress=False)
     submitted = pd.read_csv(result.out_dir / "submission.csv").set_index("id")["label"].sort_index()
-    photos = sorted((tmp_path / "data" / "test").glob("*.jpg"))
+    return {"run": result.out_dir / "runs" / result.records[0].run_id, "submitted": submitted,
+            "photos": sorted((root / "data" / "test").glob("*.jpg"))}
 
-    # the run directory, unexported: its own quantised networks
+
+@pytest.mark.slow
+def test_an_int8_run_predicts_and_exports_what_it_submitted(plugin_site, int8_run, tmp_path):
+    """An int8 run's submission came from the quantised networks' features. Predicting the run
+    directory and its default export (format ``openvino``: those networks + the heads graph)
+    give the submission itself; the float32 graph (keras) computes other features."""
+    import pandas as pd
+    from export_fixtures import predict_photos
+
     from catsdogs.app.predict import open_predictor
 
+    run_dir, submitted, photos = int8_run["run"], int8_run["submitted"], int8_run["photos"]
+    # the run directory, unexported: its own quantised networks
     assert open_predictor(run_dir).backend == "openvino"
     np.testing.assert_allclose(predict_photos(run_dir, photos).sort_index(), submitted, atol=1e-5)
 
-    # the default export of an int8 run adds the openvino format, which the CLI predicts with
+    # the openvino format, which the CLI predicts with by default
     export = tmp_path / "export"
     proc = run_cli("export", str(run_dir), "--format", "keras,openvino", "--out", str(export),
                    "--json", env=_env(plugin_site), check=True)
@@ -456,7 +465,8 @@ def test_an_int8_run_predicts_and_exports_what_it_submitted(plugin_site, tmp_pat
     assert manifest["parity_with_run"] is True
     vs = manifest["float32_vs_run"]  # measured on the run's validation photos (k-fold: all 32)
     assert vs["n"] == 32 and 1e-4 < vs["max_abs_dp"] < 0.5 and 0 < vs["mean_abs_dp"] <= vs["max_abs_dp"]
-    assert {"pipeline.json", "heads.keras", "ir"} <= {p.name for p in (export / "model.openvino").iterdir()}
+    assert {"pipeline.json", "heads.keras", "heads.tflite", "ir"} <= {
+        p.name for p in (export / "model.openvino").iterdir()}
     proc = run_cli("predict", *map(str, photos), "--model", str(export), "--json",
                    env=_env(plugin_site), check=True)
     preds = json.loads(proc.stdout)
@@ -467,6 +477,35 @@ def test_an_int8_run_predicts_and_exports_what_it_submitted(plugin_site, tmp_pat
     # the float32 graph of the same run is not the submission
     floats = predict_photos(export, photos, backend="keras").sort_index()
     assert np.abs(floats - submitted).max() > 1e-4
+
+
+@pytest.mark.slow
+def test_serving_an_int8_run_serves_what_it_submitted(plugin_site, int8_run, tmp_path, monkeypatch):
+    """``catsdogs serve RUN`` of an unexported int8 run exports it (tflite and openvino) and
+    serves the openvino model over real HTTP on 127.0.0.1: the submission, without TensorFlow."""
+    for module in ("fastapi", "uvicorn", "python_multipart"):
+        pytest.importorskip(module)
+    httpx = pytest.importorskip("httpx")
+    import shutil
+
+    from serve_fixtures import Server
+
+    out = tmp_path / "out"  # a copy of the run's output, unexported
+    shutil.copytree(int8_run["run"].parent.parent, out, ignore=shutil.ignore_patterns("export"))
+    run_dir = out / "runs" / int8_run["run"].name
+    monkeypatch.setenv("PYTHONPATH", _env(plugin_site)["PYTHONPATH"])
+    server = Server(run_dir, tmp_path / "server.log")
+    try:
+        health = httpx.get(server.url + "/healthz", timeout=10).json()
+        assert health["backend"] == "openvino" and health["tensorflow_loaded"] is False
+        assert health["model"] == str(run_dir / "export")
+        files = [("file", (p.name, p.read_bytes(), "image/jpeg")) for p in int8_run["photos"]]
+        rows = httpx.post(server.url + "/api/predict", files=files, timeout=60).json()
+    finally:
+        server.stop()
+    got = {int(r["file"].split(".")[0]): r["p_dog"] for r in rows}
+    np.testing.assert_allclose([got[i] for i in int8_run["submitted"].index],
+                               int8_run["submitted"].values, atol=1e-5)
 
 
 def test_only_an_int8_run_has_the_openvino_format(plugin_site, tmp_path):
