@@ -525,3 +525,24 @@ def test_only_an_int8_run_has_the_openvino_format(plugin_site, tmp_path):
                                           "extracted in int8"):
         export_run(run_dir, "openvino", tmp_path / "x")
     assert not (tmp_path / "x" / "model.openvino").exists()
+
+
+def test_an_int8_run_without_its_cached_networks_predicts_float32_and_says_so(int8_run, tmp_path,
+                                                                             caplog):
+    """Where the run's feature cache (and so its quantised networks) is not at hand, predicting
+    the run directory falls back to the float32 graph with one warning saying it is not the
+    submission, instead of failing."""
+    import shutil
+
+    from catsdogs.app.predict import open_predictor
+
+    out = tmp_path / "out"
+    shutil.copytree(int8_run["run"].parent.parent, out, ignore=shutil.ignore_patterns("export"))
+    experiment = json.loads((out / "experiment.json").read_text())
+    experiment["cache_dir"] = str(tmp_path / "empty-cache")
+    (out / "experiment.json").write_text(json.dumps(experiment))
+    with caplog.at_level(logging.WARNING, logger="catsdogs"):
+        predictor = open_predictor(out / "runs" / int8_run["run"].name)
+    assert predictor.backend == "keras"
+    said = [r.getMessage() for r in caplog.records if "float32 graph" in r.getMessage()]
+    assert len(said) == 1 and "does not compute what run" in said[0] and "empty-cache" in said[0]

@@ -5,7 +5,8 @@ there, else TFLite when there, else the ``.keras`` model) or a run directory (it
 present, else the run's Keras graphs rebuilt in memory by the exporter's own
 :func:`~catsdogs.app.export.build_app_model`: the same submitted model, TTA, fold heads, refitted
 heads, blend and post-processing included; for a run whose features were extracted in int8, the
-quantised networks extraction used and those heads, :mod:`catsdogs.app.pipeline`). A model whose
+quantised networks extraction used and those heads, :mod:`catsdogs.app.pipeline`, or with one
+warning the float32 graph where the feature cache or OpenVINO is not at hand). A model whose
 manifest says it does not reproduce the run (a float32 graph of an int8 run) is used with a
 warning saying so. Photos go
 through the reader: ``decode_rgb`` (any mode, EXIF orientation) and
@@ -171,13 +172,20 @@ def _from_run(run_dir: Path) -> Predictor:
         stats = fit_neither(first.record, info.experiment, first.run_dir)
     except DataError as exc:
         logger.warning("no neither-cat-nor-dog score: %s", exc)
-    classifier: Any
+    classifier: Any = None
+    backend = "keras"
     if is_int8(info):  # the quantised networks the submission's features came from
         from catsdogs.app.export import open_run_pipeline
+        from catsdogs.util.extras import MissingExtraError
 
-        classifier, backend = open_run_pipeline(info, stats), "openvino"
-    else:
-        classifier, backend = KerasModel(build_app_model(info, stats)), "keras"
+        try:
+            classifier, backend = open_run_pipeline(info, stats), "openvino"
+        except (DataError, MissingExtraError) as exc:  # no cache or no OpenVINO here: say so
+            logger.warning("predicting with the float32 graph, which does not compute what run "
+                           "%s submitted (its features were extracted in int8): %s",
+                           info.run_id, exc)
+    if classifier is None:
+        classifier = KerasModel(build_app_model(info, stats))
     cam = KerasModel(build_cam_model(info)) if info.cam_capable else None
     return Predictor(str(run_dir), info.input_size, info.resize, classifier, cam,
                      None if stats is None else stats.threshold, backend, info.sizes)
