@@ -527,11 +527,10 @@ def test_only_an_int8_run_has_the_openvino_format(plugin_site, tmp_path):
     assert not (tmp_path / "x" / "model.openvino").exists()
 
 
-def test_an_int8_run_without_its_cached_networks_predicts_float32_and_says_so(int8_run, tmp_path,
-                                                                             caplog):
+def test_an_int8_run_without_its_cached_networks_says_so(int8_run, tmp_path, caplog):
     """Where the run's feature cache (and so its quantised networks) is not at hand, predicting
     the run directory falls back to the float32 graph with one warning saying it is not the
-    submission, instead of failing."""
+    submission, and the default export writes the other formats and notes the missing one."""
     import shutil
 
     from catsdogs.app.predict import open_predictor
@@ -541,8 +540,20 @@ def test_an_int8_run_without_its_cached_networks_predicts_float32_and_says_so(in
     experiment = json.loads((out / "experiment.json").read_text())
     experiment["cache_dir"] = str(tmp_path / "empty-cache")
     (out / "experiment.json").write_text(json.dumps(experiment))
+    run_dir = out / "runs" / int8_run["run"].name
     with caplog.at_level(logging.WARNING, logger="catsdogs"):
-        predictor = open_predictor(out / "runs" / int8_run["run"].name)
+        predictor = open_predictor(run_dir)
     assert predictor.backend == "keras"
     said = [r.getMessage() for r in caplog.records if "float32 graph" in r.getMessage()]
     assert len(said) == 1 and "does not compute what run" in said[0] and "empty-cache" in said[0]
+
+    # export: asked for, the openvino format is an error; by default it is left out, said
+    from catsdogs.app.export import export_run
+    from catsdogs.errors import DataError
+
+    with pytest.raises(DataError, match="empty-cache"):
+        export_run(run_dir, "openvino", tmp_path / "asked", neither=False)
+    manifest = export_run(run_dir, out=tmp_path / "default", neither=False)
+    assert "openvino" not in manifest["models"]["classifier"] and "keras" in manifest["models"]["classifier"]
+    assert manifest["parity_with_run"] is False
+    assert any("openvino format, the one that reproduces" in n for n in manifest["notes"])
