@@ -416,8 +416,9 @@ def build_graph(info: RunInfo, neither=None, registry=None, *, feature_inputs: b
     backbone's features of the photo (``orig``) or of its mirror (``flip``, TTA) are an input of
     their own, and ``taps`` lists them (:class:`FeatureTap`: input name, backbone, view), for
     :mod:`catsdogs.app.pipeline` to compute with the network extraction used (int8: the quantised
-    model). The model's inputs are then a dict by name: those features, and the photo(s) only
-    where a head trained on maps needs the bottom. Without it ``taps`` is empty.
+    model). The model's inputs are then those features, then the photo(s) only where a head
+    trained on maps needs the bottom: a list of named inputs, called with a dict by name. Without
+    it ``taps`` is empty.
     """
     import keras
 
