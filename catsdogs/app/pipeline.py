@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import types
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +49,6 @@ class Source:
     crop_fraction: float
     feature_dim: int
     ir: Path  # the OpenVINO IR folder (model.xml + model.bin)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "views": list(self.views), "ir": self.ir.name}
 
 
 def is_int8(info) -> bool:
@@ -111,6 +108,18 @@ def input_name(size: int, largest: int) -> str:
     """The model input that takes the photo prepared at ``size`` px: ``image`` for the largest
     size (the only input when every backbone has one size), ``image_<size>`` for the others."""
     return "image" if size == largest else f"image_{size}"
+
+
+def prepare_inputs(photo: np.ndarray, sizes, policy: str):
+    """A model's input(s) from a decoded photo, as the reader prepared them for extraction: the
+    ``(S, S, 3)`` uint8 image for one size, else ``{input name: image}`` per size (largest first
+    is ``image``, :func:`input_name`), each resized from the photo with ``policy``."""
+    from catsdogs.dataset.images import resize
+
+    largest = max(sizes)
+    if len(set(sizes)) == 1:
+        return resize(photo, largest, policy)
+    return {input_name(s, largest): resize(photo, s, policy) for s in sizes}
 
 
 class Pipeline:
@@ -197,7 +206,7 @@ def float_vs_run(info, pipeline: Pipeline, float_model, n: int = FLOAT_CHECK_PHO
     label agreement and max / mean |dP(dog)| (``n`` 0 when the photos cannot be read here)."""
     from catsdogs.app.models import KerasModel
     from catsdogs.app.tflite_int8 import prediction_gap, representative_sample, run_photos
-    from catsdogs.dataset.images import ImageDecodeError, decode_rgb, read_image_file, resize
+    from catsdogs.dataset.images import ImageDecodeError, decode_rgb, read_image_file
 
     try:
         _, val = run_photos(Path(info.experiment["data"]), info.run_dir)
@@ -210,8 +219,7 @@ def float_vs_run(info, pipeline: Pipeline, float_model, n: int = FLOAT_CHECK_PHO
             photo = decode_rgb(read_image_file(path))
         except (ImageDecodeError, OSError):
             continue
-        sized = {input_name(s, info.input_size): resize(photo, s, info.resize) for s in info.sizes}
-        image: Any = sized if len(sized) > 1 else next(iter(sized.values()))
+        image = prepare_inputs(photo, info.sizes, info.resize)
         ours.append(float(np.asarray(pipeline(image)["prediction"]).reshape(-1)[0]))
         theirs.append(float(np.asarray(keras_model(image)["prediction"]).reshape(-1)[0]))
     return prediction_gap(ours, theirs)

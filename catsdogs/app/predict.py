@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from catsdogs.app.models import KerasModel, TFLiteModel, tflite_interpreter  # noqa: F401
-from catsdogs.dataset.images import ImageDecodeError, decode_rgb, read_image_file, resize
+from catsdogs.dataset.images import ImageDecodeError, decode_rgb, read_image_file
 from catsdogs.errors import ConfigError, DataError
 
 logger = logging.getLogger("catsdogs")
@@ -96,11 +96,9 @@ class Predictor:
     def prepare(self, photo: np.ndarray):
         """The model's input(s) from a decoded photo: the (S, S, 3) uint8 image, or for a model
         with one input per backbone size ``{input name: image}`` (each resized from the photo)."""
-        if len(self.sizes) == 1:
-            return resize(photo, self.size, self.policy)
-        from catsdogs.app.export import input_name
+        from catsdogs.app.pipeline import prepare_inputs
 
-        return {input_name(s, self.size): resize(photo, s, self.policy) for s in self.sizes}
+        return prepare_inputs(photo, self.sizes, self.policy)
 
     def predict_image(self, image, name: str = "") -> Prediction:
         """``image``: the prepared input (:meth:`prepare`)."""
