@@ -933,8 +933,8 @@ def open_run_pipeline(info: RunInfo, neither=None, registry=None, cache_dir=None
     require_engine()
     sources = run_sources(info, cache_dir)
     heads, taps = build_graph(info, neither, registry, feature_inputs=True)
-    inputs = [t.name.split(":")[0] for t in heads.inputs]
-    return Pipeline(KerasModel(heads), inputs, taps, sources, info.input_size, heads)
+    return Pipeline(KerasModel(heads), [t.name for t in heads.inputs], taps, sources,
+                    info.input_size, heads)
 
 
 def save_pipeline(pipeline, path: Path) -> Path:
@@ -947,6 +947,7 @@ def save_pipeline(pipeline, path: Path) -> Path:
     from dataclasses import asdict
 
     from catsdogs.app.pipeline import HEADS_FILE, HEADS_TFLITE, PIPELINE_FILE, PIPELINE_VERSION
+    from catsdogs.features.int8 import IR_FILES
 
     if pipeline.model is None:
         raise ValueError("only a pipeline built from a run (open_run_pipeline) can be saved")
@@ -957,15 +958,14 @@ def save_pipeline(pipeline, path: Path) -> Path:
         for name, src in pipeline.sources.items():
             target = tmp / "ir" / name
             target.mkdir(parents=True)
-            for file in ("model.xml", "model.bin"):
+            for file in IR_FILES:
                 shutil.copyfile(src.ir / file, target / file)
-        manifest = {"pipeline_version": PIPELINE_VERSION, "largest": pipeline.largest,
-                    "heads": HEADS_FILE, "heads_tflite": HEADS_TFLITE,
-                    "taps": [asdict(t) for t in pipeline.taps],
-                    "image_inputs": pipeline.image_inputs,
-                    "sources": {n: {**s.to_dict(), "ir": f"ir/{n}"}
-                                for n, s in pipeline.sources.items()}}
-        (tmp / PIPELINE_FILE).write_text(json.dumps(manifest, indent=2))
+        write_json(tmp / PIPELINE_FILE, {
+            "pipeline_version": PIPELINE_VERSION, "largest": pipeline.largest,
+            "heads": HEADS_FILE, "heads_tflite": HEADS_TFLITE,
+            "taps": [asdict(t) for t in pipeline.taps], "image_inputs": pipeline.image_inputs,
+            "sources": {n: {**asdict(s), "views": list(s.views), "ir": f"ir/{n}"}
+                        for n, s in pipeline.sources.items()}})
     return Path(path)
 
 
