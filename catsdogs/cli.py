@@ -257,6 +257,10 @@ def score(submission, labels, as_json) -> None:
 
 
 # ------------------------------------------------------------------------------------ export / predict
+#: ``catsdogs.app.predict.BACKENDS``, written here so that ``--help`` imports no app module
+#: (tests/test_predict.py checks that they agree)
+BACKENDS = ["auto", "openvino", "tflite", "tflite-int8", "keras"]
+
 @cli.command("export")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--format", "formats", default=None,
@@ -306,7 +310,7 @@ def export_cmd(run_dir, formats, out, coreml_precision, no_neither, as_json) -> 
               help="An export directory or a finished run directory.")
 @click.option("--cam", "cam_out", type=click.Path(path_type=Path), default=None,
               help="Write the CAM overlay PNG here (several images: OUT-<image name>.png).")
-@click.option("--backend", type=click.Choice(["auto", "openvino", "tflite", "tflite-int8", "keras"]), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="auto: openvino when exported (an int8 run's own networks), else TFLite when "
                    "exported, else Keras (a run directory of an int8 run: its own networks).")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
@@ -354,7 +358,7 @@ def predict_cmd(images, model_path, cam_out, backend, as_json) -> None:
               help="Number of random test images.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("cam_grid.png"), show_default=True)
 @click.option("--seed", type=int, default=2019, show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "openvino", "tflite", "tflite-int8", "keras"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
 def cam_cmd(run_dir, grid, out, seed, backend) -> None:
     """Draw a grid of CAM overlays on random test images of RUN_DIR's data, titled 'dog 98.20%'."""
     from catsdogs.app.cam import cam_grid, sample_photos

@@ -23,6 +23,13 @@ def runs(tmp_path_factory):
     return session_runs(tmp_path_factory)
 
 
+def test_the_cli_offers_the_predictors_backends():
+    from catsdogs import cli
+    from catsdogs.app.predict import BACKENDS
+
+    assert tuple(cli.BACKENDS) == BACKENDS
+
+
 @pytest.mark.slow  # uses the session's exported runs (about a minute to build)
 def test_cli_predict_json_cam_and_unreadable_files(runs, tmp_path):
     test = runs["data"] / "test"
