@@ -155,6 +155,12 @@ def test_cli_export_and_errors(runs, tmp_path):
     manifest = json.loads(proc.stdout)
     assert set(manifest["models"]["classifier"]) == {"keras"} and (out / "cam.keras").is_file()
     assert json.loads((out / "export.json").read_text())["run_id"] == manifest["run_id"]
+    # what the TFLite converter prints (a listing of every captured tensor) is not the user's
+    lite = run_cli("export", str(runs["cam"]), "--format", "tflite", "--out", str(tmp_path / "t"),
+                   "--json")
+    assert lite.returncode == 0 and json.loads(lite.stdout)["models"]["classifier"]["tflite"]
+    assert "TensorSpec" not in lite.stderr + lite.stdout
+    assert "Saved artifact" not in lite.stderr + lite.stdout
 
     stack = run_cli("export", str(runs["stack"]), "--out", str(tmp_path / "x"))
     assert stack.returncode == 1 and "Traceback" not in stack.stderr

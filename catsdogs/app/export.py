@@ -648,15 +648,13 @@ def save_tflite(model, path: Path) -> Path:
     ``from_keras_model`` freezes the weights into constants (``from_concrete_functions`` leaves
     non-trainable Keras 3 variables as ``VAR_HANDLE``/``READ_VARIABLE`` ops that read garbage).
     """
-    import contextlib
-    import sys
-
     import tensorflow as tf
+
+    from catsdogs.app.models import convert_tflite
 
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    with contextlib.redirect_stdout(sys.stderr):  # Keras prints "Saved artifact at ..."
-        data = converter.convert()
+    data = convert_tflite(converter)
     atomic_write(path, lambda fh: fh.write(data))
     return path
 

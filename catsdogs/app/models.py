@@ -4,12 +4,30 @@ model's named outputs. No TensorFlow import for TFLite when LiteRT is installed.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
 from catsdogs.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+def convert_tflite(converter) -> bytes:
+    """``converter.convert()`` (a ``tf.lite.TFLiteConverter``), with what TensorFlow prints while
+    converting (Keras' "Saved artifact at ..." and a listing of every captured tensor: about 950
+    lines for a three-backbone model) logged at DEBUG instead of reaching the terminal."""
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            return converter.convert()
+    finally:
+        if text := printed.getvalue().strip():
+            logger.debug("TFLite converter: %s", text)
 
 
 def tflite_interpreter(path: str | os.PathLike, num_threads: int | None = None):

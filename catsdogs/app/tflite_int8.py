@@ -10,7 +10,6 @@ mean |dP(dog)| against the float model.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,9 +46,9 @@ def save_tflite_int8(model, path: Path, images: np.ndarray) -> bytes:
     """Full-integer TFLite (int8 weights and activations, builtin int8 ops only) of a Keras model
     whose input is a raw RGB image: ``images`` (``(n, S, S, 3)`` uint8) are the representative
     data. The input is uint8 (the pixels as they are); the outputs stay float32 (dequantised)."""
-    import sys
-
     import tensorflow as tf
+
+    from catsdogs.app.models import convert_tflite
 
     if not len(images):
         raise ConfigError("no readable training photo: a full-integer TFLite export needs "
@@ -64,8 +63,7 @@ def save_tflite_int8(model, path: Path, images: np.ndarray) -> bytes:
     converter.representative_dataset = representative
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter.inference_input_type = tf.uint8
-    with contextlib.redirect_stdout(sys.stderr):  # Keras prints "Saved artifact at ..."
-        data = converter.convert()
+    data = convert_tflite(converter)
     atomic_write(path, lambda fh: fh.write(data))
     return data
 
