@@ -195,6 +195,33 @@ def test_damaged_cache_files_are_never_trusted(kaggle_dir, tmp_path, caplog):
     assert_same_features(catsdogs.load_features(again.path).train.X, good)
 
 
+def test_a_runs_features_are_found_by_their_metadata_alone(kaggle_dir, tmp_path):
+    """``locate_features`` finds a run's feature file from its HDF5 attributes (an int8 run's
+    predictor needs only its metadata); ``find_features`` then reads and verifies its rows. A
+    torn file named like the run's features is one clear error, not "not in the cache"."""
+    from catsdogs.errors import DataError
+    from catsdogs.runs.features import find_features, locate_features
+
+    (res,) = _extract(kaggle_dir, tmp_path / "c")
+    meta = catsdogs.load_features(res.path).meta
+    key, fingerprint = meta["config_key"], meta["dataset_fingerprint"]
+    path, found = locate_features(tmp_path / "c", key, fingerprint)
+    assert path == res.path and found == meta
+    with pytest.raises(DataError, match="are not in"):
+        locate_features(tmp_path / "c", key, "another data set")
+
+    # rows damaged, attributes intact: located (metadata only), refused when the rows are read
+    with h5py.File(res.path, "r+") as h5:
+        h5["train"]["features"][0] += 1.0
+    assert locate_features(tmp_path / "c", key, fingerprint)[0] == res.path
+    with pytest.raises(DataError, match="corrupt feature file"):
+        find_features(tmp_path / "c", key, fingerprint)
+
+    res.path.write_bytes(res.path.read_bytes()[:1000])  # torn: not even the attributes
+    with pytest.raises(DataError, match=f"{res.path.name}: not a readable feature file"):
+        locate_features(tmp_path / "c", key, fingerprint)
+
+
 # --- kill -9 and resume, with a real subprocess ------------------------------------------------
 
 def _chunk_markers(cache):

@@ -557,3 +557,57 @@ def test_an_int8_run_without_its_cached_networks_says_so(int8_run, tmp_path, cap
     assert "openvino" not in manifest["models"]["classifier"] and "keras" in manifest["models"]["classifier"]
     assert manifest["parity_with_run"] is False
     assert any("openvino format, the one that reproduces" in n for n in manifest["notes"])
+
+
+def _damage(path) -> None:
+    """Flip one byte in the middle of ``path`` (same size: only a content hash tells)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_quantised_network_is_never_run(int8_run, tmp_path, caplog):
+    """The quantised network an int8 run's features came from is checked against its content hash
+    (the name of its cache folder; the ``digest`` an export records) before it computes anything:
+    a damaged one gives the run's export one clear error, an exported one the predictor one, and
+    predicting the run directory falls back to the float32 graph with a warning."""
+    import shutil
+
+    from catsdogs.app.export import export_run
+    from catsdogs.app.predict import open_predictor
+    from catsdogs.errors import DataError
+    from catsdogs.features.int8 import content_digest
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    shutil.copytree(int8_run["run"].parent.parent, out, ignore=shutil.ignore_patterns("export"))
+    experiment = json.loads((out / "experiment.json").read_text())
+    shutil.copytree(experiment["cache_dir"], cache)
+    experiment["cache_dir"] = str(cache)
+    (out / "experiment.json").write_text(json.dumps(experiment))
+    run_dir = out / "runs" / int8_run["run"].name
+
+    # intact: exported, the export records each network's hash, and its predictor runs it
+    export = export_run(run_dir, "openvino", tmp_path / "export", neither=False)
+    folder = tmp_path / "export" / "model.openvino"
+    sources = json.loads((folder / "pipeline.json").read_text())["sources"]
+    assert {n: s["digest"] for n, s in sources.items()} == {
+        n: content_digest(folder / s["ir"]) for n, s in sources.items()}
+    assert export["models"]["classifier"]["openvino"]["reproduces_run"] is True
+    assert open_predictor(tmp_path / "export").backend == "openvino"
+
+    # a damaged network in the export: one error naming it, nothing predicted with it
+    _damage(folder / "ir" / "tiny_int8" / "model.bin")
+    with pytest.raises(DataError, match=r"ir/tiny_int8: the quantised network is not the one .*"
+                                        r"export the run again"):
+        open_predictor(tmp_path / "export")
+
+    # a damaged network in the feature cache
+    (ir,) = cache.glob("features/*/tiny_int8-int8-*.openvino")
+    _damage(ir / "model.bin")
+    with pytest.raises(DataError, match="is not the one the features were computed with"):
+        export_run(run_dir, "openvino", tmp_path / "again", neither=False)
+    with caplog.at_level(logging.WARNING, logger="catsdogs"):
+        assert open_predictor(run_dir).backend == "keras"
+    assert any("is not the one the features were computed with" in r.getMessage()
+               for r in caplog.records)
+

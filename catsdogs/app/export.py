@@ -945,7 +945,7 @@ def save_pipeline(pipeline, path: Path) -> Path:
     from dataclasses import asdict
 
     from catsdogs.app.pipeline import HEADS_FILE, HEADS_TFLITE, PIPELINE_FILE, PIPELINE_VERSION
-    from catsdogs.features.int8 import IR_FILES
+    from catsdogs.features.int8 import IR_FILES, content_digest
 
     if pipeline.model is None:
         raise ValueError("only a pipeline built from a run (open_run_pipeline) can be saved")
@@ -962,7 +962,9 @@ def save_pipeline(pipeline, path: Path) -> Path:
             "pipeline_version": PIPELINE_VERSION, "largest": pipeline.largest,
             "heads": HEADS_FILE, "heads_tflite": HEADS_TFLITE,
             "taps": [asdict(t) for t in pipeline.taps], "image_inputs": pipeline.image_inputs,
-            "sources": {n: {**asdict(s), "views": list(s.views), "ir": f"ir/{n}"}
+            # each network's content hash, which load_pipeline checks before running it
+            "sources": {n: {**asdict(s), "views": list(s.views), "ir": f"ir/{n}",
+                            "digest": content_digest(tmp / "ir" / n)}
                         for n, s in pipeline.sources.items()}})
     return Path(path)
 

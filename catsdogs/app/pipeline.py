@@ -23,6 +23,7 @@ not phones.
 from __future__ import annotations
 
 import json
+import logging
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ from typing import Any
 import numpy as np
 
 from catsdogs.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 PIPELINE_FILE = "pipeline.json"
 HEADS_FILE = "heads.keras"
@@ -70,7 +73,7 @@ def run_sources(info, cache_dir=None) -> dict[str, Source]:
     (their records' feature keys; ``cache_dir`` overrides the experiment's feature cache)."""
     from catsdogs.features import int8
     from catsdogs.features.extraction import default_cache_dir
-    from catsdogs.runs.features import find_features
+    from catsdogs.runs.features import locate_features
 
     root = Path(cache_dir or info.experiment.get("cache_dir") or default_cache_dir()).expanduser()
     out: dict[str, Source] = {}
@@ -81,15 +84,18 @@ def run_sources(info, cache_dir=None) -> dict[str, Source]:
                 continue
             if name not in keys:
                 raise DataError(f"run {member.run_id!r} records no feature key for {name!r}")
-            fs = find_features(root, keys[name]["config_key"], keys[name].get("dataset_fingerprint"))
-            if fs.meta.get("precision") != "int8":
-                raise DataError(f"{fs.path}: the features of {name!r} were not extracted in int8")
-            ir = int8.ir_dir(fs.path)
+            path, meta = locate_features(root, keys[name]["config_key"],
+                                         keys[name].get("dataset_fingerprint"))
+            if meta.get("precision") != "int8":
+                raise DataError(f"{path}: the features of {name!r} were not extracted in int8")
+            ir = int8.ir_dir(path)
+            again = "run the experiment again to recompute it"
             if not (ir / "model.xml").is_file():
                 raise DataError(f"{ir}: the quantised network {name!r}'s features were extracted "
-                                "with is missing from the feature cache; run the experiment again "
-                                "to recompute it")
-            out[name] = _source(fs.meta, ir)
+                                f"with is missing from the feature cache; {again}")
+            # the folder is named by the network's content hash, which keys the features
+            int8.check_model(ir, str(meta["calibration"]).removeprefix("ir-"), fix=again)
+            out[name] = _source(meta, ir)
     return out
 
 
@@ -171,7 +177,7 @@ def load_pipeline(path: str | Path, backend: str = "tflite", num_threads: int | 
     """Read a folder :func:`catsdogs.app.export.save_pipeline` wrote; its heads run as TFLite (``backend``
     ``"keras"``: the Keras file)."""
     from catsdogs.app.models import KerasModel, TFLiteModel
-    from catsdogs.features.int8 import require_engine
+    from catsdogs.features.int8 import check_model, require_engine
 
     require_engine()
     path = Path(path)
@@ -184,9 +190,17 @@ def load_pipeline(path: str | Path, backend: str = "tflite", num_threads: int | 
     if version != PIPELINE_VERSION:
         raise DataError(f"{path}: pipeline version {version!r} is not {PIPELINE_VERSION}; export "
                         "the run again with this catsdogs")
-    sources = {n: Source(s["backbone"], int(s["image_size"]), tuple(s["views"]), s["merge"],
-                         float(s["crop_fraction"]), int(s["feature_dim"]), path / s["ir"])
-               for n, s in manifest["sources"].items()}
+    again = "export the run again with `catsdogs export RUN_DIR --format openvino`"
+    sources = {}
+    for n, s in manifest["sources"].items():
+        ir = path / s["ir"]
+        if s.get("digest"):
+            check_model(ir, str(s["digest"]), fix=again)
+        else:  # written before exports recorded it (2026-12-05)
+            logger.warning("%s: this export does not record its network's content hash, so it "
+                           "cannot be checked; %s", ir, again)
+        sources[n] = Source(s["backbone"], int(s["image_size"]), tuple(s["views"]), s["merge"],
+                            float(s["crop_fraction"]), int(s["feature_dim"]), ir)
     taps = [FeatureTap(**t) for t in manifest["taps"]]
     inputs = [t.input for t in taps] + list(manifest.get("image_inputs") or [])
     if backend == "tflite":

@@ -287,6 +287,20 @@ def load_features(path: str | os.PathLike) -> FeatureSet:
                         f"{again}") from None
 
 
+def read_feature_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata (HDF5 attributes) of a feature file, without reading or verifying its rows:
+    enough to tell which configuration, data set and (int8) quantised model it belongs to.
+    :func:`load_features` reads and verifies the rows."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            return _read_meta(h5)
+    except _H5_ERRORS as exc:
+        raise DataError(f"{path}: not a readable feature file ({type(exc).__name__}: {exc}); "
+                        "run `catsdogs extract` (or `catsdogs run`) again to recompute it") from None
+
+
 
 # --------------------------------------------------------------------------------------- store
 @dataclass

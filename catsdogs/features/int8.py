@@ -203,6 +203,23 @@ def content_digest(directory: Path) -> str:
     return h.hexdigest()
 
 
+def check_model(directory: Path, digest: str, *, fix: str) -> Path:
+    """``directory`` if its IR files hash to ``digest`` (the full :func:`content_digest`, or the
+    16-character prefix a cache folder is named by); else one :class:`DataError` naming the folder
+    and ``fix`` (what to do). Whoever runs a quantised network it did not just write checks it
+    first: a damaged or swapped network would give other features than the run was ranked on."""
+    from catsdogs.errors import DataError
+
+    try:
+        found = content_digest(directory)
+    except OSError as exc:
+        raise DataError(f"{directory}: the quantised network cannot be read ({exc}); {fix}") from None
+    if not digest or not found.startswith(digest):
+        raise DataError(f"{directory}: the quantised network is not the one the features were "
+                        f"computed with (content hash {found[:16]}, expected {digest[:16]}); {fix}")
+    return Path(directory)
+
+
 def slot_key(config: dict, seed: int = CALIBRATION_SEED) -> str:
     """The key of a backbone configuration's calibrations: ``config`` (backbone, weights id,
     input size, resize policy, preprocessing, feature size), the seed and the engine versions."""

@@ -99,17 +99,35 @@ def predict_tta(head: Any, X: np.ndarray, X_flip: np.ndarray | None = None) -> n
     return tta_average(p, None if X_flip is None else head.predict_proba(X_flip))
 
 
-def find_features(cache_root: Path, config_key: str, fingerprint: str | None) -> FeatureSet:
-    """The cached feature set with this configuration key (and data fingerprint, when given)."""
-    from catsdogs.features.extraction import load_features
+def locate_features(cache_root: Path, config_key: str, fingerprint: str | None
+                    ) -> tuple[Path, dict[str, Any]]:
+    """The finished feature file with this configuration key (and data fingerprint, when given)
+    and its metadata, read from the HDF5 attributes only (its rows are neither read nor
+    verified: :func:`find_features` does that)."""
+    from catsdogs.features.cache import read_feature_meta
 
+    unreadable: list[DataError] = []
     for path in sorted((cache_root / "features").glob(f"*/*-{config_key[:10]}.h5")):
-        fs = load_features(path)
-        if fs.meta.get("config_key") == config_key and \
-                (fingerprint is None or fs.meta.get("dataset_fingerprint") == fingerprint):
-            return fs
+        try:
+            meta = read_feature_meta(path)
+        except DataError as exc:
+            unreadable.append(exc)
+            continue
+        if meta.get("config_key") == config_key and \
+                (fingerprint is None or meta.get("dataset_fingerprint") == fingerprint):
+            return path, meta
+    if unreadable:  # the file named like the run's features is there but cannot be read
+        raise unreadable[0]
     raise DataError(f"the run's cached features (key {config_key[:10]}) are not in {cache_root}; "
                     "run `catsdogs run` on this machine first (or pass the cache directory)")
+
+
+def find_features(cache_root: Path, config_key: str, fingerprint: str | None) -> FeatureSet:
+    """The cached feature set with this configuration key (and data fingerprint, when given),
+    its checksums verified."""
+    from catsdogs.features.extraction import load_features
+
+    return load_features(locate_features(cache_root, config_key, fingerprint)[0])
 
 
 def rebuild_run_features(record: RunRecord, experiment: Mapping[str, Any], *,
