@@ -611,3 +611,15 @@ def test_a_damaged_quantised_network_is_never_run(int8_run, tmp_path, caplog):
     assert any("is not the one the features were computed with" in r.getMessage()
                for r in caplog.records)
 
+
+def test_a_server_says_once_that_its_model_is_not_the_submission(int8_run, tmp_path, caplog):
+    """A float32 export of an int8 run served with several slots: one warning, not one a slot."""
+    from catsdogs.app.export import export_run
+    from catsdogs.app.serve import ModelPool
+
+    export_run(int8_run["run"], "tflite", tmp_path / "export", neither=False)
+    with caplog.at_level(logging.WARNING, logger="catsdogs"):
+        pool = ModelPool(tmp_path / "export", 3)
+    assert pool.backend == "tflite" and pool.size == 3
+    said = [r for r in caplog.records if "does not compute what the run submitted" in r.getMessage()]
+    assert len(said) == 1

@@ -121,7 +121,8 @@ class Predictor:
         return np.asarray(out["cam"], np.float32), np.asarray(out["probabilities"], np.float32)
 
 
-def _from_export(directory: Path, backend: str, num_threads: int | None) -> Predictor:
+def _from_export(directory: Path, backend: str, num_threads: int | None, warn: bool = True
+                 ) -> Predictor:
     from catsdogs.app.export import load_manifest
 
     manifest = load_manifest(directory)
@@ -133,7 +134,7 @@ def _from_export(directory: Path, backend: str, num_threads: int | None) -> Pred
         have = ", ".join(formats) or "none"
         raise DataError(f"{directory} has no {backend} model (exported formats: {have}); "
                         f"export it with `catsdogs export RUN_DIR --format {backend}`")
-    if formats[backend].get("reproduces_run") is False:  # say it: these are not the run's numbers
+    if warn and formats[backend].get("reproduces_run") is False:  # say it: not the run's numbers
         logger.warning("%s: the %s model does not compute what the run submitted (%s)", directory,
                        backend, "; ".join(manifest.get("notes") or []) or "see export.json")
 
@@ -190,16 +191,18 @@ def _from_run(run_dir: Path) -> Predictor:
 
 
 def open_predictor(path: str | os.PathLike, backend: str = "auto",
-                   num_threads: int | None = None) -> Predictor:
-    """A :class:`Predictor` for an export directory or a run directory (see the module docstring)."""
+                   num_threads: int | None = None, *, warn: bool = True) -> Predictor:
+    """A :class:`Predictor` for an export directory or a run directory (see the module docstring).
+    ``warn=False`` leaves out the warning that an export's model does not compute what the run
+    submitted (for a caller opening the same model again, e.g. a server's further slots)."""
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     path = Path(path)
     if (path / "export.json").is_file():
-        return _from_export(path, backend, num_threads)
+        return _from_export(path, backend, num_threads, warn)
     if (path / "record.json").is_file():
         if (path / "export" / "export.json").is_file():
-            return _from_export(path / "export", backend, num_threads)
+            return _from_export(path / "export", backend, num_threads, warn)
         if backend.startswith("tflite") or backend == "openvino":
             raise DataError(f"run {path} has not been exported; run `catsdogs export {path}` first")
         return _from_run(path)

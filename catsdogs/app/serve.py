@@ -227,8 +227,8 @@ class ModelPool:
                            "export with `--format tflite` for a lighter server", export_dir)
             rest = [first] * (size - 1)
         else:  # a TFLite interpreter is not: one per slot
-            rest = [open_predictor(export_dir, first.backend, num_threads=threads)
-                    for _ in range(size - 1)]
+            rest = [open_predictor(export_dir, first.backend, num_threads=threads, warn=False)
+                    for _ in range(size - 1)]  # the first said what there is to say
         self.size = size
         self.backend = first.backend
         self.cam_capable = first.cam_capable
