@@ -480,6 +480,23 @@ class Optimizer(_Params, abc.ABC):
         """Return a new, unused Keras optimizer."""
 
 
+@dataclasses.dataclass(frozen=True)
+class GroupTerms:
+    """The parts of a Keras head's model that grouped training (:mod:`catsdogs.runs.multifit`)
+    reproduces beyond ``Input -> Dropout -> Dense``: the model computes
+    ``activation(dense(dropout(x)) + term_dense(concat(layer.on_block(x_b) for each term)))``,
+    where each term is a frozen layer reading one backbone's feature columns ``x_b`` (e.g. that
+    backbone's ImageNet classifier as a dog-vs-cat log-odds) and ``term_dense`` is trained.
+    ``terms`` are ``(key, backbone, layer)``: terms with equal keys compute equal columns, so a
+    group computes each once per batch."""
+
+    dropout: Any
+    dense: Any
+    terms: tuple[tuple[Any, str, Any], ...]
+    term_dense: Any
+    activation: Any
+
+
 class Head(_Params, abc.ABC):
     """A classifier trained on feature vectors that predicts P(dog).
 

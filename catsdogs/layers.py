@@ -63,7 +63,13 @@ class SpeciesLogOdds(keras.layers.Layer):
         self.bias = self.add_weight(shape=(units,), initializer="zeros", trainable=False, name="bias")
 
     def call(self, inputs):
-        z = ops.matmul(inputs[:, self.start:self.stop], self.kernel) + self.bias
+        return self.on_block(inputs[:, self.start:self.stop])
+
+    def on_block(self, block):
+        """The log-odds of the backbone's own feature columns ``block`` (``(batch, stop -
+        start)``): what :meth:`call` computes on a fused row (grouped training and prediction
+        compute it once per backbone, :mod:`catsdogs.runs.multifit`)."""
+        z = ops.matmul(block, self.kernel) + self.bias
         dog = ops.logsumexp(z[:, :self.n_dog], axis=-1, keepdims=True)
         cat = ops.logsumexp(z[:, self.n_dog:], axis=-1, keepdims=True)
         return dog - cat

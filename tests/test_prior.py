@@ -206,3 +206,100 @@ def _run(env, name: str, **fields):
     from catsdogs.runs.runner import run_experiment
 
     return run_experiment(_experiment(env, name, **fields), progress=False)
+
+
+@pytest.mark.slow
+def test_grouped_prior_runs_equal_runs_alone(env, monkeypatch):
+    """``imagenet_prior`` runs join the grouped loop (never their own ``fit``) with
+    ``dropout_sigmoid`` runs of the same blocks, each classifier's log-odds computed once per
+    batch: every run ends with the weights, optimizer state and history of its fit alone, and
+    ``predict_group`` gives its ``predict_proba``."""
+    from catsdogs.builtin.heads import DropoutSigmoidHead
+    from catsdogs.builtin.optimizers import AdadeltaOptimizer, AdamOptimizer
+    from catsdogs.builtin.prior import ImageNetPriorHead
+    from catsdogs.runs.multifit import Member, fit_group, predict_group
+
+    other = OtherClassifier.name
+    registry = env["registry"]
+    pixels = _pixels(n=60, seed=3)
+    Xa, la = _features_and_log_odds(registry.backbone(CLS), pixels)
+    Xb, _ = _features_and_log_odds(registry.backbone(other), pixels)
+    blocks = {CLS: Xa, other: Xb}
+    y = (la > np.median(la)).astype(int)
+    rows = np.random.default_rng(5).permutation(60)
+    tr, va = np.sort(rows[:45]), np.sort(rows[45:])  # 45 rows at batch 8: the last one partial
+
+    def members():
+        return [Member(ImageNetPriorHead(weights="none"), AdamOptimizer(0.01), (CLS,)),
+                Member(ImageNetPriorHead(weights="none"), AdadeltaOptimizer(1.0), (CLS, other)),
+                Member(ImageNetPriorHead(dropout=0.3, weights="none"), AdamOptimizer(0.01),
+                       (other, CLS)),
+                Member(DropoutSigmoidHead(), AdamOptimizer(0.01), (CLS, other))]
+
+    def fit_alone(member):
+        fused = np.concatenate([blocks[b] for b in member.combination], axis=1)
+        head = type(member.head)(**member.head.get_params())
+        optimizer = type(member.optimizer)(learning_rate=member.optimizer.learning_rate)
+        return head.fit(fused[tr], y[tr], validation=(fused[va], y[va]), optimizer=optimizer,
+                        epochs=6, batch_size=8, seed=4,
+                        blocks=[(b, blocks[b].shape[1]) for b in member.combination]), fused
+
+    alone = [fit_alone(m) for m in members()]
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("a grouped run was fitted alone")
+
+    monkeypatch.setattr(ImageNetPriorHead, "fit", not_here)
+    group = members()
+    heads = fit_group(group, blocks, y, train_rows=tr, val_rows=va, epochs=6, batch_size=8, seed=4)
+    monkeypatch.undo()
+    predicted = predict_group(heads, [m.combination for m in group], blocks, va)
+    for head, (single, fused), p in zip(heads, alone, predicted, strict=True):
+        assert list(head.history_) == list(single.history_)
+        for key in single.history_:
+            np.testing.assert_allclose(head.history_[key], single.history_[key], atol=1e-6,
+                                       rtol=1e-6, err_msg=key)
+        for wa, wb in zip(head.model_.get_weights(), single.model_.get_weights(), strict=True):
+            np.testing.assert_allclose(wa, wb, atol=1e-6, rtol=0)
+        want = single.predict_proba(fused[va])
+        np.testing.assert_allclose(head.predict_proba(fused[va]), want, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(p, want, atol=1e-6, rtol=0)
+    prior = heads[1].model_.get_layer("prior_weight").get_weights()[0]
+    assert not np.allclose(prior, 0.5, atol=1e-3)  # trained, not the initial 1 / 2 backbones
+
+
+@pytest.mark.slow
+def test_runner_ranks_prior_runs_the_same_grouped_or_not(env, monkeypatch):
+    """A k-fold grid of ``imagenet_prior`` and ``dropout_sigmoid`` runs: the prior runs are
+    trained in the group, and the leaderboard and test predictions equal those of every run
+    fitted alone (``CATSDOGS_GROUPED_FIT=0``)."""
+    import catsdogs.runs.multifit as multifit
+    from catsdogs.runs.runner import run_experiment
+
+    fields = dict(backbones=[CLS, OtherClassifier.name], heads=["dropout_sigmoid", "imagenet_prior"],
+                  optimizers=[{"name": "adam", "learning_rate": 0.01},
+                              {"name": "adadelta", "learning_rate": 1.0}],
+                  validation={"kfold": 2}, tta=True)
+    monkeypatch.setenv(multifit.GROUPED_ENV, "0")
+    alone = run_experiment(_experiment(env, "prior-alone", **fields), progress=False)
+    monkeypatch.delenv(multifit.GROUPED_ENV)
+    grouped_ids: list[str] = []
+    fit_grid = multifit.fit_grid
+
+    def spy(*args, **kwargs):
+        fitted = fit_grid(*args, **kwargs)
+        grouped_ids.extend(fitted)
+        return fitted
+
+    monkeypatch.setattr(multifit, "fit_grid", spy)
+    grouped = run_experiment(_experiment(env, "prior-grouped", **fields), progress=False)
+    assert sum("imagenet_prior" in r for r in grouped_ids) == 6 and len(grouped_ids) == 12
+    a, g = (pd.read_csv(r.out_dir / "leaderboard.csv") for r in (alone, grouped))
+    assert a["run_id"].tolist() == g["run_id"].tolist()
+    for column in ("val_logloss", "val_accuracy"):
+        np.testing.assert_allclose(g[column], a[column], atol=1e-6, rtol=0, err_msg=column)
+    for run_id in a["run_id"]:
+        pa, pg = (pd.read_csv(r.out_dir / "runs" / run_id / "test_predictions.csv")
+                  for r in (alone, grouped))
+        np.testing.assert_allclose(pg["p_dog"], pa["p_dog"], atol=1e-6, rtol=0)
+

@@ -25,13 +25,13 @@ weights and history; bench/grid_speed.py measures the speed-up on the write-up's
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from catsdogs.builtin.linear import LogisticHead
-from catsdogs.components import Head, Optimizer
+from catsdogs.components import GroupTerms, Head, Optimizer
 from catsdogs.errors import ConfigError
 from catsdogs.hookspecs import hookimpl
 from catsdogs.validation import (  # noqa: F401  (NotFittedError and the checks: public here too)
@@ -95,9 +95,25 @@ class KerasHead(Head):
         """Yes while training is this class's own compiled loop (``fit`` and ``_fit_compiled`` not
         overridden, ``training_loop == "compiled"``); :mod:`catsdogs.runs.multifit` also checks the
         built model is ``Input -> Dropout -> Dense``."""
-        cls = type(self)
-        return (cls.fit is KerasHead.fit and cls._fit_compiled is KerasHead._fit_compiled
+        return type(self).fit is KerasHead.fit and self._trained_by_compiled_loop()
+
+    def _trained_by_compiled_loop(self) -> bool:
+        """``_fit_compiled`` not overridden and ``training_loop == "compiled"``."""
+        return (type(self)._fit_compiled is KerasHead._fit_compiled
                 and getattr(self, "training_loop", "compiled") == "compiled")
+
+    def _group_model(self, blocks: Sequence[tuple[str, int]], rows: Callable[[str], np.ndarray],
+                     optimizer: Optimizer | None, seed: int) -> keras.Model:
+        """The compiled, untrained model grouped training (:mod:`catsdogs.runs.multifit`) trains
+        for this head, the one :meth:`fit` would build on these ``blocks`` (backbone, width) in
+        column order; ``rows(backbone)`` gives that block's training rows, for a head whose
+        initial weights depend on them."""
+        return self._compiled_model(sum(width for _, width in blocks), optimizer, seed)
+
+    def _group_terms(self, model: keras.Model) -> GroupTerms | None:
+        """For a model that is not exactly ``Input -> Dropout -> Dense``: its parts in the shape
+        grouped training also reproduces (:class:`GroupTerms`), else None."""
+        return None
 
     def fit(
         self,

@@ -19,7 +19,9 @@ The head's graph::
 
 ``SpeciesLogOdds`` (:mod:`catsdogs.layers`) holds the classifier's dog and cat columns, frozen;
 only the first Dense and one weight per backbone (starting at 1 / the number of backbones) and a
-bias are trained, by the same compiled loop and optimizers as the other Keras heads. The runner
+bias are trained, by the same compiled loop and optimizers as the other Keras heads, and in the
+same group (:mod:`catsdogs.runs.multifit`: each backbone's log-odds computed once per batch for
+every run of the group that reads it; :meth:`ImageNetPriorHead._group_terms`). The runner
 plans it on the combinations whose every backbone offers the ImageNet-classifier capability
 (:func:`catsdogs.components.has_imagenet_classifier`) and gives it ``weights``, the weights the
 features were extracted with; the classifier's weights are read from the backbone
@@ -126,13 +128,47 @@ class ImageNetPriorHead(KerasHead):
             raise ConfigError(f"{self.name}: fit needs blocks=[(backbone, width), ...], the "
                               "backbones whose features X holds, in column order")
         self._blocks = [(str(name), int(width)) for name, width in blocks]
-        self._X = X
+        starts = np.cumsum([0] + [width for _, width in self._blocks])
+        columns = {name: (int(a), int(b)) for (name, _), a, b in zip(self._blocks, starts, starts[1:])}
+        self._rows = lambda name: X[:, columns[name][0]:columns[name][1]]
         try:
             KerasHead.fit(self, X, y, validation=validation, optimizer=optimizer, epochs=epochs,
                           batch_size=batch_size, seed=seed, verbose=verbose, blocks=blocks)
         finally:
-            del self._blocks, self._X
+            del self._blocks, self._rows
         return self
+
+    def can_fit_grouped(self) -> bool:
+        """Yes while training is :class:`KerasHead`'s compiled loop: grouped training reproduces
+        this head's model (:meth:`_group_terms`); :meth:`fit` only records the blocks."""
+        cls = type(self)
+        return (cls.fit is ImageNetPriorHead.fit and cls._build_model is ImageNetPriorHead._build_model
+                and self._trained_by_compiled_loop())
+
+    def _group_model(self, blocks, rows, optimizer, seed):
+        self._blocks = [(str(name), int(width)) for name, width in blocks]
+        self._rows = rows
+        try:
+            return self._compiled_model(sum(width for _, width in self._blocks), optimizer, seed)
+        finally:
+            del self._blocks, self._rows
+
+    def _group_terms(self, model):
+        """The model's parts (:meth:`_build_model`): ``dropout``, the ``logit`` Dense, one frozen
+        ``prior_i`` log-odds per backbone (keyed by backbone and weights: equal in every run
+        that reads them), the trained ``prior_weight`` Dense and the sigmoid."""
+        from catsdogs.components import GroupTerms
+        from catsdogs.layers import SpeciesLogOdds
+
+        priors = sorted((layer for layer in model.layers if isinstance(layer, SpeciesLogOdds)),
+                        key=lambda layer: layer.start)
+        blocks = getattr(model, "_catsdogs_blocks", None)  # set by _build_model, not saved
+        if blocks is None or len(blocks) != len(priors):
+            return None
+        terms = tuple(((name, self._backbone_weights(name)), name, layer)
+                      for (name, _), layer in zip(blocks, priors, strict=True))
+        return GroupTerms(model.get_layer("dropout"), model.get_layer("logit"), terms,
+                          model.get_layer("prior_weight"), model.get_layer("prediction").activation)
 
     def _build_model(self, n_features: int) -> keras.Model:
         import keras
@@ -162,7 +198,7 @@ class ImageNetPriorHead(KerasHead):
             layer = SpeciesLogOdds(start, start + width, kernel.shape[1] - n_cat, n_cat,
                                    name=f"prior_{i}")
             priors.append((layer, layer(features), kernel, bias))
-            X = np.asarray(self._X[:, start:start + width], np.float32)
+            X = np.asarray(self._rows(name), np.float32)
             means.append(float(np.mean(log_odds(X, kernel, bias, n_cat))))
             start += width
         logodds = [p for _, p, _, _ in priors]
@@ -180,6 +216,7 @@ class ImageNetPriorHead(KerasHead):
         model = keras.Model(features, out, name=self.name)
         for layer, _, kernel, bias in priors:
             layer.set_weights([kernel, bias])
+        model._catsdogs_blocks = list(blocks)  # whose columns each prior reads (_group_terms)
         return model
 
 

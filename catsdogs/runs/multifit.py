@@ -27,8 +27,10 @@ Every run's model is built and compiled by :meth:`KerasHead._compiled_model`, ex
 ``np.random.default_rng(seed)`` as the compiled loop does, and its seed generator advances one
 step per batch as in the single fit: each run ends with the weights, optimizer state and history
 of training it alone, to float round-off (tests/test_multifit.py). A head joins a group when its
-training is the built-in compiled loop over ``Input -> Dropout -> Dense`` (:func:`groupable`);
-any other member is fitted alone by its own :meth:`fit`.
+training is the built-in compiled loop over ``Input -> Dropout -> Dense`` (:func:`groupable`), or
+over that plus frozen per-backbone terms added through a trained Dense (the ``imagenet_prior``
+head: :class:`~catsdogs.components.GroupTerms`, each backbone's term computed once per batch for
+every run that reads it); any other member is fitted alone by its own :meth:`fit`.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from catsdogs.components import Head, Optimizer
+from catsdogs.components import GroupTerms, Head, Optimizer
 from catsdogs.errors import ConfigError
 from catsdogs.validation import check_labels, check_schedule
 
@@ -75,7 +77,8 @@ class Member:
 def groupable(head: Head) -> bool:
     """Whether ``head`` is trained by the built-in compiled loop of :class:`KerasHead` (its
     ``fit`` and loop not overridden, ``training_loop == "compiled"``). Its model must also be
-    ``Input -> Dropout -> Dense``, which :func:`fit_group` checks once built."""
+    ``Input -> Dropout -> Dense``, or say its parts (``_group_terms``), which :func:`fit_group`
+    checks once built."""
     return bool(head.can_fit_grouped())
 
 
@@ -138,6 +141,7 @@ class _Prepared:
     width: int
     accuracy: Any
     stream: tuple[int, ...] | None  # initial seed generator state (2 ints); None without dropout
+    terms: GroupTerms | None = None  # the frozen per-backbone terms of a model that has them
 
 
 def fit_group(members: Sequence[Member], blocks: Mapping[str, np.ndarray], y: Any, *,
@@ -167,8 +171,10 @@ def fit_group(members: Sequence[Member], blocks: Mapping[str, np.ndarray], y: An
         width = sum(arrays[b].shape[1] for b in member.combination)
         if groupable(member.head):
             head: Any = member.head  # a KerasHead (core never imports catsdogs.builtin)
-            model = head._compiled_model(width, member.optimizer, seed)
-            layers = _dropout_dense(model)
+            model = head._group_model([(b, arrays[b].shape[1]) for b in member.combination],
+                                      lambda b: arrays[b][train_rows], member.optimizer, seed)
+            terms = head._group_terms(model)
+            layers = _dropout_dense(model) if terms is None else (terms.dropout, terms.dense)
             if layers is not None:
                 dropout, dense = layers
                 stream = None
@@ -176,7 +182,7 @@ def fit_group(members: Sequence[Member], blocks: Mapping[str, np.ndarray], y: An
                     stream = tuple(int(v) for v in np.asarray(dropout.seed_generator.state.value))
                 prepared.append(_Prepared(
                     i, member.head, model, dropout, dense, member.combination, width,
-                    head._accuracy_function(model, head._targets(y[:1])), stream))
+                    head._accuracy_function(model, head._targets(y[:1])), stream, terms))
                 continue
         alone.append(i)
 
@@ -226,6 +232,20 @@ def _train(prepared: list[_Prepared], arrays: dict[str, np.ndarray], names: list
         tensors = [parts[position[b]] for b in combination]
         return tensors[0] if len(tensors) == 1 else tf.concat(tensors, axis=1)
 
+    def output(p, z, parts, computed):
+        """A run's output from its Dense's output ``z``: for a model with frozen per-backbone
+        terms, ``activation(z + term_dense(their columns))``, each column computed once per
+        batch (``computed``: key -> column)."""
+        if p.terms is None:
+            return z
+        columns = []
+        for key, backbone, layer in p.terms.terms:
+            if key not in computed:
+                computed[key] = layer.on_block(parts[position[backbone]])
+            columns.append(computed[key])
+        stacked = columns[0] if len(columns) == 1 else tf.concat(columns, axis=1)
+        return p.terms.activation(z + p.terms.term_dense(stacked))
+
     def train_step(rows):
         """One update of every run on the batch ``rows``; per-run loss and correct counts."""
         parts = take(rows)
@@ -257,11 +277,12 @@ def _train(prepared: list[_Prepared], arrays: dict[str, np.ndarray], names: list
                             tf.cast(uniforms[p.stream] >= rate, tf.float32) * (1 / (1 - rate))
                     # x * scale where kept, (signed) zero elsewhere
                     masked[key] = x * tf.reshape(keep[:b * p.width], (b, p.width))
+        computed: dict[Any, Any] = {}
         with tf.GradientTape() as tape:
             preds, losses, scaled_losses = [], [], []
             for p, y_all in zip(prepared, targets, strict=True):
                 yb = tf.gather(y_all, rows)
-                y_pred = p.dense(masked[_mask_key(p)])
+                y_pred = output(p, p.dense(masked[_mask_key(p)]), parts, computed)
                 loss = p.model.compute_loss(x=inputs[p.combination], y=yb, y_pred=y_pred,
                                             training=True)
                 preds.append((yb, y_pred))
@@ -301,10 +322,12 @@ def _train(prepared: list[_Prepared], arrays: dict[str, np.ndarray], names: list
                 logits[i] = z if logits[i] is None else logits[i] + z
                 column += units
         preds, losses = [], []
+        computed: dict[Any, Any] = {}
         for p, z, y_all in zip(prepared, logits, targets, strict=True):
             if p.dense.use_bias:
                 z = z + p.dense.bias
-            y_pred = p.dense.activation(z)  # Dropout is the identity when not training
+            # Dropout is the identity when not training
+            y_pred = output(p, p.dense.activation(z), parts, computed)
             yb = tf.gather(y_all, rows)
             losses.append(p.model.compute_loss(x=None, y=yb, y_pred=y_pred, training=False))
             preds.append((yb, y_pred))
@@ -433,17 +456,24 @@ def predict_group(heads: Sequence[Head], combinations: Sequence[Sequence[str]],
     without fusing any combination: each head's ``Input -> Dropout -> Dense`` is, at prediction,
     ``activation(sum over its blocks of X_b @ kernel rows of b + bias)``, so every block is
     multiplied once by the kernel slices of all heads that use it. Equal to each head's
-    ``predict_proba`` on its fused features up to float32 summation order (~1e-7). A head whose
-    model is not exactly that shape, or that ``only`` leaves out, gets None (predict it with
-    ``predict_proba``)."""
+    ``predict_proba`` on its fused features up to float32 summation order (~1e-7); a model with
+    frozen per-backbone terms (:class:`~catsdogs.components.GroupTerms`) adds them, each computed
+    once for all heads. A head whose model is not one of those shapes, or that ``only`` leaves
+    out, gets None (predict it with ``predict_proba``)."""
     index = None if rows is None else np.asarray(rows)
     parts: dict[str, list[tuple[int, np.ndarray]]] = {}
     layers: list[Any] = []
+    extras: list[GroupTerms | None] = []
     logits: list[np.ndarray | None] = []
     n = None
     for i, (head, combination) in enumerate(zip(heads, combinations, strict=True)):
         wanted = head.can_fit_grouped() and (only is None or only[i])
-        shape = _dropout_dense(head._fitted_model()) if wanted else None  # type: ignore[attr-defined]
+        shape = terms = None
+        if wanted:
+            model = head._fitted_model()  # type: ignore[attr-defined]
+            terms = head._group_terms(model)  # type: ignore[attr-defined]
+            shape = _dropout_dense(model) if terms is None else (terms.dropout, terms.dense)
+        extras.append(terms)
         if shape is None:
             layers.append(None)
             logits.append(None)
@@ -467,14 +497,34 @@ def predict_group(heads: Sequence[Head], combinations: Sequence[Sequence[str]],
         for i, k in slices:
             logits[i] += product[:, column:column + k.shape[1]]  # type: ignore[operator]
             column += k.shape[1]
+    computed: dict[Any, np.ndarray] = {}
     out: list[np.ndarray | None] = []
-    for head, dense, z in zip(heads, layers, logits, strict=True):
+    for head, dense, terms, z in zip(heads, layers, extras, logits, strict=True):
         if dense is None or z is None:
             out.append(None)
             continue
         output = np.asarray(dense.activation(z), np.float32)
+        if terms is not None:
+            output = _with_terms(terms, output, blocks, index, computed)
         out.append(np.asarray(head._dog_probability(output), np.float64))  # type: ignore[attr-defined]
     return out
+
+
+def _with_terms(terms: GroupTerms, z: np.ndarray, blocks: Mapping[str, Any], index, computed
+                ) -> np.ndarray:
+    """``activation(z + term_dense(columns))`` of a head with frozen per-backbone terms, each
+    column computed once (``computed``: key -> column) in batches of ``_EVAL_ROWS`` rows."""
+    columns = []
+    for key, backbone, layer in terms.terms:
+        if key not in computed:
+            X = blocks[backbone] if index is None else blocks[backbone][index]
+            computed[key] = np.concatenate(
+                [np.asarray(layer.on_block(np.asarray(X[i:i + _EVAL_ROWS], np.float32)), np.float32)
+                 for i in range(0, len(X), _EVAL_ROWS)] or [np.zeros((0, 1), np.float32)])
+        columns.append(computed[key])
+    kernel, bias = (np.asarray(w, np.float32) for w in terms.term_dense.get_weights())
+    return np.asarray(terms.activation(z + np.concatenate(columns, axis=1) @ kernel + bias),
+                      np.float32)
 
 
 @dataclass
@@ -489,7 +539,7 @@ class GroupFit:
 
 
 def fit_grid(specs: Sequence[Any], experiment: Any, aligned: Any, splits: Sequence[tuple],
-             registry: Any) -> dict[str, list[GroupFit]]:
+             registry: Any, params: Any = None) -> dict[str, list[GroupFit]]:
     """The runner's seam: fit the planned runs ``specs`` (:class:`catsdogs.runs.runner.RunSpec`)
     that can share passes, one :func:`fit_group` per validation fold, and predict their
     validation and test rows together (:func:`predict_group`); returns run id -> one
@@ -497,19 +547,25 @@ def fit_grid(specs: Sequence[Any], experiment: Any, aligned: Any, splits: Sequen
 
     Left out: runs whose head is not :func:`groupable` or is tuned by ``experiment.tuning``, every
     run when grouping is switched off (:func:`grouping_enabled`), when fewer than two runs remain,
-    or when a backbone's features are not float32.
+    or when a backbone's features are not float32. ``params(spec)`` gives a run's head
+    parameters as the runner sets them (:func:`catsdogs.runs.runner.run_head_params`; default:
+    the spec's own).
     """
     from catsdogs.runs.features import tta_average
     from catsdogs.runs.tuning import tunable_names
 
     if not grouping_enabled():
         return {}
+
+    def params_of(spec) -> dict[str, Any]:
+        return dict(spec.head.params) if params is None else dict(params(spec))
+
     chosen = []
     for spec in specs:
         head_cls = registry.head(spec.head.name)
         if experiment.tuning is not None and tunable_names(head_cls, experiment.tuning.params):
             continue
-        head = head_cls(**dict(spec.head.params))
+        head = head_cls(**params_of(spec))
         if groupable(head):
             chosen.append(spec)
     blocks = aligned.train.X
@@ -521,7 +577,7 @@ def fit_grid(specs: Sequence[Any], experiment: Any, aligned: Any, splits: Sequen
     uses_flip = [bool(experiment.tta) and aligned.has_flip(c) for c in combinations]
     flip = any(uses_flip)
     for tr, va in splits:
-        members = [Member(registry.head(spec.head.name)(**dict(spec.head.params)),
+        members = [Member(registry.head(spec.head.name)(**params_of(spec)),
                           _optimizer(spec, registry), c) for spec, c in zip(chosen, combinations)]
         heads = fit_group(members, blocks, aligned.train.y, train_rows=tr, val_rows=va,
                           epochs=experiment.epochs, batch_size=experiment.batch_size,

@@ -679,7 +679,8 @@ def run_group(group: list[tuple[RunSpec, dict[str, Any]]], shared: tuple
     from catsdogs.runs.multifit import fit_grid
 
     experiment, aligned, splits, registry = shared
-    fitted = fit_grid([spec for spec, _ in group], experiment, aligned, splits, registry)
+    fitted = fit_grid([spec for spec, _ in group], experiment, aligned, splits, registry,
+                      params=lambda spec: run_head_params(spec, experiment, registry))
     return [run_detached(item, shared, fitted.get(item[0].run_id)) for item in group]
 
 
