@@ -30,9 +30,36 @@ class OtherClassifier(TinyClassifier):
     seed = 7
 
 
+class TwoWeightsClassifier(TinyClassifier):
+    """A classifier backbone offering two weights: ``none`` and ``alt`` (other seeded weights)."""
+
+    name = "catsdogs_testing_classifier_two_weights"
+    weights_options = ("none", "alt")
+
+    def _seeded(self, weights):
+        self.check_weights(weights)
+        self.seed = TinyClassifier.seed + (100 if weights == "alt" else 0)
+
+    def build_model(self, weights, image_size):
+        from catsdogs.components import seeded_initializers
+
+        self._seeded(weights)
+        with seeded_initializers(self.seed):
+            return self._build(image_size, False, features_only=True)
+
+    def build_classifier(self, weights="none", image_size=None, with_features=False):
+        self._seeded(weights)
+        return super().build_classifier("none", image_size, with_features)
+
+    def weights_id(self, weights):
+        self._seeded(weights)
+        return f"{weights}-seed{self.seed}"
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    with tiny_env(tmp_path_factory, "prior", [TinyClassifier(), OtherClassifier(), TinyTopSplit()]) as env:
+    backbones = [TinyClassifier(), OtherClassifier(), TinyTopSplit(), TwoWeightsClassifier()]
+    with tiny_env(tmp_path_factory, "prior", backbones) as env:
         yield env
 
 
@@ -303,3 +330,24 @@ def test_runner_ranks_prior_runs_the_same_grouped_or_not(env, monkeypatch):
                   for r in (alone, grouped))
         np.testing.assert_allclose(pg["p_dog"], pa["p_dog"], atol=1e-6, rtol=0)
 
+
+@pytest.mark.slow
+def test_backbones_with_other_weights_each_give_their_own_classifier(env):
+    """Backbones extracted with different weights: the runner gives the head ``weights`` as
+    ``{backbone: weights}``, and each prior reads the classifier of its backbone's weights."""
+    from catsdogs.app.export import load_head_file
+    from catsdogs.builtin.prior import species_weights
+
+    two = TwoWeightsClassifier.name
+    result = _run(env, "two-weights", backbones=[{"name": CLS, "weights": "none"},
+                                                 {"name": two, "weights": "alt"}],
+                  combinations=[[CLS, two]], epochs=2)
+    (record,) = result.records
+    assert record.params["weights"] == {CLS: "none", two: "alt"}
+    model = load_head_file(result.out_dir / "runs" / record.run_id / "head.keras")
+    registry = env["registry"]
+    for i, (name, weights) in enumerate(((CLS, "none"), (two, "alt"))):
+        kernel, _ = model.get_layer(f"prior_{i}").get_weights()
+        np.testing.assert_array_equal(kernel, species_weights(registry.backbone(name), weights)[0])
+    assert not np.allclose(species_weights(registry.backbone(two), "alt")[0],
+                           species_weights(registry.backbone(two), "none")[0])
