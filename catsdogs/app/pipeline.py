@@ -8,7 +8,7 @@ the submission by up to a few hundredths. This module computes what was submitte
     photo(s), prepared by the reader as extraction prepared them
       -> per backbone: the **same quantised network extraction used** (its IR, read from the
          feature cache next to the run's feature file), over the same views, merged the same way
-         (:class:`catsdogs.features.extraction.Int8ModelFactory`, the extraction's own code)
+         (:func:`catsdogs.features.extraction.int8_feature_model`, the extraction's own code)
       -> the run's heads graph (:func:`catsdogs.app.export.build_graph` with ``feature_inputs``:
          fold heads, TTA, blend, post-processing and neither score, as the float graph has them)
 
@@ -138,7 +138,7 @@ class Pipeline:
     here (what :func:`catsdogs.app.export.save_pipeline` writes)."""
 
     def __init__(self, heads, inputs, taps, sources: dict[str, Source], largest: int, model=None):
-        from catsdogs.features.extraction import Int8ModelFactory
+        from catsdogs.features.extraction import int8_feature_model
 
         self.heads = heads
         self.model = model
@@ -148,9 +148,9 @@ class Pipeline:
         self.image_inputs = [k for k in inputs if k not in {t.input for t in self.taps}]
         self.networks = {}
         for name, src in sources.items():
-            self.networks[name] = Int8ModelFactory(
-                types.SimpleNamespace(name=name, feature_dim=src.feature_dim), "", src.image_size,
-                1, src.ir, [], "", 1, src.views, src.merge, src.crop_fraction)()
+            self.networks[name] = int8_feature_model(
+                types.SimpleNamespace(name=name, feature_dim=src.feature_dim), src.image_size, 1,
+                src.ir, src.views, src.merge, src.crop_fraction)
 
     def features(self, image) -> dict[str, np.ndarray]:
         """The heads graph's feature inputs of one prepared photo: ``(1, width)`` each."""

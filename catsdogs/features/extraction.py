@@ -257,9 +257,19 @@ class Int8ModelFactory:
     crop_fraction: float = DEFAULT_CROP_FRACTION
 
     def __call__(self):
-        return _with_views(int8.Int8FeatureModel(self.backbone, self.size, self.batch_size,
-                                                 self.model_dir), self.views, self.merge,
-                           self.crop_fraction)
+        return int8_feature_model(self.backbone, self.size, self.batch_size, self.model_dir,
+                                  self.views, self.merge, self.crop_fraction)
+
+
+def int8_feature_model(backbone: Any, size: int, batch_size: int, model_dir: Path,
+                       views: Sequence[str] = ("orig",), merge: str = "mean",
+                       crop_fraction: float = DEFAULT_CROP_FRACTION):
+    """The int8 feature model extraction runs (:class:`Int8ModelFactory`): the quantised IR in
+    ``model_dir`` (``backbone``: its ``name`` and ``feature_dim``) computing each of ``views``,
+    merged by ``merge``. An int8 run's predictor computes its features with it too
+    (:class:`catsdogs.app.pipeline.Pipeline`)."""
+    return _with_views(int8.Int8FeatureModel(backbone, size, batch_size, model_dir), views,
+                       merge, crop_fraction)
 
 
 def lower_thread_priority() -> None:
