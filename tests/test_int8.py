@@ -451,8 +451,9 @@ def test_an_int8_run_predicts_and_exports_what_it_submitted(plugin_site, int8_ru
     from catsdogs.app.predict import open_predictor
 
     run_dir, submitted, photos = int8_run["run"], int8_run["submitted"], int8_run["photos"]
-    # the run directory, unexported: its own quantised networks
+    # the run directory, unexported: its own quantised networks, by default or by name
     assert open_predictor(run_dir).backend == "openvino"
+    assert open_predictor(run_dir, "openvino").backend == "openvino"
     np.testing.assert_allclose(predict_photos(run_dir, photos).sort_index(), submitted, atol=1e-5)
 
     # the openvino format, which the CLI predicts with by default
@@ -525,6 +526,11 @@ def test_only_an_int8_run_has_the_openvino_format(plugin_site, tmp_path):
                                           "extracted in int8"):
         export_run(run_dir, "openvino", tmp_path / "x")
     assert not (tmp_path / "x" / "model.openvino").exists()
+    from catsdogs.app.predict import open_predictor
+
+    with pytest.raises(ConfigError, match="was not extracted in int8, so it has no openvino model"):
+        open_predictor(run_dir, "openvino")
+    assert open_predictor(run_dir, "keras").backend == "keras"
 
 
 def test_an_int8_run_without_its_cached_networks_says_so(int8_run, tmp_path, caplog):
@@ -546,10 +552,17 @@ def test_an_int8_run_without_its_cached_networks_says_so(int8_run, tmp_path, cap
     assert predictor.backend == "keras"
     said = [r.getMessage() for r in caplog.records if "float32 graph" in r.getMessage()]
     assert len(said) == 1 and "does not compute what run" in said[0] and "empty-cache" in said[0]
+    from catsdogs.errors import DataError
+
+    with pytest.raises(DataError, match="empty-cache"):  # asked for by name: no fallback
+        open_predictor(run_dir, "openvino")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="catsdogs"):  # the float32 graph, by name
+        assert open_predictor(run_dir, "keras").backend == "keras"
+    assert any("does not compute what the run submitted" in r.getMessage() for r in caplog.records)
 
     # export: asked for, the openvino format is an error; by default it is left out, said
     from catsdogs.app.export import export_run
-    from catsdogs.errors import DataError
 
     with pytest.raises(DataError, match="empty-cache"):
         export_run(run_dir, "openvino", tmp_path / "asked", neither=False)

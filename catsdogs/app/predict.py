@@ -6,7 +6,8 @@ present, else the run's Keras graphs rebuilt in memory by the exporter's own
 :func:`~catsdogs.app.export.build_app_model`: the same submitted model, TTA, fold heads, refitted
 heads, blend and post-processing included; for a run whose features were extracted in int8, the
 quantised networks extraction used and those heads, :mod:`catsdogs.app.pipeline`, or with one
-warning the float32 graph where the feature cache or OpenVINO is not at hand). A model whose
+warning the float32 graph where the feature cache or OpenVINO is not at hand; ``backend``
+``"openvino"`` insists on the former, ``"keras"`` asks for the latter). A model whose
 manifest says it does not reproduce the run (a float32 graph of an int8 run) is used with a
 warning saying so. Photos go
 through the reader: ``decode_rgb`` (any mode, EXIF orientation) and
@@ -158,7 +159,7 @@ def _from_export(directory: Path, backend: str, num_threads: int | None, warn: b
                      load("classifier"), load("cam"), neither.get("threshold"), backend, sizes)
 
 
-def _from_run(run_dir: Path) -> Predictor:
+def _from_run(run_dir: Path, backend: str = "auto", warn: bool = True) -> Predictor:
     from catsdogs.app.export import build_app_model, build_cam_model, head_model_path, load_run
     from catsdogs.app.neither import fit_neither
     from catsdogs.app.pipeline import is_int8
@@ -172,17 +173,27 @@ def _from_run(run_dir: Path) -> Predictor:
     except DataError as exc:
         logger.warning("no neither-cat-nor-dog score: %s", exc)
     classifier: Any = None
-    backend = "keras"
-    if is_int8(info):  # the quantised networks the submission's features came from
+    asked, backend = backend, "keras"
+    int8 = is_int8(info)
+    if asked == "openvino" and not int8:
+        raise ConfigError(f"run {run_dir} was not extracted in int8, so it has no openvino model: "
+                          "its keras graph computes what it submitted (--backend auto or keras)")
+    if int8 and asked in ("auto", "openvino"):  # the quantised networks its features came from
         from catsdogs.app.export import open_run_pipeline
         from catsdogs.util.extras import MissingExtraError
 
         try:
             classifier, backend = open_run_pipeline(info, stats), "openvino"
         except (DataError, MissingExtraError) as exc:  # no cache or no OpenVINO here: say so
+            if asked == "openvino":
+                raise
             logger.warning("predicting with the float32 graph, which does not compute what run "
                            "%s submitted (its features were extracted in int8): %s",
                            info.run_id, exc)
+    elif int8 and warn:  # the float32 graph, asked for by name
+        logger.warning("%s: the keras model (the float32 graph) does not compute what the run "
+                       "submitted: its features were extracted in int8 (--backend openvino does)",
+                       run_dir)
     if classifier is None:
         classifier = KerasModel(build_app_model(info, stats))
     cam = KerasModel(build_cam_model(info)) if info.cam_capable else None
@@ -203,9 +214,9 @@ def open_predictor(path: str | os.PathLike, backend: str = "auto",
     if (path / "record.json").is_file():
         if (path / "export" / "export.json").is_file():
             return _from_export(path / "export", backend, num_threads, warn)
-        if backend.startswith("tflite") or backend == "openvino":
+        if backend.startswith("tflite"):
             raise DataError(f"run {path} has not been exported; run `catsdogs export {path}` first")
-        return _from_run(path)
+        return _from_run(path, backend, warn)
     raise DataError(f"{path} is neither an export directory (export.json) nor a finished run "
                     "directory (record.json)")
 
