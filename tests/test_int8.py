@@ -608,6 +608,18 @@ def test_a_damaged_quantised_network_is_never_run(int8_run, tmp_path, caplog):
     assert export["models"]["classifier"]["openvino"]["reproduces_run"] is True
     assert open_predictor(tmp_path / "export").backend == "openvino"
 
+    # an export written before digests were recorded: loaded, with a warning that it is unchecked
+    manifest = json.loads((folder / "pipeline.json").read_text())
+    old = {**manifest, "sources": {n: {k: v for k, v in s.items() if k != "digest"}
+                                   for n, s in manifest["sources"].items()}}
+    (folder / "pipeline.json").write_text(json.dumps(old))
+    with caplog.at_level(logging.WARNING, logger="catsdogs"):
+        assert open_predictor(tmp_path / "export").backend == "openvino"
+    assert any("does not record its network's content hash" in r.getMessage()
+               for r in caplog.records)
+    (folder / "pipeline.json").write_text(json.dumps(manifest))
+    caplog.clear()
+
     # a damaged network in the export: one error naming it, nothing predicted with it
     _damage(folder / "ir" / "tiny_int8" / "model.bin")
     with pytest.raises(DataError, match=r"ir/tiny_int8: the quantised network is not the one .*"
