@@ -579,8 +579,9 @@ class Head(_Params, abc.ABC):
     def can_fit_grouped(self) -> bool:
         """Whether the runner may train this head together with other runs of the grid, in one
         pass over the rows (:mod:`catsdogs.runs.multifit`). Only the built-in Keras heads say yes
-        (their compiled loop over ``Input -> Dropout -> Dense`` is what grouping reproduces bit for
-        bit); every other head is fitted alone by its own :meth:`fit`."""
+        (their compiled loop over ``Input -> Dropout -> Dense``, or that plus frozen per-backbone
+        terms described by :class:`GroupTerms`, is what grouping reproduces to float32
+        round-off); every other head is fitted alone by its own :meth:`fit`."""
         return False
 
     def validate_params(self) -> None:
