@@ -198,6 +198,11 @@ def test_load_200_requests_at_concurrency_8(server, record_property):
 
 
 def test_no_tensorflow_and_no_500_after_all_requests(server):
+    """Run last in this module it sees every request the others made; alone (or first) it sees
+    its own two, an answer and a refusal."""
+    good = [("file", (p.name, p.read_bytes(), "image/jpeg")) for p in photos(1)]
+    assert post(server, good).status_code == 200
+    assert post(server, [("file", ("big.jpg", b"\xff" * (MAX_MB * 2**20 + 1)))]).status_code == 413
     health = httpx.get(server.url + "/healthz", timeout=10).json()
     assert health["requests"] > 0 and health["tensorflow_loaded"] is False
     log = server.log.read_text(errors="replace")
