@@ -110,9 +110,11 @@ class KerasHead(Head):
         initial weights depend on them."""
         return self._compiled_model(sum(width for _, width in blocks), optimizer, seed)
 
-    def _group_terms(self, model: keras.Model) -> GroupTerms | None:
+    def _group_terms(self, model: keras.Model, blocks: Sequence[tuple[str, int]]
+                     ) -> GroupTerms | None:
         """For a model that is not exactly ``Input -> Dropout -> Dense``: its parts in the shape
-        grouped training also reproduces (:class:`GroupTerms`), else None."""
+        grouped training also reproduces (:class:`GroupTerms`), else None; ``blocks`` as for
+        :meth:`_group_model`."""
         return None
 
     def fit(

@@ -30,7 +30,8 @@ features were extracted with; the classifier's weights are read from the backbon
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -127,16 +128,25 @@ class ImageNetPriorHead(KerasHead):
         if not blocks:
             raise ConfigError(f"{self.name}: fit needs blocks=[(backbone, width), ...], the "
                               "backbones whose features X holds, in column order")
-        self._blocks = [(str(name), int(width)) for name, width in blocks]
-        starts = np.cumsum([0] + [width for _, width in self._blocks])
-        columns = {name: (int(a), int(b)) for (name, _), a, b in zip(self._blocks, starts, starts[1:])}
-        self._rows = lambda name: X[:, columns[name][0]:columns[name][1]]
-        try:
+        starts = np.cumsum([0] + [int(width) for _, width in blocks])
+        columns = {str(name): slice(int(a), int(b))
+                   for (name, _), a, b in zip(blocks, starts, starts[1:])}
+        with self._reading(blocks, lambda name: X[:, columns[name]]):
             KerasHead.fit(self, X, y, validation=validation, optimizer=optimizer, epochs=epochs,
                           batch_size=batch_size, seed=seed, verbose=verbose, blocks=blocks)
+        return self
+
+    @contextlib.contextmanager
+    def _reading(self, blocks: Sequence[tuple[str, int]], rows: Callable[[str], np.ndarray]
+                 ) -> Iterator[None]:
+        """What :meth:`_build_model` reads while a model is built: ``blocks`` (backbone, width)
+        in column order, and ``rows(backbone)``, that backbone's training rows."""
+        self._blocks = [(str(name), int(width)) for name, width in blocks]
+        self._rows = rows
+        try:
+            yield
         finally:
             del self._blocks, self._rows
-        return self
 
     def can_fit_grouped(self) -> bool:
         """Yes while training is :class:`KerasHead`'s compiled loop: grouped training reproduces
@@ -146,24 +156,21 @@ class ImageNetPriorHead(KerasHead):
                 and self._trained_by_compiled_loop())
 
     def _group_model(self, blocks, rows, optimizer, seed):
-        self._blocks = [(str(name), int(width)) for name, width in blocks]
-        self._rows = rows
-        try:
-            return self._compiled_model(sum(width for _, width in self._blocks), optimizer, seed)
-        finally:
-            del self._blocks, self._rows
+        with self._reading(blocks, rows):
+            return self._compiled_model(sum(int(width) for _, width in blocks), optimizer, seed)
 
-    def _group_terms(self, model):
+    def _group_terms(self, model, blocks):
         """The model's parts (:meth:`_build_model`): ``dropout``, the ``logit`` Dense, one frozen
-        ``prior_i`` log-odds per backbone (keyed by backbone and weights: equal in every run
-        that reads them), the trained ``prior_weight`` Dense and the sigmoid."""
+        ``prior_i`` log-odds per backbone of ``blocks`` (keyed by backbone and weights: equal in
+        every run that reads them), the trained ``prior_weight`` Dense and the sigmoid. None when
+        the priors do not read exactly those blocks' columns, in that order."""
         from catsdogs.components import GroupTerms
         from catsdogs.layers import SpeciesLogOdds
 
         priors = sorted((layer for layer in model.layers if isinstance(layer, SpeciesLogOdds)),
                         key=lambda layer: layer.start)
-        blocks = getattr(model, "_catsdogs_blocks", None)  # set by _build_model, not saved
-        if blocks is None or len(blocks) != len(priors):
+        starts = np.cumsum([0] + [int(width) for _, width in blocks])
+        if [(p.start, p.stop) for p in priors] != list(zip(starts[:-1], starts[1:])):
             return None
         terms = tuple(((name, self._backbone_weights(name)), name, layer)
                       for (name, _), layer in zip(blocks, priors, strict=True))
@@ -216,7 +223,6 @@ class ImageNetPriorHead(KerasHead):
         model = keras.Model(features, out, name=self.name)
         for layer, _, kernel, bias in priors:
             layer.set_weights([kernel, bias])
-        model._catsdogs_blocks = list(blocks)  # whose columns each prior reads (_group_terms)
         return model
 
 

@@ -171,9 +171,10 @@ def fit_group(members: Sequence[Member], blocks: Mapping[str, np.ndarray], y: An
         width = sum(arrays[b].shape[1] for b in member.combination)
         if groupable(member.head):
             head: Any = member.head  # a KerasHead (core never imports catsdogs.builtin)
-            model = head._group_model([(b, arrays[b].shape[1]) for b in member.combination],
-                                      lambda b: arrays[b][train_rows], member.optimizer, seed)
-            terms = head._group_terms(model)
+            widths = [(b, arrays[b].shape[1]) for b in member.combination]
+            model = head._group_model(widths, lambda b: arrays[b][train_rows], member.optimizer,
+                                      seed)
+            terms = head._group_terms(model, widths)
             layers = _dropout_dense(model) if terms is None else (terms.dropout, terms.dense)
             if layers is not None:
                 dropout, dense = layers
@@ -471,7 +472,8 @@ def predict_group(heads: Sequence[Head], combinations: Sequence[Sequence[str]],
         shape = terms = None
         if wanted:
             model = head._fitted_model()  # type: ignore[attr-defined]
-            terms = head._group_terms(model)  # type: ignore[attr-defined]
+            terms = head._group_terms(  # type: ignore[attr-defined]
+                model, [(b, blocks[b].shape[1]) for b in combination])  # type: ignore[union-attr]
             shape = _dropout_dense(model) if terms is None else (terms.dropout, terms.dense)
         extras.append(terms)
         if shape is None:
