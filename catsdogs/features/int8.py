@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from catsdogs.dataset.layout import ImageRecord
-from catsdogs.errors import ConfigError
+from catsdogs.errors import ConfigError, DataError
 from catsdogs.util.fileio import replace_path, staging_dir, write_json
 
 logger = logging.getLogger("catsdogs")
@@ -208,8 +208,6 @@ def check_model(directory: Path, digest: str, *, fix: str) -> Path:
     16-character prefix a cache folder is named by); else one :class:`DataError` naming the folder
     and ``fix`` (what to do). Whoever runs a quantised network it did not just write checks it
     first: a damaged or swapped network would give other features than the run was ranked on."""
-    from catsdogs.errors import DataError
-
     try:
         found = content_digest(directory)
     except OSError as exc:
@@ -339,8 +337,6 @@ class Int8FeatureModel:
 
     def __init__(self, backbone, image_size: int, batch_size: int, model_dir: Path):
         import openvino as ov
-
-        from catsdogs.errors import DataError
 
         self.batch_size = batch_size
         self.image_size = image_size
