@@ -409,8 +409,8 @@ def serve_cmd(model, host, port, max_upload_mb, max_files, concurrency) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("audit"), show_default=True,
               help="Output folder: audit.csv, audit_all.csv, report.md, sizes/colour/flagged PNGs.")
 @click.option("--classifier", default=None,
-              help="Backbone with an ImageNet classifier [default: the first installed, e.g. "
-                   "efficientnet_lite0].")
+              help="Backbone with an ImageNet classifier [default: the first installed whose "
+                   "classifier weights need no download, e.g. efficientnet_lite0; else the first].")
 @click.option("--top-k", type=click.IntRange(1, 1000), default=10, show_default=True,
               help="Flag a cat (dog) photo with no cat (dog) ImageNet class among its top k.")
 @click.option("--min-side", type=click.IntRange(min=1), default=50, show_default=True,

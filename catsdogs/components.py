@@ -248,6 +248,14 @@ class Backbone(abc.ABC):
             return f"random-seed{self.seed}-keras{version('keras')}"
         return f"{weights}-{type(self).__module__}.{type(self).__name__}"
 
+    def weights_at_hand(self, weights: str, classifier: bool = False) -> bool:
+        """True when building with ``weights`` needs no download (``classifier``: the
+        :class:`ImageNetClassifier`'s weights). Default: every offered option is at hand, as for
+        weights shipped with the plugin; a backbone whose weights are fetched on first use
+        (Keras Applications) says whether they already are. The audit's default classifier is
+        the first backbone whose classifier weights are at hand."""
+        return weights in self.weights_options
+
     def check_weights(self, weights: str) -> None:
         if weights not in self.weights_options:
             raise ConfigError(

@@ -204,6 +204,9 @@ def check_backbone_attributes(backbone: Backbone, image_size: int | None = None,
     c.check(_positive_int(size) and size >= backbone.min_input_size,
             f"image_size to check ({size!r}) must be an int >= min_input_size")
     c.check(isinstance(backbone.has_classifier, bool), "has_classifier must be a bool")
+    for option in options:
+        c.check(isinstance(backbone.weights_at_hand(option), bool),
+                f"weights_at_hand({option!r}) must be a bool")
     if backbone.has_classifier:
         c.check(callable(getattr(backbone, "build_classifier", None)),
                 "has_classifier is True but there is no build_classifier() "
@@ -329,11 +332,61 @@ def check_backbone_deterministic(backbone: Backbone, image_size: int | None = No
             f"(max difference {np.abs(batch - batch_again).max():.3g})")
 
 
+def check_backbone_classifier(backbone: Backbone, image_size: int | None = None,
+                              weights: str = WEIGHTS_NONE) -> None:
+    """With the ImageNet-classifier capability (``has_classifier``): ``build_classifier`` gives
+    a model on the same ``image`` input whose output is the 1000 logits, and with
+    ``with_features=True`` a dict whose ``features`` are :meth:`~Backbone.build`'s features
+    and whose ``logits`` are the plain model's (what the audit and ``imagenet_prior`` rely on).
+    Nothing to check without the capability."""
+    import keras
+
+    if not backbone.has_classifier:
+        return
+    c = _Checker("backbone", backbone)
+    size = backbone.min_input_size if image_size is None else image_size
+    where = f"build_classifier({weights!r}, {size})"
+    build = getattr(backbone, "build_classifier", None)
+    if not callable(build):
+        c.fail("has_classifier is True but there is no build_classifier() "
+               "(the catsdogs.components.ImageNetClassifier capability)")
+    try:
+        plain = build(weights, size)
+        both = build(weights, size, with_features=True)
+    except Exception as exc:
+        c.fail(f"{where} failed: {type(exc).__name__}: {exc}")
+    c.check(isinstance(plain, keras.Model) and isinstance(both, keras.Model),
+            f"{where} must return a keras.Model")
+    c.check([t.name for t in plain.inputs] == ["image"],
+            f"{where}: the one input must be named 'image', like build()'s")
+    pixels = _random_pixels(3, size)
+    logits = np.asarray(keras.ops.convert_to_numpy(plain(pixels, training=False)))
+    c.check(logits.shape == (3, 1000) and np.isfinite(logits).all(),
+            f"{where}: the output must be finite logits of shape (3, 1000) for 3 images, got "
+            f"shape {logits.shape}")
+    out = both(pixels, training=False)
+    c.check(isinstance(out, dict) and set(out) == {"features", "logits"},
+            f"{where}, with_features=True: the output must be a dict with 'features' and "
+            f"'logits', got {type(out).__name__}{sorted(out) if isinstance(out, dict) else ''}")
+    features = np.asarray(keras.ops.convert_to_numpy(out["features"]))
+    expected = _backbone_features(c, backbone, f"model from build({weights!r}, {size})",
+                                  _build_backbone(c, backbone, weights, size), pixels)
+    scale = float(np.abs(expected).max()) or 1.0
+    c.check(features.shape == expected.shape
+            and np.allclose(features, expected, rtol=0, atol=1e-5 * scale),
+            f"{where}: the classifier's features must be build()'s features (the cached ones "
+            "its logits are read from)")
+    both_logits = np.asarray(keras.ops.convert_to_numpy(out["logits"]))
+    lscale = float(np.abs(logits).max()) or 1.0
+    c.check(np.allclose(both_logits, logits, rtol=0, atol=1e-5 * lscale),
+            f"{where}: with_features=True must give the same logits as without")
+
+
 def backbone_checks() -> list[Check]:
     """The backbone checks, cheapest first (each takes ``(backbone, image_size, weights)``)."""
     return [check_backbone_attributes, check_backbone_weights_ids,
             check_backbone_rejects_bad_arguments, check_backbone_model,
-            check_backbone_deterministic]
+            check_backbone_deterministic, check_backbone_classifier]
 
 
 def check_backbone(backbone: Backbone, image_size: int | None = None, weights: str = WEIGHTS_NONE) -> None:

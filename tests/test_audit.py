@@ -31,10 +31,12 @@ from catsdogs.audit.checks import (
 from catsdogs.audit.imagenet import CAT_CLASSES, DOG_CLASSES, class_names, short_names, species
 from catsdogs.errors import ConfigError, DataError, PluginError
 from catsdogs.plugins import Registry
+from catsdogs.testing import TinyTopSplit
 
 TINY_CLASSIFIER = '''
 from catsdogs.hookspecs import hookimpl
 from catsdogs.testing import TinyClassifier as _Tiny
+from catsdogs.testing import TinyTopSplit
 
 
 class TinyClassifier(_Tiny):
@@ -46,6 +48,7 @@ class TinyClassifier(_Tiny):
 @hookimpl
 def register_backbones(register):
     register(TinyClassifier())
+    register(TinyTopSplit())  # a backbone without an ImageNet classifier
 '''
 
 FAST = {"classifier": "tiny_classifier", "weights": "none", "image_size": 32, "batch_size": 4,
@@ -148,18 +151,32 @@ def test_colour_statistic_and_iqr_fences():
     assert (q1, q3) == (3.0, 7.0) and (lo, hi) == (3 - 6.0, 7 + 6.0)
 
 
-def test_classifier_selection(registry):
+def test_classifier_selection(registry, tmp_path, monkeypatch):
+    plain = TinyTopSplit.name  # installed, without a classifier
     assert find_classifier(registry, "tiny_classifier").name == "tiny_classifier"
-    with pytest.raises(PluginError, match="'resnet50' has no ImageNet classifier.*tiny_classifier"):
-        find_classifier(registry, "resnet50")
+    with pytest.raises(PluginError, match=f"'{plain}' has no ImageNet classifier.*resnet50.*tiny_classifier"):
+        find_classifier(registry, plain)
     with pytest.raises(PluginError, match="unknown backbone 'nope'"):
         find_classifier(registry, "nope")
-    builtins_only = Registry().load(entry_points=False)
+    no_keras = Registry().load(entry_points=False, disabled=("catsdogs.builtin.keras_backbones",))
     with pytest.raises(PluginError, match="no installed backbone has an ImageNet classifier"):
-        find_classifier(builtins_only)
-    default = find_classifier(registry)
-    assert default.has_classifier and default.name == sorted(
-        n for n in registry.names("backbones") if getattr(registry.backbone(n), "has_classifier", False))[0]
+        find_classifier(no_keras)
+
+    # the default: the first (by name) whose classifier weights are at hand, else the first
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    with_classifier = [n for n in registry.names("backbones") if registry.backbone(n).has_classifier]
+    assert plain not in with_classifier and {"resnet50", "xception", "tiny_classifier"} <= set(with_classifier)
+    assert find_classifier(registry, weights="none").name == with_classifier[0]
+    at_hand = [n for n in with_classifier if n.startswith("efficientnet_lite")]  # shipped weights
+    assert find_classifier(registry).name == (at_hand or with_classifier)[0]
+    models = tmp_path / "keras" / "models"
+    models.mkdir(parents=True)
+    (models / "xception_weights_tf_dim_ordering_tf_kernels_notop.h5").write_bytes(b"")
+    assert not registry.backbone("xception").weights_at_hand("imagenet", classifier=True)
+    assert registry.backbone("xception").weights_at_hand("imagenet")
+    (models / "xception_weights_tf_dim_ordering_tf_kernels.h5").write_bytes(b"")
+    assert find_classifier(registry).name == (at_hand or ["xception"])[0]
+    assert not registry.backbone("tiny_classifier").weights_at_hand("imagenet", classifier=True)
 
 
 def test_bad_options_are_config_errors(audit_data, registry):
@@ -326,7 +343,8 @@ def test_cli_audit(audit_data, tiny_site, tmp_path):
     for args, fragment in (
         (["/definitely/not/here"], "does not exist"),
         ([str(audit_data), "--classifier", "nope"], "unknown backbone 'nope'"),
-        ([str(audit_data), "--classifier", "resnet50"], "'resnet50' has no ImageNet classifier"),
+        ([str(audit_data), "--classifier", TinyTopSplit.name],
+         f"'{TinyTopSplit.name}' has no ImageNet classifier"),
     ):
         bad = run_cli("audit", *args, "--out", str(tmp_path / "x"), "--weights", "none", env=env)
         assert bad.returncode == 1, bad.stderr

@@ -375,11 +375,11 @@ def test_parametrize_with_checks(component, check):
 def test_parametrize_with_checks_names_one_test_per_property():
     mark = parametrize_with_checks([TinyBackbone(), CentroidHead, SGDOptimizer], image_size=8)
     ids = [p.id for p in mark.args[1]]
-    assert ids[:5] == ["tiny-check_backbone_attributes", "tiny-check_backbone_weights_ids",
+    assert ids[:6] == ["tiny-check_backbone_attributes", "tiny-check_backbone_weights_ids",
                        "tiny-check_backbone_rejects_bad_arguments", "tiny-check_backbone_model",
-                       "tiny-check_backbone_deterministic"]
+                       "tiny-check_backbone_deterministic", "tiny-check_backbone_classifier"]
     assert "centroid-check_head_not_fitted" in ids and "centroid-check_head_keras_model" in ids
-    assert "sgd_test-check_optimizer_trains" in ids and len(ids) == 5 + 7 + 4
+    assert "sgd_test-check_optimizer_trains" in ids and len(ids) == 6 + 7 + 4
     with pytest.raises(TypeError, match="unknown check options"):
         list(checks_for(CentroidHead, epoch=3))
     with pytest.raises(TypeError, match="not a Backbone instance"):
@@ -473,6 +473,33 @@ class ClaimsClassifier(TinyBackbone):
 def test_check_backbone_catches_a_missing_classifier():
     with pytest.raises(AssertionError, match="has_classifier is True but there is no build_classifier"):
         check_backbone(ClaimsClassifier())
+
+
+class OwnFeaturesClassifier(TinyBackbone):
+    """A classifier whose network is not build()'s (other filters, other seed): its logits would
+    not be a function of the cached features."""
+
+    has_classifier = True
+
+    def build_classifier(self, weights="none", image_size=None, with_features=False):
+        import keras
+
+        size = self.input_size if image_size is None else image_size
+        image = keras.Input((size, size, 3), name="image")
+        x = keras.layers.Rescaling(1 / 255)(image)
+        x = keras.layers.Conv2D(self.filters, 3, activation="tanh", name="other_conv")(x)
+        gap = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+        logits = keras.layers.Dense(1000, name="logits")(gap)
+        return keras.Model(image, {"features": gap, "logits": logits} if with_features else logits)
+
+
+def test_check_backbone_catches_a_classifier_on_other_features():
+    from catsdogs.testing import TinyClassifier, check_backbone_classifier
+
+    check_backbone_classifier(TinyClassifier())
+    check_backbone_classifier(TinyBackbone())  # no capability: nothing to check
+    with pytest.raises(AssertionError, match="the classifier's features must be build"):
+        check_backbone_classifier(OwnFeaturesClassifier())
 
 
 PLUGIN_REPO_TEST = """

@@ -123,6 +123,30 @@ def test_lite0_prior_is_its_imagenet_classifiers_own():
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name, size", [("resnet50", 32), ("inception_v3", 75)])
+def test_a_keras_application_prior_is_its_imagenet_classifiers_own(env, name, size):
+    """The write-up's Keras backbones offer their own classifier (GAP -> Dense(1000), seeded at
+    weights none): the prior read from the cached-feature model's output is the classifier
+    network's own dog/cat mass ratio, and the runner plans the head on them."""
+    from catsdogs.builtin.prior import log_odds, species_weights
+    from catsdogs.runs.runner import plan_runs
+
+    backbone = env["registry"].backbone(name)
+    pixels = np.random.default_rng(1).uniform(0, 255, (4, size, size, 3)).astype(np.float32)
+    features = np.asarray(backbone.build("none", size)(pixels))
+    kernel, bias = species_weights(backbone, "none")
+    logits = np.asarray(backbone.build_classifier("none", size)(pixels), np.float64)
+    softmax = np.exp(logits - logits.max(axis=1, keepdims=True))
+    want = np.log(softmax[:, list(DOG_CLASSES)].sum(axis=1) / softmax[:, list(CAT_CLASSES)].sum(axis=1))
+    np.testing.assert_allclose(log_odds(features, kernel, bias, len(CAT_CLASSES)), want,
+                               rtol=1e-4, atol=1e-4)
+
+    exp = _experiment(env, f"plan-{name}", heads=["dropout_sigmoid", "imagenet_prior"],
+                      backbones=[{"name": name, "image_size": size}, TinyTopSplit.name])
+    prior = [list(r.combination) for r in plan_runs(exp) if r.head.name == "imagenet_prior"]
+    assert prior == [[name]]
+
+
 def test_the_prior_term_starts_centred_with_weight_one_over_the_backbones(env):
     """Before training, the prior term is the backbones' mean log-odds minus its mean over the
     training rows (the constant of 118 dog classes against 5 cat ones is not learned first)."""

@@ -203,8 +203,11 @@ def iqr_fences(values: Sequence[float], factor: float = IQR_FACTOR) -> tuple[flo
     return q1, q3, q1 - factor * iqr, q3 + factor * iqr
 
 
-def find_classifier(registry, name: str | None = None):
-    """The backbone whose ImageNet classifier the audit uses (see the module docstring)."""
+def find_classifier(registry, name: str | None = None, weights: str = "imagenet"):
+    """The backbone whose ImageNet classifier the audit uses: ``name``, or by default the first
+    installed backbone (in name order) with a classifier whose ``weights`` are at hand
+    (:meth:`~catsdogs.components.Backbone.weights_at_hand`: no download), else the first with a
+    classifier (Keras then downloads its weights on first use)."""
     from catsdogs.components import has_imagenet_classifier
 
     with_classifier = [n for n in registry.names("backbones")
@@ -214,7 +217,9 @@ def find_classifier(registry, name: str | None = None):
             raise PluginError(
                 "no installed backbone has an ImageNet classifier (has_classifier), which the "
                 "ImageNet check needs; install one, e.g. pip install -e plugins/catsdogs-efficientnet-lite")
-        return registry.backbone(with_classifier[0])
+        at_hand = [n for n in with_classifier
+                   if registry.backbone(n).weights_at_hand(weights, classifier=True)]
+        return registry.backbone((at_hand or with_classifier)[0])
     backbone = registry.backbone(name)  # unknown name: PluginError listing the available ones
     if not has_imagenet_classifier(backbone):
         offer = ", ".join(with_classifier) or "none installed (pip install -e plugins/catsdogs-efficientnet-lite)"
@@ -353,7 +358,7 @@ def audit(
     _check_options(top_k, min_side, batch_size, image_size, weights, workers, max_sheet)
     ds = open_dataset(data_dir)
     registry = registry or get_registry()
-    backbone = find_classifier(registry, classifier)
+    backbone = find_classifier(registry, classifier, weights)
     backbone.check_weights(weights)
     size = backbone.input_size if image_size is None else image_size
     backbone.check_image_size(size)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import TypedDict
 
-from catsdogs.components import WEIGHTS_NONE, Backbone, FeatureLayer
+from catsdogs.components import (
+    WEIGHTS_IMAGENET,
+    WEIGHTS_NONE,
+    Backbone,
+    FeatureLayer,
+    seeded_initializers,
+)
 from catsdogs.errors import CatsdogsError
 from catsdogs.hookspecs import hookimpl
 
@@ -21,12 +28,16 @@ class _NormalizationArgs(TypedDict):
 
 
 class KerasApplicationBackbone(Backbone):
-    """``keras.applications.<application>(include_top=False)`` + global average pooling.
+    """``keras.applications.<application>(include_top=False)`` + global average pooling, and the
+    application's own ImageNet classifier (:meth:`build_classifier`).
 
     The model is one flat functional graph: ``image`` (raw RGB 0-255) -> pixel normalisation ->
     the application's conv base -> ``gap`` (GlobalAveragePooling2D, float32 output). The conv base's
     last feature map (the input of ``gap``) is what class activation maps are computed from.
     """
+
+    #: each application ends in GAP -> Dense(1000): :meth:`build_classifier` builds it
+    has_classifier = True
 
     def __init__(self, name: str, application: str, input_size: int, min_input_size: int,
                  feature_dim: int, mode: str, layers: Mapping[str, FeatureLayer] | None = None):
@@ -58,28 +69,80 @@ class KerasApplicationBackbone(Backbone):
     def build_model(self, weights: str, image_size: int):
         import keras
 
+        image, app = self._application(weights, image_size, include_top=False)
+        features = keras.layers.GlobalAveragePooling2D(name="gap", dtype="float32")(app.output)
+        return keras.Model(image, features, name=self.name)
+
+    def build_classifier(self, weights: str = WEIGHTS_IMAGENET, image_size: int | None = None,
+                         with_features: bool = False):
+        """The application's ImageNet classifier (the :class:`~catsdogs.components.ImageNetClassifier`
+        capability): ``image`` -> its conv base -> ``avg_pool`` (GAP) -> ``predictions``, a
+        Dense to the 1000 logits (``classifier_activation=None``).
+
+        With ``with_features=True`` the model's output is a dict ``{"features": (batch,
+        feature_dim), "logits": (batch, 1000)}`` from one forward pass. The conv base and its
+        features are :meth:`build`'s (``weights="none"``: the same seeded network, the Dense
+        created after it). ImageNet weights come from the application's full weights file (with
+        the classifier), not the ``_notop`` file the feature model reads; Keras downloads it on
+        first use (:meth:`weights_at_hand` says whether it is there)."""
+        import keras
+
+        self.check_weights(weights)
+        size = self.input_size if image_size is None else image_size
+        self.check_image_size(size)
+        if weights == WEIGHTS_NONE:
+            with seeded_initializers(self.seed):
+                image, app = self._application(weights, int(size), include_top=True)
+        else:
+            image, app = self._application(weights, int(size), include_top=True)
+        logits = app.output
+        if not with_features:
+            return keras.Model(image, logits, name=f"{self.name}_classifier")
+        features = app.get_layer("avg_pool").output
+        return keras.Model(image, {"features": features, "logits": logits},
+                           name=f"{self.name}_classifier")
+
+    def weights_file(self, classifier: bool = False) -> str:
+        """The name of the file Keras keeps this application's ImageNet weights in, under
+        ``$KERAS_HOME/models/`` (default ``~/.keras/models/``): the full file (with the
+        classifier) or the ``_notop`` file the feature model reads."""
+        return f"{self.name}_weights_tf_dim_ordering_tf_kernels{'' if classifier else '_notop'}.h5"
+
+    def weights_at_hand(self, weights: str, classifier: bool = False) -> bool:
+        """``imagenet``: True when Keras's weights file is already in its cache folder, so that
+        building needs no download (Keras's own rule: ``$KERAS_HOME``, else ``~/.keras``, else
+        ``/tmp/.keras`` when the home folder is not writable)."""
+        if weights != WEIGHTS_IMAGENET:
+            return super().weights_at_hand(weights, classifier)
+        home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+        folders = [home] if "KERAS_HOME" in os.environ else [home, os.path.join("/tmp", ".keras")]
+        return any(os.path.isfile(os.path.join(folder, "models", self.weights_file(classifier)))
+                   for folder in folders)
+
+    def _application(self, weights: str, image_size: int, include_top: bool):
+        """``(image input, the Keras application on the normalised pixels)``; a weights file
+        that cannot be had is one :class:`CatsdogsError` naming it and what to do."""
+        import keras
+
         from catsdogs.layers import PixelNormalization
 
         image = keras.Input((image_size, image_size, 3), name="image", dtype="float32")
         x = PixelNormalization(name="preprocess", **self._normalization_args())(image)
         app = getattr(keras.applications, self.application)
+        top = {"classifier_activation": None} if include_top else {}
         try:
-            base = app(
-                include_top=False,
-                weights=None if weights == WEIGHTS_NONE else weights,
-                input_tensor=x,
-            )
+            base = app(include_top=include_top, weights=None if weights == WEIGHTS_NONE else weights,
+                       input_tensor=x, **top)
         except Exception as exc:
             if weights == WEIGHTS_NONE:
                 raise
             raise CatsdogsError(
                 f"could not load {weights!r} weights for backbone {self.name!r} "
                 f"({type(exc).__name__}: {exc}). Keras downloads them on first use, which needs "
-                "internet access; offline, copy the weights file into ~/.keras/models/ "
-                "or use --weights none"
+                f"internet access; offline, copy {self.weights_file(include_top)} into "
+                "~/.keras/models/ (or $KERAS_HOME/models/) or use --weights none"
             ) from exc
-        features = keras.layers.GlobalAveragePooling2D(name="gap", dtype="float32")(base.output)
-        return keras.Model(image, features, name=self.name)
+        return image, base
 
 
 BACKBONES = (
