@@ -18,6 +18,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports Te
 import click  # noqa: E402
 
 from catsdogs._version import __version__  # noqa: E402
+from catsdogs.util.tf_log import quiet_tensorflow_import  # noqa: E402
+
+quiet_tensorflow_import()  # TensorFlow's absl start-up lines held to TF_CPP_MIN_LOG_LEVEL too
 from catsdogs.engine import click_options as engine_options  # noqa: E402
 from catsdogs.errors import CatsdogsError  # noqa: E402
 

@@ -1,0 +1,132 @@
+"""TensorFlow's start-up log lines, held to ``TF_CPP_MIN_LOG_LEVEL`` again.
+
+Since TensorFlow logs through absl, loading it prints INFO lines from C++ ("oneDNN custom
+operations are on ...", "Could not find cuda drivers ...", and absl's own "WARNING: All log
+messages before absl::InitializeLog() is called are written to STDERR"), twice, whatever
+``TF_CPP_MIN_LOG_LEVEL`` says (an open upstream bug, tensorflow/tensorflow#100442). The CLI sets
+that variable to 2 and calls :func:`quiet_tensorflow_import`: while ``tensorflow`` is first
+imported, file descriptor 2 goes to a temporary file; afterwards the absl lines below the level
+(I = 0, W = 1, E = 2, F = 3) and absl's notice are logged at DEBUG on the ``catsdogs`` logger,
+and everything else (errors, Python warnings, anything unrecognised) is written to stderr as it
+was. ``TF_CPP_MIN_LOG_LEVEL=0`` keeps every line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.abc
+import importlib.util
+import logging
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+logger = logging.getLogger("catsdogs")
+
+#: an absl log line: severity letter, MMDD, time (before absl is initialised: 00:00: and the
+#: seconds since the epoch), thread id, ``file:line]``
+ABSL_LINE = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ [^\]\s]+:\d+\] ")
+#: what absl prints once before its first line when nothing initialised it
+ABSL_NOTICE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+SEVERITY = {"I": 0, "W": 1, "E": 2, "F": 3}
+
+
+def min_log_level() -> int:
+    """``TF_CPP_MIN_LOG_LEVEL`` as TensorFlow reads it (unset or not a number: 0, every line)."""
+    try:
+        return int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+    except ValueError:
+        return 0
+
+
+def split_lines(text: str, level: int) -> tuple[list[str], list[str]]:
+    """``(kept, held)``: the absl lines of ``text`` below ``level``, and absl's notice when
+    ``level`` >= 1, are held; every other line is kept, in order."""
+    kept: list[str] = []
+    held: list[str] = []
+    for line in text.splitlines(keepends=True):
+        match = ABSL_LINE.match(line)
+        below = match is not None and SEVERITY[match.group(1)] < level
+        notice = level >= 1 and line.strip() == ABSL_NOTICE
+        (held if below or notice else kept).append(line)
+    return kept, held
+
+
+@contextlib.contextmanager
+def stderr_held_to_level(level: int) -> Iterator[None]:
+    """File descriptor 2 captured for the block (C++ writes included); then the lines
+    :func:`split_lines` holds are logged at DEBUG and the others written to ``sys.stderr``."""
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept, held = split_lines(captured.read().decode("utf-8", "replace"), level)
+            for line in held:
+                logger.debug("tensorflow: %s", line.rstrip())
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+class _HeldLoader(importlib.abc.Loader):
+    """The module's own loader, its ``exec_module`` run under :func:`stderr_held_to_level`."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        level = min_log_level()
+        if level < 1:
+            self.loader.exec_module(module)
+            return
+        with stderr_held_to_level(level):
+            self.loader.exec_module(module)
+
+    def __getattr__(self, name: str) -> Any:  # get_resource_reader, is_package, ...
+        return getattr(self.loader, name)
+
+
+class _HeldImportFinder(importlib.abc.MetaPathFinder):
+    """Finds ``names`` as the other finders do and wraps their loaders (:class:`_HeldLoader`)."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.names = frozenset(names)
+        self._finding = False
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in self.names or self._finding:
+            return None
+        self._finding = True
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._finding = False
+        if spec is not None and spec.loader is not None:
+            spec.loader = _HeldLoader(spec.loader)
+        return spec
+
+
+def quiet_tensorflow_import(names: Iterable[str] = ("tensorflow",)) -> None:
+    """Hold TensorFlow's start-up lines to ``TF_CPP_MIN_LOG_LEVEL`` when it is first imported
+    (module docstring); once per process, and nothing once it is imported."""
+    names = tuple(names)
+    if all(name in sys.modules for name in names):
+        return
+    if any(isinstance(f, _HeldImportFinder) and f.names == frozenset(names) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _HeldImportFinder(names))

@@ -1,0 +1,98 @@
+"""TensorFlow's absl start-up lines are held to ``TF_CPP_MIN_LOG_LEVEL`` (catsdogs.util.tf_log).
+
+A real module in a subprocess writes, while it is imported, absl-formatted lines of each
+severity, absl's notice and a plain line straight to file descriptor 2 (as TensorFlow's C++ does),
+then a Python warning; the CLI's hook is installed for it by name. Whether TensorFlow still prints
+such lines is checked by the CLI test (tests/test_cli.py), not here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from catsdogs.util.tf_log import ABSL_NOTICE, split_lines
+
+LINES = {
+    "notice": ABSL_NOTICE,
+    "info": "I0000 00:00:1796541910.612889   18409 port.cc:153] oneDNN custom operations are on.",
+    "warning": "W1203 10:11:12.000001   18409 cpu_feature_guard.cc:227] a warning",
+    "error": "E0000 00:00:1796541913.660813   18409 cuda_platform.cc:52] failed call to cuInit",
+    "plain": "To enable the following instructions: AVX2 FMA",
+}
+
+NOISY = textwrap.dedent(f"""
+    import os
+    import warnings
+
+    for line in {list(LINES.values())!r}:
+        os.write(2, (line + "\\n").encode())
+    warnings.warn("a Python warning while importing", UserWarning)
+    VALUE = 42
+""")
+
+DRIVER = textwrap.dedent("""
+    import importlib.resources, json, logging, sys
+    logging.basicConfig(level=logging.DEBUG, stream=sys.stdout, format="%(message)s")
+    from catsdogs.util.tf_log import quiet_tensorflow_import
+    quiet_tensorflow_import(["noisy_pkg"])
+    quiet_tensorflow_import(["noisy_pkg"])  # once is enough
+    import noisy_pkg
+    print(json.dumps({"value": noisy_pkg.VALUE,
+                      "resource": importlib.resources.files("noisy_pkg").joinpath("data.txt").read_text()}))
+""")
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("site")
+    (root / "noisy_pkg").mkdir()
+    (root / "noisy_pkg" / "__init__.py").write_text(NOISY)
+    (root / "noisy_pkg" / "data.txt").write_text("packaged")
+    return root
+
+
+def _import(site, level: str | None):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
+    if level is not None:
+        env["TF_CPP_MIN_LOG_LEVEL"] = level
+    proc = subprocess.run([sys.executable, "-c", DRIVER], capture_output=True, text=True, env=env,
+                          timeout=120, check=True)
+    *debug, result = proc.stdout.strip().splitlines()
+    return proc.stderr, "\n".join(debug), json.loads(result)
+
+
+@pytest.mark.parametrize("level, shown", [
+    ("2", {"error", "plain"}),
+    ("1", {"warning", "error", "plain"}),
+    ("3", {"plain"}),
+    ("0", set(LINES)),
+    (None, set(LINES)),  # unset: TensorFlow shows everything, so do we
+])
+def test_lines_below_the_level_are_held_and_logged_at_debug(site, level, shown):
+    stderr, debug, result = _import(site, level)
+    assert result == {"value": 42, "resource": "packaged"}  # the module and its loader work
+    for key, line in LINES.items():
+        if key in shown:
+            assert line in stderr and line not in debug, (key, stderr)
+        else:
+            assert line not in stderr and f"tensorflow: {line}" in debug, (key, stderr, debug)
+    assert "a Python warning while importing" in stderr
+    # what is shown keeps its order
+    positions = [stderr.index(LINES[k]) for k in LINES if k in shown]
+    assert positions == sorted(positions)
+
+
+def test_split_lines():
+    text = "".join(line + "\n" for line in LINES.values())
+    kept, held = split_lines(text, 2)
+    assert [ln.rstrip() for ln in held] == [LINES["notice"], LINES["info"], LINES["warning"]]
+    assert [ln.rstrip() for ln in kept] == [LINES["error"], LINES["plain"]]
+    assert split_lines("no newline at the end", 3) == (["no newline at the end"], [])
+    assert split_lines(text, 0) == (text.splitlines(keepends=True), [])
