@@ -56,6 +56,21 @@ class EfficientNetLite(Backbone):
             return f"imagenet-pth{sha[:12]}-k{CONVERSION_VERSION}"
         return super().weights_id(weights)
 
+    def weights_at_hand(self, weights: str, classifier: bool = False) -> bool:
+        """``imagenet``: True when the weights package with the ``.pth`` file is installed (the
+        feature model and the classifier read the same file)."""
+        if weights != WEIGHTS_IMAGENET:
+            return weights in self.weights_options
+        from catsdogs.errors import CatsdogsError
+
+        from .weights import checkpoint_path
+
+        try:
+            checkpoint_path(self.name)
+        except CatsdogsError:
+            return False
+        return True
+
     def build_model(self, weights: str, image_size: int):
         return self._build(weights, image_size, "features")
 

