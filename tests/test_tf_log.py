@@ -96,3 +96,17 @@ def test_split_lines():
     assert [ln.rstrip() for ln in kept] == [LINES["error"], LINES["plain"]]
     assert split_lines("no newline at the end", 3) == (["no newline at the end"], [])
     assert split_lines(text, 0) == (text.splitlines(keepends=True), [])
+
+
+def test_without_a_temporary_file_nothing_is_held(monkeypatch, capfd):
+    import tempfile
+
+    from catsdogs.util import tf_log
+
+    def no_tmp(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", no_tmp)
+    with tf_log.stderr_held_to_level(2):
+        os.write(2, (LINES["info"] + "\n").encode())
+    assert LINES["info"] in capfd.readouterr().err

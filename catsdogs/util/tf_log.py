@@ -61,8 +61,13 @@ def stderr_held_to_level(level: int) -> Iterator[None]:
     :func:`split_lines` holds are logged at DEBUG and the others written to ``sys.stderr``."""
     with contextlib.suppress(Exception):
         sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
+    try:
+        captured = tempfile.TemporaryFile()
+    except OSError:  # no writable temporary folder: hold nothing back
+        yield
+        return
+    with captured:
+        saved = os.dup(2)
         os.dup2(captured.fileno(), 2)
         try:
             yield
