@@ -318,7 +318,18 @@ class Backbone(abc.ABC):
             "feature_layers": {name: fl.channels for name, fl in self.feature_layers().items()},
             "preprocessing": self.preprocessing,
             "weights": list(self.weights_options),
+            "weights_at_hand": [o for o in self.weights_options if self._at_hand(o)],
+            "classifier": has_imagenet_classifier(self),
+            "top_split": has_top_split(self),
         }
+
+    def _at_hand(self, weights: str) -> bool:
+        """:meth:`weights_at_hand` for the listing: a plugin whose check fails is listed as
+        not having them, not as a broken listing."""
+        try:
+            return self.weights_at_hand(weights) is True
+        except Exception:
+            return False
 
 
 class SearchSpace:

