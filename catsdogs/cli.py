@@ -99,6 +99,14 @@ def plugins(as_json: bool) -> None:
             click.echo(f"CONFLICT: {kind[:-1]} {name!r} registered by {' and '.join(owners)}")
     for reason in unavailable.values():
         click.echo(f"UNAVAILABLE: {reason}")
+    backbones = [b for b in registry.to_dict()["backbones"] if "error" not in b]
+    for label, chosen in (
+            ("own ImageNet classifier (imagenet_prior, audit)", [b for b in backbones if b["classifier"]]),
+            ("top split (finetune)", [b for b in backbones if b["top_split"]]),
+            ("weights downloaded on first use", [b for b in backbones
+                                                 if set(b["weights"]) - set(b["weights_at_hand"])])):
+        if chosen:
+            click.echo(f"{label}: {', '.join(b['name'] for b in chosen)}")
     click.echo("extras: " + ", ".join(
         f"{extra} ({'installed' if s['installed'] else 'missing'})" for extra, s in extras.items()))
 

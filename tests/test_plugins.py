@@ -205,10 +205,18 @@ def test_cli_plugins_with_entry_point_and_broken_plugin(site):
     install_fake_dist(site, "catsdogs-tiny", "1.2.3", {"catsdogs_tiny": TINY_PLUGIN}, {"tiny": "catsdogs_tiny"})
     install_fake_dist(site, "catsdogs-broken", "0.1", {"catsdogs_broken": BROKEN_IMPORT},
                       {"broken": "catsdogs_broken"})
-    env = {"PYTHONPATH": str(site)}
+    env = {"PYTHONPATH": str(site), "KERAS_HOME": str(site / "no-keras-weights")}
     proc = run_cli("plugins", env=env)
     assert proc.returncode == 0, proc.stderr
     assert "tiny 1.2.3 (entry point)" in proc.stdout and "tiny_cnn" in proc.stdout
+    # what each backbone can do, and which weights are a download (none of the Keras ones here)
+    lines = dict(line.split(": ", 1) for line in proc.stdout.splitlines()
+                 if line.startswith(("own ImageNet classifier", "weights downloaded")))
+    classifier = lines["own ImageNet classifier (imagenet_prior, audit)"].split(", ")
+    download = lines["weights downloaded on first use"].split(", ")
+    assert {"resnet50", "xception"} <= set(classifier) and "tiny_cnn" not in classifier
+    assert {"resnet50", "inception_v3", "xception", "inception_resnet_v2"} <= set(download)
+    assert "tiny_cnn" not in download and not any(n.startswith("efficientnet") for n in download)
     assert "broken" in proc.stdout and "FAILED" in proc.stdout
     assert "needs libfoo" in proc.stderr  # reported once as a warning
     assert "Traceback" not in proc.stderr
