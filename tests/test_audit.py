@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -163,19 +165,28 @@ def test_classifier_selection(registry, tmp_path, monkeypatch):
         find_classifier(no_keras)
 
     # the default: the first (by name) whose classifier weights are at hand, else the first
+    from catsdogs.builtin.keras_backbones import keras_models_dir
+
+    models = tmp_path / "keras" / "models"
+    models.mkdir(parents=True)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    assert keras_models_dir() == str(models)  # Keras's own folder for the downloads
     with_classifier = [n for n in registry.names("backbones") if registry.backbone(n).has_classifier]
     assert plain not in with_classifier and {"resnet50", "xception", "tiny_classifier"} <= set(with_classifier)
     assert find_classifier(registry, weights="none").name == with_classifier[0]
     at_hand = [n for n in with_classifier if n.startswith("efficientnet_lite")]  # shipped weights
     assert find_classifier(registry).name == (at_hand or with_classifier)[0]
-    models = tmp_path / "keras" / "models"
-    models.mkdir(parents=True)
     (models / "xception_weights_tf_dim_ordering_tf_kernels_notop.h5").write_bytes(b"")
     assert not registry.backbone("xception").weights_at_hand("imagenet", classifier=True)
     assert registry.backbone("xception").weights_at_hand("imagenet")
     (models / "xception_weights_tf_dim_ordering_tf_kernels.h5").write_bytes(b"")
     assert find_classifier(registry).name == (at_hand or ["xception"])[0]
+    # Keras itself takes that file without a download (its origin here is unreachable)
+    probe = ("import keras; print(keras.utils.get_file('xception_weights_tf_dim_ordering_tf_kernels.h5', "
+             "origin='http://127.0.0.1:9/unreachable.h5', cache_subdir='models'))")
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "KERAS_HOME": str(tmp_path / "keras")}, check=True)
+    assert found.stdout.strip().splitlines()[-1] == str(models / "xception_weights_tf_dim_ordering_tf_kernels.h5")
     assert not registry.backbone("tiny_classifier").weights_at_hand("imagenet", classifier=True)
 
 

@@ -205,6 +205,7 @@ def test_cli_plugins_with_entry_point_and_broken_plugin(site):
     install_fake_dist(site, "catsdogs-tiny", "1.2.3", {"catsdogs_tiny": TINY_PLUGIN}, {"tiny": "catsdogs_tiny"})
     install_fake_dist(site, "catsdogs-broken", "0.1", {"catsdogs_broken": BROKEN_IMPORT},
                       {"broken": "catsdogs_broken"})
+    (site / "no-keras-weights").mkdir(exist_ok=True)  # Keras's folder, writable and empty
     env = {"PYTHONPATH": str(site), "KERAS_HOME": str(site / "no-keras-weights")}
     proc = run_cli("plugins", env=env)
     assert proc.returncode == 0, proc.stderr

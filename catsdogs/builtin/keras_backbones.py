@@ -19,6 +19,21 @@ from catsdogs.hookspecs import hookimpl
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
+def keras_models_dir() -> str:
+    """The folder ``keras.utils.get_file`` keeps the applications' weights in, by Keras's own
+    rule: ``$KERAS_HOME`` (else ``~/.keras``, or ``/tmp/.keras`` when the home folder is not
+    writable), replaced by ``/tmp/.keras`` when it is not writable, then ``models/``."""
+    if "KERAS_HOME" in os.environ:
+        home = os.environ["KERAS_HOME"]
+    else:
+        user = os.path.expanduser("~")
+        home = os.path.join(user if os.access(user, os.W_OK) else "/tmp", ".keras")
+    base = os.path.expanduser(home)
+    if not os.access(base, os.W_OK):
+        base = os.path.join("/tmp", ".keras")
+    return os.path.join(base, "models")
+
+
 class _NormalizationArgs(TypedDict):
     """Keyword arguments of :class:`catsdogs.layers.PixelNormalization`."""
 
@@ -109,15 +124,11 @@ class KerasApplicationBackbone(Backbone):
         return f"{self.name}_weights_tf_dim_ordering_tf_kernels{'' if classifier else '_notop'}.h5"
 
     def weights_at_hand(self, weights: str, classifier: bool = False) -> bool:
-        """``imagenet``: True when Keras's weights file is already in its cache folder, so that
-        building needs no download (Keras's own rule: ``$KERAS_HOME``, else ``~/.keras``, else
-        ``/tmp/.keras`` when the home folder is not writable)."""
+        """``imagenet``: True when Keras's weights file is already where Keras looks for it, so
+        that building needs no download (:func:`keras_models_dir`)."""
         if weights != WEIGHTS_IMAGENET:
             return super().weights_at_hand(weights, classifier)
-        home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-        folders = [home] if "KERAS_HOME" in os.environ else [home, os.path.join("/tmp", ".keras")]
-        return any(os.path.isfile(os.path.join(folder, "models", self.weights_file(classifier)))
-                   for folder in folders)
+        return os.path.isfile(os.path.join(keras_models_dir(), self.weights_file(classifier)))
 
     def _application(self, weights: str, image_size: int, include_top: bool):
         """``(image input, the Keras application on the normalised pixels)``; a weights file
