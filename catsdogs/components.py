@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import logging
 import math
 import numbers
 import re
@@ -318,18 +319,10 @@ class Backbone(abc.ABC):
             "feature_layers": {name: fl.channels for name, fl in self.feature_layers().items()},
             "preprocessing": self.preprocessing,
             "weights": list(self.weights_options),
-            "weights_at_hand": [o for o in self.weights_options if self._at_hand(o)],
+            "weights_at_hand": [o for o in self.weights_options if weights_at_hand(self, o)],
             "classifier": has_imagenet_classifier(self),
             "top_split": has_top_split(self),
         }
-
-    def _at_hand(self, weights: str) -> bool:
-        """:meth:`weights_at_hand` for the listing: a plugin whose check fails is listed as
-        not having them, not as a broken listing."""
-        try:
-            return self.weights_at_hand(weights) is True
-        except Exception:
-            return False
 
 
 class SearchSpace:
@@ -381,6 +374,19 @@ class ImageNetClassifier(Protocol):
 
     def build_classifier(self, weights: str = WEIGHTS_IMAGENET, image_size: int | None = None,
                          with_features: bool = False) -> keras.Model: ...
+
+
+def weights_at_hand(backbone: Any, weights: str, classifier: bool = False) -> bool:
+    """``backbone.weights_at_hand(weights, classifier)`` (no download needed) as a listing or a
+    default choice may rely on it: a plugin whose check raises or answers something other than
+    True counts as not having them (logged), and is not a failure of the caller."""
+    try:
+        return backbone.weights_at_hand(weights, classifier) is True
+    except Exception as exc:
+        logging.getLogger("catsdogs").warning(
+            "backbone %r: weights_at_hand(%r) failed (%s: %s); counted as not at hand",
+            getattr(backbone, "name", backbone), weights, type(exc).__name__, exc)
+        return False
 
 
 def has_imagenet_classifier(backbone: Any) -> bool:

@@ -190,6 +190,25 @@ def test_classifier_selection(registry, tmp_path, monkeypatch):
     assert not registry.backbone("tiny_classifier").weights_at_hand("imagenet", classifier=True)
 
 
+def test_a_plugin_whose_weights_check_raises_is_passed_over(registry, caplog):
+    """weights_at_hand is a plugin's code: if it raises, the audit's default skips that backbone
+    (logged), and the listing shows it without weights at hand; neither fails."""
+    from catsdogs.testing import TinyClassifier
+
+    class Broken(TinyClassifier):
+        name = "aaa_broken_check"  # first by name
+
+        def weights_at_hand(self, weights, classifier=False):
+            raise RuntimeError("cannot look")
+
+    broken = Broken()
+    with registry.temporarily("backbones", broken, "test"):
+        assert find_classifier(registry, weights="none").name != broken.name
+        assert "cannot look" in caplog.text
+        entry = next(b for b in registry.to_dict()["backbones"] if b["name"] == broken.name)
+        assert entry["weights_at_hand"] == [] and entry["classifier"] is True
+
+
 def test_bad_options_are_config_errors(audit_data, registry):
     with pytest.raises(DataError, match="does not exist"):
         audit(audit_data / "missing", registry=registry, **FAST)

