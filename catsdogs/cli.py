@@ -18,11 +18,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports Te
 import click  # noqa: E402
 
 from catsdogs._version import __version__  # noqa: E402
+from catsdogs.engine import click_options as engine_options  # noqa: E402
+from catsdogs.errors import CatsdogsError  # noqa: E402
 from catsdogs.util.tf_log import quiet_tensorflow_import  # noqa: E402
 
 quiet_tensorflow_import()  # TensorFlow's absl start-up lines held to TF_CPP_MIN_LOG_LEVEL too
-from catsdogs.engine import click_options as engine_options  # noqa: E402
-from catsdogs.errors import CatsdogsError  # noqa: E402
 
 #: OS errors about a path the user gave (a file where a folder must be, no permission, read-only
 #: or full disk): one ``Error:`` line naming the path, not a traceback
