@@ -208,9 +208,16 @@ def check_backbone_attributes(backbone: Backbone, image_size: int | None = None,
         c.check(isinstance(backbone.weights_at_hand(option), bool),
                 f"weights_at_hand({option!r}) must be a bool")
     if backbone.has_classifier:
-        c.check(callable(getattr(backbone, "build_classifier", None)),
-                "has_classifier is True but there is no build_classifier() "
-                "(the catsdogs.components.ImageNetClassifier capability)")
+        _classifier_builder(c, backbone)
+
+
+def _classifier_builder(c: _Checker, backbone: Backbone) -> Callable[..., Any]:
+    """A backbone with ``has_classifier`` set: its ``build_classifier``, or the check fails."""
+    build = getattr(backbone, "build_classifier", None)
+    if not callable(build):
+        c.fail("has_classifier is True but there is no build_classifier() "
+               "(the catsdogs.components.ImageNetClassifier capability)")
+    return build
 
 
 def check_backbone_weights_ids(backbone: Backbone, image_size: int | None = None,
@@ -346,10 +353,7 @@ def check_backbone_classifier(backbone: Backbone, image_size: int | None = None,
     c = _Checker("backbone", backbone)
     size = backbone.min_input_size if image_size is None else image_size
     where = f"build_classifier({weights!r}, {size})"
-    build = getattr(backbone, "build_classifier", None)
-    if not callable(build):
-        c.fail("has_classifier is True but there is no build_classifier() "
-               "(the catsdogs.components.ImageNetClassifier capability)")
+    build = _classifier_builder(c, backbone)
     try:
         plain = build(weights, size)
         both = build(weights, size, with_features=True)
