@@ -271,6 +271,26 @@ class Backbone(abc.ABC):
                 f"(minimum {self.min_input_size}, default {self.input_size})"
             )
 
+    def checked_size(self, weights: str, image_size: int | None = None) -> int:
+        """The input size a model built with these arguments takes: ``weights`` checked
+        (:meth:`check_weights`), then ``image_size`` (default :attr:`input_size`) checked
+        (:meth:`check_image_size`). Every builder of this backbone's networks (:meth:`build`, a
+        classifier, a split) starts with it, so all refuse the same arguments the same way."""
+        self.check_weights(weights)
+        size = self.input_size if image_size is None else image_size
+        self.check_image_size(size)
+        return int(size)
+
+    @contextlib.contextmanager
+    def seeded_for(self, weights: str) -> Iterator[None]:
+        """Build inside this block to make ``weights="none"`` the same network in every process
+        (:func:`seeded_initializers` with :attr:`seed`); other weights are left as they are."""
+        if weights == WEIGHTS_NONE:
+            with seeded_initializers(self.seed):
+                yield
+        else:
+            yield
+
     def build(self, weights: str = WEIGHTS_IMAGENET, image_size: int | None = None,
               layers: Sequence[str] = ()) -> keras.Model:
         """Build the feature model. ``weights="none"`` gives the same network in every process.
@@ -278,16 +298,10 @@ class Backbone(abc.ABC):
         ``layers`` (names from :meth:`feature_layers`): the model's output is the usual features
         followed by each layer's global-average-pooled output, in network order, concatenated
         (one forward pass; a single-output model, so it saves, exports and quantises as usual)."""
-        self.check_weights(weights)
-        size = self.input_size if image_size is None else image_size
-        self.check_image_size(size)
-        size = int(size)
+        size = self.checked_size(weights, image_size)
         layers = self.check_layers(layers)
-        if weights != WEIGHTS_NONE:
+        with self.seeded_for(weights):
             model = self.build_model(weights, size)
-        else:
-            with seeded_initializers(self.seed):
-                model = self.build_model(weights, size)
         return self._with_layers(model, layers) if layers else model
 
     def _with_layers(self, model: keras.Model, layers: Sequence[str]) -> keras.Model:

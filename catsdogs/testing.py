@@ -45,6 +45,7 @@ from catsdogs.components import (
     Head,
     Optimizer,
     component_name,
+    has_top_split,
     trains_on_maps,
     uses_classifier,
 )
@@ -238,12 +239,28 @@ def check_backbone_weights_ids(backbone: Backbone, image_size: int | None = None
 
 def check_backbone_rejects_bad_arguments(backbone: Backbone, image_size: int | None = None,
                                          weights: str = WEIGHTS_NONE) -> None:
-    """Unknown weights and too small images are a :class:`ConfigError`."""
+    """Unknown weights and too small images are a :class:`ConfigError` (:meth:`check_weights`,
+    :meth:`check_image_size`), and the optional builders (``build_classifier``, ``split_top``)
+    refuse them as :meth:`build` does, before building anything
+    (:meth:`~catsdogs.components.Backbone.checked_size`)."""
     c = _Checker("backbone", backbone)
     c.raises(ConfigError, lambda: backbone.check_weights("bogus"),
              "check_weights('bogus') must raise ConfigError")
-    c.raises(ConfigError, lambda: backbone.check_image_size(backbone.min_input_size - 1),
-             f"check_image_size(min_input_size - 1 = {backbone.min_input_size - 1}) must raise ConfigError")
+    small = backbone.min_input_size - 1
+    c.raises(ConfigError, lambda: backbone.check_image_size(small),
+             f"check_image_size(min_input_size - 1 = {small}) must raise ConfigError")
+    size = backbone.min_input_size if image_size is None else image_size
+    builders: list[tuple[str, Callable[..., Any]]] = []
+    if backbone.has_classifier:
+        builders.append(("build_classifier", _classifier_builder(c, backbone)))
+    if has_top_split(backbone):
+        builders.append(("split_top", backbone.split_top))  # type: ignore[attr-defined]
+    for name, build in builders:
+        c.raises(ConfigError, lambda build=build: build("bogus", size),
+                 f"{name}('bogus', {size}) must raise ConfigError, as build() does")
+        c.raises(ConfigError, lambda build=build: build(weights, small),
+                 f"{name}({weights!r}, min_input_size - 1 = {small}) must raise ConfigError, "
+                 "as build() does")
 
 
 def _build_backbone(c: _Checker, backbone: Backbone, weights: str, size: int) -> keras.Model:
@@ -520,13 +537,9 @@ class TinyClassifier(Backbone):
 
     def build_classifier(self, weights: str = WEIGHTS_NONE, image_size: int | None = None,
                          with_features: bool = False) -> keras.Model:
-        from catsdogs.components import seeded_initializers
-
-        self.check_weights(weights)
-        size = self.input_size if image_size is None else image_size
-        self.check_image_size(size)
-        with seeded_initializers(self.seed):
-            return self._build(int(size), with_features)
+        size = self.checked_size(weights, image_size)
+        with self.seeded_for(weights):
+            return self._build(size, with_features)
 
     def _build(self, size: int, with_features: bool, features_only: bool = False) -> keras.Model:
         import keras

@@ -84,8 +84,10 @@ def test_imagenet_weights_offline_message(kaggle_dir, cache_dir, tmp_path):
            "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
     proc = run_cli("extract", str(kaggle_dir), "-b", "resnet50", "--image-size", "32", "--no-progress",
                    env=env, timeout=120)
+    # the folder named is the one Keras reads ($KERAS_HOME/models, which Keras's import creates)
     _assert_clean_error(proc, "could not load 'imagenet' weights for backbone 'resnet50'", "--weights none",
-                        "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5")
+                        "copy resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5 into "
+                        f"{tmp_path / 'keras' / 'models'} ")
     # the classifier (audit, imagenet_prior) reads the full weights file, with the Dense(1000)
     proc = run_cli("audit", str(kaggle_dir), "--classifier", "resnet50", "--image-size", "32",
                    "--out", str(tmp_path / "audit"), "--no-progress", env=env, timeout=120)

@@ -502,6 +502,22 @@ def test_check_backbone_catches_a_classifier_on_other_features():
         check_backbone_classifier(OwnFeaturesClassifier())
 
 
+def test_check_backbone_catches_a_classifier_that_skips_the_size_check():
+    """A classifier must refuse what build() refuses (Backbone.checked_size), before building."""
+    from catsdogs.testing import TinyClassifier, check_backbone_rejects_bad_arguments
+
+    class UncheckedSize(TinyClassifier):
+        def build_classifier(self, weights="none", image_size=None, with_features=False):
+            self.check_weights(weights)
+            with self.seeded_for(weights):
+                return self._build(image_size or self.input_size, with_features)
+
+    check_backbone_rejects_bad_arguments(TinyClassifier())
+    with pytest.raises(AssertionError, match=r"build_classifier\('none', min_input_size - 1 = 7\) "
+                                             "must raise ConfigError"):
+        check_backbone_rejects_bad_arguments(UncheckedSize())
+
+
 PLUGIN_REPO_TEST = """
 import numpy as np
 from catsdogs.components import Head
@@ -560,3 +576,4 @@ def test_fixtures_ship_as_a_pytest_plugin(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "8 passed" in proc.stdout, proc.stdout  # 7 head checks + the fixtures test
+

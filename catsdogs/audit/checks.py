@@ -359,9 +359,7 @@ def audit(
     ds = open_dataset(data_dir)
     registry = registry or get_registry()
     backbone = find_classifier(registry, classifier, weights)
-    backbone.check_weights(weights)
-    size = backbone.input_size if image_size is None else image_size
-    backbone.check_image_size(size)
+    size = backbone.checked_size(weights, image_size)
 
     records = ds.train
     audits = [ImageAudit(r.relpath, LABEL_NAMES[r.label]) for r in records]

@@ -11,7 +11,6 @@ from catsdogs.components import (
     WEIGHTS_NONE,
     Backbone,
     FeatureLayer,
-    seeded_initializers,
 )
 from catsdogs.errors import CatsdogsError
 from catsdogs.hookspecs import hookimpl
@@ -102,14 +101,9 @@ class KerasApplicationBackbone(Backbone):
         first use (:meth:`weights_at_hand` says whether it is there)."""
         import keras
 
-        self.check_weights(weights)
-        size = self.input_size if image_size is None else image_size
-        self.check_image_size(size)
-        if weights == WEIGHTS_NONE:
-            with seeded_initializers(self.seed):
-                image, app = self._application(weights, int(size), include_top=True)
-        else:
-            image, app = self._application(weights, int(size), include_top=True)
+        size = self.checked_size(weights, image_size)
+        with self.seeded_for(weights):
+            image, app = self._application(weights, size, include_top=True)
         logits = app.output
         if not with_features:
             return keras.Model(image, logits, name=f"{self.name}_classifier")
@@ -151,7 +145,8 @@ class KerasApplicationBackbone(Backbone):
                 f"could not load {weights!r} weights for backbone {self.name!r} "
                 f"({type(exc).__name__}: {exc}). Keras downloads them on first use, which needs "
                 f"internet access; offline, copy {self.weights_file(include_top)} into "
-                "~/.keras/models/ (or $KERAS_HOME/models/) or use --weights none"
+                f"{keras_models_dir()} (Keras's folder: $KERAS_HOME/models, else "
+                "~/.keras/models) or use --weights none"
             ) from exc
         return image, base
 

@@ -471,10 +471,8 @@ def extract(
     specs = []
     for name in names:  # validate everything before computing anything
         backbone = registry.backbone(name)
-        backbone.check_weights(weights)
-        size = backbone.input_size if image_size is None else image_size
-        backbone.check_image_size(size)
-        specs.append((backbone, size, backbone.check_layers(layers)))
+        specs.append((backbone, backbone.checked_size(weights, image_size),
+                      backbone.check_layers(layers)))
 
     if dataset is None:  # a caller passing the dataset reports its ignored files itself
         dataset = open_dataset(data_dir)

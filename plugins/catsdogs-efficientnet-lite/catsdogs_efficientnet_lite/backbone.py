@@ -7,7 +7,6 @@ from catsdogs.components import (
     WEIGHTS_NONE,
     Backbone,
     FeatureLayer,
-    seeded_initializers,
 )
 
 from .architecture import MEAN_RGB, NUM_CLASSES, STDDEV_RGB, VARIANTS, Variant
@@ -82,14 +81,9 @@ class EfficientNetLite(Backbone):
         ``{"features": (batch, 1280), "logits": (batch, 1000)}``. ``weights="none"`` gives the
         seeded random network whose convolutional part equals :meth:`build`'s.
         """
-        self.check_weights(weights)
-        size = self.input_size if image_size is None else image_size
-        self.check_image_size(size)
-        outputs = "both" if with_features else "logits"
-        if weights == WEIGHTS_NONE:
-            with seeded_initializers(self.seed):
-                return self._build(weights, int(size), outputs)
-        return self._build(weights, int(size), outputs)
+        size = self.checked_size(weights, image_size)
+        with self.seeded_for(weights):
+            return self._build(weights, size, "both" if with_features else "logits")
 
     def split_top(self, weights: str = WEIGHTS_IMAGENET, image_size: int | None = None,
                   blocks: int = 1):
@@ -107,9 +101,9 @@ class EfficientNetLite(Backbone):
         if isinstance(blocks, bool) or not isinstance(blocks, int) or not 1 <= blocks <= n:
             raise ConfigError(f"backbone {self.name!r}: blocks to fine-tune must be an int in "
                               f"1..{n}, got {blocks!r}")
-        size = self.input_size if image_size is None else image_size
+        size = self.checked_size(weights, image_size)
         full = self.build(weights, size)
-        bottom, top = build_split(self.variant, int(size), blocks)
+        bottom, top = build_split(self.variant, size, blocks)
         copy_weights_by_name(full, (bottom, top))
         return bottom, top
 
