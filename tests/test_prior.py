@@ -16,7 +16,7 @@ import pytest
 from export_fixtures import predict_photos, submitted_vs_ranked, tiny_env, tiny_experiment
 
 from catsdogs.audit.imagenet import CAT_CLASSES, DOG_CLASSES
-from catsdogs.errors import ConfigError
+from catsdogs.errors import CatsdogsError, ConfigError
 from catsdogs.testing import TinyClassifier, TinyTopSplit
 
 TOL = 1e-3
@@ -56,9 +56,26 @@ class TwoWeightsClassifier(TinyClassifier):
         return f"{weights}-seed{self.seed}"
 
 
+class UnreachableClassifier(TinyClassifier):
+    """Its features are at hand, its classifier's weights are not and cannot be had: building the
+    classifier fails as a Keras download does offline (and says so in ``built``)."""
+
+    name = "catsdogs_testing_classifier_unreachable"
+    built: list[str] = []
+
+    def weights_at_hand(self, weights, classifier=False):
+        return not classifier
+
+    def build_classifier(self, weights="none", image_size=None, with_features=False):
+        self.built.append(weights)
+        raise CatsdogsError(f"could not load {weights!r} weights for backbone {self.name!r} "
+                            "(test: no network)")
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    backbones = [TinyClassifier(), OtherClassifier(), TinyTopSplit(), TwoWeightsClassifier()]
+    backbones = [TinyClassifier(), OtherClassifier(), TinyTopSplit(), TwoWeightsClassifier(),
+                 UnreachableClassifier()]
     with tiny_env(tmp_path_factory, "prior", backbones) as env:
         yield env
 
@@ -375,3 +392,24 @@ def test_backbones_with_other_weights_each_give_their_own_classifier(env):
         np.testing.assert_array_equal(kernel, species_weights(registry.backbone(name), weights)[0])
     assert not np.allclose(species_weights(registry.backbone(two), "alt")[0],
                            species_weights(registry.backbone(two), "none")[0])
+
+
+def test_classifier_weights_that_cannot_be_had_fail_before_extraction(env):
+    """A prior run's classifier whose weights are not at hand is built before any feature is
+    extracted: a download that fails stops the experiment in seconds, with its message, and no
+    feature file is written; classifiers at hand are left to the runs."""
+    from catsdogs.runs.runner import fetch_classifiers, plan_runs, run_experiment
+
+    cache = env["root"] / "cache-unreachable"
+    exp = _experiment(env, "unreachable", cache_dir=str(cache),
+                      backbones=[CLS, UnreachableClassifier.name],
+                      heads=["dropout_sigmoid", "imagenet_prior"])
+    UnreachableClassifier.built.clear()
+    with pytest.raises(CatsdogsError, match="could not load 'none' weights for backbone "
+                                            f"'{UnreachableClassifier.name}'"):
+        run_experiment(exp, progress=False)
+    assert UnreachableClassifier.built == ["none"]
+    assert not [p for p in cache.rglob("*") if p.is_file()], "extraction began before the check"
+    # at hand (TinyClassifier): nothing is built ahead of the runs
+    assert fetch_classifiers(plan_runs(_experiment(env, "at-hand")), _experiment(env, "at-hand"),
+                             env["registry"]) == []

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from catsdogs._version import __version__
-from catsdogs.components import trains_on_maps, uses_classifier
+from catsdogs.components import trains_on_maps, uses_classifier, weights_at_hand
 from catsdogs.compute import LOCAL_NODE
 from catsdogs.errors import DataError
 from catsdogs.evaluation.metrics import PairedStats
@@ -154,6 +154,26 @@ def run_head_params(spec: RunSpec, experiment: Experiment, registry) -> dict[str
         params.update(backbone=name, weights=backbone.weights,
                       image_size=int(backbone.image_size or registry.backbone(name).input_size))
     return params
+
+
+def fetch_classifiers(specs, experiment: Experiment, registry) -> list[str]:
+    """Build now each ImageNet classifier that a run of ``specs`` will read (a head with
+    ``uses_classifier``) and whose weights are not at hand (``weights_at_hand(weights,
+    classifier=True)``: a Keras application's full weights file, which the feature model does not
+    read, is downloaded on first use). A download that cannot be made then fails in seconds,
+    naming the file, rather than after the features are extracted; one that succeeds is not
+    made again. Classifiers at hand are left to the runs. Returns the backbones built."""
+    needed = sorted({(name, experiment.backbone(name).weights) for spec in specs
+                     if uses_classifier(registry.head(spec.head.name)) for name in spec.combination})
+    built = []
+    for name, weights in needed:
+        backbone = registry.backbone(name)
+        if not weights_at_hand(backbone, weights, classifier=True):
+            logger.info("fetching the ImageNet classifier of %s (%s weights) before extraction",
+                        name, weights)
+            backbone.build_classifier(weights)
+            built.append(name)
+    return built
 
 
 def wanted_maps(specs, registry) -> dict[str, tuple[str, int]]:
@@ -531,6 +551,7 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
     write_json(out / "experiment.json", experiment.to_dict())
 
     dataset = open_dataset(experiment.data)
+    fetch_classifiers(plan, experiment, registry)  # a download that fails, fails before extraction
     engine = engine or EngineSpec(experiment.engine, experiment.ray_address)
     with (open_engine(engine) if isinstance(engine, EngineSpec) else contextlib.nullcontext(engine)
           ) as compute_engine:
