@@ -168,10 +168,10 @@ def fit_group(members: Sequence[Member], blocks: Mapping[str, np.ndarray], y: An
     for i, member in enumerate(members):
         if not member.combination:
             raise ConfigError(f"fit_group: member {i} has an empty combination")
-        width = sum(arrays[b].shape[1] for b in member.combination)
+        widths = _block_widths(arrays, member.combination)
+        width = sum(w for _, w in widths)
         if groupable(member.head):
             head: Any = member.head  # a KerasHead (core never imports catsdogs.builtin)
-            widths = [(b, arrays[b].shape[1]) for b in member.combination]
             model = head._group_model(widths, lambda b: arrays[b][train_rows], member.optimizer,
                                       seed)
             terms = head._group_terms(model, widths)
@@ -470,10 +470,10 @@ def predict_group(heads: Sequence[Head], combinations: Sequence[Sequence[str]],
     for i, (head, combination) in enumerate(zip(heads, combinations, strict=True)):
         wanted = head.can_fit_grouped() and (only is None or only[i])
         shape = terms = None
+        widths = _block_widths(blocks, combination)
         if wanted:
             model = head._fitted_model()  # type: ignore[attr-defined]
-            terms = head._group_terms(  # type: ignore[attr-defined]
-                model, [(b, blocks[b].shape[1]) for b in combination])  # type: ignore[union-attr]
+            terms = head._group_terms(model, widths)  # type: ignore[attr-defined]
             shape = _dropout_dense(model) if terms is None else (terms.dropout, terms.dense)
         extras.append(terms)
         if shape is None:
@@ -483,8 +483,7 @@ def predict_group(heads: Sequence[Head], combinations: Sequence[Sequence[str]],
         dense = shape[1]
         kernel, bias = (np.asarray(w, np.float32) for w in dense.get_weights())
         offset = 0
-        for name in combination:
-            width = blocks[name].shape[1]  # type: ignore[union-attr]
+        for name, width in widths:
             parts.setdefault(name, []).append((i, kernel[offset:offset + width]))
             offset += width
         if offset != kernel.shape[0]:
@@ -510,6 +509,12 @@ def predict_group(heads: Sequence[Head], combinations: Sequence[Sequence[str]],
             output = _with_terms(terms, output, blocks, index, computed)
         out.append(np.asarray(head._dog_probability(output), np.float64))  # type: ignore[attr-defined]
     return out
+
+
+def _block_widths(blocks: Mapping[str, Any], combination: Sequence[str]) -> list[tuple[str, int]]:
+    """``(backbone, width)`` of each block of ``combination``, in its column order: what a head's
+    ``_group_model`` / ``_group_terms`` are given."""
+    return [(name, int(blocks[name].shape[1])) for name in combination]
 
 
 def _with_terms(terms: GroupTerms, z: np.ndarray, blocks: Mapping[str, Any], index, computed
