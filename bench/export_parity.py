@@ -29,6 +29,9 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from catsdogs.util.tf_log import quiet_tensorflow_import  # noqa: E402
+
+quiet_tensorflow_import()  # its absl start-up lines held to that level too (as the CLI does)
 
 
 def main(argv=None) -> int:
