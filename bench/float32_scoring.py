@@ -76,7 +76,7 @@ def float32_blocks(aligned, digests: dict[str, str], cache: Path, experiment: di
                 or int(meta.get("image_size", -1)) != int(spec["image_size"])
                 or meta.get("weights") != spec.get("weights", experiment.get("weights"))
                 or meta.get("resize") != spec.get("resize", "squash")
-                or meta.get("views") != str(spec.get("views", ["orig"]))):
+                or list(meta.get("views") or ["orig"]) != list(spec.get("views", ["orig"]))):
             continue
         found[meta["backbone"]] = path
     missing = sorted(set(wanted) - set(found))
@@ -126,15 +126,20 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path, help="a finished k-fold experiment output (int8 features)")
-    ap.add_argument("--float32-cache", type=Path, required=True)
+    ap.add_argument("--float32-cache", type=Path)
     ap.add_argument("--baseline-predictions", type=Path, default=None,
                     help="default: OUT/submission.csv")
     ap.add_argument("--bootstrap", type=int, default=2000)
     ap.add_argument("--partial", action="store_true",
                     help="measure only the runs whose backbones all have float32 features (not "
                          "a result: the ranking is over those runs only)")
+    ap.add_argument("--control", action="store_true",
+                    help="score on the int8 features instead: the same procedure must give each "
+                         "run's recorded ranking number and the output's own submission")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if not args.control and args.float32_cache is None:
+        ap.error("--float32-cache is required (or --control)")
     t0, c0 = time.perf_counter(), time.process_time()
 
     out = args.out
@@ -156,7 +161,10 @@ def main(argv=None) -> int:
     for fs in sets.values():
         for split in (fs.train, fs.test):
             digests.update(zip(split.files, split.digests))
-    f32 = float32_blocks(aligned, digests, args.float32_cache, experiment, args.partial)
+    if args.control:  # the int8 features themselves: must give back the runner's own numbers
+        f32 = {b: (aligned.train.X[b], aligned.test.X[b]) for b in aligned.train.X}
+    else:
+        f32 = float32_blocks(aligned, digests, args.float32_cache, experiment, args.partial)
     records = {r: rec for r, rec in records.items() if set(rec.combination) <= set(f32)}
 
     y = aligned.train.y.astype(int)
@@ -197,6 +205,8 @@ def main(argv=None) -> int:
                      "int8_ranking": float(rec.ranking_logloss),
                      "test": float(row_log_losses(y_test, bound_probabilities(p_test, PROB_EPS)).mean()),
                      "_p": p_test})
+    if not rows:
+        raise SystemExit(f"{out}: no run has float32 features for all its backbones")
     rows.sort(key=lambda r: (r["ranking"], r["raw"], r["run_id"]))
     win = rows[0]
     d = row_log_losses(y_test, win["_p"]) - row_log_losses(y_test, p_base)
@@ -213,6 +223,8 @@ def main(argv=None) -> int:
         "baseline_test_logloss": float(row_log_losses(y_test, p_base).mean()),
         "paired": {"diff": float(d.mean()), "se": float(boots.std(ddof=1))},
         "runs_lower_ranking_than_int8": int(sum(r["ranking"] < r["int8_ranking"] for r in rows)),
+        "max_abs_ranking_vs_int8": float(max(abs(r["ranking"] - r["int8_ranking"]) for r in rows)),
+        "control": bool(args.control),
         "top": [{k: v for k, v in r.items() if k != "_p"} for r in rows[:5]],
         "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
     }
