@@ -122,10 +122,11 @@ def predict(model, X: np.ndarray) -> np.ndarray:
 
 def main(argv=None) -> int:
     import pandas as pd
+    from quality import paired  # bench/quality.py's paired bootstrap over the test photos
     from sklearn.model_selection import StratifiedKFold
 
     from catsdogs.app.export import load_head_file
-    from catsdogs.evaluation.metrics import PROB_EPS, bound_probabilities, log_loss, row_log_losses
+    from catsdogs.evaluation.metrics import log_loss, row_log_losses
     from catsdogs.features.fusion import align
     from catsdogs.runs.features import find_features
     from catsdogs.runs.postprocess import choose
@@ -210,18 +211,15 @@ def main(argv=None) -> int:
                         seed=seed)
         p_test = np.mean([choice.transform.apply(t) for t in tests], axis=0)
         rows.append({"run_id": run_id, "ranking": float(choice.logloss_post),
-                     "raw": float(log_loss(y, oof)), "transform": choice.transform.describe()
-                     if hasattr(choice.transform, "describe") else choice.transform.kind,
+                     "raw": float(log_loss(y, oof)), "transform": choice.transform.describe(),
                      "int8_ranking": float(rec.ranking_logloss),
-                     "test": float(row_log_losses(y_test, bound_probabilities(p_test, PROB_EPS)).mean()),
+                     "test": float(row_log_losses(y_test, p_test).mean()),  # transform bounds it
                      "_p": p_test})
     if not rows:
         raise SystemExit(f"{out}: no run has float32 features for all its backbones")
     rows.sort(key=lambda r: (r["ranking"], r["raw"], r["run_id"]))
     win = rows[0]
-    d = row_log_losses(y_test, win["_p"]) - row_log_losses(y_test, p_base)
-    rng = np.random.default_rng(0)
-    boots = d[rng.integers(0, d.size, size=(args.bootstrap, d.size))].mean(axis=1)
+    diff = paired(y_test, win["_p"], p_base, args.bootstrap, 0)
     int8_winner = board["run_id"].iloc[0]
     if args.save_predictions is not None:
         sources = json.loads((data / "split.json").read_text()).get("test_sources", [])
@@ -236,7 +234,7 @@ def main(argv=None) -> int:
         "submitted_test_logloss": float(row_log_losses(y_test, win["_p"]).mean()),
         "baseline": str(base_csv), "baseline_winner": int8_winner,
         "baseline_test_logloss": float(row_log_losses(y_test, p_base).mean()),
-        "paired": {"diff": float(d.mean()), "se": float(boots.std(ddof=1))},
+        "paired": diff,
         "runs_lower_ranking_than_int8": int(sum(r["ranking"] < r["int8_ranking"] for r in rows)),
         "max_abs_ranking_vs_int8": float(max(abs(r["ranking"] - r["int8_ranking"]) for r in rows)),
         "control": bool(args.control),
@@ -252,7 +250,7 @@ def main(argv=None) -> int:
               f"{win['transform']})")
         print(f"submitted test log loss {report['submitted_test_logloss']:.5f} against "
               f"{report['baseline_test_logloss']:.5f} ({int8_winner}, int8): paired "
-              f"{d.mean():+.5f} ± {boots.std(ddof=1):.5f}")
+              f"{diff['diff']:+.5f} ± {diff['se']:.5f}")
         print(f"{report['runs_lower_ranking_than_int8']} of {len(rows)} runs rank lower (better) "
               f"on float32 rows; {report['cpu_seconds']:.0f} CPU s")
     return 0

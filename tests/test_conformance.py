@@ -576,4 +576,3 @@ def test_fixtures_ship_as_a_pytest_plugin(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "8 passed" in proc.stdout, proc.stdout  # 7 head checks + the fixtures test
-

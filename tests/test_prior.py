@@ -411,5 +411,5 @@ def test_classifier_weights_that_cannot_be_had_fail_before_extraction(env):
     assert UnreachableClassifier.built == ["none"]
     assert not [p for p in cache.rglob("*") if p.is_file()], "extraction began before the check"
     # at hand (TinyClassifier): nothing is built ahead of the runs
-    assert fetch_classifiers(plan_runs(_experiment(env, "at-hand")), _experiment(env, "at-hand"),
-                             env["registry"]) == []
+    at_hand = _experiment(env, "at-hand")
+    assert fetch_classifiers(plan_runs(at_hand), at_hand, env["registry"]) == []
