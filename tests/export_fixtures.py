@@ -18,6 +18,45 @@ from pathlib import Path
 import yaml
 from conftest import make_kaggle
 
+#: two tiny real backbones of different input sizes (seeded conv nets at 32 and 40 px, weights
+#: ``none`` only), the source of a plugin module (:func:`conftest.install_fake_dist`)
+TINY_BACKBONES = '''
+from catsdogs.components import Backbone
+from catsdogs.hookspecs import hookimpl
+
+
+class _Tiny(Backbone):
+    min_input_size = 8
+    feature_dim = 8
+    preprocessing = "x / 255"
+    weights_options = ("none",)
+
+    def build_model(self, weights, image_size):
+        import keras
+
+        image = keras.Input((image_size, image_size, 3), name="image")
+        x = keras.layers.Rescaling(1 / 255)(image)
+        x = keras.layers.Conv2D(8, 5, strides=2, activation="tanh", name="conv")(x)
+        return keras.Model(image, keras.layers.GlobalAveragePooling2D(name="gap")(x))
+
+
+class TinyA(_Tiny):
+    name = "tiny_a"
+    input_size = 32
+
+
+class TinyB(_Tiny):
+    name = "tiny_b"
+    input_size = 40
+
+
+@hookimpl
+def register_backbones(register):
+    register(TinyA())
+    register(TinyB())
+'''
+
+
 COMMON = {
     "weights": "none",
     "optimizers": [{"name": "adam", "learning_rate": 0.01}],

@@ -18,45 +18,9 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import install_fake_dist, make_kaggle, plugin_on_path, run_cli
-from export_fixtures import predict_photos
+from export_fixtures import TINY_BACKBONES, predict_photos
 
 TOL = 1e-3
-
-TINY_BACKBONES = '''
-from catsdogs.components import Backbone
-from catsdogs.hookspecs import hookimpl
-
-
-class _Tiny(Backbone):
-    min_input_size = 8
-    feature_dim = 8
-    preprocessing = "x / 255"
-    weights_options = ("none",)
-
-    def build_model(self, weights, image_size):
-        import keras
-
-        image = keras.Input((image_size, image_size, 3), name="image")
-        x = keras.layers.Rescaling(1 / 255)(image)
-        x = keras.layers.Conv2D(8, 5, strides=2, activation="tanh", name="conv")(x)
-        return keras.Model(image, keras.layers.GlobalAveragePooling2D(name="gap")(x))
-
-
-class TinyA(_Tiny):
-    name = "tiny_a"
-    input_size = 32
-
-
-class TinyB(_Tiny):
-    name = "tiny_b"
-    input_size = 40
-
-
-@hookimpl
-def register_backbones(register):
-    register(TinyA())
-    register(TinyB())
-'''
 
 #: an over-confident head: dropout_sigmoid trained as usual, then its logit scaled by 10,000 (the
 #: tiny backbones' logits are of order 0.01), so most P(dog) are exactly 1.0 or below 2^-24 (what

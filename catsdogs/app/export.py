@@ -238,6 +238,10 @@ def _backbone_specs(names: list[str], experiment: dict[str, Any], exp_path: Path
             raise DataError(f"{exp_path} does not describe backbone {name!r} of run {run_id!r}")
         spec = dict(specs[name])
         spec["image_size"] = int(spec.get("image_size") or registry.backbone(name).input_size)
+        # what the submission's features were computed in (predict_precision); the heads may
+        # have been trained on features of another precision ("trained_precision")
+        spec["trained_precision"] = spec["precision"]
+        spec["precision"] = spec.get("predict_precision") or spec["precision"]
         out.append(spec)
     return out
 

@@ -55,7 +55,8 @@ class Source:
 
 
 def is_int8(info) -> bool:
-    """Whether any backbone of the run (:class:`catsdogs.app.export.RunInfo`) was extracted in int8."""
+    """Whether any backbone of the run (:class:`catsdogs.app.export.RunInfo`) predicts from int8
+    features (its ``predict_precision``, else its ``precision``)."""
     return any(b.get("precision") == "int8" for b in info.backbones)
 
 
@@ -69,8 +70,9 @@ def _source(meta: dict[str, Any], ir: Path) -> Source:
 
 
 def run_sources(info, cache_dir=None) -> dict[str, Source]:
-    """Each backbone's :class:`Source`, from the feature files the run's members were trained on
-    (their records' feature keys; ``cache_dir`` overrides the experiment's feature cache)."""
+    """Each backbone's :class:`Source`, from the feature files the run's members predicted from
+    (their records' :attr:`~catsdogs.runs.record.RunRecord.predicting_keys`; ``cache_dir``
+    overrides the experiment's feature cache)."""
     from catsdogs.features import int8
     from catsdogs.features.extraction import default_cache_dir
     from catsdogs.runs.features import locate_features
@@ -78,7 +80,7 @@ def run_sources(info, cache_dir=None) -> dict[str, Source]:
     root = Path(cache_dir or info.experiment.get("cache_dir") or default_cache_dir()).expanduser()
     out: dict[str, Source] = {}
     for member in info.members:
-        keys = member.record.feature_keys
+        keys = member.record.predicting_keys
         for name in member.record.combination:
             if name in out:
                 continue

@@ -291,6 +291,11 @@ class BackboneSpec(_Model):
     weights: Annotated[Text, What("a weights name such as 'imagenet' or 'none'")] = DEFAULT_WEIGHTS
     image_size: Annotated[int | None, Field(ge=1, le=MAX_IMAGE_SIZE), What("an integer (pixels)")] = None
     precision: Annotated[Literal[PRECISIONS], What("precision")] = DEFAULT_PRECISION  # type: ignore[valid-type]
+    #: the precision of the features every held-out and test row is predicted from (the ranking
+    #: number, the submission, predict, serve and export); None: ``precision``. The heads are
+    #: trained on ``precision``'s features either way (:attr:`predicts_in`).
+    predict_precision: Annotated[Literal[PRECISIONS] | None,  # type: ignore[valid-type]
+                                 What("precision")] = None
     resize: Annotated[Literal[RESIZE_POLICIES], What("resize policy")] = DEFAULT_RESIZE  # type: ignore[valid-type]
     #: int8 only: calibration images
     calibration_size: Annotated[int, Field(ge=1, le=MAX_CALIBRATION_SIZE),
@@ -329,6 +334,18 @@ class BackboneSpec(_Model):
     @classmethod
     def _nulls_are_unset(cls, data: Any) -> Any:
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    @property
+    def predicts_in(self) -> str:
+        """The precision of the features the backbone's held-out and test rows are predicted
+        from: ``predict_precision``, else ``precision`` (the one its heads are trained on)."""
+        return self.predict_precision or self.precision
+
+    @property
+    def predicts_apart(self) -> bool:
+        """Whether the rows are predicted from other features than the heads are trained on
+        (a second extraction of every photo, at :attr:`predicts_in`)."""
+        return self.predicts_in != self.precision
 
 
 class HeadSpec(_Model):
@@ -682,6 +699,7 @@ class Experiment(BaseModel):
     #: defaults for every backbone
     weights: Annotated[Text | None, What("a weights name such as 'imagenet' or 'none'")] = None
     precision: Annotated[Literal[PRECISIONS] | None, What("precision")] = None  # type: ignore[valid-type]
+    predict_precision: Annotated[Literal[PRECISIONS] | None, What("precision")] = None  # type: ignore[valid-type]
     resize: Annotated[Literal[RESIZE_POLICIES] | None, What("resize policy")] = None  # type: ignore[valid-type]
     image_size: Annotated[int | None, Field(ge=1, le=MAX_IMAGE_SIZE), What("an integer (pixels)")] = None
     calibration_size: Annotated[int | None, Field(ge=1, le=MAX_CALIBRATION_SIZE), What("an integer")] = None
@@ -767,7 +785,8 @@ class Experiment(BaseModel):
                                   info: ValidationInfo) -> list[BackboneSpec]:
         """Fill unset options from the file's defaults; check weights and image sizes."""
         defaults = {key: info.data.get(key) for key in
-                    ("weights", "image_size", "precision", "resize", "calibration_size")}
+                    ("weights", "image_size", "precision", "predict_precision", "resize",
+                     "calibration_size")}
         registry = _registry(info)
         first: dict[str, int] = {}
         result = []

@@ -15,6 +15,9 @@ also come from the command line)::
     data: ../../shared/data/dogs-vs-cats-mini    # relative paths are relative to the YAML file's folder
     weights: imagenet              # default for all backbones (imagenet | none)
     precision: float32             # default for all backbones (float32 | bfloat16 | int8)
+    predict_precision: null        # default for all backbones: the features every held-out and
+                                   # test row is predicted from (null: precision's; the heads are
+                                   # trained on precision's), e.g. int8 to train, float32 to predict
     calibration_size: 64           # default for all backbones: int8 calibration images (1..100000)
     resize: squash                 # default for all backbones (squash | crop | pad)
     image_size: null               # default for all backbones (null = each backbone's own size)
@@ -77,7 +80,8 @@ Details:
 * **Run settings**: ``engine``, ``ray_address`` and ``tracking`` never change a run's result, so
   finished runs are reused whichever engine or tracker computed them; ``postprocess``, ``refit``
   and ``ensemble`` act after the per-run training and do not invalidate finished runs either.
-  ``precision`` and ``calibration_size`` (int8 only) select cached features.
+  ``precision`` and ``calibration_size`` (int8 only) select cached features; a
+  ``predict_precision`` other than ``precision`` selects a second set to predict from.
 * **Paths** in the file (``data``, ``output``, ``cache_dir``, an ``exclude`` file) are relative to
   the YAML file's folder; the ``data``/``output``/``cache_dir`` overrides of
   :func:`load_experiment` (the command line) win over the file and are relative to the current

@@ -36,14 +36,26 @@ class AlignedSplit:
 
 @dataclass
 class Aligned:
-    """Feature files of several backbones on common rows, in the first backbone's row order."""
+    """Feature files of several backbones on common rows, in the first backbone's row order.
+
+    ``train`` holds the features heads are trained on, ``test`` those the test rows are predicted
+    from. A backbone predicted from other features than it is trained on (``predict_precision``)
+    has those in ``test`` and, for the training rows, in ``predicted_train``; :attr:`held_out` is
+    what every held-out (validation, out-of-fold) row is predicted from."""
 
     backbones: tuple[str, ...]
     train: AlignedSplit
     test: AlignedSplit
+    #: the training rows with the predicting features (None: the same as ``train``'s)
+    predicted_train: AlignedSplit | None = None
+
+    @property
+    def held_out(self) -> AlignedSplit:
+        """The training rows as their held-out predictions read them (the ranking number's rows)."""
+        return self.train if self.predicted_train is None else self.predicted_train
 
     def has_flip(self, combination: Sequence[str]) -> bool:
-        return all(self.train.X_flip[b] is not None for b in combination)
+        return all(self.held_out.X_flip[b] is not None for b in combination)
 
 
 def maps_key(backbone: str, blocks: int) -> str:
@@ -92,21 +104,49 @@ def _align_split(name: str, splits: Mapping[str, FeatureSplit], exclude: set[str
     return AlignedSplit(files=files, ids=first.ids[rows], y=first.y[rows], X=out_X, X_flip=out_flip)
 
 
-def align(feature_sets: Mapping[str, FeatureSet], exclude: Iterable[str] = ()) -> Aligned:
+def align(feature_sets: Mapping[str, FeatureSet], exclude: Iterable[str] = (),
+          predicting: Mapping[str, FeatureSet] | None = None) -> Aligned:
     """Align feature sets (backbone name -> :class:`FeatureSet`) on their common rows.
 
     ``exclude`` lists relative file paths (e.g. ``train/cat.12.jpg``) left out of training.
+    ``predicting`` (backbone name -> :class:`FeatureSet`): the features some of the backbones'
+    held-out and test rows are predicted from, aligned on the same rows (:class:`Aligned`).
     """
     if not feature_sets:
         raise DataError("no feature sets to align")
+    predicting = dict(predicting or {})
+    stray = sorted(set(predicting) - set(feature_sets))
+    if stray:
+        raise DataError(f"predicting features of {', '.join(map(repr, stray))} without the "
+                        "features the heads are trained on")
+    every = {**feature_sets, **{_predicting(b): fs for b, fs in predicting.items()}}
     excluded = set(exclude)
-    train = _align_split("train", {b: fs.train for b, fs in feature_sets.items()}, excluded)
-    test = _align_split("test", {b: fs.test for b, fs in feature_sets.items()}, set())
+    train = _align_split("train", {b: fs.train for b, fs in every.items()}, excluded)
+    test = _align_split("test", {b: fs.test for b, fs in every.items()}, set())
     if len(train) == 0:
         raise DataError("no training rows are left after aligning the backbones and exclusions")
     if len(set(train.y.tolist())) < 2:
         raise DataError("the training rows hold only one class; both cats and dogs are needed")
-    return Aligned(tuple(feature_sets), train, test)
+    names = tuple(feature_sets)
+    return Aligned(names, _pick(train, names, ()), _pick(test, names, predicting),
+                   _pick(train, names, predicting) if predicting else None)
+
+
+def _predicting(backbone: str) -> str:
+    """The name a backbone's predicting features are aligned under (next to its own)."""
+    return f"{backbone} (predicting)"
+
+
+def _pick(split: AlignedSplit, names: Sequence[str], predicting: Iterable[str]) -> AlignedSplit:
+    """``split`` with each backbone's own features, or its predicting ones for those in
+    ``predicting``."""
+    apart = set(predicting)
+
+    def key(b: str) -> str:
+        return _predicting(b) if b in apart else b
+
+    return AlignedSplit(split.files, split.ids, split.y, {b: split.X[key(b)] for b in names},
+                        {b: split.X_flip[key(b)] for b in names}, dict(split.maps))
 
 
 def fuse(split: AlignedSplit, combination: Sequence[str], *, flip: bool = False,

@@ -33,12 +33,20 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass
 class RunFeatures:
-    """One run's fused features: ``test`` is None when the data has no test images; ``tta``
-    whether flipped features are used (the experiment asked for TTA and every backbone has them)."""
+    """One run's fused features: ``train`` what its heads are trained on, ``held_out`` the same
+    rows as their held-out predictions read them (``train`` itself unless a backbone is
+    predicted from other features, :attr:`Aligned.held_out`); ``test`` is None when the data
+    has no test images; ``tta`` whether flipped features are used (the experiment asked for TTA
+    and every backbone has them)."""
 
     train: Fused
     test: Fused | None
     tta: bool
+    held_out: Fused | None = None
+
+    def __post_init__(self) -> None:
+        if self.held_out is None:
+            self.held_out = self.train
 
 
 def run_features(aligned: Aligned, combination: Sequence[str], *, tta: bool,
@@ -51,9 +59,11 @@ def run_features(aligned: Aligned, combination: Sequence[str], *, tta: bool,
     if maps_blocks is not None:
         return _maps_features(aligned, combination, maps_blocks)
     tta = tta and aligned.has_flip(combination)
-    train = fuse(aligned.train, combination, flip=tta, columns=columns)
+    apart = columns and any(aligned.held_out.X[b] is not aligned.train.X[b] for b in combination)
+    train = fuse(aligned.train, combination, flip=tta and not apart, columns=columns)
+    held_out = fuse(aligned.held_out, combination, flip=tta, columns=columns) if apart else train
     test = fuse(aligned.test, combination, flip=tta, columns=columns) if len(aligned.test) else None
-    return RunFeatures(train, test, tta)
+    return RunFeatures(train, test, tta, held_out)
 
 
 def maps_blocks(head_cls, params: dict[str, Any]) -> int | None:
@@ -132,7 +142,8 @@ def find_features(cache_root: Path, config_key: str, fingerprint: str | None) ->
 
 def rebuild_run_features(record: RunRecord, experiment: Mapping[str, Any], *,
                          cache_dir: str | os.PathLike | None = None, tta: bool = False) -> RunFeatures:
-    """The features ``record``'s run was trained on, from the feature cache.
+    """The features ``record``'s run was trained on (``train``) and predicts from (``held_out``,
+    ``test``: other ones for a backbone with ``predict_precision``), from the feature cache.
 
     ``experiment`` is the experiment's ``experiment.json`` (its ``cache_dir`` and ``exclude``);
     ``cache_dir`` overrides its cache. Rows are aligned on every backbone the runner aligned on
@@ -145,7 +156,12 @@ def rebuild_run_features(record: RunRecord, experiment: Mapping[str, Any], *,
     for name in record.combination:
         if name not in keys:
             raise DataError(f"run {record.run_id!r} records no feature key for {name!r}")
-    sets = {name: find_features(root, k["config_key"], k.get("dataset_fingerprint"))
-            for name, k in keys.items()}
-    aligned = align(sets, experiment.get("exclude") or [])
+
+    def found(keys: Mapping[str, Mapping[str, str]]) -> dict[str, FeatureSet]:
+        return {name: find_features(root, k["config_key"], k.get("dataset_fingerprint"))
+                for name, k in keys.items()}
+
+    predicting = record.predicted_on if record.aligned_on else \
+        {b: k for b, k in record.predicting_keys.items() if k != record.feature_keys.get(b)}
+    aligned = align(found(keys), experiment.get("exclude") or [], found(predicting or {}))
     return run_features(aligned, record.combination, tta=tta and record.tta)

@@ -549,7 +549,8 @@ def fit_grid(specs: Sequence[Any], experiment: Any, aligned: Any, splits: Sequen
              registry: Any, params: Any = None) -> dict[str, list[GroupFit]]:
     """The runner's seam: fit the planned runs ``specs`` (:class:`catsdogs.runs.runner.RunSpec`)
     that can share passes, one :func:`fit_group` per validation fold, and predict their
-    validation and test rows together (:func:`predict_group`); returns run id -> one
+    validation rows (from ``aligned.held_out``, the features they are predicted from) and test
+    rows together (:func:`predict_group`); returns run id -> one
     :class:`GroupFit` per fold (the runs left out are fitted by the runner as before).
 
     Left out: runs whose head is not :func:`groupable` or is tuned by ``experiment.tuning``, every
@@ -576,7 +577,8 @@ def fit_grid(specs: Sequence[Any], experiment: Any, aligned: Any, splits: Sequen
         if groupable(head):
             chosen.append(spec)
     blocks = aligned.train.X
-    if len(chosen) < 2 or any(np.asarray(blocks[b]).dtype != np.float32
+    if len(chosen) < 2 or any(np.asarray(split.X[b]).dtype != np.float32
+                              for split in (aligned.train, aligned.held_out)
                               for spec in chosen for b in spec.combination):
         return {}
     fitted: dict[str, list[GroupFit]] = {spec.run_id: [] for spec in chosen}
@@ -589,13 +591,13 @@ def fit_grid(specs: Sequence[Any], experiment: Any, aligned: Any, splits: Sequen
         heads = fit_group(members, blocks, aligned.train.y, train_rows=tr, val_rows=va,
                           epochs=experiment.epochs, batch_size=experiment.batch_size,
                           seed=experiment.seed)
-        val = predict_group(heads, combinations, blocks, va)
+        val = predict_group(heads, combinations, aligned.held_out.X, va)
         test: list[np.ndarray | None] = [None] * len(heads)
         if len(aligned.test):
             test = predict_group(heads, combinations, aligned.test.X)
         if flip:  # flip TTA for the runs that use it (the others' flipped prediction is None)
             val = [tta_average(p, q) for p, q in zip(val, predict_group(
-                heads, combinations, aligned.train.X_flip, va, uses_flip), strict=True)]
+                heads, combinations, aligned.held_out.X_flip, va, uses_flip), strict=True)]
             if len(aligned.test):
                 test = [tta_average(p, q) for p, q in zip(test, predict_group(
                     heads, combinations, aligned.test.X_flip, None, uses_flip), strict=True)]

@@ -180,6 +180,9 @@ class RunRecord(_Part):
     record_version: int = RECORD_VERSION
     #: feature keys of every backbone the runner aligned rows on (not just this combination's)
     aligned_on: dict[str, dict[str, str]] | None = None
+    #: feature keys of the predicting features of every backbone predicted from other features
+    #: than it is trained on (``predict_precision``), aligned on with ``aligned_on``
+    predicted_on: dict[str, dict[str, str]] | None = None
     #: where it was computed when not in this process: {"name": "ray", "node_id": ...}
     engine: dict[str, Any] | None = None
     #: the chosen post-processing (:meth:`catsdogs.runs.postprocess.Choice.to_dict`)
@@ -223,8 +226,16 @@ class RunRecord(_Part):
 
     @property
     def feature_keys(self) -> dict[str, dict[str, str]]:
-        """Backbone -> ``{"config_key", "dataset_fingerprint"}`` of this run's cached features."""
+        """Backbone -> ``{"config_key", "dataset_fingerprint"}`` of the cached features this run's
+        heads were trained on."""
         return self.settings.get("features", {})
+
+    @property
+    def predicting_keys(self) -> dict[str, dict[str, str]]:
+        """Backbone -> the key of the cached features this run's held-out and test rows were
+        predicted from (what its submission, predict, serve and export compute): the trained-on
+        ones (:attr:`feature_keys`) unless the backbone has ``predict_precision``."""
+        return {**self.feature_keys, **self.settings.get("predicting", {})}
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "ranking_logloss": self.ranking_logloss,

@@ -318,6 +318,8 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
     features = run_features(aligned, spec.combination, tta=experiment.tta, columns=not predicted,
                             maps_blocks=maps_blocks(head_cls, params))
     train, test, tta = features.train, features.test, features.tta
+    held = features.held_out  # the rows as held-out predictions read them (predict_precision)
+    assert held is not None
     opt_cls = registry.optimizer(spec.optimizer.name) if spec.optimizer else None
     learning_rate = spec.optimizer.learning_rate if spec.optimizer else None
     fold_tuning: list[dict[str, Any]] = []
@@ -350,9 +352,9 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
             if test is not None:
                 test_preds.append(group.test)
         else:
-            flip_va = train.X_flip[va] if train.X_flip is not None else None
-            oof[va] = _predict_run(head, spec.combination, aligned.train, va, tta,
-                                   lambda h=head, r=va, f=flip_va: predict_tta(h, train.X[r], f))
+            flip_va = held.X_flip[va] if held.X_flip is not None else None
+            oof[va] = _predict_run(head, spec.combination, aligned.held_out, va, tta,
+                                   lambda h=head, r=va, f=flip_va: predict_tta(h, held.X[r], f))
             if test is not None:
                 test_preds.append(_predict_run(head, spec.combination, aligned.test, None, tta,
                                                lambda h=head: predict_tta(h, test.X, test.X_flip)))
@@ -449,11 +451,12 @@ def _extract_all(experiment: Experiment, dataset, progress: bool, engine):
     for relpath, reason in dataset.ignored:
         logger.warning("ignored %s: %s", relpath, reason)
     digests = digest_all(dataset.records, engine=engine)  # once for every backbone
-    feature_sets, keys = {}, {}
-    for spec in experiment.backbones:
+    feature_sets, keys, predicting, predicting_keys = {}, {}, {}, {}
+
+    def one(spec, precision: str, flip: bool):
         (res,) = extract(
             experiment.data, [spec.name], weights=spec.weights, image_size=spec.image_size,
-            precision=spec.precision, resize=spec.resize, flip=experiment.tta,
+            precision=precision, resize=spec.resize, flip=flip,
             cache_dir=experiment.cache_dir, progress=progress, dataset=dataset, digests=digests,
             engine=engine,
             calibration_size=spec.calibration_size,
@@ -461,10 +464,17 @@ def _extract_all(experiment: Experiment, dataset, progress: bool, engine):
             crop_fraction=spec.crop_fraction,
         )
         fs = load_features(res.path)
-        feature_sets[spec.name] = fs
-        keys[spec.name] = {"file": str(res.path), "config_key": fs.meta["config_key"],
-                           "dataset_fingerprint": fs.meta["dataset_fingerprint"]}
-    return feature_sets, keys, digests
+        return fs, {"file": str(res.path), "config_key": fs.meta["config_key"],
+                    "dataset_fingerprint": fs.meta["dataset_fingerprint"]}
+
+    for spec in experiment.backbones:
+        # a backbone predicted from other features needs flipped views only of those (TTA)
+        feature_sets[spec.name], keys[spec.name] = one(spec, spec.precision,
+                                                       experiment.tta and not spec.predicts_apart)
+        if spec.predicts_apart:
+            predicting[spec.name], predicting_keys[spec.name] = one(spec, spec.predicts_in,
+                                                                    experiment.tta)
+    return feature_sets, keys, predicting, predicting_keys, digests
 
 
 def _run_maps(spec: RunSpec, maps: dict[str, str], registry) -> dict[str, str] | None:
@@ -472,12 +482,19 @@ def _run_maps(spec: RunSpec, maps: dict[str, str], registry) -> dict[str, str] |
     return {key: maps[key] for key in wanted_maps([spec], registry)} or None
 
 
+def _key_fields(keys: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """Backbone -> the fields of its feature key that identify the cached file."""
+    return {b: {k: key[k] for k in ("config_key", "dataset_fingerprint")} for b, key in keys.items()}
+
+
 def _settings(spec: RunSpec, experiment: Experiment, keys: dict, split_hash: str,
-              maps: dict[str, str] | None = None) -> dict[str, Any]:
+              maps: dict[str, str] | None = None, predicting: dict | None = None) -> dict[str, Any]:
+    apart = _key_fields({b: k for b, k in (predicting or {}).items() if b in spec.combination})
     return {
         **spec.describe(),
-        "features": {b: {k: keys[b][k] for k in ("config_key", "dataset_fingerprint")}
-                     for b in spec.combination},
+        "features": _key_fields({b: keys[b] for b in spec.combination}),
+        # the features its held-out and test rows are predicted from, where they differ
+        **({"predicting": apart} if apart else {}),
         **({"maps": maps} if maps else {}),
         "epochs": experiment.epochs,
         "batch_size": experiment.batch_size,
@@ -555,8 +572,9 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
     engine = engine or EngineSpec(experiment.engine, experiment.ray_address)
     with (open_engine(engine) if isinstance(engine, EngineSpec) else contextlib.nullcontext(engine)
           ) as compute_engine:
-        feature_sets, keys, digests = _extract_all(experiment, dataset, progress, compute_engine)
-        aligned = align(feature_sets, experiment.exclude)
+        feature_sets, keys, predicting, predicting_keys, digests = _extract_all(
+            experiment, dataset, progress, compute_engine)
+        aligned = align(feature_sets, experiment.exclude, predicting)
         maps = maps_settings(experiment, wanted_maps(plan, registry), registry)
         if experiment.exclude:  # report entries that match no training image; record the matched
             train_files = next(iter(feature_sets.values())).train.files
@@ -567,7 +585,7 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
                                "paths; they are relative to the data directory): %s",
                                len(unmatched), len(experiment.exclude), shown)
             write_json(out / "experiment.json", {**experiment.to_dict(), "exclude_matched": matched})
-        aligned_on = {b: {k: keys[b][k] for k in ("config_key", "dataset_fingerprint")} for b in keys}
+        aligned_on = _key_fields(keys)
         splits = _splits(aligned.train.y, experiment)
         split_hash = _short_hash([[aligned.train.files[i] for i in va] for _, va in splits], 16)
         expected_test_ids = [r.id for r in dataset.test]
@@ -576,7 +594,7 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
         records, pending, adopted = [], [], 0
         for spec in plan:
             settings = _settings(spec, experiment, keys, split_hash,
-                                 _run_maps(spec, maps, registry))
+                                 _run_maps(spec, maps, registry), predicting_keys)
             old = _reusable(out / "runs" / spec.run_id, _short_hash(settings, 16))
             if old is None and reuse_from:
                 old = _adopt(spec.run_id, _short_hash(settings, 16), reuse_from, out)
@@ -592,7 +610,8 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
         # the maps are read only for the maps runs trained now (a resumed run needs none)
         attach_maps(experiment, wanted_maps([spec for spec, _ in pending], registry), aligned,
                     registry, dataset, digests, compute_engine, progress)
-        records += _train_runs(pending, experiment, aligned, splits, registry, out, aligned_on,
+        records += _train_runs(pending, experiment, aligned, splits, registry, out,
+                               (aligned_on, _key_fields(predicting_keys) or None),
                                progress, compute_engine)
         computed = len(records) - reused
 
@@ -640,7 +659,8 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
 
 
 def _train_runs(pending: list[tuple[RunSpec, dict[str, Any]]], experiment: Experiment, aligned: Aligned,
-                splits, registry, out: Path, aligned_on: dict, progress: bool, engine) -> list[RunRecord]:
+                splits, registry, out: Path, aligned_on: tuple[dict, dict | None], progress: bool,
+                engine) -> list[RunRecord]:
     """Train the pending runs on ``engine`` (:meth:`~catsdogs.compute.Engine.map_runs`, a group
     of runs per call, :func:`_run_groups`) and write each run directory atomically here as soon
     as its group finishes."""
@@ -660,7 +680,7 @@ def _train_runs(pending: list[tuple[RunSpec, dict[str, Any]]], experiment: Exper
                 (tmp / name).write_bytes(data)
             if node != LOCAL_NODE:
                 record.engine = {"name": engine.name, "node_id": node}
-            record.aligned_on = aligned_on
+            record.aligned_on, record.predicted_on = aligned_on
             record.save(tmp)
         records.append(record)
         bar.update()
