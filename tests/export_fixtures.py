@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 import yaml
-from conftest import make_kaggle
+from conftest import install_fake_dist, make_kaggle, plugin_on_path
 
 #: two tiny real backbones of different input sizes (seeded conv nets at 32 and 40 px, weights
 #: ``none`` only), the source of a plugin module (:func:`conftest.install_fake_dist`)
@@ -55,6 +55,35 @@ def register_backbones(register):
     register(TinyA())
     register(TinyB())
 '''
+
+
+@contextlib.contextmanager
+def tiny_world(root: Path, dist: str, modules: dict[str, str] | None = None):
+    """The tiny backbones (plus ``modules``: module name -> plugin source) installed as the
+    distribution ``dist`` on ``sys.path`` (and ``PYTHONPATH`` for the CLI) and a data set with
+    test photos under ``root``, with a fresh registry that sees them; undone afterwards. Yields
+    ``{"root", "data"}`` for :func:`run_tiny`."""
+    package = dist.replace("-", "_")
+    modules = {package: TINY_BACKBONES, **(modules or {})}
+    site = install_fake_dist(root / "site", dist, "0.1", modules,
+                             {name.removeprefix("catsdogs_"): name for name in modules})
+    data = make_kaggle(root / "data", n_per_class=14, n_test=8)
+    with plugin_on_path(site):
+        yield {"root": root, "data": data}
+
+
+def run_tiny(world: dict, common: dict, name: str, **fields):
+    """Run the experiment ``common`` + ``fields`` on :func:`tiny_world`'s data, its output in
+    ``root/name`` and its features in the world's shared cache."""
+    from catsdogs.experiment.spec import load_experiment
+    from catsdogs.runs.runner import run_experiment
+
+    root = world["root"]
+    doc = {**common, "data": str(world["data"]), "output": str(root / name),
+           "cache_dir": str(root / "cache"), **fields}
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return run_experiment(load_experiment(path), progress=False)
 
 
 COMMON = {

@@ -16,9 +16,8 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
-from conftest import install_fake_dist, make_kaggle, plugin_on_path, run_cli
-from export_fixtures import TINY_BACKBONES, predict_photos
+from conftest import run_cli
+from export_fixtures import predict_photos, run_tiny, tiny_world
 
 TOL = 1e-3
 
@@ -59,29 +58,15 @@ COMMON = {
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """The plugin installed on ``sys.path`` (and ``PYTHONPATH`` for the CLI), a data set with
-    test photos, and a fresh registry that sees the plugin; undone afterwards."""
-    root = tmp_path_factory.mktemp("export-submission")
-    site = install_fake_dist(root / "site", "catsdogs-tiny-export", "0.1",
-                             {"catsdogs_tiny_export": TINY_BACKBONES,
-                              "catsdogs_sharp_head": SHARP_HEAD},
-                             {"tiny_export": "catsdogs_tiny_export",
-                              "sharp_head": "catsdogs_sharp_head"})
-    data = make_kaggle(root / "data", n_per_class=14, n_test=8)
-    with plugin_on_path(site):
-        yield {"root": root, "data": data}
+    """The tiny backbones and the sharp head installed as a plugin, and a data set with test
+    photos (:func:`export_fixtures.tiny_world`)."""
+    with tiny_world(tmp_path_factory.mktemp("export-submission"), "catsdogs-tiny-export",
+                    {"catsdogs_sharp_head": SHARP_HEAD}) as world:
+        yield world
 
 
 def _run(tiny, name: str, **fields):
-    from catsdogs.experiment.spec import load_experiment
-    from catsdogs.runs.runner import run_experiment
-
-    root = tiny["root"]
-    doc = {**COMMON, "data": str(tiny["data"]), "output": str(root / name),
-           "cache_dir": str(root / "cache"), **fields}
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return run_experiment(load_experiment(path), progress=False)
+    return run_tiny(tiny, COMMON, name, **fields)
 
 
 def _photos(tiny) -> list:

@@ -15,8 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import install_fake_dist, make_kaggle, plugin_on_path
-from export_fixtures import TINY_BACKBONES, predict_photos
+from export_fixtures import predict_photos, run_tiny, tiny_world
 
 COMMON = {
     "weights": "none",
@@ -34,25 +33,12 @@ COMMON = {
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("predict-precision")
-    site = install_fake_dist(root / "site", "catsdogs-tiny-precision", "0.1",
-                             {"catsdogs_tiny_precision": TINY_BACKBONES},
-                             {"tiny_precision": "catsdogs_tiny_precision"})
-    data = make_kaggle(root / "data", n_per_class=14, n_test=8)
-    with plugin_on_path(site):
-        yield {"root": root, "data": data}
+    with tiny_world(tmp_path_factory.mktemp("predict-precision"), "catsdogs-tiny-precision") as world:
+        yield world
 
 
 def _run(tiny, name: str, **fields):
-    from catsdogs.experiment.spec import load_experiment
-    from catsdogs.runs.runner import run_experiment
-
-    root = tiny["root"]
-    doc = {**COMMON, "data": str(tiny["data"]), "output": str(root / name),
-           "cache_dir": str(root / "cache"), **fields}
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return run_experiment(load_experiment(path), progress=False)
+    return run_tiny(tiny, COMMON, name, **fields)
 
 
 def _by_combination(result) -> dict:
