@@ -648,3 +648,52 @@ def test_a_server_says_once_that_its_model_is_not_the_submission(int8_run, tmp_p
     assert pool.backend == "tflite" and pool.size == 3
     said = [r for r in caplog.records if "does not compute what the run submitted" in r.getMessage()]
     assert len(said) == 1
+
+
+@pytest.mark.slow
+def test_an_int8_trained_run_predicted_from_float32_exports_what_it_submitted(plugin_site, tmp_path):
+    """``precision: int8`` with ``predict_precision: float32`` (``experiments/best.yaml``): the
+    heads are trained on the quantised network's features, the submission is predicted from the
+    float32 network's, so the run is a float32 run for predict and export: its run directory and
+    its default export (keras and tflite, no openvino) give the submission itself."""
+    _engine()
+    import pandas as pd
+    from export_fixtures import predict_photos
+
+    from catsdogs.app.predict import open_predictor
+    from catsdogs.experiment.spec import load_experiment
+    from catsdogs.runs.features import locate_features
+    from catsdogs.runs.runner import run_experiment
+
+    make_kaggle(tmp_path / "data", n_per_class=16, n_test=6)
+    doc = {"data": str(tmp_path / "data"), "output": str(tmp_path / "out"),
+           "cache_dir": str(tmp_path / "cache"), "weights": "none", "precision": "int8",
+           "predict_precision": "float32",
+           "backbones": [{"name": "tiny_int8", "calibration_size": 10}],
+           "heads": ["dropout_sigmoid"], "optimizers": [{"name": "adam", "learning_rate": 0.01}],
+           "epochs": 3, "batch_size": 16, "seed": 7, "tta": True, "validation": {"kfold": 3}}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(doc))
+    result = run_experiment(load_experiment(tmp_path / "exp.yaml"), progress=False)
+    (record,) = result.records
+    trained = locate_features(tmp_path / "cache", **_key(record.feature_keys["tiny_int8"]))[1]
+    predicted = locate_features(tmp_path / "cache", **_key(record.predicting_keys["tiny_int8"]))[1]
+    assert (trained["precision"], predicted["precision"]) == ("int8", "float32")
+    submitted = pd.read_csv(result.out_dir / "submission.csv").set_index("id")["label"].sort_index()
+    photos = sorted((tmp_path / "data" / "test").glob("*.jpg"))
+    run_dir = result.out_dir / "runs" / record.run_id
+
+    assert open_predictor(run_dir).backend == "keras"
+    np.testing.assert_allclose(predict_photos(run_dir, photos).sort_index(), submitted, atol=1e-5)
+    export = tmp_path / "export"
+    proc = run_cli("export", str(run_dir), "--out", str(export), "--json", env=_env(plugin_site),
+                   check=True)
+    manifest = json.loads(proc.stdout)
+    assert "openvino" not in manifest["models"]["classifier"]
+    assert manifest["models"]["classifier"]["tflite"]["reproduces_run"] is True
+    assert manifest["parity_with_run"] is True and "float32_vs_run" not in manifest
+    np.testing.assert_allclose(predict_photos(export, photos, "tflite").sort_index(), submitted,
+                               atol=1e-5)
+
+
+def _key(key: dict) -> dict:
+    return {"config_key": key["config_key"], "fingerprint": key["dataset_fingerprint"]}
