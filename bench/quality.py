@@ -298,6 +298,7 @@ def run(experiment_file: Path, data: Path, work: Path, cache_dir: Path, top: int
             "cpu_seconds": round(cpu_seconds, 1),  # this process, all its threads
             "training_seconds": round(sum(r.seconds for r in result.records), 1),
             "features": result.feature_files,
+            **({"predicting_features": result.predicting_files} if result.predicting_files else {}),
             "top": board[cols].head(top).to_dict(orient="records")}
 
 

@@ -90,6 +90,8 @@ def test_heads_train_on_one_precision_and_every_row_is_predicted_from_the_other(
     f32 = _run(tiny, f"f32-{name}", validation=validation, precision="float32")
     both = _run(tiny, f"both-{name}", validation=validation, predict_precision="float32")
     plain, exact, mixed = (_by_combination(r) for r in (bf16, f32, both))
+    assert both.feature_files == bf16.feature_files and not bf16.predicting_files
+    assert both.predicting_files == f32.feature_files
     for combination, record in mixed.items():
         run_dir = both.out_dir / "runs" / record.run_id
         heads = _heads(run_dir)

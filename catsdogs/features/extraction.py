@@ -557,7 +557,8 @@ def extract(
                     _model_factory(backbone, weights, size, precision, batch_size, resize, workers,
                                    quantised.directory if quantised else None, config),
                     engine=engine, image_size=size, resize=resize, chunk_size=chunk_size, workers=workers,
-                    progress=progress, desc=f"{backbone.name} features",
+                    progress=progress,
+                    desc=f"{backbone.name} features" + (f" ({precision})" if precision != "float32" else ""),
                 )
                 described = engine.describe()
                 rows: dict[str, list[tuple[ImageRecord, str]]] = {s: [] for s in SPLITS}

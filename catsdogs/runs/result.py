@@ -27,7 +27,11 @@ class ExperimentResult:
     computed: int  # runs trained in this call
     reused: int  # runs taken from earlier calls
     submission: Path | None = None
+    #: backbone -> the feature file its heads were trained on
     feature_files: dict[str, str] = field(default_factory=dict)
+    #: backbone -> the feature file its held-out and test rows were predicted from, for the
+    #: backbones with a ``predict_precision`` of their own (the others: ``feature_files``)
+    predicting_files: dict[str, str] = field(default_factory=dict)
     #: run id -> standard error and paired difference to the leader
     #: (:func:`catsdogs.runs.runner.rank_stats`)
     stats: dict[str, PairedStats] = field(default_factory=dict)

@@ -632,6 +632,7 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
     ranked = rank_records(records, first=submit_first)
     result = ExperimentResult(experiment, out, ranked, computed, reused,
                               feature_files={b: k["file"] for b, k in keys.items()},
+                              predicting_files={b: k["file"] for b, k in predicting_keys.items()},
                               stats=rank_stats(ranked, out, experiment.seed))
     board = result.leaderboard()
     atomic_write(out / "leaderboard.csv", lambda fh: fh.write(board.to_csv(index=False).encode()))
