@@ -660,11 +660,12 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
 
 
 def _train_runs(pending: list[tuple[RunSpec, dict[str, Any]]], experiment: Experiment, aligned: Aligned,
-                splits, registry, out: Path, aligned_on: tuple[dict, dict | None], progress: bool,
+                splits, registry, out: Path, row_keys: tuple[dict, dict | None], progress: bool,
                 engine) -> list[RunRecord]:
     """Train the pending runs on ``engine`` (:meth:`~catsdogs.compute.Engine.map_runs`, a group
     of runs per call, :func:`_run_groups`) and write each run directory atomically here as soon
-    as its group finishes."""
+    as its group finishes; ``row_keys`` (the feature keys the rows were aligned on, those of the
+    predicting features or None) go into every record (``aligned_on``, ``predicted_on``)."""
     from tqdm.auto import tqdm
 
     records: list[RunRecord] = []
@@ -681,7 +682,7 @@ def _train_runs(pending: list[tuple[RunSpec, dict[str, Any]]], experiment: Exper
                 (tmp / name).write_bytes(data)
             if node != LOCAL_NODE:
                 record.engine = {"name": engine.name, "node_id": node}
-            record.aligned_on, record.predicted_on = aligned_on
+            record.aligned_on, record.predicted_on = row_keys
             record.save(tmp)
         records.append(record)
         bar.update()
