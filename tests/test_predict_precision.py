@@ -7,6 +7,7 @@ without the int8 extra). Three experiments side by side: ``bf16`` (bfloat16 thro
 (trained on bfloat16, ``predict_precision: float32``) and ``f32`` (float32 throughout). ``both``
 trains exactly the heads of ``bf16`` and predicts exactly as those heads do on ``f32``'s cached
 features; its export is its submission, with no note that the graph computes another precision.
+The alignment of both sets on the same rows is also checked on in-memory feature sets.
 """
 
 from __future__ import annotations
@@ -148,6 +149,47 @@ def test_export_and_predict_are_the_submission(tiny):
     notes = export_run(plain.out_dir / "runs" / plain.winner.run_id, ["keras"],
                        plain.out_dir / "export", neither=False).get("notes", [])
     assert any("extracted in bfloat16" in n for n in notes), notes
+
+
+def _set(files: list[str], value: float, labels=None):
+    """An in-memory feature set of the training photos ``files`` and one test photo; every
+    feature is ``value`` plus the row's index (so rows can be told apart)."""
+    from pathlib import Path
+
+    from catsdogs.features.cache import FeatureSet, FeatureSplit
+
+    def split(names, y):
+        X = value + np.arange(len(names), dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+        return FeatureSplit(X, None, np.asarray(y), np.arange(len(names)), list(names),
+                            [f"d{n}" for n in names])
+
+    y = labels if labels is not None else [ord(f[-5]) % 2 for f in files]  # by photo
+    return FeatureSet(Path("x.h5"), {}, split(files, y), split(["test/1.jpg"], [0]))
+
+
+def test_align_puts_the_predicting_features_on_the_same_rows():
+    """``align(sets, exclude, predicting)``: ``train`` keeps the trained-on features, ``held_out``
+    and ``test`` the predicting ones of the backbones that have them (the others' very arrays);
+    a row missing from either set of a backbone is dropped from all; a predicting set for an
+    unknown backbone, or with other labels, is one error."""
+    from catsdogs.errors import DataError
+    from catsdogs.features.fusion import align
+
+    files = [f"train/{n}.jpg" for n in "abcde"]
+    own = {"a": _set(files, 0.0), "b": _set(files, 100.0)}
+    aligned = align(own, [], {"a": _set(files[1:], 50.0)})  # photo a has no predicting row
+    assert aligned.train.files == aligned.held_out.files == files[1:]
+    np.testing.assert_array_equal(aligned.train.X["a"][:, 0], [1, 2, 3, 4])
+    np.testing.assert_array_equal(aligned.held_out.X["a"][:, 0], [50, 51, 52, 53])
+    assert aligned.held_out.X["b"] is aligned.train.X["b"]
+    np.testing.assert_array_equal(aligned.test.X["a"][:, 0], [50])
+    np.testing.assert_array_equal(aligned.test.X["b"][:, 0], [100])
+    plain = align(own)
+    assert plain.predicted_train is None and plain.held_out is plain.train
+    with pytest.raises(DataError, match="predicting features of 'c' without"):
+        align(own, [], {"c": _set(files, 1.0)})
+    with pytest.raises(DataError, match="labels of the train rows differ"):
+        align(own, [], {"a": _set(files, 1.0, labels=[1, 1, 0, 0, 1])})
 
 
 def test_the_setting_is_inherited_and_overridden_per_backbone(tmp_path):
