@@ -21,7 +21,7 @@ from export_fixtures import predict_photos, run_tiny, tiny_world
 COMMON = {
     "weights": "none",
     "backbones": ["tiny_a", "tiny_b"],
-    "combinations": [["tiny_a"], ["tiny_a", "tiny_b"]],  # two runs: trained as one group
+    "combinations": [["tiny_a"], ["tiny_a", "tiny_b"]],  # two runs: one group when grouped
     "heads": ["dropout_sigmoid"],
     "optimizers": [{"name": "adam", "learning_rate": 0.05}],
     "epochs": 4,
