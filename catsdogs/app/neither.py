@@ -141,7 +141,6 @@ def fit_neither(record: RunRecord, experiment: Mapping[str, Any], run_dir: str |
 
     # the training rows as the run predicts from them: what the exported graph computes
     train = rebuild_run_features(record, experiment, cache_dir=cache_dir).held_out
-    assert train is not None
     X, y, files = train.X, train.y, train.files
     seed = int(experiment.get("seed", 2019))
     val_path = Path(run_dir) / "val_predictions.csv"

@@ -33,20 +33,21 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass
 class RunFeatures:
-    """One run's fused features: ``train`` what its heads are trained on, ``held_out`` the same
-    rows as their held-out predictions read them (``train`` itself unless a backbone is
-    predicted from other features, :attr:`Aligned.held_out`); ``test`` is None when the data
-    has no test images; ``tta`` whether flipped features are used (the experiment asked for TTA
-    and every backbone has them)."""
+    """One run's fused features: ``train`` what its heads are trained on; ``test`` is None when
+    the data has no test images; ``tta`` whether flipped features are used (the experiment asked
+    for TTA and every backbone has them); ``predicted_train`` the training rows as their held-out
+    predictions read them when a backbone of the run is predicted from other features
+    (:attr:`held_out`, as :attr:`Aligned.held_out`)."""
 
     train: Fused
     test: Fused | None
     tta: bool
-    held_out: Fused | None = None
+    predicted_train: Fused | None = None
 
-    def __post_init__(self) -> None:
-        if self.held_out is None:
-            self.held_out = self.train
+    @property
+    def held_out(self) -> Fused:
+        """The training rows as held-out predictions read them: ``predicted_train``, else ``train``."""
+        return self.train if self.predicted_train is None else self.predicted_train
 
 
 def run_features(aligned: Aligned, combination: Sequence[str], *, tta: bool,
@@ -61,9 +62,9 @@ def run_features(aligned: Aligned, combination: Sequence[str], *, tta: bool,
     tta = tta and aligned.has_flip(combination)
     apart = columns and any(aligned.held_out.X[b] is not aligned.train.X[b] for b in combination)
     train = fuse(aligned.train, combination, flip=tta and not apart, columns=columns)
-    held_out = fuse(aligned.held_out, combination, flip=tta, columns=columns) if apart else train
+    predicted = fuse(aligned.held_out, combination, flip=tta, columns=columns) if apart else None
     test = fuse(aligned.test, combination, flip=tta, columns=columns) if len(aligned.test) else None
-    return RunFeatures(train, test, tta, held_out)
+    return RunFeatures(train, test, tta, predicted)
 
 
 def maps_blocks(head_cls, params: dict[str, Any]) -> int | None:
@@ -161,7 +162,6 @@ def rebuild_run_features(record: RunRecord, experiment: Mapping[str, Any], *,
         return {name: find_features(root, k["config_key"], k.get("dataset_fingerprint"))
                 for name, k in keys.items()}
 
-    predicting = record.predicted_on if record.aligned_on else \
-        {b: k for b, k in record.predicting_keys.items() if k != record.feature_keys.get(b)}
-    aligned = align(found(keys), experiment.get("exclude") or [], found(predicting or {}))
+    # records without ``aligned_on`` were written before ``predict_precision`` existed
+    aligned = align(found(keys), experiment.get("exclude") or [], found(record.predicted_on or {}))
     return run_features(aligned, record.combination, tta=tta and record.tta)

@@ -319,7 +319,6 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
                             maps_blocks=maps_blocks(head_cls, params))
     train, test, tta = features.train, features.test, features.tta
     held = features.held_out  # the rows as held-out predictions read them (predict_precision)
-    assert held is not None
     opt_cls = registry.optimizer(spec.optimizer.name) if spec.optimizer else None
     learning_rate = spec.optimizer.learning_rate if spec.optimizer else None
     fold_tuning: list[dict[str, Any]] = []
