@@ -10,6 +10,8 @@ refitted, and its export (Keras and TFLite) predicts the submission photo by pho
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -72,10 +74,29 @@ class UnreachableClassifier(TinyClassifier):
                             "(test: no network)")
 
 
+class OfflineLaterClassifier(TinyClassifier):
+    """Its classifier's weights are never at hand: they are downloaded on each first use, which
+    works while ``online`` and fails as a Keras download does offline once it is not."""
+
+    name = "catsdogs_testing_classifier_offline_later"
+    online = True
+    built: list[str] = []
+
+    def weights_at_hand(self, weights, classifier=False):
+        return not classifier
+
+    def build_classifier(self, weights="none", image_size=None, with_features=False):
+        self.built.append(weights)
+        if not self.online:
+            raise CatsdogsError(f"could not load {weights!r} weights for backbone {self.name!r} "
+                                "(test: no network)")
+        return super().build_classifier(weights, image_size, with_features)
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     backbones = [TinyClassifier(), OtherClassifier(), TinyTopSplit(), TwoWeightsClassifier(),
-                 UnreachableClassifier()]
+                 UnreachableClassifier(), OfflineLaterClassifier()]
     with tiny_env(tmp_path_factory, "prior", backbones) as env:
         yield env
 
@@ -413,3 +434,28 @@ def test_classifier_weights_that_cannot_be_had_fail_before_extraction(env):
     # at hand (TinyClassifier): nothing is built ahead of the runs
     at_hand = _experiment(env, "at-hand")
     assert fetch_classifiers(plan_runs(at_hand), at_hand, env["registry"]) == []
+
+
+def test_a_finished_experiment_reruns_where_its_classifiers_cannot_be_had(env, monkeypatch):
+    """Every prior run finished: rerun where the classifier's download fails (offline), the
+    experiment resumes every run and fetches nothing; a run that must train still fetches its
+    classifier before extraction."""
+    from catsdogs.runs.runner import run_experiment
+
+    offline = OfflineLaterClassifier.name
+    exp = _experiment(env, "offline-later", backbones=[offline],
+                      heads=["dropout_sigmoid", "imagenet_prior"])
+    OfflineLaterClassifier.built.clear()
+    first = run_experiment(exp, progress=False)
+    assert OfflineLaterClassifier.built[:1] == ["none"]  # fetched before extraction, online
+    monkeypatch.setattr(OfflineLaterClassifier, "online", False)
+    OfflineLaterClassifier.built.clear()
+    again = run_experiment(exp, progress=False)
+    assert OfflineLaterClassifier.built == []
+    assert [r.run_id for r in again.records] == [r.run_id for r in first.records]
+    assert again.submission is not None
+    (prior,) = [r for r in first.records if r.head.name == "imagenet_prior"]
+    shutil.rmtree(first.out_dir / "runs" / prior.run_id)  # this one must train again
+    with pytest.raises(CatsdogsError, match=f"could not load 'none' weights for backbone '{offline}'"):
+        run_experiment(exp, progress=False)
+    assert OfflineLaterClassifier.built == ["none"]

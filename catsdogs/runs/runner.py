@@ -156,15 +156,24 @@ def run_head_params(spec: RunSpec, experiment: Experiment, registry) -> dict[str
     return params
 
 
-def fetch_classifiers(specs, experiment: Experiment, registry) -> list[str]:
+def fetch_classifiers(specs, experiment: Experiment, registry,
+                      finished: Sequence[str | os.PathLike] = ()) -> list[str]:
     """Build now each ImageNet classifier that a run of ``specs`` will read (a head with
     ``uses_classifier``) and whose weights are not at hand (``weights_at_hand(weights,
     classifier=True)``: a Keras application's full weights file, which the feature model does not
     read, is downloaded on first use). A download that cannot be made then fails in seconds,
     naming the file, rather than after the features are extracted; one that succeeds is not
-    made again. Classifiers at hand are left to the runs. Returns the backbones built."""
+    made again. Classifiers at hand are left to the runs. Returns the backbones built.
+
+    A run with a finished record in one of the output folders ``finished`` (this experiment's,
+    those it may copy runs from) is left out: resumed, it reads no classifier, so a finished
+    experiment reruns where the download cannot be made. (Its settings may have changed since:
+    then it trains, and builds its classifier itself, after extraction.)"""
     needed = sorted({(name, experiment.backbone(name).weights) for spec in specs
-                     if uses_classifier(registry.head(spec.head.name)) for name in spec.combination})
+                     if uses_classifier(registry.head(spec.head.name))
+                     and not any((Path(folder) / "runs" / spec.run_id / RECORD).is_file()
+                                 for folder in finished)
+                     for name in spec.combination})
     built = []
     for name, weights in needed:
         backbone = registry.backbone(name)
@@ -567,7 +576,8 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
     write_json(out / "experiment.json", experiment.to_dict())
 
     dataset = open_dataset(experiment.data)
-    fetch_classifiers(plan, experiment, registry)  # a download that fails, fails before extraction
+    # a download that fails, fails before extraction; finished runs need none
+    fetch_classifiers(plan, experiment, registry, finished=[out, *reuse_from])
     engine = engine or EngineSpec(experiment.engine, experiment.ray_address)
     with (open_engine(engine) if isinstance(engine, EngineSpec) else contextlib.nullcontext(engine)
           ) as compute_engine:
