@@ -33,6 +33,13 @@ Usage::
         [--direct-seconds 4] [--skip-accuracy] [--cache-dir DIR]
     python bench/int8_speed.py --end-to-end 2000 --photos ../data/PetImages --backbones resnet50 \
         --skip-speed --skip-accuracy
+    python bench/int8_speed.py --float32-runtimes 1000 --photos ../data/PetImages \
+        --backbones efficientnet_lite0,efficientnet_lite1,efficientnet_lite2 --image-sizes 336,360,390 \
+        --skip-speed --skip-accuracy
+
+``--float32-runtimes N``: ``catsdogs.extract`` of N photos at float32 by TensorFlow and by OpenVINO
+(``runtime: openvino``), each in a fresh cache: wall and CPU seconds of each call and how far
+apart the two runtimes' features are.
 """
 
 from __future__ import annotations
@@ -273,6 +280,49 @@ def print_end_to_end(rows: list[dict]) -> None:
               f"{r['added_wall']:.1f} s (no calibration)")
 
 
+# ------------------------------------------------------------------------- float32 runtimes
+def float32_runtimes(args, name: str, size: int | None, work: Path) -> dict:
+    """``runtime: tensorflow`` against ``runtime: openvino``: ``catsdogs.extract`` of
+    ``args.float32_runtimes`` photos at float32 by each, in fresh caches, one after the other;
+    wall and CPU seconds (this process) of each call, and how far apart their features are."""
+    from catsdogs.features.extraction import load_features
+
+    data = photo_subset(args.photos, args.float32_runtimes, work / f"rt-{name}")
+    row: dict = {"name": name, "n": args.float32_runtimes, "load_before": os.getloadavg()[1]}
+    features = {}
+    for runtime in ("tensorflow", "openvino"):
+        wall, cpu = time.perf_counter(), time.process_time()
+        (res,) = catsdogs.extract(data, [name], weights=weights_for(name), image_size=size,
+                                  batch_size=args.batch_size, cache_dir=work / f"rt-cache-{runtime}",
+                                  runtime=runtime, progress=False)
+        row[f"wall_{runtime}"] = time.perf_counter() - wall
+        row[f"cpu_{runtime}"] = time.process_time() - cpu
+        row["size"] = res.config.image_size
+        features[runtime] = load_features(res.path).train.X
+        print(f"  {name} at {res.config.image_size} px, {runtime}: {row[f'wall_{runtime}']:.1f} s "
+              f"wall, {row[f'cpu_{runtime}']:.1f} s CPU, {res.computed} computed", flush=True)
+    a, b = features["tensorflow"], features["openvino"]
+    row["max_abs"] = float(np.abs(a - b).max())
+    row["max_value"] = float(np.abs(a).max())
+    row["min_cosine"] = cosine(a, b)[1]
+    row["load_after"] = os.getloadavg()[1]
+    return row
+
+
+def print_float32_runtimes(rows: list[dict]) -> None:
+    print("\nfloat32 features, TensorFlow against OpenVINO (the extract call, model build and "
+          "conversion included; CPU: this process)")
+    for r in rows:
+        print(f"  {r['name']} at {r['size']} px, {r['n']} photos (5-min load {r['load_before']:.1f} "
+              f"before, {r['load_after']:.1f} after): tensorflow {r['wall_tensorflow']:.1f} s wall / "
+              f"{r['cpu_tensorflow']:.1f} s CPU, openvino {r['wall_openvino']:.1f} s wall / "
+              f"{r['cpu_openvino']:.1f} s CPU -> openvino/tensorflow "
+              f"{r['wall_openvino'] / r['wall_tensorflow']:.2f}x wall, "
+              f"{r['cpu_openvino'] / r['cpu_tensorflow']:.2f}x CPU; features: max |diff| "
+              f"{r['max_abs']:.2g} (values up to {r['max_value']:.3g}), min cosine "
+              f"{r['min_cosine']:.9f}")
+
+
 # ------------------------------------------------------------------------------------ engines
 def compare_engines(args, name: str, work: Path) -> None:
     """The engine choice: TF float32, OpenVINO float32 / NNCF int8, ONNX Runtime float32 / QDQ
@@ -409,7 +459,13 @@ def main() -> None:
     ap.add_argument("--end-to-end", type=int, default=0, metavar="N",
                     help="also extract N photos of --photos end to end, float32 vs int8")
     ap.add_argument("--photos", type=Path, default=HERE.parent.parent / "data" / "PetImages",
-                    help="class-folder data set for --end-to-end")
+                    help="class-folder data set for --end-to-end and --float32-runtimes")
+    ap.add_argument("--float32-runtimes", type=int, default=0, metavar="N",
+                    help="also extract N photos of --photos at float32 by TensorFlow and by "
+                         "OpenVINO (runtime: openvino)")
+    ap.add_argument("--image-sizes", default="",
+                    help="with --float32-runtimes: each backbone's input size (comma-separated, "
+                         "in --backbones' order; default: each one's own)")
     args = ap.parse_args()
     int8.require_engine()
     print(f"{os.cpu_count()} CPUs, batch {args.batch_size}, {args.limit} images from {args.data}, "
@@ -430,6 +486,15 @@ def main() -> None:
         try:
             print_end_to_end([end_to_end(args, n.strip(), work)
                               for n in args.backbones.split(",") if n.strip()])
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.float32_runtimes:
+        names = [n.strip() for n in args.backbones.split(",") if n.strip()]
+        sizes = [int(v) for v in args.image_sizes.split(",") if v.strip()] or [None] * len(names)
+        work = Path(tempfile.mkdtemp(prefix="catsdogs-float32-runtimes-"))
+        try:
+            print_float32_runtimes([float32_runtimes(args, n, size, work)
+                                    for n, size in zip(names, sizes, strict=True)])
         finally:
             shutil.rmtree(work, ignore_errors=True)
     for name in [n.strip() for n in args.engines.split(",") if n.strip()]:

@@ -149,6 +149,11 @@ DATA_DIR = click.STRING
 @click.option("--recalibrate", is_flag=True,
               help="int8: calibrate again on the current training images instead of reusing the "
                    "cached quantised model.")
+@click.option("--runtime", type=click.Choice(["tensorflow", "openvino"]), default="tensorflow",
+              show_default=True,
+              help="What computes float32 features: TensorFlow, or the same network converted to "
+                   "OpenVINO (faster on CPU, cached under its own key; needs `pip install "
+                   "'catsdogs[int8]'`). int8 always runs on OpenVINO.")
 @click.option("--resize", type=click.Choice(["squash", "crop", "pad"]), default="squash",
               show_default=True, help="squash to SxS (the write-up), centre-crop, or letterbox.")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=256, show_default=True,
@@ -159,8 +164,8 @@ DATA_DIR = click.STRING
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 @engine_options
 def extract(data_dir, backbones, weights, image_size, batch_size, cache_dir, flip, precision,
-            calibration_size, recalibrate, resize, chunk_size, workers, no_progress, as_json, engine,
-            ray_address, ray_shared_data) -> None:
+            calibration_size, recalibrate, runtime, resize, chunk_size, workers, no_progress,
+            as_json, engine, ray_address, ray_shared_data) -> None:
     """Compute (or reuse) cached GAP features of DATA_DIR's train and test images."""
     from catsdogs.engine import engine_spec, open_engine
     from catsdogs.features.extraction import extract as run_extract
@@ -170,7 +175,7 @@ def extract(data_dir, backbones, weights, image_size, batch_size, cache_dir, fli
             data_dir, list(backbones), weights=weights, image_size=image_size, batch_size=batch_size,
             cache_dir=cache_dir, flip=flip, precision=precision, resize=resize, chunk_size=chunk_size,
             workers=workers, progress=not no_progress, calibration_size=calibration_size,
-            recalibrate=recalibrate,
+            recalibrate=recalibrate, runtime=runtime,
             engine=compute_engine,
         )
     if as_json:

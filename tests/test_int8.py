@@ -697,3 +697,65 @@ def test_an_int8_trained_run_predicted_from_float32_exports_what_it_submitted(pl
 
 def _key(key: dict) -> dict:
     return {"config_key": key["config_key"], "fingerprint": key["dataset_fingerprint"]}
+
+
+def test_float32_by_openvino_equals_tensorflow_and_is_keyed_apart(plugin_site, kaggle_dir,
+                                                                  tmp_path):
+    """``runtime: openvino``: the same network converted and run in float32 gives TensorFlow's
+    features to float32 round-off, cached under its own key (TensorFlow's file is untouched);
+    a second call, and the CLI's, compute nothing."""
+    _engine()
+    cache = tmp_path / "cache"
+    (tf_res,) = catsdogs.extract(kaggle_dir, "tiny_int8", cache_dir=cache, **TINY)
+    (ov_res,) = catsdogs.extract(kaggle_dir, "tiny_int8", runtime="openvino", cache_dir=cache, **TINY)
+    assert ov_res.path != tf_res.path and ov_res.computed == 16
+    assert (tf_res.config.runtime, ov_res.config.runtime) == ("tensorflow", "openvino")
+    a, b = (catsdogs.load_features(r.path) for r in (tf_res, ov_res))
+    assert b.meta["runtime"] == "openvino" and b.meta["precision"] == "float32"
+    assert a.train.files == b.train.files
+    np.testing.assert_allclose(b.train.X, a.train.X, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(b.test.X, a.test.X, rtol=1e-4, atol=1e-5)
+    (again,) = catsdogs.extract(kaggle_dir, "tiny_int8", runtime="openvino", cache_dir=cache, **TINY)
+    assert again.path == ov_res.path and again.computed == 0
+    proc = run_cli("extract", str(kaggle_dir), "-b", "tiny_int8", "--weights", "none",
+                   "--batch-size", "8", "--runtime", "openvino", "--cache-dir", str(cache),
+                   "--no-progress", "--json", env=_env(plugin_site), check=True)
+    (out,) = json.loads(proc.stdout)  # stdout is only the JSON
+    assert out["path"] == str(ov_res.path) and out["computed"] == 0
+    assert out["config"]["runtime"] == "openvino"
+
+
+def test_a_run_predicted_from_openvino_float32_exports_its_submission(plugin_site, tmp_path):
+    """``experiments/best.yaml`` with ``runtime: openvino``: heads trained on int8 features, every
+    held-out and test row predicted from float32 features computed by OpenVINO. The run directory
+    and its TFLite export (TensorFlow's float32 graph) give its submission."""
+    _engine()
+    import pandas as pd
+    from export_fixtures import predict_photos
+
+    from catsdogs.experiment.spec import load_experiment
+    from catsdogs.runs.features import locate_features
+    from catsdogs.runs.runner import run_experiment
+
+    make_kaggle(tmp_path / "data", n_per_class=16, n_test=6)
+    doc = {"data": str(tmp_path / "data"), "output": str(tmp_path / "out"),
+           "cache_dir": str(tmp_path / "cache"), "weights": "none", "precision": "int8",
+           "predict_precision": "float32", "runtime": "openvino",
+           "backbones": [{"name": "tiny_int8", "calibration_size": 10}],
+           "heads": ["dropout_sigmoid"], "optimizers": [{"name": "adam", "learning_rate": 0.01}],
+           "epochs": 3, "batch_size": 16, "seed": 7, "validation": {"kfold": 3}}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(doc))
+    result = run_experiment(load_experiment(tmp_path / "exp.yaml"), progress=False)
+    (record,) = result.records
+    predicted = locate_features(tmp_path / "cache", **_key(record.predicting_keys["tiny_int8"]))[1]
+    assert (predicted["precision"], predicted["runtime"]) == ("float32", "openvino")
+    submitted = pd.read_csv(result.out_dir / "submission.csv").set_index("id")["label"].sort_index()
+    photos = sorted((tmp_path / "data" / "test").glob("*.jpg"))
+    run_dir = result.out_dir / "runs" / record.run_id
+    np.testing.assert_allclose(predict_photos(run_dir, photos).sort_index(), submitted, atol=1e-5)
+    export = tmp_path / "export"
+    proc = run_cli("export", str(run_dir), "--out", str(export), "--format", "tflite", "--json",
+                   env=_env(plugin_site), check=True)
+    assert json.loads(proc.stdout)["parity_with_run"] is True
+    np.testing.assert_allclose(predict_photos(export, photos, "tflite").sort_index(), submitted,
+                               atol=1e-5)

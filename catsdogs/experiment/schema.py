@@ -68,6 +68,9 @@ __all__ = ["Experiment", "BackboneSpec", "HeadSpec", "OptimizerSpec", "Validatio
 
 #: feature precisions (int8: post-training quantised backbones, calibrated on training images)
 PRECISIONS = ("float32", "bfloat16", "int8")
+#: what computes a backbone's float32 features (int8 ones always run on OpenVINO, bfloat16 ones on
+#: TensorFlow): TensorFlow, or the same network converted to OpenVINO (catsdogs[int8])
+RUNTIMES = ("tensorflow", "openvino")
 RESIZE_POLICIES = ("squash", "crop", "pad")
 ENGINES = ("local", "ray")
 POSTPROCESSES = ("auto", "none", "clip", "temperature")
@@ -297,6 +300,10 @@ class BackboneSpec(_Model):
     predict_precision: Annotated[Literal[PRECISIONS] | None,  # type: ignore[valid-type]
                                  What("precision")] = None
     resize: Annotated[Literal[RESIZE_POLICIES], What("resize policy")] = DEFAULT_RESIZE  # type: ignore[valid-type]
+    #: what computes the backbone's float32 features (``precision`` or ``predict_precision``
+    #: float32): ``tensorflow`` (the network itself, as the export's graph computes it) or
+    #: ``openvino`` (the same network converted, in float32: faster on CPU; catsdogs[int8])
+    runtime: Annotated[Literal[RUNTIMES], What("runtime")] = "tensorflow"  # type: ignore[valid-type]
     #: int8 only: calibration images
     calibration_size: Annotated[int, Field(ge=1, le=MAX_CALIBRATION_SIZE),
                                 What("an integer")] = DEFAULT_CALIBRATION_SIZE
@@ -340,6 +347,11 @@ class BackboneSpec(_Model):
         """The precision of the features the backbone's held-out and test rows are predicted
         from: ``predict_precision``, else ``precision`` (the one its heads are trained on)."""
         return self.predict_precision or self.precision
+
+    def runtime_for(self, precision: str) -> str:
+        """What computes this backbone's features of ``precision``: :attr:`runtime` for float32;
+        int8 always runs on OpenVINO and bfloat16 on TensorFlow, whatever it says."""
+        return self.runtime if precision == "float32" else "tensorflow"
 
     @property
     def predicts_apart(self) -> bool:
@@ -701,6 +713,7 @@ class Experiment(BaseModel):
     precision: Annotated[Literal[PRECISIONS] | None, What("precision")] = None  # type: ignore[valid-type]
     predict_precision: Annotated[Literal[PRECISIONS] | None, What("precision")] = None  # type: ignore[valid-type]
     resize: Annotated[Literal[RESIZE_POLICIES] | None, What("resize policy")] = None  # type: ignore[valid-type]
+    runtime: Annotated[Literal[RUNTIMES] | None, What("runtime")] = None  # type: ignore[valid-type]
     image_size: Annotated[int | None, Field(ge=1, le=MAX_IMAGE_SIZE), What("an integer (pixels)")] = None
     calibration_size: Annotated[int | None, Field(ge=1, le=MAX_CALIBRATION_SIZE), What("an integer")] = None
     backbones: Annotated[list[_items("backbones", "a backbone name or a mapping with 'name'",  # type: ignore[valid-type]
@@ -786,7 +799,7 @@ class Experiment(BaseModel):
         """Fill unset options from the file's defaults; check weights and image sizes."""
         defaults = {key: info.data.get(key) for key in
                     ("weights", "image_size", "precision", "predict_precision", "resize",
-                     "calibration_size")}
+                     "calibration_size", "runtime")}
         registry = _registry(info)
         first: dict[str, int] = {}
         result = []
@@ -819,7 +832,18 @@ class Experiment(BaseModel):
                     spec = spec.model_copy(update={"layers": list(backbone.check_layers(spec.layers))})
                 except ConfigError as exc:
                     raise problem(str(exc), f"backbones[{i}].layers") from None
+            if spec.runtime == "openvino" and "runtime" in own \
+                    and "float32" not in (spec.precision, spec.predicts_in):
+                raise problem(f"runtime openvino computes float32 features, and backbone "
+                              f"{spec.name!r} has none (precision {spec.precision}, "
+                              f"predict_precision {spec.predict_precision}); remove it",
+                              at("runtime"))
             result.append(spec)
+        if defaults["runtime"] == "openvino" and not any(
+                "float32" in (s.precision, s.predicts_in) for s in result if s.runtime == "openvino"):
+            raise problem("runtime openvino computes float32 features, and no backbone of the "
+                          "file has any (precision or predict_precision float32); remove it",
+                          "runtime")
         return result
 
     @field_validator("heads", "optimizers")

@@ -19,6 +19,9 @@ also come from the command line)::
                                    # test row is predicted from (null: precision's; the heads are
                                    # trained on precision's), e.g. int8 to train, float32 to predict
     calibration_size: 64           # default for all backbones: int8 calibration images (1..100000)
+    runtime: tensorflow            # default for all backbones: what computes float32 features
+                                   # (tensorflow | openvino: the same network, faster on CPU;
+                                   # catsdogs[int8]); int8 always runs on OpenVINO
     resize: squash                 # default for all backbones (squash | crop | pad)
     image_size: null               # default for all backbones (null = each backbone's own size)
     backbones:                     # names, or mappings with per-backbone options
@@ -80,8 +83,8 @@ Details:
 * **Run settings**: ``engine``, ``ray_address`` and ``tracking`` never change a run's result, so
   finished runs are reused whichever engine or tracker computed them; ``postprocess``, ``refit``
   and ``ensemble`` act after the per-run training and do not invalidate finished runs either.
-  ``precision`` and ``calibration_size`` (int8 only) select cached features; a
-  ``predict_precision`` other than ``precision`` selects a second set to predict from.
+  ``precision``, ``calibration_size`` (int8 only) and ``runtime`` (float32 only) select cached
+  features; a ``predict_precision`` other than ``precision`` selects a second set to predict from.
 * **Paths** in the file (``data``, ``output``, ``cache_dir``, an ``exclude`` file) are relative to
   the YAML file's folder; the ``data``/``output``/``cache_dir`` overrides of
   :func:`load_experiment` (the command line) win over the file and are relative to the current

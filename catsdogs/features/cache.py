@@ -5,7 +5,7 @@ One HDF5 file per (data directory, backbone configuration)::
     $CACHE/features/<data dir name>-<hash of its path>/<backbone>-<size>-<weights>-<precision>-<resize>-<key>.h5
 
 The configuration key (:attr:`FeatureConfig.key`) covers the backbone name, weights id, input size,
-resize policy, precision (int8: the quantised model's hash), the feature views (``layers``, input
+resize policy, precision (int8: the quantised model's hash; float32: its runtime, when OpenVINO), the feature views (``layers``, input
 ``views`` and their ``merge``; left out at their defaults, so older keys stay valid) and the cache
 format. Inside, every row carries the BLAKE2b digest of its
 image file, so a row's features are reused only for byte-identical content. Datasets: ``features``
@@ -50,7 +50,7 @@ from catsdogs.util.fileio import atomic_write, replace_path
 
 logger = logging.getLogger("catsdogs")
 
-__all__ = ["CHECKSUM_ROWS", "FORMAT_VERSION", "PRECISIONS", "SPLITS", "VIEWS", "VIEW_DATASET",
+__all__ = ["CHECKSUM_ROWS", "FORMAT_VERSION", "PRECISIONS", "RUNTIMES", "SPLITS", "VIEWS", "VIEW_DATASET",
            "FeatureConfig", "FeatureSet", "FeatureSplit", "Source", "Store", "assemble",
            "dataset_cache_dir", "default_cache_dir", "find_copy", "is_fresh", "load_features"]
 
@@ -59,6 +59,9 @@ FORMAT_VERSION = 2  # 2: row-block checksums in the .h5 and the chunk markers
 #: rows per checksum block of a feature dataset
 CHECKSUM_ROWS = 256
 PRECISIONS = ("float32", "bfloat16", "int8")
+#: what computes float32 features: TensorFlow (the Keras network itself, as the export's graph
+#: does) or OpenVINO (the same network converted, in float32; the ``int8`` extra)
+RUNTIMES = ("tensorflow", "openvino")
 VIEWS = ("orig", "flip")
 VIEW_DATASET = {"orig": "features", "flip": "features_flip"}
 SPLITS = ("train", "test")
@@ -66,7 +69,8 @@ SPLITS = ("train", "test")
 
 # --------------------------------------------------------------------------------------- config
 #: FeatureConfig fields left out of the key at these (default) values
-_OPTIONAL: dict[str, Any] = {"calibration": "", "layers": (), "input_views": ("orig",), "merge": "mean"}
+_OPTIONAL: dict[str, Any] = {"calibration": "", "layers": (), "input_views": ("orig",), "merge": "mean",
+                             "runtime": "tensorflow"}
 
 
 @dataclass(frozen=True)
@@ -90,10 +94,14 @@ class FeatureConfig:
     #: the crop views' side as a fraction of the image's (``crop_fraction:``); in the key only
     #: when a crop view is among ``input_views``
     crop_fraction: float = DEFAULT_CROP_FRACTION
+    #: float32 only: what computed the features (:data:`RUNTIMES`); int8 is always OpenVINO's,
+    #: keyed by its quantised model (``calibration``), bfloat16 always TensorFlow's
+    runtime: str = "tensorflow"
 
     def identity(self) -> dict[str, Any]:
         """The fields that make the key: options at their defaults are left out, so a key stays
-        what it was before the option existed (int8's ``calibration``, ``layers``, ``views``);
+        what it was before the option existed (int8's ``calibration``, ``layers``, ``views``,
+        ``runtime``);
         ``crop_fraction`` is in it only when some view crops."""
         fields = asdict(self)
         if len(self.input_views) == 1:  # one view: nothing is merged

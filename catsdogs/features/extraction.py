@@ -49,6 +49,7 @@ from catsdogs.features.cache import (  # noqa: F401  (re-exported: the public AP
     CHECKSUM_ROWS,
     FORMAT_VERSION,
     PRECISIONS,
+    RUNTIMES,
     SPLITS,
     VIEW_DATASET,
     VIEWS,
@@ -222,10 +223,15 @@ def _with_views(model, views: Sequence[str], merge: str, crop_fraction: float = 
 
 def _model_factory(backbone, weights: str, size: int, precision: str, batch_size: int, resize: str,
                    workers: int, model_dir: Path | None, config: FeatureConfig):
-    """What builds the feature model when there is work: float32/bfloat16 Keras, or int8 OpenVINO
-    (the quantised model in ``model_dir``, resolved by :func:`catsdogs.features.int8.quantised_model`
-    before the features were keyed by it); over the configuration's views and layers."""
+    """What builds the feature model when there is work: float32/bfloat16 Keras, float32 OpenVINO
+    (``config.runtime``), or int8 OpenVINO (the quantised model in ``model_dir``, resolved by
+    :func:`catsdogs.features.int8.quantised_model` before the features were keyed by it); over the
+    configuration's views and layers."""
     layers, views, merge, crop = config.layers, config.input_views, config.merge, config.crop_fraction
+    if config.runtime == "openvino" and precision == "float32":
+        return lambda: _with_views(
+            int8.Float32FeatureModel(FeatureModel.build_network(backbone, weights, size, layers),
+                                     size, batch_size), views, merge, crop)
     if precision != "int8":
         return lambda: _with_views(FeatureModel(backbone, weights, size, precision, batch_size, layers),
                                    views, merge, crop)
@@ -392,11 +398,33 @@ def _versions() -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------- API
-def _check_options(backbones, weights, image_size, batch_size, precision, resize, chunk_size, workers):
+def _precision_label(precision: str, runtime: str) -> str:
+    """What a progress bar adds to the backbone's name: a precision other than float32, or the
+    runtime of float32 computed by OpenVINO."""
+    if precision != "float32":
+        return f" ({precision})"
+    return " (float32, openvino)" if runtime == "openvino" else ""
+
+
+def check_runtime(runtime: str, precision: str, what: str = "runtime") -> str:
+    """``runtime`` (:data:`~catsdogs.features.cache.RUNTIMES`) for features of ``precision``, else
+    one :class:`ConfigError` naming ``what``: OpenVINO computes float32 and int8 features (int8
+    always runs there), TensorFlow float32 and bfloat16 ones."""
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown {what} {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+    if runtime == "openvino" and precision == "bfloat16":
+        raise ConfigError(f"{what} openvino computes float32 (and int8) features, not bfloat16; "
+                          "use precision float32 or int8, or runtime tensorflow")
+    return runtime
+
+
+def _check_options(backbones, weights, image_size, batch_size, precision, resize, chunk_size, workers,
+                   runtime="tensorflow"):
     if not backbones:
         raise ConfigError("no backbone given; name at least one (e.g. --backbone resnet50)")
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    check_runtime(runtime, precision)
     if resize not in RESIZE_POLICIES:
         raise ConfigError(f"unknown resize policy {resize!r}; choose one of: {', '.join(RESIZE_POLICIES)}")
     from catsdogs.validation import check_backbone_options, check_positive_int
@@ -430,6 +458,7 @@ def extract(
     views: Sequence[str] = ("orig",),
     merge: str = "mean",
     crop_fraction: float = DEFAULT_CROP_FRACTION,
+    runtime: str = "tensorflow",
 ) -> list[ExtractResult]:
     """Compute (or reuse) GAP features of every train and test image for each backbone.
 
@@ -445,6 +474,8 @@ def extract(
     images once per backbone configuration and data set (the cached quantised model is reused,
     so added images cost one forward pass each; ``recalibrate=True`` calibrates again), and keys
     the features by the quantised model (:mod:`catsdogs.features.int8`; needs ``catsdogs[int8]``).
+    ``runtime="openvino"`` computes float32 features with OpenVINO instead of TensorFlow (the same
+    network, converted; keyed apart; needs OpenVINO, in ``catsdogs[int8]``); int8 always runs there.
 
     Feature views (each a configuration of its own, with its own cache key; the defaults keep the
     keys of before they existed): ``layers`` appends the global-average-pooled outputs of earlier
@@ -461,7 +492,11 @@ def extract(
     from catsdogs.plugins import get_registry
 
     names = [backbones] if isinstance(backbones, str) else list(backbones)
-    _check_options(names, weights, image_size, batch_size, precision, resize, chunk_size, workers)
+    _check_options(names, weights, image_size, batch_size, precision, resize, chunk_size, workers,
+                   runtime)
+    runtime = runtime if precision == "float32" else "tensorflow"  # int8: always OpenVINO's
+    if runtime == "openvino":
+        int8.require_float32_runtime()
     views = check_views(views, merge)
     crop_fraction = check_crop_fraction(crop_fraction)
     if precision == "int8":
@@ -509,6 +544,7 @@ def extract(
             input_views=views,
             merge=merge if len(views) > 1 else "mean",
             crop_fraction=crop_fraction,
+            runtime=runtime,
         )
         quantised = None
         if precision == "int8":  # int8 features are keyed by the quantised model's content hash
@@ -558,7 +594,7 @@ def extract(
                                    quantised.directory if quantised else None, config),
                     engine=engine, image_size=size, resize=resize, chunk_size=chunk_size, workers=workers,
                     progress=progress,
-                    desc=f"{backbone.name} features" + (f" ({precision})" if precision != "float32" else ""),
+                    desc=f"{backbone.name} features" + _precision_label(precision, runtime),
                 )
                 described = engine.describe()
                 rows: dict[str, list[tuple[ImageRecord, str]]] = {s: [] for s in SPLITS}

@@ -30,6 +30,11 @@ images, another OpenVINO) its own.
 
 The engine is the optional extra ``catsdogs[int8]``; without it, :func:`require_engine` raises one
 :class:`~catsdogs.util.extras.MissingExtraError` saying how to install it.
+
+**float32 on OpenVINO** (``runtime: openvino``): :class:`Float32FeatureModel` converts the same
+Keras feature function without quantising it and runs it in float32 (no calibration, nothing
+cached but the features, keyed by ``FeatureConfig.runtime``). Its features equal TensorFlow's to
+float32 round-off (``bench/int8_speed.py --float32-runtimes``); it needs OpenVINO only.
 """
 
 from __future__ import annotations
@@ -331,26 +336,20 @@ def _reused(model: QuantisedModel, name: str, records, digests, requested: int) 
     return model
 
 
-class Int8FeatureModel:
-    """:class:`~catsdogs.features.extraction.FeatureModel`'s interface over an OpenVINO int8 model:
-    the IR in ``model_dir`` (see :func:`quantised_model`), compiled for this machine's CPU."""
+class OpenVINOFeatureModel:
+    """:class:`~catsdogs.features.extraction.FeatureModel`'s interface over an OpenVINO model
+    (``ov.Model``) compiled for this machine's CPU with ``config``."""
 
-    def __init__(self, backbone, image_size: int, batch_size: int, model_dir: Path):
+    def __init__(self, model, image_size: int, batch_size: int, fallback_dim: int,
+                 config: dict[str, str]):
         import openvino as ov
 
         self.batch_size = batch_size
         self.image_size = image_size
-        core = ov.Core()
-        xml = Path(model_dir) / "model.xml"
-        try:
-            model = core.read_model(str(xml))
-        except RuntimeError as exc:
-            raise DataError(f"cannot read the int8 model {xml} ({exc}); run the command again "
-                            "with --recalibrate") from None
-        self.compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+        self.compiled = ov.Core().compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", **config})
         # the model's own width: with ``layers:`` it is more than the backbone's ``feature_dim``
         width = self.compiled.output(0).get_partial_shape()[-1]
-        self.feature_dim = width.get_length() if width.is_static else backbone.feature_dim
+        self.feature_dim = width.get_length() if width.is_static else fallback_dim
         # calling a compiled model uses its one default infer request, which is not thread-safe
         # (a Ray actor overlaps chunks); the model's own threads use every core anyway
         self._lock = threading.Lock()
@@ -362,6 +361,44 @@ class Int8FeatureModel:
                             np.float32)
                    for s in range(0, len(images), self.batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.feature_dim), np.float32)
+
+
+class Int8FeatureModel(OpenVINOFeatureModel):
+    """The int8 feature model: the quantised IR in ``model_dir`` (see :func:`quantised_model`)."""
+
+    def __init__(self, backbone, image_size: int, batch_size: int, model_dir: Path):
+        import openvino as ov
+
+        xml = Path(model_dir) / "model.xml"
+        try:
+            model = ov.Core().read_model(str(xml))
+        except RuntimeError as exc:
+            raise DataError(f"cannot read the int8 model {xml} ({exc}); run the command again "
+                            "with --recalibrate") from None
+        super().__init__(model, image_size, batch_size, backbone.feature_dim, {})
+
+
+class Float32FeatureModel(OpenVINOFeatureModel):
+    """``runtime: openvino`` at float32: the Keras feature model ``network`` (what
+    :class:`~catsdogs.features.extraction.FeatureModel` runs, the same uint8 -> float32 function
+    around it) converted to OpenVINO and run in float32. ``INFERENCE_PRECISION_HINT`` is set:
+    on a CPU with bfloat16 units OpenVINO would otherwise compute in bfloat16."""
+
+    def __init__(self, network, image_size: int, batch_size: int):
+        import openvino as ov
+
+        with engine_output(False):
+            model = ov.convert_model(_uint8_function(network, image_size))
+        super().__init__(model, image_size, batch_size, int(network.output_shape[-1]),
+                         {"INFERENCE_PRECISION_HINT": "f32"})
+
+
+def require_float32_runtime() -> None:
+    """One clear :class:`~catsdogs.util.extras.MissingExtraError` when OpenVINO cannot be
+    imported (``runtime: openvino`` needs it, not NNCF)."""
+    from catsdogs.util.extras import require
+
+    require("openvino", "int8", feature="runtime: openvino (float32 features computed by OpenVINO)")
 
 
 def decode_calibration(paths: Sequence[Path], image_size: int, resize: str,

@@ -464,7 +464,7 @@ def _extract_all(experiment: Experiment, dataset, progress: bool, engine):
     def one(spec, precision: str, flip: bool):
         (res,) = extract(
             experiment.data, [spec.name], weights=spec.weights, image_size=spec.image_size,
-            precision=precision, resize=spec.resize, flip=flip,
+            precision=precision, runtime=spec.runtime_for(precision), resize=spec.resize, flip=flip,
             cache_dir=experiment.cache_dir, progress=progress, dataset=dataset, digests=digests,
             engine=engine,
             calibration_size=spec.calibration_size,
