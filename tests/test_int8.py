@@ -101,17 +101,21 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 # --- without the extra -------------------------------------------------------------------------
 
-def test_missing_engine_is_one_clear_error(kaggle_dir, tmp_path):
-    """Runs in every env: with openvino/nncf unimportable, --precision int8 says how to install."""
+@pytest.mark.parametrize("option, says", [(["--precision", "int8"], "--precision int8"),
+                                          (["--runtime", "openvino"], "runtime: openvino")])
+def test_missing_engine_is_one_clear_error(kaggle_dir, tmp_path, option, says):
+    """Runs in every env: with openvino/nncf unimportable, --precision int8 and --runtime openvino
+    (float32 on OpenVINO) say how to install it, in one line, before anything is written."""
     cache = tmp_path / "cache"
     args = ["extract", str(kaggle_dir), "-b", "resnet50", "--weights", "none", "--image-size", "32",
-            "--precision", "int8", "--cache-dir", str(cache), "--no-progress"]
+            *option, "--cache-dir", str(cache), "--no-progress"]
     proc = subprocess.run([sys.executable, "-c", BLOCK_ENGINE, *args], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1, proc.stderr
     assert "pip install 'catsdogs[int8]'" in errors[0] and "OpenVINO" in errors[0]
+    assert says in errors[0]
     assert "Traceback" not in proc.stderr
     assert not cache.exists(), "nothing is computed or written before the check"
 

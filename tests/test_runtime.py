@@ -1,30 +1,15 @@
 """``runtime:``: what computes a backbone's float32 features (TensorFlow, or OpenVINO with
 ``catsdogs[int8]``). The file's checks and the extraction API's, in every env; the features
-OpenVINO computes, the CLI and a run predicted from them are in ``tests/test_int8.py``."""
+OpenVINO computes, the CLI, a run predicted from them and the error without OpenVINO are in
+``tests/test_int8.py``."""
 
 from __future__ import annotations
-
-import subprocess
-import sys
 
 import pytest
 import yaml
 
 import catsdogs
 from catsdogs.errors import ConfigError
-
-# a subprocess in which OpenVINO cannot be imported, running the CLI
-BLOCK_OPENVINO = '''
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "openvino":
-            raise ImportError(f"No module named {name!r}", name=name)
-sys.meta_path.insert(0, Block())
-from catsdogs.cli import main
-sys.argv = ["catsdogs", *sys.argv[1:]]
-main()
-'''
 
 
 def _load(tmp_path, **fields):
@@ -75,22 +60,6 @@ def test_extract_checks_the_runtime_before_reading_anything(tmp_path):
             catsdogs.extract(tmp_path / "no-such-dir", "resnet50", weights="none",
                              precision=precision, runtime=runtime, cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
-
-
-def test_the_openvino_runtime_without_openvino_is_one_clear_error(kaggle_dir, tmp_path):
-    """With OpenVINO unimportable, ``extract --runtime openvino`` says how to install it, in one
-    line, before anything is computed or written."""
-    cache = tmp_path / "cache"
-    args = ["extract", str(kaggle_dir), "-b", "resnet50", "--weights", "none", "--image-size", "32",
-            "--runtime", "openvino", "--cache-dir", str(cache), "--no-progress"]
-    proc = subprocess.run([sys.executable, "-c", BLOCK_OPENVINO, *args], capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 1, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, proc.stderr
-    assert "pip install 'catsdogs[int8]'" in errors[0] and "runtime: openvino" in errors[0]
-    assert "Traceback" not in proc.stderr
-    assert not cache.exists(), "nothing is computed or written before the check"
 
 
 def test_the_tensorflow_runtime_keeps_the_keys_of_before():
