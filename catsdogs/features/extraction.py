@@ -406,25 +406,19 @@ def _precision_label(precision: str, runtime: str) -> str:
     return " (float32, openvino)" if runtime == "openvino" else ""
 
 
-def check_runtime(runtime: str, precision: str, what: str = "runtime") -> str:
-    """``runtime`` (:data:`~catsdogs.features.cache.RUNTIMES`) for features of ``precision``, else
-    one :class:`ConfigError` naming ``what``: OpenVINO computes float32 and int8 features (int8
-    always runs there), TensorFlow float32 and bfloat16 ones."""
-    if runtime not in RUNTIMES:
-        raise ConfigError(f"unknown {what} {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
-    if runtime == "openvino" and precision == "bfloat16":
-        raise ConfigError(f"{what} openvino computes float32 (and int8) features, not bfloat16; "
-                          "use precision float32 or int8, or runtime tensorflow")
-    return runtime
-
-
 def _check_options(backbones, weights, image_size, batch_size, precision, resize, chunk_size, workers,
                    runtime="tensorflow"):
     if not backbones:
         raise ConfigError("no backbone given; name at least one (e.g. --backbone resnet50)")
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
-    check_runtime(runtime, precision)
+    # OpenVINO computes float32 and int8 features (int8 always runs there), TensorFlow float32
+    # and bfloat16 ones
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+    if runtime == "openvino" and precision == "bfloat16":
+        raise ConfigError("runtime openvino computes float32 (and int8) features, not bfloat16; "
+                          "use precision float32 or int8, or runtime tensorflow")
     if resize not in RESIZE_POLICIES:
         raise ConfigError(f"unknown resize policy {resize!r}; choose one of: {', '.join(RESIZE_POLICIES)}")
     from catsdogs.validation import check_backbone_options, check_positive_int
