@@ -147,6 +147,28 @@ def test_int8_on_ray_calibrates_on_the_driver_and_ships_the_model(engine, driver
     assert (again.computed, again.reused) == (0, 32)
 
 
+@pytest.mark.slow
+def test_openvino_float32_on_ray_equals_local_without_reading_the_data_dir(engine, driver_data,
+                                                                           tmp_path):
+    """runtime openvino on Ray: the workers convert and run the float32 network themselves (they
+    see neither the photos nor the cache) and compute what a local OpenVINO extraction does,
+    keyed apart from TensorFlow's float32 features."""
+    pytest.importorskip("openvino")
+    opts = {**TINY, "runtime": "openvino"}
+    (local,) = catsdogs.extract(driver_data, "resnet50", cache_dir=tmp_path / "local", **opts)
+    (res,) = catsdogs.extract(driver_data, "resnet50", cache_dir=driver_data.parent / "cache-ov",
+                              engine=engine, **opts)
+    assert res.computed == local.computed == 32
+    info = _assert_same_cache(local.path, res.path)
+    assert info["name"] == "ray" and len(info["nodes"]) == 2
+    (tf,) = catsdogs.extract(driver_data, "resnet50", cache_dir=driver_data.parent / "cache-ov",
+                             engine=engine, **TINY)
+    assert tf.path != res.path and tf.computed == 32  # TensorFlow's features are another file
+    (again,) = catsdogs.extract(driver_data, "resnet50", cache_dir=driver_data.parent / "cache-ov",
+                                engine=engine, **opts)
+    assert (again.computed, again.reused) == (0, 32)
+
+
 def test_workers_cannot_open_the_data_dir(cluster, driver_data):
     """The hook is real: a Ray task that opens a data file fails, the driver's open works."""
 
