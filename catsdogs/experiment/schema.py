@@ -53,6 +53,7 @@ from typing_extensions import TypedDict
 from catsdogs.components import DEFAULT_CROP_FRACTION, FEATURE_VIEWS, VIEW_MERGES, check_views
 from catsdogs.dataset.storage import data_location, is_url
 from catsdogs.errors import ConfigError, DataError, PluginError
+from catsdogs.features.cache import RUNTIMES, runtime_of
 from catsdogs.validation import SEED_MAX
 
 if TYPE_CHECKING:
@@ -68,9 +69,6 @@ __all__ = ["Experiment", "BackboneSpec", "HeadSpec", "OptimizerSpec", "Validatio
 
 #: feature precisions (int8: post-training quantised backbones, calibrated on training images)
 PRECISIONS = ("float32", "bfloat16", "int8")
-#: what computes a backbone's float32 features (int8 ones always run on OpenVINO, bfloat16 ones on
-#: TensorFlow): TensorFlow, or the same network converted to OpenVINO (catsdogs[int8])
-RUNTIMES = ("tensorflow", "openvino")
 RESIZE_POLICIES = ("squash", "crop", "pad")
 ENGINES = ("local", "ray")
 POSTPROCESSES = ("auto", "none", "clip", "temperature")
@@ -351,7 +349,7 @@ class BackboneSpec(_Model):
     def runtime_for(self, precision: str) -> str:
         """What computes this backbone's features of ``precision``: :attr:`runtime` for float32;
         int8 always runs on OpenVINO and bfloat16 on TensorFlow, whatever it says."""
-        return self.runtime if precision == "float32" else "tensorflow"
+        return runtime_of(precision, self.runtime)
 
     @property
     def predicts_apart(self) -> bool:

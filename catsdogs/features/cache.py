@@ -52,7 +52,8 @@ logger = logging.getLogger("catsdogs")
 
 __all__ = ["CHECKSUM_ROWS", "FORMAT_VERSION", "PRECISIONS", "RUNTIMES", "SPLITS", "VIEWS", "VIEW_DATASET",
            "FeatureConfig", "FeatureSet", "FeatureSplit", "Source", "Store", "assemble",
-           "dataset_cache_dir", "default_cache_dir", "find_copy", "is_fresh", "load_features"]
+           "dataset_cache_dir", "default_cache_dir", "find_copy", "is_fresh", "load_features",
+           "runtime_of"]
 
 
 FORMAT_VERSION = 2  # 2: row-block checksums in the .h5 and the chunk markers
@@ -62,6 +63,13 @@ PRECISIONS = ("float32", "bfloat16", "int8")
 #: what computes float32 features: TensorFlow (the Keras network itself, as the export's graph
 #: does) or OpenVINO (the same network converted, in float32; the ``int8`` extra)
 RUNTIMES = ("tensorflow", "openvino")
+
+
+def runtime_of(precision: str, runtime: str) -> str:
+    """What computes features of ``precision`` when ``runtime`` is asked for: ``runtime`` for
+    float32; int8 features always run on OpenVINO and bfloat16 ones on TensorFlow, whatever it
+    says, and both are keyed as ``tensorflow`` (the default, left out of the key)."""
+    return runtime if precision == "float32" else "tensorflow"
 VIEWS = ("orig", "flip")
 VIEW_DATASET = {"orig": "features", "flip": "features_flip"}
 SPLITS = ("train", "test")

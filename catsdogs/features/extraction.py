@@ -63,6 +63,7 @@ from catsdogs.features.cache import (  # noqa: F401  (re-exported: the public AP
     find_copy,
     is_fresh,
     load_features,
+    runtime_of,
 )
 from catsdogs.util.fileio import file_lock, remove_stale_temporaries
 
@@ -488,7 +489,7 @@ def extract(
     names = [backbones] if isinstance(backbones, str) else list(backbones)
     _check_options(names, weights, image_size, batch_size, precision, resize, chunk_size, workers,
                    runtime)
-    runtime = runtime if precision == "float32" else "tensorflow"  # int8: always OpenVINO's
+    runtime = runtime_of(precision, runtime)  # int8: always OpenVINO's
     if runtime == "openvino":
         int8.require_float32_runtime()
     views = check_views(views, merge)
