@@ -53,7 +53,7 @@ from typing_extensions import TypedDict
 from catsdogs.components import DEFAULT_CROP_FRACTION, FEATURE_VIEWS, VIEW_MERGES, check_views
 from catsdogs.dataset.storage import data_location, is_url
 from catsdogs.errors import ConfigError, DataError, PluginError
-from catsdogs.features.cache import RUNTIMES, runtime_of
+from catsdogs.features.cache import PRECISIONS, RUNTIMES, runtime_of
 from catsdogs.validation import SEED_MAX
 
 if TYPE_CHECKING:
@@ -67,8 +67,6 @@ __all__ = ["Experiment", "BackboneSpec", "HeadSpec", "OptimizerSpec", "Validatio
            "Ensemble", "Tracking", "What", "json_schema", "validate_document", "problem",
            "type_name", "suggest"]
 
-#: feature precisions (int8: post-training quantised backbones, calibrated on training images)
-PRECISIONS = ("float32", "bfloat16", "int8")
 RESIZE_POLICIES = ("squash", "crop", "pad")
 ENGINES = ("local", "ray")
 POSTPROCESSES = ("auto", "none", "clip", "temperature")

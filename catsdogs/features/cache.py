@@ -59,10 +59,14 @@ __all__ = ["CHECKSUM_ROWS", "FORMAT_VERSION", "PRECISIONS", "RUNTIMES", "SPLITS"
 FORMAT_VERSION = 2  # 2: row-block checksums in the .h5 and the chunk markers
 #: rows per checksum block of a feature dataset
 CHECKSUM_ROWS = 256
+#: feature precisions (int8: post-training quantised backbones, calibrated on training images)
 PRECISIONS = ("float32", "bfloat16", "int8")
 #: what computes float32 features: TensorFlow (the Keras network itself, as the export's graph
 #: does) or OpenVINO (the same network converted, in float32; the ``int8`` extra)
 RUNTIMES = ("tensorflow", "openvino")
+VIEWS = ("orig", "flip")
+VIEW_DATASET = {"orig": "features", "flip": "features_flip"}
+SPLITS = ("train", "test")
 
 
 def runtime_of(precision: str, runtime: str) -> str:
@@ -70,9 +74,6 @@ def runtime_of(precision: str, runtime: str) -> str:
     float32; int8 features always run on OpenVINO and bfloat16 ones on TensorFlow, whatever it
     says, and both are keyed as ``tensorflow`` (the default, left out of the key)."""
     return runtime if precision == "float32" else "tensorflow"
-VIEWS = ("orig", "flip")
-VIEW_DATASET = {"orig": "features", "flip": "features_flip"}
-SPLITS = ("train", "test")
 
 
 # --------------------------------------------------------------------------------------- config
