@@ -287,8 +287,12 @@ def test_runs_finished_in_another_output_are_copied_not_trained(tmp_path, data):
     wider = {"optimizers": [*BASE["optimizers"], {"name": "radam", "learning_rate": 0.01}],
              "ensemble": {"top": 2, "method": "mean", "submit": "always"}}
     path = _experiment(tmp_path, data, "second", **wider)
-    proc = run_cli("run", str(path), "--reuse-from", str(first.out_dir), "--no-progress", check=True)
-    assert "2 finished runs copied from" in proc.stdout and "1 runs trained, 2 reused" in proc.stdout
+    (tmp_path / "elsewhere" / "runs").mkdir(parents=True)  # offered first, holds nothing
+    proc = run_cli("run", str(path), "--reuse-from", str(tmp_path / "elsewhere"), "--reuse-from",
+                   str(first.out_dir), "--no-progress", check=True)
+    # the message names the folder the runs came from, not every folder offered
+    assert f"2 finished runs copied from {first.out_dir}\n" in proc.stdout
+    assert "elsewhere" not in proc.stdout and "1 runs trained, 2 reused" in proc.stdout
     second = tmp_path / "second"
     for r in first.records:
         for name in ("record.json", "val_predictions.csv", "test_predictions.csv", "head.keras"):
@@ -299,3 +303,11 @@ def test_runs_finished_in_another_output_are_copied_not_trained(tmp_path, data):
     longer = load_experiment(_experiment(tmp_path, data, "third", epochs=BASE["epochs"] + 1))
     third = run_experiment(longer, progress=False, reuse_from=[first.out_dir])
     assert third.computed == 2 and third.reused == 0  # other settings: trained, not copied
+
+    # runs found in two folders: each copied from the first that has it, counted per folder
+    lines: list[str] = []
+    fourth = run_experiment(load_experiment(_experiment(tmp_path, data, "fourth", **wider)),
+                            progress=False, echo=lines.append,
+                            reuse_from=[third.out_dir, first.out_dir, second])
+    assert fourth.computed == 0
+    assert f"3 finished runs copied from {first.out_dir} (2), {second} (1)" in lines

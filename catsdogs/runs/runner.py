@@ -600,22 +600,27 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
         expected_test_ids = [r.id for r in dataset.test]
         write_json(out / "test_ids.json", expected_test_ids)
 
-        records, pending, adopted = [], [], 0
+        records, pending = [], []
+        adopted: dict[str, int] = {}  # source folder -> runs copied from it
         for spec in plan:
             settings = _settings(spec, experiment, keys, split_hash,
                                  _run_maps(spec, maps, registry), predicting_keys)
             old = _reusable(out / "runs" / spec.run_id, _short_hash(settings, 16))
             if old is None and reuse_from:
-                old = _adopt(spec.run_id, _short_hash(settings, 16), reuse_from, out)
-                adopted += old is not None
+                found = _adopt(spec.run_id, _short_hash(settings, 16), reuse_from, out)
+                if found is not None:
+                    old, source = found
+                    adopted[str(source)] = adopted.get(str(source), 0) + 1
             if old is None:
                 pending.append((spec, settings))
             else:
                 old.target = experiment.target  # the current target, not the one of the earlier call
                 records.append(old)
         reused = len(records)
-        if adopted:
-            echo(f"{adopted} finished runs copied from {', '.join(str(p) for p in reuse_from)}")
+        if adopted:  # the folders the runs came from, not every folder offered
+            sources = (next(iter(adopted)) if len(adopted) == 1 else
+                       ", ".join(f"{source} ({n})" for source, n in adopted.items()))
+            echo(f"{sum(adopted.values())} finished runs copied from {sources}")
         # the maps are read only for the maps runs trained now (a resumed run needs none)
         attach_maps(experiment, wanted_maps([spec for spec, _ in pending], registry), aligned,
                     registry, dataset, digests, compute_engine, progress)
@@ -764,9 +769,9 @@ def _reusable(run_dir: Path, settings_hash: str) -> RunRecord | None:
 
 
 def _adopt(run_id: str, settings_hash: str, sources: Sequence[str | os.PathLike],
-           out: Path) -> RunRecord | None:
+           out: Path) -> tuple[RunRecord, str | os.PathLike] | None:
     """Copy ``run_id``'s folder from the first output folder in ``sources`` where it is finished
-    with ``settings_hash`` into ``out/runs`` (atomically); its record, or None."""
+    with ``settings_hash`` into ``out/runs`` (atomically); its record and that folder, or None."""
     for source in sources:
         run_dir = Path(source) / "runs" / run_id
         if run_dir.resolve() == (out / "runs" / run_id).resolve():
@@ -776,7 +781,7 @@ def _adopt(run_id: str, settings_hash: str, sources: Sequence[str | os.PathLike]
             continue
         with atomic_path(out / "runs" / run_id) as tmp:
             shutil.copytree(run_dir, tmp)
-        return record
+        return record, source
     return None
 
 
