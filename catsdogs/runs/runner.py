@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -601,7 +602,7 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
         write_json(out / "test_ids.json", expected_test_ids)
 
         records, pending = [], []
-        adopted: dict[str, int] = {}  # source folder -> runs copied from it
+        adopted: Counter[str] = Counter()  # source folder -> runs copied from it
         for spec in plan:
             settings = _settings(spec, experiment, keys, split_hash,
                                  _run_maps(spec, maps, registry), predicting_keys)
@@ -610,7 +611,7 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
                 found = _adopt(spec.run_id, _short_hash(settings, 16), reuse_from, out)
                 if found is not None:
                     old, source = found
-                    adopted[str(source)] = adopted.get(str(source), 0) + 1
+                    adopted[str(source)] += 1
             if old is None:
                 pending.append((spec, settings))
             else:
@@ -620,7 +621,7 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
         if adopted:  # the folders the runs came from, not every folder offered
             sources = (next(iter(adopted)) if len(adopted) == 1 else
                        ", ".join(f"{source} ({n})" for source, n in adopted.items()))
-            echo(f"{sum(adopted.values())} finished runs copied from {sources}")
+            echo(f"{adopted.total()} finished runs copied from {sources}")
         # the maps are read only for the maps runs trained now (a resumed run needs none)
         attach_maps(experiment, wanted_maps([spec for spec, _ in pending], registry), aligned,
                     registry, dataset, digests, compute_engine, progress)
