@@ -43,7 +43,7 @@ Usage::
     python bench/quality.py EXPERIMENT.yaml [--baseline BASE.yaml | --baseline-predictions CSV]
         [--work ~/.cache/catsdogs-bench] [--cache-dir DIR] [--photos /work/data/PetImages]
         [--seed 2019[,2020,...]] [--n-test 5000] [--n-train N] [--bootstrap 2000] [--top 5] [--json]
-        [--only-backbones A,B] [--no-share-runs] [--prepare-only]
+        [--only-backbones A,B] [--no-share-runs] [--no-progress] [--prepare-only]
 
 The experiment file's ``data:`` is ignored (any valid directory will do); use ``precision:
 int8`` for the backbones on a CPU machine (it costs no accuracy here, see the README).
@@ -260,7 +260,7 @@ def output_dir(work: Path, data: Path, experiment_file: Path, only: list[str] | 
 
 
 def run(experiment_file: Path, data: Path, work: Path, cache_dir: Path, top: int,
-        only: list[str] | None = None, share: bool = True) -> dict:
+        only: list[str] | None = None, share: bool = True, progress: bool = True) -> dict:
     import catsdogs
 
     out = output_dir(work, data, experiment_file, only)
@@ -277,7 +277,7 @@ def run(experiment_file: Path, data: Path, work: Path, cache_dir: Path, top: int
     import contextlib
 
     with contextlib.redirect_stdout(sys.stderr):  # the run's own report: stdout stays this one's
-        result = catsdogs.run_experiment(experiment, progress=sys.stderr.isatty(), reuse_from=others,
+        result = catsdogs.run_experiment(experiment, progress=progress, reuse_from=others,
                                          echo=lambda s: print(s, file=sys.stderr, flush=True))
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     if result.submission is None:
@@ -325,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="report the K test photos with the largest loss and draw them in "
                          "OUT/worst-test-photos.png (0: neither)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--no-progress", action="store_true",
+                    help="no progress on stderr (a bar on a terminal; in a file, a line at most "
+                         "every CATSDOGS_PROGRESS_INTERVAL seconds, 30 unless set)")
     ap.add_argument("--prepare-only", action="store_true")
     ap.add_argument("--no-share-runs", action="store_true",
                     help="train every run here, copying none from the split's other outputs")
@@ -382,7 +385,8 @@ def measure(args, seed: int, data: Path, work: Path, cache: Path) -> dict:
     report: dict = {"data": str(data), "seed": seed, "n_test": int(y.size), "cache": str(cache)}
     only = args.only_backbones.split(",") if args.only_backbones else None
     share = not args.no_share_runs
-    report["run"] = run(args.experiment.resolve(), data, work, cache, args.top, only, share)
+    report["run"] = run(args.experiment.resolve(), data, work, cache, args.top, only, share,
+                        not args.no_progress)
     p = read_predictions(Path(report["run"]["submission"]), ids)
     losses = _losses(y, p)
     report["run"].update(test_logloss=float(losses.mean()),
@@ -394,7 +398,8 @@ def measure(args, seed: int, data: Path, work: Path, cache: Path) -> dict:
         report["run"]["worst"] = worst
     base_path = args.baseline_predictions
     if args.baseline is not None:
-        report["baseline"] = run(args.baseline.resolve(), data, work, cache, args.top, only, share)
+        report["baseline"] = run(args.baseline.resolve(), data, work, cache, args.top, only,
+                                 share, not args.no_progress)
         base_path = Path(report["baseline"]["submission"])
     if base_path is not None:
         pb = read_predictions(base_path, ids)

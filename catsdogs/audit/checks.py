@@ -350,9 +350,8 @@ def audit(
     shipped from here) and computes the label-issue finder's features; the checks and outputs
     are the same.
     """
-    from tqdm.auto import tqdm
-
     from catsdogs.plugins import get_registry
+    from catsdogs.util.progress import progress_bar
 
     t0 = time.perf_counter()
     _check_options(top_k, min_side, batch_size, image_size, weights, workers, max_sheet)
@@ -370,8 +369,8 @@ def audit(
     chunk_size = max(batch_size, -(-256 // batch_size) * batch_size)
     chunks = list(_chunks(list(range(len(records))), chunk_size))
 
-    bar = tqdm(total=len(records), desc=f"{backbone.name} ImageNet audit", unit="img",
-               disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(records), desc=f"{backbone.name} ImageNet audit", unit="img",
+                       enabled=progress)
 
     def record_chunk(chunk: list[int], out: tuple) -> None:
         decoded, probs, feats = out

@@ -353,7 +353,7 @@ def _compute(store: Store, work: list[_Work], model_factory, *, engine, image_si
     """The missing chunks, computed by ``engine`` (:meth:`catsdogs.compute.Engine.map_chunks`)
     and written here through ``store`` as each finishes: ``(images computed, seconds, images per
     node)``."""
-    from tqdm.auto import tqdm
+    from catsdogs.util.progress import progress_bar
 
     if not work:
         return 0, 0.0, {}
@@ -361,8 +361,7 @@ def _compute(store: Store, work: list[_Work], model_factory, *, engine, image_si
     state = {"index": store.next_chunk_index(), "computed": 0}
     nodes: dict[str, int] = {}
     suffix = "" if engine.name == "local" else f" ({engine.name})"
-    bar = tqdm(total=len(work), desc=desc + suffix, unit="img", disable=not progress,
-               dynamic_ncols=True)
+    bar = progress_bar(total=len(work), desc=desc + suffix, unit="img", enabled=progress)
 
     def args_of(chunk: list[_Work]) -> tuple:
         return chunk[0].views, [w.digest for w in chunk], engine.payload([w.record.path for w in chunk])

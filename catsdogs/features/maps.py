@@ -283,10 +283,9 @@ def cache_maps(data_dir: str | os.PathLike, backbone: str, *, weights: str = "im
     (relative paths) to return, in that order (e.g. the rows of the features they join; one
     without maps is left out); default every photo, in the data set's order. The rows are read
     from the cache chunk by chunk into one array per split, so the maps are held once."""
-    from tqdm.auto import tqdm
-
     from catsdogs.dataset.layout import digest_all, open_dataset
     from catsdogs.features.extraction import ChunkFeatures
+    from catsdogs.util.progress import progress_bar
 
     if registry is None:
         from catsdogs.plugins import get_registry
@@ -324,8 +323,7 @@ def cache_maps(data_dir: str | os.PathLike, backbone: str, *, weights: str = "im
         def args_of(part):
             return ("orig",), [d for d, _ in part], engine.payload([r.path for _, r in part])
 
-        bar = tqdm(total=len(items), desc=f"{backbone} maps", unit="img", disable=not progress,
-                   dynamic_ncols=True)
+        bar = progress_bar(total=len(items), desc=f"{backbone} maps", unit="img", enabled=progress)
 
         def on_result(part, out, node, pid) -> None:
             nonlocal computed

@@ -561,6 +561,7 @@ def fit_grid(specs: Sequence[Any], experiment: Any, aligned: Any, splits: Sequen
     """
     from catsdogs.runs.features import tta_average
     from catsdogs.runs.tuning import tunable_names
+    from catsdogs.util.progress import fold_step
 
     if not grouping_enabled():
         return {}
@@ -585,7 +586,8 @@ def fit_grid(specs: Sequence[Any], experiment: Any, aligned: Any, splits: Sequen
     combinations = [tuple(spec.combination) for spec in chosen]
     uses_flip = [bool(experiment.tta) and aligned.has_flip(c) for c in combinations]
     flip = any(uses_flip)
-    for tr, va in splits:
+    for fold, (tr, va) in enumerate(splits):
+        fold_step(f"{len(chosen)} runs trained together", fold, len(splits))
         members = [Member(registry.head(spec.head.name)(**params_of(spec)),
                           _optimizer(spec, registry), c) for spec, c in zip(chosen, combinations)]
         heads = fit_group(members, blocks, aligned.train.y, train_rows=tr, val_rows=va,

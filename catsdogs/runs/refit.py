@@ -190,7 +190,7 @@ def refit_submission(winner: RunRecord, records: list[RunRecord], experiment: Ex
         write_json(out / "refit.json", {"refit": False, "reason": "k-fold: the fold heads' average "
                                         "is submitted", "winner": winner.run_id})
         return None
-    from tqdm.auto import tqdm
+    from catsdogs.util.progress import progress_bar
 
     t0 = time.perf_counter()
     by_id = {r.run_id: r for r in records}
@@ -206,8 +206,7 @@ def refit_submission(winner: RunRecord, records: list[RunRecord], experiment: Ex
                     len(members), out / "refit")
     if todo and before_refit is not None:
         before_refit([by_id[m] for m in todo])
-    bar = tqdm(total=len(todo), desc="refit", unit="run", disable=not progress or not todo,
-               dynamic_ncols=True)
+    bar = progress_bar(total=len(todo), desc="refit", unit="run", enabled=progress and bool(todo))
     for run_id, (ids, p, model), _node in engine.map_runs(_refit_member, todo,
                                                           (experiment, aligned, registry, by_id)):
         done[run_id] = (ids, p, _write_refit_dir(out / "refit" / run_id, model, ids, p,

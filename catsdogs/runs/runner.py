@@ -319,6 +319,7 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
 
     from catsdogs.evaluation.metrics import summarize
     from catsdogs.evaluation.plots import plot_history
+    from catsdogs.util.progress import fold_step
 
     t0 = time.perf_counter()
     # grouped runs come with their predictions: no need to fuse (copy) the combination's columns
@@ -341,6 +342,8 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
     run_params, run_lr, refit_params = params, learning_rate, None
     for fold, (tr, va) in enumerate(splits):
         group = fitted[fold] if fitted else None
+        if group is None:
+            fold_step(spec.run_id, fold, len(splits))
         fold_params, fold_lr = params, learning_rate
         if tuned and group is None:
             # inside the fold, on its training rows only: never on rows another fold validates on
@@ -681,30 +684,32 @@ def _train_runs(pending: list[tuple[RunSpec, dict[str, Any]]], experiment: Exper
     of runs per call, :func:`_run_groups`) and write each run directory atomically here as soon
     as its group finishes; ``row_keys`` (the feature keys the rows were aligned on, those of the
     predicting features or None) go into every record (``aligned_on``, ``predicted_on``)."""
-    from tqdm.auto import tqdm
+    from catsdogs.util.progress import progress_bar, steps_on
 
     records: list[RunRecord] = []
-    bar = tqdm(total=len(pending), desc="runs", unit="run", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(pending), desc="runs", unit="run", enabled=progress)
     done = ((spec, record, files, node)
             for group, results, node in engine.map_runs(run_group,
                                                         _run_groups(pending, engine, registry),
                                                         (experiment, aligned, splits, registry))
             for (spec, _), (record, files) in zip(group, results, strict=True))
-    for spec, record, files, node in done:
-        with atomic_path(out / "runs" / spec.run_id) as tmp:
-            tmp.mkdir()
-            for name, data in files.items():  # computed in a scratch folder, maybe elsewhere
-                (tmp / name).write_bytes(data)
-            if node != LOCAL_NODE:
-                record.engine = {"name": engine.name, "node_id": node}
-            record.aligned_on, record.predicted_on = row_keys
-            record.save(tmp)
-        records.append(record)
-        bar.update()
-        if progress:
-            bar.write(f"{spec.run_id}: val log loss {record.metrics.logloss:.5f} "
-                      f"(clipped {record.metrics.logloss_clipped:.5f}), "
-                      f"accuracy {record.metrics.accuracy:.4f}")
+    with steps_on(bar):  # a long run's folds, trained in this process, show on the bar
+        for spec, record, files, node in done:
+            with atomic_path(out / "runs" / spec.run_id) as tmp:
+                tmp.mkdir()
+                for name, data in files.items():  # computed in a scratch folder, maybe elsewhere
+                    (tmp / name).write_bytes(data)
+                if node != LOCAL_NODE:
+                    record.engine = {"name": engine.name, "node_id": node}
+                record.aligned_on, record.predicted_on = row_keys
+                record.save(tmp)
+            records.append(record)
+            bar.set_postfix_str("", refresh=False)  # the next step says what comes next
+            bar.update()
+            if progress:
+                bar.write(f"{spec.run_id}: val log loss {record.metrics.logloss:.5f} "
+                          f"(clipped {record.metrics.logloss_clipped:.5f}), "
+                          f"accuracy {record.metrics.accuracy:.4f}")
     bar.close()
     return records
 
