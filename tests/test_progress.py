@@ -103,9 +103,10 @@ def test_a_bad_interval_is_one_clear_error(monkeypatch, raw):
     assert repr(raw) in str(info.value) and "unset it" in str(info.value)
 
 
-def test_the_cli_logs_each_fold_of_each_run_to_a_file(tmp_path):
-    """``catsdogs run`` with stderr a file (a pipe here): lines, no carriage returns, and the
-    runs bar naming the fold that a group of runs, then a run trained alone, is at."""
+def test_the_cli_logs_each_fold_of_each_run_and_the_refit_to_a_file(tmp_path):
+    """``catsdogs run`` with stderr a file (a pipe here): lines, no carriage returns, the runs
+    bar naming the fold that a group of runs, then a run trained alone, is at, and the refit
+    bar the run it refits."""
     data = make_kaggle(tmp_path / "data", n_per_class=12, n_test=4)
     exp = tmp_path / "exp.yaml"
     exp.write_text(yaml.safe_dump({
@@ -125,10 +126,24 @@ def test_the_cli_logs_each_fold_of_each_run_to_a_file(tmp_path):
     steps = [line.split("], ", 1)[1] for line in bars if line.startswith("runs: ") and "], " in line]
     assert steps == ["2 runs trained together: fold 1/2", "2 runs trained together: fold 2/2",
                      f"{alone}: fold 1/2", f"{alone}: fold 2/2"], bars
-    assert bars[-1].startswith("runs: 3/3 run (100%)"), bars
-    # each run's result line is on stdout, as before
-    assert all(f"{run_id}: val log loss" in proc.stdout for run_id in board["run_id"])
-
+    assert any(line.startswith("runs: 3/3 run (100%)") for line in bars), bars
     again = run_cli("run", str(exp), "--no-progress", timeout=600)  # every run reused
     assert again.returncode == 0, again.stderr
-    assert not any(line.startswith(("runs: ", "resnet50 ")) for line in again.stderr.splitlines())
+    assert not any(line.startswith(("runs: ", "refit: ", "resnet50 "))
+                   for line in again.stderr.splitlines())
+
+    # a holdout split trains each run once, and the winner is then refitted on every row
+    doc = yaml.safe_load(exp.read_text())
+    doc.update(validation={"holdout": 0.25}, refit=True, output=str(tmp_path / "out-refit"))
+    exp.write_text(yaml.safe_dump(doc))
+    proc = run_cli("run", str(exp), env={"CATSDOGS_PROGRESS_INTERVAL": "0"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    steps = [line.split("], ", 1)[1] for line in lines if line.startswith("runs: ") and "], " in line]
+    assert steps == ["2 runs trained together: training", f"{alone}: training"], lines
+    winner = pd.read_csv(tmp_path / "out-refit" / "leaderboard.csv")["run_id"][0]
+    refits = [line for line in lines if line.startswith("refit: ")]
+    assert refits[0].startswith("refit: 0/1 run (0%)"), refits
+    assert refits[1].startswith("refit: 0/1 run (0%)"), refits
+    assert refits[1].endswith(f"], {winner}: training on every row"), refits
+    assert refits[-1].startswith("refit: 1/1 run (100%)") and "], " not in refits[-1], refits

@@ -103,7 +103,10 @@ def _refit_member(run_id: str, shared: tuple) -> tuple[list[int], np.ndarray, by
     ``shared`` is ``(experiment, aligned, registry, records by run id)``."""
     import tempfile
 
+    from catsdogs.util.progress import step
+
     experiment, aligned, registry, by_id = shared
+    step(f"{run_id}: training on every row")
     head, ids, p = refit_head(by_id[run_id], experiment, aligned, registry)
     model = head.keras_model()
     if model is None:
@@ -190,7 +193,7 @@ def refit_submission(winner: RunRecord, records: list[RunRecord], experiment: Ex
         write_json(out / "refit.json", {"refit": False, "reason": "k-fold: the fold heads' average "
                                         "is submitted", "winner": winner.run_id})
         return None
-    from catsdogs.util.progress import progress_bar
+    from catsdogs.util.progress import progress_bar, steps_on
 
     t0 = time.perf_counter()
     by_id = {r.run_id: r for r in records}
@@ -207,11 +210,13 @@ def refit_submission(winner: RunRecord, records: list[RunRecord], experiment: Ex
     if todo and before_refit is not None:
         before_refit([by_id[m] for m in todo])
     bar = progress_bar(total=len(todo), desc="refit", unit="run", enabled=progress and bool(todo))
-    for run_id, (ids, p, model), _node in engine.map_runs(_refit_member, todo,
-                                                          (experiment, aligned, registry, by_id)):
-        done[run_id] = (ids, p, _write_refit_dir(out / "refit" / run_id, model, ids, p,
-                                                 keys[run_id]))
-        bar.update()
+    with steps_on(bar):  # which member is training, when it trains in this process
+        for run_id, (ids, p, model), _node in engine.map_runs(
+                _refit_member, todo, (experiment, aligned, registry, by_id)):
+            done[run_id] = (ids, p, _write_refit_dir(out / "refit" / run_id, model, ids, p,
+                                                     keys[run_id]))
+            bar.set_postfix_str("", refresh=False)
+            bar.update()
     bar.close()
     test_ids: list[int] | None = None
     preds: list[np.ndarray] = []
