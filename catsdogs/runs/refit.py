@@ -193,7 +193,7 @@ def refit_submission(winner: RunRecord, records: list[RunRecord], experiment: Ex
         write_json(out / "refit.json", {"refit": False, "reason": "k-fold: the fold heads' average "
                                         "is submitted", "winner": winner.run_id})
         return None
-    from catsdogs.util.progress import progress_bar, steps_on
+    from catsdogs.util.progress import advance, progress_bar, steps_on
 
     t0 = time.perf_counter()
     by_id = {r.run_id: r for r in records}
@@ -215,8 +215,7 @@ def refit_submission(winner: RunRecord, records: list[RunRecord], experiment: Ex
                 _refit_member, todo, (experiment, aligned, registry, by_id)):
             done[run_id] = (ids, p, _write_refit_dir(out / "refit" / run_id, model, ids, p,
                                                      keys[run_id]))
-            bar.set_postfix_str("", refresh=False)
-            bar.update()
+            advance(bar)
     bar.close()
     test_ids: list[int] | None = None
     preds: list[np.ndarray] = []

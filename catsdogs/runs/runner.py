@@ -684,7 +684,7 @@ def _train_runs(pending: list[tuple[RunSpec, dict[str, Any]]], experiment: Exper
     of runs per call, :func:`_run_groups`) and write each run directory atomically here as soon
     as its group finishes; ``row_keys`` (the feature keys the rows were aligned on, those of the
     predicting features or None) go into every record (``aligned_on``, ``predicted_on``)."""
-    from catsdogs.util.progress import progress_bar, steps_on
+    from catsdogs.util.progress import advance, progress_bar, steps_on
 
     records: list[RunRecord] = []
     bar = progress_bar(total=len(pending), desc="runs", unit="run", enabled=progress)
@@ -704,8 +704,7 @@ def _train_runs(pending: list[tuple[RunSpec, dict[str, Any]]], experiment: Exper
                 record.aligned_on, record.predicted_on = row_keys
                 record.save(tmp)
             records.append(record)
-            bar.set_postfix_str("", refresh=False)  # the next step says what comes next
-            bar.update()
+            advance(bar)
             if progress:
                 bar.write(f"{spec.run_id}: val log loss {record.metrics.logloss:.5f} "
                           f"(clipped {record.metrics.logloss_clipped:.5f}), "

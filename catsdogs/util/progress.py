@@ -116,6 +116,13 @@ def steps_on(bar: Any) -> Iterator[None]:
         _step.reset(token)
 
 
+def advance(bar: Any) -> None:
+    """One item of ``bar`` is done: the step it was at (:func:`step`) no longer applies, and the
+    bar counts it."""
+    bar.set_postfix_str("", refresh=False)
+    bar.update()
+
+
 def step(text: str) -> None:
     """Say which step a long item is at ("efficientnet_lite2__finetune: fold 3/5") on the bar
     of the work around it (:func:`steps_on`), if that bar is in this process; nothing otherwise."""
@@ -130,4 +137,4 @@ def fold_step(what: str, fold: int, folds: int) -> None:
     step(f"{what}: fold {fold + 1}/{folds}" if folds > 1 else f"{what}: training")
 
 
-__all__ = ["LOG_FORMAT", "LOG_INTERVAL", "fold_step", "log_interval", "progress_bar", "step", "steps_on"]
+__all__ = ["LOG_FORMAT", "LOG_INTERVAL", "advance", "fold_step", "log_interval", "progress_bar", "step", "steps_on"]
