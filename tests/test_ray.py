@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -694,6 +695,50 @@ def test_sigterm_of_the_driver_is_one_line(tmp_path):
     assert lines == ["Error: terminated (SIGTERM): everything finished so far is kept; rerun the "
                      "same command to resume"], text
     assert list(cache.rglob("chunk-*.json"))
+
+
+@pytest.mark.parametrize("where", ["map_chunks", "map_runs", "driver"])
+def test_sigterm_while_ray_deserialises_a_result_is_terminated(cluster, engine, where, caplog):
+    """The SIGTERM handler raises where the main thread happens to be. Landing inside Ray's
+    deserialisation of a result, its error came out as Ray's ``RaySystemError`` (a traceback
+    instead of the one Error: line; CI saw it once in the CLI test above): it must be
+    :class:`Terminated`, whichever of the engine's loops was waiting, and Ray's deserialiser
+    does not log it with a traceback of its own. The same holds for the driver's own work while
+    the engine is open (``open_engine``), in code that wraps the error in its own."""
+    from catsdogs.engine.ray import TERMINATED, Terminated
+
+    driver = os.getpid()
+
+    class SignalsTheDriver:  # defined here: pickled by value, the workers need not import this
+        """Returned by a worker; unpickling it on the driver (inside ``ray.get``) sends SIGTERM
+        to the driver, and ``os.kill`` runs the driver's handler before it returns: the handler
+        raises inside Ray's deserialiser every time."""
+
+        def __reduce__(self):
+            return os.kill, (driver, signal.SIGTERM)
+
+    def chunk_fn():
+        return lambda job: SignalsTheDriver()
+
+    # an engine of its own: its handler is the driver's now (a node the cluster fixture adds
+    # in this process installs Ray's), and the module engine's pool gives it the CPUs
+    engine.release()
+    total = ray.cluster_resources()["CPU"]
+    _wait_for(lambda: ray.available_resources().get("CPU", 0) >= total, 60, "the pools' CPUs")
+    with pytest.raises(Terminated) as err:
+        with open_engine("ray") as own:
+            if where == "map_chunks":
+                own.map_chunks(chunk_fn, [0], lambda job: (job,), lambda *result: None)
+            elif where == "map_runs":
+                for _ in own.map_runs(lambda item, shared: SignalsTheDriver(), [0], None):
+                    pass
+            else:  # the driver's own work while the engine is open, in code that rewraps errors
+                try:
+                    pickle.loads(pickle.dumps(SignalsTheDriver()))
+                except Exception as exc:
+                    raise RuntimeError("a library's own error") from exc
+    assert str(err.value) == TERMINATED and err.value.__cause__ is None
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 TOKEN = "catsdogs-test-token-7f3a9c"

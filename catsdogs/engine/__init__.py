@@ -34,7 +34,8 @@ def open_engine(spec: EngineSpec | str | None = None, **kwargs) -> Iterator[Engi
 
     engine = RayEngine.connect(spec)
     try:
-        yield engine
+        with engine.terminable():  # SIGTERM is one Terminated error, whatever code it interrupted
+            yield engine
     finally:
         engine.close()
 

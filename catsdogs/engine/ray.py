@@ -72,6 +72,28 @@ class Terminated(EngineError):
     """The driver got SIGTERM while the engine was working (one line, no stack dump)."""
 
 
+TERMINATED = ("terminated (SIGTERM): everything finished so far is kept; rerun the same command "
+              "to resume")
+
+
+#: the logger of Ray's deserialiser, which logs (with its traceback) the error of an object it
+#: could not deserialise before handing it to the driver as a ``RaySystemError``
+RAY_DESERIALISER_LOGGER = "ray._private.serialization"
+
+
+def _not_terminated(record: logging.LogRecord) -> bool:
+    """A log filter: not Ray's report of the :class:`Terminated` our SIGTERM handler raised
+    inside its code (the driver reports that itself, in one line)."""
+    exc = record.exc_info[1] if record.exc_info else None
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:  # Ray raises its own error from ours
+        if isinstance(exc, Terminated):
+            return False
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return True
+
+
 def import_ray():
     """The ``ray`` module, or one :class:`~catsdogs.util.extras.MissingExtraError` line naming
     ``--engine ray`` and the extra that installs it (:func:`~catsdogs.util.extras.require`)."""
@@ -287,6 +309,7 @@ class RayEngine:
         self.actor_nodes: dict[str, str] = {}  # actor id -> its last known node id
         self.pool_nodes: set[str] = set()  # the nodes alive when the pool was started
         self._previous_sigterm: Any = None
+        self.terminated = False  # our SIGTERM handler ran (see terminable)
 
     # ------------------------------------------------------------------ connection
     @classmethod
@@ -349,10 +372,32 @@ class RayEngine:
             return
 
         def terminated(signum, frame):
-            raise Terminated("terminated (SIGTERM): everything finished so far is kept; "
-                             "rerun the same command to resume")
+            self.terminated = True
+            raise Terminated(TERMINATED)
 
         self._previous_sigterm = signal.signal(signal.SIGTERM, terminated)
+        logging.getLogger(RAY_DESERIALISER_LOGGER).addFilter(_not_terminated)
+
+    @contextlib.contextmanager
+    def terminable(self) -> Iterator[None]:
+        """Around the engine's work (its loops, and all that :func:`catsdogs.engine.open_engine`
+        runs): once our SIGTERM handler has run, whatever came of the :class:`Terminated` it
+        raised is that error again. The handler raises wherever the main thread is, and inside
+        other code (Ray's above all) that error is rewrapped (a ``SystemError`` around a native
+        wait, a ``RaySystemError`` when it lands while ``ray.get`` deserialises a result) or
+        swallowed; :meth:`check_terminated` in the loops catches the swallowed case."""
+        try:
+            yield
+        except Exception as exc:
+            if self.terminated and not isinstance(exc, Terminated):
+                raise Terminated(TERMINATED) from None
+            raise
+
+    def check_terminated(self) -> None:
+        """:class:`Terminated` if our SIGTERM handler has run (its own error may have been
+        swallowed by the Ray code it interrupted)."""
+        if self.terminated:
+            raise Terminated(TERMINATED)
 
     def _check_cpus(self) -> None:
         import ray
@@ -378,6 +423,7 @@ class RayEngine:
             if self._previous_sigterm is not None:
                 signal.signal(signal.SIGTERM, self._previous_sigterm)
                 self._previous_sigterm = None
+                logging.getLogger(RAY_DESERIALISER_LOGGER).removeFilter(_not_terminated)
 
     def describe(self) -> dict[str, Any]:
         """What the cache metadata records of the engine (the caller adds the node ids)."""
@@ -454,6 +500,13 @@ class RayEngine:
         wait for ever to restart it while the pool holds the other CPUs); its jobs go to the
         other actors, not counted as tries. An actor's node is known from its answers (kept
         across calls); once a node has died, an actor that never answered is dropped too."""
+        with self.terminable():
+            return self._map_chunks(factory, jobs, args_of, on_result, what)
+
+    def _map_chunks(self, factory: Callable[[], Callable[..., Any]], jobs: Sequence,
+                    args_of: Callable[[Any], tuple],
+                    on_result: Callable[[Any, Any, str, int], None],
+                    what: Callable[[Any], str] | None) -> int:
         import ray
 
         lost_errors = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
@@ -509,6 +562,7 @@ class RayEngine:
         finished = False
         try:
             while True:
+                self.check_terminated()
                 if time.monotonic() >= next_check:
                     check_nodes()
                     next_check = time.monotonic() + NODE_CHECK_SECONDS
@@ -585,6 +639,11 @@ class RayEngine:
         when its worker dies); yield ``(item, result, node id)`` in completion order. ``shared``
         is put into the object store once for all tasks. When a task fails or the caller stops
         (an error, SIGTERM, the generator closed), the other tasks are cancelled."""
+        with self.terminable():
+            yield from self._map_runs(fn, items, shared)
+
+    def _map_runs(self, fn: Callable[[Any, Any], Any], items: Iterable, shared: Any
+                  ) -> Iterator[tuple[Any, Any, str]]:
         import ray
 
         self.release()  # the actor pool's CPUs go to the runs
@@ -593,6 +652,7 @@ class RayEngine:
         pending = {task.remote(fn, item, shared_ref): item for item in items}
         try:
             while pending:
+                self.check_terminated()
                 done = _wait(list(pending), NODE_CHECK_SECONDS)
                 for ref in done:
                     item = pending.pop(ref)
@@ -612,17 +672,10 @@ class RayEngine:
 
 
 def _wait(refs: list, timeout: float) -> list:
-    """``ray.wait`` for one of ``refs``; the :class:`Terminated` our SIGTERM handler raised
-    while Ray's native code waited (Python reports it as a ``SystemError`` around it) as itself."""
+    """The refs of ``refs`` done within ``timeout`` seconds (at least one unless it passed)."""
     import ray
 
-    try:
-        done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
-    except SystemError as exc:
-        for inner in (exc.__cause__, exc.__context__):
-            if isinstance(inner, Terminated):
-                raise inner from None
-        raise
+    done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
     return done
 
 
