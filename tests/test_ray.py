@@ -655,6 +655,30 @@ def test_ray_address_joins_the_running_cluster_and_says_so(cluster, engine, driv
     assert info["address"] == cluster.address and set(info["nodes"]) <= _node_ids()
 
 
+def test_runs_on_ray_show_on_the_bar_when_they_end_with_no_fold_steps(cluster, engine, driver_data,
+                                                                     tmp_path):
+    """The README's promise for progress: work on a Ray worker shows only when it ends. A 2-fold
+    grid with ``--engine ray`` logs the ``runs`` bar counting runs to the end, and none of the
+    fold steps that the same grid shows when trained locally (``tests/test_progress.py``): the
+    worker has no bar to send them to."""
+    import yaml
+
+    engine.release()  # the module pool's CPUs go to the CLI's job
+    _wait_for(lambda: ray.available_resources().get("CPU", 0) >= 2, 60, "the pool's CPUs")
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(yaml.safe_dump({**GRID, "data": str(driver_data), "output": str(tmp_path / "out"),
+                                   "cache_dir": str(tmp_path / "cache"), "epochs": 2,
+                                   "heads": ["dropout_sigmoid", "logistic"],
+                                   "validation": {"kfold": 2}}))
+    proc = run_cli("run", str(exp), "--engine", "ray", "--ray-address", cluster.address,
+                   env=_cli_env(CATSDOGS_PROGRESS_INTERVAL="0"), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    runs = [line for line in proc.stderr.splitlines() if line.startswith("runs: ")]
+    # 2 dropout_sigmoid runs (adam, adadelta) and the logistic run
+    assert runs[0].startswith("runs: 0/3 run (0%)") and runs[-1].startswith("runs: 3/3 run (100%)"), runs
+    assert not [line for line in runs if "], " in line], runs  # no step: no "fold i/k"
+
+
 def test_invalid_address_is_quoted_as_given(tmp_path, driver_data):
     proc = run_cli("extract", str(driver_data), "-b", "resnet50", "--weights", "none",
                    "--cache-dir", str(tmp_path), "--engine", "ray", "--ray-address",
