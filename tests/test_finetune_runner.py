@@ -181,6 +181,39 @@ def test_kfold_ensemble_with_a_finetune_member_exports_what_it_submits(env):
         assert diff <= TOL, (record.run_id, diff)
 
 
+def test_an_ensemble_led_by_a_finetune_run_exports_its_neither_score_from_that_run(env):
+    """The neither score is fitted on the first member's features. When that member is trained
+    on maps (a finetune run, as ranked first on experiments/best.yaml's bundled sample), the graph
+    takes its backbone's features, not those of the first features run in the ensemble: there a
+    fusion of two backbones made ``export`` fail on a weight shape (3840 vs 1280 columns). The
+    members are put in that order here (a mean blend does not depend on it), and the default
+    export, neither score included, predicts the submission."""
+    from catsdogs.app.export import build_graph, export_run, load_run
+    from catsdogs.app.neither import fit_neither
+    from catsdogs.runs.submission import write_run_submission
+
+    result = _run(env, "neither", backbones=[SPLIT, TinyNoSplit.name],
+                  combinations=[[SPLIT], [SPLIT, TinyNoSplit.name]],
+                  heads=["finetune", "dropout_sigmoid"], ensemble={"top": 3, "method": "mean"})
+    (ens,) = [r for r in result.records if r.ensemble]
+    run_dir = result.out_dir / "runs" / ens.run_id
+    info = load_run(run_dir, env["registry"])
+    fused = [m for m in info.members if len(m.record.combination) == 2]
+    (ft,) = [m for m in info.members if m.record.head.name == "finetune"]
+    info.members = [ft, *fused, *(m for m in info.members if m is not ft and m not in fused)]
+    stats = fit_neither(ft.record, info.experiment, ft.run_dir)
+    model = build_graph(info, stats, env["registry"])[0]
+    assert model.get_layer("neither_similarity").kernel.shape[0] == stats.centroids.shape[1]
+
+    write_run_submission(run_dir, result.out_dir / "ens.csv")
+    expected = pd.read_csv(result.out_dir / "ens.csv").set_index("id")["label"]
+    manifest = export_run(run_dir, ["keras"], result.out_dir / "export-ens")
+    assert manifest["neither"]["threshold"] > 0
+    got = predict_photos(result.out_dir / "export-ens", sorted((env["data"] / "test").glob("*.jpg")),
+                         "keras")
+    assert np.abs(got.sort_index().to_numpy() - expected.sort_index().to_numpy()).max() <= TOL
+
+
 @pytest.mark.slow
 def test_a_tuned_finetune_run_is_tuned_on_its_training_rows_and_refitted_as_tuned(env):
     """``tuning:`` searches the ``finetune`` head's own space (its dropout) on the run's training

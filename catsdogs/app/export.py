@@ -540,7 +540,7 @@ def build_graph(info: RunInfo, neither=None, registry=None, *, feature_inputs: b
             blocks = [feature(b, view) for b in member.record.combination]
             fused[view] = blocks[0] if len(blocks) == 1 else \
                 keras.layers.Concatenate(axis=-1, name=f"features_{i}_{view}")(blocks)
-        if first_fused is None:
+        if i == 0:  # the neither score's features: the first member's, which its stats are fitted on
             first_fused = fused["orig"]
         member_p.append(member_heads(i, member, fused, "the rebuilt backbones give"))
     t = info.transform
