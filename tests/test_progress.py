@@ -10,6 +10,7 @@ import re
 import select
 import struct
 import termios
+import threading
 
 import pandas as pd
 import pytest
@@ -93,6 +94,39 @@ def test_steps_show_on_the_bar_around_them(monkeypatch):
     assert lines[1].endswith(", lite2__finetune: fold 3/5"), lines
     assert lines[2].endswith(", lite0__logistic: training"), lines
     assert not any("after the block" in line for line in lines)
+
+
+class _Watched(io.StringIO):
+    """A log that sets ``event`` when a line containing ``wanted`` is written to it."""
+
+    def __init__(self, wanted: str) -> None:
+        super().__init__()
+        self.wanted, self.event = wanted, threading.Event()
+
+    def write(self, text: str) -> int:
+        n = super().write(text)
+        if self.wanted in text:
+            self.event.set()
+        return n
+
+
+def test_a_step_held_back_by_the_interval_is_written_once_it_is_over(monkeypatch):
+    """In a log a step that comes within the interval of the last line (a run's first fold,
+    just after the bar counted the run before it) is written when the interval is over, not at
+    the bar's next update: that may be the end of the run, minutes later (the benchmark's log
+    showed no fold of a fine-tuned backbone for 5 min). The newest step is the one written."""
+    monkeypatch.setenv("CATSDOGS_PROGRESS_INTERVAL", "2")
+    out = _Watched("lite2__finetune: fold 2/5")
+    bar = progress_bar(total=2, desc="runs", unit="run", file=out)  # its first line: now
+    with steps_on(bar):
+        fold_step("lite2__finetune", 0, 5)
+        fold_step("lite2__finetune", 1, 5)  # no update of the bar follows
+        assert out.event.wait(60), out.getvalue()
+    bar.close()
+    lines = _lines(out.getvalue())
+    assert lines[0].startswith("runs: 0/2 run (0%)") and "], " not in lines[0], lines
+    assert lines[1].startswith("runs: 0/2 run (0%)"), lines
+    assert lines[1].endswith("], lite2__finetune: fold 2/5"), lines
 
 
 @pytest.mark.parametrize("raw", ["soon", "-1", "nan"])

@@ -18,6 +18,7 @@ import contextlib
 import contextvars
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import IO, Any
@@ -97,23 +98,52 @@ def progress_bar(*, total: int, desc: str, unit: str, enabled: bool = True,
 
 @contextlib.contextmanager
 def steps_on(bar: Any) -> Iterator[None]:
-    """While inside, :func:`step` in this thread writes its text as the bar's postfix (redrawn
-    as the bar's own redraws are: at most one line every :func:`log_interval` seconds in a log)."""
+    """While inside, :func:`step` in this thread writes its text as the bar's postfix, redrawn
+    at once, or in a log, where a line was written less than :func:`log_interval` seconds ago,
+    as soon as that interval is over (a timer: the next update may be minutes away), unless
+    another step or the bar's own redraw has shown something newer by then."""
+
+    pending: list[threading.Timer] = []  # the timer that will show a step held back
+    shown_at = {"step": 0.0}  # when the latest step was set
+
+    def redraw() -> None:
+        with bar.get_lock():
+            if bar.disable or not bar.postfix or bar.last_print_t > shown_at["step"]:
+                return  # closed, no step now, or a redraw of the bar's own has shown it
+            now = time.time()
+            wait = bar.last_print_t + bar.mininterval - now
+            if wait <= 0:
+                bar.refresh(nolock=True)
+                bar.last_print_t = now
+                return
+            if not pending:  # one line per interval: at its end
+                timer = threading.Timer(wait, fired)
+                timer.daemon = True
+                pending.append(timer)
+                timer.start()
+
+    def fired() -> None:
+        with bar.get_lock():
+            pending.clear()
+        redraw()
 
     def show(text: str) -> None:
         if bar.disable:
             return
-        bar.set_postfix_str(text, refresh=False)
-        now = time.time()
-        if now - bar.last_print_t >= bar.mininterval:  # redrawn as an update would be
-            bar.refresh()
-            bar.last_print_t = now
+        with bar.get_lock():
+            bar.set_postfix_str(text, refresh=False)
+            shown_at["step"] = time.time()
+        redraw()
 
     token = _step.set(show)
     try:
         yield
     finally:
         _step.reset(token)
+        with bar.get_lock():
+            for timer in pending:
+                timer.cancel()
+            pending.clear()
 
 
 def advance(bar: Any) -> None:
