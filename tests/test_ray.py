@@ -765,6 +765,22 @@ def test_sigterm_while_ray_deserialises_a_result_is_terminated(cluster, engine, 
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
+def test_an_engine_closed_inside_another_leaves_the_outer_ones_log_filter(cluster, engine):
+    """Each engine that catches SIGTERM filters Ray's deserialiser log with a filter of its own:
+    closing one opened inside another (its handler restores the outer's) keeps the outer's."""
+    from catsdogs.engine.ray import RAY_DESERIALISER_LOGGER
+
+    engine.release()
+    total = ray.cluster_resources()["CPU"]
+    _wait_for(lambda: ray.available_resources().get("CPU", 0) >= total, 60, "the pools' CPUs")
+    filters = logging.getLogger(RAY_DESERIALISER_LOGGER).filters
+    with open_engine("ray") as outer:
+        with open_engine("ray") as inner:
+            assert outer._log_filter in filters and inner._log_filter in filters
+        assert outer._log_filter in filters and inner._log_filter not in filters
+    assert outer._log_filter not in filters
+
+
 TOKEN = "catsdogs-test-token-7f3a9c"
 AUTH_VARS = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 

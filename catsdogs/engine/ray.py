@@ -81,17 +81,19 @@ TERMINATED = ("terminated (SIGTERM): everything finished so far is kept; rerun t
 RAY_DESERIALISER_LOGGER = "ray._private.serialization"
 
 
-def _not_terminated(record: logging.LogRecord) -> bool:
-    """A log filter: not Ray's report of the :class:`Terminated` our SIGTERM handler raised
-    inside its code (the driver reports that itself, in one line)."""
-    exc = record.exc_info[1] if record.exc_info else None
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:  # Ray raises its own error from ours
-        if isinstance(exc, Terminated):
-            return False
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return True
+class _NotTerminated(logging.Filter):
+    """Drops Ray's report of the :class:`Terminated` our SIGTERM handler raised inside its code
+    (the driver reports that itself, in one line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        seen: set[int] = set()
+        while exc is not None and id(exc) not in seen:  # Ray raises its own error from ours
+            if isinstance(exc, Terminated):
+                return False
+            seen.add(id(exc))
+            exc = exc.__cause__ or exc.__context__
+        return True
 
 
 def import_ray():
@@ -310,6 +312,9 @@ class RayEngine:
         self.pool_nodes: set[str] = set()  # the nodes alive when the pool was started
         self._previous_sigterm: Any = None
         self.terminated = False  # our SIGTERM handler ran (see terminable)
+        # this engine's own filter object: closing an engine opened inside another (each catches
+        # SIGTERM, the inner one restoring the outer's handler) leaves the outer's filter in place
+        self._log_filter = _NotTerminated()
 
     # ------------------------------------------------------------------ connection
     @classmethod
@@ -376,16 +381,16 @@ class RayEngine:
             raise Terminated(TERMINATED)
 
         self._previous_sigterm = signal.signal(signal.SIGTERM, terminated)
-        logging.getLogger(RAY_DESERIALISER_LOGGER).addFilter(_not_terminated)
+        logging.getLogger(RAY_DESERIALISER_LOGGER).addFilter(self._log_filter)
 
     @contextlib.contextmanager
     def terminable(self) -> Iterator[None]:
-        """Around the engine's work (its loops, and all that :func:`catsdogs.engine.open_engine`
-        runs): once our SIGTERM handler has run, whatever came of the :class:`Terminated` it
-        raised is that error again. The handler raises wherever the main thread is, and inside
-        other code (Ray's above all) that error is rewrapped (a ``SystemError`` around a native
-        wait, a ``RaySystemError`` when it lands while ``ray.get`` deserialises a result) or
-        swallowed; :meth:`check_terminated` in the loops catches the swallowed case."""
+        """Around all that :func:`catsdogs.engine.open_engine` runs with this engine: once our
+        SIGTERM handler has run, whatever came of the :class:`Terminated` it raised is that error
+        again. The handler raises wherever the main thread is, and inside other code (Ray's above
+        all) that error is rewrapped (a ``SystemError`` around a native wait, a ``RaySystemError``
+        when it lands while ``ray.get`` deserialises a result) or swallowed;
+        :meth:`check_terminated` in the engine's loops catches the swallowed case."""
         try:
             yield
         except Exception as exc:
@@ -423,7 +428,7 @@ class RayEngine:
             if self._previous_sigterm is not None:
                 signal.signal(signal.SIGTERM, self._previous_sigterm)
                 self._previous_sigterm = None
-                logging.getLogger(RAY_DESERIALISER_LOGGER).removeFilter(_not_terminated)
+                logging.getLogger(RAY_DESERIALISER_LOGGER).removeFilter(self._log_filter)
 
     def describe(self) -> dict[str, Any]:
         """What the cache metadata records of the engine (the caller adds the node ids)."""
@@ -500,13 +505,6 @@ class RayEngine:
         wait for ever to restart it while the pool holds the other CPUs); its jobs go to the
         other actors, not counted as tries. An actor's node is known from its answers (kept
         across calls); once a node has died, an actor that never answered is dropped too."""
-        with self.terminable():
-            return self._map_chunks(factory, jobs, args_of, on_result, what)
-
-    def _map_chunks(self, factory: Callable[[], Callable[..., Any]], jobs: Sequence,
-                    args_of: Callable[[Any], tuple],
-                    on_result: Callable[[Any, Any, str, int], None],
-                    what: Callable[[Any], str] | None) -> int:
         import ray
 
         lost_errors = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
@@ -639,11 +637,6 @@ class RayEngine:
         when its worker dies); yield ``(item, result, node id)`` in completion order. ``shared``
         is put into the object store once for all tasks. When a task fails or the caller stops
         (an error, SIGTERM, the generator closed), the other tasks are cancelled."""
-        with self.terminable():
-            yield from self._map_runs(fn, items, shared)
-
-    def _map_runs(self, fn: Callable[[Any, Any], Any], items: Iterable, shared: Any
-                  ) -> Iterator[tuple[Any, Any, str]]:
         import ray
 
         self.release()  # the actor pool's CPUs go to the runs
