@@ -103,36 +103,37 @@ def steps_on(bar: Any) -> Iterator[None]:
     as soon as that interval is over (a timer: the next update may be minutes away), unless
     another step or the bar's own redraw has shown something newer by then."""
 
-    pending: list[threading.Timer] = []  # the timer that will show a step held back
-    shown_at = {"step": 0.0}  # when the latest step was set
+    timer: threading.Timer | None = None  # shows a step the interval held back, at its end
+    stepped_at = 0.0  # when the latest step was set
 
     def redraw() -> None:
+        nonlocal timer
         with bar.get_lock():
-            if bar.disable or not bar.postfix or bar.last_print_t > shown_at["step"]:
+            if bar.disable or not bar.postfix or bar.last_print_t > stepped_at:
                 return  # closed, no step now, or a redraw of the bar's own has shown it
             now = time.time()
             wait = bar.last_print_t + bar.mininterval - now
             if wait <= 0:
                 bar.refresh(nolock=True)
                 bar.last_print_t = now
-                return
-            if not pending:  # one line per interval: at its end
+            elif timer is None:  # one line per interval: at its end
                 timer = threading.Timer(wait, fired)
                 timer.daemon = True
-                pending.append(timer)
                 timer.start()
 
     def fired() -> None:
+        nonlocal timer
         with bar.get_lock():
-            pending.clear()
+            timer = None
         redraw()
 
     def show(text: str) -> None:
+        nonlocal stepped_at
         if bar.disable:
             return
         with bar.get_lock():
             bar.set_postfix_str(text, refresh=False)
-            shown_at["step"] = time.time()
+            stepped_at = time.time()
         redraw()
 
     token = _step.set(show)
@@ -141,9 +142,9 @@ def steps_on(bar: Any) -> Iterator[None]:
     finally:
         _step.reset(token)
         with bar.get_lock():
-            for timer in pending:
+            if timer is not None:
                 timer.cancel()
-            pending.clear()
+                timer = None
 
 
 def advance(bar: Any) -> None:
