@@ -189,6 +189,34 @@ def test_a_fitted_head_lets_go_of_every_array_it_read(maps_data):
     np.testing.assert_array_equal(head.predict_proba(maps), p)  # the head still works
 
 
+def test_predicting_every_row_count_writes_no_retracing_warning(maps_data, caplog):
+    """A new model per fold, predicting row counts of every size, traces each model's predict
+    function again for each batch shape; TensorFlow's warning about it goes to the DEBUG log."""
+    import logging
+
+    maps, y = maps_data
+    written = []
+
+    class Written(logging.Handler):
+        def emit(self, record):
+            written.append(record.getMessage())
+
+    handler = Written()
+    logging.getLogger("tensorflow").addHandler(handler)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="catsdogs"):
+            for seed in range(3):
+                head = FineTuneHead(**PARAMS).fit(maps, y, validation=(maps[:10], y[:10]),
+                                                  epochs=1, batch_size=8, seed=seed)
+                for n in (5, 7, 9, 11):
+                    head.predict_proba(maps[:n])
+    finally:
+        logging.getLogger("tensorflow").removeHandler(handler)
+    assert not [m for m in written if "retracing" in m]
+    assert any("triggered tf.function retracing" in r.getMessage() for r in caplog.records
+               if r.name == "catsdogs" and r.levelno == logging.DEBUG)
+
+
 def test_inner_split_is_stratified_and_seeded():
     y = np.array([0] * 10 + [1] * 20)
     fit, stop = inner_split(y, 0.2, 7)

@@ -43,6 +43,7 @@ import numpy as np
 from catsdogs.components import Head, Optimizer, TopSplit, has_top_split, seeded_initializers
 from catsdogs.errors import ConfigError
 from catsdogs.hookspecs import hookimpl
+from catsdogs.util.tf_log import retracing_held
 from catsdogs.validation import SEED_MAX, check_int, check_labels, check_real
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -301,7 +302,7 @@ class FineTuneHead(Head):
             return model.fit(batches, validation_data=_rows(inputs, y, stop_rows, PREDICT_BATCH_SIZE),
                              epochs=epochs, verbose=verbose, callbacks=[stopper])
 
-        with _rows_released():
+        with _rows_released(), retracing_held():
             # stage 1: the unit on the frozen top's GAP features (the top runs once per row)
             frozen = keras.Model(full.input, top(full.get_layer("unflatten").output))
             gap = frozen.predict(_rows(X, None, None, PREDICT_BATCH_SIZE), verbose=0)
@@ -331,7 +332,7 @@ class FineTuneHead(Head):
         X = _check_maps(X, "X", self.n_features_in_)
         if len(X) == 0:
             return np.zeros(0)
-        with _rows_released():
+        with _rows_released(), retracing_held():
             out = self.model_.predict(_rows(X, None, None, PREDICT_BATCH_SIZE), verbose=0)
         return np.asarray(out, dtype=np.float64).reshape(-1)
 

@@ -9,6 +9,12 @@ imported, file descriptor 2 goes to a temporary file; afterwards the absl lines 
 (I = 0, W = 1, E = 2, F = 3) and absl's notice are logged at DEBUG on the ``catsdogs`` logger,
 and everything else (errors, Python warnings, anything unrecognised) is written to stderr as it
 was. ``TF_CPP_MIN_LOG_LEVEL=0`` keeps every line.
+
+:func:`retracing_held` does the same, for a block, with TensorFlow's Python warning that a
+function was traced again and again ("... triggered tf.function retracing"): code that builds a
+new model per fold and predicts row counts of every size traces each model's predict function
+for each new batch shape, as it must, and the warning tells a user to restructure code that is
+not theirs.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ ABSL_LINE = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ [^\]\s]+:\d+\] 
 #: what absl prints once before its first line when nothing initialised it
 ABSL_NOTICE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
 SEVERITY = {"I": 0, "W": 1, "E": 2, "F": 3}
+#: TensorFlow's frequent-retracing warning (``polymorphic_function._FrequentTracingDetector``)
+RETRACING = "triggered tf.function retracing"
 
 
 def min_log_level() -> int:
@@ -135,3 +143,28 @@ def quiet_tensorflow_import(names: Iterable[str] = ("tensorflow",)) -> None:
     if any(isinstance(f, _HeldImportFinder) and f.names == frozenset(names) for f in sys.meta_path):
         return
     sys.meta_path.insert(0, _HeldImportFinder(names))
+
+
+class _RetracingHeld(logging.Filter):
+    """Stops TensorFlow's retracing warning at its logger, logging it at DEBUG on ours."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if RETRACING not in message:
+            return True
+        logger.debug("tensorflow: %s", message)
+        return False
+
+
+@contextlib.contextmanager
+def retracing_held() -> Iterator[None]:
+    """TensorFlow's "... triggered tf.function retracing" warnings logged at DEBUG on the
+    ``catsdogs`` logger during the block instead of written to stderr (module docstring); every
+    other record of TensorFlow's logger passes as before."""
+    held = _RetracingHeld()
+    tf_logger = logging.getLogger("tensorflow")  # what tf.get_logger() returns
+    tf_logger.addFilter(held)
+    try:
+        yield
+    finally:
+        tf_logger.removeFilter(held)
