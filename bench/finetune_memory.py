@@ -7,10 +7,18 @@ resident memory before and after the fit, and ``growth / maps`` -- what a fit co
 maps the runner already holds. The head reads its rows batch by batch from the one array, so the
 ratio is well below 1; given whole arrays, Keras copied them (in float32), about 6.5x.
 
+``--fits K`` (K >= 2) measures what a k-fold run's folds leave behind: K fits in a row, each on a
+fresh copy of its rows (as the runner gives each fold ``train.X[fold rows]``), dropped afterwards;
+after each one the resident memory (not the peak) is read. Reported: ``retained_per_fit_over_maps``,
+the growth from the first fit's end to the last's per fit, as a ratio to one fit's maps; and the
+same measured in the same process with the head's release of its batch sources switched off
+(``_rows_released``, the baseline: TensorFlow's default graph then keeps every fit's rows, about
+1x). Run with the release on first, since the baseline's memory is never given back.
+
 Usage::
 
     python bench/finetune_memory.py [--data DIR] [--cache-dir DIR] [--backbone efficientnet_lite2]
-        [--image-size 390] [--rows 16000] [--epochs 1] [--json]
+        [--image-size 390] [--rows 16000] [--epochs 1] [--fits 1] [--json]
 
 ``--data`` defaults to ``bench/quality.py``'s split (seed 2019) when it exists, else the shared
 mini set; the maps are computed there first when they are not cached yet.
@@ -19,6 +27,8 @@ mini set; the maps are computed there first when they are not cached yet.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import resource
 import time
@@ -36,6 +46,30 @@ def peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
+def resident_gb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 1e9
+
+
+def retained_per_fit(fit, X: np.ndarray, fits: int, release: bool) -> tuple[float, list[float]]:
+    """Fit ``fits`` times on fresh copies of ``X`` (dropped after each fit); the resident memory
+    after each, and the growth per fit after the first as a ratio to ``X``'s size."""
+    from catsdogs.builtin import finetune
+
+    real = finetune._rows_released
+    if not release:  # the baseline: what every fit kept before the release
+        finetune._rows_released = contextlib.nullcontext  # type: ignore[assignment]
+    try:
+        after = []
+        for _ in range(fits):
+            fit(X.copy())
+            gc.collect()
+            after.append(resident_gb())
+    finally:
+        finetune._rows_released = real
+    return (after[-1] - after[0]) / (fits - 1) / (X.nbytes / 1e9), after
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=QUALITY_SPLIT if QUALITY_SPLIT.is_dir() else MINI)
@@ -45,6 +79,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16000)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--seed", type=int, default=2019)
+    ap.add_argument("--fits", type=int, default=1,
+                    help="K >= 2: K fits in a row, and what each leaves behind (see above)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -69,11 +105,22 @@ def main() -> None:
            "growth_over_maps": (after - before) / (X.nbytes / 1e9),
            "fit_wall_s": time.perf_counter() - t1, "fit_cpu_s": time.process_time() - c1,
            "maps_cpu_s": maps_cpu}
+    if args.fits >= 2:
+        def fit(rows: np.ndarray) -> None:
+            FineTuneHead(backbone=args.backbone, weights="imagenet", image_size=args.image_size
+                         ).fit(rows, y, epochs=args.epochs, batch_size=32, seed=args.seed)
+
+        for release in (True, False):
+            ratio, after = retained_per_fit(fit, X, args.fits, release)
+            key = "retained_per_fit_over_maps" + ("" if release else "_without_release")
+            out[key] = ratio
+            out[("resident_after_each_fit_gb" + ("" if release else "_without_release"))] = after
     if args.json:
         print(json.dumps(out))
     else:
         for k, v in out.items():
-            print(f"{k:>20}: {v:.3f}" if isinstance(v, float) else f"{k:>20}: {v}")
+            shown = [round(x, 3) for x in v] if isinstance(v, list) else v
+            print(f"{k:>20}: {v:.3f}" if isinstance(v, float) else f"{k:>20}: {shown}")
 
 
 if __name__ == "__main__":
