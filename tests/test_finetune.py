@@ -189,6 +189,27 @@ def test_a_fitted_head_lets_go_of_every_array_it_read(maps_data):
     np.testing.assert_array_equal(head.predict_proba(maps), p)  # the head still works
 
 
+def test_only_tf_data_generators_are_let_go_of():
+    """What the release drops is tf.data's generator plumbing; a py_func of anything else (a
+    model's own layer might trace one) stays registered."""
+    import tensorflow as tf
+    from tensorflow.python.framework import ops
+
+    from catsdogs.builtin.finetune import _rows_released
+
+    def own(x):
+        return x
+
+    traced = tf.function(lambda x: tf.numpy_function(own, [x], tf.float32))
+    with _rows_released():
+        traced(tf.constant(1.0))  # tracing registers ``own`` in the process-wide graph
+        list(tf.data.Dataset.from_generator(lambda: iter([1.0]), output_signature=tf.TensorSpec(())))
+    kept = ops.get_default_graph()._py_funcs_used_in_graph
+    assert [f for f in kept if getattr(f, "__name__", "") == "own"]  # autograph wraps it
+    assert not [f for f in kept if f.__module__.startswith("tensorflow.python.data.")]
+    assert float(traced(tf.constant(2.0))) == 2.0  # its trace still finds it
+
+
 def test_predicting_every_row_count_writes_no_retracing_warning(maps_data, caplog):
     """A new model per fold, predicting row counts of every size, traces each model's predict
     function again for each batch shape; TensorFlow's warning about it goes to the DEBUG log."""
