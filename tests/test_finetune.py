@@ -210,11 +210,16 @@ def test_only_tf_data_generators_are_let_go_of():
     assert float(traced(tf.constant(2.0))) == 2.0  # its trace still finds it
 
 
-def test_predicting_every_row_count_writes_no_retracing_warning(maps_data, caplog):
+def test_predicting_every_row_count_writes_no_retracing_warning(maps_data, caplog, monkeypatch):
     """A new model per fold, predicting row counts of every size, traces each model's predict
     function again for each batch shape; TensorFlow's warning about it goes to the DEBUG log."""
     import logging
 
+    from tensorflow.python.eager.polymorphic_function import polymorphic_function as pf
+
+    # TensorFlow warns at most twice per traced Python function in a process: start afresh, so
+    # the earlier tests' fits do not use that up
+    monkeypatch.setattr(pf, "_frequent_tracing_detector_manager", pf._FrequentTracingDetectorManager())
     maps, y = maps_data
     written = []
 
