@@ -110,11 +110,10 @@ def main() -> None:
             FineTuneHead(backbone=args.backbone, weights="imagenet", image_size=args.image_size
                          ).fit(rows, y, epochs=args.epochs, batch_size=32, seed=args.seed)
 
-        for release in (True, False):
+        for release, suffix in ((True, ""), (False, "_without_release")):
             ratio, after = retained_per_fit(fit, X, args.fits, release)
-            key = "retained_per_fit_over_maps" + ("" if release else "_without_release")
-            out[key] = ratio
-            out[("resident_after_each_fit_gb" + ("" if release else "_without_release"))] = after
+            out["retained_per_fit_over_maps" + suffix] = ratio
+            out["resident_after_each_fit_gb" + suffix] = after
     if args.json:
         print(json.dumps(out))
     else:
