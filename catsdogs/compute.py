@@ -11,7 +11,10 @@ grid's runs and the refit go through the same two seams:
   payload with :func:`catsdogs.dataset.payload.payload_bytes`.
 * :meth:`Engine.map_runs` -- ``fn(item, shared)`` for every item, yielding
   ``(item, result, node)`` as each finishes; ``shared`` is what every call reads (put into
-  Ray's object store once).
+  Ray's object store once). With ``checkpoints`` (a :class:`Checkpoints` on the driver, e.g. the
+  runner's fold store) each call is ``fn(item, shared, store)``: ``store.put`` keeps a part of the
+  item's work on the driver as soon as it is done, and ``store.get`` gives it back to a later
+  call of the same item (a rerun after a kill, a retried task), wherever the call runs.
 
 :class:`LocalEngine` is the default, in this process; :class:`catsdogs.engine.ray.RayEngine`
 runs the same calls on a Ray cluster. This module is part of the core (it imports nothing of the
@@ -30,6 +33,22 @@ from typing import Any, Protocol, runtime_checkable
 IN_FLIGHT_PER_WORKER = 2
 #: the node id the local engine reports
 LOCAL_NODE = "local"
+
+
+class Checkpoints(Protocol):
+    """Finished parts of unfinished items, kept by the driver (see :meth:`Engine.map_runs`)."""
+
+    def get(self, key: Any) -> Any | None:
+        """What was kept as ``key``, or None."""
+        ...
+
+    def put(self, key: Any, value: Any) -> None:
+        """Keep ``value`` as ``key``'s (durably, on the driver)."""
+        ...
+
+    def saved(self) -> dict[Any, Any]:
+        """Everything kept so far (an engine whose workers cannot reach the driver ships it)."""
+        ...
 
 
 @runtime_checkable
@@ -55,9 +74,11 @@ class Engine(Protocol):
         """Apply ``factory()`` (built once per worker) to every job; returns the workers used."""
         ...
 
-    def map_runs(self, fn: Callable[[Any, Any], Any], items: Iterable, shared: Any
-                 ) -> Iterator[tuple[Any, Any, str]]:
-        """``fn(item, shared)`` for every item; ``(item, result, node)`` as each finishes."""
+    def map_runs(self, fn: Callable[..., Any], items: Iterable, shared: Any,
+                 checkpoints: Checkpoints | None = None) -> Iterator[tuple[Any, Any, str]]:
+        """``fn(item, shared)`` for every item (``fn(item, shared, store)`` with ``checkpoints``,
+        ``store`` reaching them from wherever the call runs); ``(item, result, node)`` as each
+        finishes."""
         ...
 
     def describe(self) -> dict[str, Any] | None:
@@ -110,10 +131,11 @@ class LocalEngine:
                     future.cancel()
         return 1
 
-    def map_runs(self, fn: Callable[[Any, Any], Any], items: Iterable, shared: Any
-                 ) -> Iterator[tuple[Any, Any, str]]:
+    def map_runs(self, fn: Callable[..., Any], items: Iterable, shared: Any,
+                 checkpoints: Checkpoints | None = None) -> Iterator[tuple[Any, Any, str]]:
+        extra = () if checkpoints is None else (checkpoints,)  # this process: the store itself
         for item in items:
-            yield item, fn(item, shared), LOCAL_NODE
+            yield item, fn(item, shared, *extra), LOCAL_NODE
 
     def describe(self) -> dict[str, Any] | None:
         return None
@@ -129,4 +151,4 @@ class LocalEngine:
 LOCAL = LocalEngine()
 
 
-__all__ = ["IN_FLIGHT_PER_WORKER", "LOCAL", "LOCAL_NODE", "Engine", "LocalEngine"]
+__all__ = ["IN_FLIGHT_PER_WORKER", "LOCAL", "LOCAL_NODE", "Checkpoints", "Engine", "LocalEngine"]

@@ -236,3 +236,46 @@ def test_a_tuned_finetune_run_is_tuned_on_its_training_rows_and_refitted_as_tune
         rates = [layer.rate for layer in load_head_file(path).layers
                  if isinstance(layer, keras.layers.Dropout)]
         assert rates == [pytest.approx(best["dropout"])], path
+
+
+@pytest.mark.slow
+def test_a_stopped_kfold_finetune_run_resumes_at_the_fold_it_was_in(env, monkeypatch):
+    """A ``finetune`` run whose third fold fails (an error raised in its fit, as a kill would stop
+    it) keeps its first two folds (:mod:`catsdogs.runs.folds`); the rerun fine-tunes the third
+    fold only, and the run (held-out and test predictions, each fold's saved top) equals the run
+    trained in one go, so the fine-tunes are what a rerun would have made."""
+    from catsdogs.builtin.finetune import FineTuneHead
+    from catsdogs.runs.folds import FOLDS_DIR
+
+    fits: list[int] = []
+    fit = FineTuneHead.fit
+
+    def counted(self, X, *args, **kwargs):
+        fits.append(len(X))
+        if stop_at is not None and len(fits) == stop_at:
+            raise RuntimeError("stopped in this fold")
+        return fit(self, X, *args, **kwargs)
+
+    monkeypatch.setattr(FineTuneHead, "fit", counted)
+    stop_at: int | None = 3
+    with pytest.raises(RuntimeError, match="stopped in this fold"):
+        _run(env, "resumed", validation={"kfold": 3})
+    out = env["root"] / "resumed"
+    assert sorted(p.name for p in (out / FOLDS_DIR).glob("*/*/fold-*")) == ["fold-0", "fold-1"]
+    stop_at, fits[:] = None, []
+    resumed = _run(env, "resumed", validation={"kfold": 3})
+    assert len(fits) == 1 and not (out / FOLDS_DIR).exists()
+    fits[:] = []
+    clean = _run(env, "clean", validation={"kfold": 3})
+    assert len(fits) == 3
+    (a,), (b,) = resumed.records, clean.records
+    for name in ("val_predictions.csv", "test_predictions.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(out / "runs" / a.run_id / name),
+                                      pd.read_csv(clean.out_dir / "runs" / b.run_id / name))
+    from catsdogs.app.export import load_head_file
+
+    for name in ("head.keras", "head-fold1.keras", "head-fold2.keras"):
+        for wa, wb in zip(load_head_file(out / "runs" / a.run_id / name).get_weights(),
+                          load_head_file(clean.out_dir / "runs" / b.run_id / name).get_weights(),
+                          strict=True):
+            np.testing.assert_array_equal(wa, wb)

@@ -578,6 +578,120 @@ def test_grid_on_ray_equals_local_survives_a_killed_task_and_is_reused(engine, d
     assert (again.computed, again.reused) == (0, 2)
 
 
+#: a test head plugin that gates a k-fold run on a Ray worker: ``logistic`` that notes each fit's
+#: process id in ``<gate>/fits`` and, with ``GatedLogistic.gate`` set, holds its third fit (the
+#: run's third fold) until ``release`` appears or the test kills its process; a retried task finds
+#: ``blocked`` and trains. Pickled by value, like the gated optimizer above.
+GATED_HEAD = """
+import os
+import time
+from pathlib import Path
+
+from catsdogs.builtin.linear import LogisticHead
+from catsdogs.hookspecs import hookimpl
+
+
+class GatedLogistic(LogisticHead):
+    name = "gated_logistic"
+    gate = None
+
+    def fit(self, X, y, **kwargs):
+        if self.gate:
+            fits = Path(self.gate, "fits")
+            seen = len(fits.read_text().split()) if fits.exists() else 0
+            with open(fits, "a") as fh:
+                fh.write(f"{os.getpid()}\\n")
+            if seen >= 2 and not Path(self.gate, "blocked").exists():
+                Path(self.gate, "blocked.tmp").write_text(str(os.getpid()))
+                Path(self.gate, "blocked.tmp").rename(Path(self.gate, "blocked"))
+                for _ in range(6000):  # until the test kills this process (or releases it)
+                    if Path(self.gate, "release").exists():
+                        break
+                    time.sleep(0.05)
+        return super().fit(X, y, **kwargs)
+
+
+@hookimpl
+def register_heads(register):
+    register(GatedLogistic)
+"""
+
+
+@pytest.mark.slow
+def test_a_kfold_run_whose_task_is_killed_resumes_at_its_fold_on_ray(engine, driver_data, tmp_path,
+                                                                     monkeypatch):
+    """kill -9 of the worker process in a k-fold run's third fold (held there by the gated head):
+    the folds it finished were written to the driver's disk while it trained (through the
+    call's mailbox actor), the task's retry on Ray trains the third and fourth folds only, and
+    the run equals the run trained locally in one go."""
+    import importlib
+
+    import pandas as pd
+    from conftest import install_fake_dist
+
+    from catsdogs.plugins import Registry
+    from catsdogs.runs.folds import FOLDS_DIR
+    from catsdogs.runs.runner import run_experiment
+
+    site = install_fake_dist(tmp_path / "site", "catsdogs-rayfolds", "1.0",
+                             {"catsdogs_rayfolds": GATED_HEAD}, {"rayfolds": "catsdogs_rayfolds"})
+    monkeypatch.syspath_prepend(str(site))
+    registry = Registry().load(strict=True)
+    gated = importlib.import_module("catsdogs_rayfolds")
+    ray.cloudpickle.register_pickle_by_value(gated)
+    fields = {"heads": ["gated_logistic"], "validation": {"kfold": 4}}
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    engine.release()
+    try:
+        local = run_experiment(_experiment(tmp_path, driver_data, "local", registry, **fields),
+                               registry=registry, progress=False)
+        gated.GatedLogistic.gate = str(gate)  # from here on (the Ray grid's registry is pickled after)
+        box: dict = {}
+
+        def grid() -> None:
+            try:
+                box["result"] = run_experiment(
+                    _experiment(tmp_path, driver_data, "ray", registry, engine="ray", **fields),
+                    registry=registry, progress=False)
+            except BaseException as exc:  # reported by the assertions below
+                box["error"] = exc
+
+        thread = threading.Thread(target=grid)
+        thread.start()
+        kept = []
+        try:
+            while thread.is_alive() and not (gate / "blocked").exists():  # the gate's file
+                time.sleep(0.05)
+            assert (gate / "blocked").exists(), box.get("error", "the run never reached the gate")
+            killed = int((gate / "blocked").read_text())
+            assert killed != os.getpid()  # a Ray worker process, in the run's task
+            folds = tmp_path / "ray" / FOLDS_DIR
+            for _ in range(600):  # the driver writes what the mailbox got, once a second
+                kept = sorted(p.name for p in folds.glob("*/*/fold-*"))
+                if len(kept) == 2:
+                    break
+                time.sleep(0.05)
+            os.kill(killed, signal.SIGKILL)
+        finally:
+            (gate / "release").touch()
+            thread.join(300)
+        assert kept == ["fold-0", "fold-1"], kept
+        assert not thread.is_alive() and "error" not in box, box.get("error")
+    finally:
+        gated.GatedLogistic.gate = None
+        ray.cloudpickle.unregister_pickle_by_value(gated)
+    fits = [int(pid) for pid in (gate / "fits").read_text().split()]
+    assert fits[:3] == [killed] * 3 and len(fits) == 5 and killed not in fits[3:], fits
+    (want,), (got,) = local.records, box["result"].records
+    assert got.engine["name"] == "ray" and abs(want.metrics.logloss - got.metrics.logloss) <= 1e-9
+    for name in ("val_predictions.csv", "test_predictions.csv"):
+        a = pd.read_csv(tmp_path / "local" / "runs" / want.run_id / name)
+        b = pd.read_csv(tmp_path / "ray" / "runs" / got.run_id / name)
+        pd.testing.assert_frame_equal(a, b, atol=1e-9)
+    assert not (tmp_path / "ray" / FOLDS_DIR).exists()
+
+
 def test_unreachable_address_is_one_clear_error(tmp_path, driver_data):
     proc = run_cli("extract", str(driver_data), "-b", "resnet50", "--weights", "none",
                    "--cache-dir", str(tmp_path), "--engine", "ray", "--ray-address", "127.0.0.1:9",

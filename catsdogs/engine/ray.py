@@ -21,6 +21,9 @@ long-lived actors, grid runs as Ray tasks.
 * **Runs** (:meth:`RayEngine.map_runs`): each item is one Ray task (at most :data:`TRIES` tries);
   what every task reads is put into the object store once. The driver waits in
   :data:`NODE_CHECK_SECONDS` steps and cancels the other tasks when one fails or the caller stops.
+  With checkpoints (the runner's fold store) the tasks put the parts they finish into a
+  mailbox actor, whose new entries the driver writes at each of those steps; a retried task
+  reads back what its killed try put there.
 
 Node ids are reported with every chunk and run.
 """
@@ -43,7 +46,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from catsdogs.compute import IN_FLIGHT_PER_WORKER
+from catsdogs.compute import IN_FLIGHT_PER_WORKER, Checkpoints
 from catsdogs.dataset.payload import read_payload
 from catsdogs.engine.spec import EngineError, EngineSpec
 from catsdogs.util.extras import require
@@ -288,8 +291,49 @@ class _Worker:
         return {"result": fn(*args), "node": _node_id(), "pid": os.getpid()}
 
 
-def _run_task(fn: Callable, item: Any, shared: Any) -> tuple[Any, str]:
-    return fn(item, shared), _node_id()
+def _run_task(fn: Callable, item: Any, shared: Any, *extra: Any) -> tuple[Any, str]:
+    return fn(item, shared, *extra), _node_id()
+
+
+class _Mailbox:
+    """A Ray actor (no CPU) for one :meth:`RayEngine.map_runs` call with checkpoints: holds what
+    the driver kept when the call began and what its tasks kept since (:meth:`get`, for a retried
+    task), and hands the new ones to the driver, which writes them (:meth:`take`)."""
+
+    def __init__(self, saved: dict[Any, Any]) -> None:
+        self.kept = dict(saved)
+        self.new: list[tuple[Any, Any]] = []
+
+    def get(self, key: Any) -> Any | None:
+        return self.kept.get(key)
+
+    def put(self, key: Any, value: Any) -> None:
+        self.kept[key] = value
+        self.new.append((key, value))
+
+    def take(self) -> list[tuple[Any, Any]]:
+        new, self.new = self.new, []
+        return new
+
+
+class _MailboxCheckpoints:
+    """The :class:`~catsdogs.compute.Checkpoints` a Ray task gets: the call's :class:`_Mailbox`."""
+
+    def __init__(self, box: Any) -> None:
+        self.box = box
+
+    def get(self, key: Any) -> Any | None:
+        import ray
+
+        return ray.get(self.box.get.remote(key))
+
+    def put(self, key: Any, value: Any) -> None:
+        import ray
+
+        ray.get(self.box.put.remote(key, value))
+
+    def saved(self) -> dict[Any, Any]:
+        raise NotImplementedError("a task reads its checkpoints one by one (get)")
 
 
 # ------------------------------------------------------------------------------------ engine
@@ -631,22 +675,46 @@ class RayEngine:
         return len(ids)
 
     # ------------------------------------------------------------------ runs
-    def map_runs(self, fn: Callable[[Any, Any], Any], items: Iterable, shared: Any
-                 ) -> Iterator[tuple[Any, Any, str]]:
+    def map_runs(self, fn: Callable[..., Any], items: Iterable, shared: Any,
+                 checkpoints: Checkpoints | None = None) -> Iterator[tuple[Any, Any, str]]:
         """Run ``fn(item, shared)`` for every item as a Ray task (at most :data:`TRIES` tries
         when its worker dies); yield ``(item, result, node id)`` in completion order. ``shared``
         is put into the object store once for all tasks. When a task fails or the caller stops
-        (an error, SIGTERM, the generator closed), the other tasks are cancelled."""
+        (an error, SIGTERM, the generator closed), the other tasks are cancelled.
+
+        With ``checkpoints`` each task gets a third argument reaching a :class:`_Mailbox` actor
+        (on the driver's node when it can): it starts with ``checkpoints.saved()``, and what the
+        tasks put there is written through ``checkpoints.put`` by the driver, every
+        :data:`NODE_CHECK_SECONDS`, before each finished item is yielded, and when the call ends
+        however it ends. A retried task reads what its killed try kept."""
         import ray
 
         self.release()  # the actor pool's CPUs go to the runs
         task = ray.remote(num_cpus=ACTOR_CPUS, max_retries=TRIES - 1)(_run_task)
         shared_ref = ray.put(shared)
-        pending = {task.remote(fn, item, shared_ref): item for item in items}
+        box: Any = None
+        extra: tuple[Any, ...] = ()
+        if checkpoints is not None:
+            options: dict[str, Any] = {"num_cpus": 0}
+            with contextlib.suppress(Exception):  # a Ray Client driver is on no node: anywhere
+                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+                options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+                    ray.get_runtime_context().get_node_id(), soft=True)
+            box = ray.remote(**options)(_Mailbox).remote(checkpoints.saved())
+            extra = (_MailboxCheckpoints(box),)
+
+        def deliver() -> None:  # what the tasks kept, written here
+            if box is not None:
+                for key, value in ray.get(box.take.remote()):
+                    checkpoints.put(key, value)  # type: ignore[union-attr]
+
+        pending = {task.remote(fn, item, shared_ref, *extra): item for item in items}
         try:
             while pending:
                 self.check_terminated()
                 done = _wait(list(pending), NODE_CHECK_SECONDS)
+                deliver()
                 for ref in done:
                     item = pending.pop(ref)
                     try:
@@ -662,6 +730,14 @@ class RayEngine:
             for ref in pending:
                 with contextlib.suppress(Exception):
                     ray.cancel(ref, force=True)
+            if box is not None:
+                try:
+                    deliver()  # what the stopped tasks finished is kept for the rerun
+                except Exception as exc:  # the call's own error (or SIGTERM's) is the one to report
+                    logger.warning("the last checkpoints of this Ray call were lost: %s",
+                                   _first_line(exc))
+                with contextlib.suppress(Exception):
+                    ray.kill(box)
 
 
 def _wait(refs: list, timeout: float) -> list:

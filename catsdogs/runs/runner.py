@@ -10,8 +10,10 @@
    original and flipped features with ``tta``), scores log loss raw and clipped, accuracy, and
    the validation-optimal clip bounds;
 4. writes one record directory per run — atomically, so after a crash or ``kill -9`` a rerun keeps
-   every finished run and computes only the rest — then ``leaderboard.csv``, ``summary.md``,
-   ``leaderboard.png`` and, for the winner, ``submission.csv``.
+   every finished run and computes only the rest (a k-fold run trained fold by fold keeps its
+   finished folds in ``<out>/folds`` until it is written, :mod:`catsdogs.runs.folds`, and resumes
+   at the fold it was in) — then ``leaderboard.csv``, ``summary.md``, ``leaderboard.png`` and, for
+   the winner, ``submission.csv``.
 
 Output layout::
 
@@ -312,9 +314,14 @@ def _predict_run(head, combination, split, rows, tta: bool, otherwise) -> np.nda
 
 # ------------------------------------------------------------------------------------ one run
 def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits, registry,
-                 settings: dict[str, Any], run_dir: Path, fitted: list | None = None) -> RunRecord:
+                 settings: dict[str, Any], run_dir: Path, fitted: list | None = None,
+                 checkpoints=None) -> RunRecord:
     """One run: tune, fit per fold (or take ``fitted``, its heads per fold already trained by
-    :func:`catsdogs.runs.multifit.fit_grid`), predict, score and write its files to ``run_dir``."""
+    :func:`catsdogs.runs.multifit.fit_grid`), predict, score and write its files to ``run_dir``.
+
+    ``checkpoints`` (a :class:`catsdogs.runs.folds.FoldStore`, or what the engine gives a task to
+    reach it): a k-fold run trained fold by fold keeps each finished fold there, and takes a fold
+    kept by a killed try of the same run (same settings hash) instead of training it."""
     import pandas as pd
 
     from catsdogs.evaluation.metrics import summarize
@@ -340,44 +347,36 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
     oof = np.full(len(train.y), np.nan)
     test_preds, histories = [], []
     run_params, run_lr, refit_params = params, learning_rate, None
+    settings_hash = _short_hash(settings, 16)
+    resumed = []
     for fold, (tr, va) in enumerate(splits):
         group = fitted[fold] if fitted else None
-        if group is None:
-            fold_step(spec.run_id, fold, len(splits))
-        fold_params, fold_lr = params, learning_rate
-        if tuned and group is None:
-            # inside the fold, on its training rows only: never on rows another fold validates on
-            fold_params, fold_lr, info = _tune_fold(head_cls, params, learning_rate, opt_cls,
-                                                    train, tr, experiment)
-            fold_tuning.append(info)
-        if fold == 0:
-            run_params, run_lr = fold_params, fold_lr
-        head = group.head if group is not None else head_cls(**fold_params)
-        if group is None:
-            optimizer = opt_cls(learning_rate=fold_lr) if opt_cls else None
-            head.fit(train.X[tr], train.y[tr], validation=(train.X[va], train.y[va]),
-                     optimizer=optimizer, epochs=experiment.epochs,
-                     batch_size=experiment.batch_size, seed=experiment.seed, blocks=train.blocks)
-        if predicted:
-            assert group is not None and group.val is not None
-            oof[va] = group.val
-            if test is not None:
-                test_preds.append(group.test)
+        kept = checkpoints is not None and group is None and len(splits) > 1
+        done = checkpoints.get((spec.run_id, settings_hash, fold)) if kept else None
+        if done is None:
+            if group is None:
+                fold_step(spec.run_id, fold, len(splits))
+            done = _fit_fold(fold, tr, va, group, head_cls, params, learning_rate, opt_cls, tuned,
+                             train, test, held, tta, predicted, spec, experiment, aligned, run_dir)
+            if kept:
+                checkpoints.put((spec.run_id, settings_hash, fold), done)
         else:
-            flip_va = held.X_flip[va] if held.X_flip is not None else None
-            oof[va] = _predict_run(head, spec.combination, aligned.held_out, va, tta,
-                                   lambda h=head, r=va, f=flip_va: predict_tta(h, held.X[r], f))
-            if test is not None:
-                test_preds.append(_predict_run(head, spec.combination, aligned.test, None, tta,
-                                               lambda h=head: predict_tta(h, test.X, test.X_flip)))
-        histories.append(dict(getattr(head, "history_", {}) or {}))
+            resumed.append(fold + 1)
+            for name, data in done.files.items():
+                (run_dir / name).write_bytes(data)
+        state = done.state
+        oof[va] = done.arrays["val"]
+        if "test" in done.arrays:
+            test_preds.append(done.arrays["test"])
+        histories.append(state["history"])
+        if state.get("tuning") is not None:
+            fold_tuning.append(state["tuning"])
         if fold == 0:
-            # what a refit on all rows must fix to reproduce this fit (e.g. the stacker's
-            # early-stopped tree count); a head without it refits with its params alone
-            refit_params = getattr(head, "refit_params", lambda: None)()
-        model = head.keras_model()
-        if model is not None:  # every fold's head: a k-fold run's test predictions average them
-            model.save(run_dir / ("head.keras" if fold == 0 else f"head-fold{fold}.keras"))
+            run_params, run_lr = state["params"], state["learning_rate"]
+            refit_params = state["refit_params"]
+    if resumed:
+        logger.info("run %s: fold(s) %s kept from a try that was stopped, not trained again",
+                    spec.run_id, ", ".join(map(str, resumed)))
 
     val_rows = np.where(~np.isnan(oof))[0]
     y_val, p_val = train.y[val_rows], oof[val_rows]
@@ -421,6 +420,53 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
     )
 
 
+
+
+def _fit_fold(fold: int, tr, va, group, head_cls, params, learning_rate, opt_cls, tuned: bool,
+              train, test, held, tta: bool, predicted: bool, spec: RunSpec, experiment: Experiment,
+              aligned: Aligned, run_dir: Path):
+    """One fold of a run (:func:`_execute_run`): tune and fit its head on the fold's training rows
+    (or take ``group``, trained by the grid), predict its held-out rows and the test rows, and save
+    its model to ``run_dir``; what the run keeps of it, as a
+    :class:`~catsdogs.runs.folds.FoldCheckpoint`."""
+    from catsdogs.runs.folds import FoldCheckpoint
+
+    fold_params, fold_lr, info = params, learning_rate, None
+    if tuned and group is None:
+        # inside the fold, on its training rows only: never on rows another fold validates on
+        fold_params, fold_lr, info = _tune_fold(head_cls, params, learning_rate, opt_cls,
+                                                train, tr, experiment)
+    head = group.head if group is not None else head_cls(**fold_params)
+    if group is None:
+        optimizer = opt_cls(learning_rate=fold_lr) if opt_cls else None
+        head.fit(train.X[tr], train.y[tr], validation=(train.X[va], train.y[va]),
+                 optimizer=optimizer, epochs=experiment.epochs,
+                 batch_size=experiment.batch_size, seed=experiment.seed, blocks=train.blocks)
+    arrays = {}
+    if predicted:
+        assert group is not None and group.val is not None
+        arrays["val"] = np.asarray(group.val)
+        if test is not None:
+            arrays["test"] = np.asarray(group.test)
+    else:
+        flip_va = held.X_flip[va] if held.X_flip is not None else None
+        arrays["val"] = _predict_run(head, spec.combination, aligned.held_out, va, tta,
+                                     lambda: predict_tta(head, held.X[va], flip_va))
+        if test is not None:
+            arrays["test"] = _predict_run(head, spec.combination, aligned.test, None, tta,
+                                          lambda: predict_tta(head, test.X, test.X_flip))
+    # what a refit on all rows must fix to reproduce this fit (e.g. the stacker's early-stopped
+    # tree count); a head without it refits with its params alone
+    refit_params = getattr(head, "refit_params", lambda: None)() if fold == 0 else None
+    files = {}
+    model = head.keras_model()
+    if model is not None:  # every fold's head: a k-fold run's test predictions average them
+        name = "head.keras" if fold == 0 else f"head-fold{fold}.keras"
+        model.save(run_dir / name)
+        files[name] = (run_dir / name).read_bytes()
+    state = {"history": dict(getattr(head, "history_", {}) or {}), "tuning": info,
+             "params": fold_params, "learning_rate": fold_lr, "refit_params": refit_params}
+    return FoldCheckpoint(state, arrays, files)
 
 
 def _tune_fold(head_cls, params: dict[str, Any], learning_rate: float | None, opt_cls, train,
@@ -684,14 +730,21 @@ def _train_runs(pending: list[tuple[RunSpec, dict[str, Any]]], experiment: Exper
     of runs per call, :func:`_run_groups`) and write each run directory atomically here as soon
     as its group finishes; ``row_keys`` (the feature keys the rows were aligned on, those of the
     predicting features or None) go into every record (``aligned_on``, ``predicted_on``)."""
+    from catsdogs.runs.folds import FOLDS_DIR, FoldStore
     from catsdogs.util.progress import advance, progress_bar, steps_on
 
     records: list[RunRecord] = []
+    # k-fold: the folds of runs trained fold by fold are kept until their run is written (an
+    # engine whose map_runs takes no checkpoints, written before they existed, keeps none)
+    store = FoldStore(out / FOLDS_DIR, {spec.run_id: _short_hash(settings, 16)
+                                        for spec, settings in pending}) \
+        if len(splits) > 1 and _takes_checkpoints(engine) else None
     bar = progress_bar(total=len(pending), desc="runs", unit="run", enabled=progress)
     done = ((spec, record, files, node)
-            for group, results, node in engine.map_runs(run_group,
-                                                        _run_groups(pending, engine, registry),
-                                                        (experiment, aligned, splits, registry))
+            for group, results, node in engine.map_runs(
+                run_group, _run_groups(pending, engine, registry),
+                (experiment, aligned, splits, registry),
+                **({} if store is None else {"checkpoints": store}))
             for (spec, _), (record, files) in zip(group, results, strict=True))
     with steps_on(bar):  # a long run's folds, trained in this process, show on the bar
         for spec, record, files, node in done:
@@ -703,6 +756,8 @@ def _train_runs(pending: list[tuple[RunSpec, dict[str, Any]]], experiment: Exper
                     record.engine = {"name": engine.name, "node_id": node}
                 record.aligned_on, record.predicted_on = row_keys
                 record.save(tmp)
+            if store is not None:
+                store.drop(spec.run_id)
             records.append(record)
             advance(bar)
             if progress:
@@ -710,7 +765,19 @@ def _train_runs(pending: list[tuple[RunSpec, dict[str, Any]]], experiment: Exper
                           f"(clipped {record.metrics.logloss_clipped:.5f}), "
                           f"accuracy {record.metrics.accuracy:.4f}")
     bar.close()
+    if store is not None:
+        store.close()
     return records
+
+
+def _takes_checkpoints(engine) -> bool:
+    """Whether ``engine.map_runs`` takes ``checkpoints`` (:class:`catsdogs.compute.Engine`)."""
+    import inspect
+
+    try:
+        return "checkpoints" in inspect.signature(engine.map_runs).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _run_groups(pending: list[tuple[RunSpec, dict[str, Any]]], engine, registry) -> list[list]:
@@ -731,32 +798,34 @@ def _run_groups(pending: list[tuple[RunSpec, dict[str, Any]]], engine, registry)
                        alone=on_maps)
 
 
-def run_group(group: list[tuple[RunSpec, dict[str, Any]]], shared: tuple
+def run_group(group: list[tuple[RunSpec, dict[str, Any]]], shared: tuple, checkpoints=None
               ) -> list[tuple[RunRecord, dict[str, bytes]]]:
     """A group of runs (one engine call, in this process or a Ray task on any node): the runs
     that can share passes over the features are trained together
     (:func:`catsdogs.runs.multifit.fit_grid`), the others alone; each run's record and its files'
     bytes, computed in a scratch directory. ``shared`` is ``(experiment, aligned, splits,
-    registry)``, put into the object store once on Ray."""
+    registry)``, put into the object store once on Ray; ``checkpoints``: the fold store the runs
+    trained fold by fold keep their folds in (:mod:`catsdogs.runs.folds`)."""
     from catsdogs.runs.multifit import fit_grid
 
     experiment, aligned, splits, registry = shared
     fitted = fit_grid([spec for spec, _ in group], experiment, aligned, splits, registry,
                       params=lambda spec: run_head_params(spec, experiment, registry))
-    return [run_detached(item, shared, fitted.get(item[0].run_id)) for item in group]
+    return [run_detached(item, shared, fitted.get(item[0].run_id), checkpoints) for item in group]
 
 
-def run_detached(item: tuple[RunSpec, dict[str, Any]], shared: tuple, fitted: list | None = None
-                 ) -> tuple[RunRecord, dict[str, bytes]]:
+def run_detached(item: tuple[RunSpec, dict[str, Any]], shared: tuple, fitted: list | None = None,
+                 checkpoints=None) -> tuple[RunRecord, dict[str, bytes]]:
     """One run in a scratch directory: its record and its files' bytes (``fitted``: its heads
-    trained in a group). ``shared`` is ``(experiment, aligned, splits, registry)``."""
+    trained in a group; ``checkpoints``: see :func:`_execute_run`). ``shared`` is
+    ``(experiment, aligned, splits, registry)``."""
     import tempfile
 
     spec, settings = item
     experiment, aligned, splits, registry = shared
     with tempfile.TemporaryDirectory(prefix="catsdogs-run-") as scratch:
         record = _execute_run(spec, experiment, aligned, splits, registry, settings, Path(scratch),
-                              fitted)
+                              fitted, checkpoints)
         files = {p.name: p.read_bytes() for p in Path(scratch).iterdir() if p.is_file()}
     return record, files
 

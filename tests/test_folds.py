@@ -1,0 +1,231 @@
+"""Fold checkpoints (:mod:`catsdogs.runs.folds`): a k-fold run killed in a fold resumes at that
+fold, with the folds it had finished taken from the driver's disk, and equals the run trained in
+one go. Real features, a real head plugin, the CLI in a subprocess killed with ``kill -9``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import install_fake_dist, make_kaggle
+
+from catsdogs.runs.folds import FOLDS_DIR, FoldCheckpoint, FoldStore
+
+#: a head plugin: ``logistic`` that notes each fit's process id in ``<gate>/fits`` and, once the
+#: gate has seen ``hold_after`` fits, holds the next fit (writing its process id to ``blocked``)
+#: until ``release`` appears or the test kills it. The gate is ``GatedLogistic.gate`` or
+#: ``$CATSDOGS_TEST_GATE`` (for a CLI subprocess).
+GATED_HEAD = '''
+import os
+import time
+from pathlib import Path
+
+from catsdogs.builtin.linear import LogisticHead
+from catsdogs.hookspecs import hookimpl
+
+
+class GatedLogistic(LogisticHead):
+    name = "gated_logistic"
+    gate = None
+    hold_after = 2
+
+    def fit(self, X, y, **kwargs):
+        gate = self.gate or os.environ.get("CATSDOGS_TEST_GATE")
+        if gate:
+            fits = Path(gate, "fits")
+            seen = len(fits.read_text().split()) if fits.exists() else 0
+            with open(fits, "a") as fh:
+                fh.write(f"{os.getpid()}\\n")
+            if seen >= self.hold_after and not Path(gate, "blocked").exists():
+                Path(gate, "blocked.tmp").write_text(str(os.getpid()))
+                Path(gate, "blocked.tmp").rename(Path(gate, "blocked"))
+                for _ in range(6000):  # until the test kills this process (or releases it)
+                    if Path(gate, "release").exists():
+                        break
+                    time.sleep(0.05)
+        return super().fit(X, y, **kwargs)
+
+
+@hookimpl
+def register_heads(register):
+    register(GatedLogistic)
+'''
+
+FOLDS = 4
+RUN_ID = "resnet50__gated_logistic"
+
+
+@pytest.fixture
+def gated(tmp_path, monkeypatch):
+    """The gated head installed as a plugin distribution; its module and a registry with it."""
+    import importlib
+
+    from catsdogs.plugins import Registry
+
+    site = install_fake_dist(tmp_path / "site", "catsdogs-foldgate", "1.0",
+                             {"catsdogs_foldgate": GATED_HEAD}, {"foldgate": "catsdogs_foldgate"})
+    monkeypatch.syspath_prepend(str(site))
+    registry = Registry().load(strict=True)
+    module = importlib.import_module("catsdogs_foldgate")
+    yield module, registry, site
+    module.GatedLogistic.gate = None
+    module.GatedLogistic.hold_after = 2
+
+
+def _write(tmp_path, name: str, data) -> object:
+    doc = {"weights": "none", "backbones": [{"name": "resnet50", "image_size": 32}],
+           "heads": ["gated_logistic"], "optimizers": ["adam"], "validation": {"kfold": FOLDS},
+           "seed": 7,
+           "data": str(data), "output": str(tmp_path / f"out-{name}"),
+           "cache_dir": str(tmp_path / "cache")}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def _fits(gate) -> list[int]:
+    fits = gate / "fits"
+    return [int(p) for p in fits.read_text().split()] if fits.exists() else []
+
+
+def _same_run(a, b) -> None:
+    """Two output folders hold the same finished run: predictions, per-fold test predictions,
+    the record's numbers, and a model file per fold."""
+    ra, rb = a / "runs" / RUN_ID, b / "runs" / RUN_ID
+    for name in ("val_predictions.csv", "test_predictions.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(ra / name), pd.read_csv(rb / name))
+    from catsdogs.runs.record import load_record
+
+    one, two = load_record(ra), load_record(rb)
+    assert one.metrics == two.metrics and one.history == two.history and one.params == two.params
+    assert one.refit_params == two.refit_params
+    models = sorted(p.name for p in ra.glob("head*.keras"))
+    assert models == sorted(p.name for p in rb.glob("head*.keras")) and len(models) == FOLDS
+
+
+@pytest.mark.slow
+def test_a_killed_kfold_run_resumes_at_its_first_unfinished_fold(tmp_path, gated):
+    """``kill -9`` of ``catsdogs run`` while its one run trains its third fold (held there by the
+    head plugin, not found by time): the first two folds are on disk, the rerun trains only the
+    last two, and the run equals the run trained in one go. Without fold checkpoints the rerun
+    trained all four."""
+    module, registry, site = gated
+    from catsdogs.experiment.spec import load_experiment
+    from catsdogs.runs.runner import run_experiment
+
+    data = make_kaggle(tmp_path / "data", n_per_class=16, n_test=6)
+    exp = _write(tmp_path, "k", data)
+    out = tmp_path / "out-k"
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get(
+        "PYTHONPATH")])), "CATSDOGS_TEST_GATE": str(gate), "CATSDOGS_STRICT_PLUGINS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "catsdogs", "run", str(exp), "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        while proc.poll() is None and not (gate / "blocked").exists():  # an event: the gate's file
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before its third fold: " + \
+            proc.stderr.read().decode()[-2000:]
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert _fits(gate) == [proc.pid] * 3  # folds 1 and 2 trained, killed in fold 3
+    assert not (out / "runs" / RUN_ID).exists()  # the run itself was never written
+    kept = sorted(p.name for p in (out / FOLDS_DIR / RUN_ID).glob("*/fold-*"))
+    assert kept == ["fold-0", "fold-1"], kept
+
+    resumed_gate = tmp_path / "resumed"
+    resumed_gate.mkdir()
+    module.GatedLogistic.gate, module.GatedLogistic.hold_after = str(resumed_gate), 99
+    result = run_experiment(load_experiment(exp, registry=registry), registry=registry,
+                            progress=False)
+    assert (result.computed, result.reused) == (1, 0)
+    assert _fits(resumed_gate) == [os.getpid()] * 2  # folds 3 and 4 only
+    assert not (out / FOLDS_DIR).exists()  # the run is written: its folds are gone
+    assert not list((out / "runs").glob(".*tmp*"))
+
+    clean_gate = tmp_path / "clean"
+    clean_gate.mkdir()
+    module.GatedLogistic.gate = str(clean_gate)
+    clean = run_experiment(load_experiment(_write(tmp_path, "clean", data), registry=registry),
+                           registry=registry, progress=False)
+    assert _fits(clean_gate) == [os.getpid()] * FOLDS
+    _same_run(out, clean.out_dir)
+    assert (out / "submission.csv").read_bytes() == (clean.out_dir / "submission.csv").read_bytes()
+
+
+def test_folds_of_other_settings_and_finished_runs_are_never_used(tmp_path, gated):
+    """A fold kept under another settings hash (here: another seed) is deleted, not resumed; so
+    are the folds of a run that is no longer trained. A holdout experiment keeps no folds."""
+    module, registry, _ = gated
+    from catsdogs.experiment.spec import load_experiment
+    from catsdogs.runs.runner import run_experiment
+
+    data = make_kaggle(tmp_path / "data", n_per_class=12, n_test=4)
+    exp = _write(tmp_path, "s", data)
+    out = tmp_path / "out-s"
+    stale = (RUN_ID, "0123456789abcdef", 0)
+    FoldStore(out / FOLDS_DIR, {RUN_ID: stale[1]}).put(stale, FoldCheckpoint(
+        {"history": {}, "tuning": None, "params": {}, "learning_rate": None, "refit_params": None},
+        {"val": np.zeros(3)}))
+    (out / FOLDS_DIR / "gone__run" / "fedcba9876543210" / "fold-0").mkdir(parents=True)
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    module.GatedLogistic.gate, module.GatedLogistic.hold_after = str(gate), 99
+    result = run_experiment(load_experiment(exp, registry=registry), registry=registry,
+                            progress=False)
+    assert len(_fits(gate)) == FOLDS  # every fold trained: nothing of the stale hash was read
+    assert not (out / FOLDS_DIR).exists()
+    assert np.isfinite(result.records[0].metrics.logloss)
+
+    doc = yaml.safe_load(exp.read_text())
+    doc.update(validation={"holdout": 0.25}, output=str(tmp_path / "out-h"))
+    exp.write_text(yaml.safe_dump(doc))
+    (gate / "fits").unlink()
+    run_experiment(load_experiment(exp, registry=registry), registry=registry, progress=False)
+    assert len(_fits(gate)) == 1 and not (tmp_path / "out-h" / FOLDS_DIR).exists()
+
+
+def test_store_keeps_a_fold_whole_and_drops_what_it_cannot_read(tmp_path, caplog):
+    """Round trip; a fold folder half-written by a dead process is cleaned up when the store
+    opens; an unreadable one is trained again (None), said in the log, and deleted."""
+    root = tmp_path / FOLDS_DIR
+    key = ("a__logistic", "0" * 16, 1)
+    store = FoldStore(root, {"a__logistic": "0" * 16})
+    checkpoint = FoldCheckpoint({"history": {"val_loss": [0.5, 0.25]}, "tuning": None,
+                                 "params": {"folds": 5}, "learning_rate": None, "refit_params": None},
+                                {"val": np.array([0.1, 0.9]), "test": np.array([0.3])},
+                                {"head-fold1.keras": b"model bytes"})
+    store.put(key, checkpoint)
+    got = store.get(key)
+    assert got is not None and got.state == checkpoint.state and got.files == checkpoint.files
+    assert all(np.array_equal(got.arrays[k], checkpoint.arrays[k]) for k in ("val", "test"))
+    assert set(store.saved()) == {key} and store.get((*key[:2], 0)) is None
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    half = root / "a__logistic" / ("0" * 16) / f".fold-2.tmp-{dead}"
+    (half / "fold-2").mkdir(parents=True)
+    store = FoldStore(root, {"a__logistic": "0" * 16})
+    assert not half.exists() and store.get(key) is not None
+
+    (root / "a__logistic" / ("0" * 16) / "fold-1" / "arrays.npz").write_bytes(b"not a zip")
+    with caplog.at_level(logging.WARNING, logger="catsdogs"):
+        assert store.get(key) is None
+    assert "training fold 2 of run a__logistic again" in caplog.text
+    assert not (root / "a__logistic" / ("0" * 16) / "fold-1").exists()
+    store.drop("a__logistic")
+    store.close()
+    assert not root.exists()
