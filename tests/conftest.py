@@ -137,6 +137,79 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300, check: bo
     return proc
 
 
+def kill_cli_at(marker: Path, *args: str, env: dict) -> int:
+    """Start the real ``catsdogs`` CLI (``args``, ``env``), wait for the event ``marker`` (a file
+    its code writes, e.g. a test plugin's gate), then ``kill -9`` it; its pid. Fails, with its
+    stderr, when it ends before the marker appears."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "catsdogs", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        while proc.poll() is None and not marker.exists():  # an event, not a time
+            time.sleep(0.05)
+        assert proc.poll() is None, (f"catsdogs {' '.join(args)} ended before {marker.name} "
+                                     "appeared: " + proc.stderr.read().decode()[-2000:])
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    return proc.pid
+
+
+#: source for test plugins that hold a call at a gate: ``hold(gate)`` writes the process id to
+#: ``<gate>/blocked`` (atomically) and waits until ``<gate>/release`` appears or the test kills
+#: the process; prepend it to a plugin module's source
+GATE_SOURCE = """
+import os
+import time
+from pathlib import Path
+
+
+def hold(gate):
+    Path(gate, "blocked.tmp").write_text(str(os.getpid()))
+    Path(gate, "blocked.tmp").rename(Path(gate, "blocked"))
+    for _ in range(6000):  # until the test kills this process (or releases it)
+        if Path(gate, "release").exists():
+            break
+        time.sleep(0.05)
+"""
+
+#: a head plugin: ``logistic`` (trained fold by fold, never in a group) that notes each fit's
+#: process id in ``<gate>/fits`` and, once the gate has seen ``hold_after`` fits, holds the next
+#: one (:data:`GATE_SOURCE`) unless ``blocked`` exists (a retried task trains). The gate is
+#: ``GatedLogistic.gate`` or ``$CATSDOGS_TEST_GATE`` (for a CLI subprocess).
+GATED_HEAD = GATE_SOURCE + """
+from catsdogs.builtin.linear import LogisticHead
+from catsdogs.hookspecs import hookimpl
+
+
+class GatedLogistic(LogisticHead):
+    name = "gated_logistic"
+    gate = None
+    hold_after = 2
+
+    def fit(self, X, y, **kwargs):
+        gate = self.gate or os.environ.get("CATSDOGS_TEST_GATE")
+        if gate:
+            fits = Path(gate, "fits")
+            seen = len(fits.read_text().split()) if fits.exists() else 0
+            with open(fits, "a") as fh:
+                fh.write(f"{os.getpid()}\\n")
+            if seen >= self.hold_after and not Path(gate, "blocked").exists():
+                hold(gate)
+        return super().fit(X, y, **kwargs)
+
+
+@hookimpl
+def register_heads(register):
+    register(GatedLogistic)
+"""
+
+
 def pytest_terminal_summary(terminalreporter):
     """What tests measured (``record_property("measured", text)``: latencies, precision on planted
     faults), printed at the end of the run so CI logs show it; works under pytest-xdist too, whose

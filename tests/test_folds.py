@@ -6,58 +6,16 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import install_fake_dist, make_kaggle
+from conftest import GATED_HEAD, install_fake_dist, kill_cli_at, make_kaggle
 
 from catsdogs.runs.folds import FOLDS_DIR, FoldCheckpoint, FoldStore
-
-#: a head plugin: ``logistic`` that notes each fit's process id in ``<gate>/fits`` and, once the
-#: gate has seen ``hold_after`` fits, holds the next fit (writing its process id to ``blocked``)
-#: until ``release`` appears or the test kills it. The gate is ``GatedLogistic.gate`` or
-#: ``$CATSDOGS_TEST_GATE`` (for a CLI subprocess).
-GATED_HEAD = '''
-import os
-import time
-from pathlib import Path
-
-from catsdogs.builtin.linear import LogisticHead
-from catsdogs.hookspecs import hookimpl
-
-
-class GatedLogistic(LogisticHead):
-    name = "gated_logistic"
-    gate = None
-    hold_after = 2
-
-    def fit(self, X, y, **kwargs):
-        gate = self.gate or os.environ.get("CATSDOGS_TEST_GATE")
-        if gate:
-            fits = Path(gate, "fits")
-            seen = len(fits.read_text().split()) if fits.exists() else 0
-            with open(fits, "a") as fh:
-                fh.write(f"{os.getpid()}\\n")
-            if seen >= self.hold_after and not Path(gate, "blocked").exists():
-                Path(gate, "blocked.tmp").write_text(str(os.getpid()))
-                Path(gate, "blocked.tmp").rename(Path(gate, "blocked"))
-                for _ in range(6000):  # until the test kills this process (or releases it)
-                    if Path(gate, "release").exists():
-                        break
-                    time.sleep(0.05)
-        return super().fit(X, y, **kwargs)
-
-
-@hookimpl
-def register_heads(register):
-    register(GatedLogistic)
-'''
 
 FOLDS = 4
 RUN_ID = "resnet50__gated_logistic"
@@ -128,20 +86,8 @@ def test_a_killed_kfold_run_resumes_at_its_first_unfinished_fold(tmp_path, gated
     gate.mkdir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get(
         "PYTHONPATH")])), "CATSDOGS_TEST_GATE": str(gate), "CATSDOGS_STRICT_PLUGINS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "catsdogs", "run", str(exp), "--no-progress"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    try:
-        while proc.poll() is None and not (gate / "blocked").exists():  # an event: the gate's file
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before its third fold: " + \
-            proc.stderr.read().decode()[-2000:]
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc.stderr.close()
-    assert _fits(gate) == [proc.pid] * 3  # folds 1 and 2 trained, killed in fold 3
+    pid = kill_cli_at(gate / "blocked", "run", str(exp), "--no-progress", env=env)
+    assert _fits(gate) == [pid] * 3  # folds 1 and 2 trained, killed in fold 3
     assert not (out / "runs" / RUN_ID).exists()  # the run itself was never written
     kept = sorted(p.name for p in (out / FOLDS_DIR / RUN_ID).glob("*/fold-*"))
     assert kept == ["fold-0", "fold-1"], kept

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import copy_int8_models, make_kaggle, run_cli
+from conftest import GATE_SOURCE, copy_int8_models, make_kaggle, run_cli
 
 pytestmark = [pytest.mark.ray]
 ray = pytest.importorskip("ray")
@@ -472,11 +472,7 @@ def _experiment(tmp_path, data: Path, name: str, registry=None, **changes):
 #: folder without a ``blocked`` file, writes its process id there and waits for ``release``; a
 #: retried task finds ``blocked`` and trains. The module is pickled by value (the workers cannot
 #: import it), so the class and its ``gate`` reach them inside the registry the grid ships.
-GATED_OPTIMIZER = """
-import os
-import time
-from pathlib import Path
-
+GATED_OPTIMIZER = GATE_SOURCE + """
 from catsdogs.builtin.optimizers import AdamOptimizer
 from catsdogs.hookspecs import hookimpl
 
@@ -490,12 +486,7 @@ class GatedAdam(AdamOptimizer):
             with open(Path(self.gate, "builds"), "a") as fh:
                 fh.write(f"{os.getpid()}\\n")
         if self.gate and not Path(self.gate, "blocked").exists():
-            Path(self.gate, "blocked.tmp").write_text(str(os.getpid()))
-            Path(self.gate, "blocked.tmp").rename(Path(self.gate, "blocked"))
-            for _ in range(6000):  # until the test kills this process (or releases it)
-                if Path(self.gate, "release").exists():
-                    break
-                time.sleep(0.05)
+            hold(self.gate)
         return super().build()
 
 
@@ -578,45 +569,6 @@ def test_grid_on_ray_equals_local_survives_a_killed_task_and_is_reused(engine, d
     assert (again.computed, again.reused) == (0, 2)
 
 
-#: a test head plugin that gates a k-fold run on a Ray worker: ``logistic`` that notes each fit's
-#: process id in ``<gate>/fits`` and, with ``GatedLogistic.gate`` set, holds its third fit (the
-#: run's third fold) until ``release`` appears or the test kills its process; a retried task finds
-#: ``blocked`` and trains. Pickled by value, like the gated optimizer above.
-GATED_HEAD = """
-import os
-import time
-from pathlib import Path
-
-from catsdogs.builtin.linear import LogisticHead
-from catsdogs.hookspecs import hookimpl
-
-
-class GatedLogistic(LogisticHead):
-    name = "gated_logistic"
-    gate = None
-
-    def fit(self, X, y, **kwargs):
-        if self.gate:
-            fits = Path(self.gate, "fits")
-            seen = len(fits.read_text().split()) if fits.exists() else 0
-            with open(fits, "a") as fh:
-                fh.write(f"{os.getpid()}\\n")
-            if seen >= 2 and not Path(self.gate, "blocked").exists():
-                Path(self.gate, "blocked.tmp").write_text(str(os.getpid()))
-                Path(self.gate, "blocked.tmp").rename(Path(self.gate, "blocked"))
-                for _ in range(6000):  # until the test kills this process (or releases it)
-                    if Path(self.gate, "release").exists():
-                        break
-                    time.sleep(0.05)
-        return super().fit(X, y, **kwargs)
-
-
-@hookimpl
-def register_heads(register):
-    register(GatedLogistic)
-"""
-
-
 @pytest.mark.slow
 def test_a_kfold_run_whose_task_is_killed_resumes_at_its_fold_on_ray(engine, driver_data, tmp_path,
                                                                      monkeypatch):
@@ -627,7 +579,7 @@ def test_a_kfold_run_whose_task_is_killed_resumes_at_its_fold_on_ray(engine, dri
     import importlib
 
     import pandas as pd
-    from conftest import install_fake_dist
+    from conftest import GATED_HEAD, install_fake_dist
 
     from catsdogs.plugins import Registry
     from catsdogs.runs.folds import FOLDS_DIR

@@ -141,7 +141,7 @@ def test_kill_9_keeps_finished_runs(tmp_path, data, monkeypatch):
     before the next trains. Before, the whole grid trained as one group before any run directory
     was written, so a kill during training lost everything (here the gate never closes then and
     the run finishes)."""
-    from conftest import install_fake_dist
+    from conftest import install_fake_dist, kill_cli_at
 
     from catsdogs.plugins import Registry
 
@@ -156,20 +156,7 @@ def test_kill_9_keeps_finished_runs(tmp_path, data, monkeypatch):
     runs = out / "runs"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get(
         "PYTHONPATH")])), "CATSDOGS_TEST_GATE": str(out), "CATSDOGS_STRICT_PLUGINS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "catsdogs", "run", str(exp), "--no-progress"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    try:
-        while proc.poll() is None and not (out / "blocked").exists():  # an event: the gate's file
-            time.sleep(0.05)
-        assert proc.poll() is None, (
-            "the grid finished without reaching its second group's training: "
-            + proc.stderr.read().decode()[-2000:])
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc.stderr.close()
+    kill_cli_at(out / "blocked", "run", str(exp), "--no-progress", env=env)  # its second group
     finished = {p.parent.name for p in runs.glob("*/record.json")}
     assert len(finished) == 2, finished  # exactly the first group, nothing of the second
     result = run_experiment(load_experiment(exp, registry=registry), registry=registry,
