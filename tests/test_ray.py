@@ -496,24 +496,34 @@ def register_optimizers(register):
 """
 
 
-@pytest.mark.slow
-def test_grid_on_ray_equals_local_survives_a_killed_task_and_is_reused(engine, driver_data, tmp_path,
-                                                                       monkeypatch):
-    """kill -9 of the worker process running a grid task, while it is in the task (held there by
-    the gated optimizer, not found by time): Ray retries the task, and the grid equals local."""
+def _pickled_plugin(tmp_path, monkeypatch, name: str, source: str):
+    """The plugin module ``catsdogs_NAME`` (``source``) installed as a distribution, a registry
+    with it, and the module, registered with Ray's cloudpickle to travel by value (the workers
+    cannot import it); the caller unregisters it."""
     import importlib
 
     from conftest import install_fake_dist
 
     from catsdogs.plugins import Registry
-    from catsdogs.runs.runner import load_record, run_experiment
 
-    site = install_fake_dist(tmp_path / "site", "catsdogs-raygate", "1.0",
-                             {"catsdogs_raygate": GATED_OPTIMIZER}, {"raygate": "catsdogs_raygate"})
+    site = install_fake_dist(tmp_path / "site", f"catsdogs-{name}", "1.0",
+                             {f"catsdogs_{name}": source}, {name: f"catsdogs_{name}"})
     monkeypatch.syspath_prepend(str(site))
     registry = Registry().load(strict=True)
-    gated = importlib.import_module("catsdogs_raygate")
-    ray.cloudpickle.register_pickle_by_value(gated)
+    module = importlib.import_module(f"catsdogs_{name}")
+    ray.cloudpickle.register_pickle_by_value(module)
+    return registry, module
+
+
+@pytest.mark.slow
+def test_grid_on_ray_equals_local_survives_a_killed_task_and_is_reused(engine, driver_data, tmp_path,
+                                                                       monkeypatch):
+    """kill -9 of the worker process running a grid task, while it is in the task (held there by
+    the gated optimizer, not found by time): Ray retries the task, and the grid equals local."""
+
+    from catsdogs.runs.runner import load_record, run_experiment
+
+    registry, gated = _pickled_plugin(tmp_path, monkeypatch, "raygate", GATED_OPTIMIZER)
     optimizers = [{"name": "gated_adam", "learning_rate": 0.01}, "adadelta"]
     gate = tmp_path / "gate"
     gate.mkdir()
@@ -576,21 +586,14 @@ def test_a_kfold_run_whose_task_is_killed_resumes_at_its_fold_on_ray(engine, dri
     the folds it finished were written to the driver's disk while it trained (through the
     call's mailbox actor), the task's retry on Ray trains the third and fourth folds only, and
     the run equals the run trained locally in one go."""
-    import importlib
 
     import pandas as pd
-    from conftest import GATED_HEAD, install_fake_dist
+    from conftest import GATED_HEAD
 
-    from catsdogs.plugins import Registry
     from catsdogs.runs.folds import FOLDS_DIR
     from catsdogs.runs.runner import run_experiment
 
-    site = install_fake_dist(tmp_path / "site", "catsdogs-rayfolds", "1.0",
-                             {"catsdogs_rayfolds": GATED_HEAD}, {"rayfolds": "catsdogs_rayfolds"})
-    monkeypatch.syspath_prepend(str(site))
-    registry = Registry().load(strict=True)
-    gated = importlib.import_module("catsdogs_rayfolds")
-    ray.cloudpickle.register_pickle_by_value(gated)
+    registry, gated = _pickled_plugin(tmp_path, monkeypatch, "rayfolds", GATED_HEAD)
     fields = {"heads": ["gated_logistic"], "validation": {"kfold": 4}}
     gate = tmp_path / "gate"
     gate.mkdir()
