@@ -144,9 +144,11 @@ def test_folds_of_other_settings_and_finished_runs_are_never_used(tmp_path, gate
     assert len(_fits(gate)) == 1 and not (tmp_path / "out-h" / FOLDS_DIR).exists()
 
 
-def test_store_keeps_a_fold_whole_and_drops_what_it_cannot_read(tmp_path, caplog):
+@pytest.mark.parametrize("damage", ["not a zip", "truncated zip", "no state", "no val"])
+def test_store_keeps_a_fold_whole_and_drops_what_it_cannot_read(tmp_path, caplog, damage):
     """Round trip; a fold folder half-written by a dead process is cleaned up when the store
-    opens; an unreadable one is trained again (None), said in the log, and deleted."""
+    opens; an unreadable or incomplete one is trained again (None), said in the log, and
+    deleted."""
     root = tmp_path / FOLDS_DIR
     key = ("a__logistic", "0" * 16, 1)
     store = FoldStore(root, {"a__logistic": "0" * 16})
@@ -167,7 +169,15 @@ def test_store_keeps_a_fold_whole_and_drops_what_it_cannot_read(tmp_path, caplog
     store = FoldStore(root, {"a__logistic": "0" * 16})
     assert not half.exists() and store.get(key) is not None
 
-    (root / "a__logistic" / ("0" * 16) / "fold-1" / "arrays.npz").write_bytes(b"not a zip")
+    fold = root / "a__logistic" / ("0" * 16) / "fold-1"
+    if damage == "not a zip":
+        (fold / "arrays.npz").write_bytes(b"not a zip")
+    elif damage == "truncated zip":
+        (fold / "arrays.npz").write_bytes((fold / "arrays.npz").read_bytes()[:100])
+    elif damage == "no state":
+        (fold / "state.json").unlink()
+    else:
+        np.savez(fold / "arrays.npz", test=np.array([0.3]))
     with caplog.at_level(logging.WARNING, logger="catsdogs"):
         assert store.get(key) is None
     assert "training fold 2 of run a__logistic again" in caplog.text

@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,9 @@ logger = logging.getLogger("catsdogs")
 
 #: the folder of the output folder that holds the fold checkpoints
 FOLDS_DIR = "folds"
+
+#: what a fold's ``state.json`` holds
+STATE_KEYS = ("history", "tuning", "params", "learning_rate", "refit_params")
 
 #: a fold's key: (run id, settings hash, fold index from 0)
 FoldKey = tuple[str, str, int]
@@ -100,7 +104,10 @@ class FoldStore:
                 arrays = {name: npz[name] for name in npz.files}
             files = {p.name: p.read_bytes() for p in sorted(folder.iterdir())
                      if p.is_file() and p.name not in ("state.json", "arrays.npz")}
-        except (OSError, ValueError) as exc:
+            missing = sorted({*STATE_KEYS} - set(state)) + ([] if "val" in arrays else ["val"])
+            if missing:
+                raise ValueError(f"no {', '.join(missing)}")
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             logger.warning("training fold %d of run %s again: its checkpoint %s is unreadable (%s)",
                            key[2] + 1, key[0], folder, exc)
             _remove(folder)
