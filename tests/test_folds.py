@@ -4,10 +4,12 @@ one go. Real features, a real head plugin, the CLI in a subprocess killed with `
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -92,12 +94,22 @@ def test_a_killed_kfold_run_resumes_at_its_first_unfinished_fold(tmp_path, gated
     kept = sorted(p.name for p in (out / FOLDS_DIR / RUN_ID).glob("*/fold-*"))
     assert kept == ["fold-0", "fold-1"], kept
 
+    # each kept fold carries its training time; the resumed run's seconds count them (a fold
+    # said to have taken 1,000 s: the run cannot have taken less)
+    (state_file,) = (out / FOLDS_DIR / RUN_ID).glob("*/fold-1/state.json")
+    state = json.loads(state_file.read_text())
+    assert 0 < state["seconds"] < 1000
+    state_file.write_text(json.dumps({**state, "seconds": 1000.0}))
+
     resumed_gate = tmp_path / "resumed"
     resumed_gate.mkdir()
     module.GatedLogistic.gate, module.GatedLogistic.hold_after = str(resumed_gate), 99
+    t0 = time.perf_counter()
     result = run_experiment(load_experiment(exp, registry=registry), registry=registry,
                             progress=False)
+    took = time.perf_counter() - t0
     assert (result.computed, result.reused) == (1, 0)
+    assert 1000 < result.records[0].seconds < 1000 + took + 60
     assert _fits(resumed_gate) == [os.getpid()] * 2  # folds 3 and 4 only
     assert not (out / FOLDS_DIR).exists()  # the run is written: its folds are gone
     assert not list((out / "runs").glob(".*tmp*"))

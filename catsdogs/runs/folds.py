@@ -10,7 +10,8 @@ The driver keeps the folds on its own disk, in the experiment's output folder::
     <out>/folds/<run id>/<settings hash>/fold-<k>/state.json  arrays.npz  [head*.keras]
 
 * ``state.json``: the fold's training history, tuning result, parameters, learning rate and what a
-  refit must fix (the same values the run's record takes from its first fold);
+  refit must fix (the same values the run's record takes from its first fold), and its seconds
+  (a resumed run's ``seconds`` adds those of the folds it kept);
 * ``arrays.npz``: its held-out predictions (``val``) and, when the experiment has test photos, its
   test predictions (``test``);
 * the fold head's model file, as the run folder names it.

@@ -348,7 +348,7 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
     test_preds, histories = [], []
     run_params, run_lr, refit_params = params, learning_rate, None
     settings_hash = _short_hash(settings, 16)
-    resumed = []
+    resumed, kept_seconds = [], 0.0
     for fold, (tr, va) in enumerate(splits):
         group = fitted[fold] if fitted else None
         kept = checkpoints is not None and group is None and len(splits) > 1
@@ -362,6 +362,7 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
                 checkpoints.put((spec.run_id, settings_hash, fold), done)
         else:
             resumed.append(fold + 1)
+            kept_seconds += float(done.state.get("seconds", 0.0))  # its try's time
             for name, data in done.files.items():
                 (run_dir / name).write_bytes(data)
         state = done.state
@@ -414,7 +415,7 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
                                  experiment.validation.folds),
         clip=list(experiment.clip),
         target=experiment.target,
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0 + kept_seconds,  # a resumed run's whole training time
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         catsdogs_version=__version__,
     )
@@ -431,6 +432,7 @@ def _fit_fold(fold: int, tr, va, group, head_cls, params, learning_rate, opt_cls
     :class:`~catsdogs.runs.folds.FoldCheckpoint`."""
     from catsdogs.runs.folds import FoldCheckpoint
 
+    t0 = time.perf_counter()
     fold_params, fold_lr, info = params, learning_rate, None
     if tuned and group is None:
         # inside the fold, on its training rows only: never on rows another fold validates on
@@ -465,7 +467,8 @@ def _fit_fold(fold: int, tr, va, group, head_cls, params, learning_rate, opt_cls
         model.save(run_dir / name)
         files[name] = (run_dir / name).read_bytes()
     state = {"history": dict(getattr(head, "history_", {}) or {}), "tuning": info,
-             "params": fold_params, "learning_rate": fold_lr, "refit_params": refit_params}
+             "params": fold_params, "learning_rate": fold_lr, "refit_params": refit_params,
+             "seconds": time.perf_counter() - t0}
     return FoldCheckpoint(state, arrays, files)
 
 
