@@ -137,9 +137,10 @@ class FoldStore:
             if not folder.is_dir():
                 continue
             for entry in sorted(folder.glob("fold-*")):
-                if not entry.name[len("fold-"):].isdigit():
+                number = entry.name.removeprefix("fold-")
+                if not number.isdigit():
                     continue
-                key = (run_id, settings_hash, int(entry.name[len("fold-"):]))
+                key = (run_id, settings_hash, int(number))
                 checkpoint = self.get(key)
                 if checkpoint is not None:
                     found[key] = checkpoint

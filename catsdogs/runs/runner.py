@@ -357,7 +357,8 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
             if group is None:
                 fold_step(spec.run_id, fold, len(splits))
             done = _fit_fold(fold, tr, va, group, head_cls, params, learning_rate, opt_cls, tuned,
-                             train, test, held, tta, predicted, spec, experiment, aligned, run_dir)
+                             train, test, held, tta, predicted, spec, experiment, aligned, run_dir,
+                             keep=kept)
             if kept:
                 checkpoints.put((spec.run_id, settings_hash, fold), done)
         else:
@@ -402,7 +403,7 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
         params=run_params,
         learning_rate=run_lr if opt_cls else None,
         settings=settings,
-        settings_hash=_short_hash(settings, 16),
+        settings_hash=settings_hash,
         metrics=Metrics.from_dict(metrics, "metrics"),
         tta=tta,
         tuning=_tuning_record(fold_tuning),
@@ -425,11 +426,12 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
 
 def _fit_fold(fold: int, tr, va, group, head_cls, params, learning_rate, opt_cls, tuned: bool,
               train, test, held, tta: bool, predicted: bool, spec: RunSpec, experiment: Experiment,
-              aligned: Aligned, run_dir: Path):
+              aligned: Aligned, run_dir: Path, keep: bool = False):
     """One fold of a run (:func:`_execute_run`): tune and fit its head on the fold's training rows
     (or take ``group``, trained by the grid), predict its held-out rows and the test rows, and save
     its model to ``run_dir``; what the run keeps of it, as a
-    :class:`~catsdogs.runs.folds.FoldCheckpoint`."""
+    :class:`~catsdogs.runs.folds.FoldCheckpoint` (with the model file's bytes when ``keep``: the
+    fold is kept in a fold store)."""
     from catsdogs.runs.folds import FoldCheckpoint
 
     t0 = time.perf_counter()
@@ -465,7 +467,8 @@ def _fit_fold(fold: int, tr, va, group, head_cls, params, learning_rate, opt_cls
     if model is not None:  # every fold's head: a k-fold run's test predictions average them
         name = "head.keras" if fold == 0 else f"head-fold{fold}.keras"
         model.save(run_dir / name)
-        files[name] = (run_dir / name).read_bytes()
+        if keep:
+            files[name] = (run_dir / name).read_bytes()
     state = {"history": dict(getattr(head, "history_", {}) or {}), "tuning": info,
              "params": fold_params, "learning_rate": fold_lr, "refit_params": refit_params,
              "seconds": time.perf_counter() - t0}
