@@ -3,7 +3,8 @@
 A real module in a subprocess writes, while it is imported, absl-formatted lines of each
 severity, absl's notice and a plain line straight to file descriptor 2 (as TensorFlow's C++ does),
 then a Python warning; the CLI's hook is installed for it by name. Whether TensorFlow still prints
-such lines is checked by the CLI test (tests/test_cli.py), not here.
+such lines is checked by the CLI test (tests/test_cli.py) and, for the lines of its device probe
+and first float16 op, by the last test here, on the real TensorFlow.
 """
 
 from __future__ import annotations
@@ -22,9 +23,18 @@ LINES = {
     "notice": ABSL_NOTICE,
     "info": "I0000 00:00:1796541910.612889   18409 port.cc:153] oneDNN custom operations are on.",
     "warning": "W1203 10:11:12.000001   18409 cpu_feature_guard.cc:227] a warning",
+    # with a CUDA driver (no NO_DRIVER line before it) a failed cuInit is a fault, and is shown
     "error": "E0000 00:00:1796541913.660813   18409 cuda_platform.cc:52] failed call to cuInit",
     "plain": "To enable the following instructions: AVX2 FMA",
 }
+
+#: what TensorFlow prints on a machine without a CUDA driver, and at its first float16 op
+NO_DRIVER_LINE = ("I0000 00:00:1796649249.556379   19546 cudart_stub.cc:31] Could not find cuda "
+                  "drivers on your machine, GPU will not be used.")
+CU_INIT_LINE = ("E0000 00:00:1796649250.948451   19546 cuda_platform.cc:52] failed call to cuInit: "
+                "INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)")
+DT_HALF_LINE = ("E0000 00:00:1796649250.974043   19546 util.cc:131] oneDNN supports DT_HALF only on "
+                "platforms with AVX-512. Falling back to the default Eigen-based implementation if present.")
 
 NOISY = textwrap.dedent(f"""
     import os
@@ -96,6 +106,46 @@ def test_split_lines():
     assert [ln.rstrip() for ln in kept] == [LINES["error"], LINES["plain"]]
     assert split_lines("no newline at the end", 3) == (["no newline at the end"], [])
     assert split_lines(text, 0) == (text.splitlines(keepends=True), [])
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_the_cuinit_line_is_held_only_where_tensorflow_found_no_driver(level):
+    driverless = f"{NO_DRIVER_LINE}\n{CU_INIT_LINE}\n{DT_HALF_LINE}\n"
+    kept, held = split_lines(driverless, level)
+    assert kept == [] and len(held) == 3
+    # a driver was found (no cudart_stub line): cuInit failing is a fault, shown
+    kept, held = split_lines(f"{CU_INIT_LINE}\n{DT_HALF_LINE}\n", level)
+    assert kept == [CU_INIT_LINE + "\n"] and held == [DT_HALF_LINE + "\n"]
+    # an error that merely mentions them outside an absl line is not TensorFlow's notice
+    assert split_lines("failed call to cuInit (from somewhere else)\n", level)[1] == []
+    # TF_CPP_MIN_LOG_LEVEL=0 keeps every line
+    assert split_lines(driverless, 0) == (driverless.splitlines(keepends=True), [])
+
+
+PROBED = textwrap.dedent("""
+    import json, logging, os, sys
+    logging.basicConfig(level=logging.DEBUG, stream=sys.stdout, format="DEBUG %(message)s")
+    import catsdogs.cli  # installs the import hook, as running the command line does
+    import tensorflow as tf
+    os.write(2, b"-- imported\\n")
+    tf.config.list_physical_devices()
+    tf.cast(tf.ones((2, 2)), tf.float16)  # the finetune head rounds its maps to float16 so
+    os.write(2, b"-- used\\n")
+""")
+
+
+def test_tensorflow_device_probe_and_float16_notices_are_held_on_the_cli():
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run([sys.executable, "-c", PROBED], capture_output=True, text=True, env=env,
+                          timeout=300, check=True)
+    debug, stderr = proc.stdout, proc.stderr
+    assert "DT_HALF" not in stderr, stderr
+    if "Could not find cuda drivers" in debug:  # no CUDA driver: no GPU, as TensorFlow said
+        assert "cuInit" not in stderr, stderr
+    # whatever TensorFlow printed of them is in the log, at DEBUG
+    for line in stderr.splitlines():
+        assert not line.startswith(("I0000", "W0000")), stderr
+    assert "-- imported" in stderr and "-- used" in stderr
 
 
 def test_without_a_temporary_file_nothing_is_held(monkeypatch, capfd):

@@ -10,6 +10,15 @@ imported, file descriptor 2 goes to a temporary file; afterwards the absl lines 
 and everything else (errors, Python warnings, anything unrecognised) is written to stderr as it
 was. ``TF_CPP_MIN_LOG_LEVEL=0`` keeps every line.
 
+Two E-level lines tell a CPU user nothing to act on, and they come after the import, at the first
+device probe and the first float16 op: "failed call to cuInit ... UNKNOWN ERROR (303)" on a machine
+where TensorFlow has just said (at I level) that it found no CUDA driver, and "oneDNN supports
+DT_HALF only on platforms with AVX-512", a note that half-precision ops take Eigen's kernels. So
+the import's held block also runs :func:`probe_tensorflow` (the device list and a one-element
+float16 cast), and :data:`NOTICES` holds those two lines below level 3 as well: the cuInit line
+only where the same capture has TensorFlow's "Could not find cuda drivers" (with a driver it is a
+real fault, and stays).
+
 :func:`retracing_held` does the same, for a block, with TensorFlow's Python warning that a
 function was traced again and again ("... triggered tf.function retracing"): code that builds a
 new model per fold and predicts row counts of every size traces each model's predict function
@@ -40,6 +49,14 @@ ABSL_NOTICE = "WARNING: All log messages before absl::InitializeLog() is called 
 SEVERITY = {"I": 0, "W": 1, "E": 2, "F": 3}
 #: TensorFlow's frequent-retracing warning (``polymorphic_function._FrequentTracingDetector``)
 RETRACING = "triggered tf.function retracing"
+#: TensorFlow's I-level line when it finds no CUDA driver library (``cudart_stub.cc``)
+NO_DRIVER = "Could not find cuda drivers on your machine"
+#: E-level absl lines that are notices, not faults, held like the lines below the level when it is
+#: at least 1: ``(text in the line, text the same capture must also hold, or None)``
+NOTICES: tuple[tuple[str, str | None], ...] = (
+    ("failed call to cuInit", NO_DRIVER),  # no driver, as TensorFlow has just said: no GPU
+    ("oneDNN supports DT_HALF only on platforms with", None),  # float16 runs on Eigen's kernels
+)
 
 
 def min_log_level() -> int:
@@ -51,14 +68,16 @@ def min_log_level() -> int:
 
 
 def split_lines(text: str, level: int) -> tuple[list[str], list[str]]:
-    """``(kept, held)``: the absl lines of ``text`` below ``level``, and absl's notice when
-    ``level`` >= 1, are held; every other line is kept, in order."""
+    """``(kept, held)``: the absl lines of ``text`` below ``level``, and absl's notice and the
+    :data:`NOTICES` when ``level`` >= 1, are held; every other line is kept, in order."""
     kept: list[str] = []
     held: list[str] = []
+    notices = [shown for shown, needs in NOTICES if needs is None or needs in text]
     for line in text.splitlines(keepends=True):
         match = ABSL_LINE.match(line)
         below = match is not None and SEVERITY[match.group(1)] < level
-        notice = level >= 1 and line.strip() == ABSL_NOTICE
+        notice = level >= 1 and (line.strip() == ABSL_NOTICE
+                                 or (match is not None and any(n in line for n in notices)))
         (held if below or notice else kept).append(line)
     return kept, held
 
@@ -109,9 +128,23 @@ class _HeldLoader(importlib.abc.Loader):
             return
         with stderr_held_to_level(level):
             self.loader.exec_module(module)
+            probe_tensorflow(module)
 
     def __getattr__(self, name: str) -> Any:  # get_resource_reader, is_package, ...
         return getattr(self.loader, name)
+
+
+def probe_tensorflow(tf: Any) -> None:
+    """What TensorFlow logs at its first device probe and first float16 op, done now: the
+    physical devices listed and a one-element float16 cast (module docstring). A module without
+    ``config.list_physical_devices`` is left alone; a probe that fails is TensorFlow's to report
+    when the work itself runs."""
+    list_devices = getattr(getattr(tf, "config", None), "list_physical_devices", None)
+    if list_devices is None:
+        return
+    with contextlib.suppress(Exception):
+        list_devices()
+        tf.cast(tf.zeros((1,)), tf.float16)
 
 
 class _HeldImportFinder(importlib.abc.MetaPathFinder):
