@@ -172,3 +172,37 @@ def test_cli_export_and_errors(runs, tmp_path):
     fmt = run_cli("export", str(runs["cam"]), "--format", "onnx")
     assert fmt.returncode == 1 and "unknown export format 'onnx'" in fmt.stderr
     assert "Traceback" not in bad.stderr + fmt.stderr
+
+
+KEPT_LOGGING = """
+import json, logging, os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = sys.argv[1]
+logging.getLogger("tensorflow").setLevel(logging.WARNING)
+import keras
+from catsdogs.app.export import save_coreml
+inp = keras.Input((8, 8, 3), name="image")
+out = keras.layers.Dense(1, activation="sigmoid")(keras.layers.GlobalAveragePooling2D()(inp))
+path = save_coreml(keras.Model(inp, {"prediction": out}), __import__("pathlib").Path(sys.argv[2]),
+                   size=8, precision="float32", description="tiny", output_descriptions={},
+                   metadata={})
+print(json.dumps({"variable": os.environ.get("TF_CPP_MIN_LOG_LEVEL"),
+                  "level": logging.getLogger("tensorflow").level, "written": path.exists()}))
+"""
+
+
+def test_a_core_ml_export_leaves_tensorflows_logging_as_it_was(tmp_path):
+    """Importing coremltools' TensorFlow frontend sets TF_CPP_MIN_LOG_LEVEL to 3 and TensorFlow's
+    logger to FATAL for the whole process (and the variable for every process it starts):
+    save_coreml puts both back."""
+    pytest.importorskip("coremltools")
+    import logging
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run([sys.executable, "-c", KEPT_LOGGING, "1", str(tmp_path / "m.mlpackage")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {"variable": "1", "level": logging.WARNING, "written": True}, proc.stderr[-2000:]

@@ -220,8 +220,8 @@ def test_predicting_every_row_count_writes_no_retracing_warning(maps_data, caplo
     # TensorFlow warns at most twice per traced Python function in a process: start afresh, so
     # the earlier tests' fits do not use that up
     monkeypatch.setattr(pf, "_frequent_tracing_detector_manager", pf._FrequentTracingDetectorManager())
-    # and at TensorFlow's default level: importing coremltools (an earlier export test in the same
-    # worker) sets the "tensorflow" logger to FATAL, and then no warning is made at all
+    # and at TensorFlow's default level: importing coremltools (an earlier test in the same worker
+    # that imports it itself) sets the "tensorflow" logger to FATAL, and then no warning is made
     caplog.set_level(logging.WARNING, logger="tensorflow")
     maps, y = maps_data
     written = []

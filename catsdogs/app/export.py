@@ -70,6 +70,7 @@ from catsdogs.runs.postprocess import ranking_loss
 from catsdogs.runs.record import RunRecord
 from catsdogs.util.extras import require
 from catsdogs.util.fileio import atomic_path, atomic_write, read_json, write_json
+from catsdogs.util.tf_log import tensorflow_logging_kept
 
 logger = logging.getLogger("catsdogs")
 
@@ -666,7 +667,8 @@ def save_tflite(model, path: Path) -> Path:
 def save_coreml(model, path: Path, *, size: int, precision: str, description: str,
                 output_descriptions: dict[str, str], metadata: dict[str, str]) -> Path:
     """Core ML ML Program (``.mlpackage``) with an RGB image input ``image`` (pixels 0-255)."""
-    ct = require("coremltools", feature="export --format coreml")  # catsdogs[export]
+    with tensorflow_logging_kept():  # its TensorFlow frontend would set them to FATAL for good
+        ct = require("coremltools", feature="export --format coreml")  # catsdogs[export]
 
     if precision not in COREML_PRECISIONS:
         raise ConfigError(f"Core ML precision must be one of {', '.join(COREML_PRECISIONS)}, got {precision!r}")

@@ -24,6 +24,8 @@ function was traced again and again ("... triggered tf.function retracing"): cod
 new model per fold and predicts row counts of every size traces each model's predict function
 for each new batch shape, as it must, and the warning tells a user to restructure code that is
 not theirs.
+
+:func:`tensorflow_logging_kept` undoes what importing coremltools does to TensorFlow's logging.
 """
 
 from __future__ import annotations
@@ -187,6 +189,26 @@ class _RetracingHeld(logging.Filter):
             return True
         logger.debug("tensorflow: %s", message)
         return False
+
+
+@contextlib.contextmanager
+def tensorflow_logging_kept() -> Iterator[None]:
+    """TensorFlow's logging settings as they were before the block: ``TF_CPP_MIN_LOG_LEVEL`` (set
+    or unset) and the level of TensorFlow's Python logger. Importing coremltools' TensorFlow
+    frontend sets them to 3 and FATAL for the whole process, and the variable for every process it
+    starts (a Ray worker, a subprocess): TensorFlow's warnings and errors would vanish after an
+    export to Core ML."""
+    variable = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+    tf_logger = logging.getLogger("tensorflow")
+    level = tf_logger.level
+    try:
+        yield
+    finally:
+        if variable is None:
+            os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
+        else:
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = variable
+        tf_logger.setLevel(level)
 
 
 @contextlib.contextmanager
