@@ -77,6 +77,9 @@ class KerasModel:
     def __init__(self, model):
         import tensorflow as tf
 
+        from catsdogs.util.tf_log import float16_notice_held
+
+        float16_notice_held()  # a fine-tuned top rounds its maps to float16
         self.model = model
         self._call = tf.function(lambda x: model(x, training=False))
 

@@ -43,7 +43,7 @@ import numpy as np
 from catsdogs.components import Head, Optimizer, TopSplit, has_top_split, seeded_initializers
 from catsdogs.errors import ConfigError
 from catsdogs.hookspecs import hookimpl
-from catsdogs.util.tf_log import retracing_held
+from catsdogs.util.tf_log import float16_notice_held, retracing_held
 from catsdogs.validation import SEED_MAX, check_int, check_labels, check_real
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -234,6 +234,7 @@ class FineTuneHead(Head):
         x = keras.layers.Identity(dtype="float16", name="float16_round")(maps)
         x = keras.layers.Reshape(shape, dtype="float32", name="unflatten")(x)
         full = keras.Model(maps, dense(dropout(top(x))), name="finetune")
+        float16_notice_held()  # before its first float16 op
         return full, unit
 
     @staticmethod
@@ -337,6 +338,7 @@ class FineTuneHead(Head):
         X = _check_maps(X, "X", self.n_features_in_)
         if len(X) == 0:
             return np.zeros(0)
+        float16_notice_held()  # a loaded head's first float16 op may be this one
         with _rows_released(), retracing_held():
             out = self.model_.predict(_rows(X, None, None, PREDICT_BATCH_SIZE), verbose=0)
         return np.asarray(out, dtype=np.float64).reshape(-1)

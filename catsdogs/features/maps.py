@@ -110,7 +110,10 @@ class MapsModel:
     def __init__(self, backbone, weights: str, image_size: int, blocks: int, batch_size: int):
         import tensorflow as tf
 
+        from catsdogs.util.tf_log import float16_notice_held
+
         bottom, _ = backbone.split_top(weights, image_size, blocks=blocks)
+        float16_notice_held()  # the maps are cast to float16
         self.batch_size = batch_size
         spec = tf.TensorSpec([None, image_size, image_size, 3], tf.uint8)
 

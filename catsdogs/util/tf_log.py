@@ -13,11 +13,14 @@ was. ``TF_CPP_MIN_LOG_LEVEL=0`` keeps every line.
 Two E-level lines tell a CPU user nothing to act on, and they come after the import, at the first
 device probe and the first float16 op: "failed call to cuInit ... UNKNOWN ERROR (303)" on a machine
 where TensorFlow has just said (at I level) that it found no CUDA driver, and "oneDNN supports
-DT_HALF only on platforms with AVX-512", a note that half-precision ops take Eigen's kernels. So
-the import's held block also runs :func:`probe_tensorflow` (the device list and a one-element
-float16 cast), and :data:`NOTICES` holds those two lines below level 3 as well: the cuInit line
-only where the same capture has TensorFlow's "Could not find cuda drivers" (with a driver it is a
-real fault, and stays).
+DT_HALF only on platforms with AVX-512", a note that half-precision ops take Eigen's kernels.
+:data:`NOTICES` holds those two lines below level 3 as well (the cuInit line only where the same
+capture has TensorFlow's "Could not find cuda drivers": with a driver it is a real fault, and
+stays), and both are made where stderr is held: the import's held block lists the physical devices
+(:func:`probe_tensorflow`; listing them initialises no runtime, so a plugin can still configure
+TensorFlow's threads and devices after the import), and the code that first runs a float16 op (the
+maps model, the ``finetune`` head, a loaded Keras model) calls :func:`float16_notice_held` first,
+once per process, where TensorFlow's runtime is in use already.
 
 :func:`retracing_held` does the same, for a block, with TensorFlow's Python warning that a
 function was traced again and again ("... triggered tf.function retracing"): code that builds a
@@ -31,6 +34,7 @@ not theirs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.abc
 import importlib.util
 import logging
@@ -137,8 +141,8 @@ class _HeldLoader(importlib.abc.Loader):
 
 
 def probe_tensorflow(tf: Any) -> None:
-    """What TensorFlow logs at its first device probe and first float16 op, done now: the
-    physical devices listed and a one-element float16 cast (module docstring). A module without
+    """What TensorFlow logs at its first device probe, done now: the physical devices listed
+    (module docstring). Nothing is initialised by it: no op runs. A module without
     ``config.list_physical_devices`` is left alone; a probe that fails is TensorFlow's to report
     when the work itself runs."""
     list_devices = getattr(getattr(tf, "config", None), "list_physical_devices", None)
@@ -146,6 +150,20 @@ def probe_tensorflow(tf: Any) -> None:
         return
     with contextlib.suppress(Exception):
         list_devices()
+
+
+@functools.cache  # once per process: TensorFlow prints its notice once
+def float16_notice_held() -> None:
+    """TensorFlow's E-level DT_HALF notice (module docstring) made now, by a one-element float16
+    cast while stderr is held to ``TF_CPP_MIN_LOG_LEVEL``. Call it where TensorFlow's runtime is in
+    use already (an eager op initialises it), before the first float16 op. Below level 1 nothing is
+    held, and nothing is done."""
+    level = min_log_level()
+    if level < 1:
+        return
+    import tensorflow as tf
+
+    with stderr_held_to_level(level), contextlib.suppress(Exception):
         tf.cast(tf.zeros((1,)), tf.float16)
 
 
