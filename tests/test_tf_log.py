@@ -130,7 +130,7 @@ PROBED = textwrap.dedent("""
     os.write(2, b"-- imported\\n")
     # the import ran no op: a plugin may still configure TensorFlow's runtime after it
     tf.config.threading.set_intra_op_parallelism_threads(2)
-    tf.config.list_physical_devices()
+    tf.config.set_visible_devices(tf.config.list_physical_devices("CPU"))
     from catsdogs.util.tf_log import float16_notice_held
     float16_notice_held()  # as the maps model and the finetune head do before their first
     tf.cast(tf.ones((2, 2)), tf.float16)
@@ -140,11 +140,17 @@ PROBED = textwrap.dedent("""
 """)
 
 
-def test_tensorflow_device_probe_and_float16_notices_are_held_on_the_cli():
+def _at_the_cli_level(script: str) -> subprocess.CompletedProcess:
+    """``script`` run by a new Python at the CLI's ``TF_CPP_MIN_LOG_LEVEL`` (2); it must succeed."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.run([sys.executable, "-c", PROBED], capture_output=True, text=True, env=env,
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_tensorflow_device_probe_and_float16_notices_are_held_on_the_cli():
+    proc = _at_the_cli_level(PROBED)
     *debug, result = proc.stdout.strip().splitlines()
     debug, stderr = "\n".join(debug), proc.stderr
     assert json.loads(result) == {"threads": 2}
@@ -171,22 +177,23 @@ def test_without_a_temporary_file_nothing_is_held(monkeypatch, capfd):
     assert LINES["info"] in capfd.readouterr().err
 
 
+#: a script whose first float16 op is one place's, and the rows it gives
 FIRST_FLOAT16 = {
     # the maps cache's model casts the maps to float16
-    "maps": """
+    "maps": ("""
 from catsdogs.features.maps import MapsModel
 images = np.random.default_rng(0).integers(0, 255, (4, 24, 24, 3), dtype=np.uint8)
 out = MapsModel(TinyTopSplit(), "none", 24, 1, 2)(images)
-""",
-    # the finetune head rounds its maps to float16 (fit, then a loaded head's predict)
-    "finetune": """
+""", 4),
+    # the finetune head rounds its maps to float16 (fit, then predict)
+    "finetune": ("""
 from catsdogs.builtin.finetune import FineTuneHead
 from catsdogs.plugins import get_registry
 from catsdogs.testing import MAPS_HEAD_PARAMS, make_maps
 maps, y = make_maps(16)
 with get_registry().temporarily("backbones", TinyTopSplit(), "catsdogs.testing"):
     out = FineTuneHead(**MAPS_HEAD_PARAMS).fit(maps, y, epochs=1, batch_size=8, seed=1).predict_proba(maps)
-""",
+""", 16),
 }
 
 
@@ -194,12 +201,8 @@ with get_registry().temporarily("backbones", TinyTopSplit(), "catsdogs.testing")
 def test_the_first_float16_op_of_maps_or_finetune_writes_no_dt_half_line(first):
     """oneDNN's DT_HALF notice comes at a process's first float16 op, wherever that is: each
     place that runs one holds it first (under the CLI's level)."""
-    script = ("import os, sys\nimport numpy as np\nimport catsdogs.cli\n"
-              "from catsdogs.testing import TinyTopSplit\n" + FIRST_FLOAT16[first]
-              + "print(len(out))\n")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split()[-1] in {"4", "16"}
+    body, rows = FIRST_FLOAT16[first]
+    proc = _at_the_cli_level("import numpy as np\nimport catsdogs.cli\n"
+                             "from catsdogs.testing import TinyTopSplit\n" + body + "print(len(out))\n")
+    assert proc.stdout.split()[-1] == str(rows)
     assert "DT_HALF" not in proc.stderr, proc.stderr
