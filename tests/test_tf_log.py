@@ -206,3 +206,56 @@ def test_the_first_float16_op_of_maps_or_finetune_writes_no_dt_half_line(first):
                              "from catsdogs.testing import TinyTopSplit\n" + body + "print(len(out))\n")
     assert proc.stdout.split()[-1] == str(rows)
     assert "DT_HALF" not in proc.stderr, proc.stderr
+
+
+LITE_LINE = "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+
+
+def test_split_lines_reads_tflites_own_logger_like_absl():
+    text = f"{LITE_LINE}\nWARNING: a TFLite warning\nERROR: a TFLite error\nINFO:not its format\n"
+    kept, held = split_lines(text, 2)
+    assert held == [f"{LITE_LINE}\n", "WARNING: a TFLite warning\n"]
+    assert kept == ["ERROR: a TFLite error\n", "INFO:not its format\n"]
+    assert split_lines(text, 1)[1] == [f"{LITE_LINE}\n"]
+    assert split_lines(text, 0) == (text.splitlines(keepends=True), [])
+
+
+LITERT = textwrap.dedent("""
+    import logging, sys
+    logging.basicConfig(level=logging.DEBUG, stream=sys.stdout, format="%(message)s")
+    import numpy as np
+    from catsdogs.app.models import TFLiteModel
+    model = TFLiteModel(sys.argv[1])
+    print(model({"x": np.zeros(8, np.float32)}))
+""")
+
+
+@pytest.fixture(scope="module")
+def tiny_tflite(tmp_path_factory):
+    pytest.importorskip("ai_edge_litert")
+    tf = pytest.importorskip("tensorflow")
+    path = tmp_path_factory.mktemp("lite") / "tiny.tflite"
+
+    class Tiny(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 8], tf.float32, name="x")])
+        def serve(self, x):
+            return {"p": tf.reduce_mean(x, axis=1, keepdims=True)}
+
+    tiny = Tiny()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [tiny.serve.get_concrete_function()], tiny)
+    path.write_bytes(converter.convert())
+    return path
+
+
+@pytest.mark.parametrize("level, shown", [("2", False), ("0", True)])
+def test_litert_xnnpack_notice_is_held_to_the_level(tiny_tflite, level, shown):
+    """LiteRT prints its XNNPACK line when the interpreter is allocated, whatever the level
+    says; a TFLite export's runner holds it like TensorFlow's own INFO lines."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": level}
+    proc = subprocess.run([sys.executable, "-c", LITERT, str(tiny_tflite)], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "'p'" in proc.stdout  # the model ran
+    assert (LITE_LINE in proc.stderr) is shown, proc.stderr
+    assert (f"tensorflow: {LITE_LINE}" in proc.stdout) is not shown, proc.stdout

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from catsdogs.errors import DataError
+from catsdogs.util.tf_log import held_to_level
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,9 @@ def tflite_interpreter(path: str | os.PathLike, num_threads: int | None = None):
         import tensorflow as tf
 
         Interpreter = tf.lite.Interpreter
-    interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
-    interpreter.allocate_tensors()
+    with held_to_level():  # the runtime's "INFO: Created ... XNNPACK delegate" (util.tf_log)
+        interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
+        interpreter.allocate_tensors()
     return interpreter
 
 

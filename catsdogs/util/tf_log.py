@@ -28,6 +28,12 @@ new model per fold and predicts row counts of every size traces each model's pre
 for each new batch shape, as it must, and the warning tells a user to restructure code that is
 not theirs.
 
+LiteRT's interpreter prints "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." through
+TFLite's own logger, which ignores the variable as well, when it is allocated (``catsdogs predict``
+and ``serve`` on a TFLite export): :func:`catsdogs.app.models.tflite_interpreter` allocates it
+under :func:`held_to_level`, and :func:`split_lines` reads that logger's ``INFO:`` / ``WARNING:``
+/ ``ERROR:`` lines like absl's I / W / E.
+
 :func:`tensorflow_logging_kept` undoes what importing coremltools does to TensorFlow's logging.
 """
 
@@ -53,6 +59,10 @@ ABSL_LINE = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ [^\]\s]+:\d+\] 
 #: what absl prints once before its first line when nothing initialised it
 ABSL_NOTICE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
 SEVERITY = {"I": 0, "W": 1, "E": 2, "F": 3}
+#: a line of TFLite's (LiteRT's) own minimal logger, which ignores ``TF_CPP_MIN_LOG_LEVEL`` too:
+#: ``INFO: Created TensorFlow Lite XNNPACK delegate for CPU.`` when an interpreter is allocated
+TFLITE_LINE = re.compile(r"^(VERBOSE|INFO|WARNING|ERROR): ")
+TFLITE_SEVERITY = {"VERBOSE": 0, "INFO": 0, "WARNING": 1, "ERROR": 2}
 #: TensorFlow's frequent-retracing warning (``polymorphic_function._FrequentTracingDetector``)
 RETRACING = "triggered tf.function retracing"
 #: TensorFlow's I-level line when it finds no CUDA driver library (``cudart_stub.cc``)
@@ -73,15 +83,28 @@ def min_log_level() -> int:
         return 0
 
 
+@contextlib.contextmanager
+def held_to_level() -> Iterator[None]:
+    """:func:`stderr_held_to_level` at ``TF_CPP_MIN_LOG_LEVEL``; below 1, nothing is held."""
+    level = min_log_level()
+    if level < 1:
+        yield
+        return
+    with stderr_held_to_level(level):
+        yield
+
+
 def split_lines(text: str, level: int) -> tuple[list[str], list[str]]:
-    """``(kept, held)``: the absl lines of ``text`` below ``level``, and absl's notice and the
-    :data:`NOTICES` when ``level`` >= 1, are held; every other line is kept, in order."""
+    """``(kept, held)``: the absl and TFLite lines of ``text`` below ``level``, and absl's notice
+    and the :data:`NOTICES` when ``level`` >= 1, are held; every other line is kept, in order."""
     kept: list[str] = []
     held: list[str] = []
     notices = [shown for shown, needs in NOTICES if needs is None or needs in text]
     for line in text.splitlines(keepends=True):
         match = ABSL_LINE.match(line)
-        below = match is not None and SEVERITY[match.group(1)] < level
+        lite = TFLITE_LINE.match(line)
+        below = ((match is not None and SEVERITY[match.group(1)] < level)
+                 or (lite is not None and TFLITE_SEVERITY[lite.group(1)] < level))
         notice = level >= 1 and (line.strip() == ABSL_NOTICE
                                  or (match is not None and any(n in line for n in notices)))
         (held if below or notice else kept).append(line)
@@ -158,12 +181,11 @@ def float16_notice_held() -> None:
     cast while stderr is held to ``TF_CPP_MIN_LOG_LEVEL``. Call it where TensorFlow's runtime is in
     use already (an eager op initialises it), before the first float16 op. Below level 1 nothing is
     held, and nothing is done."""
-    level = min_log_level()
-    if level < 1:
+    if min_log_level() < 1:
         return
     import tensorflow as tf
 
-    with stderr_held_to_level(level), contextlib.suppress(Exception):
+    with held_to_level(), contextlib.suppress(Exception):
         tf.cast(tf.zeros((1,)), tf.float16)
 
 
