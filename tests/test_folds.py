@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import GATED_HEAD, install_fake_dist, kill_cli_at, make_kaggle
+from conftest import GATE_SOURCE, GATED_HEAD, install_fake_dist, kill_cli_at, make_kaggle
 
-from catsdogs.runs.folds import FOLDS_DIR, FoldCheckpoint, FoldStore
+from catsdogs.runs.folds import FOLDS_DIR, FoldCheckpoint, FoldStore, fold_state
 
 FOLDS = 4
 RUN_ID = "resnet50__gated_logistic"
@@ -124,6 +124,114 @@ def test_a_killed_kfold_run_resumes_at_its_first_unfinished_fold(tmp_path, gated
     assert _fits(clean_gate) == [os.getpid()] * FOLDS
     _same_run(out, clean.out_dir)
     assert (out / "submission.csv").read_bytes() == (clean.out_dir / "submission.csv").read_bytes()
+
+
+#: an optimizer plugin: adam that notes each ``build`` (one per fold of its run, in a group too)
+#: in ``$CATSDOGS_TEST_GATE/builds`` and holds the build after ``hold_after`` of them
+GATED_ADAM = GATE_SOURCE + """
+from catsdogs.builtin.optimizers import AdamOptimizer
+from catsdogs.hookspecs import hookimpl
+
+
+class GatedAdam(AdamOptimizer):
+    name = "gated_adam"
+    hold_after = 2
+
+    def build(self):
+        gate = os.environ.get("CATSDOGS_TEST_GATE")
+        if gate:
+            builds = Path(gate, "builds")
+            seen = len(builds.read_text().split()) if builds.exists() else 0
+            with open(builds, "a") as fh:
+                fh.write(f"{os.getpid()}\\n")
+            if seen >= self.hold_after and not Path(gate, "blocked").exists():
+                hold(gate)
+        return super().build()
+
+
+@hookimpl
+def register_optimizers(register):
+    register(GatedAdam)
+"""
+
+GROUP = ("resnet50__dropout_sigmoid__gated_adam", "resnet50__dropout_sigmoid__adadelta")
+
+
+def _builds(gate) -> list[int]:
+    builds = gate / "builds"
+    return [int(p) for p in builds.read_text().split()] if builds.exists() else []
+
+
+@pytest.mark.slow
+def test_a_killed_group_resumes_at_its_first_unfinished_fold(tmp_path, monkeypatch):
+    """The grid's grouped fit keeps each fold of each run of the group as soon as the group has
+    trained it: ``kill -9`` in the third fold (held by the optimizer plugin, not found by time)
+    leaves folds 1-2 of both runs, the rerun trains the group's folds 3-4 only, and both runs
+    equal the runs trained in one go. Before, a group kept nothing until all its folds were done,
+    and the rerun trained all four."""
+    from catsdogs.experiment.spec import load_experiment
+    from catsdogs.plugins import Registry
+    from catsdogs.runs.runner import run_experiment
+
+    site = install_fake_dist(tmp_path / "site", "catsdogs-gatedadam", "1.0",
+                             {"catsdogs_gatedadam": GATED_ADAM}, {"gatedadam": "catsdogs_gatedadam"})
+    monkeypatch.syspath_prepend(str(site))
+    registry = Registry().load(strict=True)
+    data = make_kaggle(tmp_path / "data", n_per_class=16, n_test=6)
+
+    def write(name):
+        doc = {"weights": "none", "backbones": [{"name": "resnet50", "image_size": 32}],
+               "heads": ["dropout_sigmoid"], "validation": {"kfold": FOLDS},
+               "optimizers": [{"name": "gated_adam", "learning_rate": 0.01}, "adadelta"],
+               "epochs": 2, "batch_size": 16, "seed": 7, "data": str(data),
+               "output": str(tmp_path / f"out-{name}"), "cache_dir": str(tmp_path / "cache")}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        return path
+
+    exp, out = write("g"), tmp_path / "out-g"
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get(
+        "PYTHONPATH")])), "CATSDOGS_TEST_GATE": str(gate), "CATSDOGS_STRICT_PLUGINS": "1"}
+    pid = kill_cli_at(gate / "blocked", "run", str(exp), "--no-progress", env=env)
+    assert _builds(gate) == [pid] * 3  # folds 1 and 2 trained, killed in fold 3
+    assert not (out / "runs").exists() or not list((out / "runs").glob("*/record.json"))
+    for run_id in GROUP:  # both runs of the group: they are trained together
+        kept = sorted(p.name for p in (out / FOLDS_DIR / run_id).glob("*/fold-*"))
+        assert kept == ["fold-0", "fold-1"], (run_id, kept)
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    monkeypatch.setenv("CATSDOGS_TEST_GATE", str(resumed))
+    result = run_experiment(load_experiment(exp, registry=registry), registry=registry,
+                            progress=False)
+    assert (result.computed, result.reused) == (2, 0)
+    assert _builds(resumed) == [os.getpid()] * 2  # the group's folds 3 and 4 only
+    assert not (out / FOLDS_DIR).exists()  # the runs are written: their folds are gone
+
+    monkeypatch.delenv("CATSDOGS_TEST_GATE")
+    clean = run_experiment(load_experiment(write("clean"), registry=registry), registry=registry,
+                           progress=False)
+    from catsdogs.runs.record import load_record
+
+    for run_id in GROUP:
+        ra, rb = out / "runs" / run_id, clean.out_dir / "runs" / run_id
+        for name in ("val_predictions.csv", "test_predictions.csv"):
+            pd.testing.assert_frame_equal(pd.read_csv(ra / name), pd.read_csv(rb / name))
+        one, two = load_record(ra), load_record(rb)
+        assert one.metrics == two.metrics and one.history == two.history
+        assert len(list(ra.glob("head*.keras"))) == FOLDS
+    assert (out / "submission.csv").read_bytes() == (clean.out_dir / "submission.csv").read_bytes()
+
+
+def test_a_folds_state_names_every_key():
+    state = fold_state(1.5, history={}, tuning=None, params={}, learning_rate=None,
+                       refit_params=None)
+    assert state["seconds"] == 1.5 and set(state) == {"seconds", "history", "tuning", "params",
+                                                      "learning_rate", "refit_params"}
+    with pytest.raises(TypeError, match="a fold's state takes history"):
+        fold_state(1.0, history={}, params={})
 
 
 def test_folds_of_other_settings_and_finished_runs_are_never_used(tmp_path, gated):

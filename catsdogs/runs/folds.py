@@ -25,8 +25,11 @@ when the store opens, and a run's folds once its folder is written
 the run trained in one go: each fold's fit is seeded with the experiment's seed and reads only
 its own rows.
 
-Runs whose folds are trained together (the grouped grid, :mod:`catsdogs.runs.multifit`) and
-holdout runs (one fold) keep no folds: a group is written as a whole as soon as it is trained.
+Runs whose folds are trained together (the grouped grid, :mod:`catsdogs.runs.multifit`) keep
+their folds the same way, each run's under its own key, as soon as the group has trained and
+predicted that fold; a fold is resumed for the group when it is kept for every run of it (the
+group trains its folds together, so they are all there or the fold is trained again). Holdout
+runs (one fold) keep none.
 On Ray the tasks reach the store through the engine (:meth:`catsdogs.compute.Engine.map_runs`'s
 ``checkpoints``), and the driver still writes every file.
 """
@@ -55,6 +58,13 @@ STATE_KEYS = ("history", "tuning", "params", "learning_rate", "refit_params")
 
 #: a fold's key: (run id, settings hash, fold index from 0)
 FoldKey = tuple[str, str, int]
+
+
+def fold_state(seconds: float, **values: Any) -> dict[str, Any]:
+    """A fold's ``state.json``: each of :data:`STATE_KEYS`, by name, and its ``seconds``."""
+    if set(values) != set(STATE_KEYS):
+        raise TypeError(f"a fold's state takes {', '.join(STATE_KEYS)}, not {', '.join(values)}")
+    return {**values, "seconds": float(seconds)}
 
 
 @dataclass
@@ -163,4 +173,4 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-__all__ = ["FOLDS_DIR", "FoldCheckpoint", "FoldKey", "FoldStore"]
+__all__ = ["FOLDS_DIR", "FoldCheckpoint", "FoldKey", "FoldStore", "fold_state"]

@@ -36,7 +36,7 @@ every run that reads it); any other member is fitted alone by its own :meth:`fit
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -546,12 +546,21 @@ class GroupFit:
 
 
 def fit_grid(specs: Sequence[Any], experiment: Any, aligned: Any, splits: Sequence[tuple],
-             registry: Any, params: Any = None) -> dict[str, list[GroupFit]]:
+             registry: Any, params: Any = None,
+             resume: Callable[[int, list[str]], dict[str, Any] | None] | None = None,
+             on_fold: Callable[[int, dict[str, GroupFit]], None] | None = None,
+             ) -> dict[str, list[Any]]:
     """The runner's seam: fit the planned runs ``specs`` (:class:`catsdogs.runs.runner.RunSpec`)
     that can share passes, one :func:`fit_group` per validation fold, and predict their
     validation rows (from ``aligned.held_out``, the features they are predicted from) and test
     rows together (:func:`predict_group`); returns run id -> one
     :class:`GroupFit` per fold (the runs left out are fitted by the runner as before).
+
+    Fold checkpoints (the runner's, :mod:`catsdogs.runs.folds`): ``resume(fold, run ids)`` gives
+    what an earlier try kept of that fold for every run of the group (run id -> it), or None; a
+    fold kept for all of them is not trained again, and what was kept stands in its place in the
+    lists. ``on_fold(fold, run id -> GroupFit)`` is called as soon as a fold is trained and
+    predicted, so that a kill loses at most the fold in training.
 
     Left out: runs whose head is not :func:`groupable` or is tuned by ``experiment.tuning``, every
     run when grouping is switched off (:func:`grouping_enabled`), when fewer than two runs remain,
@@ -582,11 +591,16 @@ def fit_grid(specs: Sequence[Any], experiment: Any, aligned: Any, splits: Sequen
                               for split in (aligned.train, aligned.held_out)
                               for spec in chosen for b in spec.combination):
         return {}
-    fitted: dict[str, list[GroupFit]] = {spec.run_id: [] for spec in chosen}
+    fitted: dict[str, list[Any]] = {spec.run_id: [] for spec in chosen}
     combinations = [tuple(spec.combination) for spec in chosen]
     uses_flip = [bool(experiment.tta) and aligned.has_flip(c) for c in combinations]
     flip = any(uses_flip)
     for fold, (tr, va) in enumerate(splits):
+        kept = resume(fold, list(fitted)) if resume is not None else None
+        if kept is not None:
+            for run_id in fitted:
+                fitted[run_id].append(kept[run_id])
+            continue
         fold_step(f"{len(chosen)} runs trained together", fold, len(splits))
         members = [Member(registry.head(spec.head.name)(**params_of(spec)),
                           _optimizer(spec, registry), c) for spec, c in zip(chosen, combinations)]
@@ -603,8 +617,12 @@ def fit_grid(specs: Sequence[Any], experiment: Any, aligned: Any, splits: Sequen
             if len(aligned.test):
                 test = [tta_average(p, q) for p, q in zip(test, predict_group(
                     heads, combinations, aligned.test.X_flip, None, uses_flip), strict=True)]
-        for spec, head, v, t in zip(chosen, heads, val, test, strict=True):
-            fitted[spec.run_id].append(GroupFit(head, v, t))
+        trained = {spec.run_id: GroupFit(head, v, t)
+                   for spec, head, v, t in zip(chosen, heads, val, test, strict=True)}
+        if on_fold is not None:
+            on_fold(fold, trained)
+        for run_id, group_fit in trained.items():
+            fitted[run_id].append(group_fit)
     return fitted
 
 

@@ -317,7 +317,8 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
                  settings: dict[str, Any], run_dir: Path, fitted: list | None = None,
                  checkpoints=None) -> RunRecord:
     """One run: tune, fit per fold (or take ``fitted``, its heads per fold already trained by
-    :func:`catsdogs.runs.multifit.fit_grid`), predict, score and write its files to ``run_dir``.
+    :func:`catsdogs.runs.multifit.fit_grid`, or a fold that grid kept from an earlier try of the
+    group), predict, score and write its files to ``run_dir``.
 
     ``checkpoints`` (a :class:`catsdogs.runs.folds.FoldStore`, or what the engine gives a task to
     reach it): a k-fold run trained fold by fold keeps each finished fold there, and takes a fold
@@ -329,8 +330,12 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
     from catsdogs.util.progress import fold_step
 
     t0 = time.perf_counter()
-    # grouped runs come with their predictions: no need to fuse (copy) the combination's columns
-    predicted = bool(fitted) and all(f.val is not None for f in fitted)  # type: ignore[union-attr]
+    from catsdogs.runs.folds import FoldCheckpoint
+
+    # grouped runs come with their predictions (or their folds kept by an earlier try of the
+    # group): no need to fuse (copy) the combination's columns
+    predicted = bool(fitted) and all(isinstance(f, FoldCheckpoint) or f.val is not None
+                                     for f in fitted)  # type: ignore[union-attr]
     head_cls = registry.head(spec.head.name)
     params = run_head_params(spec, experiment, registry)
     features = run_features(aligned, spec.combination, tta=experiment.tta, columns=not predicted,
@@ -352,7 +357,11 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
     for fold, (tr, va) in enumerate(splits):
         group = fitted[fold] if fitted else None
         kept = checkpoints is not None and group is None and len(splits) > 1
-        done = checkpoints.get((spec.run_id, settings_hash, fold)) if kept else None
+        done: FoldCheckpoint | None
+        if isinstance(group, FoldCheckpoint):  # the group's fold, kept by an earlier try
+            done = group
+        else:
+            done = checkpoints.get((spec.run_id, settings_hash, fold)) if kept else None
         if done is None:
             if group is None:
                 fold_step(spec.run_id, fold, len(splits))
@@ -422,8 +431,6 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
     )
 
 
-
-
 def _fit_fold(fold: int, tr, va, group, head_cls, params, learning_rate, opt_cls, tuned: bool,
               train, test, held, tta: bool, predicted: bool, spec: RunSpec, experiment: Experiment,
               aligned: Aligned, run_dir: Path, keep: bool = False):
@@ -432,8 +439,6 @@ def _fit_fold(fold: int, tr, va, group, head_cls, params, learning_rate, opt_cls
     its model to ``run_dir``; what the run keeps of it, as a
     :class:`~catsdogs.runs.folds.FoldCheckpoint` (with the model file's bytes when ``keep``: the
     fold is kept in a fold store)."""
-    from catsdogs.runs.folds import FoldCheckpoint
-
     t0 = time.perf_counter()
     fold_params, fold_lr, info = params, learning_rate, None
     if tuned and group is None:
@@ -459,6 +464,17 @@ def _fit_fold(fold: int, tr, va, group, head_cls, params, learning_rate, opt_cls
         if test is not None:
             arrays["test"] = _predict_run(head, spec.combination, aligned.test, None, tta,
                                           lambda: predict_tta(head, test.X, test.X_flip))
+    return _fold_checkpoint(fold, head, arrays, fold_params, fold_lr, info, t0, run_dir, keep)
+
+
+def _fold_checkpoint(fold: int, head, arrays: dict[str, np.ndarray], params: dict[str, Any],
+                     learning_rate: float | None, tuning: dict[str, Any] | None, t0: float,
+                     run_dir: Path, keep: bool):
+    """What a run keeps of a fitted fold head (:func:`_fit_fold`, and a group's fold as soon as
+    the group has trained it, :class:`_GroupFolds`): its model saved to ``run_dir`` (and its bytes
+    when ``keep``), its state and ``arrays`` (``val``, ``test``)."""
+    from catsdogs.runs.folds import FoldCheckpoint, fold_state
+
     # what a refit on all rows must fix to reproduce this fit (e.g. the stacker's early-stopped
     # tree count); a head without it refits with its params alone
     refit_params = getattr(head, "refit_params", lambda: None)() if fold == 0 else None
@@ -469,10 +485,43 @@ def _fit_fold(fold: int, tr, va, group, head_cls, params, learning_rate, opt_cls
         model.save(run_dir / name)
         if keep:
             files[name] = (run_dir / name).read_bytes()
-    state = {"history": dict(getattr(head, "history_", {}) or {}), "tuning": info,
-             "params": fold_params, "learning_rate": fold_lr, "refit_params": refit_params,
-             "seconds": time.perf_counter() - t0}
+    state = fold_state(time.perf_counter() - t0, history=dict(getattr(head, "history_", {}) or {}),
+                       tuning=tuning, params=params, learning_rate=learning_rate,
+                       refit_params=refit_params)
     return FoldCheckpoint(state, arrays, files)
+
+
+class _GroupFolds:
+    """Fold checkpoints of the runs of one group (:func:`run_group`), for
+    :func:`~catsdogs.runs.multifit.fit_grid`: each trained fold is put into ``checkpoints`` per
+    run as soon as the group has predicted it, and a fold kept for every run of the group is
+    given back instead of being trained again (:mod:`catsdogs.runs.folds`)."""
+
+    def __init__(self, group: list[tuple[RunSpec, dict[str, Any]]], shared: tuple, checkpoints):
+        self.runs = {spec.run_id: (spec, _short_hash(settings, 16)) for spec, settings in group}
+        self.shared, self.checkpoints = shared, checkpoints
+
+    def resume(self, fold: int, run_ids: list[str]) -> dict[str, Any] | None:
+        kept = {run_id: self.checkpoints.get((run_id, self.runs[run_id][1], fold))
+                for run_id in run_ids}
+        return kept if all(v is not None for v in kept.values()) else None
+
+    def keep(self, fold: int, trained: dict[str, Any]) -> None:
+        import tempfile
+
+        experiment, _, _, registry = self.shared
+        for run_id, group_fit in trained.items():
+            spec, settings_hash = self.runs[run_id]
+            t0 = time.perf_counter()
+            arrays = {"val": np.asarray(group_fit.val)}
+            if group_fit.test is not None:
+                arrays["test"] = np.asarray(group_fit.test)
+            with tempfile.TemporaryDirectory(prefix="catsdogs-fold-") as scratch:
+                done = _fold_checkpoint(
+                    fold, group_fit.head, arrays, run_head_params(spec, experiment, registry),
+                    spec.optimizer.learning_rate if spec.optimizer else None, None, t0,
+                    Path(scratch), keep=True)
+            self.checkpoints.put((run_id, settings_hash, fold), done)
 
 
 def _tune_fold(head_cls, params: dict[str, Any], learning_rate: float | None, opt_cls, train,
@@ -790,7 +839,8 @@ def _run_groups(pending: list[tuple[RunSpec, dict[str, Any]]], engine, registry)
     """The runs trained together by one call of the engine (:func:`run_group`): bounded groups
     (:func:`catsdogs.runs.multifit.plan_groups`). One process packs whole combinations into groups
     of at most ``CATSDOGS_GROUP_RUNS`` (16) runs, written before the next group trains, so a kill
-    loses at most one group's training; an engine that runs calls at once (Ray) gets one group per
+    loses at most one group's training (with k-fold validation, its fold in training: each run of
+    the group keeps each fold, :class:`_GroupFolds`); an engine that runs calls at once (Ray) gets one group per
     combination, so the groups spread over its CPUs while the runs of a group still share the
     fused columns and dropout masks. A run whose head is trained on maps (``finetune``) is a
     group of its own: it shares nothing with the others and trains for long, so it is written
@@ -815,8 +865,12 @@ def run_group(group: list[tuple[RunSpec, dict[str, Any]]], shared: tuple, checkp
     from catsdogs.runs.multifit import fit_grid
 
     experiment, aligned, splits, registry = shared
+    folds = _GroupFolds(group, shared, checkpoints) \
+        if checkpoints is not None and len(splits) > 1 else None
     fitted = fit_grid([spec for spec, _ in group], experiment, aligned, splits, registry,
-                      params=lambda spec: run_head_params(spec, experiment, registry))
+                      params=lambda spec: run_head_params(spec, experiment, registry),
+                      resume=None if folds is None else folds.resume,
+                      on_fold=None if folds is None else folds.keep)
     return [run_detached(item, shared, fitted.get(item[0].run_id), checkpoints) for item in group]
 
 
