@@ -468,10 +468,11 @@ def _experiment(tmp_path, data: Path, name: str, registry=None, **changes):
 
 
 #: a test optimizer plugin that gates a grid task on a Ray worker: ``adam`` whose ``build()``
-#: (called as the task's runs are compiled, before they train), when ``GatedAdam.gate`` names a
-#: folder without a ``blocked`` file, writes its process id there and waits for ``release``; a
-#: retried task finds ``blocked`` and trains. The module is pickled by value (the workers cannot
-#: import it), so the class and its ``gate`` reach them inside the registry the grid ships.
+#: (called as the task's runs are compiled, before they train: once per fold), when
+#: ``GatedAdam.gate`` names a folder without a ``blocked`` file and ``hold_after`` builds are noted
+#: there, writes its process id there and waits for ``release``; a retried task finds ``blocked``
+#: and trains. The module is pickled by value (the workers cannot import it), so the class and its
+#: ``gate`` reach them inside the registry the grid ships.
 GATED_OPTIMIZER = GATE_SOURCE + """
 from catsdogs.builtin.optimizers import AdamOptimizer
 from catsdogs.hookspecs import hookimpl
@@ -480,13 +481,16 @@ from catsdogs.hookspecs import hookimpl
 class GatedAdam(AdamOptimizer):
     name = "gated_adam"
     gate = None
+    hold_after = 0
 
     def build(self):
         if self.gate:
-            with open(Path(self.gate, "builds"), "a") as fh:
+            builds = Path(self.gate, "builds")
+            seen = len(builds.read_text().split()) if builds.exists() else 0
+            with open(builds, "a") as fh:
                 fh.write(f"{os.getpid()}\\n")
-        if self.gate and not Path(self.gate, "blocked").exists():
-            hold(self.gate)
+            if seen >= self.hold_after and not Path(self.gate, "blocked").exists():
+                hold(self.gate)
         return super().build()
 
 
@@ -644,6 +648,75 @@ def test_a_kfold_run_whose_task_is_killed_resumes_at_its_fold_on_ray(engine, dri
         a = pd.read_csv(tmp_path / "local" / "runs" / want.run_id / name)
         b = pd.read_csv(tmp_path / "ray" / "runs" / got.run_id / name)
         pd.testing.assert_frame_equal(a, b, atol=1e-9)
+    assert not (tmp_path / "ray" / FOLDS_DIR).exists()
+
+
+@pytest.mark.slow
+def test_a_kfold_group_whose_task_is_killed_resumes_at_its_fold_on_ray(engine, driver_data, tmp_path,
+                                                                       monkeypatch):
+    """The grouped grid on Ray: kill -9 of the worker in the group's third fold (held there by the
+    gated optimizer): both runs' first two folds reached the driver's disk through the mailbox,
+    the task's retry trains the group's folds 3 and 4 only, and both runs equal local ones."""
+    import pandas as pd
+
+    from catsdogs.runs.folds import FOLDS_DIR
+    from catsdogs.runs.runner import run_experiment
+
+    registry, gated = _pickled_plugin(tmp_path, monkeypatch, "raygroupfolds", GATED_OPTIMIZER)
+    fields = {"optimizers": [{"name": "gated_adam", "learning_rate": 0.01}, "adadelta"],
+              "validation": {"kfold": 4}}
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    engine.release()
+    try:
+        local = run_experiment(_experiment(tmp_path, driver_data, "local", registry, **fields),
+                               registry=registry, progress=False)
+        gated.GatedAdam.gate, gated.GatedAdam.hold_after = str(gate), 2  # held in fold 3
+        box: dict = {}
+
+        def grid() -> None:
+            try:
+                box["result"] = run_experiment(
+                    _experiment(tmp_path, driver_data, "ray", registry, engine="ray", **fields),
+                    registry=registry, progress=False)
+            except BaseException as exc:  # reported by the assertions below
+                box["error"] = exc
+
+        thread = threading.Thread(target=grid)
+        thread.start()
+        kept = []
+        try:
+            while thread.is_alive() and not (gate / "blocked").exists():  # the gate's file
+                time.sleep(0.05)
+            assert (gate / "blocked").exists(), box.get("error", "the grid never reached the gate")
+            killed = int((gate / "blocked").read_text())
+            assert killed != os.getpid()  # a Ray worker process, in the group's task
+            folds = tmp_path / "ray" / FOLDS_DIR
+            for _ in range(600):  # the driver writes what the mailbox got, once a second
+                kept = sorted(f"{p.parent.parent.name}/{p.name}" for p in folds.glob("*/*/fold-*"))
+                if len(kept) == 4:
+                    break
+                time.sleep(0.05)
+            os.kill(killed, signal.SIGKILL)
+        finally:
+            (gate / "release").touch()
+            thread.join(300)
+        assert not thread.is_alive() and "error" not in box, box.get("error")
+    finally:
+        gated.GatedAdam.gate, gated.GatedAdam.hold_after = None, 0
+        ray.cloudpickle.unregister_pickle_by_value(gated)
+    run_ids = sorted(r.run_id for r in local.records)
+    assert kept == [f"{r}/fold-{k}" for r in run_ids for k in (0, 1)], kept
+    builds = [int(pid) for pid in (gate / "builds").read_text().split()]
+    assert builds[:3] == [killed] * 3 and len(builds) == 5 and killed not in builds[3:], builds
+    got = {r.run_id: r for r in box["result"].records}
+    for want in local.records:
+        assert got[want.run_id].engine["name"] == "ray"
+        assert abs(want.metrics.logloss - got[want.run_id].metrics.logloss) <= 1e-6
+        for name in ("val_predictions.csv", "test_predictions.csv"):
+            a = pd.read_csv(tmp_path / "local" / "runs" / want.run_id / name)
+            b = pd.read_csv(tmp_path / "ray" / "runs" / want.run_id / name)
+            pd.testing.assert_frame_equal(a, b, atol=1e-6)
     assert not (tmp_path / "ray" / FOLDS_DIR).exists()
 
 
