@@ -162,7 +162,9 @@ def kill_cli_at(marker: Path, *args: str, env: dict) -> int:
 
 #: source for test plugins that hold a call at a gate: ``hold(gate)`` writes the process id to
 #: ``<gate>/blocked`` (atomically) and waits until ``<gate>/release`` appears or the test kills
-#: the process; prepend it to a plugin module's source
+#: the process; ``note_then_hold(gate, name, hold_after)`` notes the process id in ``<gate>/NAME``
+#: (one line a call) and holds the call once ``hold_after`` calls are noted, unless ``blocked``
+#: exists (a retried task trains); prepend it to a plugin module's source
 GATE_SOURCE = """
 import os
 import time
@@ -176,7 +178,22 @@ def hold(gate):
         if Path(gate, "release").exists():
             break
         time.sleep(0.05)
+
+
+def note_then_hold(gate, name, hold_after):
+    noted = Path(gate, name)
+    seen = len(noted.read_text().split()) if noted.exists() else 0
+    with open(noted, "a") as fh:
+        fh.write(f"{os.getpid()}\\n")
+    if seen >= hold_after and not Path(gate, "blocked").exists():
+        hold(gate)
 """
+
+
+def noted(gate: Path, name: str) -> list[int]:
+    """The process ids ``note_then_hold`` (:data:`GATE_SOURCE`) noted in ``<gate>/NAME``."""
+    path = gate / name
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 #: a head plugin: ``logistic`` (trained fold by fold, never in a group) that notes each fit's
 #: process id in ``<gate>/fits`` and, once the gate has seen ``hold_after`` fits, holds the next
@@ -195,12 +212,7 @@ class GatedLogistic(LogisticHead):
     def fit(self, X, y, **kwargs):
         gate = self.gate or os.environ.get("CATSDOGS_TEST_GATE")
         if gate:
-            fits = Path(gate, "fits")
-            seen = len(fits.read_text().split()) if fits.exists() else 0
-            with open(fits, "a") as fh:
-                fh.write(f"{os.getpid()}\\n")
-            if seen >= self.hold_after and not Path(gate, "blocked").exists():
-                hold(gate)
+            note_then_hold(gate, "fits", self.hold_after)
         return super().fit(X, y, **kwargs)
 
 

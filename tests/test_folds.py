@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import GATE_SOURCE, GATED_HEAD, install_fake_dist, kill_cli_at, make_kaggle
+from conftest import GATE_SOURCE, GATED_HEAD, install_fake_dist, kill_cli_at, make_kaggle, noted
 
 from catsdogs.runs.folds import FOLDS_DIR, FoldCheckpoint, FoldStore, fold_state
 
@@ -40,26 +40,35 @@ def gated(tmp_path, monkeypatch):
     module.GatedLogistic.hold_after = 2
 
 
-def _write(tmp_path, name: str, data) -> object:
+def _write(tmp_path, name: str, data, **changes) -> object:
     doc = {"weights": "none", "backbones": [{"name": "resnet50", "image_size": 32}],
            "heads": ["gated_logistic"], "optimizers": ["adam"], "validation": {"kfold": FOLDS},
            "seed": 7,
            "data": str(data), "output": str(tmp_path / f"out-{name}"),
-           "cache_dir": str(tmp_path / "cache")}
+           "cache_dir": str(tmp_path / "cache"), **changes}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
 
 def _fits(gate) -> list[int]:
-    fits = gate / "fits"
-    return [int(p) for p in fits.read_text().split()] if fits.exists() else []
+    return noted(gate, "fits")
 
 
-def _same_run(a, b) -> None:
+def _killed_at_the_gate(tmp_path, site, exp) -> tuple[object, int]:
+    """``catsdogs run EXP`` with the plugins of ``site``, killed at its gate (a new folder): the
+    gate and the killed process id."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get(
+        "PYTHONPATH")])), "CATSDOGS_TEST_GATE": str(gate), "CATSDOGS_STRICT_PLUGINS": "1"}
+    return gate, kill_cli_at(gate / "blocked", "run", str(exp), "--no-progress", env=env)
+
+
+def _same_run(a, b, run_id: str = RUN_ID) -> None:
     """Two output folders hold the same finished run: predictions, per-fold test predictions,
     the record's numbers, and a model file per fold."""
-    ra, rb = a / "runs" / RUN_ID, b / "runs" / RUN_ID
+    ra, rb = a / "runs" / run_id, b / "runs" / run_id
     for name in ("val_predictions.csv", "test_predictions.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(ra / name), pd.read_csv(rb / name))
     from catsdogs.runs.record import load_record
@@ -84,11 +93,7 @@ def test_a_killed_kfold_run_resumes_at_its_first_unfinished_fold(tmp_path, gated
     data = make_kaggle(tmp_path / "data", n_per_class=16, n_test=6)
     exp = _write(tmp_path, "k", data)
     out = tmp_path / "out-k"
-    gate = tmp_path / "gate"
-    gate.mkdir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get(
-        "PYTHONPATH")])), "CATSDOGS_TEST_GATE": str(gate), "CATSDOGS_STRICT_PLUGINS": "1"}
-    pid = kill_cli_at(gate / "blocked", "run", str(exp), "--no-progress", env=env)
+    gate, pid = _killed_at_the_gate(tmp_path, site, exp)
     assert _fits(gate) == [pid] * 3  # folds 1 and 2 trained, killed in fold 3
     assert not (out / "runs" / RUN_ID).exists()  # the run itself was never written
     kept = sorted(p.name for p in (out / FOLDS_DIR / RUN_ID).glob("*/fold-*"))
@@ -140,12 +145,7 @@ class GatedAdam(AdamOptimizer):
     def build(self):
         gate = os.environ.get("CATSDOGS_TEST_GATE")
         if gate:
-            builds = Path(gate, "builds")
-            seen = len(builds.read_text().split()) if builds.exists() else 0
-            with open(builds, "a") as fh:
-                fh.write(f"{os.getpid()}\\n")
-            if seen >= self.hold_after and not Path(gate, "blocked").exists():
-                hold(gate)
+            note_then_hold(gate, "builds", self.hold_after)
         return super().build()
 
 
@@ -155,11 +155,8 @@ def register_optimizers(register):
 """
 
 GROUP = ("resnet50__dropout_sigmoid__gated_adam", "resnet50__dropout_sigmoid__adadelta")
-
-
-def _builds(gate) -> list[int]:
-    builds = gate / "builds"
-    return [int(p) for p in builds.read_text().split()] if builds.exists() else []
+GROUPED = {"heads": ["dropout_sigmoid"], "epochs": 2, "batch_size": 16,
+           "optimizers": [{"name": "gated_adam", "learning_rate": 0.01}, "adadelta"]}
 
 
 @pytest.mark.slow
@@ -178,24 +175,9 @@ def test_a_killed_group_resumes_at_its_first_unfinished_fold(tmp_path, monkeypat
     monkeypatch.syspath_prepend(str(site))
     registry = Registry().load(strict=True)
     data = make_kaggle(tmp_path / "data", n_per_class=16, n_test=6)
-
-    def write(name):
-        doc = {"weights": "none", "backbones": [{"name": "resnet50", "image_size": 32}],
-               "heads": ["dropout_sigmoid"], "validation": {"kfold": FOLDS},
-               "optimizers": [{"name": "gated_adam", "learning_rate": 0.01}, "adadelta"],
-               "epochs": 2, "batch_size": 16, "seed": 7, "data": str(data),
-               "output": str(tmp_path / f"out-{name}"), "cache_dir": str(tmp_path / "cache")}
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(doc, sort_keys=False))
-        return path
-
-    exp, out = write("g"), tmp_path / "out-g"
-    gate = tmp_path / "gate"
-    gate.mkdir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get(
-        "PYTHONPATH")])), "CATSDOGS_TEST_GATE": str(gate), "CATSDOGS_STRICT_PLUGINS": "1"}
-    pid = kill_cli_at(gate / "blocked", "run", str(exp), "--no-progress", env=env)
-    assert _builds(gate) == [pid] * 3  # folds 1 and 2 trained, killed in fold 3
+    exp, out = _write(tmp_path, "g", data, **GROUPED), tmp_path / "out-g"
+    gate, pid = _killed_at_the_gate(tmp_path, site, exp)
+    assert noted(gate, "builds") == [pid] * 3  # folds 1 and 2 trained, killed in fold 3
     assert not (out / "runs").exists() or not list((out / "runs").glob("*/record.json"))
     for run_id in GROUP:  # both runs of the group: they are trained together
         kept = sorted(p.name for p in (out / FOLDS_DIR / run_id).glob("*/fold-*"))
@@ -207,21 +189,14 @@ def test_a_killed_group_resumes_at_its_first_unfinished_fold(tmp_path, monkeypat
     result = run_experiment(load_experiment(exp, registry=registry), registry=registry,
                             progress=False)
     assert (result.computed, result.reused) == (2, 0)
-    assert _builds(resumed) == [os.getpid()] * 2  # the group's folds 3 and 4 only
+    assert noted(resumed, "builds") == [os.getpid()] * 2  # the group's folds 3 and 4 only
     assert not (out / FOLDS_DIR).exists()  # the runs are written: their folds are gone
 
     monkeypatch.delenv("CATSDOGS_TEST_GATE")
-    clean = run_experiment(load_experiment(write("clean"), registry=registry), registry=registry,
-                           progress=False)
-    from catsdogs.runs.record import load_record
-
+    clean = run_experiment(load_experiment(_write(tmp_path, "clean", data, **GROUPED),
+                                           registry=registry), registry=registry, progress=False)
     for run_id in GROUP:
-        ra, rb = out / "runs" / run_id, clean.out_dir / "runs" / run_id
-        for name in ("val_predictions.csv", "test_predictions.csv"):
-            pd.testing.assert_frame_equal(pd.read_csv(ra / name), pd.read_csv(rb / name))
-        one, two = load_record(ra), load_record(rb)
-        assert one.metrics == two.metrics and one.history == two.history
-        assert len(list(ra.glob("head*.keras"))) == FOLDS
+        _same_run(out, clean.out_dir, run_id)
     assert (out / "submission.csv").read_bytes() == (clean.out_dir / "submission.csv").read_bytes()
 
 

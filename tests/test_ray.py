@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -485,12 +486,7 @@ class GatedAdam(AdamOptimizer):
 
     def build(self):
         if self.gate:
-            builds = Path(self.gate, "builds")
-            seen = len(builds.read_text().split()) if builds.exists() else 0
-            with open(builds, "a") as fh:
-                fh.write(f"{os.getpid()}\\n")
-            if seen >= self.hold_after and not Path(self.gate, "blocked").exists():
-                hold(self.gate)
+            note_then_hold(self.gate, "builds", self.hold_after)
         return super().build()
 
 
@@ -583,141 +579,106 @@ def test_grid_on_ray_equals_local_survives_a_killed_task_and_is_reused(engine, d
     assert (again.computed, again.reused) == (0, 2)
 
 
-@pytest.mark.slow
-def test_a_kfold_run_whose_task_is_killed_resumes_at_its_fold_on_ray(engine, driver_data, tmp_path,
-                                                                     monkeypatch):
-    """kill -9 of the worker process in a k-fold run's third fold (held there by the gated head):
-    the folds it finished were written to the driver's disk while it trained (through the
-    call's mailbox actor), the task's retry on Ray trains the third and fourth folds only, and
-    the run equals the run trained locally in one go."""
-
-    import pandas as pd
-    from conftest import GATED_HEAD
-
+def _ray_grid_killed_in_its_fold(tmp_path, driver_data, registry, gate, fields: dict,
+                                 folds_kept: int) -> tuple[Any, int, list[str]]:
+    """The grid of ``fields`` on Ray in a thread; once its task is held at ``gate`` (a test
+    plugin's, see :data:`GATED_OPTIMIZER`) and the driver has written ``folds_kept`` fold folders
+    (it writes what the call's mailbox got once a second), ``kill -9`` of that worker; then the
+    gate is released. The grid's result (retried by Ray), the killed process id and the fold
+    folders kept before the kill (``RUN_ID/fold-K``)."""
     from catsdogs.runs.folds import FOLDS_DIR
     from catsdogs.runs.runner import run_experiment
 
-    registry, gated = _pickled_plugin(tmp_path, monkeypatch, "rayfolds", GATED_HEAD)
-    fields = {"heads": ["gated_logistic"], "validation": {"kfold": 4}}
-    gate = tmp_path / "gate"
-    gate.mkdir()
-    engine.release()
-    try:
-        local = run_experiment(_experiment(tmp_path, driver_data, "local", registry, **fields),
-                               registry=registry, progress=False)
-        gated.GatedLogistic.gate = str(gate)  # from here on (the Ray grid's registry is pickled after)
-        box: dict = {}
+    box: dict = {}
 
-        def grid() -> None:
-            try:
-                box["result"] = run_experiment(
-                    _experiment(tmp_path, driver_data, "ray", registry, engine="ray", **fields),
-                    registry=registry, progress=False)
-            except BaseException as exc:  # reported by the assertions below
-                box["error"] = exc
-
-        thread = threading.Thread(target=grid)
-        thread.start()
-        kept = []
+    def grid() -> None:
         try:
-            while thread.is_alive() and not (gate / "blocked").exists():  # the gate's file
-                time.sleep(0.05)
-            assert (gate / "blocked").exists(), box.get("error", "the run never reached the gate")
-            killed = int((gate / "blocked").read_text())
-            assert killed != os.getpid()  # a Ray worker process, in the run's task
-            folds = tmp_path / "ray" / FOLDS_DIR
-            for _ in range(600):  # the driver writes what the mailbox got, once a second
-                kept = sorted(p.name for p in folds.glob("*/*/fold-*"))
-                if len(kept) == 2:
-                    break
-                time.sleep(0.05)
-            os.kill(killed, signal.SIGKILL)
-        finally:
-            (gate / "release").touch()
-            thread.join(300)
-        assert kept == ["fold-0", "fold-1"], kept
-        assert not thread.is_alive() and "error" not in box, box.get("error")
+            box["result"] = run_experiment(
+                _experiment(tmp_path, driver_data, "ray", registry, engine="ray", **fields),
+                registry=registry, progress=False)
+        except BaseException as exc:  # reported by the assertions below
+            box["error"] = exc
+
+    thread = threading.Thread(target=grid)
+    thread.start()
+    kept: list[str] = []
+    try:
+        while thread.is_alive() and not (gate / "blocked").exists():  # the gate's file
+            time.sleep(0.05)
+        assert (gate / "blocked").exists(), box.get("error", "the grid never reached the gate")
+        killed = int((gate / "blocked").read_text())
+        assert killed != os.getpid()  # a Ray worker process, in the grid's task
+        folds = tmp_path / "ray" / FOLDS_DIR
+        for _ in range(600):  # an event: the fold folders on the driver's disk
+            kept = sorted(f"{p.parent.parent.name}/{p.name}" for p in folds.glob("*/*/fold-*"))
+            if len(kept) == folds_kept:
+                break
+            time.sleep(0.05)
+        os.kill(killed, signal.SIGKILL)
     finally:
-        gated.GatedLogistic.gate = None
-        ray.cloudpickle.unregister_pickle_by_value(gated)
-    fits = [int(pid) for pid in (gate / "fits").read_text().split()]
-    assert fits[:3] == [killed] * 3 and len(fits) == 5 and killed not in fits[3:], fits
-    (want,), (got,) = local.records, box["result"].records
-    assert got.engine["name"] == "ray" and abs(want.metrics.logloss - got.metrics.logloss) <= 1e-9
-    for name in ("val_predictions.csv", "test_predictions.csv"):
-        a = pd.read_csv(tmp_path / "local" / "runs" / want.run_id / name)
-        b = pd.read_csv(tmp_path / "ray" / "runs" / got.run_id / name)
-        pd.testing.assert_frame_equal(a, b, atol=1e-9)
-    assert not (tmp_path / "ray" / FOLDS_DIR).exists()
+        (gate / "release").touch()
+        thread.join(300)
+    assert not thread.is_alive() and "error" not in box, box.get("error")
+    assert not (tmp_path / "ray" / FOLDS_DIR).exists()  # the runs are written: their folds gone
+    return box["result"], killed, kept
 
 
-@pytest.mark.slow
-def test_a_kfold_group_whose_task_is_killed_resumes_at_its_fold_on_ray(engine, driver_data, tmp_path,
-                                                                       monkeypatch):
-    """The grouped grid on Ray: kill -9 of the worker in the group's third fold (held there by the
-    gated optimizer): both runs' first two folds reached the driver's disk through the mailbox,
-    the task's retry trains the group's folds 3 and 4 only, and both runs equal local ones."""
+def _same_as_local(tmp_path, local, on_ray, tol: float) -> None:
+    """Each run of ``local`` equals its twin trained on Ray: log loss and predictions."""
     import pandas as pd
 
-    from catsdogs.runs.folds import FOLDS_DIR
-    from catsdogs.runs.runner import run_experiment
-
-    registry, gated = _pickled_plugin(tmp_path, monkeypatch, "raygroupfolds", GATED_OPTIMIZER)
-    fields = {"optimizers": [{"name": "gated_adam", "learning_rate": 0.01}, "adadelta"],
-              "validation": {"kfold": 4}}
-    gate = tmp_path / "gate"
-    gate.mkdir()
-    engine.release()
-    try:
-        local = run_experiment(_experiment(tmp_path, driver_data, "local", registry, **fields),
-                               registry=registry, progress=False)
-        gated.GatedAdam.gate, gated.GatedAdam.hold_after = str(gate), 2  # held in fold 3
-        box: dict = {}
-
-        def grid() -> None:
-            try:
-                box["result"] = run_experiment(
-                    _experiment(tmp_path, driver_data, "ray", registry, engine="ray", **fields),
-                    registry=registry, progress=False)
-            except BaseException as exc:  # reported by the assertions below
-                box["error"] = exc
-
-        thread = threading.Thread(target=grid)
-        thread.start()
-        kept = []
-        try:
-            while thread.is_alive() and not (gate / "blocked").exists():  # the gate's file
-                time.sleep(0.05)
-            assert (gate / "blocked").exists(), box.get("error", "the grid never reached the gate")
-            killed = int((gate / "blocked").read_text())
-            assert killed != os.getpid()  # a Ray worker process, in the group's task
-            folds = tmp_path / "ray" / FOLDS_DIR
-            for _ in range(600):  # the driver writes what the mailbox got, once a second
-                kept = sorted(f"{p.parent.parent.name}/{p.name}" for p in folds.glob("*/*/fold-*"))
-                if len(kept) == 4:
-                    break
-                time.sleep(0.05)
-            os.kill(killed, signal.SIGKILL)
-        finally:
-            (gate / "release").touch()
-            thread.join(300)
-        assert not thread.is_alive() and "error" not in box, box.get("error")
-    finally:
-        gated.GatedAdam.gate, gated.GatedAdam.hold_after = None, 0
-        ray.cloudpickle.unregister_pickle_by_value(gated)
-    run_ids = sorted(r.run_id for r in local.records)
-    assert kept == [f"{r}/fold-{k}" for r in run_ids for k in (0, 1)], kept
-    builds = [int(pid) for pid in (gate / "builds").read_text().split()]
-    assert builds[:3] == [killed] * 3 and len(builds) == 5 and killed not in builds[3:], builds
-    got = {r.run_id: r for r in box["result"].records}
+    got = {r.run_id: r for r in on_ray.records}
+    assert got.keys() == {r.run_id for r in local.records}
     for want in local.records:
         assert got[want.run_id].engine["name"] == "ray"
-        assert abs(want.metrics.logloss - got[want.run_id].metrics.logloss) <= 1e-6
+        assert abs(want.metrics.logloss - got[want.run_id].metrics.logloss) <= tol
         for name in ("val_predictions.csv", "test_predictions.csv"):
             a = pd.read_csv(tmp_path / "local" / "runs" / want.run_id / name)
             b = pd.read_csv(tmp_path / "ray" / "runs" / want.run_id / name)
-            pd.testing.assert_frame_equal(a, b, atol=1e-6)
-    assert not (tmp_path / "ray" / FOLDS_DIR).exists()
+            pd.testing.assert_frame_equal(a, b, atol=tol)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trained", ["alone", "in a group"])
+def test_a_kfold_task_killed_in_its_third_fold_resumes_there_on_ray(engine, driver_data, tmp_path,
+                                                                   monkeypatch, trained):
+    """kill -9 of the worker process in the third fold of a k-fold run trained alone (held there
+    by the gated head) or of a group of two runs (by the gated optimizer, built once a fold): the
+    folds finished were written to the driver's disk while it trained (through the call's mailbox
+    actor), for every run of the group; the task's retry on Ray trains the third and fourth folds
+    only, and the runs equal those trained locally in one go."""
+    from conftest import GATED_HEAD, noted
+
+    from catsdogs.runs.runner import run_experiment
+
+    if trained == "alone":
+        plugin, source, name, noted_in, tol = "rayfolds", GATED_HEAD, "GatedLogistic", "fits", 1e-9
+        fields: dict = {"heads": ["gated_logistic"], "validation": {"kfold": 4}}
+    else:
+        plugin, source, name, noted_in, tol = "raygroupfolds", GATED_OPTIMIZER, "GatedAdam", "builds", 1e-6
+        fields = {"optimizers": [{"name": "gated_adam", "learning_rate": 0.01}, "adadelta"],
+                  "validation": {"kfold": 4}}
+    registry, module = _pickled_plugin(tmp_path, monkeypatch, plugin, source)
+    gated = getattr(module, name)
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    engine.release()
+    try:
+        local = run_experiment(_experiment(tmp_path, driver_data, "local", registry, **fields),
+                               registry=registry, progress=False)
+        run_ids = sorted(r.run_id for r in local.records)
+        # from here on (the Ray grid's registry is pickled after): held in the third fold
+        gated.gate, gated.hold_after = str(gate), 2
+        on_ray, killed, kept = _ray_grid_killed_in_its_fold(tmp_path, driver_data, registry, gate,
+                                                            fields, 2 * len(run_ids))
+    finally:
+        gated.gate, gated.hold_after = None, (2 if trained == "alone" else 0)
+        ray.cloudpickle.unregister_pickle_by_value(module)
+    assert len(run_ids) == (1 if trained == "alone" else 2)
+    assert kept == [f"{r}/fold-{k}" for r in run_ids for k in (0, 1)], kept
+    calls = noted(gate, noted_in)
+    assert calls[:3] == [killed] * 3 and len(calls) == 5 and killed not in calls[3:], calls
+    _same_as_local(tmp_path, local, on_ray, tol)
 
 
 def test_unreachable_address_is_one_clear_error(tmp_path, driver_data):
