@@ -140,11 +140,12 @@ PROBED = textwrap.dedent("""
 """)
 
 
-def _at_the_cli_level(script: str) -> subprocess.CompletedProcess:
-    """``script`` run by a new Python at the CLI's ``TF_CPP_MIN_LOG_LEVEL`` (2); it must succeed."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                          timeout=300)
+def _at_the_cli_level(script: str, *args: str, level: str = "2") -> subprocess.CompletedProcess:
+    """``script`` (with ``args``) run by a new Python at ``TF_CPP_MIN_LOG_LEVEL`` ``level`` (the
+    CLI's, 2, unless given); it must succeed."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": level}
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                          env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -252,10 +253,7 @@ def tiny_tflite(tmp_path_factory):
 def test_litert_xnnpack_notice_is_held_to_the_level(tiny_tflite, level, shown):
     """LiteRT prints its XNNPACK line when the interpreter is allocated, whatever the level
     says; a TFLite export's runner holds it like TensorFlow's own INFO lines."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": level}
-    proc = subprocess.run([sys.executable, "-c", LITERT, str(tiny_tflite)], capture_output=True,
-                          text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _at_the_cli_level(LITERT, str(tiny_tflite), level=level)
     assert "'p'" in proc.stdout  # the model ran
     assert (LITE_LINE in proc.stderr) is shown, proc.stderr
     assert (f"tensorflow: {LITE_LINE}" in proc.stdout) is not shown, proc.stdout

@@ -327,11 +327,10 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
 
     from catsdogs.evaluation.metrics import summarize
     from catsdogs.evaluation.plots import plot_history
+    from catsdogs.runs.folds import FoldCheckpoint
     from catsdogs.util.progress import fold_step
 
     t0 = time.perf_counter()
-    from catsdogs.runs.folds import FoldCheckpoint
-
     # grouped runs come with their predictions (or their folds kept by an earlier try of the
     # group): no need to fuse (copy) the combination's columns
     predicted = bool(fitted) and all(isinstance(f, FoldCheckpoint) or f.val is not None
@@ -498,29 +497,31 @@ class _GroupFolds:
     given back instead of being trained again (:mod:`catsdogs.runs.folds`)."""
 
     def __init__(self, group: list[tuple[RunSpec, dict[str, Any]]], shared: tuple, checkpoints):
-        self.runs = {spec.run_id: (spec, _short_hash(settings, 16)) for spec, settings in group}
-        self.shared, self.checkpoints = shared, checkpoints
+        experiment, _, _, registry = shared
+        # run id -> its settings hash (the fold store's key), head parameters and learning rate
+        self.runs = {spec.run_id: (_short_hash(settings, 16),
+                                   run_head_params(spec, experiment, registry),
+                                   spec.optimizer.learning_rate if spec.optimizer else None)
+                     for spec, settings in group}
+        self.checkpoints = checkpoints
 
     def resume(self, fold: int, run_ids: list[str]) -> dict[str, Any] | None:
-        kept = {run_id: self.checkpoints.get((run_id, self.runs[run_id][1], fold))
+        kept = {run_id: self.checkpoints.get((run_id, self.runs[run_id][0], fold))
                 for run_id in run_ids}
         return kept if all(v is not None for v in kept.values()) else None
 
     def keep(self, fold: int, trained: dict[str, Any]) -> None:
         import tempfile
 
-        experiment, _, _, registry = self.shared
         for run_id, group_fit in trained.items():
-            spec, settings_hash = self.runs[run_id]
+            settings_hash, params, learning_rate = self.runs[run_id]
             t0 = time.perf_counter()
             arrays = {"val": np.asarray(group_fit.val)}
             if group_fit.test is not None:
                 arrays["test"] = np.asarray(group_fit.test)
             with tempfile.TemporaryDirectory(prefix="catsdogs-fold-") as scratch:
-                done = _fold_checkpoint(
-                    fold, group_fit.head, arrays, run_head_params(spec, experiment, registry),
-                    spec.optimizer.learning_rate if spec.optimizer else None, None, t0,
-                    Path(scratch), keep=True)
+                done = _fold_checkpoint(fold, group_fit.head, arrays, params, learning_rate, None,
+                                        t0, Path(scratch), keep=True)
             self.checkpoints.put((run_id, settings_hash, fold), done)
 
 
