@@ -200,6 +200,42 @@ def test_a_killed_group_resumes_at_its_first_unfinished_fold(tmp_path, monkeypat
     assert (out / "submission.csv").read_bytes() == (clean.out_dir / "submission.csv").read_bytes()
 
 
+def test_a_grouped_fold_is_serialised_once(tmp_path, monkeypatch, caplog):
+    """A fold the group trains is checkpointed as it is trained, and the run writes its model
+    files from that checkpoint's bytes: each fold head is serialised once, not once for the fold
+    store and again for the run folder. Those folds are this try's, not resumed ones: no run says
+    it took a fold from a stopped try."""
+    import keras
+
+    from catsdogs.experiment.spec import load_experiment
+    from catsdogs.plugins import Registry
+    from catsdogs.runs.runner import run_experiment
+
+    saves: list[str] = []
+    original = keras.Model.save
+
+    def counted(model, filepath, *args, **kwargs):
+        saves.append(os.path.basename(str(filepath)))
+        return original(model, filepath, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "save", counted)
+    registry = Registry().load(strict=True)
+    data = make_kaggle(tmp_path / "data", n_per_class=12, n_test=4)
+    grid = {**GROUPED, "optimizers": [{"name": "adam", "learning_rate": 0.01}, "adadelta"]}
+    caplog.set_level(logging.INFO, logger="catsdogs")
+    result = run_experiment(load_experiment(_write(tmp_path, "once", data, **grid),
+                                            registry=registry), registry=registry, progress=False)
+    assert result.computed == 2
+    assert not [r for r in caplog.records if "kept from a try" in r.getMessage()]
+    names = ["head.keras"] + [f"head-fold{k}.keras" for k in range(1, FOLDS)]
+    assert sorted(saves) == sorted(names * 2)  # two runs, one save per fold head
+    for record in result.records:
+        run_dir = result.out_dir / "runs" / record.run_id
+        assert sorted(p.name for p in run_dir.glob("head*.keras")) == sorted(names)
+        for name in names:
+            assert keras.models.load_model(run_dir / name).count_params() > 0
+
+
 def test_a_folds_state_names_every_key():
     state = fold_state(1.5, history={}, tuning=None, params={}, learning_rate=None,
                        refit_params=None)

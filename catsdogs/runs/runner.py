@@ -315,14 +315,17 @@ def _predict_run(head, combination, split, rows, tta: bool, otherwise) -> np.nda
 # ------------------------------------------------------------------------------------ one run
 def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits, registry,
                  settings: dict[str, Any], run_dir: Path, fitted: list | None = None,
-                 checkpoints=None) -> RunRecord:
+                 checkpoints=None, saved: dict | None = None) -> RunRecord:
     """One run: tune, fit per fold (or take ``fitted``, its heads per fold already trained by
     :func:`catsdogs.runs.multifit.fit_grid`, or a fold that grid kept from an earlier try of the
     group), predict, score and write its files to ``run_dir``.
 
     ``checkpoints`` (a :class:`catsdogs.runs.folds.FoldStore`, or what the engine gives a task to
     reach it): a k-fold run trained fold by fold keeps each finished fold there, and takes a fold
-    kept by a killed try of the same run (same settings hash) instead of training it."""
+    kept by a killed try of the same run (same settings hash) instead of training it. ``saved``
+    (fold -> :class:`~catsdogs.runs.folds.FoldCheckpoint`): folds of ``fitted`` that the group
+    already checkpointed as it trained them (:class:`_GroupFolds`); their model files are written
+    from those bytes, not serialised a second time."""
     import pandas as pd
 
     from catsdogs.evaluation.metrics import summarize
@@ -357,8 +360,11 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
         group = fitted[fold] if fitted else None
         kept = checkpoints is not None and group is None and len(splits) > 1
         done: FoldCheckpoint | None
+        fresh = False  # trained by this try's group, and checkpointed as it was
         if isinstance(group, FoldCheckpoint):  # the group's fold, kept by an earlier try
             done = group
+        elif saved and fold in saved:
+            done, fresh = saved[fold], True
         else:
             done = checkpoints.get((spec.run_id, settings_hash, fold)) if kept else None
         if done is None:
@@ -370,8 +376,9 @@ def _execute_run(spec: RunSpec, experiment: Experiment, aligned: Aligned, splits
             if kept:
                 checkpoints.put((spec.run_id, settings_hash, fold), done)
         else:
-            resumed.append(fold + 1)
-            kept_seconds += float(done.state.get("seconds", 0.0))  # its try's time
+            if not fresh:
+                resumed.append(fold + 1)
+                kept_seconds += float(done.state.get("seconds", 0.0))  # its try's time
             for name, data in done.files.items():
                 (run_dir / name).write_bytes(data)
         state = done.state
@@ -494,7 +501,8 @@ class _GroupFolds:
     """Fold checkpoints of the runs of one group (:func:`run_group`), for
     :func:`~catsdogs.runs.multifit.fit_grid`: each trained fold is put into ``checkpoints`` per
     run as soon as the group has predicted it, and a fold kept for every run of the group is
-    given back instead of being trained again (:mod:`catsdogs.runs.folds`)."""
+    given back instead of being trained again (:mod:`catsdogs.runs.folds`). ``saved``: run id ->
+    fold -> the checkpoint made of it in this try, which the run then writes its files from."""
 
     def __init__(self, group: list[tuple[RunSpec, dict[str, Any]]], shared: tuple, checkpoints):
         experiment, _, _, registry = shared
@@ -504,6 +512,7 @@ class _GroupFolds:
                                    spec.optimizer.learning_rate if spec.optimizer else None)
                      for spec, settings in group}
         self.checkpoints = checkpoints
+        self.saved: dict[str, dict[int, Any]] = {run_id: {} for run_id in self.runs}
 
     def resume(self, fold: int, run_ids: list[str]) -> dict[str, Any] | None:
         kept = {run_id: self.checkpoints.get((run_id, self.runs[run_id][0], fold))
@@ -523,6 +532,7 @@ class _GroupFolds:
                 done = _fold_checkpoint(fold, group_fit.head, arrays, params, learning_rate, None,
                                         t0, Path(scratch), keep=True)
             self.checkpoints.put((run_id, settings_hash, fold), done)
+            self.saved[run_id][fold] = done
 
 
 def _tune_fold(head_cls, params: dict[str, Any], learning_rate: float | None, opt_cls, train,
@@ -872,13 +882,14 @@ def run_group(group: list[tuple[RunSpec, dict[str, Any]]], shared: tuple, checkp
                       params=lambda spec: run_head_params(spec, experiment, registry),
                       resume=None if folds is None else folds.resume,
                       on_fold=None if folds is None else folds.keep)
-    return [run_detached(item, shared, fitted.get(item[0].run_id), checkpoints) for item in group]
+    return [run_detached(item, shared, fitted.get(item[0].run_id), checkpoints,
+                         None if folds is None else folds.saved[item[0].run_id]) for item in group]
 
 
 def run_detached(item: tuple[RunSpec, dict[str, Any]], shared: tuple, fitted: list | None = None,
-                 checkpoints=None) -> tuple[RunRecord, dict[str, bytes]]:
+                 checkpoints=None, saved: dict | None = None) -> tuple[RunRecord, dict[str, bytes]]:
     """One run in a scratch directory: its record and its files' bytes (``fitted``: its heads
-    trained in a group; ``checkpoints``: see :func:`_execute_run`). ``shared`` is
+    trained in a group; ``checkpoints``, ``saved``: see :func:`_execute_run`). ``shared`` is
     ``(experiment, aligned, splits, registry)``."""
     import tempfile
 
@@ -886,7 +897,7 @@ def run_detached(item: tuple[RunSpec, dict[str, Any]], shared: tuple, fitted: li
     experiment, aligned, splits, registry = shared
     with tempfile.TemporaryDirectory(prefix="catsdogs-run-") as scratch:
         record = _execute_run(spec, experiment, aligned, splits, registry, settings, Path(scratch),
-                              fitted, checkpoints)
+                              fitted, checkpoints, saved)
         files = {p.name: p.read_bytes() for p in Path(scratch).iterdir() if p.is_file()}
     return record, files
 
