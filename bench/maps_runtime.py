@@ -11,9 +11,8 @@ float32 extraction of the whole networks.
 The two arms run on the same decoded photos, alternately (TF, OV, OV, TF, TF, OV for three
 rounds), so a machine busy with other work slows both alike; each arm's process CPU time
 (``time.process_time``: every thread of this process) is summed over the rounds. The OpenVINO arm
-is the bottom converted the way ``runtime: openvino`` converts a feature model
-(:func:`catsdogs.features.int8._uint8_function`, ``INFERENCE_PRECISION_HINT`` f32), cast to
-float16 as the cache stores maps.
+is the bottom run by :class:`catsdogs.features.int8.Float32FeatureModel`, which runs
+``runtime: openvino``'s float32 features, cast to float16 as the cache stores maps.
 
 Usage::
 
@@ -22,7 +21,7 @@ Usage::
 
 ``--photos`` is a folder of JPEGs searched recursively (default: the PetImages photos of
 ``bench/quality.py`` when they are at ``/work/data/PetImages``, else the shared mini set's
-``train``); the first ``--n`` readable ones are used, half from each of the first two sub-folders
+``train``); the first ``--n`` are used (unreadable ones left out), half from each of the first two sub-folders
 when there are two (``Cat``, ``Dog``).
 """
 
@@ -42,25 +41,18 @@ DEFAULT_PHOTOS = (Path("/work/data/PetImages"),
 
 
 def _photos(root: Path, n: int, size: int) -> np.ndarray:
-    from catsdogs.dataset.images import ImageDecodeError, load_image
+    """The first ``n`` photos under ``root`` (half from each of its first two folders when it has
+    two), decoded and resized as extraction does; unreadable ones are left out."""
+    from catsdogs.features.int8 import decode_calibration
 
     folders = sorted(p for p in root.iterdir() if p.is_dir())
     pools = [sorted(f.rglob("*.jpg")) for f in folders[:2]] if len(folders) >= 2 else \
         [sorted(root.rglob("*.jpg"))]
-    images = []
-    for pool in pools:
-        taken = 0
-        for path in pool:
-            if taken == n // len(pools):
-                break
-            try:
-                images.append(load_image(path, size, "squash"))
-                taken += 1
-            except (ImageDecodeError, OSError):
-                continue
-    if not images:
+    images = decode_calibration([p for pool in pools for p in pool[:n // len(pools)]], size,
+                                "squash")
+    if not len(images):
         sys.exit(f"no readable JPEG under {root}: pass --photos DIR")
-    return np.stack(images)
+    return images
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -75,9 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    import openvino as ov
-
-    from catsdogs.features.int8 import _uint8_function, engine_output
+    from catsdogs.features.int8 import Float32FeatureModel
     from catsdogs.features.maps import MapsModel
     from catsdogs.plugins import Registry
 
@@ -88,16 +78,11 @@ def main(argv: list[str] | None = None) -> dict:
     backbone = Registry().load().backbone(args.backbone)
     tf_maps = MapsModel(backbone, "imagenet", args.image_size, args.blocks, args.batch_size)
     bottom, _ = backbone.split_top("imagenet", args.image_size, blocks=args.blocks)
-    with engine_output(False):
-        converted = ov.convert_model(_uint8_function(bottom, args.image_size))
-    compiled = ov.Core().compile_model(converted, "CPU", {"PERFORMANCE_HINT": "LATENCY",
-                                                          "INFERENCE_PRECISION_HINT": "f32"})
+    ov_bottom = Float32FeatureModel(bottom, args.image_size, args.batch_size)
     step = args.batch_size
 
     def ov_maps(images: np.ndarray) -> np.ndarray:
-        out = [np.asarray(compiled(np.ascontiguousarray(images[s:s + step]))[0], np.float32)
-               for s in range(0, len(images), step)]
-        return np.concatenate([o.reshape(len(o), -1) for o in out]).astype(np.float16)
+        return ov_bottom(images).reshape(len(images), -1).astype(np.float16)
 
     arms = {"tensorflow": tf_maps, "openvino": ov_maps}
     for call in arms.values():  # compile and warm up outside the timing
