@@ -763,3 +763,116 @@ def test_a_run_predicted_from_openvino_float32_exports_its_submission(plugin_sit
     assert json.loads(proc.stdout)["parity_with_run"] is True
     np.testing.assert_allclose(predict_photos(export, photos, "tflite").sort_index(), submitted,
                                atol=1e-5)
+
+
+@pytest.fixture
+def split_env(tmp_path_factory):
+    """A generated data set with the tiny split-capable network registered (its maps feed the
+    ``finetune`` head)."""
+    from export_fixtures import tiny_env
+
+    from catsdogs.testing import TinyTopSplit
+
+    with tiny_env(tmp_path_factory, "maps-runtime", [TinyTopSplit()]) as env:
+        yield env
+
+
+def test_maps_by_openvino_are_tensorflows_to_float16_round_off_and_keyed_apart(split_env):
+    """``maps_runtime: openvino``: the bottom converted and run by OpenVINO in float32 gives
+    TensorFlow's float16 maps but for round-off, cached in their own folder under their own key;
+    TensorFlow's key is the one it had before the choice existed (its caches stay valid), and a
+    second call computes nothing."""
+    _engine()
+    import hashlib
+    from dataclasses import asdict
+
+    from catsdogs.features.maps import MAPS_FORMAT, cache_maps
+    from catsdogs.testing import TinyTopSplit
+
+    cache = split_env["root"] / "cache"
+    common = {"weights": "none", "cache_dir": cache, "batch_size": 8}
+    tf_maps = cache_maps(split_env["data"], TinyTopSplit.name, **common)
+    ov_maps = cache_maps(split_env["data"], TinyTopSplit.name, runtime="openvino", **common)
+    assert (tf_maps.config.runtime, ov_maps.config.runtime) == ("tensorflow", "openvino")
+    assert ov_maps.path != tf_maps.path and "-maps1-openvino-" in ov_maps.path.name
+    assert ov_maps.config.key != tf_maps.config.key and ov_maps.computed == tf_maps.computed == 40
+    before = {k: v for k, v in asdict(tf_maps.config).items() if k != "runtime"}
+    blob = json.dumps({**before, "kind": "maps", "dtype": "float16", "format": MAPS_FORMAT},
+                      sort_keys=True)
+    assert tf_maps.config.key == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    for a, b in ((tf_maps.train, ov_maps.train), (tf_maps.test, ov_maps.test)):
+        assert a.files == b.files and b.X.dtype == np.float16 and b.X.shape == a.X.shape
+        np.testing.assert_allclose(b.X.astype(np.float32), a.X.astype(np.float32), atol=2e-3)
+        assert np.mean(a.X == b.X) > 0.9  # the same float16 values, but for round-off
+    again = cache_maps(split_env["data"], TinyTopSplit.name, runtime="openvino", **common)
+    assert again.path == ov_maps.path and again.computed == 0
+    np.testing.assert_array_equal(again.train.X, ov_maps.train.X)
+
+
+def test_a_finetune_run_on_openvino_maps_exports_its_submission(split_env):
+    """A ``finetune`` run trained and predicted on maps computed by OpenVINO (``maps_runtime:
+    openvino``) is a run of its own (its settings name the OpenVINO maps); its run directory and
+    its Keras and TFLite exports (TensorFlow's bottom, then the fine-tuned top) predict its
+    submission."""
+    _engine()
+    import pandas as pd
+    from export_fixtures import predict_photos, tiny_experiment
+
+    from catsdogs.app.export import export_run
+    from catsdogs.features.maps import maps_config
+    from catsdogs.runs.runner import run_experiment
+    from catsdogs.testing import TinyTopSplit
+
+    root, data = split_env["root"], split_env["data"]
+    fields = {"backbones": [TinyTopSplit.name], "heads": ["finetune"], "validation": {"kfold": 3}}
+    (tf_run,) = run_experiment(tiny_experiment(root, data, "tf", **fields), progress=False).records
+    result = run_experiment(tiny_experiment(root, data, "ov", maps_runtime="openvino", **fields),
+                            progress=False)
+    (record,) = result.records
+    ov_key = maps_config(TinyTopSplit(), "none", None, 1, "squash", "openvino").key
+    assert record.settings["maps"] == {f"{TinyTopSplit.name}/maps1": ov_key}
+    assert tf_run.settings["maps"] != record.settings["maps"]
+    assert len(list((root / "cache").rglob("*-maps1-openvino-*/chunk-*.npz"))) >= 1
+    submitted = pd.read_csv(result.out_dir / "submission.csv").set_index("id")["label"].sort_index()
+    photos = sorted((data / "test").glob("*.jpg"))
+    run_dir = result.out_dir / "runs" / record.run_id
+    export_run(run_dir, ["keras", "tflite"], result.out_dir / "export", neither=False)
+    for model, backend in ((run_dir, "auto"), (result.out_dir / "export", "keras"),
+                           (result.out_dir / "export", "tflite")):
+        got = predict_photos(model, photos, backend).sort_index()
+        assert np.abs(got.to_numpy() - submitted.to_numpy()).max() <= 1e-3, (model, backend)
+
+
+BLOCK_ENGINE_RUN = '''
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("openvino", "nncf"):
+            raise ImportError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+from catsdogs.experiment.spec import load_experiment
+from catsdogs.plugins import get_registry
+from catsdogs.runs.runner import run_experiment
+from catsdogs.testing import TinyTopSplit
+with get_registry().temporarily("backbones", TinyTopSplit(), "tests"):
+    run_experiment(load_experiment(sys.argv[1]), progress=False)
+'''
+
+
+def test_maps_by_openvino_without_it_is_one_clear_error_before_extraction(tmp_path):
+    """Runs in every env: with OpenVINO unimportable, an experiment whose fine-tune maps are to be
+    computed by it fails at once, naming the field and the extra, before any feature is
+    extracted."""
+    from catsdogs.testing import TinyTopSplit
+
+    data = make_kaggle(tmp_path / "data", n_per_class=4, n_test=2)
+    doc = {"data": str(data), "output": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache"),
+           "weights": "none", "maps_runtime": "openvino", "backbones": [TinyTopSplit.name],
+           "heads": ["finetune"], "optimizers": ["adam"], "epochs": 1}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(doc))
+    proc = subprocess.run([sys.executable, "-c", BLOCK_ENGINE_RUN, str(tmp_path / "exp.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "MissingExtraError" in proc.stderr and "pip install 'catsdogs[int8]'" in proc.stderr
+    assert f"maps_runtime: openvino ({TinyTopSplit.name}'s fine-tune maps" in proc.stderr
+    assert not (tmp_path / "cache").exists(), "no feature is extracted before the check"

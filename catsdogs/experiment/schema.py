@@ -300,6 +300,10 @@ class BackboneSpec(_Model):
     #: float32): ``tensorflow`` (the network itself, as the export's graph computes it) or
     #: ``openvino`` (the same network converted, in float32: faster on CPU; catsdogs[int8])
     runtime: Annotated[Literal[RUNTIMES], What("runtime")] = "tensorflow"  # type: ignore[valid-type]
+    #: what computes the float16 maps a ``finetune`` head trains on (its bottom's output):
+    #: ``tensorflow`` or ``openvino`` (the same bottom converted, in float32; catsdogs[int8]);
+    #: the export's graph computes them with TensorFlow either way
+    maps_runtime: Annotated[Literal[RUNTIMES], What("runtime")] = "tensorflow"  # type: ignore[valid-type]
     #: int8 only: calibration images
     calibration_size: Annotated[int, Field(ge=1, le=MAX_CALIBRATION_SIZE),
                                 What("an integer")] = DEFAULT_CALIBRATION_SIZE
@@ -710,6 +714,7 @@ class Experiment(BaseModel):
     predict_precision: Annotated[Literal[PRECISIONS] | None, What("precision")] = None  # type: ignore[valid-type]
     resize: Annotated[Literal[RESIZE_POLICIES] | None, What("resize policy")] = None  # type: ignore[valid-type]
     runtime: Annotated[Literal[RUNTIMES] | None, What("runtime")] = None  # type: ignore[valid-type]
+    maps_runtime: Annotated[Literal[RUNTIMES] | None, What("runtime")] = None  # type: ignore[valid-type]
     image_size: Annotated[int | None, Field(ge=1, le=MAX_IMAGE_SIZE), What("an integer (pixels)")] = None
     calibration_size: Annotated[int | None, Field(ge=1, le=MAX_CALIBRATION_SIZE), What("an integer")] = None
     backbones: Annotated[list[_items("backbones", "a backbone name or a mapping with 'name'",  # type: ignore[valid-type]
@@ -795,7 +800,7 @@ class Experiment(BaseModel):
         """Fill unset options from the file's defaults; check weights and image sizes."""
         defaults = {key: info.data.get(key) for key in
                     ("weights", "image_size", "precision", "predict_precision", "resize",
-                     "calibration_size", "runtime")}
+                     "calibration_size", "runtime", "maps_runtime")}
         registry = _registry(info)
         first: dict[str, int] = {}
         result = []

@@ -22,6 +22,8 @@ also come from the command line)::
     runtime: tensorflow            # default for all backbones: what computes float32 features
                                    # (tensorflow | openvino: the same network, faster on CPU;
                                    # catsdogs[int8]); int8 always runs on OpenVINO
+    maps_runtime: tensorflow       # default for all backbones: what computes the maps a finetune
+                                   # head trains on (tensorflow | openvino, as runtime)
     resize: squash                 # default for all backbones (squash | crop | pad)
     image_size: null               # default for all backbones (null = each backbone's own size)
     backbones:                     # names, or mappings with per-backbone options
@@ -84,7 +86,7 @@ Details:
   finished runs are reused whichever engine or tracker computed them; ``postprocess``, ``refit``
   and ``ensemble`` act after the per-run training and do not invalidate finished runs either.
   ``precision``, ``calibration_size`` (int8 only) and ``runtime`` (float32 only) select cached
-  features; a ``predict_precision`` other than ``precision`` selects a second set to predict from.
+  features, ``maps_runtime`` a ``finetune`` head's cached maps; a ``predict_precision`` other than ``precision`` selects a second set to predict from.
 * **Paths** in the file (``data``, ``output``, ``cache_dir``, an ``exclude`` file) are relative to
   the YAML file's folder; the ``data``/``output``/``cache_dir`` overrides of
   :func:`load_experiment` (the command line) win over the file and are relative to the current

@@ -393,12 +393,13 @@ class Float32FeatureModel(OpenVINOFeatureModel):
                          {"INFERENCE_PRECISION_HINT": "f32"})
 
 
-def require_float32_runtime() -> None:
+def require_float32_runtime(
+        feature: str = "runtime: openvino (float32 features computed by OpenVINO)") -> None:
     """One clear :class:`~catsdogs.util.extras.MissingExtraError` when OpenVINO cannot be
-    imported (``runtime: openvino`` needs it, not NNCF)."""
+    imported (``runtime: openvino`` and ``maps_runtime: openvino`` need it, not NNCF)."""
     from catsdogs.util.extras import require
 
-    require("openvino", "int8", feature="runtime: openvino (float32 features computed by OpenVINO)")
+    require("openvino", "int8", feature=feature)
 
 
 def decode_calibration(paths: Sequence[Path], image_size: int, resize: str,

@@ -5,10 +5,11 @@ maps that enter them. Those come from one forward pass per photo through the bac
 (:meth:`~catsdogs.components.TopSplit.split_top`) and are cached like every feature set:
 
 * keyed by everything that determines them: backbone, weights id, input size, resize policy, the
-  number of top blocks and the maps' shape (:class:`MapsConfig`), in the data set's feature-cache
-  folder (:func:`catsdogs.features.cache.dataset_cache_dir`)::
+  number of top blocks, the maps' shape and what computed them (:class:`MapsConfig`), in the data
+  set's feature-cache folder (:func:`catsdogs.features.cache.dataset_cache_dir`)::
 
       <cache>/features/<data dir>-<hash>/<backbone>-<size>-<weights>-<resize>-maps<blocks>-<key>/
+      <cache>/features/<data dir>-<hash>/<backbone>-<size>-<weights>-<resize>-maps<blocks>-openvino-<key>/
 
 * content-addressed: every row is stored under the BLAKE2b digest of its photo's bytes, so an
   added or changed photo costs one forward pass and a row never belongs to other bytes;
@@ -18,7 +19,13 @@ maps that enter them. Those come from one forward pass per photo through the bac
   reused; a damaged chunk (found when its rows are read, each chunk once, checked against its
   marker's checksum) is ignored with a warning and its photos recomputed;
 * computed by the engine's :meth:`~catsdogs.compute.Engine.map_chunks` with extraction's worker
-  (:class:`catsdogs.features.extraction.ChunkFeatures`: decoding threads, one compiled call).
+  (:class:`catsdogs.features.extraction.ChunkFeatures`: decoding threads, one compiled call);
+* by TensorFlow (``runtime="tensorflow"``, the default: the bottom as the export's graph computes
+  it) or by OpenVINO in float32 (``"openvino"``, the backbone's ``maps_runtime``: the same bottom
+  converted, as ``runtime: openvino`` computes features, and cast to float16 alike; about 1.7-1.9x
+  less CPU for EfficientNet-Lite0/1/2, ``bench/maps_runtime.py``). The two give equal float16 maps
+  but for round-off (about 1.3 % of values one float16 step apart); each runtime has its own key,
+  and TensorFlow's keys are those of before the choice existed.
 
 float16 halves the cache and the memory of the maps (Lite0 at 224 px: 7 x 7 x 192 = 9,408 values,
 18.8 kB a photo, 376 MB for 20,000 photos); the head rounds its input to float16 too, so the
@@ -43,7 +50,7 @@ import numpy as np
 
 from catsdogs.compute import LOCAL, Engine
 from catsdogs.errors import ConfigError
-from catsdogs.features.cache import SPLITS, dataset_cache_dir, default_cache_dir
+from catsdogs.features.cache import RUNTIMES, SPLITS, dataset_cache_dir, default_cache_dir
 from catsdogs.util.fileio import atomic_write
 
 logger = logging.getLogger("catsdogs")
@@ -63,6 +70,7 @@ class MapsConfig:
     resize: str
     blocks: int
     shape: tuple[int, ...]  # (h, w, c) of the maps entering the top block(s)
+    runtime: str = "tensorflow"  # what computes them (:data:`~catsdogs.features.cache.RUNTIMES`)
 
     @property
     def width(self) -> int:
@@ -70,14 +78,18 @@ class MapsConfig:
 
     @property
     def key(self) -> str:
-        blob = json.dumps({**asdict(self), "kind": "maps", "dtype": "float16",
-                           "format": MAPS_FORMAT}, sort_keys=True)
+        fields = asdict(self)
+        if self.runtime == "tensorflow":  # the keys of every maps cache from before the choice
+            del fields["runtime"]
+        blob = json.dumps({**fields, "kind": "maps", "dtype": "float16", "format": MAPS_FORMAT},
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
     def dirname(self) -> str:
+        runtime = "" if self.runtime == "tensorflow" else f"{self.runtime}-"
         return (f"{self.backbone}-{self.image_size}-{self.weights}-{self.resize}-maps{self.blocks}-"
-                f"{self.key[:10]}")
+                f"{runtime}{self.key[:10]}")
 
 
 @dataclass
@@ -105,16 +117,27 @@ class MapsSet:
 
 
 class MapsModel:
-    """The bottom model behind one compiled call on uint8 batches: flattened float16 maps."""
+    """The bottom model behind one compiled call on uint8 batches: flattened float16 maps, computed
+    by TensorFlow or (``runtime="openvino"``) by the same bottom converted to OpenVINO and run in
+    float32 (:class:`catsdogs.features.int8.Float32FeatureModel`, what ``runtime: openvino``
+    computes features with)."""
 
-    def __init__(self, backbone, weights: str, image_size: int, blocks: int, batch_size: int):
+    def __init__(self, backbone, weights: str, image_size: int, blocks: int, batch_size: int,
+                 runtime: str = "tensorflow"):
         import tensorflow as tf
 
         from catsdogs.util.tf_log import float16_notice_held
 
         bottom, _ = backbone.split_top(weights, image_size, blocks=blocks)
-        float16_notice_held()  # the maps are cast to float16
         self.batch_size = batch_size
+        self.width = math.prod(int(s) for s in bottom.output_shape[1:])
+        self._openvino: Any = None
+        if runtime == "openvino":
+            from catsdogs.features.int8 import Float32FeatureModel
+
+            self._openvino = Float32FeatureModel(bottom, image_size, batch_size)
+            return
+        float16_notice_held()  # the maps are cast to float16
         spec = tf.TensorSpec([None, image_size, image_size, 3], tf.uint8)
 
         @tf.function(input_signature=[spec])
@@ -125,9 +148,11 @@ class MapsModel:
         self._call = _call
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
+        if self._openvino is not None:  # float32 maps, cast as TensorFlow's graph casts them
+            return self._openvino(images).reshape(len(images), self.width).astype(np.float16)
         out = [self._call(images[s:s + self.batch_size]).numpy()
                for s in range(0, len(images), self.batch_size)]
-        return np.concatenate(out)
+        return np.concatenate(out) if out else np.zeros((0, self.width), np.float16)
 
 
 @dataclass
@@ -139,16 +164,21 @@ class MapsModelFactory:
     image_size: int
     blocks: int
     batch_size: int
+    runtime: str = "tensorflow"
 
     def __call__(self) -> MapsModel:
-        return MapsModel(self.backbone, self.weights, self.image_size, self.blocks, self.batch_size)
+        return MapsModel(self.backbone, self.weights, self.image_size, self.blocks,
+                         self.batch_size, self.runtime)
 
 
 def maps_config(backbone, weights: str, image_size: int | None, blocks: int,
-                resize: str = "squash") -> MapsConfig:
-    """The configuration of ``backbone``'s maps entering its last ``blocks`` block(s)."""
+                resize: str = "squash", runtime: str = "tensorflow") -> MapsConfig:
+    """The configuration of ``backbone``'s maps entering its last ``blocks`` block(s), computed
+    by ``runtime``."""
     from catsdogs.components import has_top_split
 
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown maps runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
     if not has_top_split(backbone):
         raise ConfigError(f"backbone {backbone.name!r} cannot be cut before its last blocks (it "
                           "does not offer split_top), so it has no maps to fine-tune on")
@@ -161,7 +191,7 @@ def maps_config(backbone, weights: str, image_size: int | None, blocks: int,
         _, top = backbone.split_top(weights, size, blocks=blocks)
         _MAPS_SHAPES[memo] = tuple(int(s) for s in top.input.shape[1:])
     return MapsConfig(backbone.name, weights, weights_id, size, resize, int(blocks),
-                      _MAPS_SHAPES[memo])
+                      _MAPS_SHAPES[memo], runtime)
 
 
 #: :func:`maps_config`'s maps shapes, per backbone class, weights, input size and top blocks
@@ -279,9 +309,11 @@ def cache_maps(data_dir: str | os.PathLike, backbone: str, *, weights: str = "im
                cache_dir: str | os.PathLike | None = None, chunk_size: int = 256,
                batch_size: int = 32, workers: int = 2, registry=None, dataset=None,
                digests: Sequence[str] | None = None, engine: Engine = LOCAL,
-               progress: bool = False, order: Mapping[str, Sequence[str]] | None = None) -> MapsSet:
+               progress: bool = False, order: Mapping[str, Sequence[str]] | None = None,
+               runtime: str = "tensorflow") -> MapsSet:
     """The float16 maps entering ``backbone``'s last ``blocks`` block(s) for every photo of
-    ``data_dir`` (computed once per photo content and configuration, see the module docstring).
+    ``data_dir`` (computed once per photo content and configuration, see the module docstring),
+    by ``runtime``: ``tensorflow`` or ``openvino`` (float32, needs OpenVINO: ``catsdogs[int8]``).
     ``progress``: a bar on stderr while maps are computed. ``order``: per split, the photos
     (relative paths) to return, in that order (e.g. the rows of the features they join; one
     without maps is left out); default every photo, in the data set's order. The rows are read
@@ -296,7 +328,12 @@ def cache_maps(data_dir: str | os.PathLike, backbone: str, *, weights: str = "im
         registry = get_registry()
     bb = registry.backbone(backbone)
     bb.check_weights(weights)
-    config = maps_config(bb, weights, image_size, blocks, resize)
+    config = maps_config(bb, weights, image_size, blocks, resize, runtime)
+    if runtime == "openvino":
+        from catsdogs.features.int8 import require_float32_runtime
+
+        require_float32_runtime(f"maps_runtime: openvino ({backbone}'s fine-tune maps computed "
+                                "by OpenVINO)")
     ds = dataset if dataset is not None else open_dataset(data_dir)
     records = ds.records
     digs = list(digests) if digests is not None else digest_all(records, engine=engine)
@@ -320,13 +357,16 @@ def cache_maps(data_dir: str | os.PathLike, backbone: str, *, weights: str = "im
         parts = [items[i:i + chunk_size] for i in range(0, len(items), chunk_size)]
         factory = functools.partial(
             ChunkFeatures,
-            engine.portable(MapsModelFactory(bb, weights, config.image_size, config.blocks, batch_size)),
+            engine.portable(MapsModelFactory(bb, weights, config.image_size, config.blocks,
+                                             batch_size, runtime)),
             config.image_size, resize, config.width, workers)
 
         def args_of(part):
             return ("orig",), [d for d, _ in part], engine.payload([r.path for _, r in part])
 
-        bar = progress_bar(total=len(items), desc=f"{backbone} maps", unit="img", enabled=progress)
+        label = "" if runtime == "tensorflow" else f" ({runtime})"
+        bar = progress_bar(total=len(items), desc=f"{backbone} maps{label}", unit="img",
+                           enabled=progress)
 
         def on_result(part, out, node, pid) -> None:
             nonlocal computed

@@ -206,14 +206,20 @@ def wanted_maps(specs, registry) -> dict[str, tuple[str, int]]:
 def maps_settings(experiment: Experiment, wanted: dict[str, tuple[str, int]], registry) -> dict[str, str]:
     """Each wanted maps key's configuration key (part of its runs' settings), from the backbones
     alone: nothing is read from the maps cache, so a resumed experiment whose maps runs are all
-    finished never loads their maps."""
+    finished never loads their maps. Maps computed by OpenVINO (``maps_runtime: openvino``) need
+    it importable: one :class:`~catsdogs.util.extras.MissingExtraError` here otherwise."""
+    from catsdogs.features.int8 import require_float32_runtime
     from catsdogs.features.maps import maps_config
 
     keys = {}
     for key, (name, blocks) in wanted.items():
         backbone, bb = experiment.backbone(name), registry.backbone(name)
         bb.check_weights(backbone.weights)
-        keys[key] = maps_config(bb, backbone.weights, backbone.image_size, blocks, backbone.resize).key
+        if backbone.maps_runtime == "openvino":
+            require_float32_runtime(f"maps_runtime: openvino ({name}'s fine-tune maps computed "
+                                    "by OpenVINO)")
+        keys[key] = maps_config(bb, backbone.weights, backbone.image_size, blocks, backbone.resize,
+                                backbone.maps_runtime).key
     return keys
 
 
@@ -233,7 +239,8 @@ def attach_maps(experiment: Experiment, wanted: dict[str, tuple[str, int]], alig
                           image_size=backbone.image_size, blocks=blocks, resize=backbone.resize,
                           cache_dir=experiment.cache_dir, registry=registry, dataset=dataset,
                           digests=digests, engine=engine, progress=progress,
-                          order={"train": aligned.train.files, "test": aligned.test.files})
+                          order={"train": aligned.train.files, "test": aligned.test.files},
+                          runtime=backbone.maps_runtime)
         for part, rows in ((aligned.train, maps.train), (aligned.test, maps.test)):
             if rows.files != part.files:
                 have = set(rows.files)
@@ -694,13 +701,14 @@ def run_experiment(experiment: Experiment, *, registry=None, progress: bool = Tr
     dataset = open_dataset(experiment.data)
     # a download that fails, fails before extraction; finished runs need none
     fetch_classifiers(plan, experiment, registry, finished=[out, *reuse_from])
+    # the maps' keys (and OpenVINO, for maps_runtime: openvino) are checked before extraction
+    maps = maps_settings(experiment, wanted_maps(plan, registry), registry)
     engine = engine or EngineSpec(experiment.engine, experiment.ray_address)
     with (open_engine(engine) if isinstance(engine, EngineSpec) else contextlib.nullcontext(engine)
           ) as compute_engine:
         feature_sets, keys, predicting, predicting_keys, digests = _extract_all(
             experiment, dataset, progress, compute_engine)
         aligned = align(feature_sets, experiment.exclude, predicting)
-        maps = maps_settings(experiment, wanted_maps(plan, registry), registry)
         if experiment.exclude:  # report entries that match no training image; record the matched
             train_files = next(iter(feature_sets.values())).train.files
             matched, unmatched = experiment.match_exclude(train_files)
