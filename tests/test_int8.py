@@ -58,13 +58,15 @@ def register_backbones(register):
 TINY = {"weights": "none", "batch_size": 8, "progress": False}
 
 # run in a subprocess: the engine's packages cannot be imported, then the CLI's extract
-BLOCK_ENGINE = '''
+BLOCK_IMPORTS = '''
 import sys
 class Block:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in ("openvino", "nncf"):
             raise ImportError(f"No module named {name!r}", name=name)
 sys.meta_path.insert(0, Block())
+'''
+BLOCK_ENGINE = BLOCK_IMPORTS + '''
 from catsdogs.cli import main
 sys.argv = ["catsdogs", *sys.argv[1:]]
 main()
@@ -843,13 +845,8 @@ def test_a_finetune_run_on_openvino_maps_exports_its_submission(split_env):
         assert np.abs(got.to_numpy() - submitted.to_numpy()).max() <= 1e-3, (model, backend)
 
 
-BLOCK_ENGINE_RUN = '''
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("openvino", "nncf"):
-            raise ImportError(f"No module named {name!r}", name=name)
-sys.meta_path.insert(0, Block())
+# the same block, then an experiment with the split-capable tiny network registered
+BLOCK_ENGINE_RUN = BLOCK_IMPORTS + '''
 from catsdogs.experiment.spec import load_experiment
 from catsdogs.plugins import get_registry
 from catsdogs.runs.runner import run_experiment
