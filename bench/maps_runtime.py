@@ -10,9 +10,10 @@ float32 extraction of the whole networks.
 
 The two arms run on the same decoded photos, alternately (TF, OV, OV, TF, TF, OV for three
 rounds), so a machine busy with other work slows both alike; each arm's process CPU time
-(``time.process_time``: every thread of this process) is summed over the rounds. The OpenVINO arm
-is the bottom run by :class:`catsdogs.features.int8.Float32FeatureModel`, which runs
-``runtime: openvino``'s float32 features, cast to float16 as the cache stores maps.
+(``time.process_time``: every thread of this process) is summed over the rounds. Both arms are
+:class:`catsdogs.features.maps.MapsModel`, as ``maps_runtime`` runs it: the OpenVINO arm runs
+the bottom through :class:`catsdogs.features.int8.Float32FeatureModel` (what ``runtime:
+openvino``'s float32 features run on), cast to float16 as the cache stores maps.
 
 Usage::
 
@@ -67,7 +68,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    from catsdogs.features.int8 import Float32FeatureModel
     from catsdogs.features.maps import MapsModel
     from catsdogs.plugins import Registry
 
@@ -76,15 +76,10 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit("no photos found: pass --photos DIR")
     x = _photos(root, args.n, args.image_size)
     backbone = Registry().load().backbone(args.backbone)
-    tf_maps = MapsModel(backbone, "imagenet", args.image_size, args.blocks, args.batch_size)
-    bottom, _ = backbone.split_top("imagenet", args.image_size, blocks=args.blocks)
-    ov_bottom = Float32FeatureModel(bottom, args.image_size, args.batch_size)
+    arms = {runtime: MapsModel(backbone, "imagenet", args.image_size, args.blocks,
+                               args.batch_size, runtime)
+            for runtime in ("tensorflow", "openvino")}  # what maps_runtime runs
     step = args.batch_size
-
-    def ov_maps(images: np.ndarray) -> np.ndarray:
-        return ov_bottom(images).reshape(len(images), -1).astype(np.float16)
-
-    arms = {"tensorflow": tf_maps, "openvino": ov_maps}
     for call in arms.values():  # compile and warm up outside the timing
         call(x[:step])
     cpu = dict.fromkeys(arms, 0.0)

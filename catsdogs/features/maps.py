@@ -174,11 +174,17 @@ class MapsModelFactory:
 def maps_config(backbone, weights: str, image_size: int | None, blocks: int,
                 resize: str = "squash", runtime: str = "tensorflow") -> MapsConfig:
     """The configuration of ``backbone``'s maps entering its last ``blocks`` block(s), computed
-    by ``runtime``."""
+    by ``runtime`` (``openvino`` needs OpenVINO importable: one
+    :class:`~catsdogs.util.extras.MissingExtraError` otherwise)."""
     from catsdogs.components import has_top_split
 
     if runtime not in RUNTIMES:
         raise ConfigError(f"unknown maps runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+    if runtime == "openvino":
+        from catsdogs.features.int8 import require_float32_runtime
+
+        require_float32_runtime(f"maps_runtime: openvino ({backbone.name}'s fine-tune maps "
+                                "computed by OpenVINO)")
     if not has_top_split(backbone):
         raise ConfigError(f"backbone {backbone.name!r} cannot be cut before its last blocks (it "
                           "does not offer split_top), so it has no maps to fine-tune on")
@@ -329,11 +335,6 @@ def cache_maps(data_dir: str | os.PathLike, backbone: str, *, weights: str = "im
     bb = registry.backbone(backbone)
     bb.check_weights(weights)
     config = maps_config(bb, weights, image_size, blocks, resize, runtime)
-    if runtime == "openvino":
-        from catsdogs.features.int8 import require_float32_runtime
-
-        require_float32_runtime(f"maps_runtime: openvino ({backbone}'s fine-tune maps computed "
-                                "by OpenVINO)")
     ds = dataset if dataset is not None else open_dataset(data_dir)
     records = ds.records
     digs = list(digests) if digests is not None else digest_all(records, engine=engine)

@@ -207,17 +207,14 @@ def maps_settings(experiment: Experiment, wanted: dict[str, tuple[str, int]], re
     """Each wanted maps key's configuration key (part of its runs' settings), from the backbones
     alone: nothing is read from the maps cache, so a resumed experiment whose maps runs are all
     finished never loads their maps. Maps computed by OpenVINO (``maps_runtime: openvino``) need
-    it importable: one :class:`~catsdogs.util.extras.MissingExtraError` here otherwise."""
-    from catsdogs.features.int8 import require_float32_runtime
+    it importable: one :class:`~catsdogs.util.extras.MissingExtraError` here otherwise
+    (:func:`~catsdogs.features.maps.maps_config` checks it)."""
     from catsdogs.features.maps import maps_config
 
     keys = {}
     for key, (name, blocks) in wanted.items():
         backbone, bb = experiment.backbone(name), registry.backbone(name)
         bb.check_weights(backbone.weights)
-        if backbone.maps_runtime == "openvino":
-            require_float32_runtime(f"maps_runtime: openvino ({name}'s fine-tune maps computed "
-                                    "by OpenVINO)")
         keys[key] = maps_config(bb, backbone.weights, backbone.image_size, blocks, backbone.resize,
                                 backbone.maps_runtime).key
     return keys
