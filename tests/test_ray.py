@@ -171,6 +171,40 @@ def test_openvino_float32_on_ray_equals_local_without_reading_the_data_dir(engin
     assert (again.computed, again.reused) == (0, 32)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", ["tensorflow", "openvino"])
+def test_finetune_maps_on_ray_equal_local_without_reading_the_data_dir(engine, driver_data,
+                                                                         tmp_path, runtime):
+    """The maps a ``finetune`` head trains on, computed by the workers (``maps_runtime``: the
+    bottom run by TensorFlow, or converted and run by OpenVINO in float32, from the factory Ray
+    ships), are the local ones under the same cache folder name, although the workers see neither
+    the photos nor the cache; a second call computes nothing."""
+    if runtime == "openvino":
+        pytest.importorskip("openvino")
+    from catsdogs.features.maps import cache_maps
+    from catsdogs.plugins import get_registry
+    from catsdogs.testing import TinyTopSplit
+
+    kw = {"weights": "none", "batch_size": 4, "chunk_size": 4, "runtime": runtime}
+    hidden = driver_data.parent / f"cache-maps-{runtime}"  # workers may not open anything under it
+    with get_registry().temporarily("backbones", TinyTopSplit(), "tests"):
+        local = cache_maps(driver_data, TinyTopSplit.name, cache_dir=tmp_path / "local", **kw)
+        res = cache_maps(driver_data, TinyTopSplit.name, cache_dir=hidden, engine=engine, **kw)
+        assert res.computed == local.computed == 32
+        assert res.path.name == local.path.name and res.config == local.config
+        assert (f"-maps1-{runtime}-" in res.path.name) is (runtime == "openvino")
+        for a, b in ((local.train, res.train), (local.test, res.test)):
+            assert a.files == b.files and len(a.files) in (24, 8) and b.X.dtype == np.float16
+            np.testing.assert_array_equal(b.X, a.X)
+        if runtime == "openvino":  # not TensorFlow's maps: they differ from them by round-off
+            tf_maps = cache_maps(driver_data, TinyTopSplit.name, cache_dir=tmp_path / "local",
+                                 **{**kw, "runtime": "tensorflow"})
+            assert not np.array_equal(tf_maps.train.X, res.train.X)
+        again = cache_maps(driver_data, TinyTopSplit.name, cache_dir=hidden, engine=engine, **kw)
+    assert again.computed == 0
+    np.testing.assert_array_equal(again.train.X, res.train.X)
+
+
 def test_workers_cannot_open_the_data_dir(cluster, driver_data):
     """The hook is real: a Ray task that opens a data file fails, the driver's open works."""
 
