@@ -30,11 +30,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from catsdogs.util.tf_log import quiet_tensorflow_import  # noqa: E402
+
+quiet_tensorflow_import()  # its absl start-up lines held to that level too (as the CLI does)
+
+import numpy as np  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_PHOTOS = (Path("/work/data/PetImages"),
