@@ -35,12 +35,6 @@ quiet_tensorflow_import()  # its absl start-up lines held to that level too (as 
 import numpy as np  # noqa: E402
 
 
-def _logloss(y: np.ndarray, p: np.ndarray) -> float:
-    from catsdogs.evaluation.metrics import log_loss
-
-    return float(log_loss(y, p))
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir", type=Path)
@@ -51,7 +45,9 @@ def main(argv: list[str] | None = None) -> dict:
     import pandas as pd
     from sklearn.model_selection import StratifiedKFold
 
+    from catsdogs.evaluation.metrics import log_loss, logit, sigmoid
     from catsdogs.features.maps import cache_maps
+    from catsdogs.runs.record import fold_head_file
 
     run = args.run_dir
     record = json.loads((run / "record.json").read_text())
@@ -77,21 +73,17 @@ def main(argv: list[str] | None = None) -> dict:
     plain, mirror = np.zeros(len(y)), np.zeros(len(y))
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=experiment["seed"])
     for fold, (_, va) in enumerate(splitter.split(np.zeros(len(y)), y)):
-        name = "head.keras" if fold == 0 else f"head-fold{fold}.keras"
-        top = keras.models.load_model(run / name, compile=False)
+        top = keras.models.load_model(run / fold_head_file(fold), compile=False)
         plain[va] = top.predict(X[va], batch_size=256, verbose=0).reshape(-1)
         mirror[va] = top.predict(mirrored(X[va]), batch_size=256, verbose=0).reshape(-1)
     recorded = val.p_dog.to_numpy()
     off = float(np.abs(plain - recorded).max())
     if off > 1e-5:
         sys.exit(f"{run}: the folds' tops do not give the recorded predictions (max |diff| {off})")
-    eps = 1e-7
-    logit = np.log(np.clip(plain, eps, 1 - eps)) - np.log(np.clip(1 - plain, eps, 1 - eps))
-    logit_m = np.log(np.clip(mirror, eps, 1 - eps)) - np.log(np.clip(1 - mirror, eps, 1 - eps))
     out = {"run": str(run), "rows": len(y), "folds": folds, "max_diff_to_recorded": off,
-           "oof_logloss": {"plain": _logloss(y, plain), "mirrored_maps": _logloss(y, mirror),
-                           "mean_of_probabilities": _logloss(y, (plain + mirror) / 2),
-                           "mean_of_logits": _logloss(y, 1 / (1 + np.exp(-(logit + logit_m) / 2)))}}
+           "oof_logloss": {"plain": log_loss(y, plain), "mirrored_maps": log_loss(y, mirror),
+                           "mean_of_probabilities": log_loss(y, (plain + mirror) / 2),
+                           "mean_of_logits": log_loss(y, sigmoid((logit(plain) + logit(mirror)) / 2))}}
     if args.json:
         print(json.dumps(out))
     else:

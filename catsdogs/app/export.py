@@ -67,7 +67,7 @@ from catsdogs._version import __version__
 from catsdogs.app.pipeline import FeatureTap, input_name  # noqa: F401  (re-exported)
 from catsdogs.errors import ConfigError, DataError
 from catsdogs.runs.postprocess import ranking_loss
-from catsdogs.runs.record import RunRecord
+from catsdogs.runs.record import RunRecord, fold_head_file
 from catsdogs.util.extras import require
 from catsdogs.util.fileio import atomic_path, atomic_write, read_json, write_json
 from catsdogs.util.tf_log import tensorflow_logging_kept
@@ -194,10 +194,8 @@ def _member(run_dir: Path, record: RunRecord, refit: dict[str, dict[str, Any]]) 
         if not head.is_file():
             _check_keras_head(record, run_dir, head)
         return Member(record, run_dir, [head], refit=True)
-    heads = [run_dir / "head.keras"]
-    if record.validation.kind == "kfold":
-        folds = int(record.validation.folds or 0)
-        heads += [run_dir / f"head-fold{k}.keras" for k in range(1, folds)]
+    folds = int(record.validation.folds or 1) if record.validation.kind == "kfold" else 1
+    heads = [run_dir / fold_head_file(k) for k in range(folds)]
     for head in heads:
         if not head.is_file():
             _check_keras_head(record, run_dir, head)

@@ -31,6 +31,13 @@ from catsdogs.validation import is_int
 
 RECORD_VERSION = 1
 RECORD = "record.json"
+
+
+def fold_head_file(fold: int) -> str:
+    """The file a run's head of fold ``fold`` is saved to in its run directory: ``head.keras``
+    (fold 0, the only one of a holdout run), ``head-fold1.keras``, ... (a k-fold run's others)."""
+    return "head.keras" if fold == 0 else f"head-fold{fold}.keras"
+
 #: keys written for readers (spreadsheets, older tools) but recomputed on load
 _DERIVED = ("under_target", "ranking_logloss")
 

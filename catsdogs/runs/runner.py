@@ -65,6 +65,7 @@ from catsdogs.runs.record import (
     RunRecord,
     TestMetrics,
     ValidationRef,
+    fold_head_file,
     load_record,
 )
 from catsdogs.runs.report import format_leaderboard, write_summary
@@ -491,7 +492,7 @@ def _fold_checkpoint(fold: int, head, arrays: dict[str, np.ndarray], params: dic
     files = {}
     model = head.keras_model()
     if model is not None:  # every fold's head: a k-fold run's test predictions average them
-        name = "head.keras" if fold == 0 else f"head-fold{fold}.keras"
+        name = fold_head_file(fold)
         model.save(run_dir / name)
         if keep:
             files[name] = (run_dir / name).read_bytes()
